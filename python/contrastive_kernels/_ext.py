@@ -1,0 +1,51 @@
+"""Lazy loading of the compiled extension ``contrastive_kernels._C``.
+
+The package imports and works (reference backend, Triton where it can run) when
+the extension is missing; the reason is kept and reported once, on first use.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+
+_load_error: str | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """The ``_C`` module, or None if it cannot be loaded (reason in `load_error()`)."""
+    global _load_error
+    try:
+        import torch  # noqa: F401  (the ops library needs libtorch loaded first)
+        mod = importlib.import_module("contrastive_kernels._C")
+    except Exception as exc:  # ImportError, OSError (ABI mismatch), ...
+        _load_error = f"{type(exc).__name__}: {exc}"
+        return None
+    return mod
+
+
+def load_error() -> str | None:
+    load()
+    return _load_error
+
+
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict:
+    mod = load()
+    if mod is None:
+        return {"built": False, "error": _load_error, "cpu_ops": [], "with_cuda": False, "cuda_archs": ""}
+    info = dict(mod.build_info())
+    info["built"] = True
+    info["cpu_ops"] = sorted(set(info.get("cpu_ops", [])))
+    return info
+
+
+@functools.lru_cache(maxsize=None)
+def warn_missing_once(what: str) -> None:
+    warnings.warn(
+        f"contrastive_kernels: {what}; the compiled extension could not be used "
+        f"({load_error() or 'it was built without this kernel'}). Falling back to the pure-PyTorch "
+        "reference backend, which materializes the full similarity matrix. Reinstall with "
+        "`pip install --no-build-isolation .` to build the kernels.",
+        RuntimeWarning, stacklevel=3)

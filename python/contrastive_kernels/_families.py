@@ -1,0 +1,333 @@
+"""The kernel families as torch.library ops, with fake (meta) and autograd registrations.
+
+Each family has one forward and one backward op per kernel implementation:
+  * native: ``contrastive_kernels::<family>_forward`` / ``_backward``, declared in
+    csrc/ops.cpp and implemented per dispatch key (CPU in csrc/cpu, CUDA in csrc/cuda);
+  * triton: ``contrastive_kernels::<family>_forward_triton`` / ``_backward_triton``,
+    Python custom ops whose bodies launch the kernels of
+    ``contrastive_kernels.kernels.<family>`` (module functions ``<family>_forward`` and
+    ``<family>_backward`` with exactly the native ops' arguments and results).
+Fake implementations and autograd are registered once here for both, so every
+backend of a family has the same inputs, outputs and gradient wiring, and
+torch.compile(fullgraph=True) traces through them without graph breaks.
+
+The family contracts (shapes, masks, dtypes) are documented in csrc/ops.cpp and
+written out with full matrices in `reference.lse_family` / `pairwise_family` /
+`xcorr_family`, which the kernels are tested against.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ext, reference
+from .backends import FAMILY_REFERENCE
+
+_C = _ext.load()  # load the C++ schemas before defining the Python fragment of the namespace
+NS = "contrastive_kernels"
+_EMPTY = (0,)
+
+
+def _empty(like: Tensor, dtype=None) -> Tensor:
+    return like.new_empty(_EMPTY, dtype=dtype if dtype is not None else like.dtype)
+
+
+def _f32_empty(like: Tensor, shape) -> Tensor:
+    return like.new_empty(shape, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- fakes
+def _lse_forward_fake(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset,
+                     mask_mode, compute_col):
+    return _f32_empty(q, (q.shape[0],)), _f32_empty(q, (k.shape[0],) if compute_col else _EMPTY)
+
+
+def _lse_backward_fake(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels,
+                       k_labels, diag_offset, mask_mode, row_lse, col_lse, need_q, need_k, need_scale, need_bias,
+                       need_q_rscale, need_k_rscale):
+    return (torch.empty_like(q) if need_q else _empty(q),
+            torch.empty_like(k) if need_k else _empty(k),
+            _f32_empty(q, ()) if need_scale else _f32_empty(q, _EMPTY),
+            _f32_empty(q, (k.shape[0],)) if need_bias else _f32_empty(q, _EMPTY),
+            _f32_empty(q, (q.shape[0],)) if need_q_rscale else _f32_empty(q, _EMPTY),
+            _f32_empty(q, (k.shape[0],)) if need_k_rscale else _f32_empty(q, _EMPTY))
+
+
+def _pairwise_forward_fake(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode):
+    return _f32_empty(q, (q.shape[0],))
+
+
+def _pairwise_backward_fake(grad_row, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode,
+                            need_q, need_k, need_scale, need_bias, need_offset):
+    return (torch.empty_like(q) if need_q else _empty(q),
+            torch.empty_like(k) if need_k else _empty(k),
+            _f32_empty(q, ()) if need_scale else _f32_empty(q, _EMPTY),
+            _f32_empty(q, ()) if need_bias else _f32_empty(q, _EMPTY),
+            _f32_empty(q, (q.shape[0],)) if need_offset else _f32_empty(q, _EMPTY))
+
+
+def _xcorr_forward_fake(a, b, path):
+    return _f32_empty(a, ()), _f32_empty(a, (a.shape[1],))
+
+
+def _xcorr_backward_fake(grad_offdiag, grad_diag, a, b, path, need_a, need_b):
+    return (torch.empty_like(a) if need_a else _empty(a), torch.empty_like(b) if need_b else _empty(b))
+
+
+def _similarity_forward_fake(a, b, scale, normalize):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=a.dtype)
+
+
+def _similarity_backward_fake(grad, a, b, scale, normalize, need_a, need_b, need_scale):
+    return (torch.empty_like(a) if need_a else _empty(a),
+            torch.empty_like(b) if need_b else _empty(b),
+            _f32_empty(a, ()) if need_scale else _f32_empty(a, _EMPTY))
+
+
+# ------------------------------------------------------------------------ autograd
+def _none_unless(flag, t):
+    return t if flag else None
+
+
+def _lse_setup(ctx, inputs, output):
+    q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode, _ = inputs
+    ctx.save_for_backward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, *output)
+    ctx.ints = (diag_offset, mask_mode)
+
+
+def _make_lse_backward(bwd):
+    def backward(ctx, grad_row, grad_col):
+        q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, row, col = ctx.saved_tensors
+        nq, nk, ns, nqr, nkr, nb = ctx.needs_input_grad[:6]
+        nqr, nkr, nb = nqr and q_rscale is not None, nkr and k_rscale is not None, nb and col_bias is not None
+        dq, dk, ds, db, dqr, dkr = bwd(
+            grad_row.float().contiguous(), grad_col.float().contiguous(), q, k, scale, q_rscale, k_rscale, col_bias,
+            pos_index, q_labels, k_labels, ctx.ints[0], ctx.ints[1], row, col, nq, nk, ns, nb, nqr, nkr)
+        return (_none_unless(nq, dq), _none_unless(nk, dk), _none_unless(ns, ds), _none_unless(nqr, dqr),
+                _none_unless(nkr, dkr), _none_unless(nb, db), None, None, None, None, None, None)
+    return backward
+
+
+def _pairwise_setup(ctx, inputs, output):
+    q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode = inputs
+    ctx.save_for_backward(q, k, scale, bias, row_offset, q_labels, k_labels)
+    ctx.ints = (diag_offset, mode)
+
+
+def _make_pairwise_backward(bwd):
+    def backward(ctx, grad_row):
+        q, k, scale, bias, row_offset, q_labels, k_labels = ctx.saved_tensors
+        nq, nk, ns, nb, no = ctx.needs_input_grad[:5]
+        no = no and row_offset is not None
+        dq, dk, ds, db, do = bwd(grad_row.float().contiguous(), q, k, scale, bias, row_offset, q_labels, k_labels,
+                                 ctx.ints[0], ctx.ints[1], nq, nk, ns, nb, no)
+        return (_none_unless(nq, dq), _none_unless(nk, dk), _none_unless(ns, ds), _none_unless(nb, db),
+                _none_unless(no, do), None, None, None, None)
+    return backward
+
+
+def _xcorr_setup(ctx, inputs, output):
+    a, b, path = inputs
+    ctx.save_for_backward(a, b)
+    ctx.path = path
+
+
+def _make_xcorr_backward(bwd):
+    def backward(ctx, grad_offdiag, grad_diag):
+        a, b = ctx.saved_tensors
+        na, nb = ctx.needs_input_grad[:2]
+        da, db = bwd(grad_offdiag.float().contiguous(), grad_diag.float().contiguous(), a, b, ctx.path, na, nb)
+        return _none_unless(na, da), _none_unless(nb, db), None
+    return backward
+
+
+def _similarity_setup(ctx, inputs, output):
+    a, b, scale, normalize = inputs
+    ctx.save_for_backward(a, b, scale)
+    ctx.normalize = normalize
+
+
+def _make_similarity_backward(bwd):
+    def backward(ctx, grad):
+        a, b, scale = ctx.saved_tensors
+        na, nb, ns = ctx.needs_input_grad[:3]
+        da, db, ds = bwd(grad.contiguous(), a, b, scale, ctx.normalize, na, nb, ns)
+        return _none_unless(na, da), _none_unless(nb, db), _none_unless(ns, ds), None
+    return backward
+
+
+FAMILY_SPECS = {
+    # family: (fake fwd, fake bwd, setup_context, backward factory)
+    "lse": (_lse_forward_fake, _lse_backward_fake, _lse_setup, _make_lse_backward),
+    "pairwise": (_pairwise_forward_fake, _pairwise_backward_fake, _pairwise_setup, _make_pairwise_backward),
+    "xcorr": (_xcorr_forward_fake, _xcorr_backward_fake, _xcorr_setup, _make_xcorr_backward),
+    "similarity": (_similarity_forward_fake, _similarity_backward_fake, _similarity_setup, _make_similarity_backward),
+}
+
+
+def _register(family: str, fwd_name: str, bwd_name: str) -> None:
+    fake_fwd, fake_bwd, setup, make_backward = FAMILY_SPECS[family]
+    torch.library.register_fake(f"{NS}::{fwd_name}")(fake_fwd)
+    torch.library.register_fake(f"{NS}::{bwd_name}")(fake_bwd)
+    bwd_op = getattr(getattr(torch.ops, NS), bwd_name)
+    torch.library.register_autograd(f"{NS}::{fwd_name}", make_backward(bwd_op), setup_context=setup)
+
+
+# ---------------------------------------------------------------- native (C++) ops
+if _C is not None:
+    for _fam in FAMILY_SPECS:
+        _register(_fam, f"{_fam}_forward", f"{_fam}_backward")
+
+
+# ------------------------------------------------------------------- Triton ops
+def _triton_module(family):
+    import importlib
+    return importlib.import_module(f"contrastive_kernels.kernels.{family}")
+
+
+@torch.library.custom_op(f"{NS}::lse_forward_triton", mutates_args=())
+def _lse_forward_triton(q: Tensor, k: Tensor, scale: Tensor, q_rscale: Optional[Tensor], k_rscale: Optional[Tensor],
+                        col_bias: Optional[Tensor], pos_index: Optional[Tensor], q_labels: Optional[Tensor],
+                        k_labels: Optional[Tensor], diag_offset: int, mask_mode: int,
+                        compute_col: bool) -> tuple[Tensor, Tensor]:
+    return _triton_module("lse").lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels,
+                                             k_labels, diag_offset, mask_mode, compute_col)
+
+
+@torch.library.custom_op(f"{NS}::lse_backward_triton", mutates_args=())
+def _lse_backward_triton(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor, scale: Tensor,
+                         q_rscale: Optional[Tensor], k_rscale: Optional[Tensor], col_bias: Optional[Tensor],
+                         pos_index: Optional[Tensor], q_labels: Optional[Tensor], k_labels: Optional[Tensor],
+                         diag_offset: int, mask_mode: int, row_lse: Tensor, col_lse: Tensor, need_q: bool,
+                         need_k: bool, need_scale: bool, need_bias: bool, need_q_rscale: bool,
+                         need_k_rscale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _triton_module("lse").lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias,
+                                              pos_index, q_labels, k_labels, diag_offset, mask_mode, row_lse,
+                                              col_lse, need_q, need_k, need_scale, need_bias, need_q_rscale,
+                                              need_k_rscale)
+
+
+@torch.library.custom_op(f"{NS}::pairwise_forward_triton", mutates_args=())
+def _pairwise_forward_triton(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_offset: Optional[Tensor],
+                             q_labels: Optional[Tensor], k_labels: Optional[Tensor], diag_offset: int,
+                             mode: int) -> Tensor:
+    return _triton_module("pairwise").pairwise_forward(q, k, scale, bias, row_offset, q_labels, k_labels,
+                                                       diag_offset, mode)
+
+
+@torch.library.custom_op(f"{NS}::pairwise_backward_triton", mutates_args=())
+def _pairwise_backward_triton(grad_row: Tensor, q: Tensor, k: Tensor, scale: Tensor, bias: Tensor,
+                              row_offset: Optional[Tensor], q_labels: Optional[Tensor], k_labels: Optional[Tensor],
+                              diag_offset: int, mode: int, need_q: bool, need_k: bool, need_scale: bool,
+                              need_bias: bool, need_offset: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _triton_module("pairwise").pairwise_backward(grad_row, q, k, scale, bias, row_offset, q_labels, k_labels,
+                                                        diag_offset, mode, need_q, need_k, need_scale, need_bias,
+                                                        need_offset)
+
+
+@torch.library.custom_op(f"{NS}::xcorr_forward_triton", mutates_args=())
+def _xcorr_forward_triton(a: Tensor, b: Tensor, path: int) -> tuple[Tensor, Tensor]:
+    return _triton_module("xcorr").xcorr_forward(a, b, path)
+
+
+@torch.library.custom_op(f"{NS}::xcorr_backward_triton", mutates_args=())
+def _xcorr_backward_triton(grad_offdiag: Tensor, grad_diag: Tensor, a: Tensor, b: Tensor, path: int, need_a: bool,
+                           need_b: bool) -> tuple[Tensor, Tensor]:
+    return _triton_module("xcorr").xcorr_backward(grad_offdiag, grad_diag, a, b, path, need_a, need_b)
+
+
+@torch.library.custom_op(f"{NS}::similarity_forward_triton", mutates_args=())
+def _similarity_forward_triton(a: Tensor, b: Tensor, scale: Tensor, normalize: bool) -> Tensor:
+    return _triton_module("similarity").similarity_forward(a, b, scale, normalize)
+
+
+@torch.library.custom_op(f"{NS}::similarity_backward_triton", mutates_args=())
+def _similarity_backward_triton(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, normalize: bool, need_a: bool,
+                                need_b: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _triton_module("similarity").similarity_backward(grad, a, b, scale, normalize, need_a, need_b, need_scale)
+
+
+for _fam in FAMILY_SPECS:
+    _register(_fam, f"{_fam}_forward_triton", f"{_fam}_backward_triton")
+
+
+# ------------------------------------------------------------- family entry points
+def _op(family: str, backend: str):
+    suffix = "_triton" if backend == "triton" else ""
+    return getattr(getattr(torch.ops, NS), f"{family}_forward{suffix}")
+
+
+def lse(backend: str, q: Tensor, k: Tensor, scale: Tensor, *, q_rscale=None, k_rscale=None, col_bias=None,
+        pos_index=None, q_labels=None, k_labels=None, diag_offset: int = 0, mask_mode: int = 0,
+        compute_col: bool = False):
+    """(row_lse, col_lse) of the log-sum-exp family; see csrc/ops.cpp for the contract."""
+    if backend == FAMILY_REFERENCE:
+        return reference.lse_family(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
+                                    diag_offset, mask_mode, compute_col)
+    return _op("lse", backend)(q.contiguous(), k.contiguous(), scale, q_rscale, k_rscale, col_bias, pos_index,
+                               q_labels, k_labels, int(diag_offset), int(mask_mode), bool(compute_col))
+
+
+def pairwise(backend: str, q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, *, row_offset=None, q_labels=None,
+             k_labels=None, diag_offset: int = 0, mode: int = 0):
+    """Per-row sums of the pairwise sigmoid family; see csrc/ops.cpp for the contract."""
+    if backend == FAMILY_REFERENCE:
+        return reference.pairwise_family(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode)
+    return _op("pairwise", backend)(q.contiguous(), k.contiguous(), scale, bias, row_offset, q_labels, k_labels,
+                                    int(diag_offset), int(mode))
+
+
+def xcorr(backend: str, a: Tensor, b: Tensor, *, path: int = 0):
+    """(sum of squared off-diagonal entries of a^T b, diagonal of a^T b)."""
+    if backend == FAMILY_REFERENCE:
+        return reference.xcorr_family(a, b)
+    return _op("xcorr", backend)(a.contiguous(), b.contiguous(), int(path))
+
+
+def similarity(backend: str, a: Tensor, b: Tensor, scale: Tensor, normalize: bool):
+    """scale * normalize(a) @ normalize(b)^T."""
+    if backend == FAMILY_REFERENCE:
+        return reference.normalized_similarity(a, b, scale, normalize=normalize)
+    return _op("similarity", backend)(a.contiguous(), b.contiguous(), scale, bool(normalize))
+
+
+# ------------------------------------------------ label grouping (supervised losses)
+@torch.library.custom_op(f"{NS}::label_group_sum", mutates_args=())
+def label_group_sum(labels: Tensor, ref_labels: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+    """sums_i = sum of ref_j over j with ref_labels_j == labels_i (float32), counts_i = how many.
+
+    O((N + M) D) time and memory: no N x M label-equality matrix."""
+    n = labels.shape[0]
+    _, inverse = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
+    inv_q, inv_r = inverse[:n], inverse[n:]
+    groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
+    sums = ref.new_zeros((groups, ref.shape[1]), dtype=torch.float32).index_add_(0, inv_r, ref.float())
+    counts = ref.new_zeros((groups,), dtype=torch.float32).index_add_(
+        0, inv_r, torch.ones_like(inv_r, dtype=torch.float32))
+    return sums[inv_q], counts[inv_q]
+
+
+@label_group_sum.register_fake
+def _(labels, ref_labels, ref):
+    return ref.new_empty((labels.shape[0], ref.shape[1]), dtype=torch.float32), \
+        ref.new_empty((labels.shape[0],), dtype=torch.float32)
+
+
+def _lgs_setup(ctx, inputs, output):
+    labels, ref_labels, ref = inputs
+    ctx.save_for_backward(labels, ref_labels)
+    ctx.ref_dtype = ref.dtype
+
+
+def _lgs_backward(ctx, grad_sums, grad_counts):
+    labels, ref_labels = ctx.saved_tensors
+    if not ctx.needs_input_grad[2]:
+        return None, None, None
+    # d ref_j = sum of grad_sums_i over i with labels_i == ref_labels_j: the same grouping, transposed.
+    d_ref, _ = label_group_sum(ref_labels, labels, grad_sums.float().contiguous())
+    return None, None, d_ref.to(ctx.ref_dtype)
+
+
+label_group_sum.register_autograd(_lgs_backward, setup_context=_lgs_setup)

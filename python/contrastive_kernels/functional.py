@@ -1,0 +1,445 @@
+"""The public functional API: argument checks, backend choice, and each loss as a
+thin composition over the kernel families (``_families``) or, on the reference
+backend, the plain-PyTorch formula (``reference``).
+
+Fused backends never form an N x M matrix: normalization is fused into the
+kernels as per-row scales (``q_rscale``) computed once in O(N D), positive logits
+are row-wise dot products, and every log-sum-exp / softplus sum over candidates
+runs in the tiled kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _families as fam
+from . import _validation as V
+from . import backends, reference
+from .reference import MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "normalized_similarity", "info_nce", "nt_xent", "clip_loss", "siglip_loss", "supcon_loss", "dcl_loss",
+    "hard_negative_loss", "uniformity_loss", "alignment_loss", "cross_correlation", "barlow_twins_loss",
+    "vicreg_loss",
+]
+
+
+# ----------------------------------------------------------------------- helpers
+def _scale(value, device, *, invert: bool) -> Tensor:
+    """A 0-dim float32 tensor on `device`: value (or 1/value), keeping autograd for tensors."""
+    if isinstance(value, torch.Tensor):
+        v = value.reshape(()).to(device=device, dtype=torch.float32)
+        return 1.0 / v if invert else v
+    return torch.tensor(1.0 / value if invert else float(value), dtype=torch.float32, device=device)
+
+
+def _rscale(x: Tensor, normalize: bool):
+    """1 / max(|x_i|, 1e-12) in float32 (the F.normalize convention), or None."""
+    if not normalize:
+        return None
+    return x.float().norm(dim=1).clamp_min(1e-12).reciprocal()
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    return (a.float() * b.float()).sum(1)
+
+
+def _resolve(backend, family, x: Tensor) -> str:
+    return backends.resolve(backend, family, x.device, x.dtype)
+
+
+def _temperature(temperature, device):
+    return V.scalar("temperature", temperature, positive=True, device=device)
+
+
+# ---------------------------------------------------------- normalized similarity
+def normalized_similarity(a: Tensor, b: Tensor | None = None, scale=1.0, *, normalize: bool = True,
+                          backend: str | None = None) -> Tensor:
+    """The N x M matrix ``scale * normalize(a) @ normalize(b).T`` (b=None: a with itself).
+
+    Equals ``scale * F.normalize(a) @ F.normalize(b).T``; the result has a's dtype
+    (float32 accumulation) on the fused backends."""
+    V.matrix("a", a)
+    if b is not None:
+        V.matrix("b", b)
+        V.same_device_dtype(a=a, b=b)
+        V.same_dim(a=a, b=b)
+    V.scalar("scale", scale, device=a.device)
+    be = _resolve(backend, "similarity", a)
+    if be == "reference":
+        return reference.normalized_similarity(a, b, scale, normalize=normalize)
+    return fam.similarity(be, a, a if b is None else b, _scale(scale, a.device, invert=False), normalize)
+
+
+# ------------------------------------------------------------------------ InfoNCE
+def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, temperature=0.1,
+             positive_index: Tensor | None = None, in_batch_negatives: bool = True, symmetric: bool = False,
+             decoupled: bool = False, normalize: bool = True, reduction: str = "mean",
+             backend: str | None = None) -> Tensor:
+    """InfoNCE: row i is ``LSE_{c in C_i} s(q_i, c)/tau - s(q_i, k_{p_i})/tau``.
+
+    ``p_i = positive_index[i]`` (default i, needs M >= N); ``C_i`` = all keys (only
+    ``k_{p_i}`` when ``in_batch_negatives=False``, MoCo-style) plus every row of
+    ``negatives``; ``decoupled`` drops the positive from ``C_i``; ``symmetric``
+    (M == N, no negatives, identity pairing) averages with the key->query direction.
+    """
+    V.matrix("query", query)
+    V.matrix("key", key)
+    tensors = {"query": query, "key": key}
+    if negatives is not None:
+        V.matrix("negatives", negatives)
+        tensors["negatives"] = negatives
+    V.same_device_dtype(**tensors)
+    V.same_dim(**tensors)
+    _temperature(temperature, query.device)
+    V.choice("reduction", reduction, ("mean", "sum", "none"))
+    n, m = query.shape[0], key.shape[0]
+    if positive_index is None:
+        if m < n:
+            raise ValueError(f"key has {m} rows but query has {n}: with positive_index=None the positive of query i "
+                             "is key i, so key needs at least as many rows as query (or pass positive_index)")
+    else:
+        positive_index = V.index("positive_index", positive_index, n, m, query.device)
+    if symmetric:
+        if m != n:
+            raise ValueError(f"symmetric=True needs as many keys as queries, got query {tuple(query.shape)} and key "
+                             f"{tuple(key.shape)}")
+        if negatives is not None:
+            raise ValueError("symmetric=True cannot be combined with negatives (the key->query direction has none)")
+        if positive_index is not None:
+            raise ValueError("symmetric=True pairs query i with key i; positive_index must be None")
+        if not in_batch_negatives:
+            raise ValueError("symmetric=True needs in_batch_negatives=True")
+    if decoupled and not in_batch_negatives and negatives is None:
+        raise ValueError("decoupled=True with in_batch_negatives=False and no negatives leaves no candidates")
+    if decoupled and in_batch_negatives and negatives is None and m == 1:
+        raise ValueError("decoupled=True with a single key and no negatives leaves no candidates")
+
+    be = _resolve(backend, "lse", query)
+    if be == "reference":
+        return reference.info_nce(query, key, negatives=negatives, temperature=temperature,
+                                  positive_index=positive_index, in_batch_negatives=in_batch_negatives,
+                                  symmetric=symmetric, decoupled=decoupled, normalize=normalize, reduction=reduction)
+
+    scale = _scale(temperature, query.device, invert=True)
+    qr, kr = _rscale(query, normalize), _rscale(key, normalize)
+    p = positive_index if positive_index is not None else torch.arange(n, device=query.device)
+    kp = key[p]
+    pos = _rowdot(query, kp) * scale
+    if normalize:
+        pos = pos * qr * kr[p]
+
+    parts = []
+    col = None
+    if in_batch_negatives:
+        row, col = fam.lse(be, query, key, scale, q_rscale=qr, k_rscale=kr, pos_index=p if decoupled else None,
+                           mask_mode=MASK_POS if decoupled else 0, compute_col=symmetric)
+        parts.append(row)
+    elif not decoupled:
+        parts.append(pos)
+    if negatives is not None:
+        parts.append(fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize))[0])
+    lse = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), dim=0)
+    loss = lse - pos
+    if symmetric:
+        loss = 0.5 * (loss + col - pos)
+    return reference._reduce(loss, reduction)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, backend: str | None = None) -> Tensor:
+    """SimCLR's NT-Xent: Z = [z1; z2]; row r's positive is its other view, its
+    candidates every other row; mean over the 2N rows."""
+    V.matrix("z1", z1)
+    V.matrix("z2", z2)
+    V.same_device_dtype(z1=z1, z2=z2)
+    V.same_shape(z1=z1, z2=z2)
+    _temperature(temperature, z1.device)
+    be = _resolve(backend, "lse", z1)
+    if be == "reference":
+        return reference.nt_xent(z1, z2, temperature, normalize=normalize)
+    z = torch.cat([z1, z2])
+    n2 = z.shape[0]
+    scale = _scale(temperature, z.device, invert=True)
+    zr = _rscale(z, normalize)
+    p = (torch.arange(n2, device=z.device) + n2 // 2) % n2
+    pos = _rowdot(z, z[p]) * scale
+    if normalize:
+        pos = pos * zr * zr[p]
+    row, _ = fam.lse(be, z, z, scale, q_rscale=zr, k_rscale=zr, mask_mode=MASK_DIAG)
+    return (row - pos).mean()
+
+
+# --------------------------------------------------------------------------- CLIP
+def _logit_scale(logit_scale, device):
+    return V.scalar("logit_scale", logit_scale, device=device)
+
+
+def clip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias=None, *, backend: str | None = None) -> Tensor:
+    """open_clip's ClipLoss: ``(CE(s I T^T + b, arange) + CE(s T I^T + b, arange)) / 2``.
+
+    No normalization inside; ``logit_scale`` is the multiplier (already exponentiated).
+    A scalar ``logit_bias`` shifts every logit of a row equally, so it cancels in the
+    cross-entropy: its gradient is exactly zero."""
+    V.matrix("image", image)
+    V.matrix("text", text)
+    V.same_device_dtype(image=image, text=text)
+    V.same_shape(image=image, text=text)
+    _logit_scale(logit_scale, image.device)
+    if logit_bias is not None:
+        V.scalar("logit_bias", logit_bias, device=image.device)
+    be = _resolve(backend, "lse", image)
+    if be == "reference":
+        return reference.clip_loss(image, text, logit_scale, logit_bias)
+    scale = _scale(logit_scale, image.device, invert=False)
+    pos = _rowdot(image, text) * scale
+    row, col = fam.lse(be, image, text, scale, compute_col=True)
+    loss = 0.5 * ((row - pos).mean() + (col - pos).mean())
+    if isinstance(logit_bias, torch.Tensor):
+        loss = loss + 0.0 * logit_bias.reshape(()).float()  # exact zero gradient, bias stays in the graph
+    return loss
+
+
+def siglip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias, *, negative_only: bool = False,
+                backend: str | None = None) -> Tensor:
+    """open_clip's SigLipLoss: ``-(1/N) sum_ij log sigmoid(z_ij (s i_i . t_j + b))``,
+    z = +1 on the diagonal and -1 elsewhere (-1 everywhere when ``negative_only``,
+    which also allows N != M)."""
+    V.matrix("image", image)
+    V.matrix("text", text)
+    V.same_device_dtype(image=image, text=text)
+    V.same_dim(image=image, text=text)
+    if not negative_only and image.shape[0] != text.shape[0]:
+        raise ValueError(f"image and text must have the same number of rows unless negative_only=True, got "
+                         f"{tuple(image.shape)} and {tuple(text.shape)}")
+    _logit_scale(logit_scale, image.device)
+    V.scalar("logit_bias", logit_bias, device=image.device)
+    be = _resolve(backend, "pairwise", image)
+    if be == "reference":
+        return reference.siglip_loss(image, text, logit_scale, logit_bias, negative_only=negative_only)
+    rows = fam.pairwise(be, image, text, _scale(logit_scale, image.device, invert=False),
+                        _scale(logit_bias, image.device, invert=False),
+                        mode=PAIR_NEGATIVE_ONLY if negative_only else 0)
+    return rows.sum() / image.shape[0]
+
+
+# ------------------------------------------------------------------------- SupCon
+def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embeddings: Tensor | None = None,
+                ref_labels: Tensor | None = None, normalize: bool = True, backend: str | None = None) -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L^sup_out).
+
+    Anchor i: ``-(1/|P(i)|) sum_{p in P(i)} [s_ip/tau - LSE_{a != i} s_ia/tau]``, P(i) = the
+    other rows with i's label (against ``ref_embeddings`` / ``ref_labels`` when given,
+    where no row is excluded); mean over anchors with at least one positive (0 if none)."""
+    V.matrix("embeddings", embeddings)
+    labels = V.labels("labels", labels, embeddings.shape[0], embeddings.device)
+    if (ref_embeddings is None) != (ref_labels is None):
+        raise ValueError("ref_embeddings and ref_labels must be given together")
+    if ref_embeddings is not None:
+        V.matrix("ref_embeddings", ref_embeddings)
+        V.same_device_dtype(embeddings=embeddings, ref_embeddings=ref_embeddings)
+        V.same_dim(embeddings=embeddings, ref_embeddings=ref_embeddings)
+        ref_labels = V.labels("ref_labels", ref_labels, ref_embeddings.shape[0], embeddings.device,
+                              rows_name="ref_embeddings")
+    _temperature(temperature, embeddings.device)
+    be = _resolve(backend, "lse", embeddings)
+    if be == "reference":
+        return reference.supcon_loss(embeddings, labels, temperature, ref_embeddings=ref_embeddings,
+                                     ref_labels=ref_labels, normalize=normalize)
+    x = embeddings
+    has_ref = ref_embeddings is not None
+    r, rl = (ref_embeddings, ref_labels) if has_ref else (x, labels)
+    scale = _scale(temperature, x.device, invert=True)
+    xr = _rscale(x, normalize)
+    rr = _rscale(r, normalize) if has_ref else xr
+    r_hat = r.float() * rr[:, None] if normalize else r.float()
+    x_hat = x.float() * xr[:, None] if normalize else x.float()
+    pos_sum, count = fam.label_group_sum(labels, rl, r_hat)
+    if not has_ref:  # the anchor is not its own positive
+        pos_sum = pos_sum - x_hat
+        count = count - 1
+    row, _ = fam.lse(be, x, r, scale, q_rscale=xr, k_rscale=rr, mask_mode=0 if has_ref else MASK_DIAG)
+    has = count > 0
+    anchor = row - scale * (x_hat * pos_sum).sum(1) / count.clamp_min(1)
+    return torch.where(has, anchor, torch.zeros_like(anchor)).sum() / has.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------- DCL
+def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, normalize: bool = True,
+             backend: str | None = None) -> Tensor:
+    """Decoupled contrastive loss as lightly's DCLLoss computes it (both views);
+    ``weight_sigma`` applies DCLW's negative von Mises-Fisher weights
+    ``2 - N softmax(<z1_i, z2_i> / sigma)`` (treated as constants)."""
+    V.matrix("z1", z1)
+    V.matrix("z2", z2)
+    V.same_device_dtype(z1=z1, z2=z2)
+    V.same_shape(z1=z1, z2=z2)
+    _temperature(temperature, z1.device)
+    if weight_sigma is not None:
+        V.scalar("weight_sigma", weight_sigma, positive=True)
+    if z1.shape[0] < 2:
+        raise ValueError(f"dcl_loss needs at least 2 pairs (each row needs a negative), got z1 {tuple(z1.shape)}")
+    be = _resolve(backend, "lse", z1)
+    if be == "reference":
+        return reference.dcl_loss(z1, z2, temperature, weight_sigma=weight_sigma, normalize=normalize)
+    scale = _scale(temperature, z1.device, invert=True)
+    ar, br = _rscale(z1, normalize), _rscale(z2, normalize)
+    pos = _rowdot(z1, z2) * scale
+    if normalize:
+        pos = pos * ar * br
+    if weight_sigma is not None:
+        cos = _rowdot(z1, z2).detach()
+        if normalize:
+            cos = cos * ar.detach() * br.detach()
+        pos = pos * (2 - z1.shape[0] * torch.softmax(cos / weight_sigma, dim=0))
+    aa, _ = fam.lse(be, z1, z1, scale, q_rscale=ar, k_rscale=ar, mask_mode=MASK_DIAG)
+    bb, _ = fam.lse(be, z2, z2, scale, q_rscale=br, k_rscale=br, mask_mode=MASK_DIAG)
+    ab, ba = fam.lse(be, z1, z2, scale, q_rscale=ar, k_rscale=br, mask_mode=MASK_DIAG, compute_col=True)
+    return 0.5 * ((aa + ab - pos).mean() + (bb + ba - pos).mean())
+
+
+# ----------------------------------------------------------------- hard negatives
+def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau_plus=0.1, normalize: bool = True,
+                       backend: str | None = None) -> Tensor:
+    """Robinson et al. 2021 (HCL), SimCLR 2N setting: negatives reweighted by
+    ``exp(beta s/tau)``, debiased with ``tau_plus``, clamped below at ``Nneg e^{-1/tau}``."""
+    V.matrix("z1", z1)
+    V.matrix("z2", z2)
+    V.same_device_dtype(z1=z1, z2=z2)
+    V.same_shape(z1=z1, z2=z2)
+    _temperature(temperature, z1.device)
+    V.scalar("beta", beta)
+    V.scalar("tau_plus", tau_plus, lower=0.0, upper=1.0)
+    if z1.shape[0] < 2:
+        raise ValueError(f"hard_negative_loss needs at least 2 pairs (2N - 2 negatives per row), got z1 "
+                         f"{tuple(z1.shape)}")
+    be = _resolve(backend, "lse", z1)
+    if be == "reference":
+        return reference.hard_negative_loss(z1, z2, temperature, beta=beta, tau_plus=tau_plus, normalize=normalize)
+    z = torch.cat([z1, z2])
+    n2 = z.shape[0]
+    n_neg = n2 - 2
+    zr = _rscale(z, normalize)
+    p = (torch.arange(n2, device=z.device) + n2 // 2) % n2
+    inv_t = 1.0 / temperature
+    log_pos = _rowdot(z, z[p]) * inv_t
+    if normalize:
+        log_pos = log_pos * zr * zr[p]
+    mask = MASK_DIAG | MASK_POS
+    # reweight = sum exp((1+beta) s/tau) / mean exp(beta s/tau), in log space
+    l1, _ = fam.lse(be, z, z, _scale((1 + beta) * inv_t, z.device, invert=False), q_rscale=zr, k_rscale=zr,
+                    pos_index=p, mask_mode=mask)
+    l0, _ = fam.lse(be, z, z, _scale(beta * inv_t, z.device, invert=False), q_rscale=zr, k_rscale=zr,
+                    pos_index=p, mask_mode=mask)
+    log_rw = math.log(n_neg) + l1 - l0
+    # Ng = max((reweight - tau_plus Nneg pos) / (1 - tau_plus), Nneg e^{-1/tau}), in log space
+    c = torch.maximum(log_rw, log_pos).detach()
+    t = torch.exp(log_rw - c) - tau_plus * n_neg * torch.exp(log_pos - c)
+    ok = t > 0
+    log_ng = torch.where(ok, c + torch.log(torch.where(ok, t, torch.ones_like(t))), torch.full_like(t, -math.inf))
+    log_ng = log_ng - math.log1p(-tau_plus)
+    log_ng = torch.clamp(log_ng, min=math.log(n_neg) - inv_t)
+    return (torch.logaddexp(log_pos, log_ng) - log_pos).mean()
+
+
+# ------------------------------------------------------- uniformity and alignment
+def uniformity_loss(x: Tensor, t=2.0, *, backend: str | None = None) -> Tensor:
+    """Wang & Isola 2020: ``log mean_{i != j} exp(-t |x_i - x_j|^2)`` (no normalization inside)."""
+    V.matrix("x", x, min_rows=2)
+    V.scalar("t", t)
+    be = _resolve(backend, "lse", x)
+    if be == "reference":
+        return reference.uniformity_loss(x, t)
+    n = x.shape[0]
+    tt = _scale(t, x.device, invert=False)
+    sq = (x.float() * x.float()).sum(1)
+    # -t|x_i - x_j|^2 = 2t x_i.x_j - t|x_j|^2 - t|x_i|^2
+    row, _ = fam.lse(be, x, x, 2 * tt, col_bias=-tt * sq, mask_mode=MASK_DIAG)
+    return torch.logsumexp(row - tt * sq, dim=0) - math.log(n * (n - 1))
+
+
+def alignment_loss(x: Tensor, y: Tensor, alpha=2.0, *, backend: str | None = None) -> Tensor:
+    """Wang & Isola 2020: ``mean_i |x_i - y_i|^alpha`` (O(N D) on every backend)."""
+    V.matrix("x", x)
+    V.matrix("y", y)
+    V.same_device_dtype(x=x, y=y)
+    V.same_shape(x=x, y=y)
+    V.scalar("alpha", alpha, positive=True)
+    if backend is not None:
+        backends.resolve(backend, "lse", x.device, x.dtype)  # validates the name and availability
+    return reference.alignment_loss(x, y, alpha)
+
+
+# ---------------------------------------------------------- cross-correlation
+def _standardize(z: Tensor, eps: float, unbiased: bool = False) -> Tensor:
+    z = z.float()
+    z = z - z.mean(0)
+    return z * torch.rsqrt(z.var(0, unbiased=unbiased) + eps)
+
+
+def cross_correlation(z1: Tensor, z2: Tensor, *, standardize: bool = True, eps=1e-5,
+                      backend: str | None = None) -> Tensor:
+    """``z~1^T z~2 / N`` (D x D), z~ = per-feature batch standardization with biased
+    variance (BatchNorm1d(affine=False) in training mode)."""
+    V.matrix("z1", z1)
+    V.matrix("z2", z2)
+    V.same_device_dtype(z1=z1, z2=z2)
+    V.same_shape(z1=z1, z2=z2)
+    V.scalar("eps", eps, positive=True)
+    be = _resolve(backend, "xcorr", z1)
+    if be == "reference":
+        return reference.cross_correlation(z1, z2, standardize=standardize, eps=eps)
+    a, b = (_standardize(z1, eps), _standardize(z2, eps)) if standardize else (z1.float(), z2.float())
+    return a.T @ b / z1.shape[0]
+
+
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd=0.0051, *, eps=1e-5, backend: str | None = None,
+                      path: str = "auto") -> Tensor:
+    """``sum_i (1 - C_ii)^2 + lambd sum_{i != j} C_ij^2``, C = cross_correlation(z1, z2).
+
+    The off-diagonal sum comes from the xcorr family: N x N Gram matrices when N < D
+    (``|A^T B|_F^2 = <A A^T, B B^T>``), D x D tiles otherwise; ``path`` forces one."""
+    V.matrix("z1", z1, min_rows=1)
+    V.matrix("z2", z2)
+    V.same_device_dtype(z1=z1, z2=z2)
+    V.same_shape(z1=z1, z2=z2)
+    V.scalar("lambd", lambd)
+    V.scalar("eps", eps, positive=True)
+    path_id = {"auto": 0, "gram": 1, "tiled": 2}[V.choice("path", path, ("auto", "gram", "tiled"))]
+    be = _resolve(backend, "xcorr", z1)
+    if be == "reference":
+        return reference.barlow_twins_loss(z1, z2, lambd, eps=eps)
+    n = z1.shape[0]
+    # Standardized in float32 (O(N D)); the kernels take the float32 result so that
+    # C_ii near 1 keeps its precision whatever the input dtype.
+    off, diag = fam.xcorr(be, _standardize(z1, eps), _standardize(z2, eps), path=path_id)
+    return (diag / n - 1).pow(2).sum() + lambd * off / (n * n)
+
+
+def vicreg_loss(z1: Tensor, z2: Tensor, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, *, eps=1e-4,
+                backend: str | None = None, path: str = "auto") -> Tensor:
+    """VICReg (facebookresearch/vicreg): invariance MSE + variance hinge on
+    ``sqrt(var_unbiased + eps)`` (each view /2) + off-diagonal covariance^2 / D per view."""
+    V.matrix("z1", z1, min_rows=2)
+    V.matrix("z2", z2, min_rows=2)
+    V.same_device_dtype(z1=z1, z2=z2)
+    V.same_shape(z1=z1, z2=z2)
+    for name, v in (("sim_coeff", sim_coeff), ("std_coeff", std_coeff), ("cov_coeff", cov_coeff)):
+        V.scalar(name, v)
+    V.scalar("eps", eps, positive=True)
+    path_id = {"auto": 0, "gram": 1, "tiled": 2}[V.choice("path", path, ("auto", "gram", "tiled"))]
+    be = _resolve(backend, "xcorr", z1)
+    if be == "reference":
+        return reference.vicreg_loss(z1, z2, sim_coeff, std_coeff, cov_coeff, eps=eps)
+    n, d = z1.shape
+    x, y = z1.float(), z2.float()
+    repr_loss = F.mse_loss(x, y)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    std_loss = (F.relu(1 - torch.sqrt(xc.var(0) + eps)).mean() + F.relu(1 - torch.sqrt(yc.var(0) + eps)).mean()) / 2
+    off_x, _ = fam.xcorr(be, xc, xc, path=path_id)
+    off_y, _ = fam.xcorr(be, yc, yc, path=path_id)
+    cov_loss = (off_x + off_y) / ((n - 1) ** 2 * d)
+    return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss

@@ -1,0 +1,284 @@
+"""The reference backend: every loss of SPEC.md in plain PyTorch.
+
+This module is the specification in code.  Each function is short, builds the full
+N x M (or D x D) matrix, and is autograd-capable and float64-capable.  Inputs are
+assumed valid (the public functions in `functional` check them).  Half-precision
+inputs are computed in float32 (the loss is float32; gradients flow back in the
+input dtype through the cast).
+
+The fused backends are tested against these functions in float64, and these
+functions are tested against independent formulas (tests/test_reference_formulas.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _up(x: Tensor | None) -> Tensor | None:
+    """Compute in float32 for half inputs, in the input dtype otherwise."""
+    if x is None:
+        return None
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _norm(x: Tensor, normalize: bool) -> Tensor:
+    return F.normalize(x, dim=1, eps=1e-12) if normalize else x
+
+
+def _reduce(rows: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+def normalized_similarity(a: Tensor, b: Tensor | None = None, scale=1.0, *, normalize: bool = True) -> Tensor:
+    a = _up(a)
+    b = a if b is None else _up(b)
+    return scale * (_norm(a, normalize) @ _norm(b, normalize).T)
+
+
+def info_nce(query, key, *, negatives=None, temperature=0.1, positive_index=None,
+             in_batch_negatives=True, symmetric=False, decoupled=False, normalize=True,
+             reduction="mean"):
+    q, k, neg = _up(query), _up(key), _up(negatives)
+    q, k = _norm(q, normalize), _norm(k, normalize)
+    if neg is not None:
+        neg = _norm(neg, normalize)
+    n, m = q.shape[0], k.shape[0]
+    rows = torch.arange(n, device=q.device)
+    p = rows if positive_index is None else positive_index.to(q.device).long()
+    pos = (q * k[p]).sum(1) / temperature
+
+    if in_batch_negatives:
+        logits = (q @ k.T) / temperature
+        if decoupled:
+            logits = logits.masked_fill(F.one_hot(p, m).bool(), float("-inf"))
+    else:
+        logits = pos[:, None] if not decoupled else q.new_empty((n, 0))
+    if neg is not None:
+        logits = torch.cat([logits, (q @ neg.T) / temperature], dim=1)
+    loss = torch.logsumexp(logits, dim=1) - pos
+
+    if symmetric:  # key -> query direction (M == N, no negatives, identity pairing)
+        logits_t = (k @ q.T) / temperature
+        if decoupled:
+            logits_t = logits_t.masked_fill(torch.eye(n, dtype=torch.bool, device=q.device), float("-inf"))
+        loss = 0.5 * (loss + torch.logsumexp(logits_t, dim=1) - pos)
+    return _reduce(loss, reduction)
+
+
+def nt_xent(z1, z2, temperature=0.5, *, normalize=True):
+    z = _norm(torch.cat([_up(z1), _up(z2)]), normalize)
+    n2 = z.shape[0]
+    n = n2 // 2
+    logits = (z @ z.T) / temperature
+    logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
+    target = (torch.arange(n2, device=z.device) + n) % n2
+    return F.cross_entropy(logits, target)
+
+
+def clip_loss(image, text, logit_scale, logit_bias=None):
+    i, t = _up(image), _up(text)
+    logits = logit_scale * (i @ t.T)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    target = torch.arange(i.shape[0], device=i.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def siglip_loss(image, text, logit_scale, logit_bias, *, negative_only=False):
+    i, t = _up(image), _up(text)
+    logits = logit_scale * (i @ t.T) + logit_bias
+    labels = -torch.ones_like(logits)
+    if not negative_only:
+        labels = labels + 2 * torch.eye(*logits.shape, dtype=logits.dtype, device=logits.device)
+    return -F.logsigmoid(labels * logits).sum() / i.shape[0]
+
+
+def supcon_loss(embeddings, labels, temperature=0.1, *, ref_embeddings=None, ref_labels=None, normalize=True):
+    x = _norm(_up(embeddings), normalize)
+    if ref_embeddings is None:
+        r, rl = x, labels
+    else:
+        r, rl = _norm(_up(ref_embeddings), normalize), ref_labels
+    logits = (x @ r.T) / temperature
+    pos = labels[:, None] == rl[None, :]
+    if ref_embeddings is None:
+        self_mask = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        pos = pos & ~self_mask
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    n_pos = pos.sum(1)
+    anchor_loss = -torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos.clamp(min=1)
+    has = n_pos > 0
+    # Anchors without a positive are left out of the mean; with none at all the loss is 0.
+    return (anchor_loss * has).sum() / has.sum().clamp(min=1)
+
+
+def dcl_weights(z1, z2, sigma):
+    """DCLW's negative von Mises-Fisher weights 2 - N softmax(<z1_i, z2_i> / sigma) (no gradient)."""
+    s = (z1.detach() * z2.detach()).sum(1) / sigma
+    return 2 - z1.shape[0] * torch.softmax(s, dim=0)
+
+
+def dcl_loss(z1, z2, temperature=0.1, *, weight_sigma=None, normalize=True):
+    """Decoupled contrastive loss as lightly computes it: for each view, the positive
+    term plus the log-sum-exp over the same-view negatives plus the log-sum-exp over
+    the other-view negatives (two separate log-sum-exps), averaged over both views."""
+    a, b = _norm(_up(z1), normalize), _norm(_up(z2), normalize)
+    n = a.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=a.device)
+
+    def one_way(x, y):
+        s_xx = (x @ x.T) / temperature
+        s_xy = (x @ y.T) / temperature
+        pos = -torch.diagonal(s_xy)
+        if weight_sigma is not None:
+            pos = pos * dcl_weights(x, y, weight_sigma)
+        neg = (torch.logsumexp(s_xx.masked_fill(eye, float("-inf")), dim=1)
+               + torch.logsumexp(s_xy.masked_fill(eye, float("-inf")), dim=1))
+        return (pos + neg).mean()
+
+    return 0.5 * (one_way(a, b) + one_way(b, a))
+
+
+def hard_negative_loss(z1, z2, temperature=0.5, *, beta=1.0, tau_plus=0.1, normalize=True):
+    """Robinson et al. 2021 (HCL), the authors' 'hard' estimator in the SimCLR setting."""
+    a, b = _norm(_up(z1), normalize), _norm(_up(z2), normalize)
+    n = a.shape[0]
+    z = torch.cat([a, b])
+    s = (z @ z.T) / temperature
+    idx = torch.arange(2 * n, device=z.device)
+    neg_mask = torch.ones(2 * n, 2 * n, dtype=torch.bool, device=z.device)
+    neg_mask[idx, idx] = False
+    neg_mask[idx, (idx + n) % (2 * n)] = False
+    n_neg = 2 * n - 2
+    neg = torch.exp(s[neg_mask].view(2 * n, n_neg))
+    pos = torch.exp((a * b).sum(1) / temperature)
+    pos = torch.cat([pos, pos])
+    imp = neg ** beta
+    reweight = (imp * neg).sum(1) / imp.mean(1)
+    ng = (-tau_plus * n_neg * pos + reweight) / (1 - tau_plus)
+    ng = torch.clamp(ng, min=n_neg * math.exp(-1 / temperature))
+    return (-torch.log(pos / (pos + ng))).mean()
+
+
+def uniformity_loss(x, t=2.0):
+    x = _up(x)
+    n = x.shape[0]
+    d2 = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)
+    off = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    return torch.logsumexp(-t * d2[off], dim=0) - math.log(n * (n - 1))
+
+
+def alignment_loss(x, y, alpha=2.0):
+    return (_up(x) - _up(y)).norm(p=2, dim=1).pow(alpha).mean()
+
+
+def _standardize(z, eps, unbiased=False):
+    z = z - z.mean(0)
+    return z / torch.sqrt(z.var(0, unbiased=unbiased) + eps)
+
+
+def cross_correlation(z1, z2, *, standardize=True, eps=1e-5):
+    a, b = _up(z1), _up(z2)
+    if standardize:
+        a, b = _standardize(a, eps), _standardize(b, eps)
+    return a.T @ b / a.shape[0]
+
+
+def _off_diagonal(c):
+    return c - torch.diag_embed(torch.diagonal(c))
+
+
+def barlow_twins_loss(z1, z2, lambd=0.0051, *, eps=1e-5):
+    c = cross_correlation(z1, z2, eps=eps)
+    return (torch.diagonal(c) - 1).pow(2).sum() + lambd * _off_diagonal(c).pow(2).sum()
+
+
+def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, *, eps=1e-4):
+    x, y = _up(z1), _up(z2)
+    n, d = x.shape
+    repr_loss = F.mse_loss(x, y)
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    std_x = torch.sqrt(x.var(0) + eps)
+    std_y = torch.sqrt(y.var(0) + eps)
+    std_loss = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
+    cov_x = x.T @ x / (n - 1)
+    cov_y = y.T @ y / (n - 1)
+    cov_loss = _off_diagonal(cov_x).pow(2).sum() / d + _off_diagonal(cov_y).pow(2).sum() / d
+    return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
+
+
+# ---------------------------------------------------------------------------
+# Kernel-family references: what each compiled/Triton family op computes, written
+# with the full matrix.  The family ops are tested against these (forward, and
+# backward through autograd).
+# ---------------------------------------------------------------------------
+MASK_DIAG, MASK_POS, MASK_SAME_LABEL = 1, 2, 4
+PAIR_NEGATIVE_ONLY, PAIR_POSITIVES_ONLY, PAIR_EXCLUDE_DIAG = 1, 2, 4
+
+
+def _diag_mask(n, m, offset, device):
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(m, device=device)[None, :]
+    return j == i + offset
+
+
+def lse_family(q, k, scale, q_rscale=None, k_rscale=None, col_bias=None, pos_index=None, q_labels=None,
+               k_labels=None, diag_offset=0, mask_mode=0, compute_col=False):
+    """(row_lse, col_lse) of S = scale (q_rscale q)(k_rscale k)^T + col_bias over the kept pairs."""
+    q, k = _up(q), _up(k)
+    if q_rscale is not None:
+        q = q * q_rscale[:, None]
+    if k_rscale is not None:
+        k = k * k_rscale[:, None]
+    s = scale * (q @ k.T)
+    if col_bias is not None:
+        s = s + col_bias[None, :]
+    drop = torch.zeros_like(s, dtype=torch.bool)
+    n, m = s.shape
+    if mask_mode & MASK_DIAG:
+        drop |= _diag_mask(n, m, diag_offset, s.device)
+    if mask_mode & MASK_POS:
+        drop |= F.one_hot(pos_index.long(), m).bool()
+    if mask_mode & MASK_SAME_LABEL:
+        drop |= q_labels[:, None] == k_labels[None, :]
+    s = s.masked_fill(drop, float("-inf"))
+    row = torch.logsumexp(s, dim=1)
+    col = torch.logsumexp(s, dim=0) if compute_col else s.new_empty(0)
+    return row, col
+
+
+def pairwise_family(q, k, scale, bias, row_offset=None, q_labels=None, k_labels=None,
+                    diag_offset=0, mode=0):
+    """Per-row sums of softplus(-x) (positive pairs) / softplus(x) (negative pairs)."""
+    x = scale * (_up(q) @ _up(k).T) + bias
+    if row_offset is not None:
+        x = x + row_offset[:, None]
+    n, m = x.shape
+    diag = _diag_mask(n, m, diag_offset, x.device)
+    positive = (q_labels[:, None] == k_labels[None, :]) if q_labels is not None else diag
+    if mode & PAIR_NEGATIVE_ONLY:
+        positive = torch.zeros_like(positive)
+    term = torch.where(positive, F.softplus(-x), F.softplus(x))
+    keep = torch.ones_like(positive)
+    if mode & PAIR_POSITIVES_ONLY:
+        keep = keep & positive
+    if mode & PAIR_EXCLUDE_DIAG:
+        keep = keep & ~diag
+    return torch.where(keep, term, torch.zeros_like(term)).sum(1)
+
+
+def xcorr_family(a, b):
+    """(sum of squared off-diagonal entries of a^T b, its diagonal)."""
+    c = _up(a).T @ _up(b)
+    return _off_diagonal(c).pow(2).sum(), torch.diagonal(c)
