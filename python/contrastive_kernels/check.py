@@ -203,6 +203,10 @@ def run(args) -> int:
             continue
         for be in bes:
             for dt in dtypes:
+                if be == "triton" and dt == torch.bfloat16 and device == "cpu":
+                    rows.append((case.name, be, "bfloat16", "-", "SKIP",
+                                 "the Triton interpreter computes bfloat16 wrongly (triton#4972); checked on a GPU"))
+                    continue
                 worst, what, ok = 0.0, "", True
                 try:
                     for n in sizes:
