@@ -86,6 +86,6 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib",
                       "triton>=3.0; platform_system=='Linux' and platform_machine=='x86_64'"],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "pytorch-metric-learning>=2"]},
     zip_safe=False,
 )

@@ -1,0 +1,131 @@
+"""Backend choice, the torch.library registrations (opcheck) and torch.compile(fullgraph=True)."""
+import warnings
+
+import pytest
+import torch
+
+import contrastive_kernels as ck
+from contrastive_kernels import _ext, _families, backends
+
+from helpers import backend_params, kernel_backends
+
+
+def test_available_backends_lists_reference_and_built_kernels():
+    av = ck.available_backends()
+    assert av[-1] == "reference"
+    if _ext.load() is not None and kernel_backends("lse"):
+        assert "cpu" in av
+
+
+def test_auto_resolution():
+    dev = torch.device("cpu")
+    assert backends.resolve("auto", "lse", dev, torch.float64) == "reference"
+    expected = "cpu" if "cpu" in kernel_backends("lse") else "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert backends.resolve("auto", "lse", dev, torch.float32) == expected
+    assert backends.resolve("REFERENCE", "lse", dev, torch.float32) == "reference"
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(backends, "_native_error", lambda family, key: "simulated: no kernel built")
+    _ext.warn_missing_once.cache_clear()
+    x = torch.randn(5, 3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        a = ck.nt_xent(x, x + 0.1)
+        b = ck.nt_xent(x, x + 0.2)
+    msgs = [str(m.message) for m in w if "simulated" in str(m.message)]
+    assert len(msgs) == 1 and "reference backend" in msgs[0]
+    assert torch.isfinite(a) and torch.isfinite(b)
+    _ext.warn_missing_once.cache_clear()
+
+
+def _lse_args(dtype=torch.float32):
+    q, k = torch.randn(7, 5, dtype=dtype), torch.randn(9, 5, dtype=dtype)
+    return (q, k, torch.tensor(2.0), torch.rand(7) + 0.5, torch.rand(9) + 0.5, torch.randn(9), None,
+            torch.randint(0, 3, (7,)), torch.randint(0, 3, (9,)), 0, 5, True)
+
+
+def _op(name, backend):
+    return getattr(torch.ops.contrastive_kernels, name + ("_triton" if backend == "triton" else ""))
+
+
+@pytest.mark.parametrize("backend", backend_params("lse"))
+def test_opcheck_lse(backend):
+    args = list(_lse_args())
+    args[0].requires_grad_(True)
+    args[1].requires_grad_(True)
+    torch.library.opcheck(_op("lse_forward", backend), tuple(args))
+
+
+@pytest.mark.parametrize("backend", backend_params("pairwise"))
+def test_opcheck_pairwise(backend):
+    q, k = torch.randn(7, 5, requires_grad=True), torch.randn(9, 5, requires_grad=True)
+    torch.library.opcheck(_op("pairwise_forward", backend),
+                          (q, k, torch.tensor(3.0), torch.tensor(-1.0), torch.randn(7), None, None, 0, 0))
+
+
+@pytest.mark.parametrize("backend", backend_params("xcorr"))
+@pytest.mark.parametrize("path", [1, 2])
+def test_opcheck_xcorr(backend, path):
+    a, b = torch.randn(6, 11, requires_grad=True), torch.randn(6, 11, requires_grad=True)
+    torch.library.opcheck(_op("xcorr_forward", backend), (a, b, path))
+
+
+@pytest.mark.parametrize("backend", backend_params("similarity"))
+def test_opcheck_similarity(backend):
+    a, b = torch.randn(6, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    torch.library.opcheck(_op("similarity_forward", backend), (a, b, torch.tensor(2.0), True))
+
+
+def test_opcheck_label_group_sum():
+    ref = torch.randn(9, 4, requires_grad=True)
+    torch.library.opcheck(_families.label_group_sum, (torch.randint(0, 3, (7,)), torch.randint(0, 3, (9,)), ref))
+
+
+def _losses(backend):
+    def f(a, b, scale, bias, lab):
+        return (ck.nt_xent(a, b, backend=backend) + ck.clip_loss(a, b, scale, backend=backend)
+                + ck.info_nce(a, b, symmetric=True, backend=backend)
+                + ck.supcon_loss(a, lab, backend=backend))
+    return f
+
+
+@pytest.mark.parametrize("backend", backend_params("lse"))
+def test_compile_fullgraph_lse_losses(backend):
+    torch._dynamo.reset()
+    a, b = torch.randn(9, 6, requires_grad=True), torch.randn(9, 6, requires_grad=True)
+    scale, bias = torch.tensor(5.0, requires_grad=True), torch.tensor(0.0)
+    lab = torch.randint(0, 3, (9,))
+    f = _losses(backend)
+    eager = f(a, b, scale, bias, lab)
+    ge = torch.autograd.grad(eager, [a, b, scale])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(a, b, scale, bias, lab)
+    gc = torch.autograd.grad(out, [a, b, scale])
+    assert torch.allclose(out, eager, rtol=1e-6)
+    for x, y in zip(gc, ge):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", backend_params("pairwise"))
+def test_compile_fullgraph_siglip(backend):
+    torch._dynamo.reset()
+    a, b = torch.randn(9, 6, requires_grad=True), torch.randn(9, 6, requires_grad=True)
+    scale, bias = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    f = lambda a, b, s, c: ck.siglip_loss(a, b, s, c, backend=backend)  # noqa: E731
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(a, b, scale, bias)
+    assert torch.allclose(out, f(a, b, scale, bias), rtol=1e-6)
+    out.backward()
+    assert bias.grad is not None
+
+
+@pytest.mark.parametrize("backend", backend_params("xcorr"))
+def test_compile_fullgraph_barlow_vicreg(backend):
+    torch._dynamo.reset()
+    a, b = torch.randn(8, 20, requires_grad=True), torch.randn(8, 20, requires_grad=True)
+    f = lambda a, b: ck.barlow_twins_loss(a, b, backend=backend) + ck.vicreg_loss(a, b, backend=backend)  # noqa
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(a, b)
+    assert torch.allclose(out, f(a, b), rtol=1e-5)
+    out.backward()
