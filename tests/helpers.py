@@ -24,7 +24,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.detach().double(), ref.detach().double()
     denom = ref.norm().item()
     diff = (x - ref).norm().item()
-    if denom == 0.0:
+    if denom <= 1e-12:  # the reference is zero up to float64 rounding: absolute error
         return diff
     return diff / denom
 
@@ -46,6 +46,15 @@ def backend_params(family: str, device: str = "cpu") -> list:
     import pytest
     return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else [], id=b)
             for b in kernel_backends(family, device)]
+
+
+def skip_interpreter_bf16(backend: str, dtype) -> None:
+    """The Triton interpreter computes bfloat16 wrongly (triton-lang/triton#4972, seen with
+    triton 3.9: a bf16 tl.dot + exp tile off by 1.0): bf16 Triton is checked on a GPU only."""
+    import pytest
+    if backend == "triton" and dtype == torch.bfloat16 and backends.triton_interpret() \
+            and not torch.cuda.is_available():
+        pytest.skip("bfloat16 Triton needs a GPU (the interpreter computes bfloat16 wrongly)")
 
 
 def devices() -> list[str]:

@@ -228,12 +228,14 @@ def siglip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias, *, negativ
 
 # ------------------------------------------------------------------------- SupCon
 def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embeddings: Tensor | None = None,
-                ref_labels: Tensor | None = None, normalize: bool = True, backend: str | None = None) -> Tensor:
+                ref_labels: Tensor | None = None, normalize: bool = True, reduction: str = "mean",
+                backend: str | None = None) -> Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, L^sup_out).
 
     Anchor i: ``-(1/|P(i)|) sum_{p in P(i)} [s_ip/tau - LSE_{a != i} s_ia/tau]``, P(i) = the
     other rows with i's label (against ``ref_embeddings`` / ``ref_labels`` when given,
-    where no row is excluded); mean over anchors with at least one positive (0 if none)."""
+    where no row is excluded); mean over anchors with at least one positive (0 if none).
+    ``reduction="none"`` returns the per-anchor losses (0 for an anchor without a positive)."""
     V.matrix("embeddings", embeddings)
     labels = V.labels("labels", labels, embeddings.shape[0], embeddings.device)
     if (ref_embeddings is None) != (ref_labels is None):
@@ -245,10 +247,11 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
         ref_labels = V.labels("ref_labels", ref_labels, ref_embeddings.shape[0], embeddings.device,
                               rows_name="ref_embeddings")
     _temperature(temperature, embeddings.device)
+    V.choice("reduction", reduction, ("mean", "none"))
     be = _resolve(backend, "lse", embeddings)
     if be == "reference":
         return reference.supcon_loss(embeddings, labels, temperature, ref_embeddings=ref_embeddings,
-                                     ref_labels=ref_labels, normalize=normalize)
+                                     ref_labels=ref_labels, normalize=normalize, reduction=reduction)
     x = embeddings
     has_ref = ref_embeddings is not None
     r, rl = (ref_embeddings, ref_labels) if has_ref else (x, labels)
@@ -264,7 +267,10 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
     row, _ = fam.lse(be, x, r, scale, q_rscale=xr, k_rscale=rr, mask_mode=0 if has_ref else MASK_DIAG)
     has = count > 0
     anchor = row - scale * (x_hat * pos_sum).sum(1) / count.clamp_min(1)
-    return torch.where(has, anchor, torch.zeros_like(anchor)).sum() / has.sum().clamp_min(1)
+    anchor = torch.where(has, anchor, torch.zeros_like(anchor))
+    if reduction == "none":
+        return anchor
+    return anchor.sum() / has.sum().clamp_min(1)
 
 
 # --------------------------------------------------------------------------- DCL

@@ -102,7 +102,8 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, negative_only=False):
     return -F.logsigmoid(labels * logits).sum() / i.shape[0]
 
 
-def supcon_loss(embeddings, labels, temperature=0.1, *, ref_embeddings=None, ref_labels=None, normalize=True):
+def supcon_loss(embeddings, labels, temperature=0.1, *, ref_embeddings=None, ref_labels=None, normalize=True,
+                reduction="mean"):
     x = _norm(_up(embeddings), normalize)
     if ref_embeddings is None:
         r, rl = x, labels
@@ -118,6 +119,8 @@ def supcon_loss(embeddings, labels, temperature=0.1, *, ref_embeddings=None, ref
     n_pos = pos.sum(1)
     anchor_loss = -torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos.clamp(min=1)
     has = n_pos > 0
+    if reduction == "none":
+        return anchor_loss * has
     # Anchors without a positive are left out of the mean; with none at all the loss is 0.
     return (anchor_loss * has).sum() / has.sum().clamp(min=1)
 

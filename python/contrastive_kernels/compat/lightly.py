@@ -1,0 +1,140 @@
+"""lightly's losses (``lightly.loss``), fused: ``NTXentLoss``, ``DCLLoss``, ``DCLWLoss``,
+``BarlowTwinsLoss``, ``VICRegLoss``.
+
+Semantics follow lightly's current source (1.5.x): NT-Xent normalizes both views and
+uses every other row of the 2N batch as a candidate, or with ``memory_bank_size`` the
+MoCo form (positive plus the bank of past normalized ``out1`` rows, updated when
+``out0`` requires grad); DCL is lightly's form of Eq. 6 (two separate log-sum-exps,
+same-view and other-view negatives); Barlow Twins standardizes each view with
+BatchNorm statistics (biased variance, eps 1e-5; lightly PR #1806); VICReg is the
+facebookresearch loss.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from .. import nn as ck_nn
+from ._common import distributed_pending, world_size
+
+__all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "BarlowTwinsLoss", "VICRegLoss"]
+
+
+def _check_temperature(temperature):
+    if abs(temperature) < 1e-8:
+        raise ValueError("Illegal temperature: abs({}) < 1e-8".format(temperature))
+
+
+class NTXentLoss(nn.Module):
+    """lightly.loss.NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distributed=False).
+
+    ``memory_bank_size`` is an int (dimension from the first batch, older lightly) or
+    ``(size, dim)`` (lightly 1.5)."""
+
+    def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
+                 gather_distributed: bool = False, *, backend: Optional[str] = None):
+        super().__init__()
+        _check_temperature(temperature)
+        self.temperature = temperature
+        self.gather_distributed = gather_distributed
+        self.backend = backend
+        self.memory_bank = ck_nn.MemoryBank(memory_bank_size)
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        if self.gather_distributed and world_size() > 1:
+            raise distributed_pending("NTXentLoss(gather_distributed=True)")
+        if self.memory_bank.size == 0:
+            return F.nt_xent(out0, out1, self.temperature, backend=self.backend)
+        keys = torch.nn.functional.normalize(out1, dim=1)
+        bank = self.memory_bank.query_and_update(keys, update=out0.requires_grad)
+        return F.info_nce(out0, out1, negatives=bank.to(device=out0.device, dtype=out0.dtype),
+                          temperature=self.temperature, in_batch_negatives=False, backend=self.backend)
+
+
+def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5) -> Tensor:
+    """DCLW's weights ``2 - N softmax(<out0_i, out1_i> / sigma)`` (no gradient), as lightly."""
+    similarity = (out0.detach() * out1.detach()).sum(1) / sigma
+    return 2 - out0.shape[0] * torch.softmax(similarity, dim=0)
+
+
+class DCLLoss(nn.Module):
+    """lightly.loss.DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False).
+
+    ``weight_fn(out0, out1)`` receives the normalized views and scales the positive term,
+    as in lightly (its gradient flows through the returned weights)."""
+
+    def __init__(self, temperature: float = 0.1, weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                 gather_distributed: bool = False, *, backend: Optional[str] = None):
+        super().__init__()
+        self.temperature = temperature
+        self.weight_fn = weight_fn
+        self.gather_distributed = gather_distributed
+        self.backend = backend
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        if self.gather_distributed and world_size() > 1:
+            raise distributed_pending(f"{type(self).__name__}(gather_distributed=True)")
+        loss = F.dcl_loss(out0, out1, self.temperature, backend=self.backend)
+        if self.weight_fn is None:
+            return loss
+        # lightly: each direction's positive term is -w * s_ii / tau; dcl_loss used w = 1, so
+        # add 0.5 * mean((1 - w) * s_ii / tau) for each direction.
+        a = torch.nn.functional.normalize(out0, dim=1)
+        b = torch.nn.functional.normalize(out1, dim=1)
+        pos = (a.float() * b.float()).sum(1) / self.temperature
+        w0, w1 = self.weight_fn(a, b), self.weight_fn(b, a)
+        return loss + 0.5 * ((1 - w0) * pos).mean() + 0.5 * ((1 - w1) * pos).mean()
+
+
+class DCLWLoss(DCLLoss):
+    """lightly.loss.DCLWLoss(temperature=0.1, sigma=0.5, gather_distributed=False)."""
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False, *,
+                 backend: Optional[str] = None):
+        super().__init__(temperature=temperature, gather_distributed=gather_distributed, backend=backend)
+        self.sigma = sigma
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        if self.gather_distributed and world_size() > 1:
+            raise distributed_pending("DCLWLoss(gather_distributed=True)")
+        return F.dcl_loss(out0, out1, self.temperature, weight_sigma=self.sigma, backend=self.backend)
+
+
+class BarlowTwinsLoss(nn.Module):
+    """lightly.loss.BarlowTwinsLoss(lambda_param=5e-3, gather_distributed=False)."""
+
+    def __init__(self, lambda_param: float = 5e-3, gather_distributed: bool = False, *,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.lambda_param = lambda_param
+        self.gather_distributed = gather_distributed
+        self.backend = backend
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        if self.gather_distributed and world_size() > 1:
+            raise distributed_pending("BarlowTwinsLoss(gather_distributed=True)")
+        return F.barlow_twins_loss(z_a, z_b, self.lambda_param, eps=1e-5, backend=self.backend)
+
+
+class VICRegLoss(nn.Module):
+    """lightly.loss.VICRegLoss(lambda_param=25.0, mu_param=25.0, nu_param=1.0,
+    gather_distributed=False, eps=0.0001)."""
+
+    def __init__(self, lambda_param: float = 25.0, mu_param: float = 25.0, nu_param: float = 1.0,
+                 gather_distributed: bool = False, eps: float = 0.0001, *, backend: Optional[str] = None):
+        super().__init__()
+        self.lambda_param, self.mu_param, self.nu_param = lambda_param, mu_param, nu_param
+        self.gather_distributed = gather_distributed
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        if not (z_a.shape[0] > 1 and z_b.shape[0] > 1):
+            raise ValueError(f"z_a and z_b must have batch size > 1 but found {z_a.shape[0]} and {z_b.shape[0]}")
+        if self.gather_distributed and world_size() > 1:
+            raise distributed_pending("VICRegLoss(gather_distributed=True)")
+        return F.vicreg_loss(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, eps=self.eps,
+                             backend=self.backend)

@@ -1,0 +1,60 @@
+"""open_clip's losses (``open_clip.loss``), fused: ``ClipLoss`` and ``SigLipLoss``.
+
+Same constructor and forward signatures as open_clip 3.x; the same values and
+gradients. The features are used as given (open_clip's models normalize them before
+the loss); ``logit_scale`` is the multiplier (already exponentiated)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .. import functional as F
+from ._common import distributed_pending
+
+__all__ = ["ClipLoss", "SigLipLoss"]
+
+
+class ClipLoss(nn.Module):
+    """open_clip.loss.ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=False,
+    rank=0, world_size=1, use_horovod=False)."""
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, backend: Optional[str] = None):
+        super().__init__()
+        if use_horovod:
+            raise NotImplementedError("use_horovod=True is not supported; use torch.distributed")
+        self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
+        self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
+        self.backend = backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+                output_dict: bool = False):
+        if self.world_size > 1:
+            raise distributed_pending("ClipLoss(world_size > 1)")
+        loss = F.clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SigLipLoss(nn.Module):
+    """open_clip.loss.SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None)."""
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, *, chunk_size: Optional[int] = None, backend: Optional[str] = None):
+        super().__init__()
+        self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
+        self.dist_impl = dist_impl or "bidir"
+        if self.dist_impl not in ("bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"dist_impl must be one of 'bidir', 'shift', 'reduce', 'gather'; got {dist_impl!r}")
+        # chunk_size (some open_clip forks) only bounds the memory of the materializing
+        # version; the fused kernels never build the matrix, so it changes nothing here.
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
+                output_dict: bool = False):
+        if self.world_size > 1:
+            raise distributed_pending("SigLipLoss(world_size > 1)")
+        bias = 0.0 if logit_bias is None else logit_bias  # open_clip adds no bias when it is None
+        loss = F.siglip_loss(image_features, text_features, logit_scale, bias, backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
