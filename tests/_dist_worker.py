@@ -304,12 +304,235 @@ def main():
                 for mode in MODES:
                     record(f"ddp/{fname}/{mode}/{tag}", lambda: run_ddp_case(fname, kw, mode, be, dt, world, rank))
     if world > 1:
+        run_module_cases(world, rank, record)
         for fname, _ in DDP_CASES:
             results[f"uneven/{fname}"] = run_uneven(fname, world, rank)
     dist.barrier()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ module cases
+# The originals' distributed computations, written from their documented semantics with
+# full matrices in float64 (the compat modules must reproduce each rank's loss and
+# gradients exactly, gradient-scale conventions included).
+def _gather_sum(x):
+    """All-gather whose backward sums every rank's gradient into the owner (what
+    torch.distributed.nn.all_gather and lightly's GatherLayer do)."""
+    import torch.distributed.nn as dnn
+    return torch.cat(dnn.all_gather(x))
+
+
+def _gather_nograd(x):
+    parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return parts
+
+
+def orig_clip(img, txt, s, local_loss, gwg):
+    r, w = dist.get_rank(), dist.get_world_size()
+    if gwg:
+        ai, at = _gather_sum(img), _gather_sum(txt)
+    else:
+        gi, gt = _gather_nograd(img), _gather_nograd(txt)
+        if not local_loss:
+            gi[r], gt[r] = img, txt
+        ai, at = torch.cat(gi), torch.cat(gt)
+    if local_loss:
+        lpi, lpt = s * img @ at.T, s * txt @ ai.T
+        labels = torch.arange(img.shape[0]) + img.shape[0] * r
+    else:
+        lpi = s * ai @ at.T
+        lpt = lpi.T
+        labels = torch.arange(lpi.shape[0])
+    ce = torch.nn.functional.cross_entropy
+    return (ce(lpi, labels) + ce(lpt, labels)) / 2
+
+
+def orig_siglip(img, txt, s, b):
+    r, w = dist.get_rank(), dist.get_world_size()
+    at = _gather_sum(txt).split(txt.shape[0])
+
+    def one(t, negative_only):
+        logits = s * img @ t.T + b
+        lab = -torch.ones_like(logits)
+        if not negative_only:
+            lab = lab + 2 * torch.eye(logits.shape[0], dtype=logits.dtype)
+        return -torch.nn.functional.logsigmoid(lab * logits).sum() / img.shape[0]
+    loss = one(txt, False)
+    for i in range(w):
+        if i != r:
+            loss = loss + one(at[i], True)
+    return loss
+
+
+def _eye_rank(n):
+    r, w = dist.get_rank(), dist.get_world_size()
+    m = torch.zeros(n, n * w, dtype=torch.bool)
+    m[torch.arange(n), torch.arange(n) + r * n] = True
+    return m
+
+
+def orig_ntxent(out0, out1, t):
+    n = out0.shape[0]
+    out0, out1 = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
+    a0, a1 = _gather_sum(out0), _gather_sum(out1)
+    mask = _eye_rank(n)
+    l00, l01, l10, l11 = out0 @ a0.T / t, out0 @ a1.T / t, out1 @ a0.T / t, out1 @ a1.T / t
+    l00, l11 = l00[~mask].view(n, -1), l11[~mask].view(n, -1)
+    logits = torch.cat([torch.cat([l01, l00], 1), torch.cat([l10, l11], 1)])
+    labels = (torch.arange(n) + dist.get_rank() * n).repeat(2)
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def orig_dcl(out0, out1, t, sigma=None):
+    out0, out1 = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
+    a0, a1 = _gather_sum(out0), _gather_sum(out1)
+    n = out0.shape[0]
+    mask = _eye_rank(n)
+
+    def one(x, y, xa, ya):
+        s00, s01 = x @ xa.T / t, x @ ya.T / t
+        pos = -s01[mask]
+        if sigma is not None:
+            sim = (x.detach() * y.detach()).sum(1) / sigma
+            pos = pos * (2 - n * torch.softmax(sim, dim=0))
+        return (pos + torch.logsumexp(s00[~mask].view(n, -1), 1) + torch.logsumexp(s01[~mask].view(n, -1), 1)).mean()
+    return 0.5 * (one(out0, out1, a0, a1) + one(out1, out0, a1, a0))
+
+
+def orig_barlow(z_a, z_b, lambd):
+    def bn(z):
+        z = z - z.mean(0)
+        return z / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+    c = bn(z_a).T @ bn(z_b) / z_a.shape[0]
+    c = c / dist.get_world_size()
+    with torch.no_grad():  # lightly all-reduces c in place, outside autograd
+        tot = c.clone()
+        dist.all_reduce(tot)
+    c = c + (tot - c).detach()
+    off = c - torch.diag_embed(torch.diagonal(c))
+    return (torch.diagonal(c) - 1).pow(2).sum() + lambd * off.pow(2).sum()
+
+
+def orig_vicreg(z_a, z_b, lam, mu, nu, eps):
+    inv = torch.nn.functional.mse_loss(z_a, z_b)
+    za, zb = _gather_sum(z_a), _gather_sum(z_b)
+
+    def var(x):
+        return torch.relu(1.0 - torch.sqrt(x.var(0) + eps)).mean()
+
+    def cov(x):
+        x = x - x.mean(0)
+        n, d = x.shape
+        c = x.T @ x / (n - 1)
+        return (c - torch.diag_embed(torch.diagonal(c))).pow(2).sum() / d
+    return lam * inv + mu * 0.5 * (var(za) + var(zb)) + nu * (cov(za) + cov(zb))
+
+
+def run_compat_case(name, W, r):
+    from contrastive_kernels.compat import lightly as L, open_clip as O
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + W)
+    x1, x2 = _f(g, W * N, D, torch.float32), _f(g, W * N, D, torch.float32)
+    ours_in = [_leaf(_split(x, W, r)) for x in (x1, x2)]
+    ref_in = [_leaf(_split(x, W, r).double()) for x in (x1, x2)]
+    scal = {}
+    kind, _, opt = name.partition(":")
+    if kind == "open_clip.ClipLoss":
+        local_loss, gwg = (o == "1" for o in opt.split(","))
+        s_ours, s_ref = _leaf(torch.tensor(2.5)), _leaf(torch.tensor(2.5, dtype=torch.float64))
+        ours = O.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=r, world_size=W)(*ours_in, s_ours)
+        ref = orig_clip(*ref_in, s_ref, local_loss, gwg)
+        scal["dlogit_scale"] = (s_ours, s_ref)
+    elif kind == "open_clip.SigLipLoss":
+        s_ours, s_ref = _leaf(torch.tensor(3.0)), _leaf(torch.tensor(3.0, dtype=torch.float64))
+        b_ours, b_ref = _leaf(torch.tensor(-2.0)), _leaf(torch.tensor(-2.0, dtype=torch.float64))
+        ours = O.SigLipLoss(rank=r, world_size=W, dist_impl=opt)(*ours_in, s_ours, b_ours)
+        ref = orig_siglip(*ref_in, s_ref, b_ref)
+        scal["dlogit_scale"], scal["dlogit_bias"] = (s_ours, s_ref), (b_ours, b_ref)
+    elif kind == "lightly.NTXentLoss":
+        ours = L.NTXentLoss(temperature=0.3, gather_distributed=True)(*ours_in)
+        ref = orig_ntxent(*ref_in, 0.3)
+    elif kind == "lightly.DCLLoss":
+        ours = L.DCLLoss(temperature=0.2, gather_distributed=True)(*ours_in)
+        ref = orig_dcl(*ref_in, 0.2)
+    elif kind == "lightly.DCLWLoss":
+        ours = L.DCLWLoss(temperature=0.2, sigma=0.5, gather_distributed=True)(*ours_in)
+        ref = orig_dcl(*ref_in, 0.2, sigma=0.5)
+    elif kind == "lightly.BarlowTwinsLoss":
+        ours = L.BarlowTwinsLoss(lambda_param=0.1, gather_distributed=True)(*ours_in)
+        ref = orig_barlow(*ref_in, 0.1)
+    elif kind == "lightly.VICRegLoss":
+        ours = L.VICRegLoss(gather_distributed=True)(*ours_in)
+        ref = orig_vicreg(*ref_in, 25.0, 25.0, 1.0, 1e-4)
+    else:
+        raise KeyError(name)
+    ours.backward()
+    ref.backward()
+    errs = {"loss(this rank)": rel_err(ours, ref)}
+    for i, (a, b) in enumerate(zip(ours_in, ref_in)):
+        errs[f"dinput{i}(this rank)"] = rel_err(a.grad, b.grad)
+    for k, (a, b) in scal.items():
+        errs[k + "(this rank)"] = rel_err(a.grad, b.grad)
+    return errs
+
+
+COMPAT_CASES = ([f"open_clip.ClipLoss:{a},{b}" for a in "01" for b in "01"]
+                + [f"open_clip.SigLipLoss:{i}" for i in ("bidir", "shift", "reduce", "gather")]
+                + ["lightly.NTXentLoss", "lightly.DCLLoss", "lightly.DCLWLoss", "lightly.BarlowTwinsLoss",
+                   "lightly.VICRegLoss"])
+
+# nn modules with distributed= against the same module on the global batch
+NN_CASES = [("InfoNCELoss", dict(temperature=0.2, learn_temperature=True), ("query", "key"), False),
+            ("NTXentLoss", dict(temperature=0.4, learn_temperature=True), ("z1", "z2"), False),
+            ("ClipLoss", dict(), ("image", "text"), False),
+            ("SigLipLoss", dict(init_logit_scale=1.0, init_logit_bias=-1.0), ("image", "text"), False),
+            ("SupConLoss", dict(learn_temperature=True), ("embeddings",), True),
+            ("BarlowTwinsLoss", dict(lambd=0.05), ("z1", "z2"), False),
+            ("VICRegLoss", dict(), ("z1", "z2"), False)]
+
+
+def run_nn_case(cls_name, kw, views, labeled, mode, W, r):
+    cls = getattr(ck.nn, cls_name)
+    g = torch.Generator().manual_seed(zlib.crc32(cls_name.encode()) + W)
+    xs = [_f(g, W * N, D, torch.float64) for _ in views]
+    labels = torch.randint(0, 2, (W * N,), generator=g)
+    ref_mod = cls(**kw, backend="reference").double()  # float64 parameters too
+    mod = cls(**kw, backend="reference", distributed=mode).double()
+    gl = [_leaf(x) for x in xs]
+    ll = [_leaf(_split(x, W, r)) for x in xs]
+    extra_g = (labels,) if labeled else ()
+    extra_l = (_split(labels, W, r),) if labeled else ()
+    gloss = ref_mod(*gl, *extra_g)
+    gloss.backward()
+    loss = mod(*ll, *extra_l)
+    loss.backward()
+    m = loss.detach().clone()
+    dist.all_reduce(m)
+    errs = {"loss(mean over ranks)": rel_err(m / W, gloss)}
+    for i, (a, b) in enumerate(zip(ll, gl)):
+        errs[f"d{views[i]}"] = rel_err(a.grad, W * _split(b.grad, W, r))
+    for (k, p), (_, q) in zip(mod.named_parameters(), ref_mod.named_parameters()):
+        if p.requires_grad:
+            gp = p.grad.detach().clone()
+            dist.all_reduce(gp)
+            errs[f"d{k}(mean over ranks)"] = rel_err(gp / W, q.grad)
+    return errs
+
+
+def module_keys():
+    return ([f"compat/{c}" for c in COMPAT_CASES]
+            + [f"nn/{c[0]}/{m}" for c in NN_CASES for m in MODES])
+
+
+def run_module_cases(world, rank, record):
+    for c in COMPAT_CASES:
+        record(f"compat/{c}-float32", lambda: run_compat_case(c, world, rank))
+    for cls_name, kw, views, labeled in NN_CASES:
+        for mode in MODES:
+            record(f"nn/{cls_name}/{mode}-float64",
+                   lambda: run_nn_case(cls_name, kw, views, labeled, mode, world, rank))
 
 
 if __name__ == "__main__":

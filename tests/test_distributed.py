@@ -103,6 +103,27 @@ def test_ddp_parameter_gradients_match_single_process(run, world, key):
     _check(run(world), world, key)
 
 
+MODULE_KEYS = [f"compat/{c}-float32" for c in W.COMPAT_CASES] + [
+    f"nn/{c[0]}/{m}-float64" for c in W.NN_CASES for m in W.MODES]
+
+
+@pytest.mark.parametrize("world", (2, 3))
+@pytest.mark.parametrize("key", MODULE_KEYS)
+def test_modules_match(run, world, key):
+    """nn modules with distributed=: the rule against the module on the global batch.
+    compat modules: each rank's loss and gradients equal the original library's
+    distributed computation (written out in _dist_worker.py) on that rank."""
+    _check(run(world), world, key)
+
+
+def test_nn_modules_and_compat_cover_the_issue():
+    assert {c[0] for c in W.NN_CASES} == {"InfoNCELoss", "NTXentLoss", "ClipLoss", "SigLipLoss", "SupConLoss",
+                                         "BarlowTwinsLoss", "VICRegLoss"}
+    assert {c.split(":")[0] for c in W.COMPAT_CASES} == {
+        "open_clip.ClipLoss", "open_clip.SigLipLoss", "lightly.NTXentLoss", "lightly.DCLLoss", "lightly.DCLWLoss",
+        "lightly.BarlowTwinsLoss", "lightly.VICRegLoss"}
+
+
 def test_every_loss_and_mode_is_covered():
     fnames = {f for _, f, _ in W.LOSS_CASES}
     assert fnames == {"info_nce", "nt_xent", "clip_loss", "siglip_loss", "supcon_loss", "dcl_loss",

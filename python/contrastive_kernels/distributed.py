@@ -71,7 +71,7 @@ MODES = ("gather", "ring")
 EXCHANGES = ("auto", "gather", "all_reduce")
 
 __all__ = ["MODES", "info_nce", "nt_xent", "clip_loss", "siglip_loss", "supcon_loss", "dcl_loss",
-           "barlow_twins_loss", "vicreg_loss", "all_gather_with_grad", "all_reduce_with_grad"]
+           "barlow_twins_loss", "vicreg_loss", "all_gather_with_grad", "all_reduce_with_grad", "gather_features"]
 
 
 # ------------------------------------------------------------------ process group
@@ -195,6 +195,25 @@ def all_gather_with_grad(x: Tensor, group=None) -> Tensor:
     """Concatenation of every rank's ``x`` along dim 0; the backward sums the gradient of
     every rank's copy into the owner's slice (reduce-scatter)."""
     return _gather(x, _Ctx(group, "all_gather_with_grad"))
+
+
+def gather_features(x: Tensor, group=None, *, grad: str = "sum") -> Tensor:
+    """Concatenation of every rank's ``x`` (rank order).  ``grad``: "sum" (autograd
+    all-gather: every rank's gradient of each slice is summed into its owner), "local"
+    (only this rank's own slice carries gradient, to this rank's ``x``: open_clip's
+    ``gather_with_grad=False, local_loss=False``) or "none"."""
+    V.choice("grad", grad, ("sum", "local", "none"))
+    d = _Ctx(group, "gather_features")
+    if grad == "sum":
+        return _gather(x, d)
+    if d.world == 1:
+        return x if grad == "local" else x.detach()
+    xd = x.detach().contiguous()
+    parts = [torch.empty_like(xd) for _ in range(d.world)]
+    dist.all_gather(parts, xd, group=d.group)
+    if grad == "local":
+        parts[d.rank] = x
+    return torch.cat(parts)
 
 
 def all_reduce_with_grad(x: Tensor, group=None) -> Tensor:
@@ -497,9 +516,14 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, 
 
 # --------------------------------------------------------------------------- CLIP
 def clip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias=None, *, backend: str | None = None,
-              mode: str = "gather", group=None) -> Tensor:
+              mode: str = "gather", group=None, key_grad: bool = True) -> Tensor:
     """open_clip's ClipLoss with ``local_loss=True, gather_with_grad=True``: local images
-    against all texts and local texts against all images, each a mean over local rows."""
+    against all texts and local texts against all images, each a mean over local rows.
+
+    ``key_grad=False`` is open_clip's ``local_loss=True, gather_with_grad=False``: the
+    gathered features (this rank's own slice included) carry no gradient, so each
+    feature gets the gradient of its rows as a query only (not the exact global
+    gradient; kept for compatibility)."""
     V.matrix("image", image)
     V.matrix("text", text)
     V.same_device_dtype(image=image, text=text)
@@ -512,13 +536,18 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias=None, *, back
     be = _family_backend(backend, "lse", image)
     dt = _cdt(be, image)
     scale = _scalar_tensor(logit_scale, image, dt)
-    pos = _rowdot(image, text, dt) * scale
+    if key_grad:
+        pos_i = pos_t = _rowdot(image, text, dt) * scale
+        block = [image, text]
+    else:
+        pos_i, pos_t = _rowdot(image, text.detach(), dt) * scale, _rowdot(text, image.detach(), dt) * scale
+        block = [image.detach(), text.detach()]
 
     def rows(loc, blk, own):
         return (fam.lse(be, loc[0], blk[1], loc[2])[0], fam.lse(be, loc[1], blk[0], loc[2])[0])
 
-    row, col = _blocks(d, mode, rows, ("lse", "lse"), [image, text, scale], [image, text])
-    loss = 0.5 * ((row - pos).mean() + (col - pos).mean())
+    row, col = _blocks(d, mode, rows, ("lse", "lse"), [image, text, scale], block)
+    loss = 0.5 * ((row - pos_i).mean() + (col - pos_t).mean())
     if isinstance(logit_bias, torch.Tensor):
         loss = loss + 0.0 * logit_bias.reshape(()).to(loss.dtype)  # a scalar bias cancels: exact zero gradient
     return loss
