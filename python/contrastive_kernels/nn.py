@@ -295,7 +295,7 @@ class BarlowTwinsLoss(nn.Module):
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         if self.distributed:
             return _dist_call("barlow_twins_loss", self.distributed, self.process_group, z1, z2, self.lambd,
-                              eps=self.eps, backend=self.backend)
+                              eps=self.eps, backend=self.backend, path=self.path)
         return F.barlow_twins_loss(z1, z2, self.lambd, eps=self.eps, backend=self.backend, path=self.path)
 
 
@@ -312,6 +312,6 @@ class VICRegLoss(nn.Module):
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         if self.distributed:
             return _dist_call("vicreg_loss", self.distributed, self.process_group, z1, z2, self.sim_coeff,
-                              self.std_coeff, self.cov_coeff, eps=self.eps, backend=self.backend)
+                              self.std_coeff, self.cov_coeff, eps=self.eps, backend=self.backend, path=self.path)
         return F.vicreg_loss(z1, z2, self.sim_coeff, self.std_coeff, self.cov_coeff, eps=self.eps,
                              backend=self.backend, path=self.path)

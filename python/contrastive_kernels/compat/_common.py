@@ -15,3 +15,14 @@ def distributed_pending(what: str) -> NotImplementedError:
     return NotImplementedError(
         f"{what} in a multi-process run is not available in this version of contrastive_kernels; "
         "use it in a single process, or the nn modules' distributed= option when it lands")
+
+
+def check_rank_world(what: str, rank: int, world: int) -> None:
+    """open_clip passes rank / world_size explicitly: they must match torch.distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(f"{what}(world_size={world}) needs an initialized torch.distributed process group "
+                           "(call torch.distributed.init_process_group first)")
+    real_rank, real_world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if (rank, world) != (real_rank, real_world):
+        raise ValueError(f"{what}: rank={rank}, world_size={world} do not match torch.distributed "
+                         f"(rank {real_rank} of {real_world})")

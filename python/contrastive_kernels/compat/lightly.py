@@ -18,7 +18,12 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .. import nn as ck_nn
-from ._common import distributed_pending, world_size
+from ._common import world_size
+
+
+def _dist():
+    from .. import distributed as D  # imported lazily: torch.distributed is optional
+    return D
 
 __all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "BarlowTwinsLoss", "VICRegLoss"]
 
@@ -44,10 +49,13 @@ class NTXentLoss(nn.Module):
         self.memory_bank = ck_nn.MemoryBank(memory_bank_size)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        if self.gather_distributed and world_size() > 1:
-            raise distributed_pending("NTXentLoss(gather_distributed=True)")
         if self.memory_bank.size == 0:
+            if self.gather_distributed and world_size() > 1:
+                # lightly: local 2N rows against the gathered views of every rank, positives offset by
+                # rank * N, mean over local rows; its gather sums the gradients into the owner.
+                return _dist().nt_xent(out0, out1, self.temperature, backend=self.backend, mode="gather")
             return F.nt_xent(out0, out1, self.temperature, backend=self.backend)
+        # with a memory bank lightly does not gather (each rank uses its own bank)
         keys = torch.nn.functional.normalize(out1, dim=1)
         bank = self.memory_bank.query_and_update(keys, update=out0.requires_grad)
         return F.info_nce(out0, out1, negatives=bank.to(device=out0.device, dtype=out0.dtype),
@@ -75,17 +83,22 @@ class DCLLoss(nn.Module):
         self.backend = backend
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return self._dcl(out0, out1, self.weight_fn)
+
+    def _dcl(self, out0: Tensor, out1: Tensor, weight_fn) -> Tensor:
         if self.gather_distributed and world_size() > 1:
-            raise distributed_pending(f"{type(self).__name__}(gather_distributed=True)")
-        loss = F.dcl_loss(out0, out1, self.temperature, backend=self.backend)
-        if self.weight_fn is None:
+            # lightly: local rows against both views of every rank; weight_fn sees the local rows only
+            loss = _dist().dcl_loss(out0, out1, self.temperature, backend=self.backend, mode="gather")
+        else:
+            loss = F.dcl_loss(out0, out1, self.temperature, backend=self.backend)
+        if weight_fn is None:
             return loss
         # lightly: each direction's positive term is -w * s_ii / tau; dcl_loss used w = 1, so
         # add 0.5 * mean((1 - w) * s_ii / tau) for each direction.
         a = torch.nn.functional.normalize(out0, dim=1)
         b = torch.nn.functional.normalize(out1, dim=1)
         pos = (a.float() * b.float()).sum(1) / self.temperature
-        w0, w1 = self.weight_fn(a, b), self.weight_fn(b, a)
+        w0, w1 = weight_fn(a, b), weight_fn(b, a)
         return loss + 0.5 * ((1 - w0) * pos).mean() + 0.5 * ((1 - w1) * pos).mean()
 
 
@@ -99,7 +112,8 @@ class DCLWLoss(DCLLoss):
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.gather_distributed and world_size() > 1:
-            raise distributed_pending("DCLWLoss(gather_distributed=True)")
+            # lightly's weights are the softmax over the LOCAL batch even when gathering
+            return self._dcl(out0, out1, lambda x, y: negative_mises_fisher_weights(x, y, self.sigma))
         return F.dcl_loss(out0, out1, self.temperature, weight_sigma=self.sigma, backend=self.backend)
 
 
@@ -115,8 +129,26 @@ class BarlowTwinsLoss(nn.Module):
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         if self.gather_distributed and world_size() > 1:
-            raise distributed_pending("BarlowTwinsLoss(gather_distributed=True)")
+            return self._distributed(z_a, z_b)
         return F.barlow_twins_loss(z_a, z_b, self.lambda_param, eps=1e-5, backend=self.backend)
+
+    def _distributed(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """lightly: each rank standardizes with its local statistics, C is the mean over ranks
+        of the local C (D x D, all-reduced), and the all-reduce is outside autograd, so each
+        rank's gradient is that of the global loss through its own C / world_size."""
+        w = torch.distributed.get_world_size()
+        def standardize(z):  # BatchNorm statistics of the local batch (biased variance, eps 1e-5)
+            z = z.double() if z.dtype == torch.float64 else z.float()
+            z = z - z.mean(0)
+            return z * torch.rsqrt(z.var(0, unbiased=False) + 1e-5)
+        a, b = standardize(z_a), standardize(z_b)
+        c = a.T @ b / (z_a.shape[0] * w)
+        total = c.detach().clone()
+        torch.distributed.all_reduce(total)
+        c = c + (total - c.detach())  # value: the all-reduced C; gradient: through the local C only
+        diag = torch.diagonal(c)
+        off = c - torch.diag_embed(diag)
+        return (diag - 1).pow(2).sum() + self.lambda_param * off.pow(2).sum()
 
 
 class VICRegLoss(nn.Module):
@@ -135,6 +167,9 @@ class VICRegLoss(nn.Module):
         if not (z_a.shape[0] > 1 and z_b.shape[0] > 1):
             raise ValueError(f"z_a and z_b must have batch size > 1 but found {z_a.shape[0]} and {z_b.shape[0]}")
         if self.gather_distributed and world_size() > 1:
-            raise distributed_pending("VICRegLoss(gather_distributed=True)")
+            # lightly: local invariance term; variance and covariance of the gathered batch, whose
+            # gather sums the gradients into the owner: exactly our distributed vicreg_loss
+            return _dist().vicreg_loss(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, eps=self.eps,
+                                       backend=self.backend, mode="gather")
         return F.vicreg_loss(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, eps=self.eps,
                              backend=self.backend)

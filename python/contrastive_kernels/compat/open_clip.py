@@ -10,7 +10,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import functional as F
-from ._common import distributed_pending
+from ._common import check_rank_world
 
 __all__ = ["ClipLoss", "SigLipLoss"]
 
@@ -31,9 +31,26 @@ class ClipLoss(nn.Module):
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
                 output_dict: bool = False):
         if self.world_size > 1:
-            raise distributed_pending("ClipLoss(world_size > 1)")
-        loss = F.clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+            loss = self._distributed(image_features, text_features, logit_scale, logit_bias)
+        else:
+            loss = F.clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def _distributed(self, image, text, logit_scale, logit_bias):
+        """open_clip's four combinations, with its gradients:
+        local_loss=True: local rows against the gathered features (gather_with_grad:
+        autograd gather whose backward sums into the owner; without it the gathered
+        features carry no gradient at all); local_loss=False: every rank computes the
+        loss of the full global batch (without gather_with_grad only this rank's own
+        slice carries gradient)."""
+        from .. import distributed as D
+        check_rank_world("ClipLoss", self.rank, self.world_size)
+        if self.local_loss:
+            return D.clip_loss(image, text, logit_scale, logit_bias, backend=self.backend, mode="gather",
+                               key_grad=self.gather_with_grad)
+        how = "sum" if self.gather_with_grad else "local"
+        return F.clip_loss(D.gather_features(image, grad=how), D.gather_features(text, grad=how), logit_scale,
+                           logit_bias, backend=self.backend)
 
 
 class SigLipLoss(nn.Module):
@@ -53,8 +70,16 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):
-        if self.world_size > 1:
-            raise distributed_pending("SigLipLoss(world_size > 1)")
         bias = 0.0 if logit_bias is None else logit_bias  # open_clip adds no bias when it is None
-        loss = F.siglip_loss(image_features, text_features, logit_scale, bias, backend=self.backend)
+        if self.world_size > 1:
+            # Every dist_impl of open_clip computes the same numbers and gradients (local images
+            # against every rank's texts, foreign blocks negative-only, /N_local, gradients summed
+            # into the owner): "bidir" / "shift" exchange neighbour blocks -> our ring,
+            # "reduce" / "gather" -> our gather.
+            from .. import distributed as D
+            check_rank_world("SigLipLoss", self.rank, self.world_size)
+            mode = "ring" if self.dist_impl in ("bidir", "shift") else "gather"
+            loss = D.siglip_loss(image_features, text_features, logit_scale, bias, backend=self.backend, mode=mode)
+        else:
+            loss = F.siglip_loss(image_features, text_features, logit_scale, bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss

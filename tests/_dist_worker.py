@@ -1,0 +1,539 @@
+"""One rank of the multi-process tests of contrastive_kernels.distributed (gloo, CPU).
+
+    python _dist_worker.py RANK WORLD INIT_FILE OUT_DIR BACKENDS   (BACKENDS: comma-separated)
+
+Every rank builds the same global inputs (seeded per case), computes the
+single-process loss of the global batch with the float64 reference and its
+gradients, then the distributed loss of its own slice, and records the relative
+errors of
+  * the mean over ranks of the rank losses against the global loss,
+  * each rank's input gradient against world_size x the global gradient of its rows,
+  * the mean over ranks of the gradients of replicated tensors (temperature,
+    logit_scale, logit_bias, a replicated negatives queue) against the global ones,
+  * for a tiny nn.Linear wrapped in DistributedDataParallel, each parameter's
+    gradient after DDP's averaging against the single-process gradient,
+and the error cases (unequal local batches).  Results go to OUT_DIR/rank<R>.json;
+tests/test_distributed.py asserts on them.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import traceback
+import zlib
+
+import torch
+import torch.distributed as dist
+
+import contrastive_kernels as ck
+from contrastive_kernels import distributed as ckd
+
+torch.set_num_threads(1)
+
+
+def rel_err(x, ref):
+    x, ref = x.detach().double(), ref.detach().double()
+    denom = ref.norm().item()
+    diff = (x - ref).norm().item()
+    # a gradient that is zero in exact arithmetic (a bias that cancels) is compared absolutely
+    return diff if denom < 1e-12 else diff / denom
+
+
+# ------------------------------------------------------------------------ cases
+# A case: (name, function name, builder).  builder(g, W, dtype) returns
+#   split:  {arg: global tensor} split by rows across ranks (equal parts)
+#   shared: {arg: tensor} replicated on every rank (floating ones get gradients)
+#   kw:     keyword arguments of both calls
+#   gkw:    function(W, split) -> extra keyword arguments of the global call only
+#   dkw:    extra keyword arguments of the distributed call only
+def _f(g, rows, dim, dtype):
+    return torch.randn(rows, dim, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _scalar(v, dtype):
+    return torch.tensor(v, dtype=torch.float64).to(torch.float32 if dtype != torch.float64 else dtype)
+
+
+N, D = 3, 5
+
+
+def _info(**kw):
+    def build(g, W, dt):
+        split = {"query": _f(g, W * N, D, dt), "key": _f(g, W * N, D, dt)}
+        return split, {"temperature": _scalar(0.3, dt)}, kw, None, {}
+    return build
+
+
+def _info_m_gt_n(g, W, dt):
+    m = N + 2
+    split = {"query": _f(g, W * N, D, dt), "key": _f(g, W * m, D, dt),
+             "positive_index": torch.randint(0, m, (W * N,), generator=g)}
+
+    def gkw(W, s):  # local positive indices refer to local keys: global index rank * m + p
+        off = torch.arange(W).repeat_interleave(N) * m
+        return {"positive_index": s["positive_index"] + off}
+    return split, {"temperature": _scalar(0.2, dt)}, {"decoupled": True}, gkw, {}
+
+
+def _info_negatives(in_batch):
+    def build(g, W, dt):
+        split = {"query": _f(g, W * N, D, dt), "key": _f(g, W * N, D, dt)}
+        shared = {"negatives": _f(g, 4, D, dt), "temperature": _scalar(0.25, dt)}
+        return split, shared, {"in_batch_negatives": in_batch}, None, {}
+    return build
+
+
+def _ntx(**kw):
+    def build(g, W, dt):
+        return {"z1": _f(g, W * N, D, dt), "z2": _f(g, W * N, D, dt)}, {"temperature": _scalar(0.5, dt)}, kw, None, {}
+    return build
+
+
+def _clip(bias):
+    def build(g, W, dt):
+        shared = {"logit_scale": _scalar(2.5, dt)}
+        if bias:
+            shared["logit_bias"] = _scalar(-1.0, dt)
+        return {"image": _f(g, W * N, D, dt), "text": _f(g, W * N, D, dt)}, shared, {}, None, {}
+    return build
+
+
+def _siglip(**kw):
+    def build(g, W, dt):
+        return ({"image": _f(g, W * N, D, dt), "text": _f(g, W * N, D, dt)},
+                {"logit_scale": _scalar(3.0, dt), "logit_bias": _scalar(-2.0, dt)}, kw, None, {})
+    return build
+
+
+def _supcon(classes, ref=False):
+    def build(g, W, dt):
+        split = {"embeddings": _f(g, W * N, D, dt), "labels": torch.randint(0, classes, (W * N,), generator=g)}
+        if ref:
+            split["ref_embeddings"] = _f(g, W * (N + 1), D, dt)
+            split["ref_labels"] = torch.randint(0, classes, (W * (N + 1),), generator=g)
+        return split, {"temperature": _scalar(0.2, dt)}, {}, None, {}
+    return build
+
+
+def _dcl(**kw):
+    def build(g, W, dt):
+        return {"z1": _f(g, W * N, D, dt), "z2": _f(g, W * N, D, dt)}, {"temperature": _scalar(0.4, dt)}, kw, None, {}
+    return build
+
+
+def _xc(exchange, dim=D, **kw):
+    def build(g, W, dt):
+        return ({"z1": _f(g, W * N, dim, dt) + 0.5, "z2": _f(g, W * N, dim, dt) * 1.5},
+                {}, kw, None, {"exchange": exchange})
+    return build
+
+
+LOSS_CASES = [
+    ("info_nce", "info_nce", _info()),
+    ("info_nce_nonorm_sum", "info_nce", _info(normalize=False, reduction="sum")),
+    ("info_nce_decoupled", "info_nce", _info(decoupled=True)),
+    ("info_nce_symmetric", "info_nce", _info(symmetric=True)),
+    ("info_nce_symmetric_decoupled", "info_nce", _info(symmetric=True, decoupled=True)),
+    ("info_nce_more_keys", "info_nce", _info_m_gt_n),
+    ("info_nce_queue", "info_nce", _info_negatives(True)),
+    ("info_nce_moco", "info_nce", _info_negatives(False)),
+    ("nt_xent", "nt_xent", _ntx()),
+    ("nt_xent_nonorm", "nt_xent", _ntx(normalize=False)),
+    ("clip_loss", "clip_loss", _clip(False)),
+    ("clip_loss_bias", "clip_loss", _clip(True)),
+    ("siglip_loss", "siglip_loss", _siglip()),
+    ("siglip_loss_negative_only", "siglip_loss", _siglip(negative_only=True)),
+    ("supcon_loss", "supcon_loss", _supcon(2)),
+    ("supcon_loss_sparse", "supcon_loss", _supcon(7)),
+    ("supcon_loss_ref", "supcon_loss", _supcon(3, ref=True)),
+    ("dcl_loss", "dcl_loss", _dcl()),
+    ("dcl_loss_weighted", "dcl_loss", _dcl(weight_sigma=0.5)),
+    ("barlow_twins_gather", "barlow_twins_loss", _xc("gather")),
+    ("barlow_twins_all_reduce", "barlow_twins_loss", _xc("all_reduce", lambd=0.1)),
+    ("barlow_twins_auto_wide", "barlow_twins_loss", _xc("auto", dim=23)),
+    ("vicreg_gather", "vicreg_loss", _xc("gather")),
+    ("vicreg_all_reduce", "vicreg_loss", _xc("all_reduce")),
+]
+FAMILY = {"info_nce": "lse", "nt_xent": "lse", "clip_loss": "lse", "supcon_loss": "lse", "dcl_loss": "lse",
+          "siglip_loss": "pairwise", "barlow_twins_loss": "xcorr", "vicreg_loss": "xcorr"}
+MODES = ("gather", "ring")
+
+
+def configs(backend_names):
+    """(backend, dtype, tag): the reference in float64, kernel backends in float32."""
+    out = []
+    for be in backend_names:
+        dt = torch.float64 if be == "reference" else torch.float32
+        out.append((be, dt, f"{be}-{str(dt).split('.')[-1]}"))
+    return out
+
+
+def runs_here(be, fname):
+    return be == "reference" or ck.backends.unavailable_reason(be, FAMILY[fname], "cpu") is None
+
+
+def case_keys(backend_names, world):
+    """The result keys one run produces (the test module parametrizes over the same list)."""
+    keys = []
+    for be, _, tag in configs(backend_names):
+        keys += [f"loss/{name}/{mode}/{tag}" for name, fname, _ in LOSS_CASES for mode in MODES
+                 if runs_here(be, fname)]
+        keys += [f"ddp/{fname}/{mode}/{tag}" for fname, _ in DDP_CASES for mode in MODES if runs_here(be, fname)]
+    return keys
+
+
+def _split(t, W, r):
+    n = t.shape[0] // W
+    return t[r * n:(r + 1) * n]
+
+
+def _leaf(t):
+    t = t.detach().clone()
+    if t.is_floating_point():
+        t.requires_grad_(True)
+    return t
+
+
+def run_loss_case(name, fname, build, mode, backend, dt, W, r):
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 7 * W)
+    split, shared, kw, gkw, dkw = build(g, W, dt)
+    # single-process global loss: float64 reference on the same (rounded) inputs
+    gsplit = {k: _leaf(v.double() if v.is_floating_point() else v) for k, v in split.items()}
+    gshared = {k: _leaf(v.double()) for k, v in shared.items()}
+    gargs = dict(gsplit, **gshared, **kw)
+    if gkw is not None:
+        gargs.update(gkw(W, split))
+    gloss = getattr(ck, fname)(**gargs, backend="reference")
+    gloss.backward()
+
+    lsplit = {k: _leaf(_split(v, W, r)) for k, v in split.items()}
+    lshared = {k: _leaf(v) for k, v in shared.items()}
+    loss = getattr(ckd, fname)(**lsplit, **lshared, **kw, **dkw, backend=backend, mode=mode)
+    loss.backward()
+    errs = {}
+    mean_loss = loss.detach().double().clone()
+    dist.all_reduce(mean_loss)
+    errs["loss(mean over ranks)"] = rel_err(mean_loss / W, gloss)
+    for k, v in lsplit.items():
+        if v.is_floating_point():
+            errs[f"d{k}"] = rel_err(v.grad, W * _split(gsplit[k].grad, W, r))
+    for k, v in lshared.items():
+        gr = v.grad.detach().double().clone()
+        dist.all_reduce(gr)
+        errs[f"d{k}(mean over ranks)"] = rel_err(gr / W, gshared[k].grad)
+    return errs
+
+
+# DDP: a tiny linear encoder shared by both views; one forward per step.
+def _ddp_views(fname):
+    return {"info_nce": ("query", "key"), "nt_xent": ("z1", "z2"), "clip_loss": ("image", "text"),
+            "siglip_loss": ("image", "text"), "dcl_loss": ("z1", "z2"), "barlow_twins_loss": ("z1", "z2"),
+            "vicreg_loss": ("z1", "z2"), "supcon_loss": ("embeddings",)}[fname]
+
+
+DDP_CASES = [("info_nce", {"temperature": 0.3}), ("nt_xent", {}), ("clip_loss", {"logit_scale": 3.0}),
+             ("siglip_loss", {"logit_scale": 2.0, "logit_bias": -1.0}), ("supcon_loss", {}), ("dcl_loss", {}),
+             ("barlow_twins_loss", {}), ("vicreg_loss", {})]
+
+
+def run_ddp_case(fname, kw, mode, backend, dt, W, r):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    views = _ddp_views(fname)
+    g = torch.Generator().manual_seed(zlib.crc32(fname.encode()) + W)
+    din = 4
+    xs = [_f(g, W * N, din, dt) for _ in views]
+    labels = torch.randint(0, 2, (W * N,), generator=g)
+    torch.manual_seed(99)
+    lin = torch.nn.Linear(din, D).to(dt)
+    ref = torch.nn.Linear(din, D).to(torch.float64)
+    ref.load_state_dict({k: v.double() for k, v in lin.state_dict().items()})
+    extra = {"labels": labels} if fname == "supcon_loss" else {}
+    # single process, global batch
+    out = ref(torch.cat([x.double() for x in xs]))
+    gviews = dict(zip(views, out.split(W * N)))
+    getattr(ck, fname)(**gviews, **kw, **{k: v for k, v in extra.items()}, backend="reference").backward()
+    # distributed
+    model = DDP(lin)
+    out = model(torch.cat([_split(x, W, r) for x in xs]))
+    lviews = dict(zip(views, out.split(N)))
+    lextra = {k: _split(v, W, r) for k, v in extra.items()}
+    getattr(ckd, fname)(**lviews, **kw, **lextra, backend=backend, mode=mode).backward()
+    return {f"d{k}(after DDP)": rel_err(p.grad, dict(ref.named_parameters())[k].grad)
+            for k, p in lin.named_parameters()}
+
+
+def run_uneven(fname, W, r):
+    views = _ddp_views(fname)
+    n = N + r  # rank r has N + r rows
+    args = {v: torch.randn(n, D) for v in views}
+    if fname == "supcon_loss":
+        args["labels"] = torch.zeros(n, dtype=torch.long)
+    kw = {"clip_loss": {"logit_scale": 1.0}, "siglip_loss": {"logit_scale": 1.0, "logit_bias": 0.0}}.get(fname, {})
+    try:
+        getattr(ckd, fname)(**args, **kw, mode="gather")
+    except ValueError as exc:
+        return {"raised": "ValueError", "message": str(exc)}
+    except Exception as exc:  # noqa: BLE001
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {"raised": None, "message": ""}
+
+
+def main():
+    rank, world, init_file, out_dir, backends_arg = sys.argv[1:6]
+    rank, world = int(rank), int(world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    results = {}
+
+    def record(key, fn):
+        try:
+            results[key] = {"errs": fn()}
+        except Exception:  # noqa: BLE001  (reported; the test fails on it)
+            results[key] = {"exception": traceback.format_exc()}
+
+    for be, dt, tag in configs([b for b in backends_arg.split(",") if b]):
+        for name, fname, build in LOSS_CASES:
+            if runs_here(be, fname):
+                for mode in MODES:
+                    record(f"loss/{name}/{mode}/{tag}",
+                           lambda: run_loss_case(name, fname, build, mode, be, dt, world, rank))
+        for fname, kw in DDP_CASES:
+            if runs_here(be, fname):
+                for mode in MODES:
+                    record(f"ddp/{fname}/{mode}/{tag}", lambda: run_ddp_case(fname, kw, mode, be, dt, world, rank))
+    if world > 1:
+        run_module_cases(world, rank, record)
+        for fname, _ in DDP_CASES:
+            results[f"uneven/{fname}"] = run_uneven(fname, world, rank)
+    dist.barrier()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ module cases
+# The originals' distributed computations, written from their documented semantics with
+# full matrices in float64 (the compat modules must reproduce each rank's loss and
+# gradients exactly, gradient-scale conventions included).
+def _gather_sum(x):
+    """All-gather whose backward sums every rank's gradient into the owner (what
+    torch.distributed.nn.all_gather and lightly's GatherLayer do)."""
+    import torch.distributed.nn as dnn
+    return torch.cat(dnn.all_gather(x))
+
+
+def _gather_nograd(x):
+    parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return parts
+
+
+def orig_clip(img, txt, s, local_loss, gwg):
+    r, w = dist.get_rank(), dist.get_world_size()
+    if gwg:
+        ai, at = _gather_sum(img), _gather_sum(txt)
+    else:
+        gi, gt = _gather_nograd(img), _gather_nograd(txt)
+        if not local_loss:
+            gi[r], gt[r] = img, txt
+        ai, at = torch.cat(gi), torch.cat(gt)
+    if local_loss:
+        lpi, lpt = s * img @ at.T, s * txt @ ai.T
+        labels = torch.arange(img.shape[0]) + img.shape[0] * r
+    else:
+        lpi = s * ai @ at.T
+        lpt = lpi.T
+        labels = torch.arange(lpi.shape[0])
+    ce = torch.nn.functional.cross_entropy
+    return (ce(lpi, labels) + ce(lpt, labels)) / 2
+
+
+def orig_siglip(img, txt, s, b):
+    r, w = dist.get_rank(), dist.get_world_size()
+    at = _gather_sum(txt).split(txt.shape[0])
+
+    def one(t, negative_only):
+        logits = s * img @ t.T + b
+        lab = -torch.ones_like(logits)
+        if not negative_only:
+            lab = lab + 2 * torch.eye(logits.shape[0], dtype=logits.dtype)
+        return -torch.nn.functional.logsigmoid(lab * logits).sum() / img.shape[0]
+    loss = one(txt, False)
+    for i in range(w):
+        if i != r:
+            loss = loss + one(at[i], True)
+    return loss
+
+
+def _eye_rank(n):
+    r, w = dist.get_rank(), dist.get_world_size()
+    m = torch.zeros(n, n * w, dtype=torch.bool)
+    m[torch.arange(n), torch.arange(n) + r * n] = True
+    return m
+
+
+def orig_ntxent(out0, out1, t):
+    n = out0.shape[0]
+    out0, out1 = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
+    a0, a1 = _gather_sum(out0), _gather_sum(out1)
+    mask = _eye_rank(n)
+    l00, l01, l10, l11 = out0 @ a0.T / t, out0 @ a1.T / t, out1 @ a0.T / t, out1 @ a1.T / t
+    l00, l11 = l00[~mask].view(n, -1), l11[~mask].view(n, -1)
+    logits = torch.cat([torch.cat([l01, l00], 1), torch.cat([l10, l11], 1)])
+    labels = (torch.arange(n) + dist.get_rank() * n).repeat(2)
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def orig_dcl(out0, out1, t, sigma=None):
+    out0, out1 = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
+    a0, a1 = _gather_sum(out0), _gather_sum(out1)
+    n = out0.shape[0]
+    mask = _eye_rank(n)
+
+    def one(x, y, xa, ya):
+        s00, s01 = x @ xa.T / t, x @ ya.T / t
+        pos = -s01[mask]
+        if sigma is not None:
+            sim = (x.detach() * y.detach()).sum(1) / sigma
+            pos = pos * (2 - n * torch.softmax(sim, dim=0))
+        return (pos + torch.logsumexp(s00[~mask].view(n, -1), 1) + torch.logsumexp(s01[~mask].view(n, -1), 1)).mean()
+    return 0.5 * (one(out0, out1, a0, a1) + one(out1, out0, a1, a0))
+
+
+def orig_barlow(z_a, z_b, lambd):
+    def bn(z):
+        z = z - z.mean(0)
+        return z / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+    c = bn(z_a).T @ bn(z_b) / z_a.shape[0]
+    c = c / dist.get_world_size()
+    with torch.no_grad():  # lightly all-reduces c in place, outside autograd
+        tot = c.clone()
+        dist.all_reduce(tot)
+    c = c + (tot - c).detach()
+    off = c - torch.diag_embed(torch.diagonal(c))
+    return (torch.diagonal(c) - 1).pow(2).sum() + lambd * off.pow(2).sum()
+
+
+def orig_vicreg(z_a, z_b, lam, mu, nu, eps):
+    inv = torch.nn.functional.mse_loss(z_a, z_b)
+    za, zb = _gather_sum(z_a), _gather_sum(z_b)
+
+    def var(x):
+        return torch.relu(1.0 - torch.sqrt(x.var(0) + eps)).mean()
+
+    def cov(x):
+        x = x - x.mean(0)
+        n, d = x.shape
+        c = x.T @ x / (n - 1)
+        return (c - torch.diag_embed(torch.diagonal(c))).pow(2).sum() / d
+    return lam * inv + mu * 0.5 * (var(za) + var(zb)) + nu * (cov(za) + cov(zb))
+
+
+def run_compat_case(name, W, r):
+    from contrastive_kernels.compat import lightly as L, open_clip as O
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + W)
+    x1, x2 = _f(g, W * N, D, torch.float32), _f(g, W * N, D, torch.float32)
+    ours_in = [_leaf(_split(x, W, r)) for x in (x1, x2)]
+    ref_in = [_leaf(_split(x, W, r).double()) for x in (x1, x2)]
+    scal = {}
+    kind, _, opt = name.partition(":")
+    if kind == "open_clip.ClipLoss":
+        local_loss, gwg = (o == "1" for o in opt.split(","))
+        s_ours, s_ref = _leaf(torch.tensor(2.5)), _leaf(torch.tensor(2.5, dtype=torch.float64))
+        ours = O.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=r, world_size=W)(*ours_in, s_ours)
+        ref = orig_clip(*ref_in, s_ref, local_loss, gwg)
+        scal["dlogit_scale"] = (s_ours, s_ref)
+    elif kind == "open_clip.SigLipLoss":
+        s_ours, s_ref = _leaf(torch.tensor(3.0)), _leaf(torch.tensor(3.0, dtype=torch.float64))
+        b_ours, b_ref = _leaf(torch.tensor(-2.0)), _leaf(torch.tensor(-2.0, dtype=torch.float64))
+        ours = O.SigLipLoss(rank=r, world_size=W, dist_impl=opt)(*ours_in, s_ours, b_ours)
+        ref = orig_siglip(*ref_in, s_ref, b_ref)
+        scal["dlogit_scale"], scal["dlogit_bias"] = (s_ours, s_ref), (b_ours, b_ref)
+    elif kind == "lightly.NTXentLoss":
+        ours = L.NTXentLoss(temperature=0.3, gather_distributed=True)(*ours_in)
+        ref = orig_ntxent(*ref_in, 0.3)
+    elif kind == "lightly.DCLLoss":
+        ours = L.DCLLoss(temperature=0.2, gather_distributed=True)(*ours_in)
+        ref = orig_dcl(*ref_in, 0.2)
+    elif kind == "lightly.DCLWLoss":
+        ours = L.DCLWLoss(temperature=0.2, sigma=0.5, gather_distributed=True)(*ours_in)
+        ref = orig_dcl(*ref_in, 0.2, sigma=0.5)
+    elif kind == "lightly.BarlowTwinsLoss":
+        ours = L.BarlowTwinsLoss(lambda_param=0.1, gather_distributed=True)(*ours_in)
+        ref = orig_barlow(*ref_in, 0.1)
+    elif kind == "lightly.VICRegLoss":
+        ours = L.VICRegLoss(gather_distributed=True)(*ours_in)
+        ref = orig_vicreg(*ref_in, 25.0, 25.0, 1.0, 1e-4)
+    else:
+        raise KeyError(name)
+    ours.backward()
+    ref.backward()
+    errs = {"loss(this rank)": rel_err(ours, ref)}
+    for i, (a, b) in enumerate(zip(ours_in, ref_in)):
+        errs[f"dinput{i}(this rank)"] = rel_err(a.grad, b.grad)
+    for k, (a, b) in scal.items():
+        errs[k + "(this rank)"] = rel_err(a.grad, b.grad)
+    return errs
+
+
+COMPAT_CASES = ([f"open_clip.ClipLoss:{a},{b}" for a in "01" for b in "01"]
+                + [f"open_clip.SigLipLoss:{i}" for i in ("bidir", "shift", "reduce", "gather")]
+                + ["lightly.NTXentLoss", "lightly.DCLLoss", "lightly.DCLWLoss", "lightly.BarlowTwinsLoss",
+                   "lightly.VICRegLoss"])
+
+# nn modules with distributed= against the same module on the global batch
+NN_CASES = [("InfoNCELoss", dict(temperature=0.2, learn_temperature=True), ("query", "key"), False),
+            ("NTXentLoss", dict(temperature=0.4, learn_temperature=True), ("z1", "z2"), False),
+            ("ClipLoss", dict(), ("image", "text"), False),
+            ("SigLipLoss", dict(init_logit_scale=1.0, init_logit_bias=-1.0), ("image", "text"), False),
+            ("SupConLoss", dict(learn_temperature=True), ("embeddings",), True),
+            ("BarlowTwinsLoss", dict(lambd=0.05), ("z1", "z2"), False),
+            ("VICRegLoss", dict(), ("z1", "z2"), False)]
+
+
+def run_nn_case(cls_name, kw, views, labeled, mode, W, r):
+    cls = getattr(ck.nn, cls_name)
+    g = torch.Generator().manual_seed(zlib.crc32(cls_name.encode()) + W)
+    xs = [_f(g, W * N, D, torch.float64) for _ in views]
+    labels = torch.randint(0, 2, (W * N,), generator=g)
+    ref_mod = cls(**kw, backend="reference").double()  # float64 parameters too
+    mod = cls(**kw, backend="reference", distributed=mode).double()
+    gl = [_leaf(x) for x in xs]
+    ll = [_leaf(_split(x, W, r)) for x in xs]
+    extra_g = (labels,) if labeled else ()
+    extra_l = (_split(labels, W, r),) if labeled else ()
+    gloss = ref_mod(*gl, *extra_g)
+    gloss.backward()
+    loss = mod(*ll, *extra_l)
+    loss.backward()
+    m = loss.detach().clone()
+    dist.all_reduce(m)
+    errs = {"loss(mean over ranks)": rel_err(m / W, gloss)}
+    for i, (a, b) in enumerate(zip(ll, gl)):
+        errs[f"d{views[i]}"] = rel_err(a.grad, W * _split(b.grad, W, r))
+    for (k, p), (_, q) in zip(mod.named_parameters(), ref_mod.named_parameters()):
+        if p.requires_grad:
+            gp = p.grad.detach().clone()
+            dist.all_reduce(gp)
+            errs[f"d{k}(mean over ranks)"] = rel_err(gp / W, q.grad)
+    return errs
+
+
+def module_keys():
+    return ([f"compat/{c}" for c in COMPAT_CASES]
+            + [f"nn/{c[0]}/{m}" for c in NN_CASES for m in MODES])
+
+
+def run_module_cases(world, rank, record):
+    for c in COMPAT_CASES:
+        record(f"compat/{c}-float32", lambda: run_compat_case(c, world, rank))
+    for cls_name, kw, views, labeled in NN_CASES:
+        for mode in MODES:
+            record(f"nn/{cls_name}/{mode}-float64",
+                   lambda: run_nn_case(cls_name, kw, views, labeled, mode, world, rank))
+
+
+if __name__ == "__main__":
+    main()
