@@ -273,3 +273,28 @@ def test_missing_families_are_reported_not_stubbed(family):
     if why is None:
         pytest.skip(f"this build has a CUDA {family} kernel; its tests live with the backend-generic tests")
     assert family in why
+
+
+# ---------------------------------------------------------------------- peak memory
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["lse", "pairwise"])
+def test_no_n_by_m_buffer_on_device(family):
+    """N = M = 16384: an N x M float32 buffer would be 1 GiB; fwd + bwd must stay O((N + M) D)."""
+    _need(family)
+    n, d = 16384, 64
+    q = _rows(n, d, torch.bfloat16).requires_grad_(True)
+    k = _rows(n, d, torch.bfloat16).requires_grad_(True)
+    scale = torch.tensor(10.0, device=DEV, requires_grad=True)
+    bias = torch.tensor(-5.0, device=DEV, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    if family == "lse":
+        row, col = fam.lse("cuda", q, k, scale, compute_col=True)
+        (row.sum() + col.sum()).backward()
+    else:
+        fam.pairwise("cuda", q, k, scale, bias).sum().backward()
+    torch.cuda.synchronize()
+    growth = torch.cuda.max_memory_allocated() - base
+    assert q.grad is not None and k.grad is not None and scale.grad is not None
+    assert growth < 64 * 2**20, f"peak device memory grew by {growth / 2**20:.1f} MiB (N x M would be 1024 MiB)"
