@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# One GPU round for contrastive_kernels, run on the lent device machine through the
+# device tool's `run` (the repository is copied there; $OUT comes back).
+#
+#   bash bench/gpu_round.sh [STAGE ...]        (default: info build test peak)
+#
+# Files back: steps.txt, round.log, tests.log, junit.xml, peak.json (+ build.log on a
+# failed build); bench writes $OUT/bench/results.{json,md,png}: run `bench` in a call
+# of its own (at most 8 files come back per call).
+#
+# Stages (split them across calls so each call stays well inside 10 minutes; a fresh
+# machine needs `build` again, a warm one keeps the build between calls):
+#   info     nvidia-smi, torch / triton / nvcc versions
+#   build    pip install -e . with the CUDA kernels for sm_90 ($OUT/build.log if it fails)
+#   ptxas    nvcc -Xptxas -v resource report + SASS tensor-core instruction counts
+#   test     pytest (GPU tests and backend-generic tests): $OUT/tests.log, $OUT/junit.xml
+#            (TEST_MARKS / TEST_PATHS / TEST_TIMEOUT override what runs)
+#   sanitize compute-sanitizer memcheck + racecheck on the tiny CUDA cases
+#   peak     bf16 dense matmul ceiling (torch.mm 8192^3) and device copy bandwidth
+#   bench    python -m contrastive_kernels bench --out $OUT/bench (skipped if it fails)
+#   ncu      Nsight Compute on one lse backward launch (optional, slow)
+#
+# Every stage runs even if an earlier one failed; each stage's exit code is appended to
+# $OUT/steps.txt and the script ends with a short table.  Only plain files at most two
+# folders below $OUT come back (at most 8 files): logs are kept few and flat.
+set -u
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/ck_out}"
+export OUT
+mkdir -p "$OUT"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT" || exit 1
+PY="${PYTHON:-python3}"
+STEPS="$OUT/steps.txt"
+LOG="$OUT/round.log"   # everything except build/test logs goes here
+: >>"$STEPS"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export CONTRASTIVE_KERNELS_FORCE_CUDA=1
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(info build test peak)
+
+record() {  # record NAME RC SECONDS
+  printf '%-10s rc=%-4s %5ss  %s\n' "$1" "$2" "$3" "$(date -u +%H:%M:%S)" | tee -a "$STEPS"
+}
+
+run_stage() {
+  local name="$1"; shift
+  local t0=$SECONDS
+  echo "==================== $name ====================" | tee -a "$LOG"
+  "$@"
+  local rc=$?
+  record "$name" "$rc" "$((SECONDS - t0))"
+}
+
+stage_info() {
+  {
+    nvidia-smi -L
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv
+    nvcc --version | tail -2
+    "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+    git -C "$ROOT" log --oneline -1 2>/dev/null || true
+  } 2>&1 | tee -a "$LOG"
+  return "${PIPESTATUS[0]}"
+}
+
+stage_build() {
+  set -o pipefail
+  "$PY" -m pip install --no-build-isolation --no-deps -e . >/tmp/ck_build.log 2>&1
+  local rc=$?
+  set +o pipefail
+  tail -5 /tmp/ck_build.log | tee -a "$LOG"
+  # The full log comes back only when the build failed (at most 8 files come back).
+  [ "$rc" -ne 0 ] && cp /tmp/ck_build.log "$OUT/build.log"
+  (cd /tmp && "$PY" -m contrastive_kernels info) 2>&1 | tee -a "$LOG"
+  (cd /tmp && "$PY" -c "import contrastive_kernels as ck, torch; print(ck.__file__); print('cuda backends:', ck.available_backends(device='cuda') if hasattr(ck, 'available_backends') else '?'); print('has CUDA lse kernel:', torch._C._dispatch_has_kernel_for_dispatch_key('contrastive_kernels::lse_forward', 'CUDA'))") 2>&1 | tee -a "$LOG"
+  return $rc
+}
+
+stage_ptxas() {
+  # Resource report of every kernel (registers, smem, spills) and tensor-core
+  # instruction counts of the sm_90 build: expect HMMA.16816.F32(.BF16) and
+  # HMMA.1688.F32.TF32, no LDL/STL.
+  {
+    bash csrc/cuda/compile_check.sh /tmp/ck_ptxas
+    grep -hE "Compiling|registers|spill|stack" /tmp/ck_ptxas/*_sm90.log
+    for o in /tmp/ck_ptxas/*_sm90.o; do
+      echo "--- SASS instruction mix of $o"
+      cuobjdump --dump-sass "$o" | grep -oE "(HMMA|HGMMA|LDGSTS|LDSM|LDS|LDL|STL|FFMA|MUFU)[.A-Z0-9]*" | sort | uniq -c | sort -rn | head -20
+    done
+  } 2>&1 | tee -a "$LOG"
+  return "${PIPESTATUS[0]}"
+}
+
+stage_test() {
+  # One pytest run: the CUDA / Triton tests and the backend-generic family tests (they
+  # pick up "cuda" through helpers.backend_params); slow and multi-process tests apart.
+  (cd "$ROOT" && timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfE --maxfail=30 \
+      -m "${TEST_MARKS:-not slow and not distributed}" --junitxml="$OUT/junit.xml" ${TEST_PATHS:-tests} \
+      >"$OUT/tests.log" 2>&1)
+  local rc=$?
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$LOG"
+  tail -3 "$OUT/tests.log" | tee -a "$LOG"
+  return $rc
+}
+
+stage_sanitize() {
+  local rc=0
+  for tool in memcheck racecheck; do
+    (cd "$ROOT" && timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+        "$PY" -m pytest -q -x -k sanitizer tests/test_cuda_backend.py) >>"$LOG" 2>&1 || rc=$?
+    echo "compute-sanitizer $tool rc=$rc" | tee -a "$LOG"
+  done
+  return $rc
+}
+
+stage_peak() {
+  "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import json, os, statistics, torch
+torch.backends.cuda.matmul.allow_tf32 = False
+dev = torch.device("cuda")
+def timed(fn, reps=30, warm=5):
+    for _ in range(warm): fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record(); b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts), min(ts), max(ts)
+n = 8192
+x = torch.randn(n, n, device=dev, dtype=torch.bfloat16); y = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+med, lo, hi = timed(lambda: torch.mm(x, y))
+mm = {"what": "torch.mm bf16 8192^3 (random data)", "ms_median": med, "ms_min": lo, "ms_max": hi,
+      "tflops": 2 * n**3 / med / 1e9}
+xf = torch.randn(4096, 4096, device=dev); yf = torch.randn(4096, 4096, device=dev)
+med, lo, hi = timed(lambda: torch.mm(xf, yf))
+mmf = {"what": "torch.mm fp32 4096^3, TF32 off", "ms_median": med, "tflops": 2 * 4096**3 / med / 1e9}
+src = torch.randn(256 * 1024 * 1024 // 4, device=dev); dst = torch.empty_like(src)
+med, lo, hi = timed(lambda: dst.copy_(src))
+cp = {"what": "device copy 256 MiB", "ms_median": med, "tb_per_s": 2 * src.numel() * 4 / med / 1e9}
+res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+       "bf16_mm": mm, "fp32_mm": mmf, "copy": cp}
+print(json.dumps(res, indent=1))
+json.dump(res, open(os.path.join(os.environ["OUT"], "peak.json"), "w"), indent=1)
+EOF
+  local rc=${PIPESTATUS[0]}
+  return "$rc"
+}
+
+stage_bench() {
+  mkdir -p "$OUT/bench"
+  if ! (cd /tmp && "$PY" -m contrastive_kernels bench --help) >/dev/null 2>&1; then
+    echo "bench subcommand not available; skipped" | tee -a "$LOG"
+    return 0
+  fi
+  (cd /tmp && timeout 480 "$PY" -m contrastive_kernels bench --out "$OUT/bench" ${BENCH_ARGS:-}) 2>&1 \
+      | tail -40 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then echo "bench failed (rc=$rc); continuing" | tee -a "$LOG"; fi
+  return "$rc"
+}
+
+stage_ncu() {
+  # One lse backward launch of a CLIP-sized problem (bf16, N = M = 8192, D = 512).
+  (cd /tmp && timeout 300 ncu --launch-count 2 --kernel-name regex:family_tile_kernel --section SpeedOfLight \
+      --section Occupancy --section LaunchStats "$PY" - <<'EOF') 2>&1 | tail -80 | tee -a "$LOG"
+import torch, contrastive_kernels._families as fam
+q = torch.randn(8192, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+k = torch.randn(8192, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+row, col = fam.lse("cuda", q, k, torch.tensor(10.0, device="cuda"), compute_col=True)
+(row.sum() + col.sum()).backward()
+torch.cuda.synchronize()
+EOF
+  return "${PIPESTATUS[0]}"
+}
+
+for st in "${stages[@]}"; do
+  case "$st" in
+    info|build|ptxas|test|sanitize|peak|bench|ncu) run_stage "$st" "stage_$st" ;;
+    *) echo "unknown stage $st" | tee -a "$LOG"; record "$st" 2 0 ;;
+  esac
+done
+echo "==================== steps ===================="
+cat "$STEPS"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Compile-check the CUDA kernels without a GPU or a CUDA torch: every .cu for sm_80
+# and sm_90 with the flags setup.py uses, with ptxas's resource report (registers,
+# shared memory, stack frame, spills) written to $1 (default /tmp/ck_cuda_check).
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:-/tmp/ck_cuda_check}"
+mkdir -p "$out"
+rc=0
+for cu in "$here"/*.cu; do
+  for arch in 80 90; do
+    name="$(basename "$cu" .cu)_sm$arch"
+    if nvcc -std=c++17 -O3 --use_fast_math -lineinfo --expt-relaxed-constexpr -arch=sm_$arch \
+        -Xptxas -v -I"$here/.." -c "$cu" -o "$out/$name.o" >"$out/$name.log" 2>&1; then
+      spills=$(grep -cE "[1-9][0-9]* bytes (spill|stack)" "$out/$name.log")
+      echo "ok   $name (kernels reporting spills/stack: $spills)"
+    else
+      echo "FAIL $name (see $out/$name.log)"; rc=1
+    fi
+  done
+done
+exit $rc

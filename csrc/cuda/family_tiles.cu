@@ -1,0 +1,482 @@
+// CUDA kernels of the log-sum-exp and pairwise-sigmoid families (contracts in
+// csrc/ops.cpp).  One tile kernel, FlashAttention-2 style, serves both families and
+// both directions:
+//   * a block owns BM = 64 "rows" (4 warps x 16) and streams every BN = 64 "column"
+//     tile past them; S = scale * (r_i x_i).(r_j y_j) + biases lives only in registers
+//     (mma.sync fragments), never in memory;
+//   * TRANS = false: rows are q, columns k (row_lse, dq, dq_rscale, dscale, dbias,
+//     drow_offset); TRANS = true: rows are k, columns q (col_lse, dk, dk_rscale,
+//     dcol_bias).  The mask and every formula are written in (i, j) = (q index,
+//     k index), so both directions compute the same S_ij bit for bit;
+//   * forward: online max / sum (lse) or a softplus sum (pairwise) per row;
+//   * backward: dS_ij in registers, per-row sums in registers, dS (times the column
+//     rscale) staged in shared memory as the A operand of dX += dS . Y, computed for a
+//     DC = 128 slice of the feature dimension per block (grid.y slices; S is
+//     recomputed per slice, see bench/NOTES.md);
+//   * q/k chunks of BK features are double-buffered with cp.async (16-byte copies when
+//     rows are 16-byte aligned, element copies with zero fill at the edges);
+//   * deterministic: per-row sums are reduced in a fixed shuffle order, whole-matrix
+//     sums (dscale, dbias) are written per block and reduced by one block in a fixed
+//     order; no float atomics;
+//   * int64 indices everywhere a row index meets the feature dimension.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "launchers.h"
+#include "tile_mma.cuh"
+
+namespace ck {
+namespace cuda {
+namespace {
+
+using tile::Cfg;
+
+constexpr int BM = 64;
+constexpr int BN = 64;
+constexpr int WARPS = 4;
+constexpr int THREADS = WARPS * 32;
+constexpr int DC = 128;  // feature columns of dX per block in the backward
+constexpr int NT_S = BN / 8;
+constexpr int NT_O = DC / 8;
+
+enum Family : int { kLse = 0, kPairwise = 1 };
+
+// Per-index data of one side of a pair; the fields an index does not have keep
+// their neutral defaults.
+struct Side {
+  float rs;    // row normalization (1 when absent)
+  float lse;   // saved log-sum-exp of this index (lse backward)
+  float g;     // incoming gradient of this index's output
+  float bias;  // additive bias carried by this index (col_bias_j or row_offset_i)
+  long long lab;
+  long long pos;  // pos_index_i
+};
+
+template <int FAM>
+__device__ __forceinline__ void load_side(const FamilyParams& p, bool is_i, int64_t idx, int64_t count, Side& s) {
+  s.rs = 1.f;
+  s.lse = -INFINITY;
+  s.g = 0.f;
+  s.bias = 0.f;
+  s.lab = 0;
+  s.pos = -1;
+  if (idx < 0 || idx >= count) return;
+  if (FAM == kLse) {
+    if (is_i) {
+      if (p.q_rscale) s.rs = p.q_rscale[idx];
+      if (p.row_lse) s.lse = p.row_lse[idx];
+      if (p.grad_row) s.g = p.grad_row[idx];
+      if (p.pos_index) s.pos = p.pos_index[idx];
+      if (p.q_labels) s.lab = p.q_labels[idx];
+    } else {
+      if (p.k_rscale) s.rs = p.k_rscale[idx];
+      if (p.col_lse) s.lse = p.col_lse[idx];
+      if (p.grad_col) s.g = p.grad_col[idx];
+      if (p.col_bias) s.bias = p.col_bias[idx];
+      if (p.k_labels) s.lab = p.k_labels[idx];
+    }
+  } else {
+    if (is_i) {
+      if (p.grad_row) s.g = p.grad_row[idx];
+      if (p.row_offset) s.bias = p.row_offset[idx];
+      if (p.q_labels) s.lab = p.q_labels[idx];
+    } else {
+      if (p.k_labels) s.lab = p.k_labels[idx];
+    }
+  }
+}
+
+// Stage BM (= BN) rows x BK features of a (count, D) row-major matrix, from feature
+// c0 on, into shared memory; rows or features past the end are zero.
+template <typename T>
+__device__ __forceinline__ void load_chunk(T* sm, const T* g, int64_t r0, int64_t count, int64_t c0, int64_t D,
+                                           bool vec_ok) {
+  constexpr int BK = Cfg<T>::BK, LDS = Cfg<T>::LDS;
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int VPR = BK / VEC;
+  for (int v = threadIdx.x; v < BM * VPR; v += THREADS) {
+    const int r = v / VPR, cv = (v % VPR) * VEC;
+    const int64_t gr = r0 + r, gc = c0 + cv;
+    T* dst = sm + r * LDS + cv;
+    if (vec_ok && gr < count && gc + VEC <= D) {
+      tile::cp_async16(dst, g + gr * D + gc);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        dst[e] = (gr < count && gc + e < D) ? g[gr * D + gc + e] : tile::from_float<T>(0.f);
+    }
+  }
+}
+
+__device__ __forceinline__ float softplus(float x) {
+  // log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|)
+  return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x)));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+  return v;
+}
+
+// Sum of one float per thread over the block, in a fixed order.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) s += red[w];
+  return s;
+}
+
+template <typename T, int FAM, bool TRANS, bool BWD>
+__global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams p, const bool vec_ok) {
+  constexpr int BK = Cfg<T>::BK, LDS = Cfg<T>::LDS;
+  constexpr int DS_LD = BN + (sizeof(T) == 4 ? 4 : 8);  // padded row of the staged dS tile
+  constexpr int TPS = BK / 8;                           // output n-tiles per dX step
+  constexpr int NG_MAX = DC / BK;                       // dX steps per column tile
+
+  __shared__ __align__(16) T sx[2][BM * LDS];
+  __shared__ __align__(16) T sy[2][BN * LDS];
+  __shared__ __align__(16) T sds[BWD ? BM * DS_LD : 8];
+  __shared__ Side side[2][BN];
+  __shared__ float red[WARPS];
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const T* X = static_cast<const T*>(TRANS ? p.k : p.q);
+  const T* Y = static_cast<const T*>(TRANS ? p.q : p.k);
+  const int64_t nrows = TRANS ? p.m : p.n, ncols = TRANS ? p.n : p.m, D = p.d;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const float scale = *p.scale;
+  const float sbias = (FAM == kPairwise) ? *p.bias : 0.f;
+  const int64_t diag = p.diag_offset;
+  const int mode = (FAM == kLse) ? p.mask_mode : p.pair_mode;
+  const bool has_labels = p.q_labels != nullptr && p.k_labels != nullptr;
+
+  Side R[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) load_side<FAM>(p, !TRANS, row0 + warp * 16 + g + 8 * h, nrows, R[h]);
+
+  void* dx_out = BWD ? (TRANS ? p.dk : p.dq) : nullptr;
+  const bool gemm = BWD && dx_out != nullptr;
+  const int64_t dc0 = static_cast<int64_t>(blockIdx.y) * DC;
+  const int nk = D > 0 ? static_cast<int>((D + BK - 1) / BK) : 1;
+  int ng = 0;
+  if (gemm) {
+    const int64_t width = (D - dc0) < DC ? (D - dc0) : DC;
+    ng = width > 0 ? static_cast<int>((width + BK - 1) / BK) : 0;
+  }
+  const int spt = nk + ng;  // pipeline steps per column tile
+  const int64_t ntiles = (ncols + BN - 1) / BN;
+  const int64_t nsteps = ntiles * spt;
+  const bool side_sums = !BWD || blockIdx.y == 0;
+
+  float accS[NT_S][4];
+  float accO[BWD ? NT_O : 1][4];
+#pragma unroll
+  for (int i = 0; i < (BWD ? NT_O : 1); ++i) accO[i][0] = accO[i][1] = accO[i][2] = accO[i][3] = 0.f;
+
+  // forward state (lse: running max / sum; pairwise: sum) and backward sums, per row half
+  float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f};
+  float rsum[2] = {0.f, 0.f}, rrs[2] = {0.f, 0.f};
+  float dscale_part = 0.f, dbias_part = 0.f;
+
+  auto issue = [&](int64_t s) {
+    const int64_t tl = s / spt;
+    const int local = static_cast<int>(s % spt);
+    const int st = static_cast<int>(s & 1);
+    const int64_t col0 = tl * BN;
+    if (local < nk) {
+      load_chunk<T>(sx[st], X, row0, nrows, static_cast<int64_t>(local) * BK, D, vec_ok);
+      load_chunk<T>(sy[st], Y, col0, ncols, static_cast<int64_t>(local) * BK, D, vec_ok);
+      if (local == 0 && tid < BN) load_side<FAM>(p, TRANS, col0 + tid, ncols, side[tl & 1][tid]);
+    } else {
+      load_chunk<T>(sy[st], Y, col0, ncols, dc0 + static_cast<int64_t>(local - nk) * BK, D, vec_ok);
+    }
+    tile::cp_async_commit();
+  };
+
+  auto epilogue = [&](int64_t tl) {
+    const int64_t col0 = tl * BN;
+    const Side* cs = side[tl & 1];
+    float tile_max[2] = {-INFINITY, -INFINITY};
+    float vals[NT_S][4];
+#pragma unroll
+    for (int nt = 0; nt < NT_S; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1;
+        const int cl = nt * 8 + 2 * t + (e & 1);
+        const int rl = warp * 16 + g + 8 * h;
+        const int64_t c = col0 + cl, r = row0 + rl;
+        const Side C = cs[cl];
+        const Side I = TRANS ? C : R[h];
+        const Side J = TRANS ? R[h] : C;
+        const int64_t i = TRANS ? c : r, j = TRANS ? r : c;
+        const bool valid = c < ncols && r < nrows;
+        const float raw = accS[nt][e];
+        const float dot = raw * R[h].rs * C.rs;
+        const float x = scale * dot + sbias + I.bias + J.bias;
+        bool keep, positive = false;
+        if (FAM == kLse) {
+          keep = valid;
+          if (mode & 1) keep = keep && (j != i + diag);
+          if (mode & 2) keep = keep && (j != I.pos);
+          if (mode & 4) keep = keep && (I.lab != J.lab);
+        } else {
+          positive = has_labels ? (I.lab == J.lab) : (j == i + diag);
+          if (mode & 1) positive = false;
+          keep = valid && (!(mode & 2) || positive);
+          if (mode & 4) keep = keep && (j != i + diag);
+        }
+        if (!BWD) {
+          if (FAM == kLse) {
+            vals[nt][e] = keep ? x : -INFINITY;
+            tile_max[h] = fmaxf(tile_max[h], vals[nt][e]);
+          } else if (keep) {
+            run_l[h] += positive ? softplus(-x) : softplus(x);
+          }
+        } else {
+          float ds = 0.f;
+          if (keep) {
+            if (FAM == kLse) {
+              if (I.lse > -INFINITY) ds += I.g * __expf(x - I.lse);
+              if (J.lse > -INFINITY) ds += J.g * __expf(x - J.lse);
+            } else {
+              const float sig = 1.f / (1.f + __expf(-x));
+              ds = I.g * (positive ? sig - 1.f : sig);
+            }
+          }
+          if (side_sums) {
+            rsum[h] += ds;
+            rrs[h] += ds * raw * C.rs;
+            if (!TRANS) {
+              dscale_part += ds * dot;
+              dbias_part += ds;
+            }
+          }
+          if (gemm) sds[rl * DS_LD + cl] = tile::from_float<T>(ds * C.rs);
+        }
+      }
+    }
+    if (!BWD && FAM == kLse) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float new_m = fmaxf(run_m[h], quad_max(tile_max[h]));
+        // Reference point of the sum: 0 while every value seen is -inf (or NaN), so
+        // no -inf - -inf appears and a NaN still reaches the sum.
+        const float ref = new_m == -INFINITY ? 0.f : new_m;
+        float l = run_l[h] * __expf(run_m[h] - ref);
+#pragma unroll
+        for (int nt = 0; nt < NT_S; ++nt)
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) l += __expf(vals[nt][e] - ref);
+        run_l[h] = l;
+        run_m[h] = new_m;
+      }
+    }
+  };
+
+  if (nsteps > 0) issue(0);
+  for (int64_t s = 0; s < nsteps; ++s) {
+    if (s + 1 < nsteps)
+      issue(s + 1);
+    else
+      tile::cp_async_commit();
+    tile::cp_async_wait<1>();
+    __syncthreads();
+    const int local = static_cast<int>(s % spt);
+    const int st = static_cast<int>(s & 1);
+    if (local < nk) {
+      if (local == 0) {
+#pragma unroll
+        for (int nt = 0; nt < NT_S; ++nt) accS[nt][0] = accS[nt][1] = accS[nt][2] = accS[nt][3] = 0.f;
+      }
+      tile::warp_mma_nt<NT_S, BK>(accS, &sx[st][warp * 16 * LDS], LDS, sy[st], LDS);
+      if (local == nk - 1) epilogue(s / spt);
+    } else if (BWD) {
+      const int gi = local - nk;
+#pragma unroll
+      for (int q = 0; q < NG_MAX; ++q)
+        if (q == gi) tile::warp_mma_nn<TPS, BN>(&accO[q * TPS], &sds[warp * 16 * DS_LD], DS_LD, sy[st], LDS);
+    }
+    __syncthreads();
+  }
+  tile::cp_async_wait<0>();
+
+  if (!BWD) {
+    float* out = TRANS ? p.col_out : p.row_out;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float l = quad_sum(run_l[h]);
+      const int64_t r = row0 + warp * 16 + g + 8 * h;
+      if (t == 0 && r < nrows) {
+        if (FAM == kLse) {
+          const float ref = run_m[h] == -INFINITY ? 0.f : run_m[h];
+          out[r] = l == 0.f ? -INFINITY : ref + logf(l);
+        } else {
+          out[r] = l;
+        }
+      }
+    }
+    return;
+  }
+
+  if (side_sums) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float a = quad_sum(rsum[h]);
+      const float b = quad_sum(rrs[h]);
+      const int64_t r = row0 + warp * 16 + g + 8 * h;
+      if (t == 0 && r < nrows) {
+        if (FAM == kLse) {
+          if (!TRANS && p.dq_rscale) p.dq_rscale[r] = scale * b;
+          if (TRANS && p.dk_rscale) p.dk_rscale[r] = scale * b;
+          if (TRANS && p.dcol_bias) p.dcol_bias[r] = a;
+        } else if (!TRANS && p.drow_offset) {
+          p.drow_offset[r] = a;
+        }
+      }
+    }
+    if (!TRANS) {
+      const float ds_total = block_sum(dscale_part, red);
+      const float db_total = block_sum(dbias_part, red);
+      if (tid == 0) {
+        p.workspace[blockIdx.x] = ds_total;
+        p.workspace[gridDim.x + blockIdx.x] = db_total;
+      }
+    }
+  }
+
+  if (gemm) {
+    T* out = static_cast<T*>(dx_out);
+#pragma unroll
+    for (int nt = 0; nt < NT_O; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1;
+        const int64_t r = row0 + warp * 16 + g + 8 * h;
+        const int64_t d = dc0 + nt * 8 + 2 * t + (e & 1);
+        if (r < nrows && d < D) out[r * D + d] = tile::from_float<T>(scale * R[h].rs * accO[nt][e]);
+      }
+    }
+  }
+}
+
+// Sum of `count` partials in a fixed order (one block).
+__global__ void reduce_partials_kernel(const float* parts, int64_t count, float* out) {
+  __shared__ float red[256];
+  float s = 0.f;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) s += parts[i];
+  red[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *out = red[0];
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+template <typename T>
+bool vec_ok_for(const FamilyParams& p) {
+  constexpr int VEC = 16 / sizeof(T);
+  return p.d % VEC == 0 && aligned16(p.q) && aligned16(p.k);
+}
+
+int64_t row_blocks(int64_t rows) { return (rows + BM - 1) / BM; }
+int64_t d_slices(int64_t d) { return d > 0 ? (d + DC - 1) / DC : 1; }
+
+template <typename T, int FAM, bool TRANS, bool BWD>
+cudaError_t launch(const FamilyParams& p, bool with_gemm, cudaStream_t stream) {
+  const int64_t rows = TRANS ? p.m : p.n;
+  if (rows == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(row_blocks(rows)), BWD && with_gemm ? static_cast<unsigned>(d_slices(p.d)) : 1u);
+  family_tile_kernel<T, FAM, TRANS, BWD><<<grid, THREADS, 0, stream>>>(p, vec_ok_for<T>(p));
+  return cudaGetLastError();
+}
+
+template <int FAM, bool TRANS, bool BWD>
+cudaError_t launch_dtype(const FamilyParams& p, bool with_gemm, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat32: return launch<float, FAM, TRANS, BWD>(p, with_gemm, stream);
+    case DType::kFloat16: return launch<__half, FAM, TRANS, BWD>(p, with_gemm, stream);
+    case DType::kBFloat16: return launch<__nv_bfloat16, FAM, TRANS, BWD>(p, with_gemm, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Row-direction backward (dq, dq_rscale / drow_offset, dscale and dbias partials),
+// then the column direction (dk, dk_rscale, dcol_bias), then the fixed-order sums.
+template <int FAM>
+cudaError_t backward(const FamilyParams& p_in, bool need_row_pass, bool need_col_pass, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  if (need_row_pass) {
+    FamilyParams p = p_in;
+    p.dk = nullptr;
+    err = launch_dtype<FAM, false, true>(p, p.dq != nullptr, stream);
+    if (err != cudaSuccess) return err;
+    const int64_t nb = row_blocks(p.n);
+    if (p.dscale && nb > 0) {
+      reduce_partials_kernel<<<1, 256, 0, stream>>>(p.workspace, nb, p.dscale);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    if (FAM == kPairwise && p.dbias && nb > 0) {
+      reduce_partials_kernel<<<1, 256, 0, stream>>>(p.workspace + nb, nb, p.dbias);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    if (nb == 0) {
+      if (p.dscale) cudaMemsetAsync(p.dscale, 0, sizeof(float), stream);
+      if (FAM == kPairwise && p.dbias) cudaMemsetAsync(p.dbias, 0, sizeof(float), stream);
+    }
+  }
+  if (need_col_pass) {
+    FamilyParams p = p_in;
+    p.dq = nullptr;
+    err = launch_dtype<FAM, true, true>(p, p.dk != nullptr, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+int64_t backward_workspace_floats(const FamilyParams& p) { return 2 * row_blocks(p.n) + 1; }
+
+cudaError_t lse_forward(const FamilyParams& p, bool compute_col, cudaStream_t stream) {
+  cudaError_t err = launch_dtype<kLse, false, false>(p, false, stream);
+  if (err != cudaSuccess || !compute_col) return err;
+  return launch_dtype<kLse, true, false>(p, false, stream);
+}
+
+cudaError_t lse_backward(const FamilyParams& p, cudaStream_t stream) {
+  const bool row = p.dq || p.dq_rscale || p.dscale;
+  const bool col = p.dk || p.dk_rscale || p.dcol_bias;
+  return backward<kLse>(p, row, col, stream);
+}
+
+cudaError_t pairwise_forward(const FamilyParams& p, cudaStream_t stream) {
+  return launch_dtype<kPairwise, false, false>(p, false, stream);
+}
+
+cudaError_t pairwise_backward(const FamilyParams& p, cudaStream_t stream) {
+  const bool row = p.dq || p.dscale || p.dbias || p.drow_offset;
+  const bool col = p.dk != nullptr;
+  return backward<kPairwise>(p, row, col, stream);
+}
+
+}  // namespace cuda
+}  // namespace ck
