@@ -54,6 +54,7 @@ def _extensions():
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        define.append(("CK_CUDA_ARCHS", '"%s"' % archs))
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         nvcc += os.environ.get("CONTRASTIVE_KERNELS_NVCC_FLAGS", "").split()
         ext = cpp_extension.CUDAExtension(
