@@ -398,7 +398,9 @@ def orig_dcl(out0, out1, t, sigma=None):
         if sigma is not None:
             sim = (x.detach() * y.detach()).sum(1) / sigma
             pos = pos * (2 - n * torch.softmax(sim, dim=0))
-        return (pos + torch.logsumexp(s00[~mask].view(n, -1), 1) + torch.logsumexp(s01[~mask].view(n, -1), 1)).mean()
+        # lightly >= 1.6: one log-sum-exp over all negatives (DCL paper Eq. 6)
+        negs = torch.cat([s00[~mask].view(n, -1), s01[~mask].view(n, -1)], 1)
+        return (pos + torch.logsumexp(negs, 1)).mean()
     return 0.5 * (one(out0, out1, a0, a1) + one(out1, out0, a1, a0))
 
 

@@ -687,7 +687,7 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, norm
     e = z1.new_empty(0)
     aa, ab, bb, ba = _blocks(d, mode, rows, ("lse",) * 4,
                              [z1, z2, ar if normalize else e, br if normalize else e, scale], [z1, z2])
-    return 0.5 * ((aa + ab - pos).mean() + (bb + ba - pos).mean())
+    return 0.5 * ((torch.logaddexp(aa, ab) - pos).mean() + (torch.logaddexp(bb, ba) - pos).mean())
 
 
 # ------------------------------------------------------- Barlow Twins and VICReg

@@ -276,7 +276,8 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
 # --------------------------------------------------------------------------- DCL
 def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, normalize: bool = True,
              backend: str | None = None) -> Tensor:
-    """Decoupled contrastive loss as lightly's DCLLoss computes it (both views);
+    """Decoupled contrastive loss (Yeh et al. 2021, Eq. 6; lightly's DCLLoss >= 1.6), both
+    views: ``-s_ii/tau + LSE over the 2N - 2 negatives`` (every row of either view but i's pair);
     ``weight_sigma`` applies DCLW's negative von Mises-Fisher weights
     ``2 - N softmax(<z1_i, z2_i> / sigma)`` (treated as constants)."""
     V.matrix("z1", z1)
@@ -304,7 +305,8 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, norm
     aa, _ = fam.lse(be, z1, z1, scale, q_rscale=ar, k_rscale=ar, mask_mode=MASK_DIAG)
     bb, _ = fam.lse(be, z2, z2, scale, q_rscale=br, k_rscale=br, mask_mode=MASK_DIAG)
     ab, ba = fam.lse(be, z1, z2, scale, q_rscale=ar, k_rscale=br, mask_mode=MASK_DIAG, compute_col=True)
-    return 0.5 * ((aa + ab - pos).mean() + (bb + ba - pos).mean())
+    # one log-sum-exp over all 2N - 2 negatives (same view and other view): DCL Eq. 6, lightly >= 1.6
+    return 0.5 * ((torch.logaddexp(aa, ab) - pos).mean() + (torch.logaddexp(bb, ba) - pos).mean())
 
 
 # ----------------------------------------------------------------- hard negatives

@@ -132,9 +132,10 @@ def dcl_weights(z1, z2, sigma):
 
 
 def dcl_loss(z1, z2, temperature=0.1, *, weight_sigma=None, normalize=True):
-    """Decoupled contrastive loss as lightly computes it: for each view, the positive
-    term plus the log-sum-exp over the same-view negatives plus the log-sum-exp over
-    the other-view negatives (two separate log-sum-exps), averaged over both views."""
+    """Decoupled contrastive loss (Yeh et al. 2021, Eq. 6), as lightly >= 1.6 computes it:
+    for each view, minus the positive logit plus ONE log-sum-exp over all negatives (the
+    other rows of the same view and of the other view), averaged over both views.
+    (lightly <= 1.5 summed two separate log-sum-exps; that is not the paper's loss.)"""
     a, b = _norm(_up(z1), normalize), _norm(_up(z2), normalize)
     n = a.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=a.device)
@@ -145,8 +146,8 @@ def dcl_loss(z1, z2, temperature=0.1, *, weight_sigma=None, normalize=True):
         pos = -torch.diagonal(s_xy)
         if weight_sigma is not None:
             pos = pos * dcl_weights(x, y, weight_sigma)
-        neg = (torch.logsumexp(s_xx.masked_fill(eye, float("-inf")), dim=1)
-               + torch.logsumexp(s_xy.masked_fill(eye, float("-inf")), dim=1))
+        neg = torch.logsumexp(torch.cat([s_xx.masked_fill(eye, float("-inf")),
+                                         s_xy.masked_fill(eye, float("-inf"))], dim=1), dim=1)
         return (pos + neg).mean()
 
     return 0.5 * (one_way(a, b) + one_way(b, a))

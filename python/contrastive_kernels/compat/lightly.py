@@ -4,8 +4,8 @@
 Semantics follow lightly's current source (1.5.x): NT-Xent normalizes both views and
 uses every other row of the 2N batch as a candidate, or with ``memory_bank_size`` the
 MoCo form (positive plus the bank of past normalized ``out1`` rows, updated when
-``out0`` requires grad); DCL is lightly's form of Eq. 6 (two separate log-sum-exps,
-same-view and other-view negatives); Barlow Twins standardizes each view with
+``out0`` requires grad); DCL is Eq. 6 of the paper as lightly 1.6 computes it (one
+log-sum-exp over the same-view and other-view negatives); Barlow Twins standardizes each view with
 BatchNorm statistics (biased variance, eps 1e-5; lightly PR #1806); VICReg is the
 facebookresearch loss.
 """
