@@ -484,14 +484,15 @@ def execute(task: dict) -> dict:
                 out = _step(fn, args, grad_out)
                 first = time.perf_counter() - t0
                 rec["peak_bytes"] = int(_status_kb("VmHWM") - base)
-                rec["mem_method"] = "VmHWM growth (fresh process, clear_refs)"
+                rec["mem_method"] = ("VmHWM growth (fresh worker, clear_refs)" if task.get("isolated")
+                                     else "VmHWM growth (this process: freed memory may be reused, a lower bound)")
             else:
                 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
                 t0 = time.perf_counter()
                 out = _step(fn, args, grad_out)
                 first = time.perf_counter() - t0
                 rec["peak_bytes"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
-                rec["mem_method"] = "ru_maxrss growth (fresh process; a lower bound)"
+                rec["mem_method"] = "ru_maxrss growth (a lower bound: earlier peaks hide growth)"
             # the memory step is a warm-up; one more only when steps are short
             warmup = warmup if first < 0.5 else 0
         rec["loss"] = _value(out)
@@ -790,7 +791,8 @@ def table_lines(records):
     return head, rows
 
 
-def print_table(records, file=sys.stdout):
+def print_table(records, file=None):
+    file = sys.stdout if file is None else file
     head, rows = table_lines(records)
     rows = [[c if len(c) <= 60 else c[:57] + "..." for c in row] for row in rows]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
@@ -924,6 +926,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--isolate", choices=("auto", "process", "none"), default="auto",
                         help="run each measurement in a fresh worker process (auto: on CPU, where peak memory "
                              "needs it) or in this process")
+    parser.add_argument("--mm-size", type=int, default=None,
+                        help="n of the n×n×n torch.mm that measures this machine's matmul rate (default 2048 on CPU, "
+                             "8192 on GPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads per measurement (default: torch's default, the physical cores)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement before it is killed")
@@ -1005,8 +1010,9 @@ def run(args) -> int:
 
     # this machine's matmul rate, once per dtype in the run
     peaks = {}
+    mm_size = args.mm_size or (8192 if cuda else 2048)
     for dt in sorted({c["dtype"] for c in cases}):
-        res = launch({"kind": "matmul", "device": device, "dtype": dt, "n": 8192 if cuda else 2048,
+        res = launch({"kind": "matmul", "device": device, "dtype": dt, "n": mm_size,
                       "threads": args.threads})
         peaks[f"{device}/{dt}"] = res.get("gflops")
 
@@ -1030,7 +1036,7 @@ def run(args) -> int:
         if skip:
             res = {"status": skip}
         else:
-            res = launch({"kind": "case", "case": case, "impl": impl, **job_opts})
+            res = launch({"kind": "case", "case": case, "impl": impl, "isolated": isolate, **job_opts})
         rec = {**base, "ms": None, "peak_bytes": None, **res}
         records.append(rec)
         if bar is not None:
@@ -1044,7 +1050,7 @@ def run(args) -> int:
     meta = machine_info(device, args.threads)
     meta.update(device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=_command(args), argv=list(sys.argv), matmul_gflops=peaks,
-                matmul_size=8192 if cuda else 2048, tf32=False if cuda else None,
+                matmul_size=mm_size, tf32=False if cuda else None,
                 memory_method=("torch.cuda.max_memory_allocated growth over the inputs, one step after warm-up"
                                if cuda else "growth of the resident high-water mark over the inputs during one "
                                "step, in a fresh worker process per measurement"
