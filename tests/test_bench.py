@@ -132,7 +132,7 @@ def _replica_agreement_cases():
             if (impl, op) == ("lightly-formula", "dcl_loss"):
                 marks = [pytest.mark.xfail(strict=True, reason=(
                     "reference.dcl_loss sums two log-sum-exps (same-view and other-view negatives), as lightly "
-                    "did before 1.6; lightly 1.6.0 takes one log-sum-exp over all negatives"))]
+                    "1.5.20 does; lightly 1.6.0 (which the replica follows) takes one log-sum-exp over all negatives"))]
             cases.append(pytest.param(op, impl, marks=marks, id=f"{op}-{impl}"))
     return cases
 
