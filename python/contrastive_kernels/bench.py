@@ -870,7 +870,7 @@ def write_plot(path, records, title=""):
             pts = sorted((r for r in recs if r["impl"] == impl), key=lambda r: r["N"])
             ok = [r for r in pts if r["status"] == "ok"]
             label = impl + (" (replica)" if impl_kind(impl) == "replica" else "")
-            style = "-" if impl_kind(impl) == "backend" else "--"
+            style = {"backend": "-", "reference": ":"}.get(impl_kind(impl), "--")
             if ok:
                 ax_t.plot([r["N"] for r in ok], [r["ms"] for r in ok], style, marker="o", label=label)
                 mem = [r for r in ok if r.get("peak_bytes", 0) > 0]
@@ -878,9 +878,10 @@ def write_plot(path, records, title=""):
                     ax_m.plot([r["N"] for r in mem], [r["peak_bytes"] / 2**20 for r in mem], style, marker="o",
                               label=label)
             for r in pts:
-                if r["status"] == "oom":
-                    ax_t.annotate(f"{impl}: oom", (r["N"], ax_t.get_ylim()[1] if ok else 1), fontsize=7,
-                                  color="red")
+                if r["status"] == "oom":  # drawn at the top of both panels, at its N
+                    for ax in (ax_t, ax_m):
+                        ax.annotate(f"{label}: oom", xy=(r["N"], 0.97), xycoords=("data", "axes fraction"),
+                                    fontsize=7, color="red", ha="center", va="top", rotation=90)
         op, dtype, d = key
         for ax, what in ((ax_t, "fwd+bwd median time (ms)"), (ax_m, "peak memory growth (MiB)")):
             ax.set_xscale("log", base=2)
