@@ -210,7 +210,8 @@ def test_isolated_workers_errors_and_out_of_memory(tmp_path):
     case over the memory cap become records; the probe sees an N x M matrix."""
     out = str(tmp_path / "run")
     assert main(["bench", "--op", "uniformity_loss,nt_xent", "--sizes", "1x8,2048x8,16384x4", "--repeats", "1",
-                 "--threads", "1", "--mm-size", "256", "--backends", "reference", "--peers", "none", "--mem-limit", "2", "--out", out, "--no-plot"]) == 0
+                 "--threads", "1", "--mm-size", "256", "--backends", "reference", "--peers", "none",
+                 "--mem-limit", "2", "--out", out, "--no-plot"]) == 0
     recs = {(r["op"], r["N"]): r for r in _load(out)}
     # uniformity with one row is invalid input: the worker's exception is recorded
     assert recs[("uniformity_loss", 1)]["status"].startswith("error: ValueError")
