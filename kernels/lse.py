@@ -448,10 +448,12 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
         if need_scale and not scale_in_row:
             dscale_rows = ds_cols
 
-    empty32 = torch.empty((0,), dtype=torch.float32, device=dev)
+    def empty32():  # a fresh tensor per output: custom-op outputs may not alias each other
+        return torch.empty((0,), dtype=torch.float32, device=dev)
+
     return (dq if need_q else q.new_empty((0,)),
             dk if need_k else k.new_empty((0,)),
-            dscale_rows.sum() if need_scale else empty32,
-            db if need_bias else empty32,
-            dqr if need_q_rscale else empty32,
-            dkr if need_k_rscale else empty32)
+            dscale_rows.double().sum().float() if need_scale else empty32(),
+            db if need_bias else empty32(),
+            dqr if need_q_rscale else empty32(),
+            dkr if need_k_rscale else empty32())
