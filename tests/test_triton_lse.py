@@ -386,3 +386,57 @@ def test_clip_peak_memory_cuda():
     torch.cuda.synchronize()
     growth = torch.cuda.max_memory_allocated() - base
     assert growth < n * n * 4 // 16, f"peak growth {growth} bytes"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEV != "cpu", reason="CPU peak-RSS probe of the interpreter run (the CUDA test covers GPUs)")
+def test_clip_peak_memory_interpreter():
+    """CLIP fwd+bwd (row and column LSE, both backward kernels) at N = M = 2048 under the
+    interpreter: peak RSS grows by far less than one N x M float32 matrix (16 MiB); the
+    reference backend, which forms the matrix, grows by several."""
+    from helpers import peak_rss_growth
+    n = 2048
+    setup = f"""
+        import torch, contrastive_kernels as ck
+        from contrastive_kernels.kernels import lse
+        lse._INTERP_TILE.update(BLOCK_O=128, BLOCK_I=128)  # fewer interpreter steps; same kernels
+        torch.manual_seed(0)
+        img = torch.randn({n}, 8, requires_grad=True)
+        txt = torch.randn({n}, 8, requires_grad=True)
+        ls = torch.tensor(10.0, requires_grad=True)
+        w = torch.randn(64, 8, requires_grad=True)
+        ck.clip_loss(w, w, ls, backend=BE).backward()
+        del w
+        # Reset the high-water mark to the current RSS: the interpreter's start-up peaks above
+        # the resident size, which would hide what the body allocates below that peak.
+        open("/proc/self/clear_refs", "w").write("5")
+    """
+    body = "ck.clip_loss(img, txt, ls, backend=BE).backward()"
+    env = {"TRITON_INTERPRET": "1"}
+    nxm = n * n * 4
+    tri = peak_rss_growth(setup.replace("BE", "'triton'"), body.replace("BE", "'triton'"), env=env)
+    ref = peak_rss_growth(setup.replace("BE", "'reference'"), body.replace("BE", "'reference'"), env=env)
+    assert ref["growth"] >= nxm, f"the probe did not see the reference's N x M matrices: {ref}"
+    print("peak growth: triton", tri, "reference", ref)
+    assert tri["growth"] < nxm // 4, f"Triton CLIP grew the peak RSS by {tri['growth']} bytes (N x M = {nxm})"
+
+
+@pytest.mark.parametrize("d", [1, 64, 129, 512, 1000])
+def test_gpu_tile_configs_prune(d):
+    """The autotune config pruning (GPU path; not run by the interpreter): the gradient
+    accumulator width BLOCK_DO never exceeds the padded D, fits the register budget, and at
+    least one config survives for every D and dtype."""
+    from contrastive_kernels.kernels import lse as klse
+    from contrastive_kernels.kernels._common import pad_dim
+    dpad = pad_dim(d)
+    for dtype in (F32, BF16):
+        x = torch.empty(2, d, dtype=dtype)
+        for need_out in (True, False):
+            kept = klse._bwd_prune(klse._BWD_CONFIGS, {"O": x}, D_PAD=dpad, BLOCK_D=klse._block_d(dpad),
+                                   NEED_OUT=need_out)
+            assert kept
+            for c in kept:
+                bdo = c.kwargs["BLOCK_DO"]
+                assert bdo <= dpad and (bdo == 16 or need_out)
+                assert not need_out or c.kwargs["BLOCK_O"] * bdo <= 128 * 32 * c.num_warps
+        assert klse._fwd_prune(klse._FWD_CONFIGS, {"O": x}, BLOCK_D=klse._block_d(dpad))
