@@ -1,0 +1,41 @@
+"""Small helpers shared by the Triton kernel modules (kept small and stable).
+
+* ``INTERPRET``: running under ``TRITON_INTERPRET=1`` (CPU tensors).  Modules then
+  launch one small fixed tile config instead of autotuning (the autotuner would run
+  every config through the slow interpreter).
+* ``pad_dim``: a feature dimension padded to a power of two >= 16 (tl.dot needs K >= 16).
+* ``is_ieee``: float32 inputs are multiplied with ``input_precision="ieee"`` (TF32 is
+  off by SPEC.md; the 1e-5 tolerance needs full float32 products).
+* ``launch``: run a kernel either autotuned (GPU) or with a fixed config (interpreter).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def pad_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(d), 1)))
+
+
+def is_ieee(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32
+
+
+def launch(jit_fn, tuned_fn, grid, interp_meta: dict, *args, **kwargs):
+    """``tuned_fn[grid](...)`` on a GPU; ``jit_fn[grid](..., **interp_meta)`` under the interpreter.
+
+    `grid` is a function of the meta-parameters (a dict) as for triton.autotune."""
+    if INTERPRET:
+        meta = dict(kwargs, **interp_meta)
+        num_warps = meta.pop("num_warps", 4)
+        num_stages = meta.pop("num_stages", 1)
+        return jit_fn[grid(meta)](*args, num_warps=num_warps, num_stages=num_stages, **meta)
+    return tuned_fn[grid](*args, **kwargs)

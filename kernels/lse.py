@@ -1,0 +1,459 @@
+"""Triton kernels of the log-sum-exp family (InfoNCE, NT-Xent, CLIP, SupCon, DCL, HCL, uniformity).
+
+Contract (csrc/ops.cpp): S_ij = scale (q_rscale_i q_i).(k_rscale_j k_j) + col_bias_j over the
+pairs (i, j) the mask keeps; forward returns row_lse_i = LSE_j S_ij and, with compute_col,
+col_lse_j = LSE_i S_ij; backward returns dq, dk, dscale, dcol_bias, dq_rscale, dk_rscale.
+
+FlashAttention-2 shape of the computation, without the value matrix:
+  * forward: one program per block of "outer" rows sweeps the "inner" rows in tiles,
+    tile = tl.dot(outer, inner^T) in the input dtype with float32 accumulation, the
+    rscales applied to the float32 dot (so normalized low-precision copies are never
+    rounded), masks built in-tile from index vectors, online max / sum in base 2.
+    Row LSE: outer = q, inner = k.  Column LSE: the same kernel with TRANS (outer = k,
+    inner = q; the masks and the bias read the swapped indices).
+  * backward: tiles are recomputed from the saved LSEs,
+    dS_ij = grad_row_i exp(S_ij - row_lse_i) + grad_col_j exp(S_ij - col_lse_j) on kept pairs.
+    The row kernel (outer = q) accumulates A_i = sum_j dS_ij k_rscale_j k_j in registers
+    (dq = scale q_rscale A); the TRANS kernel (outer = k) accumulates B_j and dcol_bias.
+    d rscale and dscale need no second product: q_i . A_i = sum_j dS_ij k_rscale_j (q_i . k_j),
+    a row sum of the tile.  dscale is written per outer row and summed in torch: no atomics,
+    a fixed reduction order, nothing of size N x M.
+  * D of any size: padded to a power of two >= 16 (masked); D_PAD > 128 loops over D chunks
+    for the scores, and the gradient accumulator covers BLOCK_DO columns of D per program
+    (a second grid axis over D groups when D_PAD > BLOCK_DO).
+  * int64 row offsets for all pointer arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, LN2, LOG2E, is_ieee, launch, pad_dim
+
+AVAILABLE = True
+
+MASK_DIAG, MASK_POS, MASK_SAME_LABEL = 1, 2, 4
+
+
+# ----------------------------------------------------------------------- jit helpers
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # IEEE: float32 operands multiplied exactly (no TF32).  Under the interpreter, bfloat16
+    # operands arrive with IEEE set and are widened first (exactly): the interpreter's own
+    # bfloat16 tl.dot is wrong (triton-lang/triton#4972), the GPU path never takes this branch.
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _raw_scores_chunked(O, I, o64, o_ok, n64, n_ok, D, stride_o, stride_i,
+                        IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    """(outer . inner) for one tile in float32, D in chunks of BLOCK_D (D_PAD > BLOCK_D)."""
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + d
+        a = tl.load(O + o64[:, None] * stride_o + dd[None, :], mask=o_ok[:, None] & (dd[None, :] < D), other=0.0)
+        b = tl.load(I + n64[:, None] * stride_i + dd[None, :], mask=n_ok[:, None] & (dd[None, :] < D), other=0.0)
+        acc = _dot(a, tl.trans(b), acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _keep(o_idx, o_ok, n_idx, n_ok, diag_offset, o_pos, n_pos, o_lab, n_lab,
+          TRANS: tl.constexpr, MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr):
+    """Kept pairs of the tile, in terms of the original (i, j) = (outer, inner) or (inner, outer)."""
+    keep = o_ok[:, None] & n_ok[None, :]
+    if MASK_DIAG:  # drop j == i + diag_offset
+        if TRANS:
+            keep = keep & (o_idx[:, None] != n_idx[None, :] + diag_offset)
+        else:
+            keep = keep & (n_idx[None, :] != o_idx[:, None] + diag_offset)
+    if MASK_POS:  # drop j == pos_index[i]
+        if TRANS:
+            keep = keep & (o_idx[:, None] != n_pos[None, :])
+        else:
+            keep = keep & (n_idx[None, :] != o_pos[:, None])
+    if MASK_LAB:  # drop q_labels[i] == k_labels[j]
+        keep = keep & (o_lab[:, None] != n_lab[None, :])
+    return keep
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit
+def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, OUT,
+                    NO, NI, D, stride_o, stride_i, diag_offset,
+                    TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr,
+                    IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
+                    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    pid = tl.program_id(0)
+    o_idx = pid.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o_idx < NO
+    scale = tl.load(SCALE).to(tl.float32)
+    # Scores are kept in base 2: s2 = log2(e) S.
+    o_fac = tl.full((BLOCK_O,), 1.0, tl.float32) * (scale * 1.4426950408889634)
+    if HAS_ORS:
+        o_fac = o_fac * tl.load(O_RS + o_idx, mask=o_ok, other=1.0)
+    o_bias = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    if HAS_BIAS and TRANS:
+        o_bias = tl.load(BIAS + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
+    o_pos = o_idx
+    if MASK_POS and not TRANS:
+        o_pos = tl.load(POS + o_idx, mask=o_ok, other=-1)
+    o_lab = o_idx
+    if MASK_LAB:
+        o_lab = tl.load(O_LAB + o_idx, mask=o_ok, other=0)
+    d = tl.arange(0, BLOCK_D)
+    o_tile = tl.zeros((BLOCK_O, BLOCK_D), dtype=O.dtype.element_ty)
+    if SINGLE:
+        o_tile = tl.load(O + o_idx[:, None] * stride_o + d[None, :], mask=o_ok[:, None] & (d[None, :] < D), other=0.0)
+
+    m = tl.full((BLOCK_O,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for start in range(0, NI, BLOCK_I):
+        n_idx = start + tl.arange(0, BLOCK_I)
+        n_ok = n_idx < NI
+        n64 = n_idx.to(tl.int64)
+        if SINGLE:  # outer tile hoisted; the inner tile is reused by the gradient product
+            i_tile = tl.load(I + n64[:, None] * stride_i + d[None, :], mask=n_ok[:, None] & (d[None, :] < D),
+                             other=0.0)
+            acc = _dot(o_tile, tl.trans(i_tile), tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32), IEEE)
+        else:
+            acc = _raw_scores_chunked(O, I, o_idx, o_ok, n64, n_ok, D, stride_o, stride_i,
+                                      IEEE, BLOCK_D, BLOCK_O, BLOCK_I)
+        s = acc * o_fac[:, None]
+        if HAS_IRS:
+            s = s * tl.load(I_RS + n64, mask=n_ok, other=1.0)[None, :]
+        if HAS_BIAS:
+            if TRANS:
+                s = s + o_bias[:, None]
+            else:
+                s = s + (tl.load(BIAS + n64, mask=n_ok, other=0.0) * 1.4426950408889634)[None, :]
+        n_pos = n64
+        if MASK_POS and TRANS:
+            n_pos = tl.load(POS + n64, mask=n_ok, other=-1)
+        n_lab = n64
+        if MASK_LAB:
+            n_lab = tl.load(I_LAB + n64, mask=n_ok, other=0)
+        keep = _keep(o_idx, o_ok, n64, n_ok, diag_offset, o_pos, n_pos, o_lab, n_lab,
+                     TRANS, MASK_DIAG, MASK_POS, MASK_LAB)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        # A row with nothing kept so far has m_new = -inf: use 0 as its reference so that
+        # exp2(-inf - ref) = 0 instead of NaN.
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - ref) + tl.sum(tl.exp2(s - ref[:, None]), axis=1)
+        m = m_new
+    lse = (m + tl.log2(l)) * 0.6931471805599453  # -inf where nothing is kept (l = 0)
+    tl.store(OUT + o_idx, lse, mask=o_ok)
+
+
+# -------------------------------------------------------------------------- backward
+@triton.jit
+def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB,
+                    O_LSE, O_G, I_LSE, I_G, D_OUT, D_ORS, D_SCALE, D_BIAS,
+                    NO, NI, D, stride_o, stride_i, diag_offset,
+                    TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr,
+                    HAS_OTERM: tl.constexpr, HAS_ITERM: tl.constexpr,
+                    NEED_OUT: tl.constexpr, NEED_ORS: tl.constexpr, NEED_SCALE: tl.constexpr,
+                    NEED_BIAS: tl.constexpr, RS_ON_TILE: tl.constexpr,
+                    IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
+                    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_DO: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    o_idx = pid.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o_idx < NO
+    scale = tl.load(SCALE).to(tl.float32)
+    o_rs = tl.full((BLOCK_O,), 1.0, tl.float32)
+    if HAS_ORS:
+        o_rs = tl.load(O_RS + o_idx, mask=o_ok, other=1.0)
+    o_fac = o_rs * (scale * 1.4426950408889634)
+    o_bias = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    if HAS_BIAS and TRANS:
+        o_bias = tl.load(BIAS + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
+    o_pos = o_idx
+    if MASK_POS and not TRANS:
+        o_pos = tl.load(POS + o_idx, mask=o_ok, other=-1)
+    o_lab = o_idx
+    if MASK_LAB:
+        o_lab = tl.load(O_LAB + o_idx, mask=o_ok, other=0)
+    o_lse2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    o_g = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    if HAS_OTERM:
+        o_lse2 = tl.load(O_LSE + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
+        o_g = tl.load(O_G + o_idx, mask=o_ok, other=0.0)
+    d = tl.arange(0, BLOCK_D)
+    o_tile = tl.zeros((BLOCK_O, BLOCK_D), dtype=O.dtype.element_ty)
+    if SINGLE:
+        o_tile = tl.load(O + o_idx[:, None] * stride_o + d[None, :], mask=o_ok[:, None] & (d[None, :] < D), other=0.0)
+    dcol = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+
+    acc_out = tl.zeros((BLOCK_O, BLOCK_DO), dtype=tl.float32)
+    r_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    b_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for start in range(0, NI, BLOCK_I):
+        n_idx = start + tl.arange(0, BLOCK_I)
+        n_ok = n_idx < NI
+        n64 = n_idx.to(tl.int64)
+        if SINGLE:  # outer tile hoisted; the inner tile is reused by the gradient product
+            i_tile = tl.load(I + n64[:, None] * stride_i + d[None, :], mask=n_ok[:, None] & (d[None, :] < D),
+                             other=0.0)
+            acc = _dot(o_tile, tl.trans(i_tile), tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32), IEEE)
+        else:
+            acc = _raw_scores_chunked(O, I, o_idx, o_ok, n64, n_ok, D, stride_o, stride_i,
+                                      IEEE, BLOCK_D, BLOCK_O, BLOCK_I)
+        s = acc * o_fac[:, None]
+        i_rs = tl.full((BLOCK_I,), 1.0, tl.float32)
+        if HAS_IRS:
+            i_rs = tl.load(I_RS + n64, mask=n_ok, other=1.0)
+            s = s * i_rs[None, :]
+        if HAS_BIAS:
+            if TRANS:
+                s = s + o_bias[:, None]
+            else:
+                s = s + (tl.load(BIAS + n64, mask=n_ok, other=0.0) * 1.4426950408889634)[None, :]
+        n_pos = n64
+        if MASK_POS and TRANS:
+            n_pos = tl.load(POS + n64, mask=n_ok, other=-1)
+        n_lab = n64
+        if MASK_LAB:
+            n_lab = tl.load(I_LAB + n64, mask=n_ok, other=0)
+        keep = _keep(o_idx, o_ok, n64, n_ok, diag_offset, o_pos, n_pos, o_lab, n_lab,
+                     TRANS, MASK_DIAG, MASK_POS, MASK_LAB)
+        ds = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        if HAS_OTERM:
+            ds += o_g[:, None] * tl.exp2(s - o_lse2[:, None])
+        if HAS_ITERM:
+            i_lse2 = tl.load(I_LSE + n64, mask=n_ok, other=0.0) * 1.4426950408889634
+            i_g = tl.load(I_G + n64, mask=n_ok, other=0.0)
+            ds += i_g[None, :] * tl.exp2(s - i_lse2[None, :])
+        # Masked pairs (and rows / columns with nothing kept, whose LSE is -inf) get exactly 0.
+        ds = tl.where(keep, ds, 0.0)
+        if NEED_ORS or NEED_SCALE:
+            t = ds * acc
+            if HAS_IRS:
+                t = t * i_rs[None, :]
+            r_acc += tl.sum(t, axis=1)
+        if NEED_BIAS:
+            b_acc += tl.sum(ds, axis=1)
+        if NEED_OUT:
+            if SINGLE and BLOCK_DO == BLOCK_D:
+                x = i_tile
+            else:
+                x = tl.load(I + n64[:, None] * stride_i + dcol[None, :], mask=n_ok[:, None] & (dcol[None, :] < D),
+                            other=0.0)
+            p = ds
+            if HAS_IRS:
+                if RS_ON_TILE:  # float16: scale the inner rows (|x_hat| <= 1), not dS (could overflow)
+                    x = (x.to(tl.float32) * i_rs[:, None]).to(I.dtype.element_ty)
+                else:
+                    p = p * i_rs[None, :]
+            acc_out = _dot(p.to(I.dtype.element_ty), x, acc_out, IEEE)
+
+    first = (tl.zeros((BLOCK_O,), dtype=tl.int32) + pid_d) == 0  # the extras are written once
+    if NEED_OUT:
+        g = acc_out * (o_rs * scale)[:, None]
+        tl.store(D_OUT + o_idx[:, None] * D + dcol[None, :], g.to(D_OUT.dtype.element_ty),
+                 mask=o_ok[:, None] & (dcol[None, :] < D))
+    if NEED_ORS:
+        tl.store(D_ORS + o_idx, scale * r_acc, mask=o_ok & first)
+    if NEED_SCALE:
+        tl.store(D_SCALE + o_idx, o_rs * r_acc, mask=o_ok & first)
+    if NEED_BIAS:
+        tl.store(D_BIAS + o_idx, b_acc, mask=o_ok & first)
+
+
+# ------------------------------------------------------------------- tile configs
+def _smem_ok(bo, bi, bd, stages, elsize, extra=0):
+    return (bo * bd + bi * bd) * elsize * max(stages, 1) + extra <= 200 * 1024
+
+
+def _fwd_prune(configs, named_args, **kwargs):
+    args = dict(named_args, **kwargs)
+    bd, elsize = args["BLOCK_D"], args["O"].element_size()
+    kept = [c for c in configs if _smem_ok(c.kwargs["BLOCK_O"], c.kwargs["BLOCK_I"], bd, c.num_stages, elsize)]
+    return kept or configs[:1]
+
+
+def _bwd_prune(configs, named_args, **kwargs):
+    args = dict(named_args, **kwargs)
+    dpad, bd, elsize, need_out = args["D_PAD"], args["BLOCK_D"], args["O"].element_size(), args["NEED_OUT"]
+    out, seen = [], set()
+    for c in configs:
+        bdo = min(c.kwargs["BLOCK_DO"], dpad) if need_out else 16
+        kw = dict(c.kwargs, BLOCK_DO=bdo)
+        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+        if key in seen:
+            continue
+        extra = c.kwargs["BLOCK_I"] * bdo * elsize * c.num_stages if need_out else 0
+        if not _smem_ok(kw["BLOCK_O"], kw["BLOCK_I"], bd, c.num_stages, elsize, extra):
+            continue
+        # The float32 gradient accumulator lives in registers: at most 128 per thread.
+        if need_out and kw["BLOCK_O"] * bdo > 128 * 32 * c.num_warps:
+            continue
+        seen.add(key)
+        out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out or [triton.Config(dict(configs[0].kwargs, BLOCK_DO=min(64, dpad)), num_warps=4, num_stages=2)]
+
+
+_FWD_CONFIGS = [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi}, num_warps=w, num_stages=s)
+                for bo, bi, w, s in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3),
+                                     (64, 64, 4, 4), (128, 256, 8, 3), (128, 64, 8, 4)]]
+_BWD_CONFIGS = [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_DO": do}, num_warps=w, num_stages=s)
+                for bo, bi, do, w, s in [(64, 64, 128, 4, 2), (64, 64, 256, 8, 2), (128, 64, 128, 8, 2),
+                                         (64, 128, 128, 4, 2), (128, 64, 256, 8, 2), (64, 64, 512, 8, 2),
+                                         (128, 128, 128, 8, 2), (64, 32, 256, 4, 3)]]
+_FWD_KEY = ["D_PAD", "TRANS", "HAS_IRS", "MASK_LAB"]
+_BWD_KEY = ["D_PAD", "TRANS", "NEED_OUT", "HAS_OTERM", "HAS_ITERM", "HAS_IRS"]
+
+_lse_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_FWD_KEY,
+                                 prune_configs_by={"early_config_prune": _fwd_prune})(_lse_fwd_kernel)
+_lse_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=_BWD_KEY,
+                                 prune_configs_by={"early_config_prune": _bwd_prune})(_lse_bwd_kernel)
+
+# Under the interpreter: one small config (tiles of 32 keep sizes like 33 and 129 multi-tile).
+_INTERP_TILE = {"BLOCK_O": 32, "BLOCK_I": 32}
+
+
+def _block_d(dpad: int) -> int:
+    """Chunk of D per tl.dot in the score loop: the whole padded D up to 128 (outer tile
+    hoisted out of the loop), else 64 on a GPU (128 under the interpreter: fewer steps)."""
+    if dpad <= 128:
+        return dpad
+    return 128 if INTERPRET else 64
+
+
+# ------------------------------------------------------------------- launchers
+def _ieee(dtype):
+    return is_ieee(dtype) or (INTERPRET and dtype == torch.bfloat16)
+
+
+def _f32(t):
+    return None if t is None else t.contiguous().to(torch.float32)
+
+
+def _i64(t):
+    return None if t is None else t.contiguous().to(torch.int64)
+
+
+def _mask_flags(mask_mode):
+    return bool(mask_mode & MASK_DIAG), bool(mask_mode & MASK_POS), bool(mask_mode & MASK_SAME_LABEL)
+
+
+def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_offset, mask_mode, trans):
+    no, ni, d = outer.shape[0], inner.shape[0], outer.shape[1]
+    out = torch.empty((no,), dtype=torch.float32, device=outer.device)
+    if no == 0:
+        return out
+    dpad = pad_dim(d)
+    bd = _block_d(dpad)
+    md, mp, ml = _mask_flags(mask_mode)
+    dummy = out
+    grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]),)  # noqa: E731
+    launch(_lse_fwd_kernel, _lse_fwd_tuned, grid, _INTERP_TILE,
+           outer, inner, scale, o_rs if o_rs is not None else dummy, i_rs if i_rs is not None else dummy,
+           bias if bias is not None else dummy, pos if pos is not None else dummy,
+           o_lab if o_lab is not None else dummy, i_lab if i_lab is not None else dummy, out,
+           no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset),
+           TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
+           MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd,
+           SINGLE=bd == dpad)
+    return out
+
+
+def lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode,
+                compute_col):
+    q, k = q.contiguous(), k.contiguous()
+    scale = scale.reshape(()).to(torch.float32).contiguous()
+    qr, kr, bias = _f32(q_rscale), _f32(k_rscale), _f32(col_bias)
+    pos, ql, kl = _i64(pos_index), _i64(q_labels), _i64(k_labels)
+    row = _lse_pass(q, k, scale, qr, kr, bias, pos, ql, kl, diag_offset, mask_mode, trans=False)
+    if compute_col:
+        col = _lse_pass(k, q, scale, kr, qr, bias, pos, kl, ql, diag_offset, mask_mode, trans=True)
+    else:
+        col = torch.empty((0,), dtype=torch.float32, device=q.device)
+    return row, col
+
+
+def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o_g, i_lse, i_g, diag_offset,
+              mask_mode, trans, need_out, need_ors, need_scale, need_bias):
+    no, ni, d = outer.shape[0], inner.shape[0], outer.shape[1]
+    dev = outer.device
+    f32 = lambda n: torch.empty((n,), dtype=torch.float32, device=dev)  # noqa: E731
+    d_out = torch.empty_like(outer) if need_out else None
+    d_ors = f32(no) if need_ors else None
+    d_scale = f32(no) if need_scale else None
+    d_bias = f32(no) if need_bias else None
+    if no == 0:
+        return d_out, d_ors, d_scale, d_bias
+    dpad = pad_dim(d)
+    bd = _block_d(dpad)
+    md, mp, ml = _mask_flags(mask_mode)
+    dummy = f32(1)
+    opt = lambda t: t if t is not None else dummy  # noqa: E731
+    if need_out:
+        grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
+    else:
+        grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]), 1)  # noqa: E731
+    interp = dict(_INTERP_TILE, BLOCK_DO=min(dpad, 128) if need_out else 16)
+    launch(_lse_bwd_kernel, _lse_bwd_tuned, grid, interp,
+           outer, inner, scale, opt(o_rs), opt(i_rs), opt(bias), opt(pos), opt(o_lab), opt(i_lab),
+           opt(o_lse), opt(o_g), opt(i_lse), opt(i_g), d_out if d_out is not None else outer,
+           opt(d_ors), opt(d_scale), opt(d_bias),
+           no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset),
+           TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
+           MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, HAS_OTERM=o_lse is not None, HAS_ITERM=i_lse is not None,
+           NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
+           RS_ON_TILE=outer.dtype == torch.float16, IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd,
+           SINGLE=bd == dpad)
+    return d_out, d_ors, d_scale, d_bias
+
+
+def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
+                 diag_offset, mask_mode, row_lse, col_lse, need_q, need_k, need_scale, need_bias, need_q_rscale,
+                 need_k_rscale):
+    q, k = q.contiguous(), k.contiguous()
+    dev = q.device
+    scale = scale.reshape(()).to(torch.float32).contiguous()
+    qr, kr, bias = _f32(q_rscale), _f32(k_rscale), _f32(col_bias)
+    pos, ql, kl = _i64(pos_index), _i64(q_labels), _i64(k_labels)
+    need_q_rscale = bool(need_q_rscale) and qr is not None
+    need_k_rscale = bool(need_k_rscale) and kr is not None
+    need_bias = bool(need_bias) and bias is not None
+    # The row term exists always; the column term only when the forward computed col_lse.
+    has_col = col_lse is not None and col_lse.numel() > 0 and grad_col is not None and grad_col.numel() > 0
+    r_lse, r_g = row_lse.contiguous().float(), grad_row.contiguous().float()
+    c_lse, c_g = (col_lse.contiguous().float(), grad_col.contiguous().float()) if has_col else (None, None)
+
+    run_row = need_q or need_q_rscale
+    run_col = need_k or need_k_rscale or need_bias
+    if need_scale and not run_row and not run_col:
+        run_row = True
+    scale_in_row = need_scale and run_row
+
+    dq = dk = dscale_rows = db = dqr = dkr = None
+    if run_row:
+        dq, dqr, dscale_rows, _ = _bwd_pass(q, k, scale, qr, kr, bias, pos, ql, kl, r_lse, r_g, c_lse, c_g,
+                                            diag_offset, mask_mode, False, need_q, need_q_rscale, scale_in_row,
+                                            False)
+    if run_col:
+        dk, dkr, ds_cols, db = _bwd_pass(k, q, scale, kr, qr, bias, pos, kl, ql, c_lse, c_g, r_lse, r_g,
+                                         diag_offset, mask_mode, True, need_k, need_k_rscale,
+                                         need_scale and not scale_in_row, need_bias)
+        if need_scale and not scale_in_row:
+            dscale_rows = ds_cols
+
+    def empty32():  # a fresh tensor per output: custom-op outputs may not alias each other
+        return torch.empty((0,), dtype=torch.float32, device=dev)
+
+    return (dq if need_q else q.new_empty((0,)),
+            dk if need_k else k.new_empty((0,)),
+            dscale_rows.double().sum().float() if need_scale else empty32(),
+            db if need_bias else empty32(),
+            dqr if need_q_rscale else empty32(),
+            dkr if need_k_rscale else empty32())
