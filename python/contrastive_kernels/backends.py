@@ -64,8 +64,15 @@ def _triton_import_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+# Availability is a property of the install, constant during a run: torch.compile calls
+# these once at trace time instead of tracing into importlib / the dispatcher.
+@torch.compiler.assume_constant_result
 def _triton_family_error(family: str) -> str | None:
+    return _triton_family_error_cached(family)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_family_error_cached(family: str) -> str | None:
     err = _triton_import_error()
     if err:
         return err
@@ -80,6 +87,7 @@ def _triton_family_error(family: str) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def _native_error(family: str, dispatch_key: str) -> str | None:
     if _ext.load() is None:
         return f"the compiled extension contrastive_kernels._C is not loaded ({_ext.load_error()})"
