@@ -398,12 +398,10 @@ class _Standardize(torch.autograd.Function):
         mean = torch.empty((d,), dtype=torch.float64, device=z.device)
         rstd = torch.empty_like(mean)
         for sl in _Standardize._slices(n, d):
-            x = z[:, sl].double()
-            mean[sl] = x.mean(0)
-            x = x - mean[sl]
-            rstd[sl] = torch.rsqrt(x.pow(2).mean(0) + eps)
-            out[:, sl] = x * rstd[sl]
+            y, m, r = torch.native_batch_norm(z[:, sl].double(), None, None, None, None, True, 0.0, eps)
+            out[:, sl], mean[sl], rstd[sl] = y, m, r
         ctx.save_for_backward(z, mean, rstd)
+        ctx.eps = eps
         return out
 
     @staticmethod
@@ -413,9 +411,9 @@ class _Standardize(torch.autograd.Function):
             return None, None
         dz = torch.empty_like(z)
         for sl in _Standardize._slices(*z.shape):
-            x = (z[:, sl].double() - mean[sl]) * rstd[sl]
-            g = grad[:, sl].double()
-            dz[:, sl] = rstd[sl] * (g - g.mean(0) - x * (g * x).mean(0))
+            dz[:, sl] = torch.ops.aten.native_batch_norm_backward(
+                grad[:, sl].double(), z[:, sl].double(), None, None, None, mean[sl], rstd[sl], True, ctx.eps,
+                [True, False, False])[0]
         return dz, None
 
 
