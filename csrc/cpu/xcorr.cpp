@@ -43,10 +43,12 @@ constexpr int64_t kGramChunkElems = 1 << 20;   // Gram path: columns converted t
 constexpr int64_t kReduceBlock = 1 << 14;      // fixed reduction blocks
 
 // The auto rule: fwd+bwd cost of the Gram path ~ N^2 D (float64 GEMMs), of the tiled path
-// ~ N D^2 (float32 GEMMs); the ratio of their per-flop costs was measured (bench/xcorr_timing.py)
-// and gives the crossover N ~ D / kGramCrossover.  The Gram path's N x N float64 matrices are
+// ~ N D^2 (float32 GEMMs).  Measured with bench/xcorr_timing.py at D = 8192 on a loaded 2-core
+// CPU: Gram 2.2 / 6.5 / 16 / 20 s vs tiled 26 / 17 / 26 / 38 s at N = 512 / 1024 / 2048 / 3072, a
+// crossover near N ~ D / 2 (noisy; to be re-measured on a quiet machine): Gram when
+// N * kGramCrossover < D.  The Gram path's N x N float64 matrices are
 // smaller than the inputs there, so memory never argues the other way.
-constexpr double kGramCrossover = 3.0;
+constexpr double kGramCrossover = 2.0;
 
 int64_t resolve_path(int64_t path, int64_t n, int64_t d) {
   if (path != kAuto) return path;
