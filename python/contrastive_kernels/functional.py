@@ -382,10 +382,51 @@ def alignment_loss(x: Tensor, y: Tensor, alpha=2.0, *, backend: str | None = Non
 
 
 # ---------------------------------------------------------- cross-correlation
-def _standardize(z: Tensor, eps: float, unbiased: bool = False) -> Tensor:
-    z = z.float()
-    z = z - z.mean(0)
-    return z * torch.rsqrt(z.var(0, unbiased=unbiased) + eps)
+class _Standardize(torch.autograd.Function):
+    """Per-feature batch standardization with biased variance (BatchNorm1d(affine=False) in
+    training mode), float32 out.
+
+    Computed in float64, column chunk by column chunk (features are independent): at small N
+    the BatchNorm Jacobian nearly cancels (N = 2: the standardized values are +-1 up to eps),
+    and a float32 backward through it misses the float64 result by ~1e-4.  Saves only the
+    input and the per-feature mean / 1/std, so its extra memory is the float32 output plus one
+    float64 chunk."""
+
+    CHUNK = 1 << 18  # float64 elements per column chunk
+
+    @staticmethod
+    def _slices(n, d):
+        step = max(1, _Standardize.CHUNK // max(n, 1))
+        return [slice(c0, min(d, c0 + step)) for c0 in range(0, d, step)]
+
+    @staticmethod
+    def forward(ctx, z, eps):
+        n, d = z.shape
+        out = torch.empty((n, d), dtype=torch.float32, device=z.device)
+        mean = torch.empty((d,), dtype=torch.float64, device=z.device)
+        rstd = torch.empty_like(mean)
+        for sl in _Standardize._slices(n, d):
+            y, m, r = torch.native_batch_norm(z[:, sl].double(), None, None, None, None, True, 0.0, eps)
+            out[:, sl], mean[sl], rstd[sl] = y, m, r
+        ctx.save_for_backward(z, mean, rstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, mean, rstd = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        dz = torch.empty_like(z)
+        for sl in _Standardize._slices(*z.shape):
+            dz[:, sl] = torch.ops.aten.native_batch_norm_backward(
+                grad[:, sl].double(), z[:, sl].double(), None, None, None, mean[sl], rstd[sl], True, ctx.eps,
+                [True, False, False])[0]
+        return dz, None
+
+
+def _standardize(z: Tensor, eps: float) -> Tensor:
+    return _Standardize.apply(z, float(eps))
 
 
 def cross_correlation(z1: Tensor, z2: Tensor, *, standardize: bool = True, eps=1e-5,
