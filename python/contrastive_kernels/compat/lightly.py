@@ -48,10 +48,15 @@ class NTXentLoss(nn.Module):
             raise distributed_pending("NTXentLoss(gather_distributed=True)")
         if self.memory_bank.size == 0:
             return F.nt_xent(out0, out1, self.temperature, backend=self.backend)
-        keys = torch.nn.functional.normalize(out1, dim=1)
-        bank = self.memory_bank.query_and_update(keys, update=out0.requires_grad)
+        # lightly normalizes both views, queues the normalized out1 rows and uses the bank
+        # rows as stored (float32, norms 1 up to rounding): normalize here, not in info_nce,
+        # so that the bank is not normalized a second time.
+        out0 = torch.nn.functional.normalize(out0, dim=1)
+        out1 = torch.nn.functional.normalize(out1, dim=1)
+        bank = self.memory_bank.query_and_update(out1, update=out0.requires_grad)
         return F.info_nce(out0, out1, negatives=bank.to(device=out0.device, dtype=out0.dtype),
-                          temperature=self.temperature, in_batch_negatives=False, backend=self.backend)
+                          temperature=self.temperature, in_batch_negatives=False, normalize=False,
+                          backend=self.backend)
 
 
 def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5) -> Tensor:
