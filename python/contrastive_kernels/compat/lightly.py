@@ -89,7 +89,8 @@ class DCLLoss(nn.Module):
         # add 0.5 * mean((1 - w) * s_ii / tau) for each direction.
         a = torch.nn.functional.normalize(out0, dim=1)
         b = torch.nn.functional.normalize(out1, dim=1)
-        pos = (a.float() * b.float()).sum(1) / self.temperature
+        ct = torch.promote_types(a.dtype, torch.float32)  # float32 for half inputs, float64 stays float64
+        pos = (a.to(ct) * b.to(ct)).sum(1) / self.temperature
         w0, w1 = self.weight_fn(a, b), self.weight_fn(b, a)
         return loss + 0.5 * ((1 - w0) * pos).mean() + 0.5 * ((1 - w1) * pos).mean()
 
