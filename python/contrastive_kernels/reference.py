@@ -274,7 +274,8 @@ def pairwise_family(q, k, scale, bias, row_offset=None, q_labels=None, k_labels=
     positive = (q_labels[:, None] == k_labels[None, :]) if q_labels is not None else diag
     if mode & PAIR_NEGATIVE_ONLY:
         positive = torch.zeros_like(positive)
-    term = torch.where(positive, F.softplus(-x), F.softplus(x))
+    # softplus(-x) = -logsigmoid(x), exactly (F.softplus is linear above its threshold 20)
+    term = torch.where(positive, -F.logsigmoid(x), -F.logsigmoid(-x))
     keep = torch.ones_like(positive)
     if mode & PAIR_POSITIVES_ONLY:
         keep = keep & positive

@@ -126,7 +126,9 @@ def _ntxent_reference(x, lab, r, rlab, self_ref, temperature):
     if self_ref:
         pos.fill_diagonal_(False)
     neg_lse = torch.logsumexp(s.masked_fill(same, -math.inf), dim=1, keepdim=True)
-    terms = torch.nn.functional.softplus(neg_lse - s)
+    # softplus(neg_lse - s), exactly: F.softplus is linear above its threshold 20 (off by
+    # up to e^-20 there), -logsigmoid(-x) is not.
+    terms = -torch.nn.functional.logsigmoid(s - neg_lse)
     return torch.where(pos, terms, torch.zeros_like(terms)).sum()
 
 
