@@ -394,10 +394,6 @@ def _compare(c: Case, n: int, backend: str, dtype, tol: float, tensor_scalars: b
                             f"(SPEC {tol:.0e}; PyTorch float32 on the same inputs: {te:.1e})")
 
 
-def _params(sizes_of=lambda c: c.sizes):
-    return [pytest.param(c.name, n, id=f"{c.name}-N{n}") for c in CASES for n in sizes_of(c)]
-
-
 # -------------------------------------------------------------------- tests
 def test_every_spec_function_has_a_case():
     for fn, name in FUNCTIONS.items():
@@ -406,15 +402,22 @@ def test_every_spec_function_has_a_case():
     assert {f for f in ck.functional.__all__} == set(FUNCTIONS)
 
 
-@pytest.mark.parametrize("tensor_scalars", [False, True], ids=["float_args", "tensor_args"])
-@pytest.mark.parametrize("name,n", _params())
+def _float64_params():
+    """Every case at every size with its scalar arguments as Python floats, and again as
+    float64 tensors (gradients w.r.t. them too) where it has some; info_nce's sum / none
+    reductions only scale the rows, so their tensor-argument runs are left to 'mean'."""
+    out = []
+    for c in CASES:
+        tensor_runs = [False] + ([True] if c.scalars and not c.name.endswith(("-sum", "-none")) else [])
+        for n in c.sizes:
+            for ts in tensor_runs:
+                out.append(pytest.param(c.name, n, ts, id=f"{c.name}-N{n}-{'tensor' if ts else 'float'}_args"))
+    return out
+
+
+@pytest.mark.parametrize("name,n,tensor_scalars", _float64_params())
 def test_reference_float64_equals_formula(name, n, tensor_scalars):
-    c = CASE_BY_NAME[name]
-    if tensor_scalars and not c.scalars:
-        pytest.skip("no scalar argument to pass as a tensor")  # covered by the float_args run
-    if tensor_scalars and c.name.endswith(("-sum", "-none")):
-        pytest.skip("the reductions only scale the rows: tensor arguments are tested with reduction='mean'")
-    _compare(c, n, "reference", torch.float64, F64_TOL, tensor_scalars, torch.float64)
+    _compare(CASE_BY_NAME[name], n, "reference", torch.float64, F64_TOL, tensor_scalars, torch.float64)
 
 
 # One case per SPEC function gets the full Jacobian check, the other modes the fast
@@ -474,7 +477,7 @@ def test_cuda_tensors_equal_formula(name):
     """On a GPU: the same comparison with CUDA tensors on every backend that runs them."""
     c = CASE_BY_NAME[name]
     fam = c.family
-    for be in kernel_backends(fam, "cuda"):
+    for be in [FAMILY_REFERENCE] + kernel_backends(fam, "cuda"):
         raw = _make(c, 129)
         ours, mine, wrt = _prepare(raw, torch.float32, True, torch.float32)
         ours = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
