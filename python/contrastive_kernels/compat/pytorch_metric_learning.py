@@ -55,6 +55,18 @@ class _PMLBase(nn.Module):
                                       "version; pass labels")
         if labels is None:
             raise ValueError(f"{type(self).__name__}: labels are required (got labels=None)")
+        # PML decides "the reference set is the batch itself" by identity, `ref_labels is
+        # labels`, and then drops the (i, i) pairs; with ref_emb=embeddings as well that is
+        # exactly the loss without a reference set.
+        same_labels_object = ref_labels is labels
+        if same_labels_object and ref_emb is embeddings:
+            ref_emb = ref_labels = None
+        elif same_labels_object and ref_emb is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: ref_labels is the labels tensor itself but ref_emb is not embeddings; "
+                "pytorch-metric-learning then drops the (i, i) pairs between the two sets, which the fused version "
+                "does not support. Pass ref_labels=labels.clone() for an ordinary reference set, or leave ref_emb and "
+                "ref_labels out for the batch itself")
         V.matrix("embeddings", embeddings)
         labels = V.labels("labels", labels.to(embeddings.device) if isinstance(labels, Tensor) else labels,
                           embeddings.shape[0], embeddings.device)
