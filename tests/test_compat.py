@@ -422,3 +422,22 @@ def test_pml_degenerate_cases_are_zero(case, zero):
         if zero:
             (g,) = torch.autograd.grad(loss, [emb], allow_unused=True)
             assert g is None or g.abs().max() == 0
+
+
+def test_pml_ref_labels_identity():
+    """PML treats `ref_labels is labels` as "the reference set is the batch": it drops
+    the (i, i) pairs. With ref_emb=embeddings too that is the plain self-referenced loss
+    (and ours equals PML there); with another ref_emb PML drops cross-set pairs, which we
+    refuse clearly instead of computing something else; a copy of the labels is an
+    ordinary reference set in both."""
+    g = _gen(12)
+    emb = _randn(g, 8, 5)
+    other = _randn(g, 8, 5)
+    lab = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4])
+    for ours_cls, real_cls in ((ck_pml.NTXentLoss, real_pml().NTXentLoss), (ck_pml.SupConLoss, real_pml().SupConLoss)):
+        for ref, ref_lab in ((emb, lab), (emb, lab.clone()), (other, lab.clone())):
+            a = ours_cls(0.2)(emb, lab, ref_emb=ref, ref_labels=ref_lab)
+            b = real_cls(0.2)(emb, lab, ref_emb=ref, ref_labels=ref_lab)
+            assert rel_err(a, b) < F64_TOL, (ours_cls.__name__, ref is emb, ref_lab is lab)
+        with pytest.raises(NotImplementedError, match="ref_labels is the labels tensor itself"):
+            ours_cls(0.2)(emb, lab, ref_emb=other, ref_labels=lab)
