@@ -119,20 +119,23 @@ class NTXentLoss(_TemperatureMixin):
         if self.distributed:
             raise NotImplementedError("NTXentLoss with a memory bank has no distributed mode; use "
                                       "compat.lightly.NTXentLoss(gather_distributed=True) semantics instead")
-        keys = torch.nn.functional.normalize(z2, dim=1) if self.normalize else z2
-        bank = self.bank.query_and_update(keys, update=z1.requires_grad)
+        if self.normalize:  # normalized once here: the queued rows are used as stored, not re-normalized
+            z1, z2 = torch.nn.functional.normalize(z1, dim=1), torch.nn.functional.normalize(z2, dim=1)
+        bank = self.bank.query_and_update(z2, update=z1.requires_grad)
         return F.info_nce(z1, z2, negatives=bank.to(z1.dtype), temperature=self.temperature,
-                          in_batch_negatives=False, normalize=self.normalize, backend=self.backend)
+                          in_batch_negatives=False, normalize=False, backend=self.backend)
 
 
 class MemoryBank(nn.Module):
     """A FIFO queue of feature rows, lightly's MemoryBankModule semantics: (size, dim)
     float32, initialised with random unit rows (at construction when the dimension is
     known, else at the first batch), queried before it is updated; a batch that does not
-    fit before the end fills the tail and the pointer wraps to 0."""
+    fit before the end fills the tail and the pointer wraps to 0. With
+    ``gather_distributed`` the batches of all ranks are enqueued (lightly's option)."""
 
-    def __init__(self, size=0):
+    def __init__(self, size=0, gather_distributed: bool = False):
         super().__init__()
+        self.gather_distributed = gather_distributed
         if isinstance(size, bool) or not isinstance(size, (int, tuple, list)):
             raise TypeError(f"memory_bank_size must be an int or a (size, dim) tuple, got {size!r}")
         size = (size,) if isinstance(size, int) else tuple(int(s) for s in size)
@@ -157,6 +160,12 @@ class MemoryBank(nn.Module):
             raise ValueError(f"memory bank holds rows of dim {self.bank.shape[1]}, got a batch of shape "
                              f"{tuple(batch.shape)}")
         out = self.bank.clone()
+        if update and self.gather_distributed and torch.distributed.is_available() \
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # lightly: every rank enqueues the batches of all ranks (in rank order), no gradient
+            parts = [torch.empty_like(batch) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(parts, batch.detach().contiguous())
+            batch = torch.cat(parts)
         if update:
             ptr, b = int(self.ptr), batch.shape[0]
             if ptr + b >= self.size:

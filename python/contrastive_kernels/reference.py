@@ -170,7 +170,9 @@ def hard_negative_loss(z1, z2, temperature=0.5, *, beta=1.0, tau_plus=0.1, norma
     imp = neg ** beta
     reweight = (imp * neg).sum(1) / imp.mean(1)
     ng = (-tau_plus * n_neg * pos + reweight) / (1 - tau_plus)
-    ng = torch.clamp(ng, min=n_neg * math.exp(-1 / temperature))
+    # The floor depends on the temperature: keep it in the graph when that is a tensor.
+    floor = n_neg * torch.exp(-1 / torch.as_tensor(temperature, dtype=ng.dtype, device=ng.device))
+    ng = torch.clamp(ng, min=floor)
     return (-torch.log(pos / (pos + ng))).mean()
 
 
@@ -273,7 +275,8 @@ def pairwise_family(q, k, scale, bias, row_offset=None, q_labels=None, k_labels=
     positive = (q_labels[:, None] == k_labels[None, :]) if q_labels is not None else diag
     if mode & PAIR_NEGATIVE_ONLY:
         positive = torch.zeros_like(positive)
-    term = torch.where(positive, F.softplus(-x), F.softplus(x))
+    # softplus(-x) = -logsigmoid(x), exactly (F.softplus is linear above its threshold 20)
+    term = torch.where(positive, -F.logsigmoid(x), -F.logsigmoid(-x))
     keep = torch.ones_like(positive)
     if mode & PAIR_POSITIVES_ONLY:
         keep = keep & positive

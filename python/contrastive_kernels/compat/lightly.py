@@ -46,7 +46,7 @@ class NTXentLoss(nn.Module):
         self.temperature = temperature
         self.gather_distributed = gather_distributed
         self.backend = backend
-        self.memory_bank = ck_nn.MemoryBank(memory_bank_size)
+        self.memory_bank = ck_nn.MemoryBank(memory_bank_size, gather_distributed=gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.memory_bank.size == 0:
@@ -55,11 +55,15 @@ class NTXentLoss(nn.Module):
                 # rank * N, mean over local rows; its gather sums the gradients into the owner.
                 return _dist().nt_xent(out0, out1, self.temperature, backend=self.backend, mode="gather")
             return F.nt_xent(out0, out1, self.temperature, backend=self.backend)
-        # with a memory bank lightly does not gather (each rank uses its own bank)
-        keys = torch.nn.functional.normalize(out1, dim=1)
-        bank = self.memory_bank.query_and_update(keys, update=out0.requires_grad)
+        # lightly normalizes both views, queues the normalized out1 rows (gathered from every
+        # rank first when gather_distributed, see MemoryBank.query_and_update) and uses the bank
+        # rows as stored: normalize here, not in info_nce, so the bank is not normalized twice.
+        out0 = torch.nn.functional.normalize(out0, dim=1)
+        out1 = torch.nn.functional.normalize(out1, dim=1)
+        bank = self.memory_bank.query_and_update(out1, update=out0.requires_grad)
         return F.info_nce(out0, out1, negatives=bank.to(device=out0.device, dtype=out0.dtype),
-                          temperature=self.temperature, in_batch_negatives=False, backend=self.backend)
+                          temperature=self.temperature, in_batch_negatives=False, normalize=False,
+                          backend=self.backend)
 
 
 def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5) -> Tensor:
@@ -97,7 +101,8 @@ class DCLLoss(nn.Module):
         # add 0.5 * mean((1 - w) * s_ii / tau) for each direction.
         a = torch.nn.functional.normalize(out0, dim=1)
         b = torch.nn.functional.normalize(out1, dim=1)
-        pos = (a.float() * b.float()).sum(1) / self.temperature
+        ct = torch.promote_types(a.dtype, torch.float32)  # float32 for half inputs, float64 stays float64
+        pos = (a.to(ct) * b.to(ct)).sum(1) / self.temperature
         w0, w1 = weight_fn(a, b), weight_fn(b, a)
         return loss + 0.5 * ((1 - w0) * pos).mean() + 0.5 * ((1 - w1) * pos).mean()
 

@@ -55,6 +55,18 @@ class _PMLBase(nn.Module):
                                       "version; pass labels")
         if labels is None:
             raise ValueError(f"{type(self).__name__}: labels are required (got labels=None)")
+        # PML decides "the reference set is the batch itself" by identity, `ref_labels is
+        # labels`, and then drops the (i, i) pairs; with ref_emb=embeddings as well that is
+        # exactly the loss without a reference set.
+        same_labels_object = ref_labels is labels
+        if same_labels_object and ref_emb is embeddings:
+            ref_emb = ref_labels = None
+        elif same_labels_object and ref_emb is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: ref_labels is the labels tensor itself but ref_emb is not embeddings; "
+                "pytorch-metric-learning then drops the (i, i) pairs between the two sets, which the fused version "
+                "does not support. Pass ref_labels=labels.clone() for an ordinary reference set, or leave ref_emb and "
+                "ref_labels out for the batch itself")
         V.matrix("embeddings", embeddings)
         labels = V.labels("labels", labels.to(embeddings.device) if isinstance(labels, Tensor) else labels,
                           embeddings.shape[0], embeddings.device)
@@ -126,7 +138,9 @@ def _ntxent_reference(x, lab, r, rlab, self_ref, temperature):
     if self_ref:
         pos.fill_diagonal_(False)
     neg_lse = torch.logsumexp(s.masked_fill(same, -math.inf), dim=1, keepdim=True)
-    terms = torch.nn.functional.softplus(neg_lse - s)
+    # softplus(neg_lse - s), exactly: F.softplus is linear above its threshold 20 (off by
+    # up to e^-20 there), -logsigmoid(-x) is not.
+    terms = -torch.nn.functional.logsigmoid(s - neg_lse)
     return torch.where(pos, terms, torch.zeros_like(terms)).sum()
 
 

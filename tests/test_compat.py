@@ -1,0 +1,443 @@
+"""The compat modules against the originals: constructor and forward signatures
+(against the peer classes of tests/peers.py, which mirror the originals, and against
+the real classes where the library is installed), defaults, values and gradients in
+float64 (1e-10) and float32 (1e-5), memory banks over several steps, degenerate label
+sets. pytorch-metric-learning and open_clip's loss.py are compared with the real
+libraries too: those tests fail (never skip) when the library is missing, because the
+README's test install provides both."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+
+import pytest
+import torch
+
+from contrastive_kernels.backends import FAMILY_REFERENCE
+from contrastive_kernels.compat import lightly as ck_lightly
+from contrastive_kernels.compat import open_clip as ck_open_clip
+from contrastive_kernels.compat import pytorch_metric_learning as ck_pml
+
+import peers
+from helpers import TOL, kernel_backends, rel_err
+
+F64_TOL = 1e-10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny sizes: intra-op threads only add synchronization on a loaded CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------ the real libraries
+def real_pml():
+    try:
+        from pytorch_metric_learning import losses
+    except ImportError as exc:
+        pytest.fail("pytorch-metric-learning is not installed, so the compat module cannot be compared with it: "
+                    f"pip install pytorch-metric-learning (the README's test install provides it) [{exc}]")
+    return losses
+
+
+_OPEN_CLIP_LOSS = []
+
+
+def real_open_clip_loss():
+    """open_clip/loss.py loaded by file path: open_clip/__init__ imports torchvision, the
+    loss module needs torch alone."""
+    if _OPEN_CLIP_LOSS:
+        return _OPEN_CLIP_LOSS[0]
+    spec = importlib.util.find_spec("open_clip")  # finds the package without importing it
+    path = None if spec is None or spec.origin is None else os.path.join(os.path.dirname(spec.origin), "loss.py")
+    if path is None or not os.path.exists(path):
+        pytest.fail("open-clip-torch is not installed, so the compat module cannot be compared with open_clip's "
+                    "loss.py: pip install --no-deps open-clip-torch (the README's install command does this)")
+    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss_for_tests", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    _OPEN_CLIP_LOSS.append(mod)
+    return mod
+
+
+# --------------------------------------------------------------------- signatures
+def _assert_same_signature(ours, original, what):
+    """The original's parameters, in order, with the same kinds and defaults; anything
+    we add is keyword-only with a default (so no original call changes meaning)."""
+    p_ours = list(inspect.signature(ours).parameters.values())
+    p_orig = list(inspect.signature(original).parameters.values())
+    names = {p.name for p in p_orig}
+    for p in p_ours:
+        if p.name not in names:
+            assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty, \
+                f"{what}: extra parameter {p} must be keyword-only with a default"
+    mine = [(p.name, p.kind, p.default) for p in p_ours if p.name in names]
+    theirs = [(p.name, p.kind, p.default) for p in p_orig]
+    assert mine == theirs, f"{what}: {mine} != original {theirs}"
+
+
+SIGNATURES = [
+    ("lightly.NTXentLoss", ck_lightly.NTXentLoss, lambda: peers.LightlyNTXentLoss),
+    ("lightly.DCLLoss", ck_lightly.DCLLoss, lambda: peers.LightlyDCLLoss),
+    ("lightly.DCLWLoss", ck_lightly.DCLWLoss, lambda: peers.LightlyDCLWLoss),
+    ("lightly.BarlowTwinsLoss", ck_lightly.BarlowTwinsLoss, lambda: peers.LightlyBarlowTwinsLoss),
+    ("lightly.VICRegLoss", ck_lightly.VICRegLoss, lambda: peers.LightlyVICRegLoss),
+    ("open_clip.ClipLoss", ck_open_clip.ClipLoss, lambda: peers.OpenClipClipLoss),
+    ("open_clip.SigLipLoss", ck_open_clip.SigLipLoss, lambda: peers.OpenClipSigLipLoss),
+    ("pml.NTXentLoss", ck_pml.NTXentLoss, lambda: peers.PMLNTXentLoss),
+    ("pml.SupConLoss", ck_pml.SupConLoss, lambda: peers.PMLSupConLoss),
+    ("real open_clip.ClipLoss", ck_open_clip.ClipLoss, lambda: real_open_clip_loss().ClipLoss),
+    ("real open_clip.SigLipLoss", ck_open_clip.SigLipLoss, lambda: real_open_clip_loss().SigLipLoss),
+    ("real pml.NTXentLoss", ck_pml.NTXentLoss, lambda: real_pml().NTXentLoss),
+    ("real pml.SupConLoss", ck_pml.SupConLoss, lambda: real_pml().SupConLoss),
+]
+
+
+@pytest.mark.parametrize("what,ours,original", SIGNATURES, ids=[s[0] for s in SIGNATURES])
+def test_signatures_equal_originals(what, ours, original):
+    orig = original()
+    _assert_same_signature(ours.__init__, orig.__init__, what + ".__init__")
+    _assert_same_signature(ours.forward, orig.forward, what + ".forward")
+
+
+def test_default_attributes_equal_originals():
+    """Defaults land in the same attributes as in the originals."""
+    pairs = [(ck_lightly.NTXentLoss(), peers.LightlyNTXentLoss(), ("temperature", "gather_distributed")),
+             (ck_lightly.DCLLoss(), peers.LightlyDCLLoss(), ("temperature", "weight_fn", "gather_distributed")),
+             (ck_lightly.BarlowTwinsLoss(), peers.LightlyBarlowTwinsLoss(), ("lambda_param", "gather_distributed")),
+             (ck_lightly.VICRegLoss(), peers.LightlyVICRegLoss(),
+              ("lambda_param", "mu_param", "nu_param", "gather_distributed", "eps")),
+             (ck_open_clip.ClipLoss(), real_open_clip_loss().ClipLoss(),
+              ("local_loss", "gather_with_grad", "cache_labels", "rank", "world_size", "use_horovod")),
+             (ck_open_clip.SigLipLoss(), real_open_clip_loss().SigLipLoss(),
+              ("cache_labels", "rank", "world_size", "dist_impl")),
+             (ck_pml.NTXentLoss(), real_pml().NTXentLoss(), ("temperature",)),
+             (ck_pml.SupConLoss(), real_pml().SupConLoss(), ("temperature",))]
+    for ours, orig, attrs in pairs:
+        for a in attrs:
+            assert getattr(ours, a) == getattr(orig, a), f"{type(ours).__name__}.{a}"
+
+
+# ---------------------------------------------------------------- comparisons
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(g, *shape, scale=1.0):
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def _labels(g, n, classes):
+    lab = torch.randint(0, classes, (n,), generator=g)
+    if n >= 5:
+        lab[1], lab[n - 2] = 700, 701  # singleton classes: anchors without a positive
+    return lab
+
+
+def _grads(loss, tensors):
+    gs = torch.autograd.grad(loss, tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, tensors)]
+
+
+def _check(run_ours, run_ref, raw: dict, dtype, what: str, stateful: bool = False):
+    """run_ours on `raw` cast to dtype, run_ref on float64 copies of the same rounded
+    values: loss and the gradient of every floating input within the tolerance (1e-10 in
+    float64, SPEC's otherwise; where plain PyTorch float32 on the same inputs misses
+    SPEC's tolerance, twice its error, the FlashAttention rule of STYLE.md)."""
+    tol = F64_TOL if dtype == torch.float64 else TOL[dtype]
+    ours, ref_in, wrt = {}, {}, []
+    for k, v in raw.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            ours[k] = v.to(dtype).requires_grad_()
+            ref_in[k] = ours[k].detach().double().requires_grad_()
+            wrt.append(k)
+        else:
+            ours[k] = ref_in[k] = v
+    out = run_ours(ours)
+    ref = run_ref(ref_in)
+    if isinstance(ref, dict):
+        assert isinstance(out, dict) and out.keys() == ref.keys(), f"{what}: {out!r} vs {ref!r}"
+        out, ref = out["contrastive_loss"], ref["contrastive_loss"]
+    assert out.dim() == 0 and torch.isfinite(ref)
+    g_out = _grads(out, [ours[k] for k in wrt])
+    g_ref = _grads(ref, [ref_in[k] for k in wrt])
+    errs = [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(g_out, g_ref)]
+    names = ["loss"] + [f"d/d{k}" for k in wrt]
+    for k, g in zip(wrt, g_out):
+        assert g.dtype == ours[k].dtype, f"{what}: d/d{k} dtype {g.dtype}"
+    if max(errs) <= tol:
+        return
+    torch_errs = [0.0] * len(errs)
+    if dtype != torch.float64 and not stateful:  # (a module with state cannot be run twice)
+        p32 = {k: (v.detach().float().requires_grad_() if k in wrt else v) for k, v in ours.items()}
+        r32 = run_ref(p32)
+        r32 = r32["contrastive_loss"] if isinstance(r32, dict) else r32
+        torch_errs = [rel_err(r32, ref)] + [rel_err(a, b) for a, b in
+                                            zip(_grads(r32, [p32[k] for k in wrt]), g_ref)]
+    for name, e, te in zip(names, errs, torch_errs):
+        bound = max(tol, 2 * te)
+        assert e <= bound, f"{what} {dtype}: {name} relative error {e:.3e} > {bound:.1e} (PyTorch f32: {te:.1e})"
+
+
+def _backends(*families):
+    """None (the default, auto), the family references, and every kernel backend that
+    runs all of `families` here."""
+    common = set(kernel_backends(families[0]))
+    for f in families[1:]:
+        common &= set(kernel_backends(f))
+    return [None, FAMILY_REFERENCE] + sorted(common)
+
+
+def _runs(*families):
+    """(dtype, backend): float64 on the default backend (the reference), float32 on every one."""
+    return [pytest.param(torch.float64, None, id="float64")] + [
+        pytest.param(torch.float32, be, id=f"float32-{be or 'default'}",
+                     marks=[pytest.mark.triton] if be == "triton" else []) for be in _backends(*families)]
+
+
+# ------------------------------------------------------------------- lightly
+@pytest.mark.parametrize("dtype,backend", _runs("lse"))
+@pytest.mark.parametrize("n,d,temperature", [(1, 5, 0.5), (7, 13, 0.5), (33, 9, 0.1)])
+def test_lightly_ntxent(dtype, backend, n, d, temperature):
+    g = _gen(n)
+    raw = dict(out0=_randn(g, n, d), out1=_randn(g, n, d))
+    loss = ck_lightly.NTXentLoss(temperature, backend=backend)
+    peer = peers.LightlyNTXentLoss(temperature)
+    _check(lambda t: loss(t["out0"], t["out1"]), lambda t: peer(t["out0"], t["out1"]), raw, dtype,
+           "lightly.NTXentLoss")
+
+
+@pytest.mark.parametrize("dtype,backend", _runs("lse"))
+@pytest.mark.parametrize("bank", ["int", "tuple"])
+def test_lightly_ntxent_memory_bank(dtype, backend, bank):
+    """Several steps through a bank of 10 rows with batches of 4: queried before the
+    update, wrap-around (a batch that does not fit fills the tail, the pointer goes to 0),
+    no update when out0 does not require grad; the bank drawn from the same RNG as the
+    peer's (lightly's MemoryBankModule semantics)."""
+    d, size, n = 6, 10, 4
+    g = _gen(3)
+    batches = [(_randn(g, n, d), _randn(g, n, d)) for _ in range(5)]
+    update = [True, True, True, False, True]
+    memory_bank_size = size if bank == "int" else (size, d)
+    # The bank is the only draw from the global RNG: at construction for (size, dim), at
+    # the first forward for an int. Seed before each module's construction and before its
+    # first forward, so both draw the same bank either way.
+    torch.manual_seed(99)
+    ours = ck_lightly.NTXentLoss(0.2, memory_bank_size=memory_bank_size, backend=backend)
+    torch.manual_seed(99)
+    peer = peers.LightlyNTXentLoss(0.2, memory_bank_size=memory_bank_size)
+    if bank == "tuple":
+        assert torch.equal(ours.memory_bank.bank, peer.memory_bank.bank)
+        assert torch.allclose(ours.memory_bank.bank.norm(dim=1), torch.ones(size))
+    for step, ((a, b), up) in enumerate(zip(batches, update)):
+        def run_ours(t, up=up, step=step):
+            if step == 0:
+                torch.manual_seed(7)
+            out0 = t["out0"] if up else t["out0"].detach()
+            return ours(out0, t["out1"])
+
+        def run_peer(t, up=up, step=step):
+            if step == 0:
+                torch.manual_seed(7)
+            out0 = t["out0"] if up else t["out0"].detach()
+            return peer(out0, t["out1"])
+
+        _check(run_ours, run_peer, dict(out0=a, out1=b), dtype, f"lightly.NTXentLoss bank {bank} step {step}",
+               stateful=True)
+        # The queued rows are normalized in the input dtype; the peer (the float64
+        # reference) normalized the float64 copies, so in float32 they differ by rounding.
+        atol = 0.0 if dtype == torch.float64 else 2e-7
+        assert torch.allclose(ours.memory_bank.bank, peer.memory_bank.bank, rtol=0, atol=atol), \
+            f"bank differs after step {step}"
+        assert int(ours.memory_bank.ptr) == peer.memory_bank.ptr
+    assert peer.memory_bank.ptr == 4  # 0 -> 4 -> 8 -> wrap to 0 -> (no update) 0 -> 4
+
+
+@pytest.mark.parametrize("dtype,backend", _runs("lse"))
+@pytest.mark.parametrize("n,d", [(2, 5), (7, 13), (33, 9)])
+def test_lightly_dcl(dtype, backend, n, d):
+    g = _gen(n + 1)
+    raw = dict(out0=_randn(g, n, d), out1=_randn(g, n, d))
+
+    def weight_fn(a, b):  # a weight with a gradient, as lightly allows
+        return 1.0 + (a - b).pow(2).sum(1)
+
+    for kwargs in [dict(), dict(temperature=0.3), dict(temperature=0.2, weight_fn=weight_fn)]:
+        loss = ck_lightly.DCLLoss(backend=backend, **kwargs)
+        peer = peers.LightlyDCLLoss(**kwargs)
+        _check(lambda t: loss(t["out0"], t["out1"]), lambda t: peer(t["out0"], t["out1"]), raw, dtype,
+               f"lightly.DCLLoss({kwargs})")
+    for kwargs in [dict(), dict(temperature=0.25, sigma=0.8)]:
+        loss = ck_lightly.DCLWLoss(backend=backend, **kwargs)
+        peer = peers.LightlyDCLWLoss(**kwargs)
+        _check(lambda t: loss(t["out0"], t["out1"]), lambda t: peer(t["out0"], t["out1"]), raw, dtype,
+               f"lightly.DCLWLoss({kwargs})")
+
+
+def _views(g, n, d):
+    scales = torch.linspace(0.3, 2.0, d, dtype=torch.float64)
+    z1 = _randn(g, n, d) * scales + 0.5
+    return dict(z_a=z1, z_b=0.6 * z1 + 0.8 * _randn(g, n, d) * scales)
+
+
+@pytest.mark.parametrize("dtype,backend", _runs("xcorr"))
+@pytest.mark.parametrize("n,d", [(3, 5), (7, 13), (33, 9)])
+def test_lightly_barlow_twins_and_vicreg(dtype, backend, n, d):
+    raw = _views(_gen(n + 2), n, d)
+    for kwargs in [dict(), dict(lambda_param=0.02)]:
+        loss = ck_lightly.BarlowTwinsLoss(backend=backend, **kwargs)
+        peer = peers.LightlyBarlowTwinsLoss(**kwargs)
+        _check(lambda t: loss(t["z_a"], t["z_b"]), lambda t: peer(t["z_a"], t["z_b"]), raw, dtype,
+               f"lightly.BarlowTwinsLoss({kwargs})")
+    for kwargs in [dict(), dict(lambda_param=10.0, mu_param=5.0, nu_param=2.0, eps=1e-3)]:
+        loss = ck_lightly.VICRegLoss(backend=backend, **kwargs)
+        peer = peers.LightlyVICRegLoss(**kwargs)
+        _check(lambda t: loss(t["z_a"], t["z_b"]), lambda t: peer(t["z_a"], t["z_b"]), raw, dtype,
+               f"lightly.VICRegLoss({kwargs})")
+
+
+def test_lightly_barlow_twins_equals_facebook_formula():
+    """lightly (after PR #1806) and facebookresearch/barlowtwins are the same loss."""
+    raw = _views(_gen(4), 9, 6)
+    a = peers.LightlyBarlowTwinsLoss(0.0051)(raw["z_a"], raw["z_b"])
+    b = peers.barlow_twins(raw["z_a"], raw["z_b"], 0.0051)
+    assert rel_err(a, b) < 1e-13
+
+
+# ------------------------------------------------------------------ open_clip
+def _clip_raw(g, n, d, bias):
+    raw = dict(image=peers.unit(_randn(g, n, d)), text=peers.unit(_randn(g, n, d)),
+               logit_scale=torch.tensor(14.3, dtype=torch.float64))
+    if bias is not None:
+        raw["logit_bias"] = torch.tensor(bias, dtype=torch.float64)
+    return raw
+
+
+def _clip_call(module, output_dict):
+    def run(t):
+        return module(t["image"], t["text"], t["logit_scale"], t.get("logit_bias"), output_dict=output_dict)
+    return run
+
+
+@pytest.mark.parametrize("dtype,backend", _runs("lse"))
+@pytest.mark.parametrize("bias", [None, -2.5])
+@pytest.mark.parametrize("output_dict", [False, True])
+@pytest.mark.parametrize("n,d", [(1, 5), (7, 13), (33, 9)])
+def test_open_clip_clip_loss(dtype, backend, bias, output_dict, n, d):
+    raw = _clip_raw(_gen(n + 5), n, d, bias)
+    ours = ck_open_clip.ClipLoss(backend=backend)
+    _check(_clip_call(ours, output_dict), _clip_call(peers.OpenClipClipLoss(), output_dict), raw,
+           dtype, "open_clip.ClipLoss vs peer")
+    _check(_clip_call(ours, output_dict), _clip_call(real_open_clip_loss().ClipLoss(), output_dict),
+           raw, dtype, "open_clip.ClipLoss vs open_clip")
+
+
+@pytest.mark.parametrize("dtype,backend", _runs("pairwise"))
+@pytest.mark.parametrize("bias", [None, -10.0])
+@pytest.mark.parametrize("output_dict", [False, True])
+@pytest.mark.parametrize("n,d", [(1, 5), (7, 13), (33, 9)])
+def test_open_clip_siglip_loss(dtype, backend, bias, output_dict, n, d):
+    raw = _clip_raw(_gen(n + 6), n, d, bias)
+    raw["logit_scale"] = torch.tensor(10.0, dtype=torch.float64)
+    ours = ck_open_clip.SigLipLoss(backend=backend)
+    _check(_clip_call(ours, output_dict), _clip_call(peers.OpenClipSigLipLoss(), output_dict),
+           raw, dtype, "open_clip.SigLipLoss vs peer")
+    _check(_clip_call(ours, output_dict),
+           _clip_call(real_open_clip_loss().SigLipLoss(), output_dict), raw, dtype,
+           "open_clip.SigLipLoss vs open_clip")
+
+
+# ---------------------------------------------------- pytorch-metric-learning
+def _pml_call(module, with_ref):
+    def run(t):
+        if with_ref:
+            return module(t["embeddings"], t["labels"], ref_emb=t["ref_emb"], ref_labels=t["ref_labels"])
+        return module(t["embeddings"], t["labels"])
+    return run
+
+
+PML_LABELS = {
+    # name: (n, ref rows or None, labels builder)
+    "labels": (17, None, lambda g, n: _labels(g, n, 4)),
+    "labels_small": (5, None, lambda g, n: _labels(g, n, 2)),
+    "ref": (9, 13, lambda g, n: _labels(g, n, 3)),
+    "all_same": (6, None, lambda g, n: torch.zeros(n, dtype=torch.long)),
+    "all_distinct": (6, None, lambda g, n: torch.arange(n)),
+    "ref_all_same": (5, 7, lambda g, n: torch.full((n,), 3)),
+    "ref_no_positive": (5, 7, lambda g, n: torch.arange(n) + 100),
+    "one_pair": (2, None, lambda g, n: torch.tensor([4, 4])),
+    # anchors 0, 1 have only positives in the reference set, anchors 2, 3 only negatives
+    "ref_split": (4, 6, lambda g, n: torch.tensor([3, 3, 5, 6]) if n == 4 else torch.full((n,), 3)),
+}
+
+
+def _pml_raw(case, g, d=7):
+    n, m, make = PML_LABELS[case]
+    raw = dict(embeddings=_randn(g, n, d), labels=make(g, n))
+    if m is not None:
+        raw["ref_emb"] = _randn(g, m, d)
+        raw["ref_labels"] = make(g, m) if case != "ref_no_positive" else torch.arange(m)
+    return raw, m is not None
+
+
+@pytest.mark.parametrize("dtype,backend", _runs("lse", "pairwise"))
+@pytest.mark.parametrize("case", list(PML_LABELS))
+def test_pml_ntxent(dtype, backend, case):
+    raw, with_ref = _pml_raw(case, _gen(len(case)))
+    for temperature in (0.07, 0.3):
+        ours = ck_pml.NTXentLoss(temperature, backend=backend)
+        _check(_pml_call(ours, with_ref), _pml_call(peers.PMLNTXentLoss(temperature), with_ref), raw, dtype,
+               f"pml.NTXentLoss({temperature}) {case} vs peer")
+        _check(_pml_call(ours, with_ref), _pml_call(real_pml().NTXentLoss(temperature), with_ref), raw, dtype,
+               f"pml.NTXentLoss({temperature}) {case} vs pytorch-metric-learning")
+
+
+@pytest.mark.parametrize("dtype,backend", _runs("lse"))
+@pytest.mark.parametrize("case", list(PML_LABELS))
+def test_pml_supcon(dtype, backend, case):
+    raw, with_ref = _pml_raw(case, _gen(len(case) + 1))
+    for temperature in (0.1, 0.25):
+        ours = ck_pml.SupConLoss(temperature, backend=backend)
+        _check(_pml_call(ours, with_ref), _pml_call(peers.PMLSupConLoss(temperature), with_ref), raw, dtype,
+               f"pml.SupConLoss({temperature}) {case} vs peer")
+        _check(_pml_call(ours, with_ref), _pml_call(real_pml().SupConLoss(temperature), with_ref), raw, dtype,
+               f"pml.SupConLoss({temperature}) {case} vs pytorch-metric-learning")
+
+
+@pytest.mark.parametrize("case,zero", [("all_same", True), ("all_distinct", True), ("ref_all_same", True),
+                                       ("ref_no_positive", True), ("one_pair", True), ("labels", False)])
+def test_pml_degenerate_cases_are_zero(case, zero):
+    """No negative pair (all one label), no positive pair (all distinct), or at most one
+    pair of each kind: PML's early exit, a zero loss with zero gradients."""
+    raw, with_ref = _pml_raw(case, _gen(1))
+    for cls in (ck_pml.NTXentLoss, ck_pml.SupConLoss):
+        emb = raw["embeddings"].clone().requires_grad_()
+        args = dict(raw, embeddings=emb)
+        loss = _pml_call(cls(), with_ref)(args)
+        assert (loss.item() == 0.0) == zero, (cls.__name__, case, loss.item())
+        if zero:
+            (g,) = torch.autograd.grad(loss, [emb], allow_unused=True)
+            assert g is None or g.abs().max() == 0
+
+
+def test_pml_ref_labels_identity():
+    """PML treats `ref_labels is labels` as "the reference set is the batch": it drops
+    the (i, i) pairs. With ref_emb=embeddings too that is the plain self-referenced loss
+    (and ours equals PML there); with another ref_emb PML drops cross-set pairs, which we
+    refuse clearly instead of computing something else; a copy of the labels is an
+    ordinary reference set in both."""
+    g = _gen(12)
+    emb = _randn(g, 8, 5)
+    other = _randn(g, 8, 5)
+    lab = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4])
+    for ours_cls, real_cls in ((ck_pml.NTXentLoss, real_pml().NTXentLoss), (ck_pml.SupConLoss, real_pml().SupConLoss)):
+        for ref, ref_lab in ((emb, lab), (emb, lab.clone()), (other, lab.clone())):
+            a = ours_cls(0.2)(emb, lab, ref_emb=ref, ref_labels=ref_lab)
+            b = real_cls(0.2)(emb, lab, ref_emb=ref, ref_labels=ref_lab)
+            assert rel_err(a, b) < F64_TOL, (ours_cls.__name__, ref is emb, ref_lab is lab)
+        with pytest.raises(NotImplementedError, match="ref_labels is the labels tensor itself"):
+            ours_cls(0.2)(emb, lab, ref_emb=other, ref_labels=lab)
