@@ -16,6 +16,18 @@
 // items of a step share a row block or a column block.  Every accumulator then has
 // one owner per step and receives its terms in a fixed order, whatever the number of
 // threads; a step ends at the barrier of its parallel_for.
+//
+// Symmetric problems (q and k the same tensor with the same row scale, no column
+// bias, a symmetric mask: nt_xent, SupCon, HCL, DCL's same-view terms) compute only
+// the tiles (I, J) with I <= J: an off-diagonal tile updates the row statistics of
+// block I along its rows and those of block J along its columns, which halves the
+// forward.  The backward needs only the sum dq + dk (autograd adds the gradients of
+// a tensor passed twice): with H = A + B, an off-diagonal tile adds C X_J to H_I and
+// C^T X_I to H_J where C = dS_IJ + dS_JI^T comes from the one tile, and a diagonal
+// tile adds (dS_II + dS_II^T) X_I; that is 1.5 GEMM passes instead of 3.  The whole
+// gradient of the tensor is then returned as dq (and dq_rscale), with dk (dk_rscale)
+// zero.  Tiles are visited in the rounds of a round-robin tournament (circle method):
+// the pairs of a round are disjoint, so again every accumulator has one owner.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -340,6 +352,119 @@ void backward_tiles(const Problem& P, const Tiling& T, const Scratch& W, const G
   }
 }
 
+// ----------------------------------------------------------- symmetric problems
+// Rounds of the circle method over L blocks: every unordered pair {I, J} (I < J) once,
+// and every diagonal tile (I, I) once; the items of a round share no block.
+std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament_rounds(int64_t L) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
+  if (L == 1) return {{{0, 0}}};
+  const int64_t Lp = L + (L & 1), ring = Lp - 1;
+  auto add = [&](std::vector<std::pair<int64_t, int64_t>>& items, int64_t a, int64_t b) {
+    if (a >= L) a = b;  // the bye of an odd count: that block does its diagonal tile
+    if (b >= L) b = a;
+    items.emplace_back(std::min(a, b), std::max(a, b));
+  };
+  for (int64_t r = 0; r < ring; ++r) {
+    std::vector<std::pair<int64_t, int64_t>> items;
+    add(items, ring, r);
+    for (int64_t k = 1; k < Lp / 2; ++k) add(items, (r + k) % ring, (r - k + ring) % ring);
+    rounds.push_back(std::move(items));
+  }
+  if ((L & 1) == 0) {
+    std::vector<std::pair<int64_t, int64_t>> diag;
+    for (int64_t i = 0; i < L; ++i) diag.emplace_back(i, i);
+    rounds.push_back(std::move(diag));
+  }
+  return rounds;
+}
+
+template <typename F>
+void for_each_round(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rounds, const F& fn) {
+  for (const auto& items : rounds) {
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) fn(items[p].first, items[p].second);
+    });
+  }
+}
+
+void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse) {
+  std::vector<float> mx(P.n, kNegInf), sm(P.n, 0.0f);
+  const float* X = P.qh;
+  for_each_round(tournament_rounds(T.nrb), [&](int64_t I, int64_t J) {
+    float* g = W.tile();
+    float* tmax = W.col0();
+    float* off = W.col1();
+    const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
+    const int64_t j0 = T.rows(J), bn = std::min(T.bm, P.n - j0);
+    const bool pair = I != J;
+    gemm_abt(bm, bn, P.d, X + i0 * P.d, P.d, X + j0 * P.d, P.d, g);
+    if (pair) std::fill(tmax, tmax + bn, kNegInf);
+    for (int64_t r = 0; r < bm; ++r) {
+      float* s = g + r * bn;
+      tile_row_logits(P, s, s, i0 + r, j0, bn);
+      row_update(mx[i0 + r], sm[i0 + r], s, bn);
+      if (pair) col_max_acc(tmax, s, bn);
+    }
+    if (pair) {  // the tile's columns are rows of block J
+      col_rescale(mx.data() + j0, sm.data() + j0, off, tmax, bn);
+      for (int64_t r = 0; r < bm; ++r) col_sum_exp_acc(sm.data() + j0, g + r * bn, off, bn);
+    }
+  });
+  for (int64_t i = 0; i < P.n; ++i) row_lse[i] = finish_lse(mx[i], sm[i]);
+}
+
+// c <- c + c^T for a square tile.
+void symmetrize(float* c, int64_t b) {
+  for (int64_t i = 0; i < b; ++i) {
+    c[i * b + i] *= 2.0f;
+    for (int64_t j = i + 1; j < b; ++j) {
+      const float v = c[i * b + j] + c[j * b + i];
+      c[i * b + j] = v;
+      c[j * b + i] = v;
+    }
+  }
+}
+
+// w: combined upstream gradient per row (0 where the row has no kept pair), rl: row lse
+// (0 where -inf); H (n, d) += the whole gradient direction A + B, or null.
+void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, const float* w, const float* rl,
+                        float* H, double* dscale) {
+  const float* X = P.qh;
+  for_each_round(tournament_rounds(T.nrb), [&](int64_t I, int64_t J) {
+    float* g = W.tile();
+    float* s = W.row();
+    const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
+    const int64_t j0 = T.rows(J), bn = std::min(T.bm, P.n - j0);
+    const bool pair = I != J;
+    gemm_abt(bm, bn, P.d, X + i0 * P.d, P.d, X + j0 * P.d, P.d, g);
+    double dsc = 0.0;
+    for (int64_t r = 0; r < bm; ++r) {
+      const int64_t gi = i0 + r;
+      float* gr = g + r * bn;
+      tile_row_logits(P, s, gr, gi, j0, bn);
+      const bool row_term = w[gi] != 0.0f;
+      if (pair && row_term) {
+        dsc += ds_row_rc(gr, s, bn, w[gi], rl[gi], w + j0, rl + j0);
+      } else if (pair) {
+        dsc += ds_row_c(gr, s, bn, w + j0, rl + j0);
+      } else if (row_term) {
+        dsc += ds_row_r(gr, s, bn, w[gi], rl[gi]);
+      } else {
+        std::fill(gr, gr + bn, 0.0f);
+      }
+    }
+    if (dscale != nullptr) dscale[I] += dsc;
+    if (H == nullptr) return;
+    if (pair) {
+      gemm_acc_ab(bm, P.d, bn, g, X + j0 * P.d, H + i0 * P.d);
+      gemm_acc_atb(bn, P.d, bm, g, X + i0 * P.d, H + j0 * P.d);
+    } else {
+      symmetrize(g, bm);
+      gemm_acc_ab(bm, P.d, bm, g, X + i0 * P.d, H + i0 * P.d);
+    }
+  });
+}
+
 // ----------------------------------------------------------- argument checks, glue
 void check_vector(const OptTensor& t, const char* name, int64_t len, at::ScalarType dtype, const char* len_name) {
   if (!t.has_value()) return;
@@ -352,7 +477,21 @@ void check_vector(const OptTensor& t, const char* name, int64_t len, at::ScalarT
 struct Operands {
   Tensor qh, kh, bias, pos, ql, kl;
   Problem P;
+  bool same = false;  // q is k and q_rscale is k_rscale (or both absent)
 };
+
+// Same operand, no column bias, and a mask that keeps (i, j) exactly when it keeps (j, i).
+bool is_symmetric(const Operands& o) {
+  const Problem& P = o.P;
+  if (!o.same || P.bias != nullptr || P.n != P.m) return false;
+  if ((P.mask_mode & kMaskDiag) && P.diag_offset != 0) return false;
+  if (P.mask_mode & kMaskPos) {  // j == pos[i] must mean i == pos[j]: pos is an involution
+    for (int64_t i = 0; i < P.n; ++i)
+      if (P.pos[P.pos[i]] != i) return false;
+  }
+  if ((P.mask_mode & kMaskSameLabel) && !(o.ql.is_same(o.kl) || at::equal(o.ql, o.kl))) return false;
+  return true;
+}
 
 Tensor row_scaled_f32(const Tensor& x, const OptTensor& rscale) {
   if (!rscale.has_value()) return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
@@ -421,8 +560,8 @@ Operands prepare(const Tensor& q, const Tensor& k, const Tensor& scale, const Op
   // nt_xent-style calls score a matrix against itself: share the scaled copy.
   const bool same_rscale = (!q_rscale.has_value() && !k_rscale.has_value()) ||
                            (q_rscale.has_value() && k_rscale.has_value() && q_rscale->is_same(*k_rscale));
-  const bool same = q.is_same(k) && same_rscale;
-  o.kh = same ? o.qh : row_scaled_f32(k, k_rscale);
+  o.same = q.is_same(k) && same_rscale;
+  o.kh = o.same ? o.qh : row_scaled_f32(k, k_rscale);
   P.qh = o.qh.data_ptr<float>();
   P.kh = o.kh.data_ptr<float>();
   return o;
@@ -446,7 +585,10 @@ std::tuple<Tensor, Tensor> lse_forward_cpu(const Tensor& q, const Tensor& k, con
   }
   const Tiling T = make_tiling(P.n, P.m);
   const Scratch W(T);
-  if (compute_col) {
+  if (is_symmetric(o)) {
+    forward_symmetric(P, T, W, row.data_ptr<float>());
+    if (compute_col) col.copy_(row);
+  } else if (compute_col) {
     forward_rows_and_cols(P, T, W, row.data_ptr<float>(), col.data_ptr<float>());
   } else {
     forward_rows(P, T, W, row.data_ptr<float>());
@@ -486,7 +628,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
                 "col_lse must be float32 of shape (M,) = (", P.m, ",) when grad_col is given, got ",
                 col_lse.scalar_type(), " ", col_lse.sizes());
   }
-  const bool needA = need_q || need_q_rscale, needB = need_k || need_k_rscale;
+  // Symmetric problem, both halves of the tensor's gradient wanted: one combined pass.
+  const bool combined = is_symmetric(o) && need_q == need_k && need_q_rscale == need_k_rscale && !need_bias;
+  const bool needA = need_q || need_q_rscale, needB = !combined && (need_k || need_k_rscale);
   const Tiling T = make_tiling(std::max<int64_t>(P.n, 1), std::max<int64_t>(P.m, 1));
 
   Tensor A = needA ? at::zeros({P.n, P.d}, f32) : Tensor();
@@ -505,7 +649,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
     clse = c.masked_fill(empty_col, 0.0f).contiguous();
   }
   const bool any_work = (needA || needB || need_bias || need_scale) && (grow.defined() || gcol.defined());
-  if (any_work && P.n > 0 && P.m > 0) {
+  if (any_work && P.n > 0 && P.m > 0 && combined) {
+    // Row i's weight in dS + dS^T: its row and column upstream gradients (col_lse = row_lse).
+    Tensor w = grow.defined() ? grow.clone() : at::zeros({P.n}, f32);
+    if (gcol.defined()) w.add_(gcol);
+    const Tensor empty_row = rlse.eq(kNegInf);
+    w.masked_fill_(empty_row, 0.0f);
+    const Tensor rl = rlse.masked_fill(empty_row, 0.0f).contiguous();
+    const Scratch W(T);
+    backward_symmetric(P, T, W, w.data_ptr<float>(), rl.data_ptr<float>(), needA ? A.data_ptr<float>() : nullptr,
+                       need_scale ? dscale_part.data() : nullptr);
+  } else if (any_work && P.n > 0 && P.m > 0) {
     Grads G;
     G.grow = grow.defined() ? grow.data_ptr<float>() : nullptr;
     G.rlse = rlse.data_ptr<float>();
@@ -527,11 +681,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
     dq = (A * f).to(q.scalar_type());
   }
   if (need_q_rscale) dqr = (q.to(at::kFloat) * A).sum(1) * s;
-  if (need_k) {
-    const Tensor f = k_rscale.has_value() ? k_rscale->unsqueeze(1) * s : at::full({1, 1}, s, f32);
-    dk = (B * f).to(k.scalar_type());
+  if (combined) {  // dq (dq_rscale) carries the whole gradient of the shared tensor
+    if (need_k) dk = at::zeros_like(k);
+    if (need_k_rscale) dkr = at::zeros({P.m}, f32);
+  } else {
+    if (need_k) {
+      const Tensor f = k_rscale.has_value() ? k_rscale->unsqueeze(1) * s : at::full({1, 1}, s, f32);
+      dk = (B * f).to(k.scalar_type());
+    }
+    if (need_k_rscale) dkr = (k.to(at::kFloat) * B).sum(1) * s;
   }
-  if (need_k_rscale) dkr = (k.to(at::kFloat) * B).sum(1) * s;
   if (need_scale) {
     double total = 0.0;
     for (double v : dscale_part) total += v;
