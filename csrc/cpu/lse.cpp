@@ -676,20 +676,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
   const float s = P.scale;
   Tensor dq = at::empty({0}, q.options()), dk = at::empty({0}, k.options());
   Tensor dscale = at::empty({0}, f32), dqr = at::empty({0}, f32), dkr = at::empty({0}, f32);
+  // Row dots x_i . A_i without an N x D temporary; then A is scaled in place into dq.
+  auto rowdot = [](const Tensor& x, const Tensor& y) {
+    return at::bmm(x.to(at::kFloat).unsqueeze(1), y.unsqueeze(2)).view({x.size(0)});
+  };
+  if (need_q_rscale) dqr = rowdot(q, A).mul_(s);
   if (need_q) {
     const Tensor f = q_rscale.has_value() ? q_rscale->unsqueeze(1) * s : at::full({1, 1}, s, f32);
-    dq = (A * f).to(q.scalar_type());
+    dq = A.mul_(f).to(q.scalar_type());
   }
-  if (need_q_rscale) dqr = (q.to(at::kFloat) * A).sum(1) * s;
   if (combined) {  // dq (dq_rscale) carries the whole gradient of the shared tensor
     if (need_k) dk = at::zeros_like(k);
     if (need_k_rscale) dkr = at::zeros({P.m}, f32);
   } else {
+    if (need_k_rscale) dkr = rowdot(k, B).mul_(s);
     if (need_k) {
       const Tensor f = k_rscale.has_value() ? k_rscale->unsqueeze(1) * s : at::full({1, 1}, s, f32);
-      dk = (B * f).to(k.scalar_type());
+      dk = B.mul_(f).to(k.scalar_type());
     }
-    if (need_k_rscale) dkr = (k.to(at::kFloat) * B).sum(1) * s;
   }
   if (need_scale) {
     double total = 0.0;
