@@ -1,0 +1,715 @@
+// C++ CPU kernels of the log-sum-exp family (the contract is in csrc/ops.cpp).
+//
+// FlashAttention-2 on a CPU, without the value matrix.  S = scale Qh Kh^T + col_bias
+// (Qh, Kh: the float32 inputs with the row scales applied, O((N+M) D)) lives only in
+// BM x BN tiles: each tile comes from one BLAS GEMM into a per-thread buffer, then
+// the bias, the masks and the online max / sum-of-exp updates run over it while it
+// is in cache.  The backward recomputes each tile from the saved log-sum-exps and
+// turns it into dS in place, then two more GEMMs add dS Kh_J to A_I and dS^T Qh_I
+// to B_J.
+//
+// Determinism without atomics or N x M partial buffers: when only per-row results
+// are needed the row blocks are split among threads and each walks the column blocks
+// in order.  When per-column results are needed too (column log-sum-exp, dk, dcol_bias)
+// the tiles are visited in "diagonal" steps: in step t the work items are
+// (I, (I + t) mod L) (or the transpose when there are more row blocks), so no two
+// items of a step share a row block or a column block.  Every accumulator then has
+// one owner per step and receives its terms in a fixed order, whatever the number of
+// threads; a step ends at the barrier of its parallel_for.
+//
+// Symmetric problems (q and k the same tensor with the same row scale, no column
+// bias, a symmetric mask: nt_xent, SupCon, HCL, DCL's same-view terms) compute only
+// the tiles (I, J) with I <= J: an off-diagonal tile updates the row statistics of
+// block I along its rows and those of block J along its columns, which halves the
+// forward.  The backward needs only the sum dq + dk (autograd adds the gradients of
+// a tensor passed twice): with H = A + B, an off-diagonal tile adds C X_J to H_I and
+// C^T X_I to H_J where C = dS_IJ + dS_JI^T comes from the one tile, and a diagonal
+// tile adds (dS_II + dS_II^T) X_I; that is 1.5 GEMM passes instead of 3.  The whole
+// gradient of the tensor is then returned as dq (and dq_rscale), with dk (dk_rscale)
+// zero.  Tiles are visited in the rounds of a round-robin tournament (circle method):
+// the pairs of a round are disjoint, so again every accumulator has one owner.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "ck_common.h"
+#include "cpu/tile_gemm.h"
+
+namespace ck::cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int64_t kMaskDiag = 1, kMaskPos = 2, kMaskSameLabel = 4;
+
+// ------------------------------------------------------------ row kernels (vectorized)
+CK_MULTIVERSION void logits_row(float* s, const float* g, int64_t n, float scale, const float* bias) {
+  if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] = scale * g[j] + bias[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] = scale * g[j];
+  }
+}
+
+CK_MULTIVERSION void mask_same_label(float* s, const int64_t* kl, int64_t label, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] = kl[j] == label ? kNegInf : s[j];
+}
+
+// Max over a row; NaNs may be skipped (the exp sums carry them instead).
+CK_MULTIVERSION float row_max(const float* s, int64_t n) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
+CK_MULTIVERSION float row_sum_exp(const float* s, int64_t n, float off) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += fast_exp(s[j] - off);
+  return acc;
+}
+
+CK_MULTIVERSION void col_max_acc(float* cm, const float* s, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) cm[j] = s[j] > cm[j] ? s[j] : cm[j];
+}
+
+// Running column (max, sum) meets the tile's column maxima: new max, rescaled sum,
+// and the offset the tile's exps use (0 for a column still empty, so -inf - 0 = -inf).
+CK_MULTIVERSION void col_rescale(float* cm, float* cs, float* off, const float* tile_max, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float old = cm[j];
+    const float nm = tile_max[j] > old ? tile_max[j] : old;
+    const float f = old == nm ? 1.0f : fast_exp(old - nm);
+    cs[j] *= f;
+    cm[j] = nm;
+    off[j] = nm == kNegInf ? 0.0f : nm;
+  }
+}
+
+CK_MULTIVERSION void col_sum_exp_acc(float* cs, const float* s, const float* off, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) cs[j] += fast_exp(s[j] - off[j]);
+}
+
+// Backward: g holds the raw products of one tile row, s its logits (masked = -inf).
+// dS_j = a exp(s_j - rl) [+ gc_j exp(s_j - cl_j)] is written over g; the return value
+// is sum_j dS_j g_j (the row's share of dscale).
+CK_MULTIVERSION float ds_row_r(float* g, const float* s, int64_t n, float a, float rl) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    const float ds = a * fast_exp(s[j] - rl);
+    acc += ds * g[j];
+    g[j] = ds;
+  }
+  return acc;
+}
+
+CK_MULTIVERSION float ds_row_c(float* g, const float* s, int64_t n, const float* gc, const float* cl) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    const float ds = gc[j] * fast_exp(s[j] - cl[j]);
+    acc += ds * g[j];
+    g[j] = ds;
+  }
+  return acc;
+}
+
+CK_MULTIVERSION float ds_row_rc(float* g, const float* s, int64_t n, float a, float rl, const float* gc,
+                                const float* cl) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    const float ds = a * fast_exp(s[j] - rl) + gc[j] * fast_exp(s[j] - cl[j]);
+    acc += ds * g[j];
+    g[j] = ds;
+  }
+  return acc;
+}
+
+CK_MULTIVERSION void add_row(float* acc, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) acc[j] += x[j];
+}
+
+// ------------------------------------------------------------------- problem setup
+struct Problem {
+  int64_t n = 0, m = 0, d = 0;
+  const float* qh = nullptr;  // (n, d) float32, q_rscale applied
+  const float* kh = nullptr;  // (m, d) float32, k_rscale applied
+  float scale = 1.0f;
+  const float* bias = nullptr;  // (m) or null
+  int64_t mask_mode = 0, diag_offset = 0;
+  const int64_t* pos = nullptr;
+  const int64_t* q_labels = nullptr;
+  const int64_t* k_labels = nullptr;
+};
+
+struct Tiling {
+  int64_t bm, bn, nrb, ncb;
+  int64_t rows(int64_t i) const { return i * bm; }
+  int64_t cols(int64_t j) const { return j * bn; }
+};
+
+// Block edge: 256 (a 256 x 256 float tile is 256 KiB, at home in L2), halved down to
+// 32 while that leaves fewer than 8 blocks, so small problems still spread over the
+// threads.  Depends on the sizes only, never on the thread count (same numbers
+// whatever the machine's parallelism).
+int64_t pick_block(int64_t len) {
+  int64_t b = 256;
+  while (b > 32 && ceil_div(len, b) < 8) b /= 2;
+  return b;
+}
+
+Tiling make_tiling(int64_t n, int64_t m) {
+  Tiling t{pick_block(n), pick_block(m), 0, 0};
+  t.nrb = ceil_div(n, t.bm);
+  t.ncb = ceil_div(m, t.bn);
+  return t;
+}
+
+// Item p of diagonal step t (see the file comment).
+inline std::pair<int64_t, int64_t> diagonal_item(const Tiling& t, int64_t p, int64_t step) {
+  if (t.nrb <= t.ncb) return {p, (p + step) % t.ncb};
+  return {(p + step) % t.nrb, p};
+}
+
+// Per-thread scratch: the tile, one logits row and three column vectors.
+struct Scratch {
+  Tensor buf;
+  int64_t stride = 0, bm = 0, bn = 0;
+  Scratch(const Tiling& t) : bm(t.bm), bn(t.bn) {
+    stride = t.bm * t.bn + 3 * t.bn + 2 * t.bm + 16;
+    buf = at::empty({std::max<int64_t>(1, at::get_num_threads()) * stride}, at::kFloat);
+  }
+  float* base() const {
+    const int64_t tid = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(tid < buf.numel() / stride);
+    return buf.data_ptr<float>() + tid * stride;
+  }
+  float* tile() const { return base(); }
+  float* row() const { return base() + bm * bn; }
+  float* col0() const { return row() + bn; }
+  float* col1() const { return col0() + bn; }
+  float* rowstat0() const { return col1() + bn; }
+  float* rowstat1() const { return rowstat0() + bm; }
+};
+
+// Logits of tile row r (global row gi, columns j0 .. j0+bn): s = scale g + bias, masked = -inf.
+inline void tile_row_logits(const Problem& P, float* s, const float* g, int64_t gi, int64_t j0, int64_t bn) {
+  logits_row(s, g, bn, P.scale, P.bias != nullptr ? P.bias + j0 : nullptr);
+  if (P.mask_mode & kMaskDiag) {
+    const int64_t j = gi + P.diag_offset - j0;
+    if (j >= 0 && j < bn) s[j] = kNegInf;
+  }
+  if (P.mask_mode & kMaskPos) {
+    const int64_t j = P.pos[gi] - j0;
+    if (j >= 0 && j < bn) s[j] = kNegInf;
+  }
+  if (P.mask_mode & kMaskSameLabel) mask_same_label(s, P.k_labels + j0, P.q_labels[gi], bn);
+}
+
+// Online (max, sum) of one row meeting one tile row.  An empty row keeps max -inf and
+// sum 0; a NaN reaches the sum through exp(NaN - off).
+inline void row_update(float& mx, float& sum, const float* s, int64_t n) {
+  const float tm = row_max(s, n);
+  const float nm = tm > mx ? tm : mx;
+  const float f = mx == nm ? 1.0f : std::exp(mx - nm);
+  const float off = nm == kNegInf ? 0.0f : nm;
+  sum = sum * f + row_sum_exp(s, n, off);
+  mx = nm;
+}
+
+inline float finish_lse(float mx, float sum) {
+  if (mx == kNegInf) return sum == 0.0f ? kNegInf : std::numeric_limits<float>::quiet_NaN();
+  return mx + std::log(sum);
+}
+
+// ------------------------------------------------------------------------ forward
+void forward_rows(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse) {
+  at::parallel_for(0, T.nrb, 1, [&](int64_t b0, int64_t b1) {
+    float* g = W.tile();
+    float* mx = W.rowstat0();
+    float* sm = W.rowstat1();
+    for (int64_t I = b0; I < b1; ++I) {
+      const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
+      std::fill(mx, mx + bm, kNegInf);
+      std::fill(sm, sm + bm, 0.0f);
+      for (int64_t J = 0; J < T.ncb; ++J) {
+        const int64_t j0 = T.cols(J), bn = std::min(T.bn, P.m - j0);
+        gemm_abt(bm, bn, P.d, P.qh + i0 * P.d, P.d, P.kh + j0 * P.d, P.d, g);
+        for (int64_t r = 0; r < bm; ++r) {
+          float* s = g + r * bn;
+          tile_row_logits(P, s, s, i0 + r, j0, bn);
+          row_update(mx[r], sm[r], s, bn);
+        }
+      }
+      for (int64_t r = 0; r < bm; ++r) row_lse[i0 + r] = finish_lse(mx[r], sm[r]);
+    }
+  });
+}
+
+void forward_rows_and_cols(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* col_lse) {
+  std::vector<float> rmx(P.n, kNegInf), rsm(P.n, 0.0f), cmx(P.m, kNegInf), csm(P.m, 0.0f);
+  const int64_t items = std::min(T.nrb, T.ncb), steps = std::max(T.nrb, T.ncb);
+  for (int64_t step = 0; step < steps; ++step) {
+    at::parallel_for(0, items, 1, [&](int64_t p0, int64_t p1) {
+      float* g = W.tile();
+      float* tmax = W.col0();
+      float* off = W.col1();
+      for (int64_t p = p0; p < p1; ++p) {
+        const auto [I, J] = diagonal_item(T, p, step);
+        const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
+        const int64_t j0 = T.cols(J), bn = std::min(T.bn, P.m - j0);
+        gemm_abt(bm, bn, P.d, P.qh + i0 * P.d, P.d, P.kh + j0 * P.d, P.d, g);
+        std::fill(tmax, tmax + bn, kNegInf);
+        for (int64_t r = 0; r < bm; ++r) {
+          float* s = g + r * bn;
+          tile_row_logits(P, s, s, i0 + r, j0, bn);
+          row_update(rmx[i0 + r], rsm[i0 + r], s, bn);
+          col_max_acc(tmax, s, bn);
+        }
+        col_rescale(cmx.data() + j0, csm.data() + j0, off, tmax, bn);
+        for (int64_t r = 0; r < bm; ++r) col_sum_exp_acc(csm.data() + j0, g + r * bn, off, bn);
+      }
+    });
+  }
+  for (int64_t i = 0; i < P.n; ++i) row_lse[i] = finish_lse(rmx[i], rsm[i]);
+  for (int64_t j = 0; j < P.m; ++j) col_lse[j] = finish_lse(cmx[j], csm[j]);
+}
+
+// ----------------------------------------------------------------------- backward
+struct Grads {
+  const float* grow = nullptr;  // (n) row upstream grads, null when all zero
+  const float* rlse = nullptr;  // (n)
+  const float* gcol = nullptr;  // (m) column upstream grads, 0 where col_lse = -inf; null when all zero
+  const float* clse = nullptr;  // (m) column lse, 0 where -inf
+  float* A = nullptr;           // (n, d): sum_j dS_ij Kh_j, or null
+  float* B = nullptr;           // (m, d): sum_i dS_ij Qh_i, or null
+  float* dbias = nullptr;       // (m) or null
+  double* dscale = nullptr;     // per row block, or null
+};
+
+void backward_item(const Problem& P, const Tiling& T, const Scratch& W, const Grads& G, int64_t I, int64_t J) {
+  const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
+  const int64_t j0 = T.cols(J), bn = std::min(T.bn, P.m - j0);
+  float* g = W.tile();
+  float* s = W.row();
+  gemm_abt(bm, bn, P.d, P.qh + i0 * P.d, P.d, P.kh + j0 * P.d, P.d, g);
+  double dsc = 0.0;
+  for (int64_t r = 0; r < bm; ++r) {
+    const int64_t gi = i0 + r;
+    float* gr = g + r * bn;
+    tile_row_logits(P, s, gr, gi, j0, bn);
+    // A row without kept pairs (lse -inf) gets no gradient; its dS is 0 by the mask.
+    const bool row_term = G.grow != nullptr && G.grow[gi] != 0.0f && G.rlse[gi] != kNegInf;
+    if (row_term && G.gcol != nullptr) {
+      dsc += ds_row_rc(gr, s, bn, G.grow[gi], G.rlse[gi], G.gcol + j0, G.clse + j0);
+    } else if (row_term) {
+      dsc += ds_row_r(gr, s, bn, G.grow[gi], G.rlse[gi]);
+    } else if (G.gcol != nullptr) {
+      dsc += ds_row_c(gr, s, bn, G.gcol + j0, G.clse + j0);
+    } else {
+      std::fill(gr, gr + bn, 0.0f);
+    }
+    if (G.dbias != nullptr) add_row(G.dbias + j0, gr, bn);
+  }
+  if (G.dscale != nullptr) G.dscale[I] += dsc;
+  if (G.A != nullptr) gemm_acc_ab(bm, P.d, bn, g, P.kh + j0 * P.d, G.A + i0 * P.d);
+  if (G.B != nullptr) gemm_acc_atb(bn, P.d, bm, g, P.qh + i0 * P.d, G.B + j0 * P.d);
+}
+
+void backward_tiles(const Problem& P, const Tiling& T, const Scratch& W, const Grads& G) {
+  const bool per_column = G.B != nullptr || G.dbias != nullptr;
+  if (!per_column) {
+    at::parallel_for(0, T.nrb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t I = b0; I < b1; ++I)
+        for (int64_t J = 0; J < T.ncb; ++J) backward_item(P, T, W, G, I, J);
+    });
+    return;
+  }
+  const int64_t items = std::min(T.nrb, T.ncb), steps = std::max(T.nrb, T.ncb);
+  for (int64_t step = 0; step < steps; ++step) {
+    at::parallel_for(0, items, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const auto [I, J] = diagonal_item(T, p, step);
+        backward_item(P, T, W, G, I, J);
+      }
+    });
+  }
+}
+
+// ----------------------------------------------------------- symmetric problems
+// Rounds of the circle method over L blocks: every unordered pair {I, J} (I < J) once,
+// and every diagonal tile (I, I) once; the items of a round share no block.
+std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament_rounds(int64_t L) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
+  if (L == 1) return {{{0, 0}}};
+  const int64_t Lp = L + (L & 1), ring = Lp - 1;
+  auto add = [&](std::vector<std::pair<int64_t, int64_t>>& items, int64_t a, int64_t b) {
+    if (a >= L) a = b;  // the bye of an odd count: that block does its diagonal tile
+    if (b >= L) b = a;
+    items.emplace_back(std::min(a, b), std::max(a, b));
+  };
+  for (int64_t r = 0; r < ring; ++r) {
+    std::vector<std::pair<int64_t, int64_t>> items;
+    add(items, ring, r);
+    for (int64_t k = 1; k < Lp / 2; ++k) add(items, (r + k) % ring, (r - k + ring) % ring);
+    rounds.push_back(std::move(items));
+  }
+  if ((L & 1) == 0) {
+    std::vector<std::pair<int64_t, int64_t>> diag;
+    for (int64_t i = 0; i < L; ++i) diag.emplace_back(i, i);
+    rounds.push_back(std::move(diag));
+  }
+  return rounds;
+}
+
+template <typename F>
+void for_each_round(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rounds, const F& fn) {
+  for (const auto& items : rounds) {
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) fn(items[p].first, items[p].second);
+    });
+  }
+}
+
+void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse) {
+  std::vector<float> mx(P.n, kNegInf), sm(P.n, 0.0f);
+  const float* X = P.qh;
+  for_each_round(tournament_rounds(T.nrb), [&](int64_t I, int64_t J) {
+    float* g = W.tile();
+    float* tmax = W.col0();
+    float* off = W.col1();
+    const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
+    const int64_t j0 = T.rows(J), bn = std::min(T.bm, P.n - j0);
+    const bool pair = I != J;
+    gemm_abt(bm, bn, P.d, X + i0 * P.d, P.d, X + j0 * P.d, P.d, g);
+    if (pair) std::fill(tmax, tmax + bn, kNegInf);
+    for (int64_t r = 0; r < bm; ++r) {
+      float* s = g + r * bn;
+      tile_row_logits(P, s, s, i0 + r, j0, bn);
+      row_update(mx[i0 + r], sm[i0 + r], s, bn);
+      if (pair) col_max_acc(tmax, s, bn);
+    }
+    if (pair) {  // the tile's columns are rows of block J
+      col_rescale(mx.data() + j0, sm.data() + j0, off, tmax, bn);
+      for (int64_t r = 0; r < bm; ++r) col_sum_exp_acc(sm.data() + j0, g + r * bn, off, bn);
+    }
+  });
+  for (int64_t i = 0; i < P.n; ++i) row_lse[i] = finish_lse(mx[i], sm[i]);
+}
+
+// c <- c + c^T for a square tile.
+void symmetrize(float* c, int64_t b) {
+  for (int64_t i = 0; i < b; ++i) {
+    c[i * b + i] *= 2.0f;
+    for (int64_t j = i + 1; j < b; ++j) {
+      const float v = c[i * b + j] + c[j * b + i];
+      c[i * b + j] = v;
+      c[j * b + i] = v;
+    }
+  }
+}
+
+// w: combined upstream gradient per row (0 where the row has no kept pair), rl: row lse
+// (0 where -inf); H (n, d) += the whole gradient direction A + B, or null.
+void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, const float* w, const float* rl,
+                        float* H, double* dscale) {
+  const float* X = P.qh;
+  for_each_round(tournament_rounds(T.nrb), [&](int64_t I, int64_t J) {
+    float* g = W.tile();
+    float* s = W.row();
+    const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
+    const int64_t j0 = T.rows(J), bn = std::min(T.bm, P.n - j0);
+    const bool pair = I != J;
+    gemm_abt(bm, bn, P.d, X + i0 * P.d, P.d, X + j0 * P.d, P.d, g);
+    double dsc = 0.0;
+    for (int64_t r = 0; r < bm; ++r) {
+      const int64_t gi = i0 + r;
+      float* gr = g + r * bn;
+      tile_row_logits(P, s, gr, gi, j0, bn);
+      const bool row_term = w[gi] != 0.0f;
+      if (pair && row_term) {
+        dsc += ds_row_rc(gr, s, bn, w[gi], rl[gi], w + j0, rl + j0);
+      } else if (pair) {
+        dsc += ds_row_c(gr, s, bn, w + j0, rl + j0);
+      } else if (row_term) {
+        dsc += ds_row_r(gr, s, bn, w[gi], rl[gi]);
+      } else {
+        std::fill(gr, gr + bn, 0.0f);
+      }
+    }
+    if (dscale != nullptr) dscale[I] += dsc;
+    if (H == nullptr) return;
+    if (pair) {
+      gemm_acc_ab(bm, P.d, bn, g, X + j0 * P.d, H + i0 * P.d);
+      gemm_acc_atb(bn, P.d, bm, g, X + i0 * P.d, H + j0 * P.d);
+    } else {
+      symmetrize(g, bm);
+      gemm_acc_ab(bm, P.d, bm, g, X + i0 * P.d, H + i0 * P.d);
+    }
+  });
+}
+
+// ----------------------------------------------------------- argument checks, glue
+void check_vector(const OptTensor& t, const char* name, int64_t len, at::ScalarType dtype, const char* len_name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor, got ", t->device());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == len, name, " must have shape (", len_name, ",) = (", len,
+              ",), got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == dtype, name, " must be ", dtype, ", got ", t->scalar_type());
+}
+
+struct Operands {
+  Tensor qh, kh, bias, pos, ql, kl;
+  Problem P;
+  bool same = false;  // q is k and q_rscale is k_rscale (or both absent)
+};
+
+// Same operand, no column bias, and a mask that keeps (i, j) exactly when it keeps (j, i).
+bool is_symmetric(const Operands& o) {
+  const Problem& P = o.P;
+  if (!o.same || P.bias != nullptr || P.n != P.m) return false;
+  if ((P.mask_mode & kMaskDiag) && P.diag_offset != 0) return false;
+  if (P.mask_mode & kMaskPos) {  // j == pos[i] must mean i == pos[j]: pos is an involution
+    for (int64_t i = 0; i < P.n; ++i)
+      if (P.pos[P.pos[i]] != i) return false;
+  }
+  if ((P.mask_mode & kMaskSameLabel) && !(o.ql.is_same(o.kl) || at::equal(o.ql, o.kl))) return false;
+  return true;
+}
+
+Tensor row_scaled_f32(const Tensor& x, const OptTensor& rscale) {
+  if (!rscale.has_value()) return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+  const Tensor r = rscale->contiguous().unsqueeze(1);
+  if (x.scalar_type() == at::kFloat) return at::mul(x, r).contiguous();
+  return x.to(at::kFloat).mul_(r).contiguous();
+}
+
+Operands prepare(const Tensor& q, const Tensor& k, const Tensor& scale, const OptTensor& q_rscale,
+                 const OptTensor& k_rscale, const OptTensor& col_bias, const OptTensor& pos_index,
+                 const OptTensor& q_labels, const OptTensor& k_labels, int64_t diag_offset, int64_t mask_mode) {
+  TORCH_CHECK(q.dim() == 2, "q must be 2-D (N, D), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 2, "k must be 2-D (M, D), got shape ", k.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "q and k must be CPU tensors, got ", q.device(), " and ",
+              k.device());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "q must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt, "k must have q's dtype ", dt, ", got ", k.scalar_type());
+  TORCH_CHECK(q.size(1) == k.size(1), "q and k must have the same feature dimension, got q ", q.sizes(), " and k ",
+              k.sizes());
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device().is_cpu(),
+              "scale must be a one-element float32 CPU tensor, got ", scale.sizes(), " ", scale.scalar_type(), " on ",
+              scale.device());
+  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 7, "mask_mode must be a combination of the bits 1, 2, 4, got ",
+              mask_mode);
+  const int64_t n = q.size(0), m = k.size(0);
+  check_vector(q_rscale, "q_rscale", n, at::kFloat, "N");
+  check_vector(k_rscale, "k_rscale", m, at::kFloat, "M");
+  check_vector(col_bias, "col_bias", m, at::kFloat, "M");
+  check_vector(pos_index, "pos_index", n, at::kLong, "N");
+  check_vector(q_labels, "q_labels", n, at::kLong, "N");
+  check_vector(k_labels, "k_labels", m, at::kLong, "M");
+
+  Operands o;
+  Problem& P = o.P;
+  P.n = n;
+  P.m = m;
+  P.d = q.size(1);
+  P.scale = scale.item<float>();
+  P.mask_mode = mask_mode;
+  P.diag_offset = diag_offset;
+  if (mask_mode & kMaskPos) {
+    TORCH_CHECK(pos_index.has_value(), "mask_mode has bit 2 (MASK_POS) but pos_index is None");
+    o.pos = pos_index->contiguous();
+    if (n > 0) {
+      const auto mn = o.pos.min().item<int64_t>(), mx = o.pos.max().item<int64_t>();
+      TORCH_CHECK(mn >= 0 && mx < m, "pos_index values must lie in [0, M) = [0, ", m, "), got min ", mn, " max ",
+                  mx);
+    }
+    P.pos = o.pos.data_ptr<int64_t>();
+  }
+  if (mask_mode & kMaskSameLabel) {
+    TORCH_CHECK(q_labels.has_value() && k_labels.has_value(),
+                "mask_mode has bit 4 (MASK_SAME_LABEL) but q_labels or k_labels is None");
+    o.ql = q_labels->contiguous();
+    o.kl = k_labels->contiguous();
+    P.q_labels = o.ql.data_ptr<int64_t>();
+    P.k_labels = o.kl.data_ptr<int64_t>();
+  }
+  if (col_bias.has_value()) {
+    o.bias = col_bias->contiguous();
+    P.bias = o.bias.data_ptr<float>();
+  }
+  o.qh = row_scaled_f32(q, q_rscale);
+  // nt_xent-style calls score a matrix against itself: share the scaled copy.
+  const bool same_rscale = (!q_rscale.has_value() && !k_rscale.has_value()) ||
+                           (q_rscale.has_value() && k_rscale.has_value() && q_rscale->is_same(*k_rscale));
+  o.same = q.is_same(k) && same_rscale;
+  o.kh = o.same ? o.qh : row_scaled_f32(k, k_rscale);
+  P.qh = o.qh.data_ptr<float>();
+  P.kh = o.kh.data_ptr<float>();
+  return o;
+}
+
+std::tuple<Tensor, Tensor> lse_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& scale,
+                                           const OptTensor& q_rscale, const OptTensor& k_rscale,
+                                           const OptTensor& col_bias, const OptTensor& pos_index,
+                                           const OptTensor& q_labels, const OptTensor& k_labels, int64_t diag_offset,
+                                           int64_t mask_mode, bool compute_col) {
+  const Operands o =
+      prepare(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode);
+  const Problem& P = o.P;
+  const auto f32 = q.options().dtype(at::kFloat);
+  Tensor row = at::empty({P.n}, f32);
+  Tensor col = at::empty({compute_col ? P.m : 0}, f32);
+  if (P.n == 0 || P.m == 0) {  // nothing kept anywhere
+    row.fill_(kNegInf);
+    col.fill_(kNegInf);
+    return {row, col};
+  }
+  const Tiling T = make_tiling(P.n, P.m);
+  const Scratch W(T);
+  if (is_symmetric(o)) {
+    forward_symmetric(P, T, W, row.data_ptr<float>());
+    if (compute_col) col.copy_(row);
+  } else if (compute_col) {
+    forward_rows_and_cols(P, T, W, row.data_ptr<float>(), col.data_ptr<float>());
+  } else {
+    forward_rows(P, T, W, row.data_ptr<float>());
+  }
+  return {row, col};
+}
+
+// Upstream gradient vector, or an undefined tensor when it is all zero (no work).
+Tensor nonzero_or_undefined(const Tensor& g) {
+  if (g.numel() == 0 || !g.ne(0).any().item<bool>()) return Tensor();
+  return g;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
+    const Tensor& grad_row, const Tensor& grad_col, const Tensor& q, const Tensor& k, const Tensor& scale,
+    const OptTensor& q_rscale, const OptTensor& k_rscale, const OptTensor& col_bias, const OptTensor& pos_index,
+    const OptTensor& q_labels, const OptTensor& k_labels, int64_t diag_offset, int64_t mask_mode,
+    const Tensor& row_lse, const Tensor& col_lse, bool need_q, bool need_k, bool need_scale, bool need_bias,
+    bool need_q_rscale, bool need_k_rscale) {
+  const Operands o =
+      prepare(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode);
+  const Problem& P = o.P;
+  const auto f32 = q.options().dtype(at::kFloat);
+  TORCH_CHECK(grad_row.scalar_type() == at::kFloat && grad_row.dim() == 1 && grad_row.size(0) == P.n,
+              "grad_row must be float32 of shape (N,) = (", P.n, ",), got ", grad_row.scalar_type(), " ",
+              grad_row.sizes());
+  TORCH_CHECK(row_lse.scalar_type() == at::kFloat && row_lse.dim() == 1 && row_lse.size(0) == P.n,
+              "row_lse must be float32 of shape (N,) = (", P.n, ",), got ", row_lse.scalar_type(), " ",
+              row_lse.sizes());
+  TORCH_CHECK(grad_col.scalar_type() == at::kFloat && grad_col.dim() == 1 &&
+                  (grad_col.size(0) == 0 || grad_col.size(0) == P.m),
+              "grad_col must be float32 of shape (M,) = (", P.m, ",) or empty, got ", grad_col.scalar_type(), " ",
+              grad_col.sizes());
+  const Tensor gcol_in = nonzero_or_undefined(grad_col.contiguous());
+  if (gcol_in.defined()) {
+    TORCH_CHECK(col_lse.scalar_type() == at::kFloat && col_lse.dim() == 1 && col_lse.size(0) == P.m,
+                "col_lse must be float32 of shape (M,) = (", P.m, ",) when grad_col is given, got ",
+                col_lse.scalar_type(), " ", col_lse.sizes());
+  }
+  // Symmetric problem, both halves of the tensor's gradient wanted: one combined pass.
+  const bool combined = is_symmetric(o) && need_q == need_k && need_q_rscale == need_k_rscale && !need_bias;
+  const bool needA = need_q || need_q_rscale, needB = !combined && (need_k || need_k_rscale);
+  const Tiling T = make_tiling(std::max<int64_t>(P.n, 1), std::max<int64_t>(P.m, 1));
+
+  Tensor A = needA ? at::zeros({P.n, P.d}, f32) : Tensor();
+  Tensor B = needB ? at::zeros({P.m, P.d}, f32) : Tensor();
+  Tensor dbias = need_bias ? at::zeros({P.m}, f32) : at::empty({0}, f32);
+  std::vector<double> dscale_part(T.nrb, 0.0);
+
+  const Tensor grow = nonzero_or_undefined(grad_row.contiguous());
+  const Tensor rlse = row_lse.contiguous();
+  Tensor gcol, clse;
+  if (gcol_in.defined()) {
+    // Columns without kept pairs (lse -inf) get no gradient: zero grad, offset 0.
+    const Tensor c = col_lse.contiguous();
+    const Tensor empty_col = c.eq(kNegInf);
+    gcol = gcol_in.masked_fill(empty_col, 0.0f).contiguous();
+    clse = c.masked_fill(empty_col, 0.0f).contiguous();
+  }
+  const bool any_work = (needA || needB || need_bias || need_scale) && (grow.defined() || gcol.defined());
+  if (any_work && P.n > 0 && P.m > 0 && combined) {
+    // Row i's weight in dS + dS^T: its row and column upstream gradients (col_lse = row_lse).
+    Tensor w = grow.defined() ? grow.clone() : at::zeros({P.n}, f32);
+    if (gcol.defined()) w.add_(gcol);
+    const Tensor empty_row = rlse.eq(kNegInf);
+    w.masked_fill_(empty_row, 0.0f);
+    const Tensor rl = rlse.masked_fill(empty_row, 0.0f).contiguous();
+    const Scratch W(T);
+    backward_symmetric(P, T, W, w.data_ptr<float>(), rl.data_ptr<float>(), needA ? A.data_ptr<float>() : nullptr,
+                       need_scale ? dscale_part.data() : nullptr);
+  } else if (any_work && P.n > 0 && P.m > 0) {
+    Grads G;
+    G.grow = grow.defined() ? grow.data_ptr<float>() : nullptr;
+    G.rlse = rlse.data_ptr<float>();
+    G.gcol = gcol.defined() ? gcol.data_ptr<float>() : nullptr;
+    G.clse = clse.defined() ? clse.data_ptr<float>() : nullptr;
+    G.A = needA ? A.data_ptr<float>() : nullptr;
+    G.B = needB ? B.data_ptr<float>() : nullptr;
+    G.dbias = need_bias ? dbias.data_ptr<float>() : nullptr;
+    G.dscale = need_scale ? dscale_part.data() : nullptr;
+    const Scratch W(T);
+    backward_tiles(P, T, W, G);
+  }
+
+  const float s = P.scale;
+  Tensor dq = at::empty({0}, q.options()), dk = at::empty({0}, k.options());
+  Tensor dscale = at::empty({0}, f32), dqr = at::empty({0}, f32), dkr = at::empty({0}, f32);
+  // Row dots x_i . A_i without an N x D temporary; then A is scaled in place into dq.
+  auto rowdot = [](const Tensor& x, const Tensor& y) {
+    return at::bmm(x.to(at::kFloat).unsqueeze(1), y.unsqueeze(2)).view({x.size(0)});
+  };
+  if (need_q_rscale) dqr = rowdot(q, A).mul_(s);
+  if (need_q) {
+    const Tensor f = q_rscale.has_value() ? q_rscale->unsqueeze(1) * s : at::full({1, 1}, s, f32);
+    dq = A.mul_(f).to(q.scalar_type());
+  }
+  if (combined) {  // dq (dq_rscale) carries the whole gradient of the shared tensor
+    if (need_k) dk = at::zeros_like(k);
+    if (need_k_rscale) dkr = at::zeros({P.m}, f32);
+  } else {
+    if (need_k_rscale) dkr = rowdot(k, B).mul_(s);
+    if (need_k) {
+      const Tensor f = k_rscale.has_value() ? k_rscale->unsqueeze(1) * s : at::full({1, 1}, s, f32);
+      dk = B.mul_(f).to(k.scalar_type());
+    }
+  }
+  if (need_scale) {
+    double total = 0.0;
+    for (double v : dscale_part) total += v;
+    dscale = at::full({}, static_cast<float>(total), f32);
+  }
+  return {dq, dk, dscale, dbias, dqr, dkr};
+}
+
+const CpuOpRecord record_forward("lse_forward");
+const CpuOpRecord record_backward("lse_backward");
+
+}  // namespace
+}  // namespace ck::cpu
+
+TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
+  m.impl("lse_forward", &ck::cpu::lse_forward_cpu);
+  m.impl("lse_backward", &ck::cpu::lse_backward_cpu);
+}

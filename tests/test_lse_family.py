@@ -1,0 +1,475 @@
+"""The log-sum-exp family (contrastive_kernels::lse_forward / lse_backward) on every
+fused backend against `reference.lse_family` in float64 of the same rounded inputs:
+row / column log-sum-exps and every gradient, every mask mode, odd sizes, all dtypes;
+then the losses built on the family against the reference backend, and a peak-memory
+proof at a size where the N x N matrix would be 4.3 GB."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import contrastive_kernels as ck
+from contrastive_kernels import _families as fam
+from contrastive_kernels.reference import MASK_DIAG, MASK_POS, MASK_SAME_LABEL
+
+from helpers import DTYPES, TOL, backend_params, peak_rss_growth, rel_err
+
+BACKENDS = backend_params("lse")
+REF = "_family_reference"
+GRAD_NAMES = ("q", "k", "scale", "col_bias", "q_rscale", "k_rscale")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _rounded(shape, dtype, *, scale=1.0, offset=0.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale + offset).to(dtype)
+
+
+def _make_inputs(n, m, d, dtype, *, mask, rscale, bias, scale=2.5, same_qk=False):
+    """Leaf inputs of one family call in the test dtype, plus the mask arguments.
+
+    Rows have norm about 1 (entries N(0, 1/d)), as the embeddings of these losses do, so
+    the logits are O(scale): float32 itself resolves a logit of size L only to about
+    L * 6e-8, which the exps turn into relative errors of the same size."""
+    q = _rounded((n, d), dtype, scale=d ** -0.5)
+    k = q if same_qk else _rounded((m, d), dtype, scale=d ** -0.5)
+    x = {
+        "q": q, "k": k,
+        "scale": torch.tensor(scale, dtype=torch.float32),
+        "q_rscale": torch.rand(n, dtype=torch.float64).add(0.5).float() if rscale else None,
+        "k_rscale": None,
+        "col_bias": _rounded((m,), torch.float32, scale=0.7) if bias else None,
+    }
+    if rscale:
+        x["k_rscale"] = x["q_rscale"] if same_qk else torch.rand(m, dtype=torch.float64).add(0.5).float()
+    margs = {"diag_offset": 0, "mask_mode": 0}
+    if mask == "diag":
+        margs["mask_mode"] = MASK_DIAG
+    elif mask == "diag_shift":  # j == i + 3 (partly outside the matrix)
+        margs.update(mask_mode=MASK_DIAG, diag_offset=3)
+    elif mask == "pos":
+        margs.update(mask_mode=MASK_POS, pos_index=torch.randint(0, m, (n,)))
+    elif mask == "diag_pos":
+        margs.update(mask_mode=MASK_DIAG | MASK_POS, pos_index=torch.randint(0, m, (n,)))
+    elif mask == "label":
+        margs.update(mask_mode=MASK_SAME_LABEL, q_labels=torch.randint(0, 3, (n,)), k_labels=torch.randint(0, 3, (m,)))
+    elif mask == "label_empty":  # rows of label 0 and (when no row has label 1) every column lose every pair
+        margs.update(mask_mode=MASK_SAME_LABEL, q_labels=torch.arange(n) % 2, k_labels=torch.zeros(m, dtype=torch.long))
+    else:
+        assert mask == "none"
+    return x, margs
+
+
+def _leaves(x, need, *, to=None):
+    """Fresh leaves (optionally cast to float64) with requires_grad where asked; the same
+    tensor stays shared (q is k, q_rscale is k_rscale) so that nt_xent layouts keep their
+    single autograd leaf."""
+    out, seen = {}, {}
+    for name, t in x.items():
+        if t is None:
+            out[name] = None
+            continue
+        if id(t) in seen:
+            out[name] = out[seen[id(t)]]
+            continue
+        v = t.detach().to(to) if to is not None else t.detach().clone()
+        out[name] = v.requires_grad_(name in need)
+        seen[id(t)] = name
+    return out
+
+
+def _run(backend, x, margs, compute_col, need, grad_row, grad_col, *, ref, ref_dtype=torch.float64):
+    leaves = _leaves(x, need, to=ref_dtype if ref else None)
+    row, col = fam.lse(backend, leaves["q"], leaves["k"], leaves["scale"], q_rscale=leaves["q_rscale"],
+                       k_rscale=leaves["k_rscale"], col_bias=leaves["col_bias"], compute_col=compute_col, **margs)
+    inputs = [(n, leaves[n]) for n in GRAD_NAMES if leaves[n] is not None and leaves[n].requires_grad]
+    # Deduplicate shared leaves (q is k): autograd sums their gradients.
+    uniq, names = [], []
+    for n, t in inputs:
+        if not any(t is u for u in uniq):
+            uniq.append(t)
+            names.append(n)
+    grads = {}
+    if uniq:
+        gr, gc = grad_row.to(row.dtype), grad_col.to(row.dtype)
+        if ref:  # the reference's all-masked rows give NaN through logsumexp's backward: leave them out
+            fr, fc = torch.isfinite(row), torch.isfinite(col)
+            loss = (gr[fr] * row[fr]).sum() + ((gc[fc] * col[fc]).sum() if compute_col else 0.0)
+        else:  # nonzero upstream gradient on rows / columns without kept pairs: the kernels must ignore it
+            loss = (gr * row).sum() + ((gc * col).sum() if compute_col else 0.0)
+        gs = torch.autograd.grad(loss, uniq, allow_unused=True)
+        grads = dict(zip(names, gs))
+    return row.detach(), col.detach(), grads
+
+
+def _compare_lse(out, ref, dtype, what):
+    assert out.dtype == torch.float32, f"{what}: dtype {out.dtype}"
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
+    ninf_o, ninf_r = out == -math.inf, ref == -math.inf
+    assert torch.equal(ninf_o, ninf_r), f"{what}: -inf pattern differs"
+    assert torch.isfinite(out[~ninf_o]).all(), f"{what}: non-finite values"
+    keep = ~ninf_r
+    if keep.any():
+        err = rel_err(out[keep], ref[keep])
+        assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e} ({dtype})"
+
+
+def _dscale_condition(x, margs, compute_col, need, grad_row, grad_col):
+    """sum_ij |dS_ij G_ij| in float64, the natural scale of dscale = sum_ij dS_ij G_ij.
+
+    dscale is one sum whose terms cancel (random-sign upstream gradients, logits of both
+    signs), so its value can be orders of magnitude below its terms; any float32
+    implementation (PyTorch's own included) then has a large error relative to the value.
+    We hold dscale to TOL relative to the size of its terms, the standard measure for a
+    computed sum, whenever that is larger than the value."""
+    q, k = x["q"].double(), x["k"].double()
+    if x["q_rscale"] is not None:
+        q = q * x["q_rscale"].double()[:, None]
+    if x["k_rscale"] is not None:
+        k = k * x["k_rscale"].double()[:, None]
+    g = q @ k.T
+    s = x["scale"].double() * g
+    if x["col_bias"] is not None:
+        s = s + x["col_bias"].double()[None, :]
+    n, m = s.shape
+    i, j = torch.arange(n)[:, None], torch.arange(m)[None, :]
+    drop = torch.zeros(n, m, dtype=torch.bool)
+    mode = margs.get("mask_mode", 0)
+    if mode & MASK_DIAG:
+        drop |= j == i + margs.get("diag_offset", 0)
+    if mode & MASK_POS:
+        drop |= j == margs["pos_index"][:, None]
+    if mode & MASK_SAME_LABEL:
+        drop |= margs["q_labels"][:, None] == margs["k_labels"][None, :]
+    s = s.masked_fill(drop, -math.inf)
+    ds = torch.nan_to_num(grad_row[:, None] * torch.exp(s - torch.logsumexp(s, 1, keepdim=True)))
+    if compute_col:
+        ds = ds + torch.nan_to_num(grad_col[None, :] * torch.exp(s - torch.logsumexp(s, 0, keepdim=True)))
+    return (ds.abs() * g.abs()).sum().item()
+
+
+def _compare_grads(g, gref, x, dtype, what, run_args=None):
+    assert set(g) == set(gref), f"{what}: gradients {sorted(g)} vs {sorted(gref)}"
+    for name in g:
+        a, b = g[name], gref[name]
+        tol = TOL[dtype]
+        if name == "scale" and run_args is not None:
+            cond = _dscale_condition(*run_args)
+            assert abs(a.double().item() - b.item()) <= tol * max(abs(b.item()), cond), (
+                f"{what}: dscale {a.item()} vs {b.item()} (terms of size {cond:.3e}, {dtype})")
+            continue
+        assert a is not None and b is not None, f"{what}: missing gradient for {name}"
+        assert a.dtype == x[name].dtype, f"{what}: d{name} dtype {a.dtype}, input {x[name].dtype}"
+        assert a.shape == b.shape, f"{what}: d{name} shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        assert torch.isfinite(a).all(), f"{what}: d{name} has non-finite entries"
+        err = rel_err(a, b)
+        assert err <= tol, f"{what}: d{name} relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def _check_case(backend, n, m, d, dtype, mask, rscale, bias, compute_col, need=GRAD_NAMES, same_qk=False,
+                scale=2.5):
+    x, margs = _make_inputs(n, m, d, dtype, mask=mask, rscale=rscale, bias=bias, scale=scale, same_qk=same_qk)
+    need = {nm for nm in need if x[nm] is not None}
+    grad_row = torch.randn(n, dtype=torch.float64)
+    grad_col = torch.randn(m, dtype=torch.float64)
+    run_args = (x, margs, compute_col, need, grad_row, grad_col)
+    row, col, g = _run(backend, *run_args, ref=False)
+    rrow, rcol, gref = _run(REF, *run_args, ref=True)
+    what = f"{backend} n={n} m={m} d={d} {dtype} mask={mask} rscale={rscale} bias={bias} col={compute_col}"
+    _compare_lse(row, rrow, dtype, what + " row_lse")
+    if compute_col:
+        _compare_lse(col, rcol, dtype, what + " col_lse")
+    else:
+        assert col.numel() == 0, f"{what}: col_lse must be empty without compute_col"
+    _compare_grads(g, gref, x, dtype, what, run_args)
+    return row, col, g
+
+
+# ------------------------------------------------------------------ family vs reference
+SHAPES = [(1, 1, 1), (7, 129, 3), (129, 7, 64), (300, 300, 129), (129, 300, 1), (7, 7, 129)]
+MASKS = ["none", "diag", "diag_shift", "pos", "diag_pos", "label", "label_empty"]
+# (rscale, bias, compute_col): every pair of option values appears in some combination.
+OPTIONS = [(False, False, False), (True, False, True), (False, True, True), (True, True, False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "rs{:d}b{:d}c{:d}".format(*o))
+def test_lse_family_matches_reference(backend, dtype, mask, shape, opts):
+    n, m, d = shape
+    rscale, bias, compute_col = opts
+    _check_case(backend, n, m, d, dtype, mask, rscale, bias, compute_col)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 129, 300])
+@pytest.mark.parametrize("layout", ["diag0", "diagN", "diag0_pos", "plain_col", "label"])
+def test_lse_family_same_tensor(backend, dtype, n, layout):
+    """q and k the same tensor (nt_xent / SupCon / HCL layouts: Z against itself, one
+    autograd leaf, one shared row scale)."""
+    rows = 2 * n
+    x, _ = _make_inputs(rows, rows, 33, dtype, mask="none", rscale=True, bias=False, same_qk=True)
+    assert x["q"] is x["k"] and x["q_rscale"] is x["k_rscale"]
+    compute_col = False
+    if layout == "diag0":
+        margs = {"mask_mode": MASK_DIAG, "diag_offset": 0}
+    elif layout == "diagN":
+        margs = {"mask_mode": MASK_DIAG, "diag_offset": n}
+    elif layout == "diag0_pos":  # HCL: drop self and the other view (an involution)
+        margs = {"mask_mode": MASK_DIAG | MASK_POS, "diag_offset": 0, "pos_index": (torch.arange(rows) + n) % rows}
+    elif layout == "plain_col":
+        margs, compute_col = {"mask_mode": 0}, True
+    else:
+        lab = torch.randint(0, 3, (rows,))
+        margs = {"mask_mode": MASK_SAME_LABEL | MASK_DIAG, "q_labels": lab, "k_labels": lab}
+    grad_row = torch.randn(rows, dtype=torch.float64)
+    grad_col = torch.randn(rows, dtype=torch.float64)
+    need = {"q", "scale", "q_rscale"}
+    run_args = (x, margs, compute_col, need, grad_row, grad_col)
+    row, col, g = _run(backend, *run_args, ref=False)
+    rrow, rcol, gref = _run(REF, *run_args, ref=True)
+    what = f"{backend} same-tensor {layout} rows={rows} {dtype}"
+    _compare_lse(row, rrow, dtype, what + " row_lse")
+    if compute_col:
+        _compare_lse(col, rcol, dtype, what + " col_lse")
+    _compare_grads(g, gref, x, dtype, what, run_args)
+
+
+NEED_SUBSETS = [("q",), ("k",), ("scale",), ("col_bias",), ("q_rscale", "k_rscale"), ("q", "scale"),
+                ("k", "col_bias", "k_rscale"), GRAD_NAMES]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("need", NEED_SUBSETS, ids=lambda s: "+".join(s))
+@pytest.mark.parametrize("compute_col", [False, True])
+def test_lse_family_need_subsets(backend, need, compute_col):
+    """Gradients only for the inputs that require them, each still exact."""
+    _, _, g = _check_case(backend, 129, 300, 64, torch.float32, "diag", True, True, compute_col, need=need)
+    assert set(g) == set(need)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_backward_returns_empty_for_unneeded(backend):
+    x, _ = _make_inputs(33, 40, 8, torch.float32, mask="none", rscale=True, bias=True)
+    op_suffix = "_triton" if backend == "triton" else ""
+    fwd = getattr(torch.ops.contrastive_kernels, "lse_forward" + op_suffix)
+    bwd = getattr(torch.ops.contrastive_kernels, "lse_backward" + op_suffix)
+    args = (x["q"], x["k"], x["scale"], x["q_rscale"], x["k_rscale"], x["col_bias"], None, None, None)
+    row, col = fwd(*args, 0, 0, True)
+    full = bwd(torch.randn(33), torch.randn(40), *args, 0, 0, row, col, True, True, True, True, True, True)
+    shapes = [(33, 8), (40, 8), (), (40,), (33,), (40,)]
+    for t, shp in zip(full, shapes):
+        assert tuple(t.shape) == shp
+    for i in range(6):
+        flags = [j == i for j in range(6)]
+        outs = bwd(torch.randn(33), torch.randn(40), *args, 0, 0, row, col, *flags)
+        for j, t in enumerate(outs):
+            if j == i:
+                assert tuple(t.shape) == shapes[j]
+            else:
+                assert t.numel() == 0, f"output {j} should be empty when only output {i} is needed"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lse_large_scale_no_overflow(backend, dtype):
+    """Logit scale 100 on normalized rows (logits up to +-100): no overflow in any dtype."""
+    n, m, d = 129, 300, 64
+    q, k = _rounded((n, d), dtype), _rounded((m, d), dtype)
+    k[:n] = q  # many logits at the maximum, 100
+    x = {"q": q, "k": k, "scale": torch.tensor(100.0), "q_rscale": q.float().norm(dim=1).reciprocal(),
+         "k_rscale": k.float().norm(dim=1).reciprocal(), "col_bias": None}
+    gr, gc = torch.randn(n, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    need = set(GRAD_NAMES) - {"col_bias"}
+    run_args = (x, {"mask_mode": 0}, True, need, gr, gc)
+    row, col, g = _run(backend, *run_args, ref=False)
+    rrow, rcol, gref = _run(REF, *run_args, ref=True)
+    assert torch.isfinite(row).all() and torch.isfinite(col).all()
+    assert row.max() > 99.0
+    _compare_lse(row, rrow, dtype, "scale 100 row")
+    _compare_lse(col, rcol, dtype, "scale 100 col")
+    _compare_grads(g, gref, x, dtype, "scale 100", run_args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_lse_nonfinite_input_gives_nonfinite_output(backend, bad, where):
+    n, m, d = 37, 300, 16
+    q, k = torch.randn(n, d), torch.randn(m, d)
+    (q if where == "q" else k)[5, 3] = bad
+    q.requires_grad_()
+    k.requires_grad_()
+    row, col = fam.lse(backend, q, k, torch.tensor(1.5), compute_col=True)
+    # The bad entry makes logits +-inf or NaN; +inf (or NaN) wherever k[:, 3] (q[:, 3]) has
+    # the matching sign, -inf (a legitimately dropped term) elsewhere.
+    if where == "q":
+        assert not torch.isfinite(row[5]), "the row with the bad value must be non-finite"
+        assert not torch.isfinite(col).all(), "columns meeting +inf / NaN logits must be non-finite"
+    else:
+        assert not torch.isfinite(col[5])
+        assert not torch.isfinite(row).all()
+    (gq,) = torch.autograd.grad(row.sum() + col.sum(), [q])
+    assert not torch.isfinite(gq).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_empty_rows_zero_grad(backend):
+    """Rows (and columns) with every pair masked: -inf, zero gradient, no NaN anywhere."""
+    n, m, d = 9, 5, 4
+    q = torch.randn(n, d, requires_grad=True)
+    k = torch.randn(m, d, requires_grad=True)
+    ql = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0])
+    kl = torch.zeros(m, dtype=torch.long)
+    row, col = fam.lse(backend, q, k, torch.tensor(1.0), q_labels=ql, k_labels=kl, mask_mode=MASK_SAME_LABEL,
+                       compute_col=True)
+    assert torch.equal(row == -math.inf, ql == 0)
+    assert torch.isfinite(col).all()
+    gq, gk = torch.autograd.grad((torch.randn(n) * row).sum() + (torch.randn(m) * col).sum(), [q, k])
+    assert torch.isfinite(gq).all() and torch.isfinite(gk).all()
+    assert (gq[ql == 0] == 0).all(), "rows without kept pairs get no gradient from their own lse"
+
+
+def test_lse_deterministic():
+    """Same inputs, same bits (no atomics; fixed reduction order), with and without columns."""
+    q, k = torch.randn(700, 40), torch.randn(900, 40)
+    s = torch.tensor(3.0)
+    outs = []
+    for _ in range(2):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        row, col = fam.lse("cpu", qq, kk, s, compute_col=True)
+        gq, gk = torch.autograd.grad(row.sum() + 0.5 * col.sum(), [qq, kk])
+        outs.append((row, col, gq, gk))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------- losses over the lse family
+def _loss_cases():
+    T = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731  (tensor parameters get gradients too)
+    return {
+        "info_nce": (lambda q, k, **kw: ck.info_nce(q, k, **kw), {}),
+        "info_nce_tensor_temp": (lambda q, k, t, **kw: ck.info_nce(q, k, temperature=t, **kw), {"t": T(0.2)}),
+        "info_nce_pos_index": (lambda q, k, **kw: ck.info_nce(q, k[:9].repeat(2, 1)[:11], positive_index=torch.tensor(
+            [3, 1, 4, 1, 5, 9, 2, 6, 5, 3][: q.shape[0]] + [0] * max(0, q.shape[0] - 10)), **kw), {}),
+        "info_nce_negatives": (lambda q, k, n, **kw: ck.info_nce(q, k, negatives=n, **kw), {"n": None}),
+        "info_nce_moco": (lambda q, k, n, **kw: ck.info_nce(q, k, negatives=n, in_batch_negatives=False, **kw),
+                          {"n": None}),
+        "info_nce_decoupled": (lambda q, k, **kw: ck.info_nce(q, k, decoupled=True, **kw), {}),
+        "info_nce_decoupled_neg": (lambda q, k, n, **kw: ck.info_nce(q, k, negatives=n, decoupled=True,
+                                                                      in_batch_negatives=False, **kw), {"n": None}),
+        "info_nce_symmetric": (lambda q, k, **kw: ck.info_nce(q, k, symmetric=True, **kw), {}),
+        "info_nce_symmetric_decoupled": (lambda q, k, **kw: ck.info_nce(q, k, symmetric=True, decoupled=True,
+                                                                         **kw), {}),
+        "info_nce_none": (lambda q, k, **kw: ck.info_nce(q, k, reduction="none", normalize=False, **kw), {}),
+        "info_nce_sum": (lambda q, k, **kw: ck.info_nce(q, k, reduction="sum", **kw), {}),
+        "nt_xent": (lambda q, k, **kw: ck.nt_xent(q, k, 0.5, **kw), {}),
+        "nt_xent_unnormalized": (lambda q, k, **kw: ck.nt_xent(q * 0.3, k * 0.3, 0.5, normalize=False, **kw), {}),
+        "clip": (lambda q, k, s, b, **kw: ck.clip_loss(q, k, s, b, **kw), {"s": T(7.0), "b": T(-1.5)}),
+        "clip_no_bias": (lambda q, k, s, **kw: ck.clip_loss(q, k, s, **kw), {"s": T(3.0)}),
+        "supcon": (lambda q, k, **kw: ck.supcon_loss(q, torch.arange(q.shape[0]) % 3, 0.1, **kw), {}),
+        "supcon_ref": (lambda q, k, **kw: ck.supcon_loss(q, torch.arange(q.shape[0]) % 3, 0.1, ref_embeddings=k,
+                                                         ref_labels=torch.arange(k.shape[0]) % 4, **kw), {}),
+        "supcon_tensor_temp": (lambda q, k, t, **kw: ck.supcon_loss(q, torch.arange(q.shape[0]) % 2, t, **kw),
+                               {"t": T(0.3)}),
+        "dcl": (lambda q, k, **kw: ck.dcl_loss(q, k, 0.1, **kw), {}),
+        "dclw": (lambda q, k, **kw: ck.dcl_loss(q, k, 0.1, weight_sigma=0.5, **kw), {}),
+        "hard_negative": (lambda q, k, **kw: ck.hard_negative_loss(q, k, 0.5, beta=1.0, tau_plus=0.1, **kw), {}),
+        "hard_negative_beta0": (lambda q, k, **kw: ck.hard_negative_loss(q, k, 0.3, beta=0.0, tau_plus=0.05, **kw),
+                                {}),
+        "uniformity": (lambda q, k, **kw: ck.uniformity_loss(q * 0.5, 2.0, **kw), {}),
+        "uniformity_tensor_t": (lambda q, k, t, **kw: ck.uniformity_loss(q * 0.5, t, **kw), {"t": T(1.5)}),
+    }
+
+
+LOSS_CASES = _loss_cases()
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [7, 33])
+def test_losses_cpu_match_reference(case, dtype, n):
+    if "cpu" not in [p.values[0] for p in BACKENDS]:
+        pytest.fail("the C++ CPU lse kernels are not built")
+    fn, params = LOSS_CASES[case]
+    d = 16
+    q = _rounded((n, d), dtype)
+    k = _rounded((n, d), dtype)
+    extra = {}
+    for name, v in params.items():
+        extra[name] = _rounded((13, d), dtype) if v is None else v
+    results = []
+    for backend in ("cpu", "reference"):
+        cast = (lambda t: t.detach().double()) if backend == "reference" else (lambda t: t.detach().clone())
+        qq, kk = cast(q).requires_grad_(), cast(k).requires_grad_()
+        ex = {}
+        for name, v in extra.items():
+            v = cast(v) if (backend == "reference" or v.dtype == dtype) else v.detach().float()
+            ex[name] = v.requires_grad_()
+        loss = fn(qq, kk, *ex.values(), backend=backend)
+        weights = torch.randn(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+        leaves = [qq, kk, *ex.values()]
+        grads = torch.autograd.grad((loss * weights.to(loss.dtype)).sum(), leaves, allow_unused=True)
+        results.append((loss.detach(), grads))
+    (loss, grads), (rloss, rgrads) = results
+    assert loss.dtype == torch.float32
+    err = rel_err(loss, rloss)
+    assert err <= TOL[dtype], f"{case} {dtype}: loss relative error {err:.3e}"
+    names = ["query/z1", "key/z2", *extra]
+    for name, g, rg in zip(names, grads, rgrads):
+        if rg is None:
+            assert g is None or torch.count_nonzero(g) == 0, f"{case}: {name} has a gradient the reference lacks"
+            continue
+        assert g is not None, f"{case}: no gradient for {name}"
+        assert torch.isfinite(g).all()
+        if rg.norm() <= 1e-12:  # exactly zero in exact arithmetic (clip's logit_bias cancels in the CE)
+            assert g.abs().max() <= 1e-6, f"{case}: d{name} should be zero, got {g}"
+            continue
+        err = rel_err(g, rg)
+        assert err <= TOL[dtype], f"{case} {dtype}: d{name} relative error {err:.3e} > {TOL[dtype]:.0e}"
+
+
+# -------------------------------------------------------------------------- peak memory
+@pytest.mark.slow
+def test_nt_xent_cpu_peak_memory_and_value(tmp_path):
+    """nt_xent at 2N = 32768 rows, D = 32, forward + backward: the 2N x 2N float32 matrix
+    alone would be 4.3 GB; the fused CPU kernels stay under 300 MB of peak growth.  The
+    value is checked against a chunked float64 computation (no full matrix either)."""
+    n, d = 16384, 32
+    out = tmp_path / "loss.txt"
+    setup = f"""
+        import contrastive_kernels as ck
+        torch.manual_seed(0)
+        z1 = torch.randn({n}, {d}, requires_grad=True)
+        z2 = torch.randn({n}, {d}, requires_grad=True)
+        w1, w2 = torch.randn(64, {d}, requires_grad=True), torch.randn(64, {d}, requires_grad=True)
+        ck.nt_xent(w1, w2, 0.5, backend="cpu").backward()  # warm-up: load kernels, BLAS, threads
+    """
+    body = f"""
+        loss = ck.nt_xent(z1, z2, 0.5, backend="cpu")
+        loss.backward()
+        open({str(out)!r}, "w").write(repr(loss.item()) + " " + repr(z1.grad.norm().item()))
+    """
+    res = peak_rss_growth(setup, body)
+    assert res["growth"] < 300 * 2**20, f"peak RSS grew by {res['growth'] / 2**20:.1f} MB"
+    loss, gnorm = map(float, out.read_text().split())
+    assert math.isfinite(loss) and math.isfinite(gnorm) and gnorm > 0
+
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(n, d), torch.randn(n, d)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
+    rows = 2 * n
+    total = 0.0
+    for r0 in range(0, rows, 1024):
+        r1 = min(rows, r0 + 1024)
+        s = (z[r0:r1] @ z.T) / 0.5
+        idx = torch.arange(r0, r1)
+        s[idx - r0, idx] = -math.inf
+        pos = s[idx - r0, (idx + n) % rows]
+        total += (torch.logsumexp(s, dim=1) - pos).sum().item()
+    expected = total / rows
+    assert abs(loss - expected) <= 1e-5 * abs(expected), f"loss {loss} vs chunked float64 {expected}"
