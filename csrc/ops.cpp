@@ -40,7 +40,10 @@ TORCH_LIBRARY(contrastive_kernels, m) {
   //   dk_j = scale k_rscale_j B_j          (k.dtype)      d k_rscale_j = scale k_j . B_j
   //   dscale = sum_i q_rscale_i q_i . A_i  (() float32)   dcol_bias_j = sum_i dS_ij
   // (absent rscale = 1).  Returns (dq, dk, dscale, dcol_bias, dq_rscale, dk_rscale),
-  // each empty when its need_* flag is false.
+  // each empty when its need_* flag is false.  When q and k are the same tensor (and
+  // q_rscale the same tensor as k_rscale, need_q == need_k), a backend may return the
+  // whole gradient of that tensor in dq / dq_rscale and zeros in dk / dk_rscale: autograd
+  // sums the two, so the input's gradient is the same (the CPU symmetric fast path does).
   m.def("lse_backward(Tensor grad_row, Tensor grad_col, Tensor q, Tensor k, Tensor scale, Tensor? q_rscale, "
         "Tensor? k_rscale, Tensor? col_bias, Tensor? pos_index, Tensor? q_labels, Tensor? k_labels, "
         "int diag_offset, int mask_mode, Tensor row_lse, Tensor col_lse, bool need_q, bool need_k, "
