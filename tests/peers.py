@@ -219,7 +219,8 @@ def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5
 
 class LightlyDCLLoss(nn.Module):
     """lightly.loss.DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False):
-    per direction, -w * s_ii/t + LSE_{j != i} s(out0_i, out0_j)/t + LSE_{j != i} s(out0_i, out1_j)/t,
+    per direction, -w * s_ii/t + LSE over all negatives {s(out0_i, out0_j)/t, s(out0_i, out1_j)/t : j != i}
+    (one log-sum-exp, DCL paper Eq. 6, as lightly >= 1.6; lightly <= 1.5 summed two separate ones),
     mean over i, averaged over both directions; weight_fn gets the normalized views."""
 
     def __init__(self, temperature: float = 0.1, weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
@@ -241,9 +242,8 @@ class LightlyDCLLoss(nn.Module):
         positive = -s01[eye]
         if self.weight_fn:
             positive = positive * self.weight_fn(a, b)
-        neg00 = torch.logsumexp(s00[~eye].view(n, -1), dim=1)
-        neg01 = torch.logsumexp(s01[~eye].view(n, -1), dim=1)
-        return (positive + neg00 + neg01).mean()
+        negatives = torch.cat([s00[~eye].view(n, -1), s01[~eye].view(n, -1)], dim=1)
+        return (positive + torch.logsumexp(negatives, dim=1)).mean()
 
 
 class LightlyDCLWLoss(LightlyDCLLoss):

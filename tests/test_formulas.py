@@ -350,14 +350,27 @@ def _grads(loss, tensors):
     return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, tensors)]
 
 
-def _torch_float32_error(c: Case, ours: dict, wrt: list, seed: int, ref, g_ref):
-    """PyTorch's own error: the peer run in float32 on the same rounded inputs, against
+def _torch_error(c: Case, ours: dict, wrt: list, seed: int, ref, g_ref, dtype=torch.float32):
+    """PyTorch's own error: the peer run in `dtype` on the same rounded inputs, against
     the float64 peer (loss, then each gradient)."""
-    p32 = {k: (v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+    p32 = {k: (v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
            for k, v in ours.items()}
     out = c.peer(p32)
     g = _grads(_scalarize(out, seed), [p32[k] for k in wrt])
     return [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(g, g_ref)]
+
+
+def _torch_float32_error(c: Case, ours: dict, wrt: list, seed: int, ref, g_ref, dtype=torch.float32):
+    """The larger of PyTorch's float32 error and, for float16/bfloat16, its error in that
+    dtype (FlashAttention's rule: twice PyTorch's own error in the same dtype)."""
+    errs = _torch_error(c, ours, wrt, seed, ref, g_ref)
+    if dtype in (torch.float16, torch.bfloat16):
+        try:
+            same = _torch_error(c, ours, wrt, seed, ref, g_ref, dtype)
+            errs = [max(a, b) if b == b else a for a, b in zip(errs, same)]
+        except RuntimeError:  # an op PyTorch does not implement in that dtype on this device
+            pass
+    return errs
 
 
 def _compare(c: Case, n: int, backend: str, dtype, tol: float, tensor_scalars: bool, scalar_dtype=None):
@@ -387,11 +400,11 @@ def _compare(c: Case, n: int, backend: str, dtype, tol: float, tensor_scalars: b
         return
     torch_errs = [0.0] * len(errs)
     if dtype != torch.float64:
-        torch_errs = _torch_float32_error(c, ours, wrt, seed, ref, g_ref)
+        torch_errs = _torch_float32_error(c, ours, wrt, seed, ref, g_ref, dtype)
     for w, e, te in zip(what, errs, torch_errs):
         bound = max(tol, 2 * te)
         assert e <= bound, (f"{c.name} N={n} {backend} {dtype}: {w} relative error {e:.3e} > {bound:.1e} "
-                            f"(SPEC {tol:.0e}; PyTorch float32 on the same inputs: {te:.1e})")
+                            f"(SPEC {tol:.0e}; PyTorch on the same inputs, float32 or this dtype: {te:.1e})")
 
 
 # -------------------------------------------------------------------- tests
@@ -540,11 +553,12 @@ def test_one_row_standardizes_to_zero():
     z1 = torch.randn(1, 6, dtype=torch.float64, requires_grad=True)
     z2 = torch.randn(1, 6, dtype=torch.float64, requires_grad=True)
     for be in ["reference", FAMILY_REFERENCE]:
-        assert torch.equal(ck.cross_correlation(z1, z2, backend=be).double(), torch.zeros(6, 6, dtype=torch.float64))
+        # zero up to the rounding of the batch-norm kernel's mean (|x - mean| ~ 1e-16 |x|)
+        assert ck.cross_correlation(z1, z2, backend=be).double().abs().max() < 1e-20
         loss = ck.barlow_twins_loss(z1, z2, backend=be)
-        assert loss.item() == 6.0
+        assert abs(loss.item() - 6.0) < 1e-12
         g1, g2 = torch.autograd.grad(loss, [z1, z2])
-        assert g1.abs().max() == 0 and g2.abs().max() == 0
+        assert g1.abs().max() < 1e-12 and g2.abs().max() < 1e-12
 
 
 def test_hcl_clamp_case_is_clamped():

@@ -382,6 +382,14 @@ def alignment_loss(x: Tensor, y: Tensor, alpha=2.0, *, backend: str | None = Non
 
 
 # ---------------------------------------------------------- cross-correlation
+_STANDARDIZE_CHUNK = 1 << 18  # float64 elements per column chunk
+
+
+def _column_slices(n, d):
+    step = max(1, _STANDARDIZE_CHUNK // max(n, 1))
+    return [slice(c0, min(d, c0 + step)) for c0 in range(0, d, step)]
+
+
 class _Standardize(torch.autograd.Function):
     """Per-feature batch standardization with biased variance (BatchNorm1d(affine=False) in
     training mode), float32 out.
@@ -392,20 +400,13 @@ class _Standardize(torch.autograd.Function):
     input and the per-feature mean / 1/std, so its extra memory is the float32 output plus one
     float64 chunk."""
 
-    CHUNK = 1 << 18  # float64 elements per column chunk
-
-    @staticmethod
-    def _slices(n, d):
-        step = max(1, _Standardize.CHUNK // max(n, 1))
-        return [slice(c0, min(d, c0 + step)) for c0 in range(0, d, step)]
-
     @staticmethod
     def forward(ctx, z, eps):
         n, d = z.shape
         out = torch.empty((n, d), dtype=torch.float32, device=z.device)
         mean = torch.empty((d,), dtype=torch.float64, device=z.device)
         rstd = torch.empty_like(mean)
-        for sl in _Standardize._slices(n, d):
+        for sl in _column_slices(n, d):
             y, m, r = torch.native_batch_norm(z[:, sl].double(), None, None, None, None, True, 0.0, eps)
             out[:, sl], mean[sl], rstd[sl] = y, m, r
         ctx.save_for_backward(z, mean, rstd)
@@ -418,7 +419,7 @@ class _Standardize(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         dz = torch.empty_like(z)
-        for sl in _Standardize._slices(*z.shape):
+        for sl in _column_slices(*z.shape):
             dz[:, sl] = torch.ops.aten.native_batch_norm_backward(
                 grad[:, sl].double(), z[:, sl].double(), None, None, None, mean[sl], rstd[sl], True, ctx.eps,
                 [True, False, False])[0]
