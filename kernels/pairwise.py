@@ -1,0 +1,295 @@
+"""Triton kernels of the pairwise sigmoid family (SigLIP and per-pair softplus sums).
+
+x_ij = scale <q_i, k_j> + bias + row_offset_i.  Pair (i, j) is positive when
+q_labels[i] == k_labels[j] (labels given) or j == i + diag_offset (no labels); mode
+bits: 1 every pair negative, 2 only positive pairs count, 4 drop j == i + diag_offset.
+Each pair gets a sign sg = -1 (positive), +1 (negative), 0 (dropped); its term is
+softplus(sg x) and d term / d x = sg sigmoid(sg x).  The contract is that of the native
+ops in csrc/ops.cpp; `reference.pairwise_family` is the specification.
+
+Kernels (no N x M buffer, no atomics, int64 offsets):
+  * forward: one program per row block, looping over column blocks; per-row sums.
+  * backward, row kernel: one program per (row block, feature chunk): recomputes each
+    tile, dS = g sg sigmoid(sg x), accumulates dq = scale dS k for its feature chunk,
+    drow_offset_i = sum_j dS_ij and the block's partial dscale = sum dS <q,k>, dbias =
+    sum dS (written per program, summed in torch in a fixed order).
+  * backward, column kernel: one program per (column block, feature chunk):
+    dk = scale dS^T q.
+Float32 inputs are multiplied with input_precision="ieee" (no TF32: the float32
+tolerance is 1e-5).  Half inputs use their own dtype in tl.dot with float32 accumulation.
+On GPUs the tile sizes are autotuned; under TRITON_INTERPRET=1 one small config runs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+AVAILABLE = True
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Feature chunk: the whole (padded) D up to this size, so the backward accumulators
+# cover D in one program; larger D is split over a second grid axis (each chunk
+# recomputes the tile products).
+_MAX_BLOCK_D = 64 if _INTERPRET else 256
+_INTERP_META = {"BLOCK_M": 32, "BLOCK_N": 32}
+_MIN_BLOCK_M = 32  # smallest BLOCK_M of any config: sizes the per-program partial sums
+
+
+def _block_d(d: int) -> int:
+    return min(_MAX_BLOCK_D, max(16, triton.next_power_of_2(max(int(d), 1))))
+
+
+# --------------------------------------------------------------------------- tiles
+@triton.jit
+def _tile(q_ptr, k_ptr, ql_ptr, kl_ptr, off_ptr, rows, cols, N, M, D, scale, bias, diag_offset,
+          HAS_LABELS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """(dot, y, keep, sg) of a BLOCK_M x BLOCK_N tile: dot = <q_i, k_j>, y = sg x."""
+    row_ok = rows < N
+    col_ok = cols < M
+    dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        qt = tl.load(q_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        kt = tl.load(k_ptr + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        dot += tl.dot(qt, tl.trans(kt), input_precision=PREC)
+    c = tl.zeros((BLOCK_M,), dtype=tl.float32) + bias
+    if HAS_OFFSET:
+        c += tl.load(off_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    x = scale * dot + c[:, None]
+
+    diag = cols[None, :] == rows[:, None] + diag_offset
+    if HAS_LABELS:
+        ql = tl.load(ql_ptr + rows, mask=row_ok, other=0)
+        kl = tl.load(kl_ptr + cols, mask=col_ok, other=0)
+        pos = ql[:, None] == kl[None, :]
+    else:
+        pos = diag
+    if MODE & 1:
+        pos = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int1)
+    keep = row_ok[:, None] & col_ok[None, :]
+    if MODE & 2:
+        keep = keep & pos
+    if MODE & 4:
+        keep = keep & (diag == 0)
+    sg = tl.where(keep, tl.where(pos, -1.0, 1.0), 0.0)
+    return dot, sg * x, keep, sg
+
+
+@triton.jit
+def _softplus(y):
+    # max(y, 0) + log1p(exp(-|y|)); log1p(e) = log(u) e / (u - 1), u = 1 + e, undoes the rounding of u.
+    e = tl.exp(-tl.abs(y))
+    u = 1.0 + e
+    d = u - 1.0
+    l1p = tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d)))
+    return tl.maximum(y, 0.0) + l1p
+
+
+@triton.jit
+def _sigmoid(y):
+    e = tl.exp(-tl.abs(y))
+    inv = 1.0 / (1.0 + e)
+    return tl.where(y >= 0.0, inv, e * inv)
+
+
+# ------------------------------------------------------------------------- kernels
+@triton.jit
+def _pairwise_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_ptr, out_ptr, N, M, D, diag_offset,
+                         HAS_LABELS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
+                         PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(0, M, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        dot, y, keep, sg = _tile(q_ptr, k_ptr, ql_ptr, kl_ptr, off_ptr, rows, cols, N, M, D, scale, bias,
+                                 diag_offset, HAS_LABELS, HAS_OFFSET, MODE, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
+        acc += tl.sum(tl.where(keep, _softplus(y), 0.0), axis=1)
+    tl.store(out_ptr + rows, acc, mask=rows < N)
+
+
+@triton.jit
+def _pairwise_bwd_rows_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_ptr, dq_ptr, drow_ptr,
+                              part_ds_ptr, part_dsd_ptr, N, M, D, diag_offset,
+                              HAS_LABELS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
+                              PREC: tl.constexpr, NEED_Q: tl.constexpr, NEED_OFFSET: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    dd = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    # The scalar gradients add O(N M) terms that can cancel: per-tile sums are float32
+    # trees, their running sums float64.
+    s_ds = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    s_dsd = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    for c0 in range(0, M, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        dot, y, keep, sg = _tile(q_ptr, k_ptr, ql_ptr, kl_ptr, off_ptr, rows, cols, N, M, D, scale, bias,
+                                 diag_offset, HAS_LABELS, HAS_OFFSET, MODE, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
+        ds = tl.where(keep, g[:, None] * sg * _sigmoid(y), 0.0)
+        s_ds += tl.sum(ds, axis=1).to(tl.float64)
+        s_dsd += tl.sum(ds * dot, axis=1).to(tl.float64)
+        if NEED_Q:
+            kt = tl.load(k_ptr + cols[:, None] * D + dd[None, :], mask=(cols < M)[:, None] & d_ok[None, :],
+                         other=0.0)
+            dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+    if NEED_Q:
+        tl.store(dq_ptr + rows[:, None] * D + dd[None, :], (scale * dq).to(dq_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+    if pid_d == 0:
+        if NEED_OFFSET:
+            tl.store(drow_ptr + rows, s_ds.to(tl.float32), mask=row_ok)
+        tl.store(part_ds_ptr + pid, tl.sum(s_ds, axis=0))
+        tl.store(part_dsd_ptr + pid, tl.sum(s_dsd, axis=0))
+
+
+@triton.jit
+def _pairwise_bwd_cols_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_ptr, dk_ptr, N, M, D,
+                              diag_offset, HAS_LABELS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
+                              PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    cols = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dd = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for r0 in range(0, N, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < N
+        dot, y, keep, sg = _tile(q_ptr, k_ptr, ql_ptr, kl_ptr, off_ptr, rows, cols, N, M, D, scale, bias,
+                                 diag_offset, HAS_LABELS, HAS_OFFSET, MODE, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        ds = tl.where(keep, g[:, None] * sg * _sigmoid(y), 0.0)
+        qt = tl.load(q_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        dk += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC)
+    tl.store(dk_ptr + cols[:, None] * D + dd[None, :], (scale * dk).to(dk_ptr.dtype.element_ty),
+             mask=(cols < M)[:, None] & d_ok[None, :])
+
+
+# ------------------------------------------------------------------- autotuning
+def _configs():
+    out = []
+    for bm in (32, 64, 128):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _prune(configs, named_args, **kwargs):
+    # Keep the accumulators (BLOCK x BLOCK_D float32) and tiles in registers: fewer / smaller
+    # configs for a wide feature chunk.
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] * block_d <= 128 * 128 and c.kwargs["BLOCK_N"] * block_d <= 128 * 128]
+    return keep or configs[:1]
+
+
+_KEY = ["N", "M", "D", "HAS_LABELS", "MODE"]
+_prune_cfg = {"early_config_prune": _prune}
+_fwd_tuned = triton.autotune(_configs(), key=_KEY, prune_configs_by=_prune_cfg)(_pairwise_fwd_kernel)
+_bwd_rows_tuned = triton.autotune(_configs(), key=_KEY, prune_configs_by=_prune_cfg)(_pairwise_bwd_rows_kernel)
+_bwd_cols_tuned = triton.autotune(_configs(), key=_KEY, prune_configs_by=_prune_cfg)(_pairwise_bwd_cols_kernel)
+
+
+def _launch(jit_fn, tuned_fn, grid, *args, **meta):
+    if _INTERPRET:
+        full = dict(meta, **_INTERP_META)
+        return jit_fn[grid(full)](*args, num_warps=4, num_stages=1, **full)
+    return tuned_fn[grid](*args, **meta)
+
+
+# ------------------------------------------------------------------------ launchers
+def _prepare(q, k, scale, bias, row_offset, q_labels, k_labels):
+    q = q.contiguous()
+    k = k.contiguous()
+    scale = scale.reshape(1).to(device=q.device, dtype=torch.float32)
+    bias = bias.reshape(1).to(device=q.device, dtype=torch.float32)
+    off = row_offset.to(torch.float32).contiguous() if row_offset is not None else scale  # dummy pointer
+    has_labels = q_labels is not None
+    ql = q_labels.contiguous() if has_labels else scale
+    kl = k_labels.contiguous() if has_labels else scale
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    return q, k, scale, bias, off, ql, kl, has_labels, prec
+
+
+def _check(q, k, mode):
+    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(f"pairwise (triton): q and k must be (N, D) and (M, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.dtype != k.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"pairwise (triton): q and k must share a float32/float16/bfloat16 dtype, got {q.dtype} and {k.dtype}")
+    if not 0 <= int(mode) <= 7:
+        raise ValueError(f"pairwise (triton): mode must be in [0, 7], got {mode}")
+
+
+def pairwise_forward(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode):
+    """Per-row sums (N,) float32 of softplus(-x) (positive pairs) / softplus(x) (negative pairs)."""
+    _check(q, k, mode)
+    n, d = q.shape
+    m = k.shape[0]
+    out = torch.zeros(n, dtype=torch.float32, device=q.device)
+    if n == 0 or m == 0:
+        return out
+    q, k, scale, bias, off, ql, kl, has_labels, prec = _prepare(q, k, scale, bias, row_offset, q_labels, k_labels)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+    _launch(_pairwise_fwd_kernel, _fwd_tuned, grid, q, k, scale, bias, off, ql, kl, out, n, m, d, int(diag_offset),
+            HAS_LABELS=has_labels, HAS_OFFSET=row_offset is not None, MODE=int(mode), PREC=prec,
+            BLOCK_D=_block_d(d))
+    return out
+
+
+def pairwise_backward(grad_row, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode, need_q, need_k,
+                      need_scale, need_bias, need_offset):
+    """(dq, dk, dscale (), dbias (), drow_offset (N,)); each empty when its need_* flag is false."""
+    _check(q, k, mode)
+    n, d = q.shape
+    m = k.shape[0]
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    need_rows = need_q or need_scale or need_bias or need_offset
+    dq = torch.zeros((n, d), dtype=q.dtype, device=dev) if need_q else q.new_empty((0,))
+    dk = torch.zeros((m, d), dtype=k.dtype, device=dev) if need_k else k.new_empty((0,))
+    drow = torch.zeros(n, **f32) if need_offset else torch.empty(0, **f32)
+    dscale = torch.zeros((), **f32)
+    dbias = torch.zeros((), **f32)
+    if n > 0 and m > 0 and (need_rows or need_k):
+        g = grad_row.to(device=dev, dtype=torch.float32).contiguous()
+        q, k, scale, bias, off, ql, kl, has_labels, prec = _prepare(q, k, scale, bias, row_offset, q_labels,
+                                                                   k_labels)
+        block_d = _block_d(d)
+        d_chunks = triton.cdiv(d, block_d)
+        common = dict(HAS_LABELS=has_labels, HAS_OFFSET=row_offset is not None, MODE=int(mode), PREC=prec,
+                      BLOCK_D=block_d)
+        if need_rows:
+            # One partial per row program; sized for the smallest BLOCK_M, unused entries stay 0.
+            parts = triton.cdiv(n, _MIN_BLOCK_M)
+            part_ds = torch.zeros(parts, dtype=torch.float64, device=dev)
+            part_dsd = torch.zeros(parts, dtype=torch.float64, device=dev)
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), d_chunks if need_q else 1)  # noqa: E731
+            _launch(_pairwise_bwd_rows_kernel, _bwd_rows_tuned, grid, g, q, k, scale, bias, off, ql, kl,
+                    dq if need_q else g, drow if need_offset else g, part_ds, part_dsd, n, m, d, int(diag_offset),
+                    NEED_Q=bool(need_q), NEED_OFFSET=bool(need_offset), **common)
+            dbias = part_ds.sum().float()
+            dscale = part_dsd.sum().float()
+        if need_k:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)  # noqa: E731
+            _launch(_pairwise_bwd_cols_kernel, _bwd_cols_tuned, grid, g, q, k, scale, bias, off, ql, kl, dk, n, m, d,
+                    int(diag_offset), **common)
+    return (dq, dk, dscale if need_scale else torch.empty(0, **f32), dbias if need_bias else torch.empty(0, **f32),
+            drow)
