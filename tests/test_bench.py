@@ -196,8 +196,10 @@ def test_impl_that_raises_is_recorded_as_error(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     assert main(["bench", "--op", "siglip_loss", "--sizes", "8x4", "--repeats", "1", "--isolate", "none",
                  "--mm-size", "256", "--peers", "none", "--out", out, "--no-plot"]) == 0
-    (rec,) = _load(out)
+    recs = {r["impl"]: r for r in _load(out)}
+    rec = recs["reference"]
     assert rec["status"] == "error: RuntimeError: boom from the test"
+    assert all(r["status"] == "ok" for k, r in recs.items() if k != "reference")  # the others still ran
     assert rec["ms"] is None and rec["gflops"] is None
 
 
