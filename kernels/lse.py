@@ -381,11 +381,12 @@ def lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, 
 
 
 def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o_g, i_lse, i_g, diag_offset,
-              mask_mode, trans, need_out, need_ors, need_scale, need_bias):
+              mask_mode, trans, need_out, need_ors, need_scale, need_bias, out_f32=False):
     no, ni, d = outer.shape[0], inner.shape[0], outer.shape[1]
     dev = outer.device
     f32 = lambda n: torch.empty((n,), dtype=torch.float32, device=dev)  # noqa: E731
-    d_out = torch.empty_like(outer) if need_out else None
+    d_out = (torch.empty_like(outer, dtype=torch.float32) if out_f32 else torch.empty_like(outer)) \
+        if need_out else None
     d_ors = f32(no) if need_ors else None
     d_scale = f32(no) if need_scale else None
     d_bias = f32(no) if need_bias else None
@@ -436,17 +437,27 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
         run_row = True
     scale_in_row = need_scale and run_row
 
+    # q and k the same tensor (nt_xent, SupCon, HCL, DCL's same-view terms): autograd adds dq and
+    # dk, which nearly cancel on the diagonal blocks; adding two rounded half-precision halves
+    # loses the result, so both are kept in float32, summed here and returned once in dq (dk
+    # zero), the contract csrc/ops.cpp allows for this case.
+    same = (need_q and need_k and q.data_ptr() == k.data_ptr() and q.shape == k.shape
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and ((q_rscale is None and k_rscale is None) or (q_rscale is not None and k_rscale is not None
+                                                            and q_rscale.data_ptr() == k_rscale.data_ptr())))
     dq = dk = dscale_rows = db = dqr = dkr = None
     if run_row:
         dq, dqr, dscale_rows, _ = _bwd_pass(q, k, scale, qr, kr, bias, pos, ql, kl, r_lse, r_g, c_lse, c_g,
                                             diag_offset, mask_mode, False, need_q, need_q_rscale, scale_in_row,
-                                            False)
+                                            False, out_f32=same)
     if run_col:
         dk, dkr, ds_cols, db = _bwd_pass(k, q, scale, kr, qr, bias, pos, kl, ql, c_lse, c_g, r_lse, r_g,
                                          diag_offset, mask_mode, True, need_k, need_k_rscale,
-                                         need_scale and not scale_in_row, need_bias)
+                                         need_scale and not scale_in_row, need_bias, out_f32=same)
         if need_scale and not scale_in_row:
             dscale_rows = ds_cols
+    if same:
+        dq, dk = (dq + dk).to(q.dtype), torch.zeros_like(k)
 
     def empty32():  # a fresh tensor per output: custom-op outputs may not alias each other
         return torch.empty((0,), dtype=torch.float32, device=dev)

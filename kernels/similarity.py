@@ -176,7 +176,19 @@ def similarity_backward(grad, a, b, scale, normalize, need_a, need_b, need_scale
             da = _through_normalize(a, ar, sc * ca).to(a.dtype)
         if need_scale:
             ah = a.float() * ar[:, None] if normalize else a.float()
-            dscale = (ah.double() * ca.double()).sum().float()  # float64: the sum cancels
+            if a.dtype == torch.float32:
+                dscale = (ah.double() * ca.double()).sum().float()  # float64: the sum cancels
+            else:
+                # half inputs: the kernel's r_b * b tile is rounded to the input dtype, and this
+                # sum cancels (random-sign G), so recompute it in float32 from float32 b_hat,
+                # 16 MB row chunks of G at a time (G itself is the N x M input of this op).
+                bh = b.float() * br[:, None] if normalize else b.float()
+                step = max(1, (1 << 22) // max(m, 1))
+                acc = torch.zeros((), dtype=torch.float64, device=a.device)
+                for r0 in range(0, n, step):
+                    c = g[r0:r0 + step].float() @ bh
+                    acc += (ah[r0:r0 + step].double() * c.double()).sum()
+                dscale = acc.float()
     if need_b:
         cb = _rows_times(g, g.stride(1), g.stride(0), m, a, ar)  # G^T (r_a a)
         db = _through_normalize(b, br, sc * cb).to(b.dtype)
