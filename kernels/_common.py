@@ -14,6 +14,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -27,6 +28,18 @@ def pad_dim(d: int) -> int:
 
 def is_ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
+
+
+@triton.jit
+def dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b with float32 accumulation.  IEEE: float32 operands multiplied exactly (no
+    TF32).  Under the interpreter, bfloat16 operands arrive with IEEE set and are widened
+    first (exactly): the interpreter's own bfloat16 tl.dot is wrong (triton-lang/triton#4972);
+    the GPU path never takes this branch."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
 
 
 def launch(jit_fn, tuned_fn, grid, interp_meta: dict, *args, **kwargs):

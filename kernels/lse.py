@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot as _dot
 from ._common import INTERPRET, LN2, LOG2E, is_ieee, launch, pad_dim
 
 AVAILABLE = True
@@ -37,17 +38,6 @@ MASK_DIAG, MASK_POS, MASK_SAME_LABEL = 1, 2, 4
 
 
 # ----------------------------------------------------------------------- jit helpers
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    # IEEE: float32 operands multiplied exactly (no TF32).  Under the interpreter, bfloat16
-    # operands arrive with IEEE set and are widened first (exactly): the interpreter's own
-    # bfloat16 tl.dot is wrong (triton-lang/triton#4972), the GPU path never takes this branch.
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
 @triton.jit
 def _raw_scores_chunked(O, I, o64, o_ok, n64, n_ok, D, stride_o, stride_i,
                         IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):

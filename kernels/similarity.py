@@ -18,20 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot as _dot
 from ._common import INTERPRET, is_ieee, launch, pad_dim
 
 AVAILABLE = True
 
 _EPS = 1e-12
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    # See kernels/lse.py: IEEE float32 products; bfloat16 widened only under the interpreter.
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
