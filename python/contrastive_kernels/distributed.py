@@ -60,6 +60,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _families as fam
+from . import functional
 from . import _validation as V
 from . import backends
 from .backends import FAMILY_REFERENCE
@@ -409,28 +410,10 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     ``symmetric`` also gathers the queries (key -> query direction).  ``reduction``:
     "mean" returns the mean over local rows, "sum" ``world_size x`` the local sum, "none"
     the local rows."""
-    V.matrix("query", query)
-    V.matrix("key", key)
-    tensors = {"query": query, "key": key}
-    if negatives is not None:
-        V.matrix("negatives", negatives)
-        tensors["negatives"] = negatives
-    V.same_device_dtype(**tensors)
-    V.same_dim(**tensors)
-    V.scalar("temperature", temperature, positive=True, device=query.device)
-    V.choice("reduction", reduction, ("mean", "sum", "none"))
-    n, m = query.shape[0], key.shape[0]
-    if positive_index is None:
-        if m < n:
-            raise ValueError(f"key has {m} rows but query has {n}: with positive_index=None the positive of query i "
-                             "is key i, so key needs at least as many rows as query (or pass positive_index)")
-    else:
-        positive_index = V.index("positive_index", positive_index, n, m, query.device)
-    if symmetric and (m != n or negatives is not None or positive_index is not None or not in_batch_negatives):
-        raise ValueError("symmetric=True needs as many keys as queries, no negatives, positive_index=None and "
-                         f"in_batch_negatives=True; got query {tuple(query.shape)}, key {tuple(key.shape)}")
-    if decoupled and not in_batch_negatives and negatives is None:
-        raise ValueError("decoupled=True with in_batch_negatives=False and no negatives leaves no candidates")
+    # the single-process checks; a lone local key is fine here (the global batch has more)
+    positive_index = functional.check_info_nce_args(query, key, negatives, temperature, positive_index,
+                                                    in_batch_negatives, symmetric, decoupled, reduction)
+    n = query.shape[0]
     d = _setup(group, mode, "distributed info_nce", query)
     _check_sizes(d, query=query, key=key)
     be = _family_backend(backend, "lse", query)

@@ -76,17 +76,10 @@ def normalized_similarity(a: Tensor, b: Tensor | None = None, scale=1.0, *, norm
 
 
 # ------------------------------------------------------------------------ InfoNCE
-def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, temperature=0.1,
-             positive_index: Tensor | None = None, in_batch_negatives: bool = True, symmetric: bool = False,
-             decoupled: bool = False, normalize: bool = True, reduction: str = "mean",
-             backend: str | None = None) -> Tensor:
-    """InfoNCE: row i is ``LSE_{c in C_i} s(q_i, c)/tau - s(q_i, k_{p_i})/tau``.
-
-    ``p_i = positive_index[i]`` (default i, needs M >= N); ``C_i`` = all keys (only
-    ``k_{p_i}`` when ``in_batch_negatives=False``, MoCo-style) plus every row of
-    ``negatives``; ``decoupled`` drops the positive from ``C_i``; ``symmetric``
-    (M == N, no negatives, identity pairing) averages with the key->query direction.
-    """
+def check_info_nce_args(query, key, negatives, temperature, positive_index, in_batch_negatives, symmetric,
+                        decoupled, reduction):
+    """The argument checks of `info_nce` (shared with its distributed form); returns the
+    validated positive_index (int64) or None."""
     V.matrix("query", query)
     V.matrix("key", key)
     tensors = {"query": query, "key": key}
@@ -116,6 +109,23 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
             raise ValueError("symmetric=True needs in_batch_negatives=True")
     if decoupled and not in_batch_negatives and negatives is None:
         raise ValueError("decoupled=True with in_batch_negatives=False and no negatives leaves no candidates")
+    return positive_index
+
+
+def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, temperature=0.1,
+             positive_index: Tensor | None = None, in_batch_negatives: bool = True, symmetric: bool = False,
+             decoupled: bool = False, normalize: bool = True, reduction: str = "mean",
+             backend: str | None = None) -> Tensor:
+    """InfoNCE: row i is ``LSE_{c in C_i} s(q_i, c)/tau - s(q_i, k_{p_i})/tau``.
+
+    ``p_i = positive_index[i]`` (default i, needs M >= N); ``C_i`` = all keys (only
+    ``k_{p_i}`` when ``in_batch_negatives=False``, MoCo-style) plus every row of
+    ``negatives``; ``decoupled`` drops the positive from ``C_i``; ``symmetric``
+    (M == N, no negatives, identity pairing) averages with the key->query direction.
+    """
+    positive_index = check_info_nce_args(query, key, negatives, temperature, positive_index, in_batch_negatives,
+                                         symmetric, decoupled, reduction)
+    n, m = query.shape[0], key.shape[0]
     if decoupled and in_batch_negatives and negatives is None and m == 1:
         raise ValueError("decoupled=True with a single key and no negatives leaves no candidates")
 
