@@ -43,9 +43,9 @@ constexpr int64_t kGramChunkElems = 1 << 20;   // Gram path: columns converted t
 constexpr int64_t kReduceBlock = 1 << 14;      // fixed reduction blocks
 
 // The auto rule: fwd+bwd cost of the Gram path ~ N^2 D (float64 GEMMs), of the tiled path
-// ~ N D^2 (float32 GEMMs).  Measured with bench/xcorr_timing.py at D = 8192 on a loaded 2-core
-// CPU: Gram 2.2 / 6.5 / 16 / 20 s vs tiled 26 / 17 / 26 / 38 s at N = 512 / 1024 / 2048 / 3072, a
-// crossover near N ~ D / 2 (noisy; to be re-measured on a quiet machine): Gram when
+// ~ N D^2 (float32 GEMMs).  Measured by `python -m contrastive_kernels bench` (paths gram and
+// tiled, bench/results/cpu-2026-11-23, quiet 2-core CPU, D = 1024): Gram 7.7 / 46 / 690 ms vs
+// tiled 12.5 / 37 / 130 ms at N = 128 / 512 / 2048, a crossover between N = D/8 and D/2: Gram when
 // N * kGramCrossover < D.  The Gram path's N x N float64 matrices are
 // smaller than the inputs there, so memory never argues the other way.
 constexpr double kGramCrossover = 2.0;
