@@ -57,10 +57,6 @@ def skip_interpreter_bf16(backend: str, dtype) -> None:
         pytest.skip("bfloat16 Triton needs a GPU (the interpreter computes bfloat16 wrongly)")
 
 
-def devices() -> list[str]:
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
 def peak_rss_growth(setup: str, body: str, env: dict | None = None, timeout: int = 600) -> dict:
     """Run `setup` then `body` in a fresh Python process; return the growth of the peak
     resident set size (bytes) caused by `body`, measured with getrusage (ru_maxrss).

@@ -11,12 +11,6 @@ def world_size(group=None) -> int:
     return 1
 
 
-def distributed_pending(what: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"{what} in a multi-process run is not available in this version of contrastive_kernels; "
-        "use it in a single process, or the nn modules' distributed= option when it lands")
-
-
 def check_rank_world(what: str, rank: int, world: int) -> None:
     """open_clip passes rank / world_size explicitly: they must match torch.distributed."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
