@@ -63,6 +63,14 @@ TORCH_LIBRARY(contrastive_kernels, m) {
         "Tensor? row_offset, Tensor? q_labels, Tensor? k_labels, int diag_offset, int mode, "
         "bool need_q, bool need_k, bool need_scale, bool need_bias, bool need_offset) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Fused forward and gradient of the total T = sum of the per-row sums, for losses whose
+  // upstream gradient is one scalar (the gradient of c T is c times T's): returns
+  // (T () float32, dT/dq, dT/dk (float32, whatever the input dtype), dT/dscale (),
+  // dT/dbias (), dT/drow_offset (N,)), each gradient empty when its need_* flag is false.
+  m.def("pairwise_fused(Tensor q, Tensor k, Tensor scale, Tensor bias, Tensor? row_offset, "
+        "Tensor? q_labels, Tensor? k_labels, int diag_offset, int mode, "
+        "bool need_q, bool need_k, bool need_scale, bool need_bias, bool need_offset) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- cross-correlation family (Barlow Twins, VICReg) ----------------------
   // a, b: (N, D).  C = a^T b (D x D, never formed on the Gram path).

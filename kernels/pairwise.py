@@ -15,6 +15,9 @@ Kernels (no N x M buffer, no atomics, int64 offsets):
     sum dS (written per program, summed in torch in a fixed order).
   * backward, column kernel: one program per (column block, feature chunk):
     dk = scale dS^T q.
+  * fused forward and gradient of the total (`pairwise_fused`, upstream 1 on every row):
+    the row kernel also sums the terms, then the column kernel; 2 passes over the tiles
+    instead of the forward's 1 and the backward's 2.
 Float32 inputs are multiplied with input_precision="ieee" (no TF32: the float32
 tolerance is 1e-5).  Half inputs use their own dtype in tl.dot with float32 accumulation.
 On GPUs the tile sizes are autotuned; under TRITON_INTERPRET=1 one small config runs.
@@ -117,10 +120,11 @@ def _pairwise_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_
 
 @triton.jit
 def _pairwise_bwd_rows_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_ptr, dq_ptr, drow_ptr,
-                              part_ds_ptr, part_dsd_ptr, N, M, D, diag_offset,
+                              part_ds_ptr, part_dsd_ptr, loss_ptr, N, M, D, diag_offset,
                               HAS_LABELS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
                               PREC: tl.constexpr, NEED_Q: tl.constexpr, NEED_OFFSET: tl.constexpr,
-                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                              NEED_LOSS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -135,11 +139,14 @@ def _pairwise_bwd_rows_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
     # trees, their running sums float64.
     s_ds = tl.zeros((BLOCK_M,), dtype=tl.float64)
     s_dsd = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, M, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         dot, y, keep, sg = _tile(q_ptr, k_ptr, ql_ptr, kl_ptr, off_ptr, rows, cols, N, M, D, scale, bias,
                                  diag_offset, HAS_LABELS, HAS_OFFSET, MODE, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
         ds = tl.where(keep, g[:, None] * sg * _sigmoid(y), 0.0)
+        if NEED_LOSS:
+            loss += tl.sum(tl.where(keep, _softplus(y), 0.0), axis=1)
         s_ds += tl.sum(ds, axis=1).to(tl.float64)
         s_dsd += tl.sum(ds * dot, axis=1).to(tl.float64)
         if NEED_Q:
@@ -152,6 +159,8 @@ def _pairwise_bwd_rows_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
     if pid_d == 0:
         if NEED_OFFSET:
             tl.store(drow_ptr + rows, s_ds.to(tl.float32), mask=row_ok)
+        if NEED_LOSS:
+            tl.store(loss_ptr + rows, loss, mask=row_ok)
         tl.store(part_ds_ptr + pid, tl.sum(s_ds, axis=0))
         tl.store(part_dsd_ptr + pid, tl.sum(s_dsd, axis=0))
 
@@ -254,42 +263,70 @@ def pairwise_forward(q, k, scale, bias, row_offset, q_labels, k_labels, diag_off
     return out
 
 
-def pairwise_backward(grad_row, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode, need_q, need_k,
-                      need_scale, need_bias, need_offset):
-    """(dq, dk, dscale (), dbias (), drow_offset (N,)); each empty when its need_* flag is false."""
-    _check(q, k, mode)
+def _grad_passes(g, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode, need_q, need_k,
+                 need_rows, need_offset, grad_dtype, loss):
+    """Run the row kernel (dq, row offsets, scalars, and the per-row loss into `loss` when
+    given) and the column kernel (dk); returns (dq, dk, dscale, dbias, drow)."""
     n, d = q.shape
     m = k.shape[0]
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
-    need_rows = need_q or need_scale or need_bias or need_offset
-    dq = torch.zeros((n, d), dtype=q.dtype, device=dev) if need_q else q.new_empty((0,))
-    dk = torch.zeros((m, d), dtype=k.dtype, device=dev) if need_k else k.new_empty((0,))
+    gdt = grad_dtype or q.dtype
+    dq = torch.zeros((n, d) if need_q else (0,), dtype=gdt, device=dev)
+    dk = torch.zeros((m, d) if need_k else (0,), dtype=gdt, device=dev)
     drow = torch.zeros(n, **f32) if need_offset else torch.empty(0, **f32)
     dscale = torch.zeros((), **f32)
     dbias = torch.zeros((), **f32)
-    if n > 0 and m > 0 and (need_rows or need_k):
-        g = grad_row.to(device=dev, dtype=torch.float32).contiguous()
-        q, k, scale, bias, off, ql, kl, has_labels, prec = _prepare(q, k, scale, bias, row_offset, q_labels,
-                                                                   k_labels)
-        block_d = _block_d(d)
-        d_chunks = triton.cdiv(d, block_d)
-        common = dict(HAS_LABELS=has_labels, HAS_OFFSET=row_offset is not None, MODE=int(mode), PREC=prec,
-                      BLOCK_D=block_d)
-        if need_rows:
-            # One partial per row program; sized for the smallest BLOCK_M, unused entries stay 0.
-            parts = triton.cdiv(n, _MIN_BLOCK_M)
-            part_ds = torch.zeros(parts, dtype=torch.float64, device=dev)
-            part_dsd = torch.zeros(parts, dtype=torch.float64, device=dev)
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), d_chunks if need_q else 1)  # noqa: E731
-            _launch(_pairwise_bwd_rows_kernel, _bwd_rows_tuned, grid, g, q, k, scale, bias, off, ql, kl,
-                    dq if need_q else g, drow if need_offset else g, part_ds, part_dsd, n, m, d, int(diag_offset),
-                    NEED_Q=bool(need_q), NEED_OFFSET=bool(need_offset), **common)
-            dbias = part_ds.sum().float()
-            dscale = part_dsd.sum().float()
-        if need_k:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)  # noqa: E731
-            _launch(_pairwise_bwd_cols_kernel, _bwd_cols_tuned, grid, g, q, k, scale, bias, off, ql, kl, dk, n, m, d,
-                    int(diag_offset), **common)
-    return (dq, dk, dscale if need_scale else torch.empty(0, **f32), dbias if need_bias else torch.empty(0, **f32),
-            drow)
+    if n == 0 or m == 0 or not (need_rows or need_k):
+        return dq, dk, dscale, dbias, drow
+    q, k, scale, bias, off, ql, kl, has_labels, prec = _prepare(q, k, scale, bias, row_offset, q_labels, k_labels)
+    block_d = _block_d(d)
+    d_chunks = triton.cdiv(d, block_d)
+    common = dict(HAS_LABELS=has_labels, HAS_OFFSET=row_offset is not None, MODE=int(mode), PREC=prec,
+                  BLOCK_D=block_d)
+    if need_rows:
+        # One partial per row program; sized for the smallest BLOCK_M, unused entries stay 0.
+        parts = triton.cdiv(n, _MIN_BLOCK_M)
+        part_ds = torch.zeros(parts, dtype=torch.float64, device=dev)
+        part_dsd = torch.zeros(parts, dtype=torch.float64, device=dev)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), d_chunks if need_q else 1)  # noqa: E731
+        _launch(_pairwise_bwd_rows_kernel, _bwd_rows_tuned, grid, g, q, k, scale, bias, off, ql, kl,
+                dq if need_q else g, drow if need_offset else g, part_ds, part_dsd, loss if loss is not None else g,
+                n, m, d, int(diag_offset), NEED_Q=bool(need_q), NEED_OFFSET=bool(need_offset),
+                NEED_LOSS=loss is not None, **common)
+        dbias = part_ds.sum().float()
+        dscale = part_dsd.sum().float()
+    if need_k:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)  # noqa: E731
+        _launch(_pairwise_bwd_cols_kernel, _bwd_cols_tuned, grid, g, q, k, scale, bias, off, ql, kl, dk, n, m, d,
+                int(diag_offset), **common)
+    return dq, dk, dscale, dbias, drow
+
+
+def _empty_unless(flag, t):
+    return t if flag else torch.empty(0, dtype=torch.float32, device=t.device)
+
+
+def pairwise_backward(grad_row, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode, need_q, need_k,
+                      need_scale, need_bias, need_offset):
+    """(dq, dk, dscale (), dbias (), drow_offset (N,)); each empty when its need_* flag is false."""
+    _check(q, k, mode)
+    g = grad_row.to(device=q.device, dtype=torch.float32).contiguous()
+    need_rows = need_q or need_scale or need_bias or need_offset
+    dq, dk, dscale, dbias, drow = _grad_passes(g, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset,
+                                               mode, need_q, need_k, need_rows, need_offset, None, None)
+    return dq, dk, _empty_unless(need_scale, dscale), _empty_unless(need_bias, dbias), drow
+
+
+def pairwise_fused(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode, need_q, need_k, need_scale,
+                   need_bias, need_offset):
+    """(total (), dq, dk (float32), dscale (), dbias (), drow_offset (N,)) of the total of the per-row
+    sums for an upstream gradient of 1; each gradient empty when its need_* flag is false."""
+    _check(q, k, mode)
+    n = q.shape[0]
+    loss = torch.zeros(n, dtype=torch.float32, device=q.device)
+    g = torch.ones(n, dtype=torch.float32, device=q.device)
+    dq, dk, dscale, dbias, drow = _grad_passes(g, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset,
+                                               mode, need_q, need_k, True, need_offset, torch.float32, loss)
+    total = loss.double().sum().float()
+    return (total, dq, dk, _empty_unless(need_scale, dscale), _empty_unless(need_bias, dbias), drow)

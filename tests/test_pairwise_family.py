@@ -38,8 +38,10 @@ def _inputs(n, m, d, dtype=torch.float32, *, labels=False, n_classes=3, scale=3.
     return q, k, s, b, ro, ql, kl
 
 
-def _run(backend, q, k, s, b, ro, ql, kl, diag_offset, mode, weights, wrt=NAMES):
-    """Row sums and the gradients of sum(weights * rows) for the inputs named in `wrt`."""
+def _run(backend, q, k, s, b, ro, ql, kl, diag_offset, mode, weights, wrt=NAMES, total=False):
+    """Row sums and the gradients of sum(weights * rows) for the inputs named in `wrt`.
+    With `total`, `weights` is one scalar c: the result is fam.pairwise_total (the fused
+    forward-and-gradient op when a gradient is wanted) and the gradients those of c * total."""
     dt = torch.float64 if backend == FAMILY_REFERENCE else None
     leaves = {}
     for name, t in zip(NAMES, (q, k, s, b, ro)):
@@ -48,23 +50,28 @@ def _run(backend, q, k, s, b, ro, ql, kl, diag_offset, mode, weights, wrt=NAMES)
             continue
         t = t.detach().to(dt) if dt is not None else t.detach().clone()
         leaves[name] = t.requires_grad_(name in wrt)
-    rows = fam.pairwise(backend, leaves["q"], leaves["k"], leaves["scale"], leaves["bias"],
-                        row_offset=leaves["row_offset"], q_labels=ql, k_labels=kl, diag_offset=diag_offset, mode=mode)
+    fn = fam.pairwise_total if total else fam.pairwise
+    out = fn(backend, leaves["q"], leaves["k"], leaves["scale"], leaves["bias"], row_offset=leaves["row_offset"],
+             q_labels=ql, k_labels=kl, diag_offset=diag_offset, mode=mode)
     need = [n for n in wrt if leaves[n] is not None]
-    grads = torch.autograd.grad((rows * weights.to(rows.dtype)).sum(), [leaves[n] for n in need])
-    return rows, dict(zip(need, grads))
+    grads = torch.autograd.grad((out * weights.to(out.dtype)).sum(), [leaves[n] for n in need]) if need else ()
+    return out, dict(zip(need, grads))
 
 
-def _check(backend, q, k, s, b, ro, ql, kl, diag_offset, mode, *, weights=None, tol=None, wrt=NAMES):
+def _check(backend, q, k, s, b, ro, ql, kl, diag_offset, mode, *, weights=None, tol=None, wrt=NAMES, total=False):
     n = q.shape[0]
     # Positive row weights: signed weights make the scalar gradients sums with cancellation,
     # whose relative error says nothing about the kernel (float32 torch misses too).
-    w = torch.rand(n) + 0.5 if weights is None else weights
-    rows, grads = _run(backend, q, k, s, b, ro, ql, kl, diag_offset, mode, w, wrt)
-    ref_rows, ref_grads = _run(FAMILY_REFERENCE, q, k, s, b, ro, ql, kl, diag_offset, mode, w, wrt)
+    # The fused total takes one scalar weight (its upstream gradient).
+    if weights is None:
+        weights = torch.rand(()) + 0.5 if total else torch.rand(n) + 0.5
+    w = weights
+    rows, grads = _run(backend, q, k, s, b, ro, ql, kl, diag_offset, mode, w, wrt, total)
+    ref_rows, ref_grads = _run(FAMILY_REFERENCE, q, k, s, b, ro, ql, kl, diag_offset, mode, w, wrt, total)
     tol = TOL[q.dtype] if tol is None else tol
-    what = f"{backend} n={n} m={k.shape[0]} d={q.shape[1]} mode={mode} labels={ql is not None} off={diag_offset}"
-    assert rows.dtype == torch.float32 and rows.shape == (n,)
+    what = (f"{backend} n={n} m={k.shape[0]} d={q.shape[1]} mode={mode} labels={ql is not None} off={diag_offset}"
+            f"{' total' if total else ''}")
+    assert rows.dtype == torch.float32 and rows.shape == (() if total else (n,))
     assert torch.isfinite(rows).all(), what
     err = rel_err(rows, ref_rows)
     assert err <= tol, f"{what}: rows relative error {err:.3e}"
@@ -303,3 +310,137 @@ def test_opcheck(backend):
     ro.requires_grad_()
     torch.library.opcheck(op, (q, k, s, b, ro, ql, kl, 1, 4))
     torch.library.opcheck(op, (q, k, s, b, None, None, None, 0, 0))
+
+
+# ------------------------------------------------------------------ fused total
+# fam.pairwise_total: the total of the row sums; with a gradient wanted, the one-pass
+# pairwise_fused op computes the total and its unit-upstream gradients in the forward
+# and the backward scales them.  Same contract, checked the same way.
+def _fused_op(backend):
+    name = "pairwise_fused_triton" if backend == "triton" else "pairwise_fused"
+    return getattr(torch.ops.contrastive_kernels, name)
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["diag", "labels"])
+@pytest.mark.parametrize("mode", range(8))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_total_modes(backend, mode, labels):
+    shapes = [(7, 9, 3, 1), (33, 20, 16, -2)] if backend == "triton" else \
+        [(1, 1, 1, 0), (7, 7, 3, 0), (129, 300, 64, 2), (300, 129, 129, -1)]
+    for n, m, d, off in shapes:
+        q, k, s, b, ro, ql, kl = _inputs(n, m, d, labels=labels)
+        _check(backend, q, k, s, b, ro, ql, kl, off, mode, total=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_total_dtypes(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("bfloat16 Triton needs a GPU (the interpreter computes bf16 tl.dot wrongly, STYLE.md)")
+    shapes = [(7, 9, 3), (40, 33, 64)] if backend == "triton" else [(7, 9, 3), (257, 513, 33), (300, 129, 129)]
+    for (n, m, d), labels in itertools.product(shapes, (False, True)):
+        q, k, s, b, ro, ql, kl = _inputs(n, m, d, dtype, labels=labels, normalize=True, scale=10.0, bias=-5.0)
+        for off, mode in ((0, 0), (1, 5), (0, 1)):
+            _, grads = _check(backend, q, k, s, b, ro, ql, kl, off, mode, total=True)
+            assert grads["q"].dtype == dtype and grads["k"].dtype == dtype
+
+
+@pytest.mark.parametrize("bias", [50.0, -50.0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_total_extreme_logits(backend, bias):
+    for mode in (0, 1, 5):
+        q, k, s, b, ro, _, _ = _inputs(37, 29, 16, normalize=True, scale=100.0, bias=bias, aligned=True)
+        _check(backend, q, k, s, b, ro, None, None, 0, mode, total=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_total_without_grad_is_the_same_total(backend):
+    """No input needs a gradient (or grad mode is off): the forward op and a sum; the same
+    total as the fused op's to float32 rounding."""
+    q, k, s, b, ro, ql, kl = _inputs(70, 45, 16, labels=True)
+    plain = fam.pairwise_total(backend, q, k, s, b, row_offset=ro, q_labels=ql, k_labels=kl, mode=4)
+    with torch.no_grad():
+        nograd = fam.pairwise_total(backend, q, k, s, b.requires_grad_(), row_offset=ro, q_labels=ql, k_labels=kl,
+                                    mode=4)
+    fused = fam.pairwise_total(backend, q, k, s, b, row_offset=ro, q_labels=ql, k_labels=kl, mode=4)
+    assert fused.requires_grad and not plain.requires_grad and not nograd.requires_grad
+    assert rel_err(plain, fused) <= 1e-6 and torch.equal(plain, nograd)
+    ref = fam.pairwise_total(FAMILY_REFERENCE, q.double(), k.double(), s.double(), b.detach().double(),
+                             row_offset=ro.double(), q_labels=ql, k_labels=kl, mode=4)
+    assert rel_err(fused, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_need_subsets(backend):
+    n, m, d = (9, 7, 5) if backend == "triton" else (129, 70, 33)
+    q, k, s, b, ro, ql, kl = _inputs(n, m, d, labels=True)
+    op = _fused_op(backend)
+    full = op(q, k, s, b, ro, ql, kl, 1, 4, True, True, True, True, True)
+    ref_total, ref = _run(FAMILY_REFERENCE, q, k, s, b, ro, ql, kl, 1, 4, torch.tensor(1.0), total=True)
+    assert full[0].shape == () and rel_err(full[0], ref_total) <= 1e-6
+    for name, got in zip(NAMES, full[1:]):
+        assert got.dtype == torch.float32, name  # unit-upstream gradients stay float32
+        assert rel_err(got, ref[name]) <= 1e-5, name
+    for flags in itertools.product((False, True), repeat=5):
+        out = op(q, k, s, b, ro, ql, kl, 1, 4, *flags)
+        assert torch.equal(out[0], full[0]) or rel_err(out[0], full[0]) <= 1e-7, flags
+        for name, flag, got, want in zip(NAMES, flags, out[1:], full[1:]):
+            if flag:
+                assert got.shape == want.shape and rel_err(got, want) <= 1e-6, (flags, name)
+            else:
+                assert got.numel() == 0, (flags, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_autograd_only_requested(backend):
+    q, k, s, b, ro, ql, kl = _inputs(7, 6, 4)
+    for wrt in (("q",), ("k",), ("scale", "bias"), ("row_offset",), ("k", "row_offset")):
+        _check(backend, q, k, s, b, ro, ql, kl, 0, 0, wrt=wrt, total=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_flag_mismatch_is_an_error(backend):
+    """Calling the op directly with need_q false for a q that needs a gradient would give
+    a wrong (missing) gradient: the backward refuses, naming the input."""
+    q, k, s, b, _, _, _ = _inputs(5, 4, 3)
+    q.requires_grad_()
+    total = _fused_op(backend)(q, k, s, b, None, None, None, 0, 0, False, False, False, False, False)[0]
+    with pytest.raises(RuntimeError, match="input 0 needs a gradient"):
+        total.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_deterministic(backend):
+    n, m, d = (40, 33, 16) if backend == "triton" else (600, 530, 40)
+    q, k, s, b, ro, _, _ = _inputs(n, m, d)
+    op = _fused_op(backend)
+    first = op(q, k, s, b, ro, None, None, 0, 0, True, True, True, True, True)
+    again = op(q, k, s, b, ro, None, None, 0, 0, True, True, True, True, True)
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] == "cpu"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("partial_bytes", ["0", ""], ids=["column-pass", "fused"])
+def test_cpu_fused_dk_paths(backend, threads, partial_bytes, monkeypatch):
+    monkeypatch.setenv("CONTRASTIVE_KERNELS_PAIRWISE_PARTIAL_BYTES", partial_bytes)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for labels, mode in ((False, 0), (True, 6)):
+            q, k, s, b, ro, ql, kl = _inputs(700, 530, 40, labels=labels)
+            _check(backend, q, k, s, b, ro, ql, kl, 3, mode, total=True)
+            _check(backend, q, k, s, b, ro, ql, kl, 3, mode, total=True, wrt=("k",))
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_opcheck(backend):
+    q, k, s, b, ro, ql, kl = _inputs(6, 5, 4, labels=True)
+    for t in (q, k, s, b, ro):
+        t.requires_grad_()
+    op = _fused_op(backend)
+    torch.library.opcheck(op, (q, k, s, b, ro, ql, kl, 1, 4, True, True, True, True, True))
+    torch.library.opcheck(op, (q, k, s.detach(), b, None, None, None, 0, 0, True, True, False, True, False))

@@ -253,6 +253,74 @@ for _fam in FAMILY_SPECS:
     _register(_fam, f"{_fam}_forward_triton", f"{_fam}_backward_triton")
 
 
+# ------------------------------------------- one-pass forward and gradient (pairwise)
+# ``pairwise_fused`` (native; csrc/ops.cpp) / ``pairwise_fused_triton``: the total of the
+# per-row sums and its gradients for an upstream gradient of 1, computed in the forward
+# (float32), so that the backward only scales them by the upstream scalar.  Used where a
+# loss is a multiple of that total (SigLIP, PML's NT-Xent) and an input needs a gradient:
+# one pass over the tiles instead of a forward and a backward.
+_FUSED_GRADS = 5  # dq, dk, dscale, dbias, drow_offset: the gradients of inputs 0..4
+
+
+def _pairwise_fused_fake(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode, need_q, need_k,
+                         need_scale, need_bias, need_offset):
+    def grad(flag, shape):
+        return _f32_empty(q, shape if flag else _EMPTY)
+    return (_f32_empty(q, ()), grad(need_q, tuple(q.shape)), grad(need_k, tuple(k.shape)), grad(need_scale, ()),
+            grad(need_bias, ()), grad(need_offset, (q.shape[0],)))
+
+
+def _pairwise_fused_setup(ctx, inputs, output):
+    grads = output[1:]
+    ctx.save_for_backward(*grads)
+    ctx.mark_non_differentiable(*grads)
+    ctx.flags = tuple(inputs[9:14])
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in inputs[:_FUSED_GRADS])
+
+
+def _pairwise_fused_backward(ctx, grad_total, *unused):
+    out = [None] * 14
+    for idx, (needed, computed, d, dt) in enumerate(zip(ctx.needs_input_grad[:_FUSED_GRADS], ctx.flags,
+                                                        ctx.saved_tensors, ctx.dtypes)):
+        if needed:
+            if not computed:
+                raise RuntimeError(f"pairwise_fused: input {idx} needs a gradient but its need_* flag was false")
+            out[idx] = (grad_total * d).to(dt)
+    return tuple(out)
+
+
+def _register_fused(name: str) -> None:
+    torch.library.register_fake(f"{NS}::{name}")(_pairwise_fused_fake)
+    torch.library.register_autograd(f"{NS}::{name}", _pairwise_fused_backward, setup_context=_pairwise_fused_setup)
+
+
+if _C is not None:
+    _register_fused("pairwise_fused")
+
+    @torch.library.impl(f"{NS}::pairwise_fused", "CUDA")
+    def _pairwise_fused_cuda(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode, need_q, need_k,
+                             need_scale, need_bias, need_offset):
+        # csrc/cuda has no one-pass kernel yet: the forward, then the backward with a unit upstream.
+        ops = getattr(torch.ops, NS)
+        rows = ops.pairwise_forward(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode)
+        dq, dk, ds, db, do = ops.pairwise_backward(torch.ones_like(rows), q, k, scale, bias, row_offset, q_labels,
+                                                   k_labels, diag_offset, mode, need_q, need_k, need_scale,
+                                                   need_bias, need_offset)
+        return rows.double().sum().float(), dq.float(), dk.float(), ds, db, do
+
+
+@torch.library.custom_op(f"{NS}::pairwise_fused_triton", mutates_args=())
+def _pairwise_fused_triton(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_offset: Optional[Tensor],
+                           q_labels: Optional[Tensor], k_labels: Optional[Tensor], diag_offset: int, mode: int,
+                           need_q: bool, need_k: bool, need_scale: bool, need_bias: bool,
+                           need_offset: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _triton_module("pairwise").pairwise_fused(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset,
+                                                     mode, need_q, need_k, need_scale, need_bias, need_offset)
+
+
+_register_fused("pairwise_fused_triton")
+
+
 # ------------------------------------------------------------- family entry points
 def _op(family: str, backend: str):
     suffix = "_triton" if backend == "triton" else ""
@@ -277,6 +345,21 @@ def pairwise(backend: str, q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, *,
         return reference.pairwise_family(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode)
     return _op("pairwise", backend)(q.contiguous(), k.contiguous(), scale, bias, row_offset, q_labels, k_labels,
                                     int(diag_offset), int(mode))
+
+
+def pairwise_total(backend: str, q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, *, row_offset=None,
+                   q_labels=None, k_labels=None, diag_offset: int = 0, mode: int = 0) -> Tensor:
+    """Sum of `pairwise`'s per-row sums (0-dim float32).  When an input needs a gradient,
+    one fused pass computes the total and its gradients (see ``pairwise_fused``)."""
+    if backend == FAMILY_REFERENCE:
+        return reference.pairwise_family(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode).sum()
+    need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (q, k, scale, bias, row_offset)]
+    if not any(need):
+        return pairwise(backend, q, k, scale, bias, row_offset=row_offset, q_labels=q_labels, k_labels=k_labels,
+                        diag_offset=diag_offset, mode=mode).sum()
+    op = getattr(getattr(torch.ops, NS), "pairwise_fused_triton" if backend == "triton" else "pairwise_fused")
+    return op(q.contiguous(), k.contiguous(), scale, bias, row_offset, q_labels, k_labels, int(diag_offset),
+              int(mode), *need)[0]
 
 
 def xcorr(backend: str, a: Tensor, b: Tensor, *, path: int = 0):

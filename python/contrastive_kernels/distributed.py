@@ -559,11 +559,11 @@ def siglip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias, *, negativ
 
     def rows(loc, blk, own):
         neg = negative_only or own is None
-        return (fam.pairwise(be, loc[0], blk[0], loc[1], loc[2], diag_offset=own or 0,
-                             mode=PAIR_NEGATIVE_ONLY if neg else 0),)
+        return (fam.pairwise_total(be, loc[0], blk[0], loc[1], loc[2], diag_offset=own or 0,
+                                   mode=PAIR_NEGATIVE_ONLY if neg else 0),)
 
-    r, = _blocks(d, mode, rows, ("sum",), [image, scale, bias], [text])
-    return r.sum() / image.shape[0]
+    total, = _blocks(d, mode, rows, ("sum",), [image, scale, bias], [text])
+    return total / image.shape[0]
 
 
 # ------------------------------------------------------------------------- SupCon

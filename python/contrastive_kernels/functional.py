@@ -230,10 +230,10 @@ def siglip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias, *, negativ
     be = _resolve(backend, "pairwise", image)
     if be == "reference":
         return reference.siglip_loss(image, text, logit_scale, logit_bias, negative_only=negative_only)
-    rows = fam.pairwise(be, image, text, _scale(logit_scale, image.device, invert=False),
-                        _scale(logit_bias, image.device, invert=False),
-                        mode=PAIR_NEGATIVE_ONLY if negative_only else 0)
-    return rows.sum() / image.shape[0]
+    total = fam.pairwise_total(be, image, text, _scale(logit_scale, image.device, invert=False),
+                               _scale(logit_bias, image.device, invert=False),
+                               mode=PAIR_NEGATIVE_ONLY if negative_only else 0)
+    return total / image.shape[0]
 
 
 # ------------------------------------------------------------------------- SupCon

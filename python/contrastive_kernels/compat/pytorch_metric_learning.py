@@ -122,9 +122,9 @@ class NTXentLoss(_PMLBase):
         # An anchor without negatives: PML's term is -log(1) = 0; softplus(-big) is exactly 0.
         offset = torch.where(neg_lse == -math.inf, torch.full_like(neg_lse, -1e4), neg_lse)
         mode = PAIR_POSITIVES_ONLY | (PAIR_EXCLUDE_DIAG if self_ref else 0)
-        rows = fam.pairwise(be, xh, rh, scale, torch.zeros((), dtype=torch.float32, device=x.device),
-                            row_offset=-offset, q_labels=lab, k_labels=rlab, mode=mode)
-        return rows.sum() / n_pos
+        total = fam.pairwise_total(be, xh, rh, scale, torch.zeros((), dtype=torch.float32, device=x.device),
+                                   row_offset=-offset, q_labels=lab, k_labels=rlab, mode=mode)
+        return total / n_pos
 
 
 def _ntxent_reference(x, lab, r, rlab, self_ref, temperature):
