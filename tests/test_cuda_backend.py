@@ -2,9 +2,10 @@
 
 Forward values and every gradient, on fresh random inputs at odd sizes (tile edges:
 1, 7, 129 rows, feature dims that are not multiples of the 16/32-wide chunks), every
-mask mode, every dtype.  Low-precision inputs are compared with the float64 reference
-of the same rounded inputs.  Skipped when no CUDA GPU is available (or this build has
-no CUDA kernel for the family, which is reported by name)."""
+mask mode, every dtype, for all four families (lse, pairwise, xcorr on both paths,
+similarity).  Low-precision inputs are compared with the float64 reference of the same
+rounded inputs.  Skipped only when no CUDA GPU is available; a GPU build without a
+family's CUDA kernel fails, naming the family."""
 from __future__ import annotations
 
 import pytest
@@ -266,13 +267,271 @@ def test_pairwise_sanitizer_tiny():
     torch.cuda.synchronize()
 
 
-# ------------------------------------------------------ families without CUDA kernels
-@pytest.mark.parametrize("family", ["xcorr", "similarity"])
-def test_missing_families_are_reported_not_stubbed(family):
-    why = backends.unavailable_reason("cuda", family, DEV)
-    if why is None:
-        pytest.skip(f"this build has a CUDA {family} kernel; its tests live with the backend-generic tests")
-    assert family in why
+# ------------------------------------------------------------ cross-correlation family
+XCORR_PATHS = [pytest.param(1, id="gram"), pytest.param(2, id="tiled")]
+# (n, d): tile edges (1, 7, 129, 300 are not multiples of 64), N < D/2 and N > D.
+XCORR_SIZES = [(1, 1), (7, 129), (129, 7), (129, 300), (300, 129), (300, 300), (7, 1)]
+
+
+def _xcorr_run(backend, a, b, path, g_off, g_diag):
+    off, diag = fam.xcorr(backend, a, b, path=path)
+    leaves = [t for t in ((a,) if b is a else (a, b)) if t.requires_grad]
+    grads = torch.autograd.grad(off * g_off.to(off.dtype) + (diag * g_diag.to(diag.dtype)).sum(), leaves) \
+        if leaves else ()
+    return off, diag, grads
+
+
+def _xcorr_case(n, d, dtype, path, same=False, need=("a", "b"), offset=0.0):
+    _need("xcorr")
+    a = (_rows(n, d, torch.float64) + offset).to(dtype)
+    b = a if same else _rows(n, d, dtype)
+    g_off = torch.randn((), device=DEV, dtype=torch.float64)
+    g_diag = torch.randn(d, device=DEV, dtype=torch.float64)
+    a_ = _leaf(a) if ("a" in need or same) else a.clone()
+    b_ = a_ if same else (_leaf(b) if "b" in need else b.clone())
+    off, diag, grads = _xcorr_run("cuda", a_, b_, path, g_off.float(), g_diag.float())
+    a64 = a.double().requires_grad_(a_.requires_grad)
+    b64 = a64 if same else b.double().requires_grad_(b_.requires_grad)
+    roff, rdiag, rgrads = _xcorr_run(backends.FAMILY_REFERENCE, a64, b64, path, g_off, g_diag)
+    assert off.dtype == torch.float32 and off.shape == ()
+    assert diag.dtype == torch.float32 and diag.shape == (d,)
+    _check(off, roff, dtype, "offdiag")
+    _check(diag, rdiag, dtype, "diag")
+    names = [nm for nm, t in (("a", a_), ("b", b_)) if t.requires_grad and not (same and nm == "b")]
+    assert len(grads) == len(rgrads) == len(names)
+    for name, gk, gr in zip(names, grads, rgrads):
+        assert gk.dtype == dtype and gk.shape == (n, d), f"d{name}: {gk.dtype} {tuple(gk.shape)}"
+        _check(gk, gr, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", XCORR_PATHS)
+@pytest.mark.parametrize("n,d", XCORR_SIZES)
+def test_xcorr_matches_reference(n, d, path, dtype):
+    _xcorr_case(n, d, dtype, path)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", [pytest.param(0, id="auto")] + XCORR_PATHS)
+@pytest.mark.parametrize("n,d", [(7, 65), (129, 3), (33, 300)])
+def test_xcorr_same_tensor(n, d, path, dtype):
+    """a is b (VICReg's covariance): symmetric C, upper tiles only in the tiled forward."""
+    _xcorr_case(n, d, dtype, path, same=True, offset=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_xcorr_tiled_several_panels(dtype):
+    """D = 2100: the backward's G panels hold 1984 rows, so there are two of them (the last
+    one partial), and D * 2 bytes is not 16-byte aligned (element copies)."""
+    _xcorr_case(70, 2100, dtype, 2)
+
+
+@pytest.mark.parametrize("path", XCORR_PATHS)
+@pytest.mark.parametrize("need", [("a",), ("b",)], ids="+".join)
+def test_xcorr_need_subsets(path, need):
+    _xcorr_case(40, 72, torch.float32, path, need=need)
+    a, b = _rows(9, 20, torch.float32), _rows(9, 20, torch.float32)
+    go, gd = torch.randn((), device=DEV), torch.randn(20, device=DEV)
+    flags = ("a" in need, "b" in need)
+    da, db = torch.ops.contrastive_kernels.xcorr_backward(go, gd, a, b, path, *flags)
+    assert (da.shape == a.shape) == flags[0] and (da.numel() == 0) == (not flags[0])
+    assert (db.shape == b.shape) == flags[1] and (db.numel() == 0) == (not flags[1])
+    none = torch.ops.contrastive_kernels.xcorr_backward(go, gd, a, b, path, False, False)
+    assert none[0].numel() == 0 and none[1].numel() == 0
+
+
+@pytest.mark.parametrize("path", XCORR_PATHS)
+def test_xcorr_paths_agree_and_deterministic(path):
+    _need("xcorr")
+    a = _rows(150, 200, torch.bfloat16)
+    b = (0.5 * a.double() + _rows(150, 200, torch.float64)).to(torch.bfloat16)
+    go, gd = torch.randn((), device=DEV), torch.randn(200, device=DEV)
+    f1 = torch.ops.contrastive_kernels.xcorr_forward(a, b, path)
+    f2 = torch.ops.contrastive_kernels.xcorr_forward(a, b, path)
+    g1 = torch.ops.contrastive_kernels.xcorr_backward(go, gd, a, b, path, True, True)
+    g2 = torch.ops.contrastive_kernels.xcorr_backward(go, gd, a, b, path, True, True)
+    for x, y in zip(f1 + g1, f2 + g2):
+        assert torch.equal(x, y)
+    other = torch.ops.contrastive_kernels.xcorr_forward(a, b, 3 - path)
+    assert rel_err(f1[0], other[0]) <= 1e-5 and rel_err(f1[1], other[1]) <= 1e-5
+
+
+def test_xcorr_zero_rows():
+    _need("xcorr")
+    a = torch.zeros(0, 5, device=DEV)
+    for path in (1, 2):
+        off, diag = torch.ops.contrastive_kernels.xcorr_forward(a, a.clone(), path)
+        assert off.item() == 0.0 and torch.equal(diag, torch.zeros(5, device=DEV))
+        da, db = torch.ops.contrastive_kernels.xcorr_backward(torch.ones((), device=DEV), torch.ones(5, device=DEV),
+                                                              a, a.clone(), path, True, True)
+        assert da.shape == (0, 5) and db.shape == (0, 5)
+
+
+def test_xcorr_argument_errors_name_the_argument():
+    _need("xcorr")
+    a = _rows(3, 4, torch.float32)
+    fwd, bwd = torch.ops.contrastive_kernels.xcorr_forward, torch.ops.contrastive_kernels.xcorr_backward
+    with pytest.raises(RuntimeError, match="same shape"):
+        fwd(a, _rows(3, 5, torch.float32), 0)
+    with pytest.raises(RuntimeError, match="path"):
+        fwd(a, a, 7)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        fwd(a, a.half(), 0)
+    with pytest.raises(RuntimeError, match="b is on"):
+        fwd(a, a.cpu(), 0)
+    with pytest.raises(RuntimeError, match="grad_diag"):
+        bwd(torch.ones((), device=DEV), torch.ones(3, device=DEV), a, a, 2, True, True)
+    with pytest.raises(RuntimeError, match="grad_offdiag"):
+        bwd(torch.ones(1, device=DEV), torch.ones(4, device=DEV), a, a, 2, True, True)
+
+
+def test_xcorr_sanitizer_tiny():
+    """Tiny case for compute-sanitizer runs (both paths, every dtype)."""
+    for dtype in DTYPES:
+        for path in (1, 2):
+            _xcorr_case(3, 5, dtype, path)
+            _xcorr_case(2, 3, dtype, path, same=True)
+    torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------- normalized similarity
+SIM_SIZES = [(1, 1, 1), (7, 9, 5), (7, 129, 3), (129, 65, 33), (300, 129, 136), (33, 300, 64)]
+
+
+def _sim_run(backend, a, b, scale, normalize, need, g_out, same):
+    a_ = _leaf(a) if "a" in need else a.detach().clone()
+    b_ = a_ if same else (_leaf(b) if "b" in need else b.detach().clone())
+    s_ = _leaf(scale) if "scale" in need else scale.detach().clone()
+    out = fam.similarity(backend, a_, b_, s_, normalize)
+    names = [n for n in ("a", "b", "scale") if n in need and not (same and n == "b")]
+    leaves = {"a": a_, "b": b_, "scale": s_}
+    grads = {}
+    if names:
+        gs = torch.autograd.grad((out * g_out.to(out.dtype)).sum(), [leaves[n] for n in names])
+        grads = dict(zip(names, gs))
+    return out, grads
+
+
+def _sim_case(n, m, d, dtype, normalize, need=("a", "b", "scale"), same=False, zero_rows=False, scale=3.0):
+    _need("similarity")
+    a = _rows(n, d, dtype)
+    if zero_rows:  # norm 0 and a norm below 1e-12: the clamp branch
+        a[0] = 0
+        if n > 1:
+            a[1] = torch.full((d,), 1e-14, device=DEV, dtype=torch.float64).to(dtype)
+    b = a if same else _rows(m, d, dtype)
+    m = b.shape[0]
+    s = torch.tensor(scale, device=DEV)
+    g_out = torch.randn(n, m, device=DEV, dtype=torch.float64).to(dtype)
+    out, grads = _sim_run("cuda", a, b, s, normalize, set(need), g_out, same)
+    rout, rgrads = _sim_run(backends.FAMILY_REFERENCE, a.double(), b.double(), s.double(), normalize, set(need),
+                            g_out.double(), same)
+    assert out.dtype == dtype and out.shape == (n, m)
+    _check(out, rout, dtype, "out")
+    assert set(grads) == set(rgrads)
+    for name, g in grads.items():
+        assert g.dtype == (torch.float32 if name == "scale" else dtype), f"d{name}: dtype {g.dtype}"
+        if normalize and (d == 1 or (same and n == 1)) and name in ("a", "b"):
+            # x / |x| is constant (sign) when D = 1: the exact gradient is 0, the relative
+            # error undefined; bound the absolute error by the gradient's natural scale.
+            x = a if name == "a" else b
+            bound = TOL[dtype] * scale * g_out.double().norm() / x.double().abs().clamp_min(1e-12).min()
+            assert torch.isfinite(g).all() and g.double().norm() <= bound, f"d{name} should vanish: {g}"
+            continue
+        _check(g, rgrads[name], dtype, f"d{name}")
+    return grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
+@pytest.mark.parametrize("n,m,d", SIM_SIZES)
+def test_similarity_matches_reference(n, m, d, normalize, dtype):
+    _sim_case(n, m, d, dtype, normalize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 129])
+def test_similarity_self(n, dtype):
+    _sim_case(n, n, 17, dtype, True, same=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_similarity_zero_rows(dtype):
+    # float16 cannot hold the 1e12-scaled gradient of a zero row (nor can F.normalize's).
+    _sim_case(9, 11, 5, dtype, True, zero_rows=True)
+
+
+@pytest.mark.parametrize("need", [("a",), ("b",), ("scale",), ("a", "scale"), ("b", "scale")], ids="+".join)
+def test_similarity_need_subsets(need):
+    g = _sim_case(33, 40, 8, torch.float32, True, need=need)
+    assert set(g) == set(need)
+    a, b, s = _rows(6, 4, torch.float32), _rows(5, 4, torch.float32), torch.tensor(2.0, device=DEV)
+    flags = [n in need for n in ("a", "b", "scale")]
+    outs = torch.ops.contrastive_kernels.similarity_backward(torch.randn(6, 5, device=DEV), a, b, s, True, *flags)
+    for flag, t, shape in zip(flags, outs, [(6, 4), (5, 4), ()]):
+        assert (tuple(t.shape) == shape) if flag else t.numel() == 0
+
+
+def test_similarity_deterministic():
+    _need("similarity")
+    a, b = _rows(300, 96, torch.bfloat16), _rows(257, 96, torch.bfloat16)
+    s, g = torch.tensor(7.0, device=DEV), torch.randn(300, 257, device=DEV).to(torch.bfloat16)
+    ops = torch.ops.contrastive_kernels
+    assert torch.equal(ops.similarity_forward(a, b, s, True), ops.similarity_forward(a, b, s, True))
+    x = ops.similarity_backward(g, a, b, s, True, True, True, True)
+    y = ops.similarity_backward(g, a, b, s, True, True, True, True)
+    for p, q in zip(x, y):
+        assert torch.equal(p, q)
+
+
+def test_similarity_large_scale_half():
+    """scale 100 with float16 output: values up to 100 are representable, no overflow."""
+    _need("similarity")
+    a = _rows(64, 32, torch.float16)
+    out = fam.similarity("cuda", a, a, torch.tensor(100.0, device=DEV), True)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert torch.allclose(out.diagonal().float(), torch.full((64,), 100.0, device=DEV), rtol=1e-3)
+
+
+def test_similarity_nonfinite():
+    _need("similarity")
+    a, b = _rows(5, 4, torch.float32), _rows(6, 4, torch.float32)
+    a[2, 1] = float("nan")
+    out = fam.similarity("cuda", a, b, torch.tensor(1.0, device=DEV), True)
+    assert not torch.isfinite(out[2]).any() and torch.isfinite(out[[0, 1, 3, 4]]).all()
+
+
+def test_similarity_argument_errors_name_the_argument():
+    _need("similarity")
+    a, b = _rows(4, 8, torch.float32), _rows(5, 8, torch.float32)
+    s = torch.tensor(1.0, device=DEV)
+    ops = torch.ops.contrastive_kernels
+    with pytest.raises(RuntimeError, match="same feature dimension"):
+        ops.similarity_forward(a, _rows(5, 7, torch.float32), s, True)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.similarity_forward(a, b.half(), s, True)
+    with pytest.raises(RuntimeError, match="scale"):
+        ops.similarity_forward(a, b, torch.ones(2, device=DEV), True)
+    with pytest.raises(RuntimeError, match="grad"):
+        ops.similarity_backward(torch.ones(4, 4, device=DEV), a, b, s, True, True, False, False)
+    with pytest.raises(RuntimeError, match="grad"):
+        ops.similarity_backward(torch.ones(4, 5, device=DEV).half(), a, b, s, True, True, False, False)
+
+
+def test_similarity_sanitizer_tiny():
+    """Tiny case for compute-sanitizer runs."""
+    for dtype in DTYPES:
+        for normalize in (True, False):
+            _sim_case(3, 4, 5, dtype, normalize)
+    torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------ every family is built
+@pytest.mark.parametrize("family", ["lse", "pairwise", "xcorr", "similarity"])
+def test_every_family_has_a_cuda_kernel(family):
+    """A CUDA build registers all four families for the CUDA dispatch key (none is stubbed
+    or silently left to another backend)."""
+    assert backends.unavailable_reason("cuda", family, DEV) is None
 
 
 # ---------------------------------------------------------------------- peak memory
@@ -298,3 +557,52 @@ def test_no_n_by_m_buffer_on_device(family):
     growth = torch.cuda.max_memory_allocated() - base
     assert q.grad is not None and k.grad is not None and scale.grad is not None
     assert growth < 64 * 2**20, f"peak device memory grew by {growth / 2**20:.1f} MiB (N x M would be 1024 MiB)"
+
+
+@pytest.mark.slow
+def test_xcorr_no_d_by_d_buffer_on_device():
+    """Tiled path at D = 16384: a D x D float32 buffer would be 1 GiB.  Forward + backward
+    may hold the two gradients (N x D each) and bounded workspaces (G panel <= 16 MiB)."""
+    _need("xcorr")
+    n, d = 8192, 16384
+    a = _rows(n, d, torch.bfloat16).requires_grad_(True)
+    b = _rows(n, d, torch.bfloat16).requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    off, diag = fam.xcorr("cuda", a, b, path=2)
+    (off + diag.sum()).backward()
+    torch.cuda.synchronize()
+    growth = torch.cuda.max_memory_allocated() - base
+    grads = 2 * n * d * a.element_size()
+    assert a.grad is not None and b.grad is not None and torch.isfinite(off)
+    assert growth < grads + 64 * 2**20, \
+        f"peak device memory grew by {growth / 2**20:.1f} MiB, gradients {grads / 2**20:.0f} MiB (D x D: 1024 MiB)"
+
+
+@pytest.mark.slow
+def test_similarity_no_extra_n_by_m_buffer_on_device():
+    """N = M = 16384, D = 64, bf16: the output and its incoming gradient are the only N x M
+    tensors (512 MiB each); a float32 N x M temporary (1 GiB) would show."""
+    _need("similarity")
+    n, d = 16384, 64
+    a = _rows(n, d, torch.bfloat16).requires_grad_(True)
+    b = _rows(n, d, torch.bfloat16).requires_grad_(True)
+    scale = torch.tensor(10.0, device=DEV, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fam.similarity("cuda", a, b, scale, True)
+    torch.cuda.synchronize()
+    out_bytes = n * n * out.element_size()
+    fwd_growth = torch.cuda.max_memory_allocated() - base
+    assert fwd_growth < out_bytes + 16 * 2**20, f"forward grew by {fwd_growth / 2**20:.1f} MiB"
+    g = torch.randn_like(out)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = torch.autograd.grad(out, [a, b, scale], g)
+    torch.cuda.synchronize()
+    growth = torch.cuda.max_memory_allocated() - base
+    assert all(torch.isfinite(x).all() for x in grads)
+    assert growth < 64 * 2**20, f"backward grew by {growth / 2**20:.1f} MiB (an N x M float32 copy: 1024 MiB)"

@@ -2,15 +2,18 @@
 // the argument, output allocation, the current stream, and registration for the CUDA
 // dispatch key.  The kernels themselves (csrc/cuda/*.cu) see plain parameter structs.
 //
-// Implemented here: the log-sum-exp and pairwise-sigmoid families.  The
-// cross-correlation and similarity families have no CUDA kernel yet and are not
-// registered for CUDA (the dispatcher reports them missing; the Triton backend
-// covers them).
+// Implemented here: all four families.  log-sum-exp and pairwise sigmoid
+// (csrc/cuda/family_tiles.cu), cross-correlation (csrc/cuda/xcorr.cu) and the fused
+// normalized similarity (csrc/cuda/similarity.cu).  The cross-correlation Gram path
+// (N x N, picked when 2N < D) is glue here: float64 Gram matrices and the Gram-path
+// gradient through cuBLAS (at::mm on float64 column chunks, as the CPU file does),
+// with the diagonal and the cancelling final reductions in hand-written kernels.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -232,6 +235,242 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pairwise_backward_cuda(
   return {dq, dk, dscale, dbias, doff};
 }
 
+// ---------------------------------------------------------- cross-correlation family
+constexpr int64_t kXcorrAuto = 0, kXcorrGram = 1;
+constexpr int64_t kGramChunkElems = int64_t(1) << 20;  // Gram path: N x chunk float64 columns at a time
+
+void check_xcorr(const Tensor& a, const Tensor& b, int64_t path) {
+  TORCH_CHECK(a.is_cuda(), "contrastive_kernels (cuda): a must be a CUDA tensor, got ", a.device());
+  TORCH_CHECK(b.device() == a.device(), "contrastive_kernels (cuda): b is on ", b.device(), " but a is on ",
+              a.device());
+  TORCH_CHECK(a.dim() == 2, "contrastive_kernels (cuda): a must be 2-D (N, D), got shape ", a.sizes());
+  TORCH_CHECK(b.dim() == 2, "contrastive_kernels (cuda): b must be 2-D (N, D), got shape ", b.sizes());
+  TORCH_CHECK(a.sizes() == b.sizes(), "contrastive_kernels (cuda): a and b must have the same shape, got a ",
+              a.sizes(), " and b ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "contrastive_kernels (cuda): a and b must have the same dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.is_contiguous(), "contrastive_kernels (cuda): a must be contiguous");
+  TORCH_CHECK(b.is_contiguous(), "contrastive_kernels (cuda): b must be contiguous");
+  dtype_of(a, "a");
+  TORCH_CHECK(path >= 0 && path <= 2, "contrastive_kernels (cuda): path must be 0 (auto), 1 (Gram) or 2 (tiled), got ",
+              path);
+}
+
+// Gram when 2N < D: the CPU rule (csrc/cpu/xcorr.cpp, kGramCrossover), to be re-measured on a GPU.
+bool use_gram(int64_t path, int64_t n, int64_t d) {
+  if (path != kXcorrAuto) return path == kXcorrGram;
+  return static_cast<double>(n) * 2.0 < static_cast<double>(d);
+}
+
+bool same_tensor(const Tensor& a, const Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides() &&
+         a.scalar_type() == b.scalar_type();
+}
+
+int64_t gram_chunk(int64_t n, int64_t d) {
+  const int64_t per = kGramChunkElems / std::max<int64_t>(n, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(d, std::max<int64_t>(64, per)));
+}
+
+// x x^T (N x N float64) through cuBLAS, over float64 copies of column chunks.
+Tensor gram_f64(const Tensor& x) {
+  const int64_t n = x.size(0), d = x.size(1);
+  Tensor g = at::zeros({n, n}, x.options().dtype(at::kDouble));
+  const int64_t chunk = gram_chunk(n, d);
+  for (int64_t d0 = 0; d0 < d; d0 += chunk) {
+    const Tensor xc = x.narrow(1, d0, std::min(chunk, d - d0)).to(at::kDouble).contiguous();
+    g.addmm_(xc, xc.t());
+  }
+  return g;
+}
+
+// alpha (gram @ x) + y * w[None, :] in y's dtype (through float32, as the CPU file), by column chunks.
+Tensor gram_grad(const Tensor& gram, const Tensor& x, const Tensor& y, const Tensor& w, const Tensor& alpha) {
+  const int64_t n = x.size(0), d = x.size(1);
+  Tensor out = at::empty_like(y);
+  const int64_t chunk = gram_chunk(n, d);
+  for (int64_t d0 = 0; d0 < d; d0 += chunk) {
+    const int64_t dc = std::min(chunk, d - d0);
+    const Tensor xc = x.narrow(1, d0, dc).to(at::kDouble);
+    Tensor v = at::mm(gram, xc).mul_(alpha);
+    v.add_(y.narrow(1, d0, dc).to(at::kDouble) * w.narrow(0, d0, dc));
+    out.narrow(1, d0, dc).copy_(v.to(at::kFloat));
+  }
+  return out;
+}
+
+kc::XcorrParams xcorr_params(const Tensor& a, const Tensor& b) {
+  kc::XcorrParams p;
+  p.a = a.data_ptr();
+  p.b = b.data_ptr();
+  p.n = a.size(0);
+  p.d = a.size(1);
+  p.dtype = dtype_of(a, "a");
+  p.same = same_tensor(a, b);
+  return p;
+}
+
+Tensor f64(const Tensor& like, at::IntArrayRef shape) { return at::empty(shape, like.options().dtype(at::kDouble)); }
+
+// C_dd in float64 (d,), and in float32 into diag when given.
+Tensor xcorr_diag64(kc::XcorrParams p, const Tensor& a, float* diag, cudaStream_t stream) {
+  Tensor diag64 = f64(a, {p.d});
+  Tensor ws = f64(a, {kc::xcorr_diag_workspace_doubles(p.n, p.d)});
+  p.diag = diag;
+  p.diag64 = diag64.data_ptr<double>();
+  p.workspace = ws.data_ptr<double>();
+  check_launch(kc::xcorr_diag(p, stream), "xcorr_forward (diagonal)");
+  return diag64;
+}
+
+std::tuple<Tensor, Tensor> xcorr_forward_cuda(const Tensor& a, const Tensor& b, int64_t path) {
+  check_xcorr(a, b, path);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto p = xcorr_params(a, b);
+  Tensor offdiag = f32(a, {});
+  Tensor diag = f32(a, {p.d});
+  p.offdiag = offdiag.data_ptr<float>();
+  const Tensor diag64 = xcorr_diag64(p, a, diag.data_ptr<float>(), stream);
+  if (p.n > 0 && p.d > 0 && use_gram(path, p.n, p.d)) {
+    const Tensor ga = gram_f64(a);
+    const Tensor gb = p.same ? ga : gram_f64(b);
+    const int64_t count = p.n * p.n;
+    Tensor ws = f64(a, {kc::xcorr_gram_workspace_doubles(count)});
+    check_launch(kc::xcorr_gram_offdiag(ga.data_ptr<double>(), gb.data_ptr<double>(), count,
+                                        diag64.data_ptr<double>(), p.d, ws.data_ptr<double>(), p.offdiag, stream),
+                 "xcorr_forward (Gram)");
+  } else {
+    Tensor ws = f64(a, {kc::xcorr_tiled_workspace_doubles(p.d)});
+    p.workspace = ws.data_ptr<double>();
+    check_launch(kc::xcorr_tiled_forward(p, stream), "xcorr_forward (tiled)");
+  }
+  return {offdiag, diag};
+}
+
+std::tuple<Tensor, Tensor> xcorr_backward_cuda(const Tensor& grad_offdiag, const Tensor& grad_diag, const Tensor& a,
+                                               const Tensor& b, int64_t path, bool need_a, bool need_b) {
+  check_xcorr(a, b, path);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto p = xcorr_params(a, b);
+  p.grad_offdiag = scalar_ptr(grad_offdiag, a, "grad_offdiag");
+  p.grad_diag = fvec_ptr(grad_diag, p.d, a, "grad_diag");
+  Tensor da = empty_like_dtype(a), db = empty_like_dtype(b);
+  if (!need_a && !need_b) return {da, db};
+  if (p.n == 0 || p.d == 0) return {need_a ? at::zeros_like(a) : da, need_b ? at::zeros_like(b) : db};
+
+  if (use_gram(path, p.n, p.d)) {
+    // da = 2g Gb a + b (grad_diag - 2g C_dd),  db = 2g Ga b + a (grad_diag - 2g C_dd)  (float64)
+    const Tensor two_g = grad_offdiag.to(at::kDouble) * 2.0;
+    const Tensor w = grad_diag.to(at::kDouble) - two_g * xcorr_diag64(p, a, nullptr, stream);
+    if (p.same) {
+      Tensor grad = gram_grad(gram_f64(a), a, a, w, two_g);
+      if (need_a) da = grad;
+      if (need_b) db = need_a ? grad.clone() : grad;
+    } else {
+      if (need_a) da = gram_grad(gram_f64(b), a, b, w, two_g);
+      if (need_b) db = gram_grad(gram_f64(a), b, a, w, two_g);
+    }
+    return {da, db};
+  }
+
+  Tensor panel = at::empty({kc::xcorr_panel_bytes(p.d, p.dtype)}, a.options().dtype(at::kByte));
+  p.gpanel = panel.data_ptr();
+  if (p.same) {
+    // a is b: G is symmetric and da = db; the kernels write it once.
+    Tensor grad = at::empty_like(a);
+    p.da = grad.data_ptr();
+    check_launch(kc::xcorr_tiled_backward(p, stream), "xcorr_backward (tiled)");
+    if (need_a) da = grad;
+    if (need_b) db = need_a ? grad.clone() : grad;
+    return {da, db};
+  }
+  if (need_a) {
+    da = at::empty_like(a);
+    p.da = da.data_ptr();
+  }
+  if (need_b) {
+    db = at::empty_like(b);
+    p.db = db.data_ptr();
+  }
+  check_launch(kc::xcorr_tiled_backward(p, stream), "xcorr_backward (tiled)");
+  return {da, db};
+}
+
+// ------------------------------------------------------------- normalized similarity
+kc::SimilarityParams similarity_params(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
+                                       Tensor& norms) {
+  kc::SimilarityParams p;
+  p.a = a.data_ptr();
+  p.b = b.data_ptr();
+  p.n = a.size(0);
+  p.m = b.size(0);
+  p.d = a.size(1);
+  p.dtype = dtype_of(a, "a");
+  p.normalize = normalize;
+  p.scale = scalar_ptr(scale, a, "scale");
+  if (normalize) {
+    norms = f32(a, {2 * (p.n + p.m)});
+    float* base = norms.data_ptr<float>();
+    p.a_norm = base;
+    p.a_rnorm = base + p.n;
+    p.b_norm = base + 2 * p.n;
+    p.b_rnorm = base + 2 * p.n + p.m;
+  }
+  return p;
+}
+
+Tensor similarity_forward_cuda(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
+  check_pair(a, b, "a", "b");
+  const c10::cuda::CUDAGuard guard(a.device());
+  Tensor norms;
+  auto p = similarity_params(a, b, scale, normalize, norms);
+  Tensor out = at::empty({p.n, p.m}, a.options());
+  p.out = out.data_ptr();
+  check_launch(kc::similarity_forward(p, at::cuda::getCurrentCUDAStream()), "similarity_forward");
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> similarity_backward_cuda(const Tensor& grad, const Tensor& a, const Tensor& b,
+                                                            const Tensor& scale, bool normalize, bool need_a,
+                                                            bool need_b, bool need_scale) {
+  check_pair(a, b, "a", "b");
+  const c10::cuda::CUDAGuard guard(a.device());
+  Tensor norms;
+  auto p = similarity_params(a, b, scale, normalize, norms);
+  TORCH_CHECK(grad.device() == a.device(), "contrastive_kernels (cuda): grad is on ", grad.device(),
+              " but the inputs are on ", a.device());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == p.n && grad.size(1) == p.m,
+              "contrastive_kernels (cuda): grad must have shape (N, M) = (", p.n, ", ", p.m, "), got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == a.scalar_type(), "contrastive_kernels (cuda): grad must have the inputs' dtype ",
+              a.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.is_contiguous(), "contrastive_kernels (cuda): grad must be contiguous");
+  Tensor da = need_a ? at::empty_like(a) : empty_like_dtype(a);
+  Tensor db = need_b ? at::empty_like(b) : empty_like_dtype(b);
+  Tensor dscale = need_scale ? f32(a, {}) : f32(a, {0});
+  if (!need_a && !need_b && !need_scale) return {da, db, dscale};
+  Tensor u, v, parts;
+  p.grad = grad.data_ptr();
+  if (need_a || need_scale) {
+    u = f32(a, {p.n, p.d});
+    p.u = u.data_ptr<float>();
+  }
+  if (need_b) {
+    v = f32(a, {p.m, p.d});
+    p.v = v.data_ptr<float>();
+  }
+  if (need_scale) {
+    parts = f32(a, {p.n});
+    p.row_parts = parts.data_ptr<float>();
+    p.dscale = dscale.data_ptr<float>();
+  }
+  p.da = need_a ? da.data_ptr() : nullptr;
+  p.db = need_b ? db.data_ptr() : nullptr;
+  check_launch(kc::similarity_backward(p, at::cuda::getCurrentCUDAStream()), "similarity_backward");
+  return {da, db, dscale};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
@@ -239,4 +478,8 @@ TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
   m.impl("lse_backward", &lse_backward_cuda);
   m.impl("pairwise_forward", &pairwise_forward_cuda);
   m.impl("pairwise_backward", &pairwise_backward_cuda);
+  m.impl("xcorr_forward", &xcorr_forward_cuda);
+  m.impl("xcorr_backward", &xcorr_backward_cuda);
+  m.impl("similarity_forward", &similarity_forward_cuda);
+  m.impl("similarity_backward", &similarity_backward_cuda);
 }

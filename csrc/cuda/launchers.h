@@ -70,5 +70,77 @@ cudaError_t lse_backward(const FamilyParams& p, cudaStream_t stream);
 cudaError_t pairwise_forward(const FamilyParams& p, cudaStream_t stream);
 cudaError_t pairwise_backward(const FamilyParams& p, cudaStream_t stream);
 
+// ------------------------------------------------------ cross-correlation family
+// a, b: (n, d) contiguous, same dtype; C = a^T b.  csrc/cuda/xcorr.cu.
+struct XcorrParams {
+  const void* a = nullptr;
+  const void* b = nullptr;
+  int64_t n = 0, d = 0;
+  DType dtype = DType::kFloat32;
+  bool same = false;  // a and b are the same tensor (C symmetric)
+
+  // forward outputs
+  float* offdiag = nullptr;  // () sum_{d != e} C_de^2
+  float* diag = nullptr;     // (d,) C_dd, or nullptr
+  double* diag64 = nullptr;  // (d,) C_dd in float64 (xcorr_diag's output, the Gram path's input)
+
+  // backward (tiled path)
+  const float* grad_offdiag = nullptr;  // device scalar
+  const float* grad_diag = nullptr;     // (d,)
+  void* da = nullptr;                   // (n, d) dtype, or nullptr when not needed
+  void* db = nullptr;                   // (n, d) dtype, or nullptr
+  void* gpanel = nullptr;               // xcorr_panel_bytes(d, dtype) bytes
+
+  // workspace: the *_workspace_doubles(...) of the launcher called
+  double* workspace = nullptr;
+};
+
+// C_dd in float64 (exact products, fixed-order sums) -> diag64 and (if set) diag.
+int64_t xcorr_diag_workspace_doubles(int64_t n, int64_t d);
+cudaError_t xcorr_diag(const XcorrParams& p, cudaStream_t stream);
+// Tiled path forward: offdiag from 64 x 64 tiles of C (never stored), per-tile partials.
+int64_t xcorr_tiled_workspace_doubles(int64_t d);
+cudaError_t xcorr_tiled_forward(const XcorrParams& p, cudaStream_t stream);
+// Gram path forward: offdiag = max(<ga, gb> - sum_d diag64_d^2, 0) from the float64 Gram
+// matrices ga, gb (count = n * n entries each), all sums in float64 in a fixed order.
+int64_t xcorr_gram_workspace_doubles(int64_t count);
+cudaError_t xcorr_gram_offdiag(const double* ga, const double* gb, int64_t count, const double* diag64, int64_t d,
+                               double* workspace, float* offdiag, cudaStream_t stream);
+// Tiled path backward: da = b G^T, db = a G through G panels of xcorr_panel_cols(d) rows.
+int64_t xcorr_panel_cols(int64_t d);
+int64_t xcorr_panel_bytes(int64_t d, DType dtype);
+cudaError_t xcorr_tiled_backward(const XcorrParams& p, cudaStream_t stream);
+
+// ----------------------------------------------------------- normalized similarity
+// out = scale * a_hat b_hat^T; a (n, d), b (m, d) contiguous, same dtype.  csrc/cuda/similarity.cu.
+struct SimilarityParams {
+  const void* a = nullptr;
+  const void* b = nullptr;
+  int64_t n = 0, m = 0, d = 0;
+  DType dtype = DType::kFloat32;
+  bool normalize = true;
+  const float* scale = nullptr;  // device scalar
+
+  // row norms (workspace when normalize, else nullptr): |x| and 1 / max(|x|, 1e-12)
+  float* a_norm = nullptr;   // (n,)
+  float* a_rnorm = nullptr;  // (n,)
+  float* b_norm = nullptr;   // (m,)
+  float* b_rnorm = nullptr;  // (m,)
+
+  void* out = nullptr;  // forward: (n, m) dtype
+
+  // backward
+  const void* grad = nullptr;  // (n, m) dtype
+  void* da = nullptr;          // (n, d) dtype or nullptr
+  void* db = nullptr;          // (m, d) dtype or nullptr
+  float* dscale = nullptr;     // () or nullptr
+  float* u = nullptr;          // (n, d) float32 workspace when da or dscale: U = G b_hat
+  float* v = nullptr;          // (m, d) float32 workspace when db: V = G^T a_hat
+  float* row_parts = nullptr;  // (n,) float32 workspace when dscale
+};
+
+cudaError_t similarity_forward(const SimilarityParams& p, cudaStream_t stream);
+cudaError_t similarity_backward(const SimilarityParams& p, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace ck

@@ -16,8 +16,10 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace ck {
 namespace cuda {
@@ -187,6 +189,271 @@ __device__ __forceinline__ void warp_mma_nn(float (*acc)[4], const H* a, int lda
   }
 }
 
+// acc[NT][4] += A[16 x K] * B where A is stored k-major, A(row, k) = a[k * lda + row]
+// (a panel of an (N, D) matrix whose columns are the output rows, as in C = X^T Y), and
+// B = b[k * ldb + n] as in warp_mma_nn.  With lda = ldb = 64 + 8 (float: 8t + g; 16-bit:
+// 8t + g / 2 words) the fragment loads hit distinct banks.
+template <int NT, int K>
+__device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const float* a, int lda, const float* b, int ldb) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < K; kk += 8) {
+    const float* ap = a + (kk + t) * lda + g;
+    float af[4] = {ap[0], ap[8], ap[4 * lda], ap[4 * lda + 8]};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      float bf[2] = {b[(kk + t) * ldb + nt * 8 + g], b[(kk + t + 4) * ldb + nt * 8 + g]};
+      mma_3xtf32(acc[nt], af, bf);
+    }
+  }
+}
+
+template <int NT, int K, typename H>
+__device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const H* a, int lda, const H* b, int ldb) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < K; kk += 16) {
+    const H* ap = a + (kk + 2 * t) * lda + g;
+    uint32_t af[4] = {pack16(bits16(ap[0]), bits16(ap[lda])), pack16(bits16(ap[8]), bits16(ap[lda + 8])),
+                      pack16(bits16(ap[8 * lda]), bits16(ap[9 * lda])),
+                      pack16(bits16(ap[8 * lda + 8]), bits16(ap[9 * lda + 8]))};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const H* bp = b + (kk + 2 * t) * ldb + nt * 8 + g;
+      uint32_t bf[2] = {pack16(bits16(bp[0]), bits16(bp[ldb])),
+                        pack16(bits16(bp[8 * ldb]), bits16(bp[9 * ldb]))};
+      mma16816(acc[nt], af, bf, H());
+    }
+  }
+}
+
+}  // namespace tile
+}  // namespace cuda
+}  // namespace ck
+
+// ------------------------------------------------------------------------------------
+// A generic 64 x 64 output tile product for the cross-correlation and similarity
+// kernels (csrc/cuda/xcorr.cu, csrc/cuda/similarity.cu):
+//   acc(r, c) = sum_k A(r, k) B(k, c)   (float32 accumulation in mma.sync fragments)
+// with A either row-major, A(r, k) = a[r * lda + k], or k-major, A(r, k) = a[k * lda + r]
+// (columns of an (N, D) matrix as rows: C = X^T Y), and B either k-major,
+// B(k, c) = b[k * ldb + c], optionally times a per-k scale applied while staging, or
+// row-major, B(k, c) = b[c * ldb + k].  Indices r, c, k are relative to the pointers
+// (the host offsets them).  A and B may be stored in different types: both are staged
+// into shared memory in the math type MT (float: 3xTF32, 16-bit: HMMA), converted
+// element by element where the types differ, with 16-byte cp.async copies where they
+// agree and rows are 16-byte aligned.  A block has 4 warps, each owning 16 rows x 64
+// columns; chunks of Cfg<MT>::BK depth are double-buffered.
+//
+// Epilogues (each output entry written by exactly one thread; no atomics):
+//   kEpiStore:   out[r * ldo_r + c * ldo_c] = OT(alpha * r_scale[r] * c_scale[c] * acc)
+//                (alpha, r_scale, c_scale optional, 1 when absent);
+//   kEpiSumSq:   per block, sum over the tile's entries with r - c != diag_shift of acc^2
+//                (double) -> partials[blockIdx.y * gridDim.x + blockIdx.x]; with
+//                `symmetric` blocks below the diagonal write 0 and those above count twice;
+//   kEpiXcorrG:  G = grad_diag[r] on r - c == diag_shift, 2 * grad_offdiag * acc elsewhere,
+//                stored as OT at out[r * ldo_r + c * ldo_c].
+namespace ck {
+namespace cuda {
+namespace tile {
+namespace {  // internal linkage: each .cu has its own instantiations
+
+constexpr int kGemmTile = 64;
+constexpr int kGemmThreads = 128;
+constexpr int kKLd = kGemmTile + 8;  // padded row of a k-major staged chunk
+
+enum GemmEpi : int { kEpiStore = 0, kEpiSumSq = 1, kEpiXcorrG = 2 };
+
+struct GemmParams {
+  const void* a = nullptr;
+  int64_t lda = 0;
+  const void* b = nullptr;
+  int64_t ldb = 0;
+  const float* b_kscale = nullptr;  // k-major B only
+  int64_t rows = 0, cols = 0, depth = 0;
+  // kEpiStore / kEpiXcorrG
+  void* out = nullptr;
+  int64_t ldo_r = 0, ldo_c = 1;
+  const float* alpha = nullptr;  // device scalar
+  const float* r_scale = nullptr;
+  const float* c_scale = nullptr;
+  // kEpiSumSq / kEpiXcorrG
+  int64_t diag_shift = 0;
+  double* partials = nullptr;
+  bool symmetric = false;
+  const float* grad_offdiag = nullptr;  // device scalar
+  const float* grad_diag = nullptr;     // indexed by the (relative) row
+};
+
+// Stage ROWS x COLS entries of a row-major (ld) matrix, from (r0, c0) on, into sm (row
+// stride LD) as Dst; entries past (nrows, ncols) are zero; rows times rscale[row] if given.
+template <typename Src, typename Dst, int ROWS, int COLS, int LD>
+__device__ __forceinline__ void stage_tile(Dst* sm, const Src* g, int64_t ld, int64_t r0, int64_t nrows, int64_t c0,
+                                           int64_t ncols, const float* rscale, bool vec_ok) {
+  constexpr int VEC = 16 / sizeof(Dst);
+  constexpr int VPR = COLS / VEC;
+  static_assert(COLS % VEC == 0, "a staged row is a whole number of 16-byte vectors");
+  constexpr bool kSame = std::is_same<Src, Dst>::value;
+  for (int v = threadIdx.x; v < ROWS * VPR; v += kGemmThreads) {
+    const int r = v / VPR, cv = (v % VPR) * VEC;
+    const int64_t gr = r0 + r, gc = c0 + cv;
+    Dst* dst = sm + r * LD + cv;
+    if (kSame && vec_ok && rscale == nullptr && gr < nrows && gc + VEC <= ncols) {
+      cp_async16(dst, g + gr * ld + gc);
+    } else {
+      const bool row_ok = gr < nrows;
+      const float s = (rscale != nullptr && row_ok) ? rscale[gr] : 1.f;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        dst[e] = (row_ok && gc + e < ncols) ? from_float<Dst>(s * to_float(g[gr * ld + gc + e])) : from_float<Dst>(0.f);
+    }
+  }
+}
+
+// Sum of one double per thread over a kGemmThreads block, in a fixed order.
+__device__ __forceinline__ double block_sum_f64(double v, double* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double s = 0.0;
+#pragma unroll
+  for (int w = 0; w < kGemmThreads / 32; ++w) s += red[w];
+  return s;
+}
+
+template <typename TA, typename TB, typename MT, bool A_KMAJOR, bool B_KMAJOR, int EPI, typename OT>
+__global__ void __launch_bounds__(kGemmThreads) gemm64_kernel(const GemmParams p, const bool vec_a, const bool vec_b) {
+  static_assert(!A_KMAJOR || B_KMAJOR, "a k-major A goes with a k-major B");
+  constexpr int BK = Cfg<MT>::BK, LDS = Cfg<MT>::LDS;
+  constexpr int A_ELEMS = A_KMAJOR ? BK * kKLd : kGemmTile * LDS;
+  constexpr int B_ELEMS = B_KMAJOR ? BK * kKLd : kGemmTile * LDS;
+  constexpr int NT = kGemmTile / 8;
+  __shared__ __align__(16) MT sa[2][A_ELEMS];
+  __shared__ __align__(16) MT sb[2][B_ELEMS];
+  __shared__ double red[kGemmThreads / 32];
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  if (EPI == kEpiSumSq && p.symmetric && blockIdx.y < blockIdx.x) {
+    if (tid == 0) p.partials[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = 0.0;
+    return;  // the mirror tile above the diagonal counts this one
+  }
+  const TA* A = static_cast<const TA*>(p.a);
+  const TB* B = static_cast<const TB*>(p.b);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kGemmTile;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kGemmTile;
+  const int64_t nsteps = (p.depth + BK - 1) / BK;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+  auto issue = [&](int64_t s) {
+    const int st = static_cast<int>(s & 1);
+    const int64_t k0 = s * BK;
+    if (A_KMAJOR)
+      stage_tile<TA, MT, BK, kGemmTile, kKLd>(sa[st], A, p.lda, k0, p.depth, r0, p.rows, nullptr, vec_a);
+    else
+      stage_tile<TA, MT, kGemmTile, BK, LDS>(sa[st], A, p.lda, r0, p.rows, k0, p.depth, nullptr, vec_a);
+    if (B_KMAJOR)
+      stage_tile<TB, MT, BK, kGemmTile, kKLd>(sb[st], B, p.ldb, k0, p.depth, c0, p.cols, p.b_kscale, vec_b);
+    else
+      stage_tile<TB, MT, kGemmTile, BK, LDS>(sb[st], B, p.ldb, c0, p.cols, k0, p.depth, nullptr, vec_b);
+    cp_async_commit();
+  };
+
+  if (nsteps > 0) issue(0);
+  for (int64_t s = 0; s < nsteps; ++s) {
+    if (s + 1 < nsteps)
+      issue(s + 1);
+    else
+      cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int st = static_cast<int>(s & 1);
+    if (A_KMAJOR)
+      warp_mma_tn<NT, BK>(acc, &sa[st][warp * 16], kKLd, sb[st], kKLd);
+    else if (B_KMAJOR)
+      warp_mma_nn<NT, BK>(acc, &sa[st][warp * 16 * LDS], LDS, sb[st], kKLd);
+    else
+      warp_mma_nt<NT, BK>(acc, &sa[st][warp * 16 * LDS], LDS, sb[st], LDS);
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  if (EPI == kEpiSumSq) {
+    // float32 squares per fragment (4 entries), accumulated in double from there on
+    // (tile-local indices: rl, cl in [0, 64); the diagonal is rl - cl == shift)
+    const int64_t rows_left = p.rows - r0, cols_left = p.cols - c0;
+    const int64_t shift = p.diag_shift - (r0 - c0);
+    double s = 0.0;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      float q = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int rl = warp * 16 + g + 8 * (e >> 1), cl = nt * 8 + 2 * t + (e & 1);
+        if (rl < rows_left && cl < cols_left && rl - cl != shift) q += acc[nt][e] * acc[nt][e];
+      }
+      s += static_cast<double>(q);
+    }
+    const double total = block_sum_f64(s, red);
+    if (tid == 0) {
+      const bool twice = p.symmetric && blockIdx.y != blockIdx.x;
+      p.partials[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = twice ? 2.0 * total : total;
+    }
+    return;
+  }
+
+  OT* out = static_cast<OT*>(p.out);
+  float alpha = 1.f;
+  if (EPI == kEpiStore && p.alpha != nullptr) alpha = *p.alpha;
+  if (EPI == kEpiXcorrG) alpha = 2.f * *p.grad_offdiag;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t r = r0 + warp * 16 + g + 8 * h;
+    if (r >= p.rows) continue;
+    const float rs = (EPI == kEpiStore && p.r_scale != nullptr) ? p.r_scale[r] : 1.f;
+    const float gd = EPI == kEpiXcorrG ? p.grad_diag[r] : 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e1 = 0; e1 < 2; ++e1) {
+        const int64_t c = c0 + nt * 8 + 2 * t + e1;
+        if (c >= p.cols) continue;
+        const float v = acc[nt][2 * h + e1];
+        float o;
+        if (EPI == kEpiXcorrG) {
+          o = (r - c == p.diag_shift) ? gd : alpha * v;
+        } else {
+          const float cs = p.c_scale != nullptr ? p.c_scale[c] : 1.f;
+          o = alpha * rs * cs * v;
+        }
+        out[r * p.ldo_r + c * p.ldo_c] = from_float<OT>(o);
+      }
+    }
+  }
+}
+
+bool gemm_aligned16(const void* ptr, int64_t ld, int elem_bytes) {
+  return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0 && (ld * elem_bytes) % 16 == 0;
+}
+
+// Launch one tile product over a grid of ceil(rows / 64) x ceil(cols / 64) blocks.
+template <typename TA, typename TB, typename MT, bool A_KMAJOR, bool B_KMAJOR, int EPI, typename OT>
+cudaError_t launch_gemm64(const GemmParams& p, cudaStream_t stream) {
+  const int64_t gx = (p.rows + kGemmTile - 1) / kGemmTile, gy = (p.cols + kGemmTile - 1) / kGemmTile;
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+  const bool vec_a = gemm_aligned16(p.a, p.lda, sizeof(TA));
+  const bool vec_b = gemm_aligned16(p.b, p.ldb, sizeof(TB));
+  gemm64_kernel<TA, TB, MT, A_KMAJOR, B_KMAJOR, EPI, OT>
+      <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kGemmThreads, 0, stream>>>(p, vec_a, vec_b);
+  return cudaGetLastError();
+}
+
+}  // namespace
 }  // namespace tile
 }  // namespace cuda
 }  // namespace ck
