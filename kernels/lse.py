@@ -39,6 +39,14 @@ MASK_DIAG, MASK_POS, MASK_SAME_LABEL = 1, 2, 4
 
 # ----------------------------------------------------------------------- jit helpers
 @triton.jit
+def _load_rows(X, rows, rows_ok, cols, D, stride):
+    """The tile X[rows, cols] of a row-major (., D) matrix with row stride `stride`, in X's
+    dtype; 0 where a row is out of range (not rows_ok) or a column is padding (cols >= D)."""
+    return tl.load(X + rows[:, None] * stride + cols[None, :], mask=rows_ok[:, None] & (cols[None, :] < D),
+                   other=0.0)
+
+
+@triton.jit
 def _raw_scores_chunked(O, I, o64, o_ok, n64, n_ok, D, stride_o, stride_i,
                         IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     """(outer . inner) for one tile in float32, D in chunks of BLOCK_D (D_PAD > BLOCK_D)."""
@@ -46,8 +54,8 @@ def _raw_scores_chunked(O, I, o64, o_ok, n64, n_ok, D, stride_o, stride_i,
     acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + d
-        a = tl.load(O + o64[:, None] * stride_o + dd[None, :], mask=o_ok[:, None] & (dd[None, :] < D), other=0.0)
-        b = tl.load(I + n64[:, None] * stride_i + dd[None, :], mask=n_ok[:, None] & (dd[None, :] < D), other=0.0)
+        a = _load_rows(O, o64, o_ok, dd, D, stride_o)
+        b = _load_rows(I, n64, n_ok, dd, D, stride_i)
         acc = _dot(a, tl.trans(b), acc, IEEE)
     return acc
 
@@ -72,22 +80,27 @@ def _keep(o_idx, o_ok, n_idx, n_ok, diag_offset, o_pos, n_pos, o_lab, n_lab,
     return keep
 
 
-# --------------------------------------------------------------------------- forward
 @triton.jit
-def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, OUT,
-                    NO, NI, D, stride_o, stride_i, diag_offset,
-                    TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr,
-                    IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
-                    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
-    pid = tl.program_id(0)
+def _outer_rows(pid, SCALE, O_RS, BIAS, POS, O_LAB, NO,
+                TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_POS: tl.constexpr,
+                MASK_LAB: tl.constexpr, BLOCK_O: tl.constexpr):
+    """The per-row values of the block `pid` of BLOCK_O outer rows, loaded once per program.
+
+    Returns (o_idx, o_ok, scale, o_rs, o_fac, o_bias, o_pos, o_lab):
+      o_idx   int64 outer row indices, o_ok = o_idx < NO;
+      scale   the float32 scale;  o_rs = the outer rscale (1 without one);
+      o_fac   o_rs * scale * log2(e): a raw dot times o_fac (and the inner rscale) is the score in
+              base 2, s2 = log2(e) S, before the bias;
+      o_bias  log2(e) col_bias of the outer rows under TRANS (outer rows are columns), else 0;
+      o_pos   pos_index of the outer rows without TRANS, else o_idx (unused);
+      o_lab   the outer rows' labels with MASK_LAB, else o_idx (unused)."""
     o_idx = pid.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o_idx < NO
     scale = tl.load(SCALE).to(tl.float32)
-    # Scores are kept in base 2: s2 = log2(e) S.
-    o_fac = tl.full((BLOCK_O,), 1.0, tl.float32) * (scale * 1.4426950408889634)
+    o_rs = tl.full((BLOCK_O,), 1.0, tl.float32)
     if HAS_ORS:
-        o_fac = o_fac * tl.load(O_RS + o_idx, mask=o_ok, other=1.0)
+        o_rs = tl.load(O_RS + o_idx, mask=o_ok, other=1.0)
+    o_fac = o_rs * (scale * 1.4426950408889634)
     o_bias = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if HAS_BIAS and TRANS:
         o_bias = tl.load(BIAS + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
@@ -97,40 +110,86 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, OUT,
     o_lab = o_idx
     if MASK_LAB:
         o_lab = tl.load(O_LAB + o_idx, mask=o_ok, other=0)
-    d = tl.arange(0, BLOCK_D)
+    return o_idx, o_ok, scale, o_rs, o_fac, o_bias, o_pos, o_lab
+
+
+@triton.jit
+def _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (BLOCK_O, BLOCK_D) tile of the outer rows when SINGLE (all of D in one chunk: loaded once,
+    out of the inner loop), else zeros (unused: the chunked product loads its own chunks)."""
     o_tile = tl.zeros((BLOCK_O, BLOCK_D), dtype=O.dtype.element_ty)
     if SINGLE:
-        o_tile = tl.load(O + o_idx[:, None] * stride_o + d[None, :], mask=o_ok[:, None] & (d[None, :] < D), other=0.0)
+        o_tile = _load_rows(O, o_idx, o_ok, tl.arange(0, BLOCK_D), D, stride_o)
+    return o_tile
 
+
+@triton.jit
+def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
+                 o_idx, o_ok, o_fac, o_bias, o_pos, o_lab, o_tile,
+                 TRANS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_DIAG: tl.constexpr,
+                 MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    """The (BLOCK_O, BLOCK_I) tile of scores of the outer rows (the o_* of _outer_rows) against
+    the inner rows start .. start + BLOCK_I.
+
+    Returns (n64, n_ok, i_tile, acc, i_rs, s2, keep):
+      n64     int64 inner row indices, n_ok = n64 < NI;
+      i_tile  the (BLOCK_I, BLOCK_D) inner tile when SINGLE (the backward reuses it for the
+              gradient product), else zeros (unused);
+      acc     the raw float32 dot outer . inner (no rscales, no scale);
+      i_rs    the inner rscale (1 without one);
+      s2      the base-2 scores log2(e) S_ij over the whole tile, masked pairs included;
+      keep    the pairs the masks keep (and in range)."""
+    n_idx = start + tl.arange(0, BLOCK_I)
+    n_ok = n_idx < NI
+    n64 = n_idx.to(tl.int64)
+    if SINGLE:  # outer tile hoisted; the inner tile is reused by the gradient product
+        i_tile = _load_rows(I, n64, n_ok, tl.arange(0, BLOCK_D), D, stride_i)
+        acc = _dot(o_tile, tl.trans(i_tile), tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32), IEEE)
+    else:
+        i_tile = tl.zeros((BLOCK_I, BLOCK_D), dtype=I.dtype.element_ty)
+        acc = _raw_scores_chunked(O, I, o_idx, o_ok, n64, n_ok, D, stride_o, stride_i,
+                                  IEEE, BLOCK_D, BLOCK_O, BLOCK_I)
+    s2 = acc * o_fac[:, None]
+    i_rs = tl.full((BLOCK_I,), 1.0, tl.float32)
+    if HAS_IRS:
+        i_rs = tl.load(I_RS + n64, mask=n_ok, other=1.0)
+        s2 = s2 * i_rs[None, :]
+    if HAS_BIAS:
+        if TRANS:
+            s2 = s2 + o_bias[:, None]
+        else:
+            s2 = s2 + (tl.load(BIAS + n64, mask=n_ok, other=0.0) * 1.4426950408889634)[None, :]
+    n_pos = n64
+    if MASK_POS and TRANS:
+        n_pos = tl.load(POS + n64, mask=n_ok, other=-1)
+    n_lab = n64
+    if MASK_LAB:
+        n_lab = tl.load(I_LAB + n64, mask=n_ok, other=0)
+    keep = _keep(o_idx, o_ok, n64, n_ok, diag_offset, o_pos, n_pos, o_lab, n_lab,
+                 TRANS, MASK_DIAG, MASK_POS, MASK_LAB)
+    return n64, n_ok, i_tile, acc, i_rs, s2, keep
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit
+def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, OUT,
+                    NO, NI, D, stride_o, stride_i, diag_offset,
+                    TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr,
+                    IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
+                    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    pid = tl.program_id(0)
+    o_idx, o_ok, scale, o_rs, o_fac, o_bias, o_pos, o_lab = _outer_rows(
+        pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
+    o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
     m = tl.full((BLOCK_O,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_O,), dtype=tl.float32)
     for start in range(0, NI, BLOCK_I):
-        n_idx = start + tl.arange(0, BLOCK_I)
-        n_ok = n_idx < NI
-        n64 = n_idx.to(tl.int64)
-        if SINGLE:  # outer tile hoisted; the inner tile is reused by the gradient product
-            i_tile = tl.load(I + n64[:, None] * stride_i + d[None, :], mask=n_ok[:, None] & (d[None, :] < D),
-                             other=0.0)
-            acc = _dot(o_tile, tl.trans(i_tile), tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32), IEEE)
-        else:
-            acc = _raw_scores_chunked(O, I, o_idx, o_ok, n64, n_ok, D, stride_o, stride_i,
-                                      IEEE, BLOCK_D, BLOCK_O, BLOCK_I)
-        s = acc * o_fac[:, None]
-        if HAS_IRS:
-            s = s * tl.load(I_RS + n64, mask=n_ok, other=1.0)[None, :]
-        if HAS_BIAS:
-            if TRANS:
-                s = s + o_bias[:, None]
-            else:
-                s = s + (tl.load(BIAS + n64, mask=n_ok, other=0.0) * 1.4426950408889634)[None, :]
-        n_pos = n64
-        if MASK_POS and TRANS:
-            n_pos = tl.load(POS + n64, mask=n_ok, other=-1)
-        n_lab = n64
-        if MASK_LAB:
-            n_lab = tl.load(I_LAB + n64, mask=n_ok, other=0)
-        keep = _keep(o_idx, o_ok, n64, n_ok, diag_offset, o_pos, n_pos, o_lab, n_lab,
-                     TRANS, MASK_DIAG, MASK_POS, MASK_LAB)
+        _, _, _, _, _, s, keep = _tile_scores(
+            O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
+            o_idx, o_ok, o_fac, o_bias, o_pos, o_lab, o_tile,
+            TRANS, HAS_IRS, HAS_BIAS, MASK_DIAG, MASK_POS, MASK_LAB, IEEE, SINGLE, BLOCK_D, BLOCK_O, BLOCK_I)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # A row with nothing kept so far has m_new = -inf: use 0 as its reference so that
@@ -156,65 +215,24 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
-    o_idx = pid.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_ok = o_idx < NO
-    scale = tl.load(SCALE).to(tl.float32)
-    o_rs = tl.full((BLOCK_O,), 1.0, tl.float32)
-    if HAS_ORS:
-        o_rs = tl.load(O_RS + o_idx, mask=o_ok, other=1.0)
-    o_fac = o_rs * (scale * 1.4426950408889634)
-    o_bias = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    if HAS_BIAS and TRANS:
-        o_bias = tl.load(BIAS + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
-    o_pos = o_idx
-    if MASK_POS and not TRANS:
-        o_pos = tl.load(POS + o_idx, mask=o_ok, other=-1)
-    o_lab = o_idx
-    if MASK_LAB:
-        o_lab = tl.load(O_LAB + o_idx, mask=o_ok, other=0)
+    o_idx, o_ok, scale, o_rs, o_fac, o_bias, o_pos, o_lab = _outer_rows(
+        pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
     o_lse2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
     o_g = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if HAS_OTERM:
         o_lse2 = tl.load(O_LSE + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
         o_g = tl.load(O_G + o_idx, mask=o_ok, other=0.0)
-    d = tl.arange(0, BLOCK_D)
-    o_tile = tl.zeros((BLOCK_O, BLOCK_D), dtype=O.dtype.element_ty)
-    if SINGLE:
-        o_tile = tl.load(O + o_idx[:, None] * stride_o + d[None, :], mask=o_ok[:, None] & (d[None, :] < D), other=0.0)
+    o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
     dcol = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
 
     acc_out = tl.zeros((BLOCK_O, BLOCK_DO), dtype=tl.float32)
     r_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
     for start in range(0, NI, BLOCK_I):
-        n_idx = start + tl.arange(0, BLOCK_I)
-        n_ok = n_idx < NI
-        n64 = n_idx.to(tl.int64)
-        if SINGLE:  # outer tile hoisted; the inner tile is reused by the gradient product
-            i_tile = tl.load(I + n64[:, None] * stride_i + d[None, :], mask=n_ok[:, None] & (d[None, :] < D),
-                             other=0.0)
-            acc = _dot(o_tile, tl.trans(i_tile), tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32), IEEE)
-        else:
-            acc = _raw_scores_chunked(O, I, o_idx, o_ok, n64, n_ok, D, stride_o, stride_i,
-                                      IEEE, BLOCK_D, BLOCK_O, BLOCK_I)
-        s = acc * o_fac[:, None]
-        i_rs = tl.full((BLOCK_I,), 1.0, tl.float32)
-        if HAS_IRS:
-            i_rs = tl.load(I_RS + n64, mask=n_ok, other=1.0)
-            s = s * i_rs[None, :]
-        if HAS_BIAS:
-            if TRANS:
-                s = s + o_bias[:, None]
-            else:
-                s = s + (tl.load(BIAS + n64, mask=n_ok, other=0.0) * 1.4426950408889634)[None, :]
-        n_pos = n64
-        if MASK_POS and TRANS:
-            n_pos = tl.load(POS + n64, mask=n_ok, other=-1)
-        n_lab = n64
-        if MASK_LAB:
-            n_lab = tl.load(I_LAB + n64, mask=n_ok, other=0)
-        keep = _keep(o_idx, o_ok, n64, n_ok, diag_offset, o_pos, n_pos, o_lab, n_lab,
-                     TRANS, MASK_DIAG, MASK_POS, MASK_LAB)
+        n64, n_ok, i_tile, acc, i_rs, s, keep = _tile_scores(
+            O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
+            o_idx, o_ok, o_fac, o_bias, o_pos, o_lab, o_tile,
+            TRANS, HAS_IRS, HAS_BIAS, MASK_DIAG, MASK_POS, MASK_LAB, IEEE, SINGLE, BLOCK_D, BLOCK_O, BLOCK_I)
         ds = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
         if HAS_OTERM:
             ds += o_g[:, None] * tl.exp2(s - o_lse2[:, None])
@@ -235,8 +253,7 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB,
             if SINGLE and BLOCK_DO == BLOCK_D:
                 x = i_tile
             else:
-                x = tl.load(I + n64[:, None] * stride_i + dcol[None, :], mask=n_ok[:, None] & (dcol[None, :] < D),
-                            other=0.0)
+                x = _load_rows(I, n64, n_ok, dcol, D, stride_i)
             p = ds
             if HAS_IRS:
                 if RS_ON_TILE:  # float16: scale the inner rows (|x_hat| <= 1), not dS (could overflow)
