@@ -258,7 +258,11 @@ for _fam in FAMILY_SPECS:
 # per-row sums and its gradients for an upstream gradient of 1, computed in the forward
 # (float32), so that the backward only scales them by the upstream scalar.  Used where a
 # loss is a multiple of that total (SigLIP, PML's NT-Xent) and an input needs a gradient:
-# one pass over the tiles instead of a forward and a backward.
+# one pass over the tiles instead of a forward and a backward.  Kernels: C++ CPU and
+# Triton; csrc/cuda has none yet, so the cuda backend takes the forward-and-backward path
+# (a composite of those two with a unit upstream would gain nothing, and its float16
+# unit-upstream gradients, M times the mean's, could overflow).
+_FUSED_BACKENDS = ("cpu", "triton")
 _FUSED_GRADS = 5  # dq, dk, dscale, dbias, drow_offset: the gradients of inputs 0..4
 
 
@@ -296,17 +300,6 @@ def _register_fused(name: str) -> None:
 
 if _C is not None:
     _register_fused("pairwise_fused")
-
-    @torch.library.impl(f"{NS}::pairwise_fused", "CUDA")
-    def _pairwise_fused_cuda(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode, need_q, need_k,
-                             need_scale, need_bias, need_offset):
-        # csrc/cuda has no one-pass kernel yet: the forward, then the backward with a unit upstream.
-        ops = getattr(torch.ops, NS)
-        rows = ops.pairwise_forward(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode)
-        dq, dk, ds, db, do = ops.pairwise_backward(torch.ones_like(rows), q, k, scale, bias, row_offset, q_labels,
-                                                   k_labels, diag_offset, mode, need_q, need_k, need_scale,
-                                                   need_bias, need_offset)
-        return rows.double().sum().float(), dq.float(), dk.float(), ds, db, do
 
 
 @torch.library.custom_op(f"{NS}::pairwise_fused_triton", mutates_args=())
@@ -349,12 +342,13 @@ def pairwise(backend: str, q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, *,
 
 def pairwise_total(backend: str, q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, *, row_offset=None,
                    q_labels=None, k_labels=None, diag_offset: int = 0, mode: int = 0) -> Tensor:
-    """Sum of `pairwise`'s per-row sums (0-dim float32).  When an input needs a gradient,
-    one fused pass computes the total and its gradients (see ``pairwise_fused``)."""
+    """Sum of `pairwise`'s per-row sums (0-dim float32).  When an input needs a gradient and
+    the backend has the kernel, one fused pass computes the total and its gradients (see
+    ``pairwise_fused``)."""
     if backend == FAMILY_REFERENCE:
         return reference.pairwise_family(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode).sum()
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (q, k, scale, bias, row_offset)]
-    if not any(need):
+    if not any(need) or backend not in _FUSED_BACKENDS:
         return pairwise(backend, q, k, scale, bias, row_offset=row_offset, q_labels=q_labels, k_labels=k_labels,
                         diag_offset=diag_offset, mode=mode).sum()
     op = getattr(getattr(torch.ops, NS), "pairwise_fused_triton" if backend == "triton" else "pairwise_fused")
