@@ -219,7 +219,9 @@ def test_lse_sanitizer_tiny():
 
 
 # ------------------------------------------------------------------ pairwise family
-def _pair_case(n, m, d, dtype, mode, labels, with_offset, diag_offset=0):
+def _pair_case(n, m, d, dtype, mode, labels, with_offset, diag_offset=0, total=False):
+    """With `total`: fam.pairwise_total, i.e. the one-pass pairwise_fused op, whose
+    gradients are those of c * total for a scalar upstream c."""
     _need("pairwise")
     q, k = _rows(n, d, dtype, unit=True), _rows(m, d, dtype, unit=True)
     scale = torch.tensor(10.0, device=DEV)
@@ -229,18 +231,19 @@ def _pair_case(n, m, d, dtype, mode, labels, with_offset, diag_offset=0):
         kw["q_labels"] = torch.randint(0, 4, (n,), device=DEV)
         kw["k_labels"] = torch.randint(0, 4, (m,), device=DEV)
     off = torch.randn(n, device=DEV) if with_offset else None
-    g = torch.randn(n, device=DEV)
+    g = torch.rand((), device=DEV) + 0.5 if total else torch.randn(n, device=DEV)
+    fn = fam.pairwise_total if total else fam.pairwise
 
     def run(backend, q, k, scale, bias, off):
         leaves = [_leaf(q), _leaf(k), _leaf(scale), _leaf(bias)] + ([_leaf(off)] if off is not None else [])
-        rows = fam.pairwise(backend, *leaves[:4], row_offset=leaves[4] if off is not None else None, **kw)
+        rows = fn(backend, *leaves[:4], row_offset=leaves[4] if off is not None else None, **kw)
         grads = torch.autograd.grad((rows * g.to(rows.dtype)).sum(), leaves)
         return rows, grads
 
     rows, grads = run("cuda", q, k, scale, bias, off)
     rrows, rgrads = run(backends.FAMILY_REFERENCE, q.double(), k.double(), scale.double(), bias.double(),
                         off.double() if off is not None else None)
-    assert rows.dtype == torch.float32
+    assert rows.dtype == torch.float32 and rows.shape == (() if total else (n,))
     _check(rows, rrows, dtype, "rows")
     for name, x, r in zip(("q", "k", "scale", "bias", "row_offset"), grads, rgrads):
         assert x.dtype == (dtype if name in ("q", "k") else torch.float32), f"d{name} dtype {x.dtype}"
@@ -260,10 +263,36 @@ def test_pairwise_modes(mode, labels, dtype):
     _pair_case(70, 90, 40, dtype, mode, labels, True, diag_offset=3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", [0, 1, 2, 5])
+@pytest.mark.parametrize("n,m,d", [(1, 1, 8), (7, 9, 5), (129, 65, 33), (65, 200, 136)])
+def test_pairwise_fused_total(n, m, d, mode, dtype):
+    """The one-pass forward and gradient (pairwise_fused): grad_row = 1 backward kernels
+    that also sum the terms and write float32 dq / dk."""
+    _pair_case(n, m, d, dtype, mode, mode == 2, True, diag_offset=1 if mode == 5 else 0, total=True)
+
+
+def test_pairwise_fused_need_subsets():
+    _need("pairwise")
+    op = torch.ops.contrastive_kernels.pairwise_fused
+    q, k = _rows(70, 24, torch.bfloat16, unit=True), _rows(50, 24, torch.bfloat16, unit=True)
+    s, b = torch.tensor(10.0, device=DEV), torch.tensor(-3.0, device=DEV)
+    off = torch.randn(70, device=DEV)
+    full = op(q, k, s, b, off, None, None, 0, 0, True, True, True, True, True)
+    assert all(t.dtype == torch.float32 for t in full)
+    for flags in [(True, False, False, False, False), (False, True, False, False, False),
+                  (False, False, True, True, False), (False, False, False, False, True)]:
+        out = op(q, k, s, b, off, None, None, 0, 0, *flags)
+        assert torch.equal(out[0], full[0]), flags
+        for flag, got, want in zip(flags, out[1:], full[1:]):
+            assert got.numel() == 0 if not flag else torch.equal(got, want), flags
+
+
 def test_pairwise_sanitizer_tiny():
     """Tiny case for compute-sanitizer runs."""
     for dtype in DTYPES:
         _pair_case(3, 4, 5, dtype, 4, False, True)
+        _pair_case(3, 4, 5, dtype, 0, False, True, total=True)
     torch.cuda.synchronize()
 
 

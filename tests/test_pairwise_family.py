@@ -316,7 +316,7 @@ def test_opcheck(backend):
 # fam.pairwise_total: the total of the row sums; with a gradient wanted, the one-pass
 # pairwise_fused op computes the total and its unit-upstream gradients in the forward
 # and the backward scales them.  Same contract, checked the same way.
-FUSED_BACKENDS = [b for b in BACKENDS if b.values[0] in fam._FUSED_BACKENDS]  # the cuda backend has no fused op
+FUSED_BACKENDS = [b for b in BACKENDS if b.values[0] in fam._FUSED_BACKENDS]
 
 
 def _fused_op(backend):

@@ -235,6 +235,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pairwise_backward_cuda(
   return {dq, dk, dscale, dbias, doff};
 }
 
+// The pairwise total and its unit-upstream gradients in one pass (csrc/ops.cpp,
+// pairwise_fused): the backward kernels with grad_row = 1, the row pass also writing the
+// per-row sums, dq / dk in float32.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pairwise_fused_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias, const OptT& row_offset,
+    const OptT& q_labels, const OptT& k_labels, int64_t diag_offset, int64_t mode, bool need_q, bool need_k,
+    bool need_scale, bool need_bias, bool need_offset) {
+  check_pair(q, k, "q", "k");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto p = base_params(q, k, scale);
+  pairwise_setup(p, q, bias, row_offset, q_labels, k_labels, diag_offset, mode);
+  TORCH_CHECK(!need_offset || p.row_offset, "contrastive_kernels (cuda): need_offset needs row_offset");
+  Tensor ones = at::ones({p.n}, q.options().dtype(at::kFloat));
+  Tensor rows = f32(q, {p.n});
+  Tensor dq = need_q ? f32(q, {p.n, p.d}) : f32(q, {0});
+  Tensor dk = need_k ? f32(k, {p.m, p.d}) : f32(q, {0});
+  Tensor dscale = need_scale ? f32(q, {}) : f32(q, {0});
+  Tensor dbias = need_bias ? f32(q, {}) : f32(q, {0});
+  Tensor doff = need_offset ? f32(q, {p.n}) : f32(q, {0});
+  p.grad_row = ones.data_ptr<float>();
+  p.row_out = rows.data_ptr<float>();
+  p.grad_f32 = true;
+  p.dq = need_q ? dq.data_ptr() : nullptr;
+  p.dk = need_k ? dk.data_ptr() : nullptr;
+  p.dscale = need_scale ? dscale.data_ptr<float>() : nullptr;
+  p.dbias = need_bias ? dbias.data_ptr<float>() : nullptr;
+  p.drow_offset = need_offset ? doff.data_ptr<float>() : nullptr;
+  Tensor ws = f32(q, {kc::backward_workspace_floats(p)});
+  p.workspace = ws.data_ptr<float>();
+  check_launch(kc::pairwise_backward(p, at::cuda::getCurrentCUDAStream()), "pairwise_fused");
+  Tensor total = rows.to(at::kDouble).sum().to(at::kFloat);
+  return {total, dq, dk, dscale, dbias, doff};
+}
+
 // ---------------------------------------------------------- cross-correlation family
 constexpr int64_t kXcorrAuto = 0, kXcorrGram = 1;
 constexpr int64_t kGramChunkElems = int64_t(1) << 20;  // Gram path: N x chunk float64 columns at a time
@@ -478,6 +512,7 @@ TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
   m.impl("lse_backward", &lse_backward_cuda);
   m.impl("pairwise_forward", &pairwise_forward_cuda);
   m.impl("pairwise_backward", &pairwise_backward_cuda);
+  m.impl("pairwise_fused", &pairwise_fused_cuda);
   m.impl("xcorr_forward", &xcorr_forward_cuda);
   m.impl("xcorr_backward", &xcorr_backward_cuda);
   m.impl("similarity_forward", &similarity_forward_cuda);

@@ -259,6 +259,9 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
               ds = I.g * (positive ? sig - 1.f : sig);
             }
           }
+          // Fused pairwise pass (row_out set, unit upstream): also the loss terms.
+          if (FAM == kPairwise && !TRANS && side_sums && p.row_out != nullptr && keep)
+            run_l[h] += positive ? softplus(-x) : softplus(x);
           if (side_sums) {
             rsum[h] += ds;
             rrs[h] += ds * raw * C.rs;
@@ -349,6 +352,10 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           p.drow_offset[r] = a;
         }
       }
+      if (FAM == kPairwise && !TRANS && p.row_out != nullptr) {
+        const float l = quad_sum(run_l[h]);
+        if (t == 0 && r < nrows) p.row_out[r] = l;
+      }
     }
     if (!TRANS) {
       const float ds_total = block_sum(dscale_part, red);
@@ -369,7 +376,13 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
         const int h = e >> 1;
         const int64_t r = row0 + warp * 16 + g + 8 * h;
         const int64_t d = dc0 + nt * 8 + 2 * t + (e & 1);
-        if (r < nrows && d < D) out[r * D + d] = tile::from_float<T>(scale * R[h].rs * accO[nt][e]);
+        if (r < nrows && d < D) {
+          const float v = scale * R[h].rs * accO[nt][e];
+          if (p.grad_f32)
+            static_cast<float*>(dx_out)[r * D + d] = v;
+          else
+            out[r * D + d] = tile::from_float<T>(v);
+        }
       }
     }
   }
@@ -473,7 +486,7 @@ cudaError_t pairwise_forward(const FamilyParams& p, cudaStream_t stream) {
 }
 
 cudaError_t pairwise_backward(const FamilyParams& p, cudaStream_t stream) {
-  const bool row = p.dq || p.dscale || p.dbias || p.drow_offset;
+  const bool row = p.dq || p.dscale || p.dbias || p.drow_offset || p.row_out;
   const bool col = p.dk != nullptr;
   return backward<kPairwise>(p, row, col, stream);
 }

@@ -37,7 +37,8 @@ struct FamilyParams {
   const float* row_offset = nullptr;  // (n,)
   int pair_mode = 0;
 
-  // forward outputs
+  // forward outputs (row_out also in the pairwise backward: the fused forward-and-gradient
+  // pass, grad_row = 1, writes the per-row sums there too)
   float* row_out = nullptr;  // (n,): row_lse or per-row pairwise sums
   float* col_out = nullptr;  // (m,): col_lse (lse, compute_col)
 
@@ -48,8 +49,9 @@ struct FamilyParams {
   const float* col_lse = nullptr;   // (m,) or nullptr
 
   // backward outputs (nullptr when not needed)
-  void* dq = nullptr;            // (n, d), dtype
-  void* dk = nullptr;            // (m, d), dtype
+  void* dq = nullptr;            // (n, d), dtype (float32 when grad_f32)
+  void* dk = nullptr;            // (m, d), dtype (float32 when grad_f32)
+  bool grad_f32 = false;         // dq / dk written as float32 whatever the input dtype
   float* dscale = nullptr;       // ()
   float* dbias = nullptr;        // () pairwise
   float* dcol_bias = nullptr;    // (m,) lse

@@ -258,11 +258,10 @@ for _fam in FAMILY_SPECS:
 # per-row sums and its gradients for an upstream gradient of 1, computed in the forward
 # (float32), so that the backward only scales them by the upstream scalar.  Used where a
 # loss is a multiple of that total (SigLIP, PML's NT-Xent) and an input needs a gradient:
-# one pass over the tiles instead of a forward and a backward.  Kernels: C++ CPU and
-# Triton; csrc/cuda has none yet, so the cuda backend takes the forward-and-backward path
-# (a composite of those two with a unit upstream would gain nothing, and its float16
-# unit-upstream gradients, M times the mean's, could overflow).
-_FUSED_BACKENDS = ("cpu", "triton")
+# one pass over the tiles instead of a forward and a backward.  Kernels: C++ CPU (3 GEMMs
+# per tile instead of 4), Triton and CUDA (the backward's row and column passes with a
+# unit upstream, the row pass also summing the terms: 2 passes instead of 3).
+_FUSED_BACKENDS = ("cpu", "triton", "cuda")
 _FUSED_GRADS = 5  # dq, dk, dscale, dbias, drow_offset: the gradients of inputs 0..4
 
 
