@@ -17,7 +17,8 @@
 #            (TEST_MARKS / TEST_PATHS / TEST_TIMEOUT override what runs)
 #   sanitize compute-sanitizer memcheck + racecheck on the tiny CUDA cases
 #   peak     bf16 dense matmul ceiling (torch.mm 8192^3) and device copy bandwidth
-#   bench    python -m contrastive_kernels bench --out $OUT/bench (skipped if it fails)
+#   bench    python -m contrastive_kernels bench --out $OUT/bench (skipped if it fails), then
+#            bench --derive-auto: $OUT/bench/auto_cuda_rules.py, auto's cuda/triton rule table
 #   ncu      Nsight Compute on one lse backward launch (optional, slow)
 #
 # Every stage runs even if an earlier one failed; each stage's exit code is appended to
@@ -159,6 +160,11 @@ stage_bench() {
       | tail -40 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ]; then echo "bench failed (rc=$rc); continuing" | tee -a "$LOG"; fi
+  # auto's cuda/triton rule from this run (commit it as python/contrastive_kernels/_auto_cuda_rules.py)
+  if [ -f "$OUT/bench/results.json" ]; then
+    (cd /tmp && "$PY" -m contrastive_kernels bench --derive-auto "$OUT/bench/results.json" \
+        --auto-out "$OUT/bench/auto_cuda_rules.py") 2>&1 | tee -a "$LOG"
+  fi
   return "$rc"
 }
 

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from . import _ext
+from . import _ext, autoselect
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 KERNEL_BACKENDS = ("cuda", "triton", "cpu")
@@ -26,8 +26,8 @@ FAMILY_REFERENCE = "_family_reference"
 FAMILIES = ("lse", "pairwise", "xcorr", "similarity")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# For CUDA tensors under "auto": preference order per family, from the measurements in
-# bench/results/ (updated when the CUDA kernels are tuned).
+# For CUDA tensors under "auto": preference order per family where no measured rule
+# exists (contrastive_kernels.autoselect / _auto_cuda_rules.py hold those, by dtype and size).
 AUTO_CUDA_ORDER = {
     "lse": ("cuda", "triton"),
     "pairwise": ("cuda", "triton"),
@@ -139,8 +139,10 @@ def available_backends(family: str | None = None, device: torch.device | str | N
     return out
 
 
-def resolve(backend: str | None, family: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs one call of `family` on tensors of `device`/`dtype`."""
+def resolve(backend: str | None, family: str, device: torch.device, dtype: torch.dtype, work=None) -> str:
+    """The backend that runs one call of `family` on tensors of `device`/`dtype`; `work`
+    (rows x features of the first input) picks the size class of `auto`'s recorded
+    cuda / triton rule (contrastive_kernels.autoselect)."""
     name = default_backend() if backend is None else backend
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
@@ -158,7 +160,10 @@ def resolve(backend: str | None, family: str, device: torch.device, dtype: torch
             f"backend {name!r} supports float32, float16 and bfloat16 inputs; got {dtype} "
             "(use backend='reference' for float64)")
     if name == "auto":
-        order = AUTO_CUDA_ORDER[family] if device.type == "cuda" else ("cpu",)
+        if device.type == "cuda":
+            order = autoselect.cuda_order(family, dtype, work) or AUTO_CUDA_ORDER[family]
+        else:
+            order = ("cpu",)
         for b in order:
             if unavailable_reason(b, family, device) is None:
                 return b

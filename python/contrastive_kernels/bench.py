@@ -939,6 +939,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", metavar="DIR", help="write DIR/results.json, meta.json, results.md, results.png")
     parser.add_argument("--no-plot", action="store_true", help="do not draw results.png")
     parser.add_argument("--list", action="store_true", help="print the planned measurements and exit")
+    parser.add_argument("--derive-auto", metavar="RESULTS_JSON",
+                        help="do not run: derive auto's cuda/triton rule table from a GPU run's results.json "
+                             "and write it (default: the package's _auto_cuda_rules.py; see --auto-out)")
+    parser.add_argument("--auto-out", metavar="PATH", help="where --derive-auto writes the rule module")
     parser.set_defaults(_bench_parser=parser)
 
 
@@ -965,6 +969,16 @@ def _command(args) -> str:
 
 
 def run(args) -> int:
+    if args.derive_auto:
+        from . import autoselect
+        out = args.auto_out or autoselect.RULES_MODULE
+        rules = autoselect.write_from_results(args.derive_auto, out)
+        for family, per_dtype in rules.items():
+            for dtype, classes in per_dtype.items():
+                print(f"{family:10s} {dtype:9s} " + ", ".join(
+                    f"{'rest' if b is None else f'work <= {b}'}: {who}" for b, who in classes))
+        print(f"wrote {out}")
+        return 0
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

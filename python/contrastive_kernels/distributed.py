@@ -363,7 +363,7 @@ def _setup(group, mode, what, x):
 
 
 def _family_backend(backend, family, x):
-    be = backends.resolve(backend, family, x.device, x.dtype)
+    be = backends.resolve(backend, family, x.device, x.dtype, functional._work(x))
     return FAMILY_REFERENCE if be == "reference" else be
 
 

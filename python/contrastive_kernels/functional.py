@@ -48,8 +48,13 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() * b.float()).sum(1)
 
 
+def _work(x: Tensor) -> int:
+    """rows x features of a loss's first input: the size class of `auto`'s cuda/triton rule."""
+    return x.shape[0] * x.shape[-1] if x.dim() >= 2 else x.numel()
+
+
 def _resolve(backend, family, x: Tensor) -> str:
-    return backends.resolve(backend, family, x.device, x.dtype)
+    return backends.resolve(backend, family, x.device, x.dtype, _work(x))
 
 
 def _temperature(temperature, device):

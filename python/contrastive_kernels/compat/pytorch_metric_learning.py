@@ -110,10 +110,10 @@ class NTXentLoss(_PMLBase):
         n_pos, n_neg = int(pos_count.sum()), int(neg_count.sum())
         if n_pos == 0 or n_neg == 0 or (n_pos <= 1 and n_neg <= 1):
             return self._zero(embeddings)
-        be = backends.resolve(self.backend, "pairwise", x.device, x.dtype)
+        be = backends.resolve(self.backend, "pairwise", x.device, x.dtype, x.numel())
         if be == "reference" or be == backends.FAMILY_REFERENCE:
             return _ntxent_reference(x, lab, r, rlab, self_ref, self.temperature) / n_pos
-        be_lse = backends.resolve(self.backend, "lse", x.device, x.dtype)
+        be_lse = backends.resolve(self.backend, "lse", x.device, x.dtype, x.numel())
         xh = torch.nn.functional.normalize(x, dim=1)
         rh = xh if self_ref else torch.nn.functional.normalize(r, dim=1)
         scale = torch.tensor(1.0 / self.temperature, dtype=torch.float32, device=x.device)

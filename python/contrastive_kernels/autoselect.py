@@ -1,0 +1,126 @@
+"""`auto`'s choice between the ``cuda`` and ``triton`` backends for CUDA tensors.
+
+SPEC: CUDA tensors go to "the faster of cuda/triton for that op, decided by benchmark,
+recorded in code".  The record is ``_auto_cuda_rules.py`` (generated, committed), derived
+from a GPU run of the benchmark that timed both backends:
+
+    python -m contrastive_kernels bench --device cuda --backends cuda,triton --peers none --out DIR
+    python -m contrastive_kernels bench --derive-auto DIR/results.json
+
+A rule is per kernel family and dtype, over size classes of the call's *work*: rows x
+features of the loss's first input (what the dispatcher sees before any kernel runs;
+the batch N times D for every family).  Within a family, every benchmarked op of that
+family votes at each measured (N, D) by the geometric mean of its time ratios; adjacent
+sizes with the same winner merge, and a class boundary sits at the geometric midpoint
+between two measured works with different winners.  Without a rule (no GPU run recorded,
+or a family / dtype the run did not time) the static order ``backends.AUTO_CUDA_ORDER``
+applies.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pprint
+from collections import defaultdict
+from pathlib import Path
+
+from . import _auto_cuda_rules
+
+PAIR = ("cuda", "triton")
+RULES_MODULE = Path(__file__).with_name("_auto_cuda_rules.py")
+
+
+def _valid_rules(rules) -> dict:
+    """Check the table's shape: {family: {dtype: [(max_work or None, backend), ...]}}, the
+    bounds increasing and the last None.  A hand-edited table that breaks this is an error
+    at import, not a silently wrong choice."""
+    if not isinstance(rules, dict):
+        raise ValueError(f"auto rules must be a dict, got {type(rules).__name__}")
+    for family, per_dtype in rules.items():
+        for dtype, classes in per_dtype.items():
+            where = f"auto rules[{family!r}][{dtype!r}]"
+            if not classes:
+                raise ValueError(f"{where} is empty")
+            bounds = [c[0] for c in classes]
+            if bounds[-1] is not None or any(b is None for b in bounds[:-1]):
+                raise ValueError(f"{where}: only the last class may (and must) be open-ended (None), got {bounds}")
+            if any(not a < b for a, b in zip(bounds[:-2], bounds[1:-1])):
+                raise ValueError(f"{where}: class bounds must increase, got {bounds}")
+            for _, backend in classes:
+                if backend not in PAIR:
+                    raise ValueError(f"{where}: backend must be one of {PAIR}, got {backend!r}")
+    return rules
+
+
+RULES = _valid_rules(_auto_cuda_rules.RULES)
+
+
+def cuda_order(family: str, dtype, work) -> tuple[str, str] | None:
+    """(first, second) of cuda / triton for a call of `family` on `dtype` tensors whose
+    first input has `work` = rows x features elements; None when no rule is recorded."""
+    classes = RULES.get(family, {}).get(str(dtype).replace("torch.", ""))
+    if not classes or work is None:
+        return None
+    for bound, first in classes:
+        if bound is None or work <= bound:
+            return (first, PAIR[1] if first == PAIR[0] else PAIR[0])
+    return None  # unreachable for a validated table
+
+
+def derive(records, family_of) -> dict:
+    """The rule table from benchmark records (the ``results.json`` list): for every family
+    and dtype with both backends timed at some (N, D), the winner per size class."""
+    times = defaultdict(dict)  # (family, dtype, op, N, D) -> {backend: ms}
+    for r in records:
+        if r.get("impl") in PAIR and r.get("status") == "ok" and r.get("ms") and r.get("device") == "cuda":
+            family = family_of.get(r["op"])
+            if family is not None:
+                times[(family, r["dtype"], r["op"], int(r["N"]), int(r["D"]))][r["impl"]] = float(r["ms"])
+    votes = defaultdict(list)  # (family, dtype, work) -> log(ms_cuda / ms_triton) per op
+    for (family, dtype, _op, n, d), t in times.items():
+        if len(t) == 2:
+            votes[(family, dtype, n * d)].append(math.log(t["cuda"] / t["triton"]))
+    winners = defaultdict(list)  # (family, dtype) -> [(work, winner)] sorted by work
+    for (family, dtype, work), logs in sorted(votes.items()):
+        winners[(family, dtype)].append((work, "cuda" if sum(logs) <= 0 else "triton"))
+    rules: dict = {}
+    for (family, dtype), seq in sorted(winners.items()):
+        classes = []
+        for (work, who), nxt in zip(seq, seq[1:] + [None]):
+            if nxt is not None and nxt[1] == who:
+                continue
+            bound = None if nxt is None else int(math.sqrt(work * nxt[0]))
+            classes.append((bound, who))
+        rules.setdefault(family, {})[dtype] = classes
+    return _valid_rules(rules)
+
+
+def render(rules: dict, source: str) -> str:
+    """Source of ``_auto_cuda_rules.py`` for `rules`, naming the measurement it came from."""
+    return (
+        '"""Generated by `python -m contrastive_kernels bench --derive-auto RESULTS.json`; do not edit by hand.\n\n'
+        "Which of cuda / triton `auto` tries first for CUDA tensors, per family and dtype, by size\n"
+        "class of rows x features of the first input: [(max_work or None, backend), ...]\n"
+        '(see contrastive_kernels.autoselect)."""\n\n'
+        f"SOURCE = {source!r}\n\n"
+        f"RULES = {pprint.pformat(rules, width=100, sort_dicts=True)}\n")
+
+
+def write_from_results(results_path: str, out_path: Path = RULES_MODULE, family_of=None) -> dict:
+    """Derive the table from a ``results.json`` and write it as `out_path`."""
+    if family_of is None:
+        from .bench import FAMILY as family_of
+    path = Path(results_path)
+    records = json.loads(path.read_text())
+    rules = derive(records, family_of)
+    if not rules:
+        raise SystemExit(f"bench --derive-auto: {path} has no CUDA records timing both the cuda and the triton "
+                         "backend of one op at one size (run the benchmark on a GPU with --backends cuda,triton)")
+    meta = path.with_name("meta.json")
+    devices = sorted({r.get("device_name") for r in records if r.get("device") == "cuda" and r.get("device_name")})
+    source = f"{path} on {', '.join(devices) or 'an unnamed GPU'}"
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        source += f" ({m.get('versions', {}).get('contrastive_kernels_git', '?')}, {m.get('date', '?')})"
+    Path(out_path).write_text(render(rules, source))
+    return rules
