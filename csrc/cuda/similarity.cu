@@ -154,7 +154,9 @@ struct Backward {
     const float* na = p.normalize ? p.a_norm : nullptr;
     const float* nb = p.normalize ? p.b_norm : nullptr;
     const unsigned threads = kRowWarps * 32;
-    if (p.u != nullptr) {
+    // row_parts without u: D = 0 (an empty u has no data pointer); the epilogue then
+    // writes zero partials (no product is launched for zero columns).
+    if (p.u != nullptr || p.row_parts != nullptr) {
       GemmParams g;  // U(i, d) = sum_j G(i, j) rb_j b(j, d)
       g.a = p.grad;
       g.lda = p.m;
