@@ -249,7 +249,7 @@ __device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const H* a, int lda
 //   kEpiStore:   out[r * ldo_r + c * ldo_c] = OT(alpha * r_scale[r] * c_scale[c] * acc)
 //                (alpha, r_scale, c_scale optional, 1 when absent);
 //   kEpiSumSq:   per block, sum over the tile's entries with r - c != diag_shift of acc^2
-//                (double) -> partials[blockIdx.y * gridDim.x + blockIdx.x]; with
+//                (double) -> partials[column tile * gridDim.x + blockIdx.x]; with
 //                `symmetric` blocks below the diagonal write 0 and those above count twice;
 //   kEpiXcorrG:  G = grad_diag[r] on r - c == diag_shift, 2 * grad_offdiag * acc elsewhere,
 //                stored as OT at out[r * ldo_r + c * ldo_c].
@@ -283,6 +283,7 @@ struct GemmParams {
   bool symmetric = false;
   const float* grad_offdiag = nullptr;  // device scalar
   const float* grad_diag = nullptr;     // indexed by the (relative) row
+  int64_t tile_y0 = 0;  // first column tile of this launch (launch_gemm64 splits gridDim.y <= 65535)
 };
 
 // Stage ROWS x COLS entries of a row-major (ld) matrix, from (r0, c0) on, into sm (row
@@ -335,14 +336,15 @@ __global__ void __launch_bounds__(kGemmThreads) gemm64_kernel(const GemmParams p
   __shared__ double red[kGemmThreads / 32];
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  if (EPI == kEpiSumSq && p.symmetric && blockIdx.y < blockIdx.x) {
-    if (tid == 0) p.partials[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = 0.0;
+  const int64_t ty = p.tile_y0 + blockIdx.y;  // column tile
+  if (EPI == kEpiSumSq && p.symmetric && ty < blockIdx.x) {
+    if (tid == 0) p.partials[ty * gridDim.x + blockIdx.x] = 0.0;
     return;  // the mirror tile above the diagonal counts this one
   }
   const TA* A = static_cast<const TA*>(p.a);
   const TB* B = static_cast<const TB*>(p.b);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kGemmTile;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kGemmTile;
+  const int64_t c0 = ty * kGemmTile;
   const int64_t nsteps = (p.depth + BK - 1) / BK;
 
   float acc[NT][4];
@@ -400,8 +402,8 @@ __global__ void __launch_bounds__(kGemmThreads) gemm64_kernel(const GemmParams p
     }
     const double total = block_sum_f64(s, red);
     if (tid == 0) {
-      const bool twice = p.symmetric && blockIdx.y != blockIdx.x;
-      p.partials[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = twice ? 2.0 * total : total;
+      const bool twice = p.symmetric && ty != blockIdx.x;
+      p.partials[ty * gridDim.x + blockIdx.x] = twice ? 2.0 * total : total;
     }
     return;
   }
@@ -440,17 +442,26 @@ bool gemm_aligned16(const void* ptr, int64_t ld, int elem_bytes) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0 && (ld * elem_bytes) % 16 == 0;
 }
 
-// Launch one tile product over a grid of ceil(rows / 64) x ceil(cols / 64) blocks.
+// Launch one tile product over a grid of ceil(rows / 64) x ceil(cols / 64) blocks (in
+// launches of at most 65535 column tiles: gridDim.y's limit).
 template <typename TA, typename TB, typename MT, bool A_KMAJOR, bool B_KMAJOR, int EPI, typename OT>
 cudaError_t launch_gemm64(const GemmParams& p, cudaStream_t stream) {
   const int64_t gx = (p.rows + kGemmTile - 1) / kGemmTile, gy = (p.cols + kGemmTile - 1) / kGemmTile;
   if (gx == 0 || gy == 0) return cudaSuccess;
-  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+  if (gx > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   const bool vec_a = gemm_aligned16(p.a, p.lda, sizeof(TA));
   const bool vec_b = gemm_aligned16(p.b, p.ldb, sizeof(TB));
-  gemm64_kernel<TA, TB, MT, A_KMAJOR, B_KMAJOR, EPI, OT>
-      <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kGemmThreads, 0, stream>>>(p, vec_a, vec_b);
-  return cudaGetLastError();
+  constexpr int64_t kMaxGridY = 65535;
+  for (int64_t y0 = 0; y0 < gy; y0 += kMaxGridY) {
+    GemmParams q = p;
+    q.tile_y0 = y0;
+    const int64_t ny = (gy - y0) < kMaxGridY ? (gy - y0) : kMaxGridY;
+    gemm64_kernel<TA, TB, MT, A_KMAJOR, B_KMAJOR, EPI, OT>
+        <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(ny)), kGemmThreads, 0, stream>>>(q, vec_a, vec_b);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace
