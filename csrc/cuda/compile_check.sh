@@ -19,4 +19,7 @@ for cu in "$here"/*.cu; do
     fi
   done
 done
+# SASS: tensor-core MMAs in every tile kernel, no local memory (when cuobjdump is on PATH).
+python3 "$here/sass_report.py" "$out"/*.o >"$out/sass.txt" || rc=1
+tail -n +1 "$out/sass.txt" | grep -E "^sass_report|\^" || echo "sass: $(grep -c 'HMMA=[1-9]' "$out/sass.txt") kernels with HMMA, report in $out/sass.txt"
 exit $rc
