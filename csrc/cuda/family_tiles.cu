@@ -262,8 +262,8 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           float ds = 0.f;
           if (keep) {
             if (FAM == kLse) {
-              if (I.lse > -INFINITY) ds += I.g * __expf(x - I.lse);
-              if (J.lse > -INFINITY) ds += J.g * __expf(x - J.lse);
+              if (I.lse != -INFINITY) ds += I.g * __expf(x - I.lse);
+              if (J.lse != -INFINITY) ds += J.g * __expf(x - J.lse);
             } else {
               const float sig = 1.f / (1.f + __expf(-x));
               ds = I.g * (positive ? sig - 1.f : sig);
