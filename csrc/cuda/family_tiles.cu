@@ -25,6 +25,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "launchers.h"
 #include "tile_mma.cuh"
@@ -128,6 +129,9 @@ __device__ __forceinline__ float quad_max(float v) {
   return v;
 }
 
+// 2^e exactly, e in [-126, 127].
+__device__ __forceinline__ float pow2(int e) { return __int_as_float((e + 127) << 23); }
+
 // Sum of one float per thread over the block, in a fixed order.
 __device__ __forceinline__ float block_sum(float v, float* red) {
 #pragma unroll
@@ -147,6 +151,10 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
   constexpr int DS_LD = BN + (sizeof(T) == 4 ? 4 : 8);  // padded row of the staged dS tile
   constexpr int TPS = BK / 8;                           // output n-tiles per dX step
   constexpr int NG_MAX = DC / BK;                       // dX steps per column tile
+  // float16's exponent range cannot hold dS (grad_row = 1/N times probabilities ~1/M
+  // underflows): each row's staged dS is scaled by 2^ds_e, a power of two following the
+  // running max |dS| of the row, and accO is rescaled (exactly) whenever it changes.
+  constexpr bool kDsScale = BWD && std::is_same<T, __half>::value;
 
   __shared__ __align__(16) T sx[2][BM * LDS];
   __shared__ __align__(16) T sy[2][BN * LDS];
@@ -192,6 +200,8 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
   float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f};
   float rsum[2] = {0.f, 0.f}, rrs[2] = {0.f, 0.f};
   float dscale_part = 0.f, dbias_part = 0.f;
+  int ds_e[2] = {0, 0};
+  float ds_max[2] = {0.f, 0.f};
 
   auto issue = [&](int64_t s) {
     const int64_t tl = s / spt;
@@ -252,8 +262,8 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           float ds = 0.f;
           if (keep) {
             if (FAM == kLse) {
-              if (I.lse > -INFINITY) ds += I.g * __expf(x - I.lse);
-              if (J.lse > -INFINITY) ds += J.g * __expf(x - J.lse);
+              if (I.lse != -INFINITY) ds += I.g * __expf(x - I.lse);
+              if (J.lse != -INFINITY) ds += J.g * __expf(x - J.lse);
             } else {
               const float sig = 1.f / (1.f + __expf(-x));
               ds = I.g * (positive ? sig - 1.f : sig);
@@ -270,7 +280,10 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
               dbias_part += ds;
             }
           }
-          if (gemm) sds[rl * DS_LD + cl] = tile::from_float<T>(ds * C.rs);
+          if (kDsScale)
+            vals[nt][e] = ds * C.rs;
+          else if (gemm)
+            sds[rl * DS_LD + cl] = tile::from_float<T>(ds * C.rs);
         }
       }
     }
@@ -288,6 +301,37 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           for (int e = 2 * h; e < 2 * h + 2; ++e) l += __expf(vals[nt][e] - ref);
         run_l[h] = l;
         run_m[h] = new_m;
+      }
+    }
+    if (kDsScale && gemm) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float a = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT_S; ++nt) a = fmaxf(a, fmaxf(fabsf(vals[nt][2 * h]), fabsf(vals[nt][2 * h + 1])));
+        a = quad_max(a);
+        if (a > ds_max[h] && a <= 3.0e38f) {  // the running max grew (finite)
+          int ex;
+          frexpf(a, &ex);
+          const int ne = min(max(15 - ex, -126), 126);  // max |staged dS| in [2^14, 2^15)
+          if (ne != ds_e[h]) {
+            const float f = pow2(min(max(ne - ds_e[h], -126), 127));
+#pragma unroll
+            for (int nt = 0; nt < NT_O; ++nt) {
+              accO[nt][2 * h] *= f;
+              accO[nt][2 * h + 1] *= f;
+            }
+            ds_e[h] = ne;
+          }
+          ds_max[h] = a;
+        }
+        const float mul = pow2(ds_e[h]);
+        const int rl = warp * 16 + g + 8 * h;
+#pragma unroll
+        for (int nt = 0; nt < NT_S; ++nt)
+#pragma unroll
+          for (int e1 = 0; e1 < 2; ++e1)
+            sds[rl * DS_LD + nt * 8 + 2 * t + e1] = tile::from_float<T>(vals[nt][2 * h + e1] * mul);
       }
     }
   };
@@ -377,7 +421,8 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
         const int64_t r = row0 + warp * 16 + g + 8 * h;
         const int64_t d = dc0 + nt * 8 + 2 * t + (e & 1);
         if (r < nrows && d < D) {
-          const float v = scale * R[h].rs * accO[nt][e];
+          float v = scale * R[h].rs * accO[nt][e];
+          if (kDsScale) v *= pow2(-ds_e[h]);
           if (p.grad_f32)
             static_cast<float*>(dx_out)[r * D + d] = v;
           else
