@@ -7,6 +7,7 @@
 * ``is_ieee``: float32 inputs are multiplied with ``input_precision="ieee"`` (TF32 is
   off by SPEC.md; the 1e-5 tolerance needs full float32 products).
 * ``launch``: run a kernel either autotuned (GPU) or with a fixed config (interpreter).
+* ``half_ds_scale``: the power-of-two factor that keeps float16 dS tiles out of underflow.
 """
 from __future__ import annotations
 
@@ -40,6 +41,28 @@ def dot(a, b, acc, IEEE: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+def half_ds_scale(dtype: torch.dtype, device, *grads) -> torch.Tensor:
+    """(1,) float32 power of two c for a float16 backward's dS tiles.
+
+    A backward multiplies dS (upstream gradient times a probability or a sigmoid, in
+    float32) with float16 rows in a float16 tl.dot.  With a mean over a large batch the
+    upstream gradient is 1/N and the probabilities ~1/M: dS ~ 1/(N M) underflows float16
+    (smallest subnormal 6e-8) and the gradient is lost.  The kernels multiply dS by c
+    before rounding and the float32 accumulator by 1/c after: c = 2^(14 - ceil(log2 g)),
+    g = max |upstream|, puts every |c dS| <= 2 * 2^14 < 65504 (each dS term is at most g)
+    and the typical entries near 1.  Exact (a power of two); computed on the device, no
+    synchronization.  1 for other dtypes (bfloat16 has float32's range) and for g = 0 or
+    a non-finite g."""
+    one = torch.ones(1, dtype=torch.float32, device=device)
+    gs = [g for g in grads if g is not None and g.numel() > 0]
+    if dtype != torch.float16 or not gs:
+        return one
+    gmax = torch.stack([g.detach().abs().amax().float() for g in gs]).amax().reshape(1)
+    ok = torch.isfinite(gmax) & (gmax > 0)
+    e = torch.clamp(14.0 - torch.ceil(torch.log2(torch.where(ok, gmax, one))), -100.0, 100.0)
+    return torch.where(ok, torch.exp2(e), one)
 
 
 def launch(jit_fn, tuned_fn, grid, interp_meta: dict, *args, **kwargs):

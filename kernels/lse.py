@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot as _dot
-from ._common import INTERPRET, LN2, LOG2E, is_ieee, launch, pad_dim
+from ._common import INTERPRET, LN2, LOG2E, half_ds_scale, is_ieee, launch, pad_dim
 
 AVAILABLE = True
 
@@ -210,7 +210,7 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB,
                     MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr,
                     HAS_OTERM: tl.constexpr, HAS_ITERM: tl.constexpr,
                     NEED_OUT: tl.constexpr, NEED_ORS: tl.constexpr, NEED_SCALE: tl.constexpr,
-                    NEED_BIAS: tl.constexpr, RS_ON_TILE: tl.constexpr,
+                    NEED_BIAS: tl.constexpr, RS_ON_TILE: tl.constexpr, DS_C, SCALE_DS: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid = tl.program_id(0)
@@ -225,6 +225,8 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB,
     o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
     dcol = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
 
+    if SCALE_DS:  # float16: dS times a power of two before rounding (_common.half_ds_scale)
+        ds_c = tl.load(DS_C)
     acc_out = tl.zeros((BLOCK_O, BLOCK_DO), dtype=tl.float32)
     r_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
@@ -260,11 +262,15 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB,
                     x = (x.to(tl.float32) * i_rs[:, None]).to(I.dtype.element_ty)
                 else:
                     p = p * i_rs[None, :]
+            if SCALE_DS:
+                p = p * ds_c
             acc_out = _dot(p.to(I.dtype.element_ty), x, acc_out, IEEE)
 
     first = (tl.zeros((BLOCK_O,), dtype=tl.int32) + pid_d) == 0  # the extras are written once
     if NEED_OUT:
         g = acc_out * (o_rs * scale)[:, None]
+        if SCALE_DS:
+            g = g / ds_c
         tl.store(D_OUT + o_idx[:, None] * D + dcol[None, :], g.to(D_OUT.dtype.element_ty),
                  mask=o_ok[:, None] & (dcol[None, :] < D))
     if NEED_ORS:
@@ -404,6 +410,7 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
     md, mp, ml = _mask_flags(mask_mode)
     dummy = f32(1)
     opt = lambda t: t if t is not None else dummy  # noqa: E731
+    ds_c = half_ds_scale(outer.dtype, dev, o_g, i_g)
     if need_out:
         grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
     else:
@@ -417,8 +424,8 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
            TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
            MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, HAS_OTERM=o_lse is not None, HAS_ITERM=i_lse is not None,
            NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
-           RS_ON_TILE=outer.dtype == torch.float16, IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd,
-           SINGLE=bd == dpad)
+           RS_ON_TILE=outer.dtype == torch.float16, DS_C=ds_c, SCALE_DS=outer.dtype == torch.float16,
+           IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
     return d_out, d_ors, d_scale, d_bias
 
 

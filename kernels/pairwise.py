@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import half_ds_scale
+
 AVAILABLE = True
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -120,11 +122,11 @@ def _pairwise_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_
 
 @triton.jit
 def _pairwise_bwd_rows_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_ptr, dq_ptr, drow_ptr,
-                              part_ds_ptr, part_dsd_ptr, loss_ptr, N, M, D, diag_offset,
+                              part_ds_ptr, part_dsd_ptr, loss_ptr, ds_c_ptr, N, M, D, diag_offset,
                               HAS_LABELS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
                               PREC: tl.constexpr, NEED_Q: tl.constexpr, NEED_OFFSET: tl.constexpr,
-                              NEED_LOSS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr):
+                              NEED_LOSS: tl.constexpr, SCALE_DS: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -134,6 +136,8 @@ def _pairwise_bwd_rows_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    if SCALE_DS:  # float16: dS times a power of two before rounding (_common.half_ds_scale)
+        ds_c = tl.load(ds_c_ptr)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # The scalar gradients add O(N M) terms that can cancel: per-tile sums are float32
     # trees, their running sums float64.
@@ -152,8 +156,13 @@ def _pairwise_bwd_rows_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
         if NEED_Q:
             kt = tl.load(k_ptr + cols[:, None] * D + dd[None, :], mask=(cols < M)[:, None] & d_ok[None, :],
                          other=0.0)
-            dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+            dsd = ds
+            if SCALE_DS:
+                dsd = ds * ds_c
+            dq += tl.dot(dsd.to(kt.dtype), kt, input_precision=PREC)
     if NEED_Q:
+        if SCALE_DS:
+            dq = dq / ds_c
         tl.store(dq_ptr + rows[:, None] * D + dd[None, :], (scale * dq).to(dq_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
@@ -166,10 +175,10 @@ def _pairwise_bwd_rows_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
 
 
 @triton.jit
-def _pairwise_bwd_cols_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_ptr, dk_ptr, N, M, D,
-                              diag_offset, HAS_LABELS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
-                              PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr):
+def _pairwise_bwd_cols_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_ptr, dk_ptr, ds_c_ptr, N, M,
+                              D, diag_offset, HAS_LABELS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
+                              PREC: tl.constexpr, SCALE_DS: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     cols = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -177,6 +186,8 @@ def _pairwise_bwd_cols_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
     d_ok = dd < D
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
+    if SCALE_DS:
+        ds_c = tl.load(ds_c_ptr)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for r0 in range(0, N, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -186,7 +197,11 @@ def _pairwise_bwd_cols_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         ds = tl.where(keep, g[:, None] * sg * _sigmoid(y), 0.0)
         qt = tl.load(q_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if SCALE_DS:
+            ds = ds * ds_c
         dk += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC)
+    if SCALE_DS:
+        dk = dk / ds_c
     tl.store(dk_ptr + cols[:, None] * D + dd[None, :], (scale * dk).to(dk_ptr.dtype.element_ty),
              mask=(cols < M)[:, None] & d_ok[None, :])
 
@@ -282,8 +297,9 @@ def _grad_passes(g, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offs
     q, k, scale, bias, off, ql, kl, has_labels, prec = _prepare(q, k, scale, bias, row_offset, q_labels, k_labels)
     block_d = _block_d(d)
     d_chunks = triton.cdiv(d, block_d)
+    ds_c = half_ds_scale(q.dtype, dev, g)
     common = dict(HAS_LABELS=has_labels, HAS_OFFSET=row_offset is not None, MODE=int(mode), PREC=prec,
-                  BLOCK_D=block_d)
+                  SCALE_DS=q.dtype == torch.float16, BLOCK_D=block_d)
     if need_rows:
         # One partial per row program; sized for the smallest BLOCK_M, unused entries stay 0.
         parts = triton.cdiv(n, _MIN_BLOCK_M)
@@ -292,14 +308,14 @@ def _grad_passes(g, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offs
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), d_chunks if need_q else 1)  # noqa: E731
         _launch(_pairwise_bwd_rows_kernel, _bwd_rows_tuned, grid, g, q, k, scale, bias, off, ql, kl,
                 dq if need_q else g, drow if need_offset else g, part_ds, part_dsd, loss if loss is not None else g,
-                n, m, d, int(diag_offset), NEED_Q=bool(need_q), NEED_OFFSET=bool(need_offset),
+                ds_c, n, m, d, int(diag_offset), NEED_Q=bool(need_q), NEED_OFFSET=bool(need_offset),
                 NEED_LOSS=loss is not None, **common)
         dbias = part_ds.sum().float()
         dscale = part_dsd.sum().float()
     if need_k:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)  # noqa: E731
-        _launch(_pairwise_bwd_cols_kernel, _bwd_cols_tuned, grid, g, q, k, scale, bias, off, ql, kl, dk, n, m, d,
-                int(diag_offset), **common)
+        _launch(_pairwise_bwd_cols_kernel, _bwd_cols_tuned, grid, g, q, k, scale, bias, off, ql, kl, dk, ds_c, n, m,
+                d, int(diag_offset), **common)
     return dq, dk, dscale, dbias, drow
 
 
