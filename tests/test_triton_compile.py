@@ -3,24 +3,28 @@
 CI runs the Triton kernels only under TRITON_INTERPRET=1, which never lowers them: type
 errors, unsupported ops, layout / shape errors of tl.dot or dtype mismatches would only
 show on the first GPU run.  Here each kernel (every @triton.jit function of kernels/*.py
-that no other jit function calls) is compiled to PTX with ``triton.compile`` for
-GPUTarget("cuda", 90, 32) and GPUTarget("cuda", 80, 32), with the pointer dtypes, flags
-and tile configs its launcher passes (the dummy pointers included), over every input
-dtype, the flag combinations that change the code, and tile configs from the autotune
-lists (the largest feature block a launcher can pass included).  It checks:
-  * compilation succeeds;
+that no other jit function calls; a test checks that the table below covers exactly those)
+is compiled to PTX with ``triton.compile`` for GPUTarget("cuda", 90, 32) and
+GPUTarget("cuda", 80, 32), with the pointer dtypes, flags and tile configs its launcher
+passes (the dummy pointers included), over every input dtype, the flag combinations that
+change the code, and tile configs from the autotune lists (the largest feature block a
+launcher can pass included).  It checks:
+  * compilation succeeds (a negative control, tl.dot with K = 8, must fail);
   * the kernels whose tl.dot takes 16-bit operands (log-sum-exp, pairwise, similarity)
     use tensor-core MMA (mma.sync / wgmma) for float16 and bfloat16 inputs;
   * float32 inputs never use TF32 (SPEC.md: float32 products are exact, input_precision
-    "ieee"): no tf32 instruction in any float32 kernel's PTX.
-The xcorr kernels multiply in float32 (ieee) or float64 by design, so they have no MMA
-check; their float32 / float64 products are checked to be free of tf32 for every dtype.
+    "ieee"): no tf32 instruction in any float32 kernel's PTX;
+  * the shared memory of each compiled config fits the target (so it can launch).
+The xcorr kernels multiply in float32 (ieee) or float64 by design (the float64 Gram product
+does use the f64 mma.sync), so they have no MMA check; they are checked to be free of tf32
+for every input dtype.
 
 The compiles run in worker subprocesses (TRITON_INTERPRET unset there, a fresh Triton cache,
 so the test neither depends on nor pollutes earlier runs and behaves the same with or
 without TRITON_INTERPRET=1 in the calling environment).  They compile kernels/*.py of the
-checkout this file is in (the installed contrastive_kernels.kernels when there is none).  Run this file as a script with
---worker to compile a JSON list of jobs from stdin (used by the test itself).
+checkout this file is in (the installed contrastive_kernels.kernels when there is none).
+``python tests/test_triton_compile.py --worker JOBS.json`` compiles a JSON list of jobs
+(how the test runs its workers).
 """
 from __future__ import annotations
 
@@ -69,8 +73,6 @@ def _control_kernel(X, OUT, K: tl.constexpr):
     a = tl.load(X + r[:, None] * K + k[None, :])
     b = tl.load(X + k[:, None] * 16 + r[None, :])
     tl.store(OUT + r[:, None] * 16 + r[None, :], tl.dot(a, b))
-
-
 
 
 def _opts(num_warps, num_stages):
@@ -199,15 +201,15 @@ def _diag(dt):
 
 
 def _variants():
-    """(kernel, label, main, build(dt) -> (types, constexprs, options)).
+    """(kernel, label, main, dtypes, build(dt) -> (types, constexprs, options)).
 
     The main variant of each kernel (every flag that adds code on, the largest feature block a
-    launcher passes) is compiled for every dtype on both targets, the others on alternating targets
-    for the 16-bit dtypes, and float32 where it has code of its own (f32=...) or compiles fast
-    (dtypes=DTYPES): float32 runs the same ieee product whatever the flags.  Tiles come from the kernel's autotune list: large ones for the 16-bit
-    inputs (tensor cores), small ones for float32, whose ieee products compile to FMA loops that
-    take seconds per tile size (and whose large tiles exceed the shared memory, pruned at run time
-    by the autotuner)."""
+    launcher passes) is compiled for every dtype on both targets, the others on alternating
+    targets for the 16-bit dtypes, and for float32 where it has code of its own (f32=...) or
+    compiles fast (dtypes=DTYPES): float32 runs the same ieee product whatever the flags.  Tiles
+    come from the kernel's autotune list: large ones for the 16-bit inputs (tensor cores), small
+    ones for float32, whose ieee products compile to FMA loops that take seconds per tile size
+    (and whose large tiles exceed the shared memory: the autotuner skips those at run time)."""
     V = []
 
     def add(kernel, label, fn, main=False, f32=None, dtypes=None, **kw):
@@ -365,7 +367,12 @@ def _compile(job):
                            options=job["options"])
         ptx = k.asm["ptx"]
     except Exception as e:  # noqa: BLE001 -- report every compile error to the test
-        return {"ok": False, "error": f"{type(e).__name__}: {e}"[-4000:]}
+        msgs, seen = [], set()
+        while e is not None and id(e) not in seen:  # the chain: the root cause comes last
+            seen.add(id(e))
+            msgs.append(f"{type(e).__name__}: {e}"[-3000:])
+            e = e.__cause__ or e.__context__
+        return {"ok": False, "error": "\n--- caused by ---\n".join(msgs)}
     return {"ok": True, "mma": bool(_MMA_RE.search(ptx)), "tf32": bool(_TF32_RE.search(ptx)),
             "shared": int(k.metadata.shared),
             "secs": round(time.perf_counter() - t0, 2)}
