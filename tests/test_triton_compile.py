@@ -100,17 +100,19 @@ def _lse_fwd(dt, *, trans, on, d_pad, bo, bi, w, s):
 def _lse_bwd(dt, *, trans, on, oterm, iterm, need_out, need_ors, need_scale, need_bias, d_pad, bo, bi, bdo, w, s,
              out_f32=False):
     """_bwd_pass: optional tensors are replaced by a float32 dummy; D_OUT is the gradient (input dtype,
-    float32 when q is k in half precision) or `outer` (input dtype) without NEED_OUT."""
+    float32 when q is k in half precision) or `outer` (input dtype) without NEED_OUT; DS_C is the (1,)
+    float32 half_ds_scale, applied (SCALE_DS) for float16."""
     bd = d_pad if d_pad <= 128 else 64
     types = {"O": "*" + dt, "I": "*" + dt, "SCALE": "*fp32", "O_RS": "*fp32", "I_RS": "*fp32", "BIAS": "*fp32",
              "POS": "*i64" if on else "*fp32", "O_LAB": "*i64" if on else "*fp32",
              "I_LAB": "*i64" if on else "*fp32", "O_LSE": "*fp32", "O_G": "*fp32", "I_LSE": "*fp32",
              "I_G": "*fp32", "D_OUT": "*fp32" if (need_out and out_f32) else "*" + dt, "D_ORS": "*fp32",
-             "D_SCALE": "*fp32", "D_BIAS": "*fp32"}
+             "D_SCALE": "*fp32", "D_BIAS": "*fp32", "DS_C": "*fp32"}
     types.update({n: "i32" for n in ("NO", "NI", "D", "stride_o", "stride_i", "diag_offset")})
     cx = dict(TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on, MASK_DIAG=on, MASK_POS=on, MASK_LAB=on,
               HAS_OTERM=oterm, HAS_ITERM=iterm, NEED_OUT=need_out, NEED_ORS=need_ors and on,
-              NEED_SCALE=need_scale, NEED_BIAS=need_bias and on, RS_ON_TILE=dt == "fp16", IEEE=dt == "fp32",
+              NEED_SCALE=need_scale, NEED_BIAS=need_bias and on, RS_ON_TILE=dt == "fp16", SCALE_DS=dt == "fp16",
+              IEEE=dt == "fp32",
               D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi,
               BLOCK_DO=min(bdo, d_pad) if need_out else 16)
     return types, cx, _opts(w, s)
@@ -136,18 +138,19 @@ def _pw_fwd(dt, *, labels, offset, mode, block_d, bm, bn, w, s):
 
 def _pw_rows(dt, *, labels, offset, mode, need_q, need_offset, need_loss, block_d, bm, bn, w, s):
     """_grad_passes: dq in the input dtype (pairwise_backward) or float32 (pairwise_fused, the only
-    caller with NEED_LOSS); g (float32) stands in for dq / drow / loss when not needed."""
+    caller with NEED_LOSS); g (float32) stands in for dq / drow / loss when not needed; ds_c_ptr is the
+    (1,) float32 half_ds_scale, applied (SCALE_DS) for float16."""
     gdt = "fp32" if need_loss else dt
     types = dict(_pw_common(dt, labels), g_ptr="*fp32", dq_ptr="*" + gdt if need_q else "*fp32",
-                 drow_ptr="*fp32", part_ds_ptr="*fp64", part_dsd_ptr="*fp64", loss_ptr="*fp32")
+                 drow_ptr="*fp32", part_ds_ptr="*fp64", part_dsd_ptr="*fp64", loss_ptr="*fp32", ds_c_ptr="*fp32")
     cx = dict(_pw_cx(dt, labels, offset, mode, block_d, bm, bn), NEED_Q=need_q, NEED_OFFSET=need_offset,
-              NEED_LOSS=need_loss)
+              NEED_LOSS=need_loss, SCALE_DS=dt == "fp16")
     return types, cx, _opts(w, s)
 
 
 def _pw_cols(dt, *, labels, offset, mode, fused, block_d, bm, bn, w, s):
-    types = dict(_pw_common(dt, labels), g_ptr="*fp32", dk_ptr="*fp32" if fused else "*" + dt)
-    return types, _pw_cx(dt, labels, offset, mode, block_d, bm, bn), _opts(w, s)
+    types = dict(_pw_common(dt, labels), g_ptr="*fp32", dk_ptr="*fp32" if fused else "*" + dt, ds_c_ptr="*fp32")
+    return types, dict(_pw_cx(dt, labels, offset, mode, block_d, bm, bn), SCALE_DS=dt == "fp16"), _opts(w, s)
 
 
 def _sim_fwd(dt, *, rs, block_k, bm, bn, w, s):
