@@ -3,7 +3,8 @@
 
     python csrc/cuda/sass_report.py OBJ.o [OBJ.o ...]
 
-Needs cuobjdump on PATH (CUDA toolkit, or the PyPI wheel nvidia-cuda-cuobjdump).  Exits 1
+Needs cuobjdump and nvdisasm on PATH (CUDA toolkit, or the PyPI wheels nvidia-cuda-cuobjdump
+and nvidia-cuda-nvdisasm).  Exits 1
 if a tile kernel (family_tile_kernel, gemm64_kernel) has no HMMA or touches local memory."""
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ COUNTED = ("HMMA", "LDGSTS", "LDL", "STL")
 
 
 def kernel_counts(obj: str) -> dict[str, collections.Counter]:
-    sass = subprocess.run(["cuobjdump", "-sass", obj], capture_output=True, text=True, check=True).stdout
+    res = subprocess.run(["cuobjdump", "-sass", obj], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"sass_report: cuobjdump -sass {obj} failed: {res.stderr.strip() or res.stdout.strip()}")
+    sass = res.stdout
     counts: dict[str, collections.Counter] = {}
     current = None
     for line in sass.splitlines():
@@ -40,8 +44,8 @@ def demangle(name: str) -> str:
 
 
 def main(objs: list[str]) -> int:
-    if shutil.which("cuobjdump") is None:
-        print("sass_report: cuobjdump not on PATH; skipped")
+    if shutil.which("cuobjdump") is None or shutil.which("nvdisasm") is None:
+        print("sass_report: cuobjdump / nvdisasm not on PATH; skipped")
         return 0
     bad = 0
     for obj in objs:
