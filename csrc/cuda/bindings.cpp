@@ -209,64 +209,70 @@ Tensor pairwise_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& sca
   return row;
 }
 
+// The pairwise backward kernels, shared by the backward and the fused op.  grad_row
+// given: its per-row upstream gradient, dq / dk in the input dtype.  grad_row null: the
+// fused pass (csrc/ops.cpp, pairwise_fused), upstream 1 on every row, the row pass also
+// writing the per-row sums into `rows`, dq / dk in float32.
+struct PairwiseGrads {
+  Tensor rows, dq, dk, dscale, dbias, doff;
+};
+
+PairwiseGrads pairwise_grads(const Tensor* grad_row, const Tensor& q, const Tensor& k, const Tensor& scale,
+                             const Tensor& bias, const OptT& row_offset, const OptT& q_labels, const OptT& k_labels,
+                             int64_t diag_offset, int64_t mode, bool need_q, bool need_k, bool need_scale,
+                             bool need_bias, bool need_offset, const char* what) {
+  check_pair(q, k, "q", "k");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto p = base_params(q, k, scale);
+  pairwise_setup(p, q, bias, row_offset, q_labels, k_labels, diag_offset, mode);
+  TORCH_CHECK(!need_offset || p.row_offset, "contrastive_kernels (cuda): need_offset needs row_offset");
+  const bool fused = grad_row == nullptr;
+  PairwiseGrads r;
+  Tensor ones;
+  if (fused) {
+    ones = at::ones({p.n}, q.options().dtype(at::kFloat));
+    r.rows = f32(q, {p.n});
+    p.grad_row = ones.data_ptr<float>();
+    p.row_out = r.rows.data_ptr<float>();
+    p.grad_f32 = true;
+    r.dq = need_q ? f32(q, {p.n, p.d}) : f32(q, {0});
+    r.dk = need_k ? f32(k, {p.m, p.d}) : f32(q, {0});
+  } else {
+    p.grad_row = fvec_ptr(*grad_row, p.n, q, "grad_row");
+    r.dq = need_q ? at::empty_like(q) : empty_like_dtype(q);
+    r.dk = need_k ? at::empty_like(k) : empty_like_dtype(k);
+  }
+  r.dscale = need_scale ? f32(q, {}) : f32(q, {0});
+  r.dbias = need_bias ? f32(q, {}) : f32(q, {0});
+  r.doff = need_offset ? f32(q, {p.n}) : f32(q, {0});
+  p.dq = need_q ? r.dq.data_ptr() : nullptr;
+  p.dk = need_k ? r.dk.data_ptr() : nullptr;
+  p.dscale = need_scale ? r.dscale.data_ptr<float>() : nullptr;
+  p.dbias = need_bias ? r.dbias.data_ptr<float>() : nullptr;
+  p.drow_offset = need_offset ? r.doff.data_ptr<float>() : nullptr;
+  Tensor ws = f32(q, {kc::backward_workspace_floats(p)});
+  p.workspace = ws.data_ptr<float>();
+  check_launch(kc::pairwise_backward(p, at::cuda::getCurrentCUDAStream()), what);
+  return r;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pairwise_backward_cuda(
     const Tensor& grad_row, const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias,
     const OptT& row_offset, const OptT& q_labels, const OptT& k_labels, int64_t diag_offset, int64_t mode,
     bool need_q, bool need_k, bool need_scale, bool need_bias, bool need_offset) {
-  check_pair(q, k, "q", "k");
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto p = base_params(q, k, scale);
-  pairwise_setup(p, q, bias, row_offset, q_labels, k_labels, diag_offset, mode);
-  p.grad_row = fvec_ptr(grad_row, p.n, q, "grad_row");
-  TORCH_CHECK(!need_offset || p.row_offset, "contrastive_kernels (cuda): need_offset needs row_offset");
-  Tensor dq = need_q ? at::empty_like(q) : empty_like_dtype(q);
-  Tensor dk = need_k ? at::empty_like(k) : empty_like_dtype(k);
-  Tensor dscale = need_scale ? f32(q, {}) : f32(q, {0});
-  Tensor dbias = need_bias ? f32(q, {}) : f32(q, {0});
-  Tensor doff = need_offset ? f32(q, {p.n}) : f32(q, {0});
-  p.dq = need_q ? dq.data_ptr() : nullptr;
-  p.dk = need_k ? dk.data_ptr() : nullptr;
-  p.dscale = need_scale ? dscale.data_ptr<float>() : nullptr;
-  p.dbias = need_bias ? dbias.data_ptr<float>() : nullptr;
-  p.drow_offset = need_offset ? doff.data_ptr<float>() : nullptr;
-  Tensor ws = f32(q, {kc::backward_workspace_floats(p)});
-  p.workspace = ws.data_ptr<float>();
-  check_launch(kc::pairwise_backward(p, at::cuda::getCurrentCUDAStream()), "pairwise_backward");
-  return {dq, dk, dscale, dbias, doff};
+  PairwiseGrads r = pairwise_grads(&grad_row, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode,
+                                   need_q, need_k, need_scale, need_bias, need_offset, "pairwise_backward");
+  return {r.dq, r.dk, r.dscale, r.dbias, r.doff};
 }
 
-// The pairwise total and its unit-upstream gradients in one pass (csrc/ops.cpp,
-// pairwise_fused): the backward kernels with grad_row = 1, the row pass also writing the
-// per-row sums, dq / dk in float32.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pairwise_fused_cuda(
     const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias, const OptT& row_offset,
     const OptT& q_labels, const OptT& k_labels, int64_t diag_offset, int64_t mode, bool need_q, bool need_k,
     bool need_scale, bool need_bias, bool need_offset) {
-  check_pair(q, k, "q", "k");
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto p = base_params(q, k, scale);
-  pairwise_setup(p, q, bias, row_offset, q_labels, k_labels, diag_offset, mode);
-  TORCH_CHECK(!need_offset || p.row_offset, "contrastive_kernels (cuda): need_offset needs row_offset");
-  Tensor ones = at::ones({p.n}, q.options().dtype(at::kFloat));
-  Tensor rows = f32(q, {p.n});
-  Tensor dq = need_q ? f32(q, {p.n, p.d}) : f32(q, {0});
-  Tensor dk = need_k ? f32(k, {p.m, p.d}) : f32(q, {0});
-  Tensor dscale = need_scale ? f32(q, {}) : f32(q, {0});
-  Tensor dbias = need_bias ? f32(q, {}) : f32(q, {0});
-  Tensor doff = need_offset ? f32(q, {p.n}) : f32(q, {0});
-  p.grad_row = ones.data_ptr<float>();
-  p.row_out = rows.data_ptr<float>();
-  p.grad_f32 = true;
-  p.dq = need_q ? dq.data_ptr() : nullptr;
-  p.dk = need_k ? dk.data_ptr() : nullptr;
-  p.dscale = need_scale ? dscale.data_ptr<float>() : nullptr;
-  p.dbias = need_bias ? dbias.data_ptr<float>() : nullptr;
-  p.drow_offset = need_offset ? doff.data_ptr<float>() : nullptr;
-  Tensor ws = f32(q, {kc::backward_workspace_floats(p)});
-  p.workspace = ws.data_ptr<float>();
-  check_launch(kc::pairwise_backward(p, at::cuda::getCurrentCUDAStream()), "pairwise_fused");
-  Tensor total = rows.to(at::kDouble).sum().to(at::kFloat);
-  return {total, dq, dk, dscale, dbias, doff};
+  PairwiseGrads r = pairwise_grads(nullptr, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode,
+                                   need_q, need_k, need_scale, need_bias, need_offset, "pairwise_fused");
+  Tensor total = r.rows.to(at::kDouble).sum().to(at::kFloat);
+  return {total, r.dq, r.dk, r.dscale, r.dbias, r.doff};
 }
 
 // ---------------------------------------------------------- cross-correlation family
