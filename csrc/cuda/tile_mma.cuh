@@ -155,6 +155,20 @@ __device__ __forceinline__ void warp_mma_nt(float (*acc)[4], const H* a, int lda
   }
 }
 
+// B fragment of the m16n8k8 (float, 3xTF32) / m16n8k16 (16-bit) MMA for columns
+// [n0, n0 + 8) at depth kk, where B = b[k * ldb + n] (k-major rows).
+__device__ __forceinline__ void b_frag_kmajor(float (&bf)[2], const float* b, int ldb, int kk, int n0, int g, int t) {
+  bf[0] = b[(kk + t) * ldb + n0 + g];
+  bf[1] = b[(kk + t + 4) * ldb + n0 + g];
+}
+
+template <typename H>
+__device__ __forceinline__ void b_frag_kmajor(uint32_t (&bf)[2], const H* b, int ldb, int kk, int n0, int g, int t) {
+  const H* bp = b + (kk + 2 * t) * ldb + n0 + g;
+  bf[0] = pack16(bits16(bp[0]), bits16(bp[ldb]));
+  bf[1] = pack16(bits16(bp[8 * ldb]), bits16(bp[9 * ldb]));
+}
+
 // acc[NT][4] += A[16 x K] * B where B = b[k * ldb + n] (K rows of 8 * NT columns):
 // the gradient product dQ += dS * K.
 template <int NT, int K>
@@ -166,7 +180,8 @@ __device__ __forceinline__ void warp_mma_nn(float (*acc)[4], const float* a, int
                    a[(g + 8) * lda + kk + t + 4]};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      float bf[2] = {b[(kk + t) * ldb + nt * 8 + g], b[(kk + t + 4) * ldb + nt * 8 + g]};
+      float bf[2];
+      b_frag_kmajor(bf, b, ldb, kk, nt * 8, g, t);
       mma_3xtf32(acc[nt], af, bf);
     }
   }
@@ -181,9 +196,8 @@ __device__ __forceinline__ void warp_mma_nn(float (*acc)[4], const H* a, int lda
                       ld32(a + g * lda + kk + 2 * t + 8), ld32(a + (g + 8) * lda + kk + 2 * t + 8)};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const H* bp = b + (kk + 2 * t) * ldb + nt * 8 + g;
-      uint32_t bf[2] = {pack16(bits16(bp[0]), bits16(bp[ldb])),
-                        pack16(bits16(bp[8 * ldb]), bits16(bp[9 * ldb]))};
+      uint32_t bf[2];
+      b_frag_kmajor(bf, b, ldb, kk, nt * 8, g, t);
       mma16816(acc[nt], af, bf, H());
     }
   }
@@ -202,7 +216,8 @@ __device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const float* a, int
     float af[4] = {ap[0], ap[8], ap[4 * lda], ap[4 * lda + 8]};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      float bf[2] = {b[(kk + t) * ldb + nt * 8 + g], b[(kk + t + 4) * ldb + nt * 8 + g]};
+      float bf[2];
+      b_frag_kmajor(bf, b, ldb, kk, nt * 8, g, t);
       mma_3xtf32(acc[nt], af, bf);
     }
   }
@@ -219,9 +234,8 @@ __device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const H* a, int lda
                       pack16(bits16(ap[8 * lda + 8]), bits16(ap[9 * lda + 8]))};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const H* bp = b + (kk + 2 * t) * ldb + nt * 8 + g;
-      uint32_t bf[2] = {pack16(bits16(bp[0]), bits16(bp[ldb])),
-                        pack16(bits16(bp[8 * ldb]), bits16(bp[9 * ldb]))};
+      uint32_t bf[2];
+      b_frag_kmajor(bf, b, ldb, kk, nt * 8, g, t);
       mma16816(acc[nt], af, bf, H());
     }
   }
