@@ -237,11 +237,12 @@ def test_need_subsets(backend):
                 assert got.numel() == 0, (flags, name)
 
 
+@pytest.mark.parametrize("total", [False, True], ids=["rows", "total"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_autograd_only_requested(backend):
+def test_autograd_only_requested(backend, total):
     q, k, s, b, ro, ql, kl = _inputs(7, 6, 4)
     for wrt in (("q",), ("k",), ("scale", "bias"), ("row_offset",), ("k", "row_offset")):
-        _check(backend, q, k, s, b, ro, ql, kl, 0, 0, wrt=wrt)
+        _check(backend, q, k, s, b, ro, ql, kl, 0, 0, wrt=wrt, total=total)
 
 
 # ------------------------------------------------------------------ properties
@@ -276,18 +277,21 @@ def _cpu_only(backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] == "cpu"])
+@pytest.mark.parametrize("total", [False, True], ids=["rows", "total"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("partial_bytes", ["0", ""], ids=["column-pass", "fused"])
-def test_cpu_dk_paths(backend, threads, partial_bytes, monkeypatch):
+def test_cpu_dk_paths(backend, threads, partial_bytes, total, monkeypatch):
     """dk by per-thread partial buffers (fused row pass) and by the column pass agree with
-    the reference; the fused path is chosen while the partials fit the byte budget."""
+    the reference, for the backward and the one-pass total; the fused path is chosen while
+    the partials fit the byte budget."""
     monkeypatch.setenv("CONTRASTIVE_KERNELS_PAIRWISE_PARTIAL_BYTES", partial_bytes)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for labels, mode in ((False, 0), (True, 6)):
             q, k, s, b, ro, ql, kl = _inputs(700, 530, 40, labels=labels)
-            _check(backend, q, k, s, b, ro, ql, kl, 3, mode)
+            _check(backend, q, k, s, b, ro, ql, kl, 3, mode, total=total)
+            _check(backend, q, k, s, b, ro, ql, kl, 3, mode, total=total, wrt=("k",))
     finally:
         torch.set_num_threads(old)
 
@@ -415,13 +419,6 @@ def test_fused_need_subsets(backend):
                 assert got.numel() == 0, (flags, name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_autograd_only_requested(backend):
-    q, k, s, b, ro, ql, kl = _inputs(7, 6, 4)
-    for wrt in (("q",), ("k",), ("scale", "bias"), ("row_offset",), ("k", "row_offset")):
-        _check(backend, q, k, s, b, ro, ql, kl, 0, 0, wrt=wrt, total=True)
-
-
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_fused_flag_mismatch_is_an_error(backend):
     """Calling the op directly with need_q false for a q that needs a gradient would give
@@ -442,22 +439,6 @@ def test_fused_deterministic(backend):
     again = op(q, k, s, b, ro, None, None, 0, 0, True, True, True, True, True)
     for x, y in zip(first, again):
         assert torch.equal(x, y)
-
-
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] == "cpu"])
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("partial_bytes", ["0", ""], ids=["column-pass", "fused"])
-def test_cpu_fused_dk_paths(backend, threads, partial_bytes, monkeypatch):
-    monkeypatch.setenv("CONTRASTIVE_KERNELS_PAIRWISE_PARTIAL_BYTES", partial_bytes)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for labels, mode in ((False, 0), (True, 6)):
-            q, k, s, b, ro, ql, kl = _inputs(700, 530, 40, labels=labels)
-            _check(backend, q, k, s, b, ro, ql, kl, 3, mode, total=True)
-            _check(backend, q, k, s, b, ro, ql, kl, 3, mode, total=True, wrt=("k",))
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
