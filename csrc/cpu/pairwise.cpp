@@ -426,6 +426,32 @@ struct Grads {
   double total = 0.0;  // fused pass: sum of the per-row sums
 };
 
+// Computes the tile [i0, i0+bm) x [j0, j0+bn) into `tile` and turns it into dS in place,
+// for the per-row upstream g (nullptr: 1 on every row).  When rows_ds is given, adds each
+// row's sum of dS to rows_ds[r] and the tile's sums of dS and dS <q,k> to *s_ds / *s_dsd;
+// with rows_loss (the fused pass) also each row's sum of the terms.
+void tile_ds(const Problem& p, RowSigns& signs, float* tile, int64_t i0, int64_t bm, int64_t j0, int64_t bn,
+             const float* g, double* rows_ds, double* s_ds, double* s_dsd, double* rows_loss) {
+  p.tile_dot(i0, bm, j0, bn, tile);
+  for (int64_t r = 0; r < bm; ++r) {
+    const int64_t i = i0 + r;
+    const float* sg = signs.set(i, j0, bn);
+    double a1, a2, a3;
+    if (rows_loss != nullptr) {
+      row_loss_grad(tile + r * bn, sg, bn, p.scale, p.row_const(i), &a1, &a2, &a3);
+      rows_loss[r] += a3;
+    } else {
+      row_grad(tile + r * bn, sg, bn, p.scale, p.row_const(i), g ? g[i] : 1.0f, &a1, &a2);
+    }
+    signs.restore();
+    if (rows_ds != nullptr) {
+      rows_ds[r] += a1;
+      *s_ds += a1;
+      *s_dsd += a2;
+    }
+  }
+}
+
 // The gradient passes shared by the backward and the fused forward-and-gradient op.
 // g: per-row upstream gradient, or nullptr for the fused pass (upstream 1 on every
 // row), which then also sums the loss terms into `total`.
@@ -475,22 +501,8 @@ Grads grad_passes(const Problem& p, const float* g, bool need_q, bool need_k, bo
           for (int64_t cb = 0; cb < ncb; ++cb) {
             const int64_t j0 = cb * kBN, bn = std::min(kBN, p.m - j0);
             if (!p.tile_has_pairs(i0, bm, j0, bn)) continue;
-            p.tile_dot(i0, bm, j0, bn, tile.data());
-            for (int64_t r = 0; r < bm; ++r) {
-              const int64_t i = i0 + r;
-              const float* sg = signs.set(i, j0, bn);
-              double a1, a2, a3;
-              if (fused) {
-                row_loss_grad(tile.data() + r * bn, sg, bn, p.scale, p.row_const(i), &a1, &a2, &a3);
-                lacc[r] += a3;
-              } else {
-                row_grad(tile.data() + r * bn, sg, bn, p.scale, p.row_const(i), g[i], &a1, &a2);
-              }
-              signs.restore();
-              racc[r] += a1;
-              s_ds += a1;
-              s_dsd += a2;
-            }
+            tile_ds(p, signs, tile.data(), i0, bm, j0, bn, g, racc.data(), &s_ds, &s_dsd,
+                    fused ? lacc.data() : nullptr);
             if (p.d == 0 || !(need_q || fuse_dk)) continue;
             const at::Tensor ds = at::from_blob(tile.data(), {bm, bn}, f32);
             if (need_q) {
@@ -535,14 +547,7 @@ Grads grad_passes(const Problem& p, const float* g, bool need_q, bool need_k, bo
         for (int64_t rb = 0; rb < nrb; ++rb) {
           const int64_t i0 = rb * kBM, bm = std::min(kBM, p.n - i0);
           if (!p.tile_has_pairs(i0, bm, j0, bn)) continue;
-          p.tile_dot(i0, bm, j0, bn, tile.data());
-          for (int64_t r = 0; r < bm; ++r) {
-            const int64_t i = i0 + r;
-            const float* sg = signs.set(i, j0, bn);
-            double a1, a2;
-            row_grad(tile.data() + r * bn, sg, bn, p.scale, p.row_const(i), fused ? 1.0f : g[i], &a1, &a2);
-            signs.restore();
-          }
+          tile_ds(p, signs, tile.data(), i0, bm, j0, bn, g, nullptr, nullptr, nullptr, nullptr);
           if (p.d == 0) continue;
           const at::Tensor ds = at::from_blob(tile.data(), {bm, bn}, f32);
           dk_blk.addmm_(ds.t(), p.q.narrow(0, i0, bm), 1.0, p.scale);
