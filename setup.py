@@ -11,6 +11,11 @@ FlashAttention / torchvision style:
   TORCH_CUDA_ARCH_LIST               CUDA archs (default "8.0;9.0")
   MAX_JOBS                           parallel compile jobs (ninja)
   CONTRASTIVE_KERNELS_NVCC_FLAGS     extra nvcc flags
+  CONTRASTIVE_KERNELS_BUILD_CUDA_EMU=1
+                                     also build contrastive_kernels._C_cuda_emu: the CUDA
+                                     kernels compiled as C++ for the CPU emulator in
+                                     csrc/cuda/emu (for tests on machines without a GPU;
+                                     run them with CONTRASTIVE_KERNELS_CUDA_EMULATE=1)
 """
 import glob
 import os
@@ -66,8 +71,17 @@ def _extensions():
             "contrastive_kernels._C", cpp_sources,
             include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define,
             extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
+    exts = [ext]
+    if _flag("CONTRASTIVE_KERNELS_BUILD_CUDA_EMU"):
+        emu_dir = os.path.join("csrc", "cuda", "emu")
+        exts.append(cpp_extension.CppExtension(
+            "contrastive_kernels._C_cuda_emu", sorted(glob.glob(os.path.join(emu_dir, "*.cpp"))),
+            # the emulator's cuda_runtime.h / cuda_fp16.h / cuda_bf16.h come first
+            include_dirs=[os.path.join(ROOT, emu_dir), os.path.join(ROOT, "csrc")],
+            define_macros=[("CK_CUDA_EMU", "1")],
+            extra_compile_args={"cxx": ["-O2", "-std=c++17", "-DTORCH_API_INCLUDE_EXTENSION_H"]}))
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}
+    return exts, {"build_ext": build_ext}
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,6 +1,6 @@
 """Triton kernels of the log-sum-exp family (InfoNCE, NT-Xent, CLIP, SupCon, DCL, HCL, uniformity).
 
-Contract (csrc/ops.cpp): S_ij = scale (q_rscale_i q_i).(k_rscale_j k_j) + col_bias_j over the
+Contract (csrc/op_schemas.h): S_ij = scale (q_rscale_i q_i).(k_rscale_j k_j) + col_bias_j over the
 pairs (i, j) the mask keeps; forward returns row_lse_i = LSE_j S_ij and, with compute_col,
 col_lse_j = LSE_i S_ij; backward returns dq, dk, dscale, dcol_bias, dq_rscale, dk_rscale.
 
@@ -454,7 +454,7 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
     # q and k the same tensor (nt_xent, SupCon, HCL, DCL's same-view terms): autograd adds dq and
     # dk, which nearly cancel on the diagonal blocks; adding two rounded half-precision halves
     # loses the result, so both are kept in float32, summed here and returned once in dq (dk
-    # zero), the contract csrc/ops.cpp allows for this case.
+    # zero), the contract csrc/op_schemas.h allows for this case.
     same = (need_q and need_k and q.data_ptr() == k.data_ptr() and q.shape == k.shape
             and q.dtype in (torch.float16, torch.bfloat16)
             and ((q_rscale is None and k_rscale is None) or (q_rscale is not None and k_rscale is not None

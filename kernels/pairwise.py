@@ -5,7 +5,7 @@ q_labels[i] == k_labels[j] (labels given) or j == i + diag_offset (no labels); m
 bits: 1 every pair negative, 2 only positive pairs count, 4 drop j == i + diag_offset.
 Each pair gets a sign sg = -1 (positive), +1 (negative), 0 (dropped); its term is
 softplus(sg x) and d term / d x = sg sigmoid(sg x).  The contract is that of the native
-ops in csrc/ops.cpp; `reference.pairwise_family` is the specification.
+ops in csrc/op_schemas.h; `reference.pairwise_family` is the specification.
 
 Kernels (no N x M buffer, no atomics, int64 offsets):
   * forward: one program per row block, looping over column blocks; per-row sums.

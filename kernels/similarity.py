@@ -3,7 +3,7 @@
 a_hat = a / max(|a|, 1e-12) when normalize (the F.normalize convention).  The row
 scales r_a = 1 / max(|a_i|, 1e-12) are computed once in float32 (O(N D)) and applied
 to the float32 dot products in the epilogue, so no normalized copy of a or b is
-formed or rounded.  Contract: csrc/ops.cpp (similarity_forward / similarity_backward).
+formed or rounded.  Contract: csrc/op_schemas.h (similarity_forward / similarity_backward).
 
 Backward, with G the gradient of out:
   C^a = G (r_b * b)  (N x D),  C^b = G^T (r_a * a)  (M x D)   -- the two tiled products

@@ -1,6 +1,6 @@
 """Triton kernels of the cross-correlation family (Barlow Twins, VICReg).
 
-Same contract as the native ops (csrc/ops.cpp): a, b (N, D); C = a^T b;
+Same contract as the native ops (csrc/op_schemas.h): a, b (N, D); C = a^T b;
 ``xcorr_forward(a, b, path) -> (offdiag, diag)`` with offdiag = sum_{d != e} C_de^2
 (0-dim float32) and diag = C_dd (D,) float32; ``xcorr_backward(grad_offdiag, grad_diag,
 a, b, path, need_a, need_b) -> (da, db)`` with, for G_de = 2 g C_de (d != e) and

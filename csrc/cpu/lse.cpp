@@ -1,4 +1,4 @@
-// C++ CPU kernels of the log-sum-exp family (the contract is in csrc/ops.cpp).
+// C++ CPU kernels of the log-sum-exp family (the contract is in csrc/op_schemas.h).
 //
 // FlashAttention-2 on a CPU, without the value matrix.  S = scale Qh Kh^T + col_bias
 // (Qh, Kh: the float32 inputs with the row scales applied, O((N+M) D)) lives only in

@@ -1,4 +1,4 @@
-// C++ CPU kernels of the fused normalized similarity (contract in csrc/ops.cpp):
+// C++ CPU kernels of the fused normalized similarity (contract in csrc/op_schemas.h):
 // out = scale * a_hat b_hat^T, a_hat = a / max(|a|, 1e-12) when normalize.
 //
 // The output is N x M by definition, so the products go to the machine's BLAS

@@ -8,10 +8,16 @@
 // (N x N, picked when 2N < D) is glue here: float64 Gram matrices and the Gram-path
 // gradient through cuBLAS (at::mm on float64 column chunks, as the CPU file does),
 // with the diagonal and the cancelling final reductions in hand-written kernels.
+//
+// Built a second time, with CK_CUDA_EMU, into the optional extension
+// contrastive_kernels._C_cuda_emu: the same glue and kernels on CPU tensors through the
+// CPU emulator of csrc/cuda/emu, registered as the `<op>_cuda_emu` ops (see the end).
 #include <ATen/ATen.h>
+#include <torch/library.h>
+#ifndef CK_CUDA_EMU
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <optional>
@@ -19,8 +25,23 @@
 #include <tuple>
 
 #include "cuda/launchers.h"
+#include "op_schemas.h"
 
 namespace {
+
+#ifdef CK_CUDA_EMU
+// The emulator runs kernels on host memory: "device" tensors are CPU tensors, and
+// launches are synchronous on the null stream.
+bool on_device(const at::Tensor& t) { return t.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+#else
+bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return current_stream(); }
+#endif
 
 using at::Tensor;
 using OptT = std::optional<Tensor>;
@@ -39,7 +60,7 @@ kc::DType dtype_of(const Tensor& t, const char* name) {
 }
 
 void check_pair(const Tensor& q, const Tensor& k, const char* qn, const char* kn) {
-  TORCH_CHECK(q.is_cuda(), "contrastive_kernels (cuda): ", qn, " must be a CUDA tensor, got ", q.device());
+  TORCH_CHECK(on_device(q), "contrastive_kernels (cuda): ", qn, " must be a CUDA tensor, got ", q.device());
   TORCH_CHECK(k.device() == q.device(), "contrastive_kernels (cuda): ", kn, " is on ", k.device(), " but ", qn,
               " is on ", q.device());
   TORCH_CHECK(q.dim() == 2, "contrastive_kernels (cuda): ", qn, " must be 2-D (N, D), got shape ", q.sizes());
@@ -133,14 +154,14 @@ std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tensor& k, co
                                             const OptT& pos_index, const OptT& q_labels, const OptT& k_labels,
                                             int64_t diag_offset, int64_t mask_mode, bool compute_col) {
   check_pair(q, k, "q", "k");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   auto p = base_params(q, k, scale);
   lse_masks(p, q, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode);
   Tensor row = f32(q, {p.n});
   Tensor col = compute_col ? f32(q, {p.m}) : f32(q, {0});
   p.row_out = row.data_ptr<float>();
   p.col_out = compute_col ? col.data_ptr<float>() : nullptr;
-  check_launch(kc::lse_forward(p, compute_col, at::cuda::getCurrentCUDAStream()), "lse_forward");
+  check_launch(kc::lse_forward(p, compute_col, current_stream()), "lse_forward");
   return {row, col};
 }
 
@@ -150,7 +171,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
     const OptT& k_labels, int64_t diag_offset, int64_t mask_mode, const Tensor& row_lse, const Tensor& col_lse,
     bool need_q, bool need_k, bool need_scale, bool need_bias, bool need_q_rscale, bool need_k_rscale) {
   check_pair(q, k, "q", "k");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   auto p = base_params(q, k, scale);
   lse_masks(p, q, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode);
   p.grad_row = fvec_ptr(grad_row, p.n, q, "grad_row");
@@ -165,8 +186,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
   TORCH_CHECK(!need_k_rscale || p.k_rscale, "contrastive_kernels (cuda): need_k_rscale needs k_rscale");
   TORCH_CHECK(!need_bias || p.col_bias, "contrastive_kernels (cuda): need_bias needs col_bias");
 
-  Tensor dq = need_q ? at::empty_like(q) : empty_like_dtype(q);
-  Tensor dk = need_k ? at::empty_like(k) : empty_like_dtype(k);
+  // q and k the same tensor (with the same row scale): autograd adds dq and dk, so each
+  // would be rounded to the input dtype before a sum whose terms may cancel (nt_xent's
+  // row and column contributions).  Both are kept in float32 instead and summed here,
+  // rounded once; dk is returned as zeros (allowed by the op's contract).
+  const bool same_rscale = (!q_rscale.has_value() && !k_rscale.has_value()) ||
+                           (q_rscale.has_value() && k_rscale.has_value() && q_rscale->is_same(*k_rscale));
+  const bool combine = need_q && need_k && q.is_same(k) && same_rscale && q.scalar_type() != at::kFloat;
+  p.grad_f32 = combine;
+  Tensor dq = need_q ? (combine ? f32(q, q.sizes()) : at::empty_like(q)) : empty_like_dtype(q);
+  Tensor dk = need_k ? (combine ? f32(k, k.sizes()) : at::empty_like(k)) : empty_like_dtype(k);
   Tensor dscale = need_scale ? f32(q, {}) : f32(q, {0});
   Tensor dbias = need_bias ? f32(q, {p.m}) : f32(q, {0});
   Tensor dqr = need_q_rscale ? f32(q, {p.n}) : f32(q, {0});
@@ -179,7 +208,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
   p.dk_rscale = need_k_rscale ? dkr.data_ptr<float>() : nullptr;
   Tensor ws = f32(q, {kc::backward_workspace_floats(p)});
   p.workspace = ws.data_ptr<float>();
-  check_launch(kc::lse_backward(p, at::cuda::getCurrentCUDAStream()), "lse_backward");
+  check_launch(kc::lse_backward(p, current_stream()), "lse_backward");
+  if (combine) return {dq.add_(dk).to(q.scalar_type()), at::zeros_like(k), dscale, dbias, dqr, dkr};
   return {dq, dk, dscale, dbias, dqr, dkr};
 }
 
@@ -200,18 +230,18 @@ Tensor pairwise_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& sca
                              const OptT& row_offset, const OptT& q_labels, const OptT& k_labels, int64_t diag_offset,
                              int64_t mode) {
   check_pair(q, k, "q", "k");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   auto p = base_params(q, k, scale);
   pairwise_setup(p, q, bias, row_offset, q_labels, k_labels, diag_offset, mode);
   Tensor row = f32(q, {p.n});
   p.row_out = row.data_ptr<float>();
-  check_launch(kc::pairwise_forward(p, at::cuda::getCurrentCUDAStream()), "pairwise_forward");
+  check_launch(kc::pairwise_forward(p, current_stream()), "pairwise_forward");
   return row;
 }
 
 // The pairwise backward kernels, shared by the backward and the fused op.  grad_row
 // given: its per-row upstream gradient, dq / dk in the input dtype.  grad_row null: the
-// fused pass (csrc/ops.cpp, pairwise_fused), upstream 1 on every row, the row pass also
+// fused pass (csrc/op_schemas.h, pairwise_fused), upstream 1 on every row, the row pass also
 // writing the per-row sums into `rows`, dq / dk in float32.
 struct PairwiseGrads {
   Tensor rows, dq, dk, dscale, dbias, doff;
@@ -222,7 +252,7 @@ PairwiseGrads pairwise_grads(const Tensor* grad_row, const Tensor& q, const Tens
                              int64_t diag_offset, int64_t mode, bool need_q, bool need_k, bool need_scale,
                              bool need_bias, bool need_offset, const char* what) {
   check_pair(q, k, "q", "k");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   auto p = base_params(q, k, scale);
   pairwise_setup(p, q, bias, row_offset, q_labels, k_labels, diag_offset, mode);
   TORCH_CHECK(!need_offset || p.row_offset, "contrastive_kernels (cuda): need_offset needs row_offset");
@@ -252,7 +282,7 @@ PairwiseGrads pairwise_grads(const Tensor* grad_row, const Tensor& q, const Tens
   p.drow_offset = need_offset ? r.doff.data_ptr<float>() : nullptr;
   Tensor ws = f32(q, {kc::backward_workspace_floats(p)});
   p.workspace = ws.data_ptr<float>();
-  check_launch(kc::pairwise_backward(p, at::cuda::getCurrentCUDAStream()), what);
+  check_launch(kc::pairwise_backward(p, current_stream()), what);
   return r;
 }
 
@@ -280,7 +310,7 @@ constexpr int64_t kXcorrAuto = 0, kXcorrGram = 1;
 constexpr int64_t kGramChunkElems = int64_t(1) << 20;  // Gram path: N x chunk float64 columns at a time
 
 void check_xcorr(const Tensor& a, const Tensor& b, int64_t path) {
-  TORCH_CHECK(a.is_cuda(), "contrastive_kernels (cuda): a must be a CUDA tensor, got ", a.device());
+  TORCH_CHECK(on_device(a), "contrastive_kernels (cuda): a must be a CUDA tensor, got ", a.device());
   TORCH_CHECK(b.device() == a.device(), "contrastive_kernels (cuda): b is on ", b.device(), " but a is on ",
               a.device());
   TORCH_CHECK(a.dim() == 2, "contrastive_kernels (cuda): a must be 2-D (N, D), got shape ", a.sizes());
@@ -365,8 +395,8 @@ Tensor xcorr_diag64(kc::XcorrParams p, const Tensor& a, float* diag, cudaStream_
 
 std::tuple<Tensor, Tensor> xcorr_forward_cuda(const Tensor& a, const Tensor& b, int64_t path) {
   check_xcorr(a, b, path);
-  const c10::cuda::CUDAGuard guard(a.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(a.device());
+  const auto stream = current_stream();
   auto p = xcorr_params(a, b);
   Tensor offdiag = f32(a, {});
   Tensor diag = f32(a, {p.d});
@@ -391,8 +421,8 @@ std::tuple<Tensor, Tensor> xcorr_forward_cuda(const Tensor& a, const Tensor& b, 
 std::tuple<Tensor, Tensor> xcorr_backward_cuda(const Tensor& grad_offdiag, const Tensor& grad_diag, const Tensor& a,
                                                const Tensor& b, int64_t path, bool need_a, bool need_b) {
   check_xcorr(a, b, path);
-  const c10::cuda::CUDAGuard guard(a.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(a.device());
+  const auto stream = current_stream();
   auto p = xcorr_params(a, b);
   p.grad_offdiag = scalar_ptr(grad_offdiag, a, "grad_offdiag");
   p.grad_diag = fvec_ptr(grad_diag, p.d, a, "grad_diag");
@@ -463,12 +493,12 @@ kc::SimilarityParams similarity_params(const Tensor& a, const Tensor& b, const T
 
 Tensor similarity_forward_cuda(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
   check_pair(a, b, "a", "b");
-  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceGuard guard(a.device());
   Tensor norms;
   auto p = similarity_params(a, b, scale, normalize, norms);
   Tensor out = at::empty({p.n, p.m}, a.options());
   p.out = out.data_ptr();
-  check_launch(kc::similarity_forward(p, at::cuda::getCurrentCUDAStream()), "similarity_forward");
+  check_launch(kc::similarity_forward(p, current_stream()), "similarity_forward");
   return out;
 }
 
@@ -476,7 +506,7 @@ std::tuple<Tensor, Tensor, Tensor> similarity_backward_cuda(const Tensor& grad, 
                                                             const Tensor& scale, bool normalize, bool need_a,
                                                             bool need_b, bool need_scale) {
   check_pair(a, b, "a", "b");
-  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceGuard guard(a.device());
   Tensor norms;
   auto p = similarity_params(a, b, scale, normalize, norms);
   TORCH_CHECK(grad.device() == a.device(), "contrastive_kernels (cuda): grad is on ", grad.device(),
@@ -507,20 +537,30 @@ std::tuple<Tensor, Tensor, Tensor> similarity_backward_cuda(const Tensor& grad, 
   }
   p.da = need_a ? da.data_ptr() : nullptr;
   p.db = need_b ? db.data_ptr() : nullptr;
-  check_launch(kc::similarity_backward(p, at::cuda::getCurrentCUDAStream()), "similarity_backward");
+  check_launch(kc::similarity_backward(p, current_stream()), "similarity_backward");
   return {da, db, dscale};
 }
 
 }  // namespace
 
+#ifndef CK_CUDA_EMU
+#define CK_OP(name) name
 TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
-  m.impl("lse_forward", &lse_forward_cuda);
-  m.impl("lse_backward", &lse_backward_cuda);
-  m.impl("pairwise_forward", &pairwise_forward_cuda);
-  m.impl("pairwise_backward", &pairwise_backward_cuda);
-  m.impl("pairwise_fused", &pairwise_fused_cuda);
-  m.impl("xcorr_forward", &xcorr_forward_cuda);
-  m.impl("xcorr_backward", &xcorr_backward_cuda);
-  m.impl("similarity_forward", &similarity_forward_cuda);
-  m.impl("similarity_backward", &similarity_backward_cuda);
+#else
+// The emulated kernels: ops of their own (same schemas, "_cuda_emu" names) for CPU tensors.
+#define CK_OP(name) name "_cuda_emu"
+#define CK_DEF(name, schema) m.def(CK_OP(name) schema);
+TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) { CK_FOR_EACH_OP_SCHEMA(CK_DEF) }
+#undef CK_DEF
+TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
+#endif
+  m.impl(CK_OP("lse_forward"), &lse_forward_cuda);
+  m.impl(CK_OP("lse_backward"), &lse_backward_cuda);
+  m.impl(CK_OP("pairwise_forward"), &pairwise_forward_cuda);
+  m.impl(CK_OP("pairwise_backward"), &pairwise_backward_cuda);
+  m.impl(CK_OP("pairwise_fused"), &pairwise_fused_cuda);
+  m.impl(CK_OP("xcorr_forward"), &xcorr_forward_cuda);
+  m.impl(CK_OP("xcorr_backward"), &xcorr_backward_cuda);
+  m.impl(CK_OP("similarity_forward"), &similarity_forward_cuda);
+  m.impl(CK_OP("similarity_backward"), &similarity_backward_cuda);
 }

@@ -1,5 +1,5 @@
 // CUDA kernels of the log-sum-exp and pairwise-sigmoid families (contracts in
-// csrc/ops.cpp).  One tile kernel, FlashAttention-2 style, serves both families and
+// csrc/op_schemas.h).  One tile kernel, FlashAttention-2 style, serves both families and
 // both directions:
 //   * a block owns BM = 64 "rows" (4 warps x 16) and streams every BN = 64 "column"
 //     tile past them; S = scale * (r_i x_i).(r_j y_j) + biases lives only in registers
@@ -463,7 +463,7 @@ cudaError_t launch(const FamilyParams& p, bool with_gemm, cudaStream_t stream) {
   const int64_t rows = TRANS ? p.m : p.n;
   if (rows == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(row_blocks(rows)), BWD && with_gemm ? static_cast<unsigned>(d_slices(p.d)) : 1u);
-  family_tile_kernel<T, FAM, TRANS, BWD><<<grid, THREADS, 0, stream>>>(p, vec_ok_for<T>(p));
+  CK_LAUNCH(grid, THREADS, 0, stream, family_tile_kernel<T, FAM, TRANS, BWD>)(p, vec_ok_for<T>(p));
   return cudaGetLastError();
 }
 
@@ -489,11 +489,11 @@ cudaError_t backward(const FamilyParams& p_in, bool need_row_pass, bool need_col
     if (err != cudaSuccess) return err;
     const int64_t nb = row_blocks(p.n);
     if (p.dscale && nb > 0) {
-      reduce_partials_kernel<<<1, 256, 0, stream>>>(p.workspace, nb, p.dscale);
+      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(p.workspace, nb, p.dscale);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (FAM == kPairwise && p.dbias && nb > 0) {
-      reduce_partials_kernel<<<1, 256, 0, stream>>>(p.workspace + nb, nb, p.dbias);
+      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(p.workspace + nb, nb, p.dbias);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (nb == 0) {

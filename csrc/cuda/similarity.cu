@@ -1,4 +1,4 @@
-// CUDA kernels of the fused normalized similarity (contract in csrc/ops.cpp, formulas
+// CUDA kernels of the fused normalized similarity (contract in csrc/op_schemas.h, formulas
 // in csrc/cpu/similarity.cpp): out = scale * a_hat b_hat^T, a_hat = a / max(|a|, 1e-12)
 // when normalize.  The output is N x M by definition; nothing else of that size is made.
 //
@@ -108,13 +108,13 @@ template <typename T>
 cudaError_t norms_typed(const SimilarityParams& p, cudaStream_t stream) {
   if (!p.normalize) return cudaSuccess;
   if (p.n > 0) {
-    row_norm_kernel<T><<<static_cast<unsigned>(cdiv(p.n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
+    CK_LAUNCH(static_cast<unsigned>(cdiv(p.n, kRowWarps)), kRowWarps * 32, 0, stream, row_norm_kernel<T>)(
         static_cast<const T*>(p.a), p.n, p.d, p.a_norm, p.a_rnorm);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (p.m > 0) {
-    row_norm_kernel<T><<<static_cast<unsigned>(cdiv(p.m, kRowWarps)), kRowWarps * 32, 0, stream>>>(
+    CK_LAUNCH(static_cast<unsigned>(cdiv(p.m, kRowWarps)), kRowWarps * 32, 0, stream, row_norm_kernel<T>)(
         static_cast<const T*>(p.b), p.m, p.d, p.b_norm, p.b_rnorm);
     return cudaGetLastError();
   }
@@ -172,13 +172,13 @@ struct Backward {
       err = tile::launch_gemm64<T, T, T, false, true, tile::kEpiStore, float>(g, stream);
       if (err != cudaSuccess) return err;
       if (p.n > 0 && (p.da != nullptr || p.row_parts != nullptr)) {
-        row_epilogue_kernel<T><<<static_cast<unsigned>(cdiv(p.n, kRowWarps)), threads, 0, stream>>>(
+        CK_LAUNCH(static_cast<unsigned>(cdiv(p.n, kRowWarps)), threads, 0, stream, row_epilogue_kernel<T>)(
             static_cast<const T*>(p.a), p.u, na, ra, p.n, p.d, p.scale, static_cast<T*>(p.da), p.row_parts);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
       }
     }
     if (p.dscale != nullptr) {
-      sum_parts_kernel<<<1, kReduceThreads, 0, stream>>>(p.row_parts, p.n, p.dscale);
+      CK_LAUNCH(1, kReduceThreads, 0, stream, sum_parts_kernel)(p.row_parts, p.n, p.dscale);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (p.v != nullptr) {
@@ -197,7 +197,7 @@ struct Backward {
       err = tile::launch_gemm64<T, T, T, true, true, tile::kEpiStore, float>(g, stream);
       if (err != cudaSuccess) return err;
       if (p.m > 0 && p.db != nullptr) {
-        row_epilogue_kernel<T><<<static_cast<unsigned>(cdiv(p.m, kRowWarps)), threads, 0, stream>>>(
+        CK_LAUNCH(static_cast<unsigned>(cdiv(p.m, kRowWarps)), threads, 0, stream, row_epilogue_kernel<T>)(
             static_cast<const T*>(p.b), p.v, nb, rb, p.m, p.d, p.scale, static_cast<T*>(p.db), nullptr);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
       }

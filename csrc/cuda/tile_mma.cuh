@@ -21,6 +21,13 @@
 #include <cstdint>
 #include <type_traits>
 
+// kernel<<<grid, block, smem, stream>>>(args) is written
+// CK_LAUNCH(grid, block, smem, stream, kernel)(args), so that the CPU emulator
+// (csrc/cuda/emu, CK_CUDA_EMU) can run the same source.
+#ifndef CK_CUDA_EMU
+#define CK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace ck {
 namespace cuda {
 namespace tile {
@@ -57,6 +64,27 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // ------------------------------------------------------------------ cp.async
+#ifdef CK_CUDA_EMU  // CPU emulator (csrc/cuda/emu): the same operations, emulated
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) { ::ck_emu::cp_async16(smem, gmem); }
+__device__ __forceinline__ void cp_async_commit() { ::ck_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  ::ck_emu::cp_async_wait(N);
+}
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b, __half) {
+  ::ck_emu::mma_sync<16>(c, a, b, 0);
+}
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b, __nv_bfloat16) {
+  ::ck_emu::mma_sync<16>(c, a, b, 1);
+}
+__device__ __forceinline__ void mma1688_tf32(float* c, const uint32_t* a, const uint32_t* b) {
+  ::ck_emu::mma_sync<8>(c, a, b, 2);
+}
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = ::ck_emu::cvt_rna_tf32(x);
+  lo = ::ck_emu::cvt_rna_tf32(x - __uint_as_float(hi));
+}
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
@@ -98,6 +126,8 @@ __device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) 
   hi = h;
   lo = l;
 }
+
+#endif  // CK_CUDA_EMU
 
 // acc += a * b with float32 accuracy from three TF32 products (small terms first).
 __device__ __forceinline__ void mma_3xtf32(float* c, const float* a, const float* b) {
@@ -470,8 +500,8 @@ cudaError_t launch_gemm64(const GemmParams& p, cudaStream_t stream) {
     GemmParams q = p;
     q.tile_y0 = y0;
     const int64_t ny = (gy - y0) < kMaxGridY ? (gy - y0) : kMaxGridY;
-    gemm64_kernel<TA, TB, MT, A_KMAJOR, B_KMAJOR, EPI, OT>
-        <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(ny)), kGemmThreads, 0, stream>>>(q, vec_a, vec_b);
+    CK_LAUNCH(dim3(static_cast<unsigned>(gx), static_cast<unsigned>(ny)), kGemmThreads, 0, stream,
+              gemm64_kernel<TA, TB, MT, A_KMAJOR, B_KMAJOR, EPI, OT>)(q, vec_a, vec_b);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -1,5 +1,5 @@
 // CUDA kernels of the cross-correlation family (Barlow Twins, VICReg; contract in
-// csrc/ops.cpp, math and precision choices in csrc/cpu/xcorr.cpp).
+// csrc/op_schemas.h, math and precision choices in csrc/cpu/xcorr.cpp).
 //
 // a, b: (N, D); C = a^T b.  offdiag = sum_{d != e} C_de^2, diag = C_dd.  Backward with
 // g = grad_offdiag, G_de = 2 g C_de (d != e), G_dd = grad_diag_d: da = b G^T, db = a G.
@@ -156,11 +156,11 @@ cudaError_t diag_typed(const XcorrParams& p, cudaStream_t stream) {
   const int64_t chunks = diag_chunks(p.n);
   const int64_t rows_per_chunk = p.n > 0 ? cdiv(p.n, chunks) : 1;
   const dim3 grid(static_cast<unsigned>(cdiv(p.d, 32)), static_cast<unsigned>(chunks));
-  diag_partials_kernel<T><<<grid, dim3(32, 8), 0, stream>>>(static_cast<const T*>(p.a), static_cast<const T*>(p.b),
+  CK_LAUNCH(grid, dim3(32, 8), 0, stream, diag_partials_kernel<T>)(static_cast<const T*>(p.a), static_cast<const T*>(p.b),
                                                            p.n, p.d, rows_per_chunk, p.workspace);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  diag_finalize_kernel<<<static_cast<unsigned>(cdiv(p.d, 256)), 256, 0, stream>>>(p.workspace, chunks, p.d, p.diag64,
+  CK_LAUNCH(static_cast<unsigned>(cdiv(p.d, 256)), 256, 0, stream, diag_finalize_kernel)(p.workspace, chunks, p.d, p.diag64,
                                                                                    p.diag);
   return cudaGetLastError();
 }
@@ -181,7 +181,7 @@ cudaError_t tiled_forward_typed(const XcorrParams& p, cudaStream_t stream) {
   cudaError_t err = tile::launch_gemm64<T, T, T, true, true, tile::kEpiSumSq, float>(g, stream);
   if (err != cudaSuccess) return err;
   const int64_t tiles = cdiv(p.d, tile::kGemmTile) * cdiv(p.d, tile::kGemmTile);
-  offdiag_finalize_kernel<<<1, kReduceThreads, 0, stream>>>(p.workspace, tiles, nullptr, 0, p.offdiag);
+  CK_LAUNCH(1, kReduceThreads, 0, stream, offdiag_finalize_kernel)(p.workspace, tiles, nullptr, 0, p.offdiag);
   return cudaGetLastError();
 }
 
@@ -302,7 +302,7 @@ int64_t xcorr_tiled_workspace_doubles(int64_t d) {
 
 cudaError_t xcorr_tiled_forward(const XcorrParams& p, cudaStream_t stream) {
   if (p.d == 0) {
-    offdiag_finalize_kernel<<<1, kReduceThreads, 0, stream>>>(p.workspace, 0, nullptr, 0, p.offdiag);
+    CK_LAUNCH(1, kReduceThreads, 0, stream, offdiag_finalize_kernel)(p.workspace, 0, nullptr, 0, p.offdiag);
     return cudaGetLastError();
   }
   return ByDtype<TiledForwardOp>::run(p.dtype, p, stream);
@@ -318,11 +318,11 @@ cudaError_t xcorr_gram_offdiag(const double* ga, const double* gb, int64_t count
   const int64_t per = gram_per_block(count);
   const int64_t parts = cdiv(count, per);
   if (parts > 0) {
-    dot_partials_kernel<<<static_cast<unsigned>(parts), kReduceThreads, 0, stream>>>(ga, gb, count, per, workspace);
+    CK_LAUNCH(static_cast<unsigned>(parts), kReduceThreads, 0, stream, dot_partials_kernel)(ga, gb, count, per, workspace);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  offdiag_finalize_kernel<<<1, kReduceThreads, 0, stream>>>(workspace, parts, diag64, d, offdiag);
+  CK_LAUNCH(1, kReduceThreads, 0, stream, offdiag_finalize_kernel)(workspace, parts, diag64, d, offdiag);
   return cudaGetLastError();
 }
 

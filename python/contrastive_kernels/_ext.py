@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import warnings
 
 _load_error: str | None = None
@@ -28,6 +29,41 @@ def load():
 def load_error() -> str | None:
     load()
     return _load_error
+
+
+def cuda_emulate() -> bool:
+    """CONTRASTIVE_KERNELS_CUDA_EMULATE=1: backend "cuda" runs CPU tensors on the CPU
+    emulator of the CUDA kernels (contrastive_kernels._C_cuda_emu, csrc/cuda/emu) -- for
+    testing the CUDA sources on machines without a GPU, as TRITON_INTERPRET=1 does for
+    the Triton kernels.  Slow; never chosen by "auto"."""
+    return os.environ.get("CONTRASTIVE_KERNELS_CUDA_EMULATE", "0") == "1"
+
+
+_emu_error: str | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def load_cuda_emu():
+    """The ``_C_cuda_emu`` module when emulation is on and it is built, else None (reason
+    in `cuda_emu_error()`)."""
+    global _emu_error
+    if not cuda_emulate():
+        _emu_error = "CONTRASTIVE_KERNELS_CUDA_EMULATE is not 1"
+        return None
+    if load() is None:
+        _emu_error = f"the compiled extension contrastive_kernels._C is not loaded ({_load_error})"
+        return None
+    try:
+        return importlib.import_module("contrastive_kernels._C_cuda_emu")
+    except Exception as exc:
+        _emu_error = (f"contrastive_kernels._C_cuda_emu is not built ({type(exc).__name__}: {exc}); "
+                      "reinstall with CONTRASTIVE_KERNELS_BUILD_CUDA_EMU=1")
+        return None
+
+
+def cuda_emu_error() -> str | None:
+    load_cuda_emu()
+    return None if load_cuda_emu() is not None else _emu_error
 
 
 @functools.lru_cache(maxsize=None)

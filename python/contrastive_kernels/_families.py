@@ -2,7 +2,10 @@
 
 Each family has one forward and one backward op per kernel implementation:
   * native: ``contrastive_kernels::<family>_forward`` / ``_backward``, declared in
-    csrc/ops.cpp and implemented per dispatch key (CPU in csrc/cpu, CUDA in csrc/cuda);
+    csrc/op_schemas.h and implemented per dispatch key (CPU in csrc/cpu, CUDA in csrc/cuda);
+  * cuda on the CPU emulator (tests, CONTRASTIVE_KERNELS_CUDA_EMULATE=1):
+    ``contrastive_kernels::<family>_forward_cuda_emu`` / ``_backward_cuda_emu``, the CUDA
+    sources and glue compiled for csrc/cuda/emu, CPU dispatch key;
   * triton: ``contrastive_kernels::<family>_forward_triton`` / ``_backward_triton``,
     Python custom ops whose bodies launch the kernels of
     ``contrastive_kernels.kernels.<family>`` (module functions ``<family>_forward`` and
@@ -11,7 +14,7 @@ Fake implementations and autograd are registered once here for both, so every
 backend of a family has the same inputs, outputs and gradient wiring, and
 torch.compile(fullgraph=True) traces through them without graph breaks.
 
-The family contracts (shapes, masks, dtypes) are documented in csrc/ops.cpp and
+The family contracts (shapes, masks, dtypes) are documented in csrc/op_schemas.h and
 written out with full matrices in `reference.lse_family` / `pairwise_family` /
 `xcorr_family`, which the kernels are tested against.
 """
@@ -254,7 +257,7 @@ for _fam in FAMILY_SPECS:
 
 
 # ------------------------------------------- one-pass forward and gradient (pairwise)
-# ``pairwise_fused`` (native; csrc/ops.cpp) / ``pairwise_fused_triton``: the total of the
+# ``pairwise_fused`` (native; csrc/op_schemas.h) / ``pairwise_fused_triton``: the total of the
 # per-row sums and its gradients for an upstream gradient of 1, computed in the forward
 # (float32), so that the backward only scales them by the upstream scalar.  Used where a
 # loss is a multiple of that total (SigLIP, PML's NT-Xent) and an input needs a gradient:
@@ -312,30 +315,45 @@ def _pairwise_fused_triton(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, ro
 
 _register_fused("pairwise_fused_triton")
 
+# The CUDA kernels on the CPU emulator (tests; see _ext.cuda_emulate): same contracts.
+if _C is not None and _ext.load_cuda_emu() is not None:
+    for _fam in FAMILY_SPECS:
+        _register(_fam, f"{_fam}_forward_cuda_emu", f"{_fam}_backward_cuda_emu")
+    _register_fused("pairwise_fused_cuda_emu")
+
 
 # ------------------------------------------------------------- family entry points
-def _op(family: str, backend: str):
-    suffix = "_triton" if backend == "triton" else ""
-    return getattr(getattr(torch.ops, NS), f"{family}_forward{suffix}")
+def _suffix(backend: str, x: Tensor) -> str:
+    """Op name suffix of a backend: the Triton ops, the CUDA emulator's ops (cuda on CPU
+    tensors, CONTRASTIVE_KERNELS_CUDA_EMULATE=1), or the native ops (CPU / CUDA by device)."""
+    if backend == "triton":
+        return "_triton"
+    if backend == "cuda" and x.device.type == "cpu":
+        return "_cuda_emu"
+    return ""
+
+
+def _op(family: str, backend: str, x: Tensor):
+    return getattr(getattr(torch.ops, NS), f"{family}_forward{_suffix(backend, x)}")
 
 
 def lse(backend: str, q: Tensor, k: Tensor, scale: Tensor, *, q_rscale=None, k_rscale=None, col_bias=None,
         pos_index=None, q_labels=None, k_labels=None, diag_offset: int = 0, mask_mode: int = 0,
         compute_col: bool = False):
-    """(row_lse, col_lse) of the log-sum-exp family; see csrc/ops.cpp for the contract."""
+    """(row_lse, col_lse) of the log-sum-exp family; see csrc/op_schemas.h for the contract."""
     if backend == FAMILY_REFERENCE:
         return reference.lse_family(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
                                     diag_offset, mask_mode, compute_col)
-    return _op("lse", backend)(q.contiguous(), k.contiguous(), scale, q_rscale, k_rscale, col_bias, pos_index,
+    return _op("lse", backend, q)(q.contiguous(), k.contiguous(), scale, q_rscale, k_rscale, col_bias, pos_index,
                                q_labels, k_labels, int(diag_offset), int(mask_mode), bool(compute_col))
 
 
 def pairwise(backend: str, q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, *, row_offset=None, q_labels=None,
              k_labels=None, diag_offset: int = 0, mode: int = 0):
-    """Per-row sums of the pairwise sigmoid family; see csrc/ops.cpp for the contract."""
+    """Per-row sums of the pairwise sigmoid family; see csrc/op_schemas.h for the contract."""
     if backend == FAMILY_REFERENCE:
         return reference.pairwise_family(q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode)
-    return _op("pairwise", backend)(q.contiguous(), k.contiguous(), scale, bias, row_offset, q_labels, k_labels,
+    return _op("pairwise", backend, q)(q.contiguous(), k.contiguous(), scale, bias, row_offset, q_labels, k_labels,
                                     int(diag_offset), int(mode))
 
 
@@ -350,7 +368,7 @@ def pairwise_total(backend: str, q: Tensor, k: Tensor, scale: Tensor, bias: Tens
     if not any(need) or backend not in _FUSED_BACKENDS:
         return pairwise(backend, q, k, scale, bias, row_offset=row_offset, q_labels=q_labels, k_labels=k_labels,
                         diag_offset=diag_offset, mode=mode).sum()
-    op = getattr(getattr(torch.ops, NS), "pairwise_fused_triton" if backend == "triton" else "pairwise_fused")
+    op = getattr(getattr(torch.ops, NS), f"pairwise_fused{_suffix(backend, q)}")
     return op(q.contiguous(), k.contiguous(), scale, bias, row_offset, q_labels, k_labels, int(diag_offset),
               int(mode), *need)[0]
 
@@ -359,14 +377,14 @@ def xcorr(backend: str, a: Tensor, b: Tensor, *, path: int = 0):
     """(sum of squared off-diagonal entries of a^T b, diagonal of a^T b)."""
     if backend == FAMILY_REFERENCE:
         return reference.xcorr_family(a, b)
-    return _op("xcorr", backend)(a.contiguous(), b.contiguous(), int(path))
+    return _op("xcorr", backend, a)(a.contiguous(), b.contiguous(), int(path))
 
 
 def similarity(backend: str, a: Tensor, b: Tensor, scale: Tensor, normalize: bool):
     """scale * normalize(a) @ normalize(b)^T."""
     if backend == FAMILY_REFERENCE:
         return reference.normalized_similarity(a, b, scale, normalize=normalize)
-    return _op("similarity", backend)(a.contiguous(), b.contiguous(), scale, bool(normalize))
+    return _op("similarity", backend, a)(a.contiguous(), b.contiguous(), scale, bool(normalize))
 
 
 # ------------------------------------------------ label grouping (supervised losses)

@@ -6,7 +6,8 @@ Backends: "auto", "cuda", "triton", "cpu", "reference".
     The reference backend is used only when no kernel is built, with one warning.
   * Asking for a backend that cannot run here raises BackendError (a ValueError)
     naming what is missing; there is no silent fallback.
-  * triton on CPU tensors runs only under TRITON_INTERPRET=1.
+  * triton on CPU tensors runs only under TRITON_INTERPRET=1; cuda on CPU tensors only
+    under CONTRASTIVE_KERNELS_CUDA_EMULATE=1 with the CUDA emulator built (tests).
 The environment variable CONTRASTIVE_KERNELS_BACKEND sets the default.
 """
 from __future__ import annotations
@@ -99,6 +100,17 @@ def _native_error(family: str, dispatch_key: str) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
+def _emulator_error(family: str) -> str | None:
+    err = _ext.cuda_emu_error()
+    if err:
+        return f"backend 'cuda' on CPU tensors needs the CUDA emulator: {err}"
+    op = f"contrastive_kernels::{_NATIVE_OP[family]}_cuda_emu"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"):
+        return f"the CUDA emulator build has no kernel for the {family} family"
+    return None
+
+
 def unavailable_reason(backend: str, family: str, device: torch.device | str | None = None) -> str | None:
     """None when `backend` can run `family` on `device` here, else why not."""
     device = torch.device(device) if device is not None else None
@@ -109,6 +121,8 @@ def unavailable_reason(backend: str, family: str, device: torch.device | str | N
             return f"backend 'cpu' runs CPU tensors only, got tensors on {device}"
         return _native_error(family, "CPU")
     if backend == "cuda":
+        if device is not None and device.type == "cpu" and _ext.cuda_emulate():
+            return _emulator_error(family)
         if device is not None and device.type != "cuda":
             return f"backend 'cuda' runs CUDA tensors only, got tensors on {device}"
         if not torch.cuda.is_available():

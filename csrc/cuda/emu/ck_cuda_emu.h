@@ -1,0 +1,296 @@
+// A CPU emulator for the subset of CUDA C++ that csrc/cuda/*.cu uses, so that the CUDA
+// kernels run (slowly, exactly as written) on a machine without a GPU and are checked
+// by the same tests as the other backends.  Built only into the optional extension
+// contrastive_kernels._C_cuda_emu (CONTRASTIVE_KERNELS_BUILD_CUDA_EMU=1, see setup.py);
+// the .cu sources are compiled as C++ with CK_CUDA_EMU defined and this directory
+// first on the include path (its cuda_runtime.h / cuda_fp16.h / cuda_bf16.h land here).
+//
+// Model.  A launch runs its blocks one after another; the threads of a block are
+// cooperative fibers on one OS thread, switched only at __syncthreads and at warp
+// collectives (shuffles, mma.sync), so every interleaving the kernel allows between
+// barriers is one in which each thread runs alone (what racecheck would flag is not
+// detected).  What is emulated faithfully, with the hardware's exact semantics:
+//   * __syncthreads: a block-wide barrier; reaching one after a thread of the block
+//     returned, or returning while others wait at one, is reported as an error;
+//   * __shfl_xor_sync and mma.sync: warp collectives, every lane must take part (error
+//     otherwise); mma.sync m16n8k16 (f16 / bf16) and m16n8k8 (tf32) with the fragment
+//     layouts of the PTX ISA ("Matrix fragments for mma.m16n8k16 / mma.m16n8k8"),
+//     tf32 operands truncated to their 19 significant bits as the tensor core reads
+//     them; products summed exactly (double) then rounded, where the hardware's
+//     accumulation order is unspecified;
+//   * cvt.rna.tf32.f32 (round to nearest, ties away), __float2half_rn and
+//     __float2bfloat16_rn (round to nearest even), bit casts;
+//   * cp.async 16-byte copies are deferred until the thread's cp.async.wait_group lets
+//     them complete (the latest moment the hardware may complete them), so a read of a
+//     staged tile before its wait, or a wait that leaves the wrong group pending, reads
+//     stale data here as it might on a GPU;
+//   * launch limits: block size <= 1024, gridDim.y / z <= 65535 (cudaErrorInvalidConfiguration).
+// Not emulated: timing, memory coalescing, bank conflicts, shared-memory capacity,
+// data races between threads of a block, __expf's approximation (expf is used).
+#pragma once
+
+#include <math.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+// ------------------------------------------------------------------ qualifiers
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// Shared memory: one instance per OS thread, shared by the fibers (threads) of the block
+// that runs on it.
+#define __shared__ static thread_local
+
+// ------------------------------------------------------------------ types
+struct uint3 {
+  unsigned int x, y, z;
+};
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
+};
+
+typedef void* cudaStream_t;
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719,
+};
+
+struct __half {
+  uint16_t __x;
+};
+struct __nv_bfloat16 {
+  uint16_t __x;
+};
+typedef __half half;
+
+namespace ck_emu {
+
+struct Thread;
+struct Block;
+
+// The running fiber's thread and block (set by the scheduler before each switch).
+extern thread_local Thread* g_thread;
+extern thread_local Block* g_block;
+
+struct Thread {
+  uint3 idx;
+  int lane = 0, warp = 0;
+  uint64_t collectives = 0;  // warp collectives this thread has taken part in
+};
+
+struct Block {
+  uint3 idx;
+  dim3 dim, grid;
+};
+
+// Runtime (ck_cuda_emu_runtime.cpp).
+void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* ctx);
+void syncthreads();
+// Exchange `bytes` bytes of this lane with the other 31 lanes of its warp; returns the
+// 32 slots (slot stride kSlot), valid until this lane's next collective.  `kind` names
+// the operation (lanes of one warp must call the same one).
+constexpr size_t kSlot = 64;
+const unsigned char* warp_exchange(const void* mine, size_t bytes, const char* kind);
+[[noreturn]] void fail(const std::string& what);
+void cp_async16(void* smem, const void* gmem);
+void cp_async_commit();
+void cp_async_wait(int pending);
+cudaError_t take_last_error();
+const char* error_string(cudaError_t err);
+
+// ------------------------------------------------------------------ numbers
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));  // inf / nan
+  if (exp != 0) return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
+  // subnormal: man * 2^-24, exact in float
+  const float v = static_cast<float>(man) * 5.9604644775390625e-08f;
+  return sign ? -v : v;
+}
+inline uint16_t float_to_half_rn(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u));
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past 65504
+  if (a < 0x38800000u) {
+    // subnormal half (or zero): value / 2^-24 rounded to nearest even, exact in double
+    const double q = static_cast<double>(bits_to_float(a)) * 16777216.0;
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(q)));
+  }
+  const uint32_t exp = (a >> 23) - 112, man = a & 0x7fffffu;
+  uint32_t h = (exp << 10) | (man >> 13);
+  const uint32_t rest = man & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // carries into the exponent correctly
+  return static_cast<uint16_t>(sign | h);
+}
+inline float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
+inline uint16_t float_to_bf16_rn(float f) {
+  const uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet nan
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+// cvt.rna.tf32.f32: 10 explicit mantissa bits, round to nearest with ties away from zero.
+inline uint32_t cvt_rna_tf32(float x) {
+  const uint32_t u = float_to_bits(x);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;  // inf / nan unchanged
+  return (u + 0x1000u) & 0xffffe000u;
+}
+// The tensor core reads a .tf32 operand register as its upper 19 bits.
+inline double tf32_value(uint32_t r) { return static_cast<double>(bits_to_float(r & 0xffffe000u)); }
+inline double f16_value(uint32_t r, int hi, bool bf16) {
+  const uint16_t h = static_cast<uint16_t>(hi ? (r >> 16) : (r & 0xffffu));
+  return static_cast<double>(bf16 ? bf16_to_float(h) : half_to_float(h));
+}
+
+// ------------------------------------------------------------------ mma.sync
+// Fragment layouts (PTX ISA), lane = 4 g + t:
+//   m16n8k16 .f16/.bf16: A regs r0..r3 hold (row g, cols 2t, 2t+1), (g+8, 2t..), (g, 2t+8..),
+//     (g+8, 2t+8..), lower column in the low half; B regs r0, r1 hold (k = 2t, 2t+1; n = g),
+//     (k = 2t+8, 2t+9; n = g); C c0..c3 = (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+//   m16n8k8 .tf32: A regs (g, t), (g+8, t), (g, t+4), (g+8, t+4); B regs (k = t, n = g),
+//     (k = t+4, n = g); C as above.
+struct MmaIn {
+  uint32_t a[4];
+  uint32_t b[2];
+};
+
+template <int K>
+inline void mma_sync(float* c, const uint32_t* a, const uint32_t* b, int kind /*0 f16, 1 bf16, 2 tf32*/) {
+  MmaIn mine;
+  for (int i = 0; i < 4; ++i) mine.a[i] = a[i];
+  for (int i = 0; i < 2; ++i) mine.b[i] = b[i];
+  static const char* const kNames[3] = {"mma.sync.m16n8k16.f16", "mma.sync.m16n8k16.bf16", "mma.sync.m16n8k8.tf32"};
+  const unsigned char* slots = warp_exchange(&mine, sizeof(mine), kNames[kind]);
+  auto in = [&](int lane) -> const MmaIn& { return *reinterpret_cast<const MmaIn*>(slots + lane * kSlot); };
+  auto A = [&](int r, int k) -> double {
+    const int g = r & 7, hr = r >> 3;
+    if (kind == 2) return tf32_value(in(4 * g + (k & 3)).a[hr + 2 * (k >> 2)]);
+    return f16_value(in(4 * g + ((k & 7) >> 1)).a[hr + 2 * (k >> 3)], k & 1, kind == 1);
+  };
+  auto B = [&](int k, int n) -> double {
+    if (kind == 2) return tf32_value(in(4 * n + (k & 3)).b[k >> 2]);
+    return f16_value(in(4 * n + ((k & 7) >> 1)).b[k >> 3], k & 1, kind == 1);
+  };
+  const int lane = g_thread->lane, g = lane >> 2, t = lane & 3;
+  for (int e = 0; e < 4; ++e) {
+    const int r = g + 8 * (e >> 1), n = 2 * t + (e & 1);
+    double s = 0.0;
+    for (int k = 0; k < K; ++k) s += A(r, k) * B(k, n);
+    c[e] = static_cast<float>(static_cast<double>(c[e]) + s);
+  }
+}
+
+template <typename T>
+inline T shfl_xor(T v, int lane_mask, int width) {
+  static_assert(sizeof(T) <= kSlot, "shuffle of a large type");
+  const unsigned char* slots = warp_exchange(&v, sizeof(T), "__shfl_xor_sync");
+  const int lane = g_thread->lane;
+  int src = lane ^ lane_mask;
+  if (width < 32 && (src / width) != (lane / width)) src = lane;  // outside the segment: own value
+  T out;
+  std::memcpy(&out, slots + src * kSlot, sizeof(T));
+  return out;
+}
+
+// ------------------------------------------------------------------ launch
+template <typename Kernel>
+struct Launch {
+  dim3 grid, block;
+  Kernel kernel;
+  template <typename... Args>
+  void operator()(Args... args) const {
+    auto call = std::make_tuple(kernel, args...);
+    using Call = decltype(call);
+    run_grid(grid, block, [](void* ctx) { std::apply([](auto k, auto... a) { k(a...); }, *static_cast<Call*>(ctx)); },
+             &call);
+  }
+};
+template <typename Kernel>
+inline Launch<Kernel> launch(dim3 grid, dim3 block, size_t /*smem*/, cudaStream_t /*stream*/, Kernel kernel) {
+  return Launch<Kernel>{grid, block, kernel};
+}
+
+}  // namespace ck_emu
+
+// ------------------------------------------------------------------ built-in variables
+#define threadIdx (::ck_emu::g_thread->idx)
+#define blockIdx (::ck_emu::g_block->idx)
+#define blockDim (::ck_emu::g_block->dim)
+#define gridDim (::ck_emu::g_block->grid)
+constexpr int warpSize = 32;
+
+// ------------------------------------------------------------------ device functions
+inline void __syncthreads() { ::ck_emu::syncthreads(); }
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  if (mask != 0xffffffffu) ::ck_emu::fail("__shfl_xor_sync with a partial mask is not emulated");
+  return ::ck_emu::shfl_xor(v, lane_mask, width);
+}
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float __int_as_float(int i) { return ::ck_emu::bits_to_float(static_cast<uint32_t>(i)); }
+inline float __uint_as_float(unsigned u) { return ::ck_emu::bits_to_float(u); }
+inline int __float_as_int(float f) { return static_cast<int>(::ck_emu::float_to_bits(f)); }
+inline unsigned __float_as_uint(float f) { return ::ck_emu::float_to_bits(f); }
+inline float __half2float(__half h) { return ::ck_emu::half_to_float(h.__x); }
+inline __half __float2half_rn(float f) { return __half{::ck_emu::float_to_half_rn(f)}; }
+inline __half __float2half(float f) { return __float2half_rn(f); }
+inline float __bfloat162float(__nv_bfloat16 b) { return ::ck_emu::bf16_to_float(b.__x); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{::ck_emu::float_to_bf16_rn(f)}; }
+inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+// CUDA's integer / floating min and max overloads for device code.
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type min(A a, B b) {
+  using C = typename std::common_type<A, B>::type;
+  return static_cast<C>(b) < static_cast<C>(a) ? static_cast<C>(b) : static_cast<C>(a);
+}
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type max(A a, B b) {
+  using C = typename std::common_type<A, B>::type;
+  return static_cast<C>(a) < static_cast<C>(b) ? static_cast<C>(b) : static_cast<C>(a);
+}
+
+// ------------------------------------------------------------------ runtime API
+inline cudaError_t cudaGetLastError() { return ::ck_emu::take_last_error(); }
+inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t err) { return ::ck_emu::error_string(err); }
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t bytes, cudaStream_t = nullptr) {
+  if (bytes) std::memset(p, v, bytes);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, int /*kind*/, cudaStream_t = nullptr) {
+  if (bytes) std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args) is written CK_LAUNCH(grid, block, smem, stream, kernel)(args)
+// in the sources; here it runs the grid on the emulator.
+#define CK_LAUNCH(grid, block, smem, stream, ...) ::ck_emu::launch(grid, block, smem, stream, __VA_ARGS__)

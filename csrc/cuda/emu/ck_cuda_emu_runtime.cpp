@@ -1,0 +1,341 @@
+// Scheduler of the CUDA emulator (see ck_cuda_emu.h): the threads of a block are
+// fibers on the calling OS thread, run round-robin (x86-64: the 20-instruction stack
+// switch below, 3x faster than ucontext's swapcontext, which makes a signal-mask system
+// call per switch).  A fiber gives up the CPU only at a barrier (__syncthreads or a
+// warp collective), so a barrier costs about one switch per thread.  Errors (a divergent barrier, a collective missing lanes, a bad
+// launch configuration) stop the launch; cudaGetLastError then returns
+// cudaErrorLaunchFailure / cudaErrorInvalidConfiguration and cudaGetErrorString the
+// emulator's description.
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cstdlib>
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ck_cuda_emu.h"
+
+namespace ck_emu {
+
+thread_local Thread* g_thread = nullptr;
+thread_local Block* g_block = nullptr;
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+#if defined(__x86_64__) && !defined(CK_EMU_UCONTEXT)
+// Save the callee-saved registers, MXCSR and the x87 control word on the current stack,
+// store the stack pointer to *from, load `to`, restore the same from there, return.
+extern "C" void ck_emu_switch(void** from, void* to);
+asm(R"(
+  .text
+  .p2align 4
+  .type ck_emu_switch,@function
+ck_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size ck_emu_switch,.-ck_emu_switch
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+// A fresh context on [stack, stack + bytes) whose first switch-in calls entry().
+void make_context(Context& c, void* stack, size_t bytes, void (*entry)()) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~static_cast<uintptr_t>(15);
+  uint64_t* sp = reinterpret_cast<uint64_t*>(top - 72);  // entry sees rsp = 8 (mod 16), as after a call
+  uint32_t csr[2];
+  asm volatile("stmxcsr %0" : "=m"(csr[0]));
+  asm volatile("fnstcw %0" : "=m"(csr[1]));
+  std::memcpy(&sp[0], csr, 8);
+  for (int i = 1; i <= 6; ++i) sp[i] = 0;  // r15 r14 r13 r12 rbx rbp
+  sp[7] = reinterpret_cast<uint64_t>(entry);
+  sp[8] = 0;  // entry never returns
+  c.sp = sp;
+}
+void switch_context(Context& from, Context& to) { ck_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+void make_context(Context& c, void* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+struct WarpState {
+  int lanes = 0;                   // lanes of this warp in the block
+  int exited = 0;                  // lanes that returned
+  int arrived[2] = {0, 0};         // per parity of the collective index
+  uint64_t completed = 0;          // collectives completed by the whole warp
+  const char* kind[2] = {nullptr, nullptr};
+  unsigned char slots[2][32][kSlot];
+};
+
+struct CpAsync {
+  void* dst;
+  const void* src;
+};
+
+struct Fiber {
+  Context ctx;
+  void* stack = nullptr;
+  Thread thread;
+  bool done = false;
+  bool waiting = false;  // at a barrier
+  std::vector<CpAsync> open;                  // issued, not yet committed
+  std::vector<std::vector<CpAsync>> groups;   // committed, oldest first
+};
+
+struct BlockRun {
+  Block block;
+  std::vector<Fiber>* fibers = nullptr;
+  std::vector<WarpState> warps;
+  int nthreads = 0;
+  int exited = 0;
+  int bar_arrived = 0;
+  uint64_t bar_gen = 0;
+  uint64_t progress = 0;  // arrivals and exits: a scheduler sweep without any is a deadlock
+  bool failed = false;
+  std::string error;
+  void (*body)(void*) = nullptr;
+  void* ctx = nullptr;
+  Context sched;
+};
+
+thread_local BlockRun* g_run = nullptr;
+thread_local Fiber* g_fiber = nullptr;
+thread_local cudaError_t g_last_error = cudaSuccess;
+thread_local std::string g_last_message;
+thread_local std::vector<void*> g_stacks;  // reused across launches
+
+void* stack_at(size_t i) {
+  while (g_stacks.size() <= i) {
+    void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+      std::fprintf(stderr, "ck_cuda_emu: cannot map a fiber stack\n");
+      std::abort();
+    }
+    g_stacks.push_back(p);
+  }
+  return g_stacks[i];
+}
+
+// Back to the scheduler; returns when the scheduler resumes this fiber.
+void yield() { switch_context(g_fiber->ctx, g_run->sched); }
+
+void flush_cp_async(Fiber& f, size_t keep_pending) {
+  while (f.groups.size() > keep_pending) {
+    for (const CpAsync& c : f.groups.front()) std::memcpy(c.dst, c.src, 16);
+    f.groups.erase(f.groups.begin());
+  }
+}
+
+void fiber_entry() {
+  Fiber* f = g_fiber;
+  g_run->body(g_run->ctx);
+  // a thread that exits completes its outstanding copies (they are in flight on a GPU)
+  f->groups.push_back(std::move(f->open));
+  flush_cp_async(*f, 0);
+  f->done = true;
+  ++g_run->exited;
+  ++g_run->progress;
+  if (g_run->bar_arrived > 0 && !g_run->failed) {
+    g_run->failed = true;
+    g_run->error = "a thread returned while others of its block wait at __syncthreads";
+  }
+  WarpState& w = g_run->warps[f->thread.warp];
+  ++w.exited;
+  if ((w.arrived[0] > 0 || w.arrived[1] > 0) && !g_run->failed) {
+    g_run->failed = true;
+    g_run->error = "a lane returned while others of its warp wait at a warp collective";
+  }
+  switch_context(f->ctx, g_run->sched);  // never resumed
+  std::abort();
+}
+
+void stop(const std::string& what) {
+  if (!g_run->failed) {
+    g_run->failed = true;
+    g_run->error = what;
+  }
+  for (;;) yield();  // the scheduler abandons the block
+}
+
+}  // namespace
+
+[[noreturn]] void fail(const std::string& what) {
+  if (g_run == nullptr) {
+    std::fprintf(stderr, "ck_cuda_emu: %s\n", what.c_str());
+    std::abort();
+  }
+  stop(what);
+  std::abort();
+}
+
+void syncthreads() {
+  BlockRun& r = *g_run;
+  if (r.exited > 0) fail("__syncthreads reached after a thread of the block returned (divergent barrier)");
+  const uint64_t gen = r.bar_gen;
+  ++r.progress;
+  if (++r.bar_arrived == r.nthreads) {
+    r.bar_arrived = 0;
+    ++r.bar_gen;
+    return;
+  }
+  g_fiber->waiting = true;
+  while (r.bar_gen == gen) yield();
+  g_fiber->waiting = false;
+}
+
+const unsigned char* warp_exchange(const void* mine, size_t bytes, const char* kind) {
+  BlockRun& r = *g_run;
+  Thread& t = g_fiber->thread;
+  WarpState& w = r.warps[t.warp];
+  if (w.lanes != 32) fail(std::string(kind) + " in a warp of " + std::to_string(w.lanes) + " threads");
+  if (w.exited > 0) fail(std::string(kind) + " reached after a lane of the warp returned");
+  const int p = static_cast<int>(t.collectives & 1);
+  if (w.arrived[p] == 0) {
+    w.kind[p] = kind;
+  } else if (std::strcmp(w.kind[p], kind) != 0) {
+    fail(std::string("lanes of warp ") + std::to_string(t.warp) + " called different warp collectives (" + w.kind[p] +
+         ", " + kind + ")");
+  }
+  std::memcpy(w.slots[p][t.lane], mine, bytes);
+  ++r.progress;
+  if (++w.arrived[p] == w.lanes) {
+    w.arrived[p] = 0;
+    ++w.completed;
+  } else {
+    g_fiber->waiting = true;
+    while (w.completed <= t.collectives) {
+      if (w.exited > 0) fail(std::string(kind) + " reached after a lane of the warp returned");
+      yield();
+    }
+    g_fiber->waiting = false;
+  }
+  ++t.collectives;
+  return &w.slots[p][0][0];
+}
+
+void cp_async16(void* smem, const void* gmem) { g_fiber->open.push_back(CpAsync{smem, gmem}); }
+void cp_async_commit() { g_fiber->groups.push_back(std::move(g_fiber->open)); g_fiber->open.clear(); }
+void cp_async_wait(int pending) { flush_cp_async(*g_fiber, static_cast<size_t>(pending < 0 ? 0 : pending)); }
+
+cudaError_t take_last_error() {
+  const cudaError_t e = g_last_error;
+  g_last_error = cudaSuccess;
+  return e;
+}
+
+const char* error_string(cudaError_t err) {
+  if (err == cudaSuccess) return "no error";
+  return g_last_message.c_str();
+}
+
+static void set_error(cudaError_t e, const std::string& what) {
+  g_last_error = e;
+  g_last_message = "CUDA emulator: " + what;
+}
+
+void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
+  const uint64_t nthreads = static_cast<uint64_t>(block.x) * block.y * block.z;
+  if (nthreads == 0 || nthreads > 1024 || block.z > 64) {
+    set_error(cudaErrorInvalidConfiguration, "invalid block size");
+    return;
+  }
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+    set_error(cudaErrorInvalidConfiguration, "invalid grid (" + std::to_string(grid.x) + ", " +
+                                                 std::to_string(grid.y) + ", " + std::to_string(grid.z) + ")");
+    return;
+  }
+  BlockRun* outer_run = g_run;
+  Fiber* outer_fiber = g_fiber;
+  Thread* outer_thread = g_thread;
+  Block* outer_block = g_block;
+  std::vector<Fiber> fibers(nthreads);
+  BlockRun r;
+  r.fibers = &fibers;
+  r.nthreads = static_cast<int>(nthreads);
+  r.body = body;
+  r.ctx = ctx;
+  r.block.dim = block;
+  r.block.grid = grid;
+  g_run = &r;
+  g_block = &r.block;
+  for (unsigned bz = 0; bz < grid.z && !r.failed; ++bz)
+    for (unsigned by = 0; by < grid.y && !r.failed; ++by)
+      for (unsigned bx = 0; bx < grid.x && !r.failed; ++bx) {
+        r.block.idx = uint3{bx, by, bz};
+        r.exited = 0;
+        r.bar_arrived = 0;
+        r.warps.assign((nthreads + 31) / 32, WarpState());
+        for (uint64_t i = 0; i < nthreads; ++i) {
+          Fiber& f = fibers[i];
+          f.done = false;
+          f.waiting = false;
+          f.open.clear();
+          f.groups.clear();
+          f.thread = Thread();
+          f.thread.idx = uint3{static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
+                               static_cast<unsigned>(i / (static_cast<uint64_t>(block.x) * block.y))};
+          f.thread.lane = static_cast<int>(i & 31);
+          f.thread.warp = static_cast<int>(i >> 5);
+          ++r.warps[i >> 5].lanes;
+          make_context(f.ctx, stack_at(i), kStackBytes, fiber_entry);
+        }
+        int live = r.nthreads;
+        while (live > 0 && !r.failed) {
+          const uint64_t before = r.progress;
+          live = 0;
+          for (Fiber& f : fibers) {
+            if (f.done) continue;
+            g_fiber = &f;
+            g_thread = &f.thread;
+            switch_context(r.sched, f.ctx);
+            if (r.failed) break;
+            if (!f.done) ++live;
+          }
+          if (live > 0 && !r.failed && r.progress == before) {
+            r.failed = true;
+            r.error = "deadlock: the threads of block (" + std::to_string(bx) + ", " + std::to_string(by) +
+                      ") wait at different barriers";
+          }
+        }
+      }
+  g_run = outer_run;
+  g_fiber = outer_fiber;
+  g_thread = outer_thread;
+  g_block = outer_block;
+  if (r.failed) set_error(cudaErrorLaunchFailure, r.error);
+}
+
+}  // namespace ck_emu

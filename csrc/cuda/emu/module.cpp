@@ -1,0 +1,181 @@
+// Python module contrastive_kernels._C_cuda_emu: importing it registers the emulated
+// CUDA ops (contrastive_kernels::<op>_cuda_emu, see csrc/cuda/bindings.cpp), and it
+// carries small self-test kernels of the emulator itself (tests/test_cuda_emulator.py):
+// the conversions against torch's, mma.sync against a matrix product, and the misuse
+// the emulator must report (divergent barriers, collectives with missing lanes,
+// deadlocks, launch limits, reads of cp.async data before the wait).
+#include <torch/extension.h>
+
+#include <cstring>
+#include <string>
+
+#include "ck_cuda_emu.h"
+
+namespace {
+
+using at::Tensor;
+
+std::string launch_status() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? std::string("ok") : std::string(cudaGetErrorString(err));
+}
+
+// Bits of __float2half_rn, __float2bfloat16_rn and cvt.rna.tf32 of each float32.
+std::tuple<Tensor, Tensor, Tensor> convert_bits(const Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
+  Tensor h = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  Tensor b = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  Tensor t = at::empty(x.sizes(), x.options().dtype(at::kLong));
+  const float* px = x.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    h.data_ptr<int>()[i] = __float2half_rn(px[i]).__x;
+    b.data_ptr<int>()[i] = __float2bfloat16_rn(px[i]).__x;
+    t.data_ptr<int64_t>()[i] = ck_emu::cvt_rna_tf32(px[i]);
+  }
+  return {h, b, t};
+}
+
+// Half / bfloat16 bits (int32 tensor) back to float32.
+std::tuple<Tensor, Tensor> widen_bits(const Tensor& bits) {
+  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.is_contiguous(), "bits must be contiguous int32");
+  Tensor h = at::empty(bits.sizes(), bits.options().dtype(at::kFloat));
+  Tensor b = at::empty(bits.sizes(), bits.options().dtype(at::kFloat));
+  for (int64_t i = 0; i < bits.numel(); ++i) {
+    const uint16_t v = static_cast<uint16_t>(bits.data_ptr<int>()[i]);
+    h.data_ptr<float>()[i] = __half2float(__half{v});
+    b.data_ptr<float>()[i] = __bfloat162float(__nv_bfloat16{v});
+  }
+  return {h, b};
+}
+
+// One warp: C (16 x 8, float32) = A (16 x K) B (K x 8) + C through one emulated mma.sync,
+// each lane loading its fragments from the PTX ISA layouts.  kind 0 f16, 1 bf16 (a, b
+// given as int32 bits), 2 tf32 (a, b float32; K = 8, else K = 16).
+struct MmaArgs {
+  const int* a16;
+  const int* b16;
+  const float* a32;
+  const float* b32;
+  float* c;
+  int kind;
+};
+
+__global__ void mma_kernel(MmaArgs p) {
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+  float c[4];
+  for (int e = 0; e < 4; ++e) c[e] = p.c[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)];
+  uint32_t a[4], b[2];
+  if (p.kind == 2) {
+    const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {t, t, t + 4, t + 4};
+    for (int i = 0; i < 4; ++i) a[i] = ck_emu::float_to_bits(p.a32[rows[i] * 8 + cols[i]]);
+    b[0] = ck_emu::float_to_bits(p.b32[t * 8 + g]);
+    b[1] = ck_emu::float_to_bits(p.b32[(t + 4) * 8 + g]);
+    ck_emu::mma_sync<8>(c, a, b, 2);
+  } else {
+    auto pa = [&](int r, int k) {
+      return static_cast<uint32_t>(p.a16[r * 16 + k] & 0xffff) | (static_cast<uint32_t>(p.a16[r * 16 + k + 1]) << 16);
+    };
+    auto pb = [&](int k, int n) {
+      return static_cast<uint32_t>(p.b16[k * 8 + n] & 0xffff) | (static_cast<uint32_t>(p.b16[(k + 1) * 8 + n]) << 16);
+    };
+    a[0] = pa(g, 2 * t);
+    a[1] = pa(g + 8, 2 * t);
+    a[2] = pa(g, 2 * t + 8);
+    a[3] = pa(g + 8, 2 * t + 8);
+    b[0] = pb(2 * t, g);
+    b[1] = pb(2 * t + 8, g);
+    ck_emu::mma_sync<16>(c, a, b, p.kind);
+  }
+  for (int e = 0; e < 4; ++e) p.c[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = c[e];
+}
+
+Tensor mma(const Tensor& a, const Tensor& b, const Tensor& c, int64_t kind) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, "kind must be 0, 1 or 2");
+  Tensor out = c.contiguous().clone();
+  MmaArgs p{};
+  Tensor ac = a.contiguous(), bc = b.contiguous();
+  if (kind == 2) {
+    p.a32 = ac.data_ptr<float>();
+    p.b32 = bc.data_ptr<float>();
+  } else {
+    p.a16 = ac.data_ptr<int>();
+    p.b16 = bc.data_ptr<int>();
+  }
+  p.c = out.data_ptr<float>();
+  p.kind = static_cast<int>(kind);
+  CK_LAUNCH(1, 32, 0, nullptr, mma_kernel)(p);
+  const std::string st = launch_status();
+  TORCH_CHECK(st == "ok", st);
+  return out;
+}
+
+// Misuse the emulator must report (returns the launch status string).
+__global__ void misuse_kernel(int which, float* out) {
+  const int tid = threadIdx.x;
+  switch (which) {
+    case 0: {  // correct: barrier, then a shuffle sum over the warp
+      __syncthreads();
+      float v = static_cast<float>(tid);
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      out[tid] = v;
+      return;
+    }
+    case 1:  // a thread returns, the others wait at __syncthreads
+      if (tid == 5) return;
+      __syncthreads();
+      return;
+    case 2:  // a lane returns before a warp shuffle
+      if (tid == 3) return;
+      out[tid] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+      return;
+    case 3:  // lane 0 waits at a barrier, the rest of its warp at a shuffle: deadlock
+      if (tid == 0) {
+        __syncthreads();
+      } else {
+        out[tid] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+        __syncthreads();
+      }
+      return;
+    case 4: {  // reads a cp.async destination before and after its wait
+      __shared__ __align__(16) float sm[4];
+      __shared__ __align__(16) float src[4];
+      if (tid == 0) {
+        for (int i = 0; i < 4; ++i) {
+          sm[i] = -1.f;
+          src[i] = static_cast<float>(i + 1);
+        }
+        ck_emu::cp_async16(sm, src);
+        ck_emu::cp_async_commit();
+        out[0] = sm[0];  // before the wait: still the old value
+        ck_emu::cp_async_wait(0);
+        out[1] = sm[0];  // after: the copy has landed
+      }
+      return;
+    }
+    default:
+      return;
+  }
+}
+
+std::string misuse(int64_t which, const Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() >= 64, "out must be float32 with >= 64 entries");
+  if (which == 5) {  // gridDim.y past the hardware limit
+    CK_LAUNCH(dim3(1, 65536), 32, 0, nullptr, misuse_kernel)(0, out.data_ptr<float>());
+  } else if (which == 6) {  // a block of more than 1024 threads
+    CK_LAUNCH(1, 1056, 0, nullptr, misuse_kernel)(0, out.data_ptr<float>());
+  } else {
+    CK_LAUNCH(1, 64, 0, nullptr, misuse_kernel)(static_cast<int>(which), out.data_ptr<float>());
+  }
+  return launch_status();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "contrastive_kernels CUDA kernels on the CPU emulator (csrc/cuda/emu), for tests";
+  m.attr("emulated") = true;
+  m.def("convert_bits", &convert_bits, "emulated __float2half_rn / __float2bfloat16_rn / cvt.rna.tf32 bits");
+  m.def("widen_bits", &widen_bits, "emulated __half2float / __bfloat162float of 16-bit patterns");
+  m.def("mma", &mma, "one emulated mma.sync (kind 0 f16, 1 bf16, 2 tf32) from PTX-layout fragments");
+  m.def("misuse", &misuse, "run a misuse case of the emulator's self-test kernel; returns the launch status");
+}

@@ -1,0 +1,129 @@
+"""The CPU emulator of the CUDA kernels (csrc/cuda/emu) checked on its own.
+
+The emulator lets the CUDA sources run, unchanged, on a machine without a GPU: the
+family tests then run backend "cuda" on CPU tensors (CONTRASTIVE_KERNELS_CUDA_EMULATE=1,
+extension built with CONTRASTIVE_KERNELS_BUILD_CUDA_EMU=1; CI does both).  Its verdicts
+are only as good as its model of the hardware, so this file checks that model against
+independent implementations: conversions against torch's, mma.sync against a float64
+matrix product from the PTX ISA fragment layouts, and that the misuse the hardware
+leaves undefined (divergent barriers, partial-warp collectives, deadlocks, launch
+limits, reading cp.async data before its wait) is reported, not silently run.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.cuda_emu
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if os.environ.get("CONTRASTIVE_KERNELS_CUDA_EMULATE") != "1":
+        pytest.fail("run the cuda_emu tests with CONTRASTIVE_KERNELS_CUDA_EMULATE=1")
+    import contrastive_kernels  # noqa: F401  (loads _C first)
+    return importlib.import_module("contrastive_kernels._C_cuda_emu")
+
+
+def _float_samples(n=20000):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-30, 30, (n,), generator=g).float())
+    # half / bfloat16 edge cases: subnormals, ties, overflow, specials
+    specials = torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, -65520.0, 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8,
+                             1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 3.4e38,
+                             float("inf"), -float("inf"), 1e-45, 1.17e-38])
+    return torch.cat([x, specials, torch.randn(n, generator=g) * 1e-6])
+
+
+def test_half_bfloat16_conversions_match_torch(emu):
+    x = _float_samples()
+    h, b, _ = emu.convert_bits(x)
+    assert torch.equal(h.to(torch.int16), x.half().view(torch.int16).to(torch.int32).to(torch.int16))
+    assert torch.equal(b.to(torch.int16), x.bfloat16().view(torch.int16).to(torch.int32).to(torch.int16))
+    # back to float32: exact
+    hf, _ = emu.widen_bits(h)
+    _, bf = emu.widen_bits(b)
+    assert torch.equal(hf, x.half().float())
+    assert torch.equal(bf, x.bfloat16().float())
+    # NaN stays NaN
+    hn, bn, _ = emu.convert_bits(torch.tensor([float("nan")]))
+    assert torch.isnan(emu.widen_bits(hn)[0]).all() and torch.isnan(emu.widen_bits(bn)[1]).all()
+
+
+def test_tf32_round_to_nearest_ties_away(emu):
+    x = _float_samples()
+    x = x[torch.isfinite(x)]
+    _, _, t = emu.convert_bits(x)
+    got = (t & 0xFFFFFFFF).to(torch.int64)
+    # independent: |x| rounded to 10 explicit mantissa bits, halves away from zero, in float64
+    xd = x.double()
+    m, e = torch.frexp(xd)                       # x = m 2^e, 0.5 <= |m| < 1
+    scaled = m.abs() * 2 ** 11                   # 11 significant bits (1 implicit + 10)
+    r = torch.floor(scaled + 0.5) * torch.sign(m)
+    want = (r * torch.exp2(e.double() - 11)).float()
+    want_bits = want.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    normal = x.abs() >= 1.1754944e-38
+    assert torch.equal(got[normal], want_bits[normal])
+
+
+def _rand16(shape, dtype, g):
+    return (torch.randn(shape, generator=g) * 3).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mma_m16n8k16(emu, dtype):
+    g = torch.Generator().manual_seed(3)
+    a, b = _rand16((16, 16), dtype, g), _rand16((16, 8), dtype, g)
+    c = torch.randn(16, 8, generator=g)
+    bits = lambda t: t.view(torch.int16).to(torch.int32) & 0xFFFF  # noqa: E731
+    out = emu.mma(bits(a), bits(b), c, 0 if dtype == torch.float16 else 1)
+    want = (a.double() @ b.double() + c.double()).float()
+    assert torch.equal(out, want)
+
+
+def test_mma_m16n8k8_tf32_reads_19_bits(emu):
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(16, 8, generator=g), torch.randn(8, 8, generator=g)
+    c = torch.randn(16, 8, generator=g)
+    out = emu.mma(a, b, c, 2)
+    trunc = lambda t: (t.view(torch.int32) & -8192).view(torch.float32).double()  # noqa: E731  (low 13 bits dropped)
+    want = (trunc(a) @ trunc(b) + c.double()).float()
+    assert torch.equal(out, want)
+    assert not torch.equal(out, (a.double() @ b.double() + c.double()).float())
+
+
+def test_correct_kernel_runs(emu):
+    out = torch.zeros(64)
+    assert emu.misuse(0, out) == "ok"
+    # each warp's shuffle sum: 0 + ... + 31 and 32 + ... + 63
+    assert torch.equal(out, torch.tensor([496.0] * 32 + [1520.0] * 32))
+
+
+@pytest.mark.parametrize("which, message", [
+    (1, "__syncthreads"),
+    (2, "warp"),
+    (3, "deadlock"),
+    (5, "invalid grid"),
+    (6, "invalid block size"),
+])
+def test_misuse_is_reported(emu, which, message):
+    status = emu.misuse(which, torch.zeros(64))
+    assert status != "ok" and message in status, status
+
+
+def test_cp_async_lands_at_the_wait(emu):
+    out = torch.zeros(64)
+    assert emu.misuse(4, out) == "ok"
+    assert out[0].item() == -1.0 and out[1].item() == 1.0
+
+
+def test_family_op_errors_name_the_emulator(emu):
+    """A launch failure inside an emulated op surfaces as an error, not as a result."""
+    from contrastive_kernels import _families
+    q = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        torch.ops.contrastive_kernels.lse_forward_cuda_emu(q[0], q, torch.tensor(1.0), None, None, None, None, None,
+                                                           None, 0, 0, False)
+    row, _ = _families.lse("cuda", q, q, torch.tensor(1.0))
+    assert row.shape == (3,) and torch.isfinite(row).all()
