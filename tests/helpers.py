@@ -36,8 +36,16 @@ def assert_close_rel(x, ref, dtype, what=""):
 
 
 def kernel_backends(family: str, device: str = "cpu") -> list[str]:
-    """Fused backends that can run `family` on `device` here (cpu; triton under TRITON_INTERPRET=1)."""
+    """Fused backends that can run `family` on `device` here (cpu; triton under TRITON_INTERPRET=1;
+    cuda under CONTRASTIVE_KERNELS_CUDA_EMULATE=1 with the emulator built)."""
     return [b for b in ("cpu", "triton", "cuda") if backends.unavailable_reason(b, family, device) is None]
+
+
+def _suffix(backend: str, device: str = "cpu") -> str:
+    """Name suffix of a backend's raw family ops for tensors on `device` (`<op>` + suffix)."""
+    if backend == "triton":
+        return "_triton"
+    return "_cuda_emu" if backend == "cuda" and device == "cpu" else ""
 
 
 def backend_params(family: str, device: str = "cpu") -> list:

@@ -7,7 +7,7 @@ import torch
 import contrastive_kernels as ck
 from contrastive_kernels import _ext, _families, backends
 
-from helpers import backend_params, kernel_backends
+from helpers import _suffix, backend_params, kernel_backends
 
 
 def test_available_backends_lists_reference_and_built_kernels():
@@ -48,7 +48,7 @@ def _lse_args(dtype=torch.float32):
 
 
 def _op(name, backend):
-    return getattr(torch.ops.contrastive_kernels, name + ("_triton" if backend == "triton" else ""))
+    return getattr(torch.ops.contrastive_kernels, name + _suffix(backend))
 
 
 @pytest.mark.parametrize("backend", backend_params("lse"))

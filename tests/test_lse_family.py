@@ -14,7 +14,7 @@ import contrastive_kernels as ck
 from contrastive_kernels import _families as fam
 from contrastive_kernels.reference import MASK_DIAG, MASK_POS, MASK_SAME_LABEL
 
-from helpers import DTYPES, TOL, backend_params, peak_rss_growth, rel_err, skip_interpreter_bf16
+from helpers import _suffix, DTYPES, TOL, backend_params, peak_rss_growth, rel_err, skip_interpreter_bf16
 
 BACKENDS = backend_params("lse")
 REF = "_family_reference"
@@ -255,7 +255,7 @@ def test_lse_family_need_subsets(backend, need, compute_col):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lse_backward_returns_empty_for_unneeded(backend):
     x, _ = _make_inputs(33, 40, 8, torch.float32, mask="none", rscale=True, bias=True)
-    op_suffix = "_triton" if backend == "triton" else ""
+    op_suffix = _suffix(backend)
     fwd = getattr(torch.ops.contrastive_kernels, "lse_forward" + op_suffix)
     bwd = getattr(torch.ops.contrastive_kernels, "lse_backward" + op_suffix)
     args = (x["q"], x["k"], x["scale"], x["q_rscale"], x["k_rscale"], x["col_bias"], None, None, None)

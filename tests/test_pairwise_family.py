@@ -13,7 +13,7 @@ import torch
 
 from contrastive_kernels import _families as fam
 from contrastive_kernels.backends import FAMILY_REFERENCE
-from helpers import DTYPES, TOL, backend_params, rel_err
+from helpers import _suffix, DTYPES, TOL, backend_params, rel_err
 
 BACKENDS = backend_params("pairwise")
 NAMES = ("q", "k", "scale", "bias", "row_offset")
@@ -217,7 +217,7 @@ def test_softplus_tails(backend):
 
 # ------------------------------------------------------------------ need_* flags
 def _backward_op(backend):
-    name = "pairwise_backward_triton" if backend == "triton" else "pairwise_backward"
+    name = "pairwise_backward" + _suffix(backend)
     return getattr(torch.ops.contrastive_kernels, name)
 
 
@@ -333,7 +333,7 @@ def test_cpu_argument_checks(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    fwd = "pairwise_forward_triton" if backend == "triton" else "pairwise_forward"
+    fwd = "pairwise_forward" + _suffix(backend)
     op = getattr(torch.ops.contrastive_kernels, fwd)
     q, k, s, b, ro, ql, kl = _inputs(6, 5, 4, labels=True)
     q.requires_grad_()
@@ -351,7 +351,7 @@ FUSED_BACKENDS = [b for b in BACKENDS if b.values[0] in fam._FUSED_BACKENDS]
 
 
 def _fused_op(backend):
-    name = "pairwise_fused_triton" if backend == "triton" else "pairwise_fused"
+    name = "pairwise_fused" + _suffix(backend)
     return getattr(torch.ops.contrastive_kernels, name)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import contrastive_kernels as ck
 from contrastive_kernels import _families as fam
 
-from helpers import DTYPES, TOL, backend_params, rel_err
+from helpers import _suffix, DTYPES, TOL, backend_params, rel_err
 
 BACKENDS = backend_params("similarity")
 SHAPES = [(1, 1, 1), (7, 129, 3), (129, 7, 64), (300, 129, 129), (33, 300, 1)]
@@ -109,7 +109,7 @@ def test_similarity_need_subsets(backend, need):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_similarity_backward_returns_empty_for_unneeded(backend):
     a, b, s = torch.randn(6, 4), torch.randn(5, 4), torch.tensor(2.0)
-    bwd = getattr(torch.ops.contrastive_kernels, "similarity_backward" + ("_triton" if backend == "triton" else ""))
+    bwd = getattr(torch.ops.contrastive_kernels, "similarity_backward" + _suffix(backend))
     shapes = [(6, 4), (5, 4), ()]
     for i in range(3):
         flags = [j == i for j in range(3)]

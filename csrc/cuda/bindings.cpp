@@ -522,7 +522,9 @@ std::tuple<Tensor, Tensor, Tensor> similarity_backward_cuda(const Tensor& grad, 
   if (!need_a && !need_b && !need_scale) return {da, db, dscale};
   Tensor u, v, parts;
   p.grad = grad.data_ptr();
-  if (need_a || need_scale) {
+  // dscale: from U's rows for float32 inputs, from its own exact tile product for 16-bit ones
+  const bool exact_dscale = need_scale && a.scalar_type() != at::kFloat;
+  if (need_a || (need_scale && !exact_dscale)) {
     u = f32(a, {p.n, p.d});
     p.u = u.data_ptr<float>();
   }
@@ -530,7 +532,11 @@ std::tuple<Tensor, Tensor, Tensor> similarity_backward_cuda(const Tensor& grad, 
     v = f32(a, {p.m, p.d});
     p.v = v.data_ptr<float>();
   }
-  if (need_scale) {
+  if (exact_dscale) {
+    parts = f64(a, {kc::similarity_dot_parts(p.n, p.m)});
+    p.dot_parts = parts.data_ptr<double>();
+    p.dscale = dscale.data_ptr<float>();
+  } else if (need_scale) {
     parts = f32(a, {p.n});
     p.row_parts = parts.data_ptr<float>();
     p.dscale = dscale.data_ptr<float>();

@@ -17,7 +17,7 @@
 //     rows are 16-byte aligned, element copies with zero fill at the edges);
 //   * deterministic: per-row sums are reduced in a fixed shuffle order, whole-matrix
 //     sums (dscale, dbias) are written per block and reduced by one block in a fixed
-//     order; no float atomics;
+//     order (double partials); no float atomics;
 //   * int64 indices everywhere a row index meets the feature dimension.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -132,14 +132,14 @@ __device__ __forceinline__ float quad_max(float v) {
 // 2^e exactly, e in [-126, 127].
 __device__ __forceinline__ float pow2(int e) { return __int_as_float((e + 127) << 23); }
 
-// Sum of one float per thread over the block, in a fixed order.
-__device__ __forceinline__ float block_sum(float v, float* red) {
+// Sum of one double per thread over the block, in a fixed order.
+__device__ __forceinline__ double block_sum(double v, double* red) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   __syncthreads();
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
   __syncthreads();
-  float s = 0.f;
+  double s = 0.0;
 #pragma unroll
   for (int w = 0; w < WARPS; ++w) s += red[w];
   return s;
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
   __shared__ __align__(16) T sy[2][BN * LDS];
   __shared__ __align__(16) T sds[BWD ? BM * DS_LD : 8];
   __shared__ Side side[2][BN];
-  __shared__ float red[WARPS];
+  __shared__ double red[WARPS];
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const T* X = static_cast<const T*>(TRANS ? p.k : p.q);
@@ -199,7 +199,9 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
   // forward state (lse: running max / sum; pairwise: sum) and backward sums, per row half
   float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f};
   float rsum[2] = {0.f, 0.f}, rrs[2] = {0.f, 0.f};
-  float dscale_part = 0.f, dbias_part = 0.f;
+  // whole-matrix sums (dscale, dbias) in double: they cancel (MoCo's one query against its
+  // queue: float32 partials missed 1e-5 on d temperature, found by the CPU emulator)
+  double dscale_part = 0.0, dbias_part = 0.0;
   int ds_e[2] = {0, 0};
   float ds_max[2] = {0.f, 0.f};
 
@@ -265,8 +267,10 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
               if (I.lse != -INFINITY) ds += I.g * __expf(x - I.lse);
               if (J.lse != -INFINITY) ds += J.g * __expf(x - J.lse);
             } else {
-              const float sig = 1.f / (1.f + __expf(-x));
-              ds = I.g * (positive ? sig - 1.f : sig);
+              // d term / dx = sigmoid(x) (negative pair) or -sigmoid(-x) (positive pair),
+              // each as 1 / (1 + exp(-y)): accurate to the last bits for any y (sigmoid(x) - 1
+              // cancels for a large positive logit: 10% off at x ~ 13, found by the emulator).
+              ds = (positive ? -I.g : I.g) / (1.f + __expf(positive ? x : -x));
             }
           }
           // Fused pairwise pass (row_out set, unit upstream): also the loss terms.
@@ -276,8 +280,8 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
             rsum[h] += ds;
             rrs[h] += ds * raw * C.rs;
             if (!TRANS) {
-              dscale_part += ds * dot;
-              dbias_part += ds;
+              dscale_part += static_cast<double>(ds * dot);
+              dbias_part += static_cast<double>(ds);
             }
           }
           if (kDsScale)
@@ -402,11 +406,12 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
       }
     }
     if (!TRANS) {
-      const float ds_total = block_sum(dscale_part, red);
-      const float db_total = block_sum(dbias_part, red);
+      const double ds_total = block_sum(dscale_part, red);
+      const double db_total = block_sum(dbias_part, red);
       if (tid == 0) {
-        p.workspace[blockIdx.x] = ds_total;
-        p.workspace[gridDim.x + blockIdx.x] = db_total;
+        double* ws = reinterpret_cast<double*>(p.workspace);
+        ws[blockIdx.x] = ds_total;
+        ws[gridDim.x + blockIdx.x] = db_total;
       }
     }
   }
@@ -434,9 +439,9 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
 }
 
 // Sum of `count` partials in a fixed order (one block).
-__global__ void reduce_partials_kernel(const float* parts, int64_t count, float* out) {
-  __shared__ float red[256];
-  float s = 0.f;
+__global__ void reduce_partials_kernel(const double* parts, int64_t count, float* out) {
+  __shared__ double red[256];
+  double s = 0.0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) s += parts[i];
   red[threadIdx.x] = s;
   __syncthreads();
@@ -444,7 +449,7 @@ __global__ void reduce_partials_kernel(const float* parts, int64_t count, float*
     if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
     __syncthreads();
   }
-  if (threadIdx.x == 0) *out = red[0];
+  if (threadIdx.x == 0) *out = static_cast<float>(red[0]);
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
@@ -489,11 +494,12 @@ cudaError_t backward(const FamilyParams& p_in, bool need_row_pass, bool need_col
     if (err != cudaSuccess) return err;
     const int64_t nb = row_blocks(p.n);
     if (p.dscale && nb > 0) {
-      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(p.workspace, nb, p.dscale);
+      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(reinterpret_cast<const double*>(p.workspace), nb, p.dscale);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (FAM == kPairwise && p.dbias && nb > 0) {
-      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(p.workspace + nb, nb, p.dbias);
+      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(reinterpret_cast<const double*>(p.workspace) + nb, nb,
+                                                           p.dbias);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (nb == 0) {
@@ -512,7 +518,8 @@ cudaError_t backward(const FamilyParams& p_in, bool need_row_pass, bool need_col
 
 }  // namespace
 
-int64_t backward_workspace_floats(const FamilyParams& p) { return 2 * row_blocks(p.n) + 1; }
+// two double partials (dscale, dbias) per row block, as floats
+int64_t backward_workspace_floats(const FamilyParams& p) { return 4 * row_blocks(p.n) + 2; }
 
 cudaError_t lse_forward(const FamilyParams& p, bool compute_col, cudaStream_t stream) {
   cudaError_t err = launch_dtype<kLse, false, false>(p, false, stream);

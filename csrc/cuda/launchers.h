@@ -59,8 +59,8 @@ struct FamilyParams {
   float* dk_rscale = nullptr;    // (m,) lse
   float* drow_offset = nullptr;  // (n,) pairwise
 
-  // backward workspace: backward_workspace_floats(p) floats (per-block partial sums,
-  // reduced in a fixed order: no float atomics)
+  // backward workspace: backward_workspace_floats(p) floats (per-block double partial
+  // sums, reduced in a fixed order: no float atomics; 8-byte aligned)
   float* workspace = nullptr;
 };
 
@@ -138,8 +138,13 @@ struct SimilarityParams {
   float* dscale = nullptr;     // () or nullptr
   float* u = nullptr;          // (n, d) float32 workspace when da or dscale: U = G b_hat
   float* v = nullptr;          // (m, d) float32 workspace when db: V = G^T a_hat
-  float* row_parts = nullptr;  // (n,) float32 workspace when dscale
+  float* row_parts = nullptr;  // (n,) float32 workspace when dscale (float32 inputs)
+  // 16-bit inputs: dscale = sum G . (a_hat b_hat^T) from a tile product of the exact inputs
+  // (b_hat rounded to 16 bits in U would spoil this cancelling sum): per-tile partials
+  double* dot_parts = nullptr;  // similarity_dot_parts(n, m) doubles when dscale (16-bit inputs)
 };
+
+int64_t similarity_dot_parts(int64_t n, int64_t m);
 
 cudaError_t similarity_forward(const SimilarityParams& p, cudaStream_t stream);
 cudaError_t similarity_backward(const SimilarityParams& p, cudaStream_t stream);

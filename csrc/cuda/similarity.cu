@@ -17,8 +17,12 @@
 //         da_i    = scale r_i (U_i - a_hat_i p_i)   (|a_i| >= 1e-12)
 //                 = scale r_i U_i                   (|a_i| <  1e-12: the clamp is constant)
 //                 = scale U_i                       (no normalization)
-//       and dscale = sum_i p_i from per-row partials summed in a fixed order by one block;
-//       db from V the same way.  Deterministic; no float atomics; int64 indices.
+//       and dscale = sum_i p_i from per-row partials summed in a fixed order by one block
+//       (float32 inputs); db from V the same way.  16-bit inputs: dscale = sum G . (a_hat
+//       b_hat^T) from one more tile product of the exact inputs, r_a r_b applied in float32
+//       in the epilogue, double per-tile partials (the sum cancels: U's 16-bit b_hat
+//       missed 2e-2 on bf16, found by the CPU emulator; the Triton backend recomputes it in
+//       float32 for the same reason).  Deterministic; no float atomics; int64 indices.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -91,7 +95,8 @@ __global__ void row_epilogue_kernel(const T* x, const float* w, const float* nor
 }
 
 // *out = sum of parts[0..count) in a fixed order (double accumulation), one block.
-__global__ void sum_parts_kernel(const float* parts, int64_t count, float* out) {
+template <typename P>
+__global__ void sum_parts_kernel(const P* parts, int64_t count, float* out) {
   __shared__ double red[kReduceThreads];
   double s = 0.0;
   for (int64_t i = threadIdx.x; i < count; i += kReduceThreads) s += parts[i];
@@ -177,8 +182,28 @@ struct Backward {
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
       }
     }
-    if (p.dscale != nullptr) {
-      CK_LAUNCH(1, kReduceThreads, 0, stream, sum_parts_kernel)(p.row_parts, p.n, p.dscale);
+    if (p.dscale != nullptr && p.dot_parts != nullptr) {
+      GemmParams g;  // per-tile sums of G . (scale-free) a_hat b_hat^T, operands exact
+      g.a = p.a;
+      g.lda = p.d;
+      g.b = p.b;
+      g.ldb = p.d;
+      g.rows = p.n;
+      g.cols = p.m;
+      g.depth = p.d;
+      g.out = const_cast<void*>(p.grad);
+      g.ldo_r = p.m;
+      g.ldo_c = 1;
+      g.r_scale = ra;
+      g.c_scale = rb;
+      g.partials = p.dot_parts;
+      err = tile::launch_gemm64<T, T, T, false, false, tile::kEpiDotG, T>(g, stream);
+      if (err != cudaSuccess) return err;
+      CK_LAUNCH(1, kReduceThreads, 0, stream, sum_parts_kernel<double>)(p.dot_parts, similarity_dot_parts(p.n, p.m),
+                                                                         p.dscale);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    } else if (p.dscale != nullptr) {
+      CK_LAUNCH(1, kReduceThreads, 0, stream, sum_parts_kernel<float>)(p.row_parts, p.n, p.dscale);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (p.v != nullptr) {
@@ -217,6 +242,10 @@ cudaError_t by_dtype(const SimilarityParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+int64_t similarity_dot_parts(int64_t n, int64_t m) {
+  return cdiv(n, tile::kGemmTile) * cdiv(m, tile::kGemmTile);
+}
 
 cudaError_t similarity_forward(const SimilarityParams& p, cudaStream_t stream) {
   return by_dtype<Forward>(p, stream);

@@ -295,6 +295,9 @@ __device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const H* a, int lda
 //   kEpiSumSq:   per block, sum over the tile's entries with r - c != diag_shift of acc^2
 //                (double) -> partials[column tile * gridDim.x + blockIdx.x]; with
 //                `symmetric` blocks below the diagonal write 0 and those above count twice;
+//   kEpiDotG:    per block, sum over the tile's entries of G(r, c) r_scale[r] c_scale[c] acc
+//                (double) -> partials as kEpiSumSq, with G = ((const OT*) out)[r * ldo_r + c * ldo_c]
+//                (the similarity's dscale = sum G . (a_hat b_hat^T) from exact operands);
 //   kEpiXcorrG:  G = grad_diag[r] on r - c == diag_shift, 2 * grad_offdiag * acc elsewhere,
 //                stored as OT at out[r * ldo_r + c * ldo_c].
 namespace ck {
@@ -306,7 +309,7 @@ constexpr int kGemmTile = 64;
 constexpr int kGemmThreads = 128;
 constexpr int kKLd = kGemmTile + 8;  // padded row of a k-major staged chunk
 
-enum GemmEpi : int { kEpiStore = 0, kEpiSumSq = 1, kEpiXcorrG = 2 };
+enum GemmEpi : int { kEpiStore = 0, kEpiSumSq = 1, kEpiXcorrG = 2, kEpiDotG = 3 };
 
 struct GemmParams {
   const void* a = nullptr;
@@ -321,7 +324,7 @@ struct GemmParams {
   const float* alpha = nullptr;  // device scalar
   const float* r_scale = nullptr;
   const float* c_scale = nullptr;
-  // kEpiSumSq / kEpiXcorrG
+  // kEpiSumSq / kEpiDotG / kEpiXcorrG
   int64_t diag_shift = 0;
   double* partials = nullptr;
   bool symmetric = false;
@@ -449,6 +452,31 @@ __global__ void __launch_bounds__(kGemmThreads) gemm64_kernel(const GemmParams p
       const bool twice = p.symmetric && ty != blockIdx.x;
       p.partials[ty * gridDim.x + blockIdx.x] = twice ? 2.0 * total : total;
     }
+    return;
+  }
+
+  if (EPI == kEpiDotG) {
+    const OT* G = static_cast<const OT*>(p.out);
+    double s = 0.0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = r0 + warp * 16 + g + 8 * h;
+      if (r >= p.rows) continue;
+      const float rs = p.r_scale != nullptr ? p.r_scale[r] : 1.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e1 = 0; e1 < 2; ++e1) {
+          const int64_t c = c0 + nt * 8 + 2 * t + e1;
+          if (c >= p.cols) continue;
+          const float cs = p.c_scale != nullptr ? p.c_scale[c] : 1.f;
+          s += static_cast<double>(to_float(G[r * p.ldo_r + c * p.ldo_c])) *
+               static_cast<double>(rs * cs * acc[nt][2 * h + e1]);
+        }
+      }
+    }
+    const double total = block_sum_f64(s, red);
+    if (tid == 0) p.partials[ty * gridDim.x + blockIdx.x] = total;
     return;
   }
 
