@@ -7,6 +7,21 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _nan_filled_empty_under_emulation():
+    # Under the CUDA emulator, every uninitialized torch.empty (the kernels' outputs and
+    # workspaces included) is filled with NaN / the largest integer, so a kernel that reads
+    # memory it never wrote, or leaves part of an output unwritten, fails its test instead
+    # of reading zeros or stale values (compute-sanitizer's initcheck, in spirit).
+    if os.environ.get("CONTRASTIVE_KERNELS_CUDA_EMULATE") != "1":
+        yield
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_tf32():
     # SPEC.md: float32 tolerances are stated with TF32 off.

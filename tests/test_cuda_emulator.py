@@ -9,7 +9,6 @@ matrix product from the PTX ISA fragment layouts, and that the misuse the hardwa
 leaves undefined (divergent barriers, partial-warp collectives, deadlocks, launch
 limits, reading cp.async data before its wait) is reported, not silently run.
 """
-import importlib
 import os
 
 import pytest
@@ -22,8 +21,10 @@ pytestmark = pytest.mark.cuda_emu
 def emu():
     if os.environ.get("CONTRASTIVE_KERNELS_CUDA_EMULATE") != "1":
         pytest.fail("run the cuda_emu tests with CONTRASTIVE_KERNELS_CUDA_EMULATE=1")
-    import contrastive_kernels  # noqa: F401  (loads _C first)
-    return importlib.import_module("contrastive_kernels._C_cuda_emu")
+    from contrastive_kernels import _ext
+    mod = _ext.load_cuda_emu()
+    assert mod is not None, _ext.cuda_emu_error()
+    return mod
 
 
 def _float_samples(n=20000):

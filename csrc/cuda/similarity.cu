@@ -126,25 +126,32 @@ cudaError_t norms_typed(const SimilarityParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// The product a b^T (both row-major, operands exact) with the epilogue's r_a, r_b scales;
+// `out` (N x M, row-major) is written (forward) or read (the G-dot epilogue).
+GemmParams ab_product(const SimilarityParams& p, void* out) {
+  GemmParams g;
+  g.a = p.a;  // A(i, k) = a[i * D + k]
+  g.lda = p.d;
+  g.b = p.b;  // B(k, j) = b[j * D + k]: row-major
+  g.ldb = p.d;
+  g.rows = p.n;
+  g.cols = p.m;
+  g.depth = p.d;
+  g.out = out;
+  g.ldo_r = p.m;
+  g.ldo_c = 1;
+  g.r_scale = p.normalize ? p.a_rnorm : nullptr;
+  g.c_scale = p.normalize ? p.b_rnorm : nullptr;
+  return g;
+}
+
 template <typename T>
 struct Forward {
   static cudaError_t run(const SimilarityParams& p, cudaStream_t stream) {
     cudaError_t err = norms_typed<T>(p, stream);
     if (err != cudaSuccess) return err;
-    GemmParams g;
-    g.a = p.a;  // A(i, k) = a[i * D + k]
-    g.lda = p.d;
-    g.b = p.b;  // B(k, j) = b[j * D + k]: row-major
-    g.ldb = p.d;
-    g.rows = p.n;
-    g.cols = p.m;
-    g.depth = p.d;
-    g.out = p.out;
-    g.ldo_r = p.m;
-    g.ldo_c = 1;
+    GemmParams g = ab_product(p, p.out);
     g.alpha = p.scale;
-    g.r_scale = p.normalize ? p.a_rnorm : nullptr;
-    g.c_scale = p.normalize ? p.b_rnorm : nullptr;
     return tile::launch_gemm64<T, T, T, false, false, tile::kEpiStore, T>(g, stream);
   }
 };
@@ -183,19 +190,7 @@ struct Backward {
       }
     }
     if (p.dscale != nullptr && p.dot_parts != nullptr) {
-      GemmParams g;  // per-tile sums of G . (scale-free) a_hat b_hat^T, operands exact
-      g.a = p.a;
-      g.lda = p.d;
-      g.b = p.b;
-      g.ldb = p.d;
-      g.rows = p.n;
-      g.cols = p.m;
-      g.depth = p.d;
-      g.out = const_cast<void*>(p.grad);
-      g.ldo_r = p.m;
-      g.ldo_c = 1;
-      g.r_scale = ra;
-      g.c_scale = rb;
+      GemmParams g = ab_product(p, const_cast<void*>(p.grad));  // per-tile sums of G . a_hat b_hat^T
       g.partials = p.dot_parts;
       err = tile::launch_gemm64<T, T, T, false, false, tile::kEpiDotG, T>(g, stream);
       if (err != cudaSuccess) return err;

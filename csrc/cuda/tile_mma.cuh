@@ -455,40 +455,16 @@ __global__ void __launch_bounds__(kGemmThreads) gemm64_kernel(const GemmParams p
     return;
   }
 
-  if (EPI == kEpiDotG) {
-    const OT* G = static_cast<const OT*>(p.out);
-    double s = 0.0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t r = r0 + warp * 16 + g + 8 * h;
-      if (r >= p.rows) continue;
-      const float rs = p.r_scale != nullptr ? p.r_scale[r] : 1.f;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e1 = 0; e1 < 2; ++e1) {
-          const int64_t c = c0 + nt * 8 + 2 * t + e1;
-          if (c >= p.cols) continue;
-          const float cs = p.c_scale != nullptr ? p.c_scale[c] : 1.f;
-          s += static_cast<double>(to_float(G[r * p.ldo_r + c * p.ldo_c])) *
-               static_cast<double>(rs * cs * acc[nt][2 * h + e1]);
-        }
-      }
-    }
-    const double total = block_sum_f64(s, red);
-    if (tid == 0) p.partials[ty * gridDim.x + blockIdx.x] = total;
-    return;
-  }
-
-  OT* out = static_cast<OT*>(p.out);
+  OT* out = static_cast<OT*>(p.out);  // kEpiDotG: G, read
   float alpha = 1.f;
   if (EPI == kEpiStore && p.alpha != nullptr) alpha = *p.alpha;
   if (EPI == kEpiXcorrG) alpha = 2.f * *p.grad_offdiag;
+  double dot = 0.0;  // kEpiDotG
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t r = r0 + warp * 16 + g + 8 * h;
     if (r >= p.rows) continue;
-    const float rs = (EPI == kEpiStore && p.r_scale != nullptr) ? p.r_scale[r] : 1.f;
+    const float rs = (EPI != kEpiXcorrG && p.r_scale != nullptr) ? p.r_scale[r] : 1.f;
     const float gd = EPI == kEpiXcorrG ? p.grad_diag[r] : 0.f;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -497,6 +473,11 @@ __global__ void __launch_bounds__(kGemmThreads) gemm64_kernel(const GemmParams p
         const int64_t c = c0 + nt * 8 + 2 * t + e1;
         if (c >= p.cols) continue;
         const float v = acc[nt][2 * h + e1];
+        if (EPI == kEpiDotG) {
+          const float cs = p.c_scale != nullptr ? p.c_scale[c] : 1.f;
+          dot += static_cast<double>(to_float(out[r * p.ldo_r + c * p.ldo_c])) * static_cast<double>(rs * cs * v);
+          continue;
+        }
         float o;
         if (EPI == kEpiXcorrG) {
           o = (r - c == p.diag_shift) ? gd : alpha * v;
@@ -507,6 +488,10 @@ __global__ void __launch_bounds__(kGemmThreads) gemm64_kernel(const GemmParams p
         out[r * p.ldo_r + c * p.ldo_c] = from_float<OT>(o);
       }
     }
+  }
+  if (EPI == kEpiDotG) {
+    const double total = block_sum_f64(dot, red);
+    if (tid == 0) p.partials[ty * gridDim.x + blockIdx.x] = total;
   }
 }
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
+import sys
 import warnings
 
 _load_error: str | None = None
@@ -54,6 +56,13 @@ def load_cuda_emu():
         _emu_error = f"the compiled extension contrastive_kernels._C is not loaded ({_load_error})"
         return None
     try:
+        path = os.environ.get("CONTRASTIVE_KERNELS_CUDA_EMU_PATH")
+        if path:  # another build of the module (csrc/cuda/emu/memcheck.sh: AddressSanitizer)
+            spec = importlib.util.spec_from_file_location("contrastive_kernels._C_cuda_emu", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            sys.modules["contrastive_kernels._C_cuda_emu"] = mod  # later imports get this one
+            return mod
         return importlib.import_module("contrastive_kernels._C_cuda_emu")
     except Exception as exc:
         _emu_error = (f"contrastive_kernels._C_cuda_emu is not built ({type(exc).__name__}: {exc}); "

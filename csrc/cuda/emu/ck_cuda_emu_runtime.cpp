@@ -10,6 +10,10 @@
 #include <ucontext.h>
 
 #include <cstdlib>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <cstdio>
 #include <cstring>
@@ -100,6 +104,20 @@ struct WarpState {
   unsigned char slots[2][32][kSlot];
 };
 
+// AddressSanitizer builds (csrc/cuda/emu/memcheck.sh): tell it about every stack switch,
+// so that out-of-bounds accesses of the kernels are reported and the fibers' stacks are
+// not mistaken for overflows.
+#if defined(__SANITIZE_ADDRESS__)
+void asan_start(void** fake, const void* bottom, size_t size) { __sanitizer_start_switch_fiber(fake, bottom, size); }
+void asan_finish(void* fake, const void** bottom, size_t* size) { __sanitizer_finish_switch_fiber(fake, bottom, size); }
+// A reused fiber stack still carries the redzones of its previous fiber's frames.
+void asan_fresh_stack(void* stack, size_t bytes) { __asan_unpoison_memory_region(stack, bytes); }
+#else
+void asan_fresh_stack(void*, size_t) {}
+void asan_start(void**, const void*, size_t) {}
+void asan_finish(void*, const void**, size_t*) {}
+#endif
+
 struct CpAsync {
   void* dst;
   const void* src;
@@ -107,6 +125,7 @@ struct CpAsync {
 
 struct Fiber {
   Context ctx;
+  void* asan_fake = nullptr;
   void* stack = nullptr;
   Thread thread;
   bool done = false;
@@ -129,6 +148,9 @@ struct BlockRun {
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
   Context sched;
+  void* asan_fake = nullptr;
+  const void* sched_bottom = nullptr;  // the scheduler's stack (AddressSanitizer annotations)
+  size_t sched_size = 0;
 };
 
 thread_local BlockRun* g_run = nullptr;
@@ -150,7 +172,12 @@ void* stack_at(size_t i) {
 }
 
 // Back to the scheduler; returns when the scheduler resumes this fiber.
-void yield() { switch_context(g_fiber->ctx, g_run->sched); }
+void yield() {
+  Fiber* f = g_fiber;
+  asan_start(&f->asan_fake, g_run->sched_bottom, g_run->sched_size);
+  switch_context(f->ctx, g_run->sched);
+  asan_finish(f->asan_fake, nullptr, nullptr);
+}
 
 void flush_cp_async(Fiber& f, size_t keep_pending) {
   while (f.groups.size() > keep_pending) {
@@ -160,6 +187,7 @@ void flush_cp_async(Fiber& f, size_t keep_pending) {
 }
 
 void fiber_entry() {
+  asan_finish(nullptr, &g_run->sched_bottom, &g_run->sched_size);
   Fiber* f = g_fiber;
   g_run->body(g_run->ctx);
   // a thread that exits completes its outstanding copies (they are in flight on a GPU)
@@ -178,6 +206,7 @@ void fiber_entry() {
     g_run->failed = true;
     g_run->error = "a lane returned while others of its warp wait at a warp collective";
   }
+  asan_start(nullptr, g_run->sched_bottom, g_run->sched_size);  // this fiber ends
   switch_context(f->ctx, g_run->sched);  // never resumed
   std::abort();
 }
@@ -310,7 +339,9 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
           f.thread.lane = static_cast<int>(i & 31);
           f.thread.warp = static_cast<int>(i >> 5);
           ++r.warps[i >> 5].lanes;
-          make_context(f.ctx, stack_at(i), kStackBytes, fiber_entry);
+          f.stack = stack_at(i);
+          asan_fresh_stack(f.stack, kStackBytes);
+          make_context(f.ctx, f.stack, kStackBytes, fiber_entry);
         }
         int live = r.nthreads;
         while (live > 0 && !r.failed) {
@@ -320,7 +351,9 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
             if (f.done) continue;
             g_fiber = &f;
             g_thread = &f.thread;
+            asan_start(&r.asan_fake, f.stack, kStackBytes);
             switch_context(r.sched, f.ctx);
+            asan_finish(r.asan_fake, nullptr, nullptr);
             if (r.failed) break;
             if (!f.done) ++live;
           }

@@ -3,7 +3,8 @@
 // carries small self-test kernels of the emulator itself (tests/test_cuda_emulator.py):
 // the conversions against torch's, mma.sync against a matrix product, and the misuse
 // the emulator must report (divergent barriers, collectives with missing lanes,
-// deadlocks, launch limits, reads of cp.async data before the wait).
+// deadlocks, launch limits, reads of cp.async data before the wait), and an out-of-bounds
+// read that only an AddressSanitizer build reports (memcheck.sh's negative control).
 #include <torch/extension.h>
 
 #include <cstring>
@@ -152,6 +153,9 @@ __global__ void misuse_kernel(int which, float* out) {
       }
       return;
     }
+    case 7:  // reads one float past the end of `out` (64 floats): memcheck.sh's negative control
+      if (tid == 0) out[0] = out[64];
+      return;
     default:
       return;
   }
