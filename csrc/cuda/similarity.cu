@@ -126,20 +126,29 @@ cudaError_t norms_typed(const SimilarityParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// The product a b^T (both row-major, operands exact) with the epilogue's r_a, r_b scales;
-// `out` (N x M, row-major) is written (forward) or read (the G-dot epilogue).
-GemmParams ab_product(const SimilarityParams& p, void* out) {
+// A rows x cols product over `depth` with leading dimensions lda, ldb (layouts: the
+// launch's template flags) into a row-major out (ldo_r, unit column stride).
+GemmParams product(const void* a, int64_t lda, const void* b, int64_t ldb, int64_t rows, int64_t cols,
+                   int64_t depth, void* out, int64_t ldo_r) {
   GemmParams g;
-  g.a = p.a;  // A(i, k) = a[i * D + k]
-  g.lda = p.d;
-  g.b = p.b;  // B(k, j) = b[j * D + k]: row-major
-  g.ldb = p.d;
-  g.rows = p.n;
-  g.cols = p.m;
-  g.depth = p.d;
+  g.a = a;
+  g.lda = lda;
+  g.b = b;
+  g.ldb = ldb;
+  g.rows = rows;
+  g.cols = cols;
+  g.depth = depth;
   g.out = out;
-  g.ldo_r = p.m;
+  g.ldo_r = ldo_r;
   g.ldo_c = 1;
+  return g;
+}
+
+// The product a b^T (A(i, k) = a[i * D + k], B(k, j) = b[j * D + k]: both row-major,
+// operands exact) with the epilogue's r_a, r_b scales; `out` (N x M, row-major) is
+// written (forward) or read (the G-dot epilogue).
+GemmParams ab_product(const SimilarityParams& p, void* out) {
+  GemmParams g = product(p.a, p.d, p.b, p.d, p.n, p.m, p.d, out, p.m);
   g.r_scale = p.normalize ? p.a_rnorm : nullptr;
   g.c_scale = p.normalize ? p.b_rnorm : nullptr;
   return g;
@@ -169,18 +178,9 @@ struct Backward {
     // row_parts without u: D = 0 (an empty u has no data pointer); the epilogue then
     // writes zero partials (no product is launched for zero columns).
     if (p.u != nullptr || p.row_parts != nullptr) {
-      GemmParams g;  // U(i, d) = sum_j G(i, j) rb_j b(j, d)
-      g.a = p.grad;
-      g.lda = p.m;
-      g.b = p.b;
-      g.ldb = p.d;
+      // U(i, d) = sum_j G(i, j) rb_j b(j, d): G row-major, b k-major
+      GemmParams g = product(p.grad, p.m, p.b, p.d, p.n, p.d, p.m, p.u, p.d);
       g.b_kscale = rb;
-      g.rows = p.n;
-      g.cols = p.d;
-      g.depth = p.m;
-      g.out = p.u;
-      g.ldo_r = p.d;
-      g.ldo_c = 1;
       err = tile::launch_gemm64<T, T, T, false, true, tile::kEpiStore, float>(g, stream);
       if (err != cudaSuccess) return err;
       if (p.n > 0 && (p.da != nullptr || p.row_parts != nullptr)) {
@@ -202,18 +202,9 @@ struct Backward {
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (p.v != nullptr) {
-      GemmParams g;  // V(j, d) = sum_i G(i, j) ra_i a(i, d): G^T is a k-major A
-      g.a = p.grad;
-      g.lda = p.m;
-      g.b = p.a;
-      g.ldb = p.d;
+      // V(j, d) = sum_i G(i, j) ra_i a(i, d): G^T is a k-major A, a k-major
+      GemmParams g = product(p.grad, p.m, p.a, p.d, p.m, p.d, p.n, p.v, p.d);
       g.b_kscale = ra;
-      g.rows = p.m;
-      g.cols = p.d;
-      g.depth = p.n;
-      g.out = p.v;
-      g.ldo_r = p.d;
-      g.ldo_c = 1;
       err = tile::launch_gemm64<T, T, T, true, true, tile::kEpiStore, float>(g, stream);
       if (err != cudaSuccess) return err;
       if (p.m > 0 && p.db != nullptr) {
