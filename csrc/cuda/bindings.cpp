@@ -40,7 +40,7 @@ cudaStream_t current_stream() { return nullptr; }
 #else
 bool on_device(const at::Tensor& t) { return t.is_cuda(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
-cudaStream_t current_stream() { return current_stream(); }
+cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
 #endif
 
 using at::Tensor;
