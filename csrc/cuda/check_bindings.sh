@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Syntax- and type-check the torch glue of the CUDA kernels (csrc/cuda/bindings.cpp) on a
-# machine without a CUDA build of torch: g++ -fsyntax-only against the installed (CPU)
+# Compile the torch glue of the CUDA kernels (csrc/cuda/bindings.cpp) on a machine without
+# a CUDA build of torch: g++ -c -O1 (object discarded; the optimizer's warnings, e.g.
+# -Winfinite-recursion, need more than -fsyntax-only) against the installed (CPU)
 # torch's headers and the CUDA toolkit's, with one-line stubs for the CUDA library headers
 # the CPU wheel does not ship (handle and status typedefs only: the glue never calls them).
 #   bash csrc/cuda/check_bindings.sh [PYTHON]     (default: python3 on PATH)
@@ -25,6 +26,6 @@ import sysconfig
 from torch.utils.cpp_extension import include_paths
 for p in include_paths(): print(p)
 print(sysconfig.get_paths()['include'])")
-g++ -std=c++17 -fsyntax-only -Wall -Wextra -Werror -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
+g++ -std=c++17 -c -O1 -o /dev/null -Wall -Wextra -Werror -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
   "${incs[@]}" -isystem "$stubs" -isystem "$cuda_inc" -I"$here/.." "$here/bindings.cpp"
-echo "ok   csrc/cuda/bindings.cpp (g++ -fsyntax-only against $("$py" -c 'import torch; print(torch.__version__)') headers)"
+echo "ok   csrc/cuda/bindings.cpp (g++ -c -O1 -Werror against $("$py" -c 'import torch; print(torch.__version__)') headers)"
