@@ -190,6 +190,8 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
   const int64_t ntiles = (ncols + BN - 1) / BN;
   const int64_t nsteps = ntiles * spt;
   const bool side_sums = !BWD || blockIdx.y == 0;
+  // float32: six TF32 products per step where a sum is short (S over d, dX over the columns)
+  const bool precise_s = D < tile::kPreciseDepth, precise_o = ncols < tile::kPreciseDepth;
 
   float accS[NT_S][4];
   float accO[BWD ? NT_O : 1][4];
@@ -355,13 +357,14 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
 #pragma unroll
         for (int nt = 0; nt < NT_S; ++nt) accS[nt][0] = accS[nt][1] = accS[nt][2] = accS[nt][3] = 0.f;
       }
-      tile::warp_mma_nt<NT_S, BK>(accS, &sx[st][warp * 16 * LDS], LDS, sy[st], LDS);
+      tile::warp_mma_nt<NT_S, BK>(accS, &sx[st][warp * 16 * LDS], LDS, sy[st], LDS, precise_s);
       if (local == nk - 1) epilogue(s / spt);
     } else if (BWD) {
       const int gi = local - nk;
 #pragma unroll
       for (int q = 0; q < NG_MAX; ++q)
-        if (q == gi) tile::warp_mma_nn<TPS, BN>(&accO[q * TPS], &sds[warp * 16 * DS_LD], DS_LD, sy[st], LDS);
+        if (q == gi)
+          tile::warp_mma_nn<TPS, BN>(&accO[q * TPS], &sds[warp * 16 * DS_LD], DS_LD, sy[st], LDS, precise_o);
     }
     __syncthreads();
   }

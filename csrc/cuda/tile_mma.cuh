@@ -6,9 +6,12 @@
 //   c[2], c[3]: row g + 8, cols 2t, 2t+1
 // bf16 / fp16 tiles use m16n8k16 (one HMMA per 16x8x16 step).  float32 tiles use
 // three m16n8k8 TF32 products on a hi/lo split of each operand (x = hi + lo with hi,
-// lo TF32-rounded; hi*hi + hi*lo + lo*hi), which keeps float32-level accuracy
-// (dropped lo*lo term ~2^-22 relative per product) with tensor cores; plain TF32
-// would miss the 1e-5 float32 tolerance.
+// lo TF32-rounded; hi*hi + hi*lo + lo*hi), which keeps float32-level accuracy for
+// sums of 32 or more products (each product is off by ~2^-22, which a long sum
+// averages out); shorter sums (d < 32, or a dX over fewer than 32 columns) take six
+// products of a three-way split, each product then as exact as a float32 FMA (an
+// emulated MoCo row with d = 5 missed its temperature-gradient bound with three).
+// Plain TF32 would miss the 1e-5 float32 tolerance.
 //
 // Tiles in shared memory are row-major with a padded leading dimension chosen so that
 // the 32-bit fragment loads below hit 32 distinct banks.
@@ -80,10 +83,7 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint
 __device__ __forceinline__ void mma1688_tf32(float* c, const uint32_t* a, const uint32_t* b) {
   ::ck_emu::mma_sync<8>(c, a, b, 2);
 }
-__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  hi = ::ck_emu::cvt_rna_tf32(x);
-  lo = ::ck_emu::cvt_rna_tf32(x - __uint_as_float(hi));
-}
+__device__ __forceinline__ uint32_t tf32_rna(float x) { return ::ck_emu::cvt_rna_tf32(x); }
 #else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -118,18 +118,31 @@ __device__ __forceinline__ void mma1688_tf32(float* c, const uint32_t* a, const 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  uint32_t h, l;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(h) : "f"(x));
-  const float r = x - __uint_as_float(h);
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(l) : "f"(r));
-  hi = h;
-  lo = l;
+__device__ __forceinline__ uint32_t tf32_rna(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
 }
 
 #endif  // CK_CUDA_EMU
 
-// acc += a * b with float32 accuracy from three TF32 products (small terms first).
+// x = hi + lo (+ error <= 2^-22 |x|), each TF32-rounded.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = tf32_rna(x);
+  lo = tf32_rna(x - __uint_as_float(hi));
+}
+// x = hi + mid + lo (+ error <= 2^-33 |x|), each TF32-rounded.
+__device__ __forceinline__ void split3_tf32(float x, uint32_t& hi, uint32_t& mid, uint32_t& lo) {
+  hi = tf32_rna(x);
+  const float r = x - __uint_as_float(hi);
+  mid = tf32_rna(r);
+  lo = tf32_rna(r - __uint_as_float(mid));
+}
+
+// acc += a * b from three TF32 products (small terms first): each product a_k b_k is
+// off by up to ~3 * 2^-22 relative (hi*lo, lo*hi rounded, lo*lo dropped), which a
+// long sum averages below float32's own rounding (simulated: depth >= 32 matches or
+// beats a float32 FMA loop) but a short one does not (depth 5: 0.62 vs 0.34 ulp mean).
 __device__ __forceinline__ void mma_3xtf32(float* c, const float* a, const float* b) {
   uint32_t ah[4], al[4], bh[2], bl[2];
 #pragma unroll
@@ -139,6 +152,33 @@ __device__ __forceinline__ void mma_3xtf32(float* c, const float* a, const float
   mma1688_tf32(c, al, bh);
   mma1688_tf32(c, ah, bl);
   mma1688_tf32(c, ah, bh);
+}
+
+// acc += a * b from six TF32 products of a three-way split (every term down to
+// 2^-22 relative kept, the 2^-33 ones dropped): each product exact to ~2^-24, as a
+// float32 FMA.  Used where the sum is shorter than kPreciseDepth, where it costs
+// little (such a product is bound by its epilogue, not the MMAs).
+__device__ __forceinline__ void mma_6xtf32(float* c, const float* a, const float* b) {
+  uint32_t ah[4], am[4], al[4], bh[2], bm[2], bl[2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) split3_tf32(a[i], ah[i], am[i], al[i]);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) split3_tf32(b[i], bh[i], bm[i], bl[i]);
+  mma1688_tf32(c, al, bh);
+  mma1688_tf32(c, ah, bl);
+  mma1688_tf32(c, am, bm);
+  mma1688_tf32(c, am, bh);
+  mma1688_tf32(c, ah, bm);
+  mma1688_tf32(c, ah, bh);
+}
+
+// Float32 products whose summed depth is below this use mma_6xtf32 (a uniform branch).
+constexpr int64_t kPreciseDepth = 32;
+__device__ __forceinline__ void mma_f32(float* c, const float* a, const float* b, bool precise) {
+  if (precise)
+    mma_6xtf32(c, a, b);
+  else
+    mma_3xtf32(c, a, b);
 }
 
 __device__ __forceinline__ uint32_t ld32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
@@ -154,7 +194,8 @@ __device__ __forceinline__ uint16_t bits16(const T& x) {
 // acc[NT][4] += A[16 x K] * B^T where A = a[row * lda + k] (the warp's 16 rows) and
 // B = b[n * ldb + k] (8 * NT rows): both operands are "rows of features" (S = Q K^T).
 template <int NT, int K>
-__device__ __forceinline__ void warp_mma_nt(float (*acc)[4], const float* a, int lda, const float* b, int ldb) {
+__device__ __forceinline__ void warp_mma_nt(float (*acc)[4], const float* a, int lda, const float* b, int ldb,
+                                            bool precise) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int kk = 0; kk < K; kk += 8) {
@@ -164,13 +205,14 @@ __device__ __forceinline__ void warp_mma_nt(float (*acc)[4], const float* a, int
     for (int nt = 0; nt < NT; ++nt) {
       const float* bp = b + (nt * 8 + g) * ldb + kk + t;
       float bf[2] = {bp[0], bp[4]};
-      mma_3xtf32(acc[nt], af, bf);
+      mma_f32(acc[nt], af, bf, precise);
     }
   }
 }
 
 template <int NT, int K, typename H>
-__device__ __forceinline__ void warp_mma_nt(float (*acc)[4], const H* a, int lda, const H* b, int ldb) {
+__device__ __forceinline__ void warp_mma_nt(float (*acc)[4], const H* a, int lda, const H* b, int ldb,
+                                            bool /*precise: float32 only*/) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int kk = 0; kk < K; kk += 16) {
@@ -202,7 +244,8 @@ __device__ __forceinline__ void b_frag_kmajor(uint32_t (&bf)[2], const H* b, int
 // acc[NT][4] += A[16 x K] * B where B = b[k * ldb + n] (K rows of 8 * NT columns):
 // the gradient product dQ += dS * K.
 template <int NT, int K>
-__device__ __forceinline__ void warp_mma_nn(float (*acc)[4], const float* a, int lda, const float* b, int ldb) {
+__device__ __forceinline__ void warp_mma_nn(float (*acc)[4], const float* a, int lda, const float* b, int ldb,
+                                            bool precise) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int kk = 0; kk < K; kk += 8) {
@@ -212,13 +255,14 @@ __device__ __forceinline__ void warp_mma_nn(float (*acc)[4], const float* a, int
     for (int nt = 0; nt < NT; ++nt) {
       float bf[2];
       b_frag_kmajor(bf, b, ldb, kk, nt * 8, g, t);
-      mma_3xtf32(acc[nt], af, bf);
+      mma_f32(acc[nt], af, bf, precise);
     }
   }
 }
 
 template <int NT, int K, typename H>
-__device__ __forceinline__ void warp_mma_nn(float (*acc)[4], const H* a, int lda, const H* b, int ldb) {
+__device__ __forceinline__ void warp_mma_nn(float (*acc)[4], const H* a, int lda, const H* b, int ldb,
+                                            bool /*precise: float32 only*/) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int kk = 0; kk < K; kk += 16) {
@@ -238,7 +282,8 @@ __device__ __forceinline__ void warp_mma_nn(float (*acc)[4], const H* a, int lda
 // B = b[k * ldb + n] as in warp_mma_nn.  With lda = ldb = 64 + 8 (float: 8t + g; 16-bit:
 // 8t + g / 2 words) the fragment loads hit distinct banks.
 template <int NT, int K>
-__device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const float* a, int lda, const float* b, int ldb) {
+__device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const float* a, int lda, const float* b, int ldb,
+                                            bool precise) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int kk = 0; kk < K; kk += 8) {
@@ -248,13 +293,14 @@ __device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const float* a, int
     for (int nt = 0; nt < NT; ++nt) {
       float bf[2];
       b_frag_kmajor(bf, b, ldb, kk, nt * 8, g, t);
-      mma_3xtf32(acc[nt], af, bf);
+      mma_f32(acc[nt], af, bf, precise);
     }
   }
 }
 
 template <int NT, int K, typename H>
-__device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const H* a, int lda, const H* b, int ldb) {
+__device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const H* a, int lda, const H* b, int ldb,
+                                            bool /*precise: float32 only*/) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int kk = 0; kk < K; kk += 16) {
@@ -397,6 +443,7 @@ __global__ void __launch_bounds__(kGemmThreads) gemm64_kernel(const GemmParams p
   float acc[NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  const bool precise = p.depth < kPreciseDepth;
 
   auto issue = [&](int64_t s) {
     const int st = static_cast<int>(s & 1);
@@ -422,11 +469,11 @@ __global__ void __launch_bounds__(kGemmThreads) gemm64_kernel(const GemmParams p
     __syncthreads();
     const int st = static_cast<int>(s & 1);
     if (A_KMAJOR)
-      warp_mma_tn<NT, BK>(acc, &sa[st][warp * 16], kKLd, sb[st], kKLd);
+      warp_mma_tn<NT, BK>(acc, &sa[st][warp * 16], kKLd, sb[st], kKLd, precise);
     else if (B_KMAJOR)
-      warp_mma_nn<NT, BK>(acc, &sa[st][warp * 16 * LDS], LDS, sb[st], kKLd);
+      warp_mma_nn<NT, BK>(acc, &sa[st][warp * 16 * LDS], LDS, sb[st], kKLd, precise);
     else
-      warp_mma_nt<NT, BK>(acc, &sa[st][warp * 16 * LDS], LDS, sb[st], LDS);
+      warp_mma_nt<NT, BK>(acc, &sa[st][warp * 16 * LDS], LDS, sb[st], LDS, precise);
     __syncthreads();
   }
   cp_async_wait<0>();
