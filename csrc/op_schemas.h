@@ -12,6 +12,14 @@
 // Returns row_lse (N,) float32 and, when compute_col, col_lse (M,) float32
 // (log-sum-exp over the kept i of column j).  A row or column with no kept
 // pair has log-sum-exp -inf and receives no gradient.
+// Bit 8 (LSE_TARGET, csrc/lse_target.h): the outputs are cross-entropies,
+// row_i = row_lse_i - S_{i, t_i} with t_i = pos_index[i] (any index in [0, M); the
+// target need not be kept) or, without pos_index, i + diag_offset (must be < M), and
+// col_j = col_lse_j - S_{j, j} (compute_col needs N == M, diag_offset 0, no
+// pos_index); the backward then holds dS_{i, t_i} -= grad_row_i (+ grad_col_{t_i})
+// in float32 inside the kernel (the softmax's p - 1, where a loss that subtracted
+// the target logit outside would cancel two separately rounded gradients), and takes
+// these outputs as row_lse / col_lse.
 #define CK_SCHEMA_LSE_FORWARD \
   "(Tensor q, Tensor k, Tensor scale, Tensor? q_rscale, Tensor? k_rscale, Tensor? col_bias, " \
   "Tensor? pos_index, Tensor? q_labels, Tensor? k_labels, int diag_offset, int mask_mode, " \

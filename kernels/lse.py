@@ -35,6 +35,7 @@ from ._common import INTERPRET, LN2, LOG2E, half_ds_scale, is_ieee, launch, pad_
 AVAILABLE = True
 
 MASK_DIAG, MASK_POS, MASK_SAME_LABEL = 1, 2, 4
+LSE_TARGET = 8
 
 
 # ----------------------------------------------------------------------- jit helpers
@@ -203,12 +204,12 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, OUT,
 
 # -------------------------------------------------------------------------- backward
 @triton.jit
-def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB,
+def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT,
                     O_LSE, O_G, I_LSE, I_G, D_OUT, D_ORS, D_SCALE, D_BIAS,
                     NO, NI, D, stride_o, stride_i, diag_offset,
                     TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr,
-                    HAS_OTERM: tl.constexpr, HAS_ITERM: tl.constexpr,
+                    HAS_OTERM: tl.constexpr, HAS_ITERM: tl.constexpr, TARGET: tl.constexpr,
                     NEED_OUT: tl.constexpr, NEED_ORS: tl.constexpr, NEED_SCALE: tl.constexpr,
                     NEED_BIAS: tl.constexpr, RS_ON_TILE: tl.constexpr, DS_C, SCALE_DS: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
@@ -224,6 +225,12 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB,
         o_g = tl.load(O_G + o_idx, mask=o_ok, other=0.0)
     o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
     dcol = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    if TARGET:  # the target column of each q row (TGT, validated < M); -1 never matches
+        o_w = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        if HAS_OTERM:
+            o_w = tl.where(o_lse2 > float("-inf"), o_g, 0.0)
+        if not TRANS:
+            o_t = tl.load(TGT + o_idx, mask=o_ok, other=-1)
 
     if SCALE_DS:  # float16: dS times a power of two before rounding (_common.half_ds_scale)
         ds_c = tl.load(DS_C)
@@ -244,6 +251,15 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB,
             ds += i_g[None, :] * tl.exp2(s - i_lse2[None, :])
         # Masked pairs (and rows / columns with nothing kept, whose LSE is -inf) get exactly 0.
         ds = tl.where(keep, ds, 0.0)
+        if TARGET:  # LSE_TARGET: the target pair's -grad of each side (p - 1 formed here, in float32)
+            if TRANS:
+                is_t = o_idx[:, None] == tl.load(TGT + n64, mask=n_ok, other=-1)[None, :]
+            else:
+                is_t = n64[None, :] == o_t[:, None]
+            w = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32) + o_w[:, None]
+            if HAS_ITERM:
+                w += tl.where(i_lse2 > float("-inf"), i_g, 0.0)[None, :]
+            ds = ds - tl.where(is_t, w, 0.0)
         if NEED_ORS or NEED_SCALE:
             t = ds * acc
             if HAS_IRS:
@@ -379,22 +395,58 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
     return out
 
 
+def _targets(q, k, scale, qr, kr, bias, pos, diag_offset, col):
+    """LSE_TARGET (csrc/lse_target.h): (target column of every row, the target logits S_{i, t_i} in
+    float32), after checking that every target exists."""
+    n, m = q.shape[0], k.shape[0]
+    if pos is not None:
+        if col:
+            raise ValueError("mask_mode bit 8 (LSE_TARGET) with a column term (compute_col) needs pos_index None: "
+                             "column j's target is row j")
+        if n > 0 and (int(pos.min()) < 0 or int(pos.max()) >= m):
+            raise ValueError(f"pos_index values (LSE_TARGET targets) must lie in [0, M) = [0, {m}), got min "
+                             f"{int(pos.min())} max {int(pos.max())}")
+        t = pos
+    else:
+        if col and (n != m or diag_offset != 0):
+            raise ValueError("mask_mode bit 8 (LSE_TARGET) with a column term (compute_col) needs N == M and "
+                             f"diag_offset 0 (targets on the diagonal), got N = {n}, M = {m}, diag_offset {diag_offset}")
+        if n > 0 and not (diag_offset >= 0 and n - 1 + diag_offset < m):
+            raise ValueError("mask_mode bit 8 (LSE_TARGET) without pos_index: row i's target column i + diag_offset "
+                             f"must exist for every row, got N = {n}, M = {m}, diag_offset {diag_offset}")
+        t = torch.arange(n, device=q.device) + int(diag_offset)
+    x = torch.bmm(q.float().unsqueeze(1), k.index_select(0, t).float().unsqueeze(2)).view(n)
+    if qr is not None:
+        x = x * qr
+    if kr is not None:
+        x = x * kr.index_select(0, t)
+    x = x * scale
+    if bias is not None:
+        x = x + bias.index_select(0, t)
+    return t.contiguous(), x
+
+
 def lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode,
                 compute_col):
     q, k = q.contiguous(), k.contiguous()
     scale = scale.reshape(()).to(torch.float32).contiguous()
     qr, kr, bias = _f32(q_rscale), _f32(k_rscale), _f32(col_bias)
     pos, ql, kl = _i64(pos_index), _i64(q_labels), _i64(k_labels)
+    target = _targets(q, k, scale, qr, kr, bias, pos, diag_offset, compute_col) if mask_mode & LSE_TARGET else None
     row = _lse_pass(q, k, scale, qr, kr, bias, pos, ql, kl, diag_offset, mask_mode, trans=False)
     if compute_col:
         col = _lse_pass(k, q, scale, kr, qr, bias, pos, kl, ql, diag_offset, mask_mode, trans=True)
     else:
         col = torch.empty((0,), dtype=torch.float32, device=q.device)
+    if target is not None:  # cross-entropies: minus the target logits (col: square, diagonal)
+        row = row - target[1]
+        if compute_col:
+            col = col - target[1]
     return row, col
 
 
 def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o_g, i_lse, i_g, diag_offset,
-              mask_mode, trans, need_out, need_ors, need_scale, need_bias, out_f32=False):
+              mask_mode, trans, need_out, need_ors, need_scale, need_bias, out_f32=False, target=None):
     no, ni, d = outer.shape[0], inner.shape[0], outer.shape[1]
     dev = outer.device
     f32 = lambda n: torch.empty((n,), dtype=torch.float32, device=dev)  # noqa: E731
@@ -417,13 +469,13 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
         grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]), 1)  # noqa: E731
     interp = dict(_INTERP_TILE, BLOCK_DO=min(dpad, 128) if need_out else 16)
     launch(_lse_bwd_kernel, _lse_bwd_tuned, grid, interp,
-           outer, inner, scale, opt(o_rs), opt(i_rs), opt(bias), opt(pos), opt(o_lab), opt(i_lab),
+           outer, inner, scale, opt(o_rs), opt(i_rs), opt(bias), opt(pos), opt(o_lab), opt(i_lab), opt(target),
            opt(o_lse), opt(o_g), opt(i_lse), opt(i_g), d_out if d_out is not None else outer,
            opt(d_ors), opt(d_scale), opt(d_bias),
            no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset),
            TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
            MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, HAS_OTERM=o_lse is not None, HAS_ITERM=i_lse is not None,
-           NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
+           TARGET=target is not None, NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
            RS_ON_TILE=outer.dtype == torch.float16, DS_C=ds_c, SCALE_DS=outer.dtype == torch.float16,
            IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
     return d_out, d_ors, d_scale, d_bias
@@ -444,6 +496,12 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
     has_col = col_lse is not None and col_lse.numel() > 0 and grad_col is not None and grad_col.numel() > 0
     r_lse, r_g = row_lse.contiguous().float(), grad_row.contiguous().float()
     c_lse, c_g = (col_lse.contiguous().float(), grad_col.contiguous().float()) if has_col else (None, None)
+    tgt = None
+    if mask_mode & LSE_TARGET:  # the outputs were LSE - target logit: the kernels need the LSEs back
+        tgt, xt = _targets(q, k, scale, qr, kr, bias, pos, diag_offset, col_lse is not None and col_lse.numel() > 0)
+        r_lse = r_lse + xt
+        if has_col:
+            c_lse = c_lse + xt
 
     run_row = need_q or need_q_rscale
     run_col = need_k or need_k_rscale or need_bias
@@ -463,11 +521,11 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
     if run_row:
         dq, dqr, dscale_rows, _ = _bwd_pass(q, k, scale, qr, kr, bias, pos, ql, kl, r_lse, r_g, c_lse, c_g,
                                             diag_offset, mask_mode, False, need_q, need_q_rscale, scale_in_row,
-                                            False, out_f32=same)
+                                            False, out_f32=same, target=tgt)
     if run_col:
         dk, dkr, ds_cols, db = _bwd_pass(k, q, scale, kr, qr, bias, pos, kl, ql, c_lse, c_g, r_lse, r_g,
                                          diag_offset, mask_mode, True, need_k, need_k_rscale,
-                                         need_scale and not scale_in_row, need_bias, out_f32=same)
+                                         need_scale and not scale_in_row, need_bias, out_f32=same, target=tgt)
         if need_scale and not scale_in_row:
             dscale_rows = ds_cols
     if same:

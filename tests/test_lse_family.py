@@ -12,7 +12,7 @@ import torch
 
 import contrastive_kernels as ck
 from contrastive_kernels import _families as fam
-from contrastive_kernels.reference import MASK_DIAG, MASK_POS, MASK_SAME_LABEL
+from contrastive_kernels.reference import LSE_TARGET, MASK_DIAG, MASK_POS, MASK_SAME_LABEL
 
 from helpers import _suffix, DTYPES, TOL, backend_params, peak_rss_growth, rel_err, skip_interpreter_bf16
 
@@ -56,6 +56,18 @@ def _make_inputs(n, m, d, dtype, *, mask, rscale, bias, scale=2.5, same_qk=False
         margs.update(mask_mode=MASK_SAME_LABEL, q_labels=torch.randint(0, 3, (n,)), k_labels=torch.randint(0, 3, (m,)))
     elif mask == "label_empty":  # rows of label 0 and (when no row has label 1) every column lose every pair
         margs.update(mask_mode=MASK_SAME_LABEL, q_labels=torch.arange(n) % 2, k_labels=torch.zeros(m, dtype=torch.long))
+    # LSE_TARGET: outputs LSE - S at the target (j = pos_index[i], or i + diag_offset)
+    elif mask == "target_diag":
+        margs["mask_mode"] = LSE_TARGET
+    elif mask == "target_diag_shift":  # targets j = i + 2, the pairs j = i + 3 masked
+        margs.update(mask_mode=LSE_TARGET, diag_offset=2)
+    elif mask == "target_pos":
+        margs.update(mask_mode=LSE_TARGET, pos_index=torch.randint(0, m, (n,)))
+    elif mask == "target_pos_diag":  # a target may itself be masked (pos_index[i] == i)
+        margs.update(mask_mode=LSE_TARGET | MASK_DIAG, pos_index=torch.randint(0, min(n, m), (n,)))
+    elif mask == "target_pos_label":
+        margs.update(mask_mode=LSE_TARGET | MASK_SAME_LABEL, pos_index=torch.randint(0, m, (n,)),
+                     q_labels=torch.randint(0, 3, (n,)), k_labels=torch.randint(0, 3, (m,)))
     else:
         assert mask == "none"
     return x, margs
@@ -146,6 +158,12 @@ def _dscale_condition(x, margs, compute_col, need, grad_row, grad_col):
     ds = torch.nan_to_num(grad_row[:, None] * torch.exp(s - torch.logsumexp(s, 1, keepdim=True)))
     if compute_col:
         ds = ds + torch.nan_to_num(grad_col[None, :] * torch.exp(s - torch.logsumexp(s, 0, keepdim=True)))
+    if mode & LSE_TARGET:  # the target terms
+        t = margs["pos_index"] if "pos_index" in margs else torch.arange(n) + margs.get("diag_offset", 0)
+        ds = ds.abs()
+        ds[torch.arange(n), t] += grad_row.abs()
+        if compute_col:
+            ds[torch.arange(n), t] += grad_col.abs()
     return (ds.abs() * g.abs()).sum().item()
 
 
@@ -204,10 +222,81 @@ def test_lse_family_matches_reference(backend, dtype, mask, shape, opts):
     _check_case(backend, n, m, d, dtype, mask, rscale, bias, compute_col)
 
 
+def _target_params():
+    """(mask, shape, (rscale, bias, compute_col)) of the LSE_TARGET cases: a column term only where
+    the targets are the diagonal of a square matrix (the contract)."""
+    out = []
+    for shape in [(1, 1, 1), (7, 129, 3), (129, 131, 64), (97, 97, 40)]:
+        square = shape[0] == shape[1]
+        for mask in ["target_diag", "target_diag_shift", "target_pos", "target_pos_diag", "target_pos_label"]:
+            if mask == "target_diag_shift" and shape[1] < shape[0] + 2:
+                continue
+            for opts in OPTIONS:
+                if opts[2] and not (mask == "target_diag" and square):
+                    opts = (opts[0], opts[1], False)
+                out.append(pytest.param(mask, shape, opts,
+                                        id=f"{mask}-{'x'.join(map(str, shape))}-rs{opts[0]:d}b{opts[1]:d}c{opts[2]:d}"))
+    return list({p.id: p for p in out}.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask,shape,opts", _target_params())
+def test_lse_family_target_matches_reference(backend, dtype, mask, shape, opts):
+    """LSE_TARGET: the outputs are cross-entropies (LSE minus the target logit) and every
+    gradient carries the target's -grad."""
+    skip_interpreter_bf16(backend, dtype)
+    n, m, d = shape
+    _check_case(backend, n, m, d, dtype, mask, *opts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lse_target_single_candidate_zero_gradient(backend, dtype):
+    """NT-Xent's layout at N = 1: each view's only candidate is its positive, so the
+    cross-entropy and every gradient are 0 in exact arithmetic.  With p - 1 formed in
+    float32 in the kernel they stay at rounding level; forming it from two separately
+    rounded gradients (the target's through autograd) was off by ~2^-9 |grad| in bfloat16
+    (1.6e-2 here)."""
+    skip_interpreter_bf16(backend, dtype)
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(2, 5, generator=g).to(dtype).requires_grad_()
+    zr = 1 / z.float().norm(dim=1)
+    scale = torch.tensor(1 / 0.07, requires_grad=True)
+    row, _ = fam.lse(backend, z, z, scale, q_rscale=zr, k_rscale=zr, pos_index=torch.tensor([1, 0]),
+                     mask_mode=LSE_TARGET | MASK_DIAG)
+    gz, gs = torch.autograd.grad(row.mean(), [z, scale])
+    # One term of the gradient is ~ scale |z_hat| / |z| ~ 6: rounding-level means ~1e-6 of that.
+    assert row.abs().max().item() <= 1e-5, f"{backend} {dtype}: loss {row.tolist()} (exact 0)"
+    assert gz.abs().max().item() <= 1e-5, f"{backend} {dtype}: dz {gz.tolist()} (exact 0)"
+    assert abs(gs.item()) <= 1e-6, f"{backend} {dtype}: dscale {gs.item()} (exact 0)"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["col_with_pos", "rows_past_m", "col_not_square"])
+def test_lse_target_bad_layout_raises(backend, case):
+    """LSE_TARGET needs every target to exist; a column term needs diagonal targets."""
+    q, k = torch.randn(5, 4), torch.randn(6, 4)
+    kw = dict(mask_mode=LSE_TARGET)
+    if case == "col_with_pos":
+        kw.update(pos_index=torch.zeros(5, dtype=torch.long), compute_col=True)
+        k = torch.randn(5, 4)
+        match = "pos_index"
+    elif case == "rows_past_m":
+        kw.update(diag_offset=2)
+        match = "diag_offset"
+    else:
+        kw.update(compute_col=True)
+        match = "N == M"
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        fam.lse(backend, q, k, torch.tensor(1.0), **kw)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 7, 129, 300])
-@pytest.mark.parametrize("layout", ["diag0", "diagN", "diag0_pos", "plain_col", "label"])
+@pytest.mark.parametrize("layout", ["diag0", "diagN", "diag0_pos", "plain_col", "label", "diag0_target",
+                                    "plain_col_target"])
 def test_lse_family_same_tensor(backend, dtype, n, layout):
     """q and k the same tensor (nt_xent / SupCon / HCL layouts: Z against itself, one
     autograd leaf, one shared row scale)."""
@@ -223,6 +312,10 @@ def test_lse_family_same_tensor(backend, dtype, n, layout):
         margs = {"mask_mode": MASK_DIAG | MASK_POS, "diag_offset": 0, "pos_index": (torch.arange(rows) + n) % rows}
     elif layout == "plain_col":
         margs, compute_col = {"mask_mode": 0}, True
+    elif layout == "diag0_target":  # NT-Xent: drop self, cross-entropy against the other view
+        margs = {"mask_mode": MASK_DIAG | LSE_TARGET, "diag_offset": 0, "pos_index": (torch.arange(rows) + n) % rows}
+    elif layout == "plain_col_target":  # targets on the diagonal (self), both directions
+        margs, compute_col = {"mask_mode": LSE_TARGET}, True
     else:
         lab = torch.randint(0, 3, (rows,))
         margs = {"mask_mode": MASK_SAME_LABEL | MASK_DIAG, "q_labels": lab, "k_labels": lab}

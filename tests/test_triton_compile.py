@@ -99,18 +99,19 @@ def _lse_fwd(dt, *, trans, on, d_pad, bo, bi, w, s):
 
 def _lse_bwd(dt, *, trans, on, oterm, iterm, need_out, need_ors, need_scale, need_bias, d_pad, bo, bi, bdo, w, s,
              out_f32=False):
-    """_bwd_pass: optional tensors are replaced by a float32 dummy; D_OUT is the gradient (input dtype,
+    """_bwd_pass: optional tensors are replaced by a float32 dummy (TGT: the LSE_TARGET targets, with `on`); D_OUT is the gradient (input dtype,
     float32 when q is k in half precision) or `outer` (input dtype) without NEED_OUT; DS_C is the (1,)
     float32 half_ds_scale, applied (SCALE_DS) for float16."""
     bd = d_pad if d_pad <= 128 else 64
     types = {"O": "*" + dt, "I": "*" + dt, "SCALE": "*fp32", "O_RS": "*fp32", "I_RS": "*fp32", "BIAS": "*fp32",
              "POS": "*i64" if on else "*fp32", "O_LAB": "*i64" if on else "*fp32",
-             "I_LAB": "*i64" if on else "*fp32", "O_LSE": "*fp32", "O_G": "*fp32", "I_LSE": "*fp32",
+             "I_LAB": "*i64" if on else "*fp32", "TGT": "*i64" if on else "*fp32", "O_LSE": "*fp32", "O_G": "*fp32",
+             "I_LSE": "*fp32",
              "I_G": "*fp32", "D_OUT": "*fp32" if (need_out and out_f32) else "*" + dt, "D_ORS": "*fp32",
              "D_SCALE": "*fp32", "D_BIAS": "*fp32", "DS_C": "*fp32"}
     types.update({n: "i32" for n in ("NO", "NI", "D", "stride_o", "stride_i", "diag_offset")})
     cx = dict(TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on, MASK_DIAG=on, MASK_POS=on, MASK_LAB=on,
-              HAS_OTERM=oterm, HAS_ITERM=iterm, NEED_OUT=need_out, NEED_ORS=need_ors and on,
+              HAS_OTERM=oterm, HAS_ITERM=iterm, TARGET=on, NEED_OUT=need_out, NEED_ORS=need_ors and on,
               NEED_SCALE=need_scale, NEED_BIAS=need_bias and on, RS_ON_TILE=dt == "fp16", SCALE_DS=dt == "fp16",
               IEEE=dt == "fp32",
               D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi,

@@ -39,6 +39,7 @@
 
 #include "ck_common.h"
 #include "cpu/tile_gemm.h"
+#include "lse_target.h"
 
 namespace ck::cpu {
 namespace {
@@ -156,7 +157,15 @@ struct Problem {
   const int64_t* pos = nullptr;
   const int64_t* q_labels = nullptr;
   const int64_t* k_labels = nullptr;
+  const int64_t* target = nullptr;  // (n) target column of each row (LSE_TARGET), or null
 };
+
+// LSE_TARGET: the local column (in j0 .. j0 + bn) of row gi's target, or -1 (none there).
+inline int64_t target_col(const Problem& P, int64_t gi, int64_t j0, int64_t bn) {
+  if (P.target == nullptr) return -1;
+  const int64_t j = P.target[gi] - j0;
+  return (j >= 0 && j < bn) ? j : -1;
+}
 
 struct Tiling {
   int64_t bm, bn, nrb, ncb;
@@ -314,6 +323,8 @@ void backward_item(const Problem& P, const Tiling& T, const Scratch& W, const Gr
     const int64_t gi = i0 + r;
     float* gr = g + r * bn;
     tile_row_logits(P, s, gr, gi, j0, bn);
+    const int64_t tc = target_col(P, gi, j0, bn);
+    const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
     // A row without kept pairs (lse -inf) gets no gradient; its dS is 0 by the mask.
     const bool row_term = G.grow != nullptr && G.grow[gi] != 0.0f && G.rlse[gi] != kNegInf;
     if (row_term && G.gcol != nullptr) {
@@ -324,6 +335,11 @@ void backward_item(const Problem& P, const Tiling& T, const Scratch& W, const Gr
       dsc += ds_row_c(gr, s, bn, G.gcol + j0, G.clse + j0);
     } else {
       std::fill(gr, gr + bn, 0.0f);
+    }
+    if (tc >= 0) {  // LSE_TARGET: the row's -grad (and the column's: its target is this row)
+      const float amount = (row_term ? G.grow[gi] : 0.0f) + (G.gcol != nullptr ? G.gcol[j0 + tc] : 0.0f);
+      gr[tc] -= amount;
+      dsc -= static_cast<double>(amount) * raw_t;
     }
     if (G.dbias != nullptr) add_row(G.dbias + j0, gr, bn);
   }
@@ -442,6 +458,8 @@ void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, con
       const int64_t gi = i0 + r;
       float* gr = g + r * bn;
       tile_row_logits(P, s, gr, gi, j0, bn);
+      const int64_t tc = target_col(P, gi, j0, bn);
+      const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
       const bool row_term = w[gi] != 0.0f;
       if (pair && row_term) {
         dsc += ds_row_rc(gr, s, bn, w[gi], rl[gi], w + j0, rl + j0);
@@ -451,6 +469,12 @@ void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, con
         dsc += ds_row_r(gr, s, bn, w[gi], rl[gi]);
       } else {
         std::fill(gr, gr + bn, 0.0f);
+      }
+      if (tc >= 0) {  // LSE_TARGET (targets an involution): row gi's term, and in a pair tile the
+                      // transposed term of row j0 + tc, whose target is gi
+        const float amount = w[gi] + (pair ? w[j0 + tc] : 0.0f);
+        gr[tc] -= amount;
+        dsc -= static_cast<double>(amount) * raw_t;
       }
     }
     if (dscale != nullptr) dscale[I] += dsc;
@@ -475,7 +499,7 @@ void check_vector(const OptTensor& t, const char* name, int64_t len, at::ScalarT
 }
 
 struct Operands {
-  Tensor qh, kh, bias, pos, ql, kl;
+  Tensor qh, kh, bias, pos, ql, kl, target;
   Problem P;
   bool same = false;  // q is k and q_rscale is k_rscale (or both absent)
 };
@@ -488,6 +512,10 @@ bool is_symmetric(const Operands& o) {
   if (P.mask_mode & kMaskPos) {  // j == pos[i] must mean i == pos[j]: pos is an involution
     for (int64_t i = 0; i < P.n; ++i)
       if (P.pos[P.pos[i]] != i) return false;
+  }
+  if (P.target != nullptr) {  // so must the targets be
+    for (int64_t i = 0; i < P.n; ++i)
+      if (P.target[P.target[i]] != i) return false;
   }
   if ((P.mask_mode & kMaskSameLabel) && !(o.ql.is_same(o.kl) || at::equal(o.ql, o.kl))) return false;
   return true;
@@ -502,7 +530,8 @@ Tensor row_scaled_f32(const Tensor& x, const OptTensor& rscale) {
 
 Operands prepare(const Tensor& q, const Tensor& k, const Tensor& scale, const OptTensor& q_rscale,
                  const OptTensor& k_rscale, const OptTensor& col_bias, const OptTensor& pos_index,
-                 const OptTensor& q_labels, const OptTensor& k_labels, int64_t diag_offset, int64_t mask_mode) {
+                 const OptTensor& q_labels, const OptTensor& k_labels, int64_t diag_offset, int64_t mask_mode,
+                 bool col_term) {
   TORCH_CHECK(q.dim() == 2, "q must be 2-D (N, D), got shape ", q.sizes());
   TORCH_CHECK(k.dim() == 2, "k must be 2-D (M, D), got shape ", k.sizes());
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "q and k must be CPU tensors, got ", q.device(), " and ",
@@ -516,7 +545,7 @@ Operands prepare(const Tensor& q, const Tensor& k, const Tensor& scale, const Op
   TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device().is_cpu(),
               "scale must be a one-element float32 CPU tensor, got ", scale.sizes(), " ", scale.scalar_type(), " on ",
               scale.device());
-  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 7, "mask_mode must be a combination of the bits 1, 2, 4, got ",
+  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 15, "mask_mode must be a combination of the bits 1, 2, 4, 8, got ",
               mask_mode);
   const int64_t n = q.size(0), m = k.size(0);
   check_vector(q_rscale, "q_rscale", n, at::kFloat, "N");
@@ -556,6 +585,10 @@ Operands prepare(const Tensor& q, const Tensor& k, const Tensor& scale, const Op
     o.bias = col_bias->contiguous();
     P.bias = o.bias.data_ptr<float>();
   }
+  if (mask_mode & kLseTarget) {
+    o.target = lse_target_index(n, m, pos_index, diag_offset, col_term, q);
+    P.target = o.target.data_ptr<int64_t>();
+  }
   o.qh = row_scaled_f32(q, q_rscale);
   // nt_xent-style calls score a matrix against itself: share the scaled copy.
   const bool same_rscale = (!q_rscale.has_value() && !k_rscale.has_value()) ||
@@ -572,8 +605,8 @@ std::tuple<Tensor, Tensor> lse_forward_cpu(const Tensor& q, const Tensor& k, con
                                            const OptTensor& col_bias, const OptTensor& pos_index,
                                            const OptTensor& q_labels, const OptTensor& k_labels, int64_t diag_offset,
                                            int64_t mask_mode, bool compute_col) {
-  const Operands o =
-      prepare(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode);
+  const Operands o = prepare(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
+                             diag_offset, mask_mode, compute_col);
   const Problem& P = o.P;
   const auto f32 = q.options().dtype(at::kFloat);
   Tensor row = at::empty({P.n}, f32);
@@ -593,6 +626,11 @@ std::tuple<Tensor, Tensor> lse_forward_cpu(const Tensor& q, const Tensor& k, con
   } else {
     forward_rows(P, T, W, row.data_ptr<float>());
   }
+  if (P.target != nullptr) {  // cross-entropies: minus the target logits (col: square, diagonal)
+    const Tensor xt = lse_target_logits(q, k, scale, q_rscale, k_rscale, col_bias, o.target);
+    row.sub_(xt);
+    if (compute_col) col.sub_(xt);
+  }
   return {row, col};
 }
 
@@ -608,8 +646,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
     const OptTensor& q_labels, const OptTensor& k_labels, int64_t diag_offset, int64_t mask_mode,
     const Tensor& row_lse, const Tensor& col_lse, bool need_q, bool need_k, bool need_scale, bool need_bias,
     bool need_q_rscale, bool need_k_rscale) {
-  const Operands o =
-      prepare(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode);
+  const Operands o = prepare(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
+                             diag_offset, mask_mode, col_lse.numel() > 0);
   const Problem& P = o.P;
   const auto f32 = q.options().dtype(at::kFloat);
   TORCH_CHECK(grad_row.scalar_type() == at::kFloat && grad_row.dim() == 1 && grad_row.size(0) == P.n,
@@ -639,11 +677,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
   std::vector<double> dscale_part(T.nrb, 0.0);
 
   const Tensor grow = nonzero_or_undefined(grad_row.contiguous());
-  const Tensor rlse = row_lse.contiguous();
+  // LSE_TARGET: the outputs were LSE - target logit; the kernels need the LSEs back.
+  const Tensor xt = P.target != nullptr ? lse_target_logits(q, k, scale, q_rscale, k_rscale, col_bias, o.target)
+                                        : Tensor();
+  const Tensor rlse = xt.defined() ? row_lse.add(xt) : row_lse.contiguous();
   Tensor gcol, clse;
   if (gcol_in.defined()) {
     // Columns without kept pairs (lse -inf) get no gradient: zero grad, offset 0.
-    const Tensor c = col_lse.contiguous();
+    const Tensor c = xt.defined() ? col_lse.add(xt) : col_lse.contiguous();
     const Tensor empty_col = c.eq(kNegInf);
     gcol = gcol_in.masked_fill(empty_col, 0.0f).contiguous();
     clse = c.masked_fill(empty_col, 0.0f).contiguous();

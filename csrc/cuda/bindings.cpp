@@ -25,6 +25,7 @@
 #include <tuple>
 
 #include "cuda/launchers.h"
+#include "lse_target.h"
 #include "op_schemas.h"
 
 namespace {
@@ -134,7 +135,7 @@ kc::FamilyParams base_params(const Tensor& q, const Tensor& k, const Tensor& sca
 void lse_masks(kc::FamilyParams& p, const Tensor& q, const OptT& q_rscale, const OptT& k_rscale,
                const OptT& col_bias, const OptT& pos_index, const OptT& q_labels, const OptT& k_labels,
                int64_t diag_offset, int64_t mask_mode) {
-  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 7, "contrastive_kernels (cuda): mask_mode must be in [0, 7], got ",
+  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 15, "contrastive_kernels (cuda): mask_mode must be in [0, 15], got ",
               mask_mode);
   p.q_rscale = opt_fvec_ptr(q_rscale, p.n, q, "q_rscale");
   p.k_rscale = opt_fvec_ptr(k_rscale, p.m, q, "k_rscale");
@@ -157,11 +158,18 @@ std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tensor& k, co
   const DeviceGuard guard(q.device());
   auto p = base_params(q, k, scale);
   lse_masks(p, q, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode);
+  const Tensor target =
+      (mask_mode & ck::kLseTarget) ? ck::lse_target_index(p.n, p.m, pos_index, diag_offset, compute_col, q) : Tensor();
   Tensor row = f32(q, {p.n});
   Tensor col = compute_col ? f32(q, {p.m}) : f32(q, {0});
   p.row_out = row.data_ptr<float>();
   p.col_out = compute_col ? col.data_ptr<float>() : nullptr;
   check_launch(kc::lse_forward(p, compute_col, current_stream()), "lse_forward");
+  if (target.defined()) {  // cross-entropies: minus the target logits (col: square, diagonal)
+    const Tensor xt = ck::lse_target_logits(q, k, scale, q_rscale, k_rscale, col_bias, target);
+    row.sub_(xt);
+    if (compute_col) col.sub_(xt);
+  }
   return {row, col};
 }
 
@@ -181,6 +189,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
   if (has_col) {
     p.col_lse = fvec_ptr(col_lse, p.m, q, "col_lse");
     p.grad_col = fvec_ptr(grad_col, p.m, q, "grad_col");
+  }
+  // LSE_TARGET: the outputs were LSE - target logit; the kernels need the LSEs back.
+  Tensor rlse, clse;
+  if (mask_mode & ck::kLseTarget) {
+    const Tensor target = ck::lse_target_index(p.n, p.m, pos_index, diag_offset, col_lse.numel() > 0, q);
+    const Tensor xt = ck::lse_target_logits(q, k, scale, q_rscale, k_rscale, col_bias, target);
+    rlse = row_lse.add(xt);
+    p.row_lse = rlse.data_ptr<float>();
+    if (has_col) {
+      clse = col_lse.add(xt);
+      p.col_lse = clse.data_ptr<float>();
+    }
   }
   TORCH_CHECK(!need_q_rscale || p.q_rscale, "contrastive_kernels (cuda): need_q_rscale needs q_rscale");
   TORCH_CHECK(!need_k_rscale || p.k_rscale, "contrastive_kernels (cuda): need_k_rscale needs k_rscale");

@@ -278,6 +278,13 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           // Fused pairwise pass (row_out set, unit upstream): also the loss terms.
           if (FAM == kPairwise && !TRANS && side_sums && p.row_out != nullptr && keep)
             run_l[h] += positive ? softplus(-x) : softplus(x);
+          // LSE_TARGET (mask bit 8): the target pair's -grad of each side whose output is a
+          // cross-entropy (row i: j == pos_index_i or i + diag; column j: i == j - diag),
+          // in float32 before dS is staged (p - 1, not two rounded gradients).
+          if (FAM == kLse && (mode & 8) && valid && j == (p.pos_index ? I.pos : i + diag)) {
+            if (I.lse != -INFINITY) ds -= I.g;
+            if (J.lse != -INFINITY) ds -= J.g;
+          }
           if (side_sums) {
             rsum[h] += ds;
             rrs[h] += ds * raw * C.rs;

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import _families as fam
 from . import _validation as V
 from . import backends, reference
-from .reference import MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
+from .reference import LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
 
 Tensor = torch.Tensor
 
@@ -142,6 +142,12 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
 
     scale = _scale(temperature, query.device, invert=True)
     qr, kr = _rscale(query, normalize), _rscale(key, normalize)
+    if in_batch_negatives and not decoupled and negatives is None:
+        # One log-sum-exp holding the positive: the kernels return the cross-entropies
+        # (LSE_TARGET), with p - 1 formed in float32 inside the backward.
+        row, col = fam.lse(be, query, key, scale, q_rscale=qr, k_rscale=kr, pos_index=positive_index,
+                           mask_mode=LSE_TARGET, compute_col=symmetric)
+        return reference._reduce(0.5 * (row + col) if symmetric else row, reduction)
     p = positive_index if positive_index is not None else torch.arange(n, device=query.device)
     kp = key[p]
     pos = _rowdot(query, kp) * scale
@@ -181,11 +187,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, 
     scale = _scale(temperature, z.device, invert=True)
     zr = _rscale(z, normalize)
     p = (torch.arange(n2, device=z.device) + n2 // 2) % n2
-    pos = _rowdot(z, z[p]) * scale
-    if normalize:
-        pos = pos * zr * zr[p]
-    row, _ = fam.lse(be, z, z, scale, q_rscale=zr, k_rscale=zr, mask_mode=MASK_DIAG)
-    return (row - pos).mean()
+    # Cross-entropies against the other view straight from the kernels (LSE_TARGET).
+    row, _ = fam.lse(be, z, z, scale, q_rscale=zr, k_rscale=zr, pos_index=p, mask_mode=MASK_DIAG | LSE_TARGET)
+    return row.mean()
 
 
 # --------------------------------------------------------------------------- CLIP
@@ -210,9 +214,9 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias=None, *, back
     if be == "reference":
         return reference.clip_loss(image, text, logit_scale, logit_bias)
     scale = _scale(logit_scale, image.device, invert=False)
-    pos = _rowdot(image, text) * scale
-    row, col = fam.lse(be, image, text, scale, compute_col=True)
-    loss = 0.5 * ((row - pos).mean() + (col - pos).mean())
+    # Both directions' cross-entropies (targets on the diagonal) straight from the kernels.
+    row, col = fam.lse(be, image, text, scale, compute_col=True, mask_mode=LSE_TARGET)
+    loss = 0.5 * (row.mean() + col.mean())
     if isinstance(logit_bias, torch.Tensor):
         loss = loss + 0.0 * logit_bias.reshape(()).float()  # exact zero gradient, bias stays in the graph
     return loss

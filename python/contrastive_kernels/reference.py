@@ -230,6 +230,7 @@ def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, *, eps=1e
 # backward through autograd).
 # ---------------------------------------------------------------------------
 MASK_DIAG, MASK_POS, MASK_SAME_LABEL = 1, 2, 4
+LSE_TARGET = 8  # mask_mode bit: outputs are cross-entropies, LSE minus the target logit
 PAIR_NEGATIVE_ONLY, PAIR_POSITIVES_ONLY, PAIR_EXCLUDE_DIAG = 1, 2, 4
 
 
@@ -241,7 +242,9 @@ def _diag_mask(n, m, offset, device):
 
 def lse_family(q, k, scale, q_rscale=None, k_rscale=None, col_bias=None, pos_index=None, q_labels=None,
                k_labels=None, diag_offset=0, mask_mode=0, compute_col=False):
-    """(row_lse, col_lse) of S = scale (q_rscale q)(k_rscale k)^T + col_bias over the kept pairs."""
+    """(row_lse, col_lse) of S = scale (q_rscale q)(k_rscale k)^T + col_bias over the kept pairs.
+    With LSE_TARGET: row_i - S_{i, t_i} (t_i = pos_index[i], or i + diag_offset without one) and
+    col_j - S_{j - diag_offset, j}, S unmasked at the target."""
     q, k = _up(q), _up(k)
     if q_rscale is not None:
         q = q * q_rscale[:, None]
@@ -258,9 +261,15 @@ def lse_family(q, k, scale, q_rscale=None, k_rscale=None, col_bias=None, pos_ind
         drop |= F.one_hot(pos_index.long(), m).bool()
     if mask_mode & MASK_SAME_LABEL:
         drop |= q_labels[:, None] == k_labels[None, :]
+    raw = s
     s = s.masked_fill(drop, float("-inf"))
     row = torch.logsumexp(s, dim=1)
     col = torch.logsumexp(s, dim=0) if compute_col else s.new_empty(0)
+    if mask_mode & LSE_TARGET:
+        t = pos_index.long() if pos_index is not None else torch.arange(n, device=s.device) + diag_offset
+        row = row - raw.gather(1, t[:, None])[:, 0]
+        if compute_col:
+            col = col - torch.diagonal(raw, diag_offset)
     return row, col
 
 
