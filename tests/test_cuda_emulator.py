@@ -94,6 +94,54 @@ def test_mma_m16n8k8_tf32_reads_19_bits(emu):
     assert not torch.equal(out, (a.double() @ b.double() + c.double()).float())
 
 
+_TRUNC_SCRIPT = r"""
+import sys, torch
+from contrastive_kernels import _ext
+emu = _ext.load_cuda_emu()
+g = torch.Generator().manual_seed(5)
+a = torch.randn(16, 8, generator=g) * torch.exp2(torch.randint(-6, 6, (16, 8), generator=g).float())
+b = torch.randn(8, 8, generator=g)
+c = torch.randn(16, 8, generator=g) * 4
+out = emu.mma(a, b, c, 2)
+# two hand cases in row 0, column 0 (all other products of the row zero): c = +-1 plus a product
+# of 0.75 ulp(1): to nearest it rounds away from 1, truncated it is dropped
+ha, hb, hc = torch.zeros(16, 8), torch.zeros(8, 8), torch.zeros(16, 8)
+ha[0, 0], hb[0, 0], hc[0, 0] = 1.5 * 2.0 ** -12, 2.0 ** -12, 1.0
+hand = [emu.mma(ha, s * hb, s * hc, 2)[0, 0].item() for s in (1.0, -1.0)]
+torch.save({"a": a, "b": b, "c": c, "out": out, "hand": hand}, sys.argv[1])
+"""
+
+
+def test_mma_truncating_model_matches_its_definition(tmp_path):
+    """CK_EMU_MMA_ROUND=trunc (a pessimistic model of the tensor core's float32 accumulation):
+    each addend aligned to the largest one, the bits below its float32 ulp dropped toward zero,
+    the sum rounded toward zero; checked against that definition written here in float64."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CK_EMU_MMA_ROUND="trunc", CONTRASTIVE_KERNELS_CUDA_EMULATE="1")
+    path = tmp_path / "out.pt"
+    subprocess.run([sys.executable, "-c", _TRUNC_SCRIPT, str(path)], env=env, check=True)
+    r = torch.load(path)
+    assert r["hand"] == [1.0, -1.0], f"0.75 ulp added to +-1 must be dropped when truncating, got {r['hand']}"
+    tf = lambda t: (t.view(torch.int32) & -8192).view(torch.float32).double()  # noqa: E731
+    a, b, c = tf(r["a"]), tf(r["b"]), r["c"].double()
+    want = torch.empty(16, 8, dtype=torch.float32)
+    for i in range(16):
+        for j in range(8):
+            terms = [c[i, j].item()] + [(a[i, k] * b[k, j]).item() for k in range(8)]
+            amax = max(abs(x) for x in terms)
+            q = 2.0 ** (torch.frexp(torch.tensor(amax, dtype=torch.float64)).exponent.item() - 24)
+            s = sum(float(int(x / q)) * q for x in terms)  # int() truncates toward zero
+            f = torch.tensor(s, dtype=torch.float64).float()
+            if abs(f.item()) > abs(s):
+                f = torch.nextafter(f, torch.zeros((), dtype=torch.float32))
+            want[i, j] = f
+    assert torch.equal(r["out"], want)
+    nearest = (a @ b + c).float()
+    assert not torch.equal(r["out"], nearest), "the truncating model must differ from rounding to nearest"
+
+
 def test_correct_kernel_runs(emu):
     out = torch.zeros(64)
     assert emu.misuse(0, out) == "ok"
