@@ -64,7 +64,7 @@ from . import functional
 from . import _validation as V
 from . import backends
 from .backends import FAMILY_REFERENCE
-from .reference import MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
+from .reference import LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
 
 Tensor = torch.Tensor
 
@@ -421,6 +421,19 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     scale = _scalar_tensor(temperature, query, dt, invert=True)
     qr, kr = _rscale(query, normalize, dt), _rscale(key, normalize, dt)
     p = positive_index if positive_index is not None else torch.arange(n, device=query.device)
+    if mode == "gather" and in_batch_negatives and not decoupled and negatives is None:
+        # One block holding every positive: the cross-entropies straight from the kernels
+        # (LSE_TARGET: p - 1 formed in float32 in the backward), as functional.info_nce.
+        own = d.rank * key.shape[0]
+        kb = _gather(key, d)
+        loss, _ = fam.lse(be, query, kb, scale, q_rscale=qr, k_rscale=_rscale(kb, normalize, dt),
+                          pos_index=p + own, mask_mode=LSE_TARGET)
+        if symmetric:  # local keys against every rank's queries, targets on the shifted diagonal
+            qb = _gather(query, d)
+            col, _ = fam.lse(be, key, qb, scale, q_rscale=kr, k_rscale=_rscale(qb, normalize, dt), diag_offset=own,
+                             mask_mode=LSE_TARGET)
+            loss = 0.5 * (loss + col)
+        return _reduce_rows(loss, reduction, d)
     pos = _rowdot(query, key[p], dt) * scale
     if normalize:
         pos = pos * qr * kr[p]
@@ -459,6 +472,10 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     loss = lse - pos
     if symmetric:
         loss = 0.5 * (loss + col - pos)
+    return _reduce_rows(loss, reduction, d)
+
+
+def _reduce_rows(loss: Tensor, reduction: str, d: _Ctx) -> Tensor:
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -483,6 +500,12 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, 
     scale = _scalar_tensor(temperature, z, dt, invert=True)
     zr = _rscale(z, normalize, dt)
     p = (torch.arange(n2, device=z.device) + n2 // 2) % n2
+    if mode == "gather":  # one block: the cross-entropies straight from the kernels (LSE_TARGET)
+        own = d.rank * n2
+        kb = _gather(z, d)
+        row, _ = fam.lse(be, z, kb, scale, q_rscale=zr, k_rscale=_rscale(kb, normalize, dt), pos_index=p + own,
+                         diag_offset=own, mask_mode=MASK_DIAG | LSE_TARGET)
+        return row.mean()
     pos = _rowdot(z, z[p], dt) * scale
     if normalize:
         pos = pos * zr * zr[p]
@@ -519,18 +542,24 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias=None, *, back
     be = _family_backend(backend, "lse", image)
     dt = _cdt(be, image)
     scale = _scalar_tensor(logit_scale, image, dt)
-    if key_grad:
-        pos_i = pos_t = _rowdot(image, text, dt) * scale
-        block = [image, text]
+    block = [image, text] if key_grad else [image.detach(), text.detach()]
+    if mode == "gather":  # one block: the cross-entropies straight from the kernels (LSE_TARGET)
+        own = d.rank * image.shape[0]
+        images, texts = _gather(block[0], d), _gather(block[1], d)
+        row, _ = fam.lse(be, image, texts, scale, diag_offset=own, mask_mode=LSE_TARGET)
+        col, _ = fam.lse(be, text, images, scale, diag_offset=own, mask_mode=LSE_TARGET)
+        loss = 0.5 * (row.mean() + col.mean())
     else:
-        pos_i, pos_t = _rowdot(image, text.detach(), dt) * scale, _rowdot(text, image.detach(), dt) * scale
-        block = [image.detach(), text.detach()]
+        if key_grad:
+            pos_i = pos_t = _rowdot(image, text, dt) * scale
+        else:
+            pos_i, pos_t = _rowdot(image, text.detach(), dt) * scale, _rowdot(text, image.detach(), dt) * scale
 
-    def rows(loc, blk, own):
-        return (fam.lse(be, loc[0], blk[1], loc[2])[0], fam.lse(be, loc[1], blk[0], loc[2])[0])
+        def rows(loc, blk, own):
+            return (fam.lse(be, loc[0], blk[1], loc[2])[0], fam.lse(be, loc[1], blk[0], loc[2])[0])
 
-    row, col = _blocks(d, mode, rows, ("lse", "lse"), [image, text, scale], block)
-    loss = 0.5 * ((row - pos_i).mean() + (col - pos_t).mean())
+        row, col = _blocks(d, mode, rows, ("lse", "lse"), [image, text, scale], block)
+        loss = 0.5 * ((row - pos_i).mean() + (col - pos_t).mean())
     if isinstance(logit_bias, torch.Tensor):
         loss = loss + 0.0 * logit_bias.reshape(()).to(loss.dtype)  # a scalar bias cancels: exact zero gradient
     return loss
