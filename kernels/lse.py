@@ -403,14 +403,15 @@ def _targets(q, k, scale, qr, kr, bias, pos, diag_offset, col):
         if col:
             raise ValueError("mask_mode bit 8 (LSE_TARGET) with a column term (compute_col) needs pos_index None: "
                              "column j's target is row j")
-        if n > 0 and (int(pos.min()) < 0 or int(pos.max()) >= m):
+        if n > 0 and pos.device.type == "cpu" and (int(pos.min()) < 0 or int(pos.max()) >= m):  # no GPU sync
             raise ValueError(f"pos_index values (LSE_TARGET targets) must lie in [0, M) = [0, {m}), got min "
                              f"{int(pos.min())} max {int(pos.max())}")
         t = pos
     else:
         if col and (n != m or diag_offset != 0):
             raise ValueError("mask_mode bit 8 (LSE_TARGET) with a column term (compute_col) needs N == M and "
-                             f"diag_offset 0 (targets on the diagonal), got N = {n}, M = {m}, diag_offset {diag_offset}")
+                             f"diag_offset 0 (targets on the diagonal), got N = {n}, M = {m}, "
+                             f"diag_offset {diag_offset}")
         if n > 0 and not (diag_offset >= 0 and n - 1 + diag_offset < m):
             raise ValueError("mask_mode bit 8 (LSE_TARGET) without pos_index: row i's target column i + diag_offset "
                              f"must exist for every row, got N = {n}, M = {m}, diag_offset {diag_offset}")

@@ -273,12 +273,15 @@ def test_lse_target_single_candidate_zero_gradient(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["col_with_pos", "rows_past_m", "col_not_square"])
+@pytest.mark.parametrize("case", ["col_with_pos", "rows_past_m", "col_not_square", "pos_past_m"])
 def test_lse_target_bad_layout_raises(backend, case):
     """LSE_TARGET needs every target to exist; a column term needs diagonal targets."""
     q, k = torch.randn(5, 4), torch.randn(6, 4)
     kw = dict(mask_mode=LSE_TARGET)
-    if case == "col_with_pos":
+    if case == "pos_past_m":
+        kw.update(pos_index=torch.tensor([0, 1, 2, 3, 6]))
+        match = "pos_index"
+    elif case == "col_with_pos":
         kw.update(pos_index=torch.zeros(5, dtype=torch.long), compute_col=True)
         k = torch.randn(5, 4)
         match = "pos_index"
