@@ -142,13 +142,21 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
 
     scale = _scale(temperature, query.device, invert=True)
     qr, kr = _rscale(query, normalize), _rscale(key, normalize)
-    if in_batch_negatives and not decoupled and negatives is None:
-        # One log-sum-exp holding the positive: the kernels return the cross-entropies
-        # (LSE_TARGET), with p - 1 formed in float32 inside the backward.
-        row, col = fam.lse(be, query, key, scale, q_rscale=qr, k_rscale=kr, pos_index=positive_index,
-                           mask_mode=LSE_TARGET, compute_col=symmetric)
-        return reference._reduce(0.5 * (row + col) if symmetric else row, reduction)
     p = positive_index if positive_index is not None else torch.arange(n, device=query.device)
+    if in_batch_negatives and not decoupled:
+        # The keys' log-sum-exp holds the positive: the kernels return the cross-entropies
+        # (LSE_TARGET), with p - 1 formed in float32 inside the backward.
+        ce, col = fam.lse(be, query, key, scale, q_rscale=qr, k_rscale=kr, pos_index=positive_index,
+                          mask_mode=LSE_TARGET, compute_col=symmetric)
+        if negatives is None:
+            return reference._reduce(0.5 * (ce + col) if symmetric else ce, reduction)
+        # LSE(keys, negatives) - pos = ce + softplus(LSE(negatives) - LSE(keys)), LSE(keys) = ce + pos:
+        # the positive's remaining gradient, -sigmoid(.), is the negatives' share (no cancellation).
+        pos = _rowdot(query, key[p]) * scale
+        if normalize:
+            pos = pos * qr * kr[p]
+        neg = fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize))[0]
+        return reference._reduce(ce + F.softplus(neg - ce - pos), reduction)
     kp = key[p]
     pos = _rowdot(query, kp) * scale
     if normalize:
