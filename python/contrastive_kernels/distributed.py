@@ -421,7 +421,11 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     scale = _scalar_tensor(temperature, query, dt, invert=True)
     qr, kr = _rscale(query, normalize, dt), _rscale(key, normalize, dt)
     p = positive_index if positive_index is not None else torch.arange(n, device=query.device)
-    if mode == "gather" and in_batch_negatives and not decoupled and negatives is None:
+    def positive_logits():
+        pos = _rowdot(query, key[p], dt) * scale
+        return pos * qr * kr[p] if normalize else pos
+
+    if mode == "gather" and in_batch_negatives and not decoupled:
         # One block holding every positive: the cross-entropies straight from the kernels
         # (LSE_TARGET: p - 1 formed in float32 in the backward), as functional.info_nce.
         own = d.rank * key.shape[0]
@@ -433,10 +437,11 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
             col, _ = fam.lse(be, key, qb, scale, q_rscale=kr, k_rscale=_rscale(qb, normalize, dt), diag_offset=own,
                              mask_mode=LSE_TARGET)
             loss = 0.5 * (loss + col)
+        elif negatives is not None:  # LSE(keys, negatives) - pos = ce + softplus(LSE(negatives) - LSE(keys))
+            neg = fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize, dt))[0]
+            loss = loss + F.softplus(neg - loss - positive_logits())
         return _reduce_rows(loss, reduction, d)
-    pos = _rowdot(query, key[p], dt) * scale
-    if normalize:
-        pos = pos * qr * kr[p]
+    pos = positive_logits()
 
     parts, col = [], None
     if in_batch_negatives:
