@@ -421,9 +421,13 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     scale = _scalar_tensor(temperature, query, dt, invert=True)
     qr, kr = _rscale(query, normalize, dt), _rscale(key, normalize, dt)
     p = positive_index if positive_index is not None else torch.arange(n, device=query.device)
+
     def positive_logits():
         pos = _rowdot(query, key[p], dt) * scale
         return pos * qr * kr[p] if normalize else pos
+
+    def negatives_lse():
+        return fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize, dt))[0]
 
     if mode == "gather" and in_batch_negatives and not decoupled:
         # One block holding every positive: the cross-entropies straight from the kernels
@@ -438,8 +442,7 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
                              mask_mode=LSE_TARGET)
             loss = 0.5 * (loss + col)
         elif negatives is not None:  # LSE(keys, negatives) - pos = ce + softplus(LSE(negatives) - LSE(keys))
-            neg = fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize, dt))[0]
-            loss = loss + F.softplus(neg - loss - positive_logits())
+            loss = loss + F.softplus(negatives_lse() - loss - positive_logits())
         return _reduce_rows(loss, reduction, d)
     pos = positive_logits()
 
@@ -472,7 +475,7 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     elif not decoupled:
         parts.append(pos)
     if negatives is not None:
-        parts.append(fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize, dt))[0])
+        parts.append(negatives_lse())
     lse = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), dim=0)
     loss = lse - pos
     if symmetric:

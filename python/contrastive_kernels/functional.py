@@ -143,6 +143,14 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     scale = _scale(temperature, query.device, invert=True)
     qr, kr = _rscale(query, normalize), _rscale(key, normalize)
     p = positive_index if positive_index is not None else torch.arange(n, device=query.device)
+
+    def positive_logits():
+        pos = _rowdot(query, key[p]) * scale
+        return pos * qr * kr[p] if normalize else pos
+
+    def negatives_lse():
+        return fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize))[0]
+
     if in_batch_negatives and not decoupled:
         # The keys' log-sum-exp holds the positive: the kernels return the cross-entropies
         # (LSE_TARGET), with p - 1 formed in float32 inside the backward.
@@ -152,15 +160,8 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
             return reference._reduce(0.5 * (ce + col) if symmetric else ce, reduction)
         # LSE(keys, negatives) - pos = ce + softplus(LSE(negatives) - LSE(keys)), LSE(keys) = ce + pos:
         # the positive's remaining gradient, -sigmoid(.), is the negatives' share (no cancellation).
-        pos = _rowdot(query, key[p]) * scale
-        if normalize:
-            pos = pos * qr * kr[p]
-        neg = fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize))[0]
-        return reference._reduce(ce + F.softplus(neg - ce - pos), reduction)
-    kp = key[p]
-    pos = _rowdot(query, kp) * scale
-    if normalize:
-        pos = pos * qr * kr[p]
+        return reference._reduce(ce + F.softplus(negatives_lse() - ce - positive_logits()), reduction)
+    pos = positive_logits()
 
     parts = []
     col = None
@@ -171,7 +172,7 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     elif not decoupled:
         parts.append(pos)
     if negatives is not None:
-        parts.append(fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize))[0])
+        parts.append(negatives_lse())
     lse = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), dim=0)
     loss = lse - pos
     if symmetric:
