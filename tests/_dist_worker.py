@@ -12,6 +12,8 @@ errors of
     logit_scale, logit_bias, a replicated negatives queue) against the global ones,
   * for a tiny nn.Linear wrapped in DistributedDataParallel, each parameter's
     gradient after DDP's averaging against the single-process gradient,
+  * in bfloat16 on confident rows, each input gradient's error as a multiple of the
+    error of the exact gradient rounded once to bfloat16,
 and the error cases (unequal local batches).  Results go to OUT_DIR/rank<R>.json;
 tests/test_distributed.py asserts on them.
 """
@@ -181,6 +183,8 @@ def case_keys(backend_names, world):
         keys += [f"loss/{name}/{mode}/{tag}" for name, fname, _ in LOSS_CASES for mode in MODES
                  if runs_here(be, fname)]
         keys += [f"ddp/{fname}/{mode}/{tag}" for fname, _ in DDP_CASES for mode in MODES if runs_here(be, fname)]
+        if be != "reference":
+            keys += [f"confident/{name}/{mode}/{be}-bfloat16" for name in CONFIDENT_CASES for mode in MODES]
     return keys
 
 
@@ -223,6 +227,38 @@ def run_loss_case(name, fname, build, mode, backend, dt, W, r):
         gr = v.grad.detach().double().clone()
         dist.all_reduce(gr)
         errs[f"d{k}(mean over ranks)"] = rel_err(gr / W, gshared[k].grad)
+    return errs
+
+
+# Confident rows in bfloat16: the positive near probability 1 (mean loss ~0.3), where a
+# gradient p - 1 formed from two separately rounded terms loses most of its digits.  The
+# measure is each input's gradient error against world_size x the float64 global gradient
+# (on the same rounded inputs), as a multiple of the floor: that float64 gradient rounded
+# once to bfloat16.
+CONFIDENT_CASES = {
+    "clip": ("clip_loss", dict(logit_scale=100.0)),
+    "nt_xent": ("nt_xent", dict(temperature=0.02)),
+    "info_nce": ("info_nce", dict(temperature=0.01)),
+    "info_nce_symmetric": ("info_nce", dict(temperature=0.01, symmetric=True)),
+}
+
+
+def run_confident_case(name, mode, backend, W, r, n=32, d=32):
+    fname, kw = CONFIDENT_CASES[name]
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 11 * W)
+    x = torch.randn(n * W, d, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    y = x + 1.15 * torch.randn(n * W, d, generator=g, dtype=torch.float64) / d ** 0.5
+    y = y / y.norm(dim=1, keepdim=True)
+    x, y = x.to(torch.bfloat16), y.to(torch.bfloat16)
+    gx, gy = _leaf(x.double()), _leaf(y.double())
+    getattr(ck, fname)(gx, gy, **kw, backend="reference").backward()
+    lx, ly = _leaf(_split(x, W, r)), _leaf(_split(y, W, r))
+    getattr(ckd, fname)(lx, ly, **kw, backend=backend, mode=mode).backward()
+    errs = {}
+    for k, v, ref in (("dx", lx, gx), ("dy", ly, gy)):
+        want = W * _split(ref.grad, W, r)
+        errs[f"{k}/floor"] = rel_err(v.grad, want) / rel_err(want.to(torch.bfloat16), want)
     return errs
 
 
@@ -303,6 +339,11 @@ def main():
             if runs_here(be, fname):
                 for mode in MODES:
                     record(f"ddp/{fname}/{mode}/{tag}", lambda: run_ddp_case(fname, kw, mode, be, dt, world, rank))
+        if be != "reference":
+            for name in CONFIDENT_CASES:
+                for mode in MODES:
+                    record(f"confident/{name}/{mode}/{be}-bfloat16",
+                           lambda: run_confident_case(name, mode, be, world, rank))
     if world > 1:
         run_module_cases(world, rank, record)
         for fname, _ in DDP_CASES:

@@ -41,7 +41,11 @@ Modes.
     * ``"ring"``: key blocks travel around the ranks by batched point-to-point
       exchange (``dist.batch_isend_irecv``), the next block's transfer overlapped
       with the computation on the current one; partial row log-sum-exps are merged
-      stably (``logaddexp``).  The backward passes the blocks around again,
+      stably (``logaddexp``).  Where a row has one positive (InfoNCE without
+      decoupling, NT-Xent, CLIP) the partials are shifted by the positive logit: the own
+      block's are the kernels' cross-entropies, whose backward forms the target's
+      ``p - 1`` in float32 as in the gather mode, so low-loss bfloat16 gradients are as
+      accurate in both modes.  The backward passes the blocks around again,
       recomputes each block's partials and sends the key gradients home travelling
       with the block.  No rank holds more than two remote key blocks (plus, in the
       backward, their gradient accumulators).  Same numbers as ``"gather"``.
@@ -422,64 +426,63 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     qr, kr = _rscale(query, normalize, dt), _rscale(key, normalize, dt)
     p = positive_index if positive_index is not None else torch.arange(n, device=query.device)
 
-    def positive_logits():
-        pos = _rowdot(query, key[p], dt) * scale
-        return pos * qr * kr[p] if normalize else pos
+    pos = _rowdot(query, key[p], dt) * scale
+    if normalize:
+        pos = pos * qr * kr[p]
 
     def negatives_lse():
         return fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize, dt))[0]
 
-    if mode == "gather" and in_batch_negatives and not decoupled:
-        # One block holding every positive: the cross-entropies straight from the kernels
-        # (LSE_TARGET: p - 1 formed in float32 in the backward), as functional.info_nce.
-        own = d.rank * key.shape[0]
-        kb = _gather(key, d)
-        loss, _ = fam.lse(be, query, kb, scale, q_rscale=qr, k_rscale=_rscale(kb, normalize, dt),
-                          pos_index=p + own, mask_mode=LSE_TARGET)
-        if symmetric:  # local keys against every rank's queries, targets on the shifted diagonal
-            qb = _gather(query, d)
-            col, _ = fam.lse(be, key, qb, scale, q_rscale=kr, k_rscale=_rscale(qb, normalize, dt), diag_offset=own,
-                             mask_mode=LSE_TARGET)
-            loss = 0.5 * (loss + col)
-        elif negatives is not None:  # LSE(keys, negatives) - pos = ce + softplus(LSE(negatives) - LSE(keys))
-            loss = loss + F.softplus(negatives_lse() - loss - positive_logits())
-        return _reduce_rows(loss, reduction, d)
-    pos = positive_logits()
+    # Without decoupling, the block holding the positives (the own block) gives the
+    # cross-entropies straight from the kernels (LSE_TARGET: p - 1 formed in float32 in
+    # the backward) and every other ring block LSE - positive: logaddexp commutes with the
+    # common shift, so the merged partial is the cross-entropy of the whole row.
+    target = in_batch_negatives and not decoupled
 
-    parts, col = [], None
-    if in_batch_negatives:
-        def rows(loc, blk, own):
-            q_, qr_, s_ = loc[0], loc[1] if normalize else None, loc[-1]
-            k_ = blk[0]
-            kr_ = _rscale(k_, normalize, dt)
-            masked = decoupled and own is not None
+    def rows(loc, blk, own):
+        q_, qr_, pos_, s_ = loc[0], loc[1] if normalize else None, loc[-2], loc[-1]
+        k_ = blk[0]
+        kr_ = _rscale(k_, normalize, dt)
+        if target:
+            out = [fam.lse(be, q_, k_, s_, q_rscale=qr_, k_rscale=kr_, pos_index=p + own, mask_mode=LSE_TARGET)[0]
+                   if own is not None else fam.lse(be, q_, k_, s_, q_rscale=qr_, k_rscale=kr_)[0] - pos_]
+        else:  # decoupled: the own block masks the positives
+            masked = own is not None
             out = [fam.lse(be, q_, k_, s_, q_rscale=qr_, k_rscale=kr_, pos_index=p + own if masked else None,
                            mask_mode=MASK_POS if masked else 0)[0]]
-            if symmetric:  # local keys against every rank's queries
-                qb = blk[1]
-                out.append(fam.lse(be, loc[2], qb, s_, q_rscale=loc[3] if normalize else None,
-                                   k_rscale=_rscale(qb, normalize, dt), diag_offset=own or 0,
-                                   mask_mode=MASK_DIAG if decoupled and own is not None else 0)[0])
-            return out
+        if symmetric:  # local keys against every rank's queries; key i's positive is query i
+            qb = blk[1]
+            kw = dict(q_rscale=loc[3] if normalize else None, k_rscale=_rscale(qb, normalize, dt),
+                      diag_offset=own or 0)
+            if target:
+                out.append(fam.lse(be, loc[2], qb, s_, **kw, mask_mode=LSE_TARGET)[0] if own is not None
+                           else fam.lse(be, loc[2], qb, s_, **kw)[0] - pos_)
+            else:
+                out.append(fam.lse(be, loc[2], qb, s_, **kw, mask_mode=MASK_DIAG if own is not None else 0)[0])
+        return out
 
-        local = [query, qr if normalize else query.new_empty(0)]
-        block = [key]
+    if not in_batch_negatives:
+        # the positive and the extra negatives only (decoupled: the negatives only)
+        parts = ([] if decoupled else [pos]) + [negatives_lse()]
+        lse = parts[0] if len(parts) == 1 else torch.logaddexp(parts[0], parts[1])
+        return _reduce_rows(lse - pos, reduction, d)
+    local = [query, qr if normalize else query.new_empty(0)]
+    block = [key]
+    if symmetric:
+        local += [key, kr if normalize else key.new_empty(0)]
+        block.append(query)
+    res = _blocks(d, mode, rows, ("lse", "lse") if symmetric else ("lse",), local + [pos, scale], block)
+    if target:
+        loss = res[0]
         if symmetric:
-            local += [key, kr if normalize else key.new_empty(0)]
-            block.append(query)
-        local.append(scale)
-        res = _blocks(d, mode, rows, ("lse", "lse") if symmetric else ("lse",), local, block)
-        parts.append(res[0])
-        if symmetric:
-            col = res[1]
-    elif not decoupled:
-        parts.append(pos)
-    if negatives is not None:
-        parts.append(negatives_lse())
-    lse = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), dim=0)
+            loss = 0.5 * (loss + res[1])
+        elif negatives is not None:  # LSE(keys, negatives) - pos = ce + softplus(LSE(negatives) - LSE(keys))
+            loss = loss + F.softplus(negatives_lse() - loss - pos)
+        return _reduce_rows(loss, reduction, d)
+    lse = res[0] if negatives is None else torch.logaddexp(res[0], negatives_lse())
     loss = lse - pos
     if symmetric:
-        loss = 0.5 * (loss + col - pos)
+        loss = 0.5 * (loss + res[1] - pos)
     return _reduce_rows(loss, reduction, d)
 
 
@@ -508,24 +511,20 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, 
     scale = _scalar_tensor(temperature, z, dt, invert=True)
     zr = _rscale(z, normalize, dt)
     p = (torch.arange(n2, device=z.device) + n2 // 2) % n2
-    if mode == "gather":  # one block: the cross-entropies straight from the kernels (LSE_TARGET)
-        own = d.rank * n2
-        kb = _gather(z, d)
-        row, _ = fam.lse(be, z, kb, scale, q_rscale=zr, k_rscale=_rscale(kb, normalize, dt), pos_index=p + own,
-                         diag_offset=own, mask_mode=MASK_DIAG | LSE_TARGET)
-        return row.mean()
     pos = _rowdot(z, z[p], dt) * scale
     if normalize:
         pos = pos * zr * zr[p]
 
-    def rows(loc, blk, own):
+    def rows(loc, blk, own):  # own block: the cross-entropies (LSE_TARGET); others: LSE - positive
         kb = blk[0]
-        return (fam.lse(be, loc[0], kb, loc[2], q_rscale=loc[1] if normalize else None,
-                        k_rscale=_rscale(kb, normalize, dt), diag_offset=own or 0,
-                        mask_mode=MASK_DIAG if own is not None else 0)[0],)
+        kw = dict(q_rscale=loc[1] if normalize else None, k_rscale=_rscale(kb, normalize, dt))
+        if own is not None:
+            return (fam.lse(be, loc[0], kb, loc[2], **kw, pos_index=p + own, diag_offset=own,
+                            mask_mode=MASK_DIAG | LSE_TARGET)[0],)
+        return (fam.lse(be, loc[0], kb, loc[2], **kw)[0] - loc[3],)
 
-    row, = _blocks(d, mode, rows, ("lse",), [z, zr if normalize else z.new_empty(0), scale], [z])
-    return (row - pos).mean()
+    row, = _blocks(d, mode, rows, ("lse",), [z, zr if normalize else z.new_empty(0), scale, pos], [z])
+    return row.mean()
 
 
 # --------------------------------------------------------------------------- CLIP
@@ -551,23 +550,19 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias=None, *, back
     dt = _cdt(be, image)
     scale = _scalar_tensor(logit_scale, image, dt)
     block = [image, text] if key_grad else [image.detach(), text.detach()]
-    if mode == "gather":  # one block: the cross-entropies straight from the kernels (LSE_TARGET)
-        own = d.rank * image.shape[0]
-        images, texts = _gather(block[0], d), _gather(block[1], d)
-        row, _ = fam.lse(be, image, texts, scale, diag_offset=own, mask_mode=LSE_TARGET)
-        col, _ = fam.lse(be, text, images, scale, diag_offset=own, mask_mode=LSE_TARGET)
-        loss = 0.5 * (row.mean() + col.mean())
+    if key_grad:
+        pos_i = pos_t = _rowdot(image, text, dt) * scale
     else:
-        if key_grad:
-            pos_i = pos_t = _rowdot(image, text, dt) * scale
-        else:
-            pos_i, pos_t = _rowdot(image, text.detach(), dt) * scale, _rowdot(text, image.detach(), dt) * scale
+        pos_i, pos_t = _rowdot(image, text.detach(), dt) * scale, _rowdot(text, image.detach(), dt) * scale
 
-        def rows(loc, blk, own):
-            return (fam.lse(be, loc[0], blk[1], loc[2])[0], fam.lse(be, loc[1], blk[0], loc[2])[0])
+    def rows(loc, blk, own):  # own block: the cross-entropies (LSE_TARGET); others: LSE - positive
+        if own is not None:
+            return (fam.lse(be, loc[0], blk[1], loc[2], diag_offset=own, mask_mode=LSE_TARGET)[0],
+                    fam.lse(be, loc[1], blk[0], loc[2], diag_offset=own, mask_mode=LSE_TARGET)[0])
+        return (fam.lse(be, loc[0], blk[1], loc[2])[0] - loc[3], fam.lse(be, loc[1], blk[0], loc[2])[0] - loc[4])
 
-        row, col = _blocks(d, mode, rows, ("lse", "lse"), [image, text, scale], block)
-        loss = 0.5 * ((row - pos_i).mean() + (col - pos_t).mean())
+    row, col = _blocks(d, mode, rows, ("lse", "lse"), [image, text, scale, pos_i, pos_t], block)
+    loss = 0.5 * (row.mean() + col.mean())
     if isinstance(logit_bias, torch.Tensor):
         loss = loss + 0.0 * logit_bias.reshape(()).to(loss.dtype)  # a scalar bias cancels: exact zero gradient
     return loss
