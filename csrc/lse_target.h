@@ -2,9 +2,10 @@
 // (csrc/cpu/lse.cpp) and the CUDA glue (csrc/cuda/bindings.cpp); contract in
 // csrc/op_schemas.h.  With it the outputs are cross-entropies, row_i = LSE_i - S_{i, t_i}
 // (t_i = pos_index[i], or i + diag_offset without pos_index) and col_j = LSE_j - S_{j, j}
-// (square, diag_offset 0, no pos_index), and the kernels' backward puts the target's
-// -grad into dS_{i, t_i} before any rounding: p - 1 is formed in float32 inside the
-// kernel (as a softmax cross-entropy does) instead of subtracting two rounded gradients.
+// (square, diag_offset 0, no pos_index), formed inside the kernels from their own target
+// logits, and the kernels' backward puts the target's -grad into dS_{i, t_i} before any
+// rounding: p - 1 is formed in float32 inside the kernel (as a softmax cross-entropy does)
+// instead of subtracting two rounded gradients.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -45,21 +46,6 @@ inline at::Tensor lse_target_index(int64_t n, int64_t m, const std::optional<at:
                 n, ", M = ", m, ", diag_offset ", diag_offset);
   }
   return at::arange(n, like.options().dtype(at::kLong)).add_(diag_offset);
-}
-
-// S_{i, t_i} = scale (q_rscale_i q_i) . (k_rscale_t k_t) + col_bias_t in float32, O(N D).
-inline at::Tensor lse_target_logits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
-                                    const std::optional<at::Tensor>& q_rscale,
-                                    const std::optional<at::Tensor>& k_rscale,
-                                    const std::optional<at::Tensor>& col_bias, const at::Tensor& t) {
-  const int64_t n = q.size(0);
-  const at::Tensor kt = k.index_select(0, t).to(at::kFloat);
-  at::Tensor x = at::bmm(q.to(at::kFloat).unsqueeze(1), kt.unsqueeze(2)).view({n});
-  if (q_rscale.has_value()) x.mul_(*q_rscale);
-  if (k_rscale.has_value()) x.mul_(k_rscale->index_select(0, t));
-  x.mul_(scale.reshape({}).to(at::kFloat));
-  if (col_bias.has_value()) x.add_(col_bias->index_select(0, t));
-  return x;
 }
 
 }  // namespace ck

@@ -16,16 +16,23 @@
 // row_i = row_lse_i - S_{i, t_i} with t_i = pos_index[i] (any index in [0, M); the
 // target need not be kept) or, without pos_index, i + diag_offset (must be < M), and
 // col_j = col_lse_j - S_{j, j} (compute_col needs N == M, diag_offset 0, no
-// pos_index); the backward then holds dS_{i, t_i} -= grad_row_i (+ grad_col_{t_i})
-// in float32 inside the kernel (the softmax's p - 1, where a loss that subtracted
-// the target logit outside would cancel two separately rounded gradients), and takes
-// these outputs as row_lse / col_lse.
+// pos_index), each formed in the kernel as (max - S_{i, t_i}) + log(sum) from its own
+// S_{i, t_i}: accurate to the cross-entropy's own rounding however small it is (an LSE
+// of ~100 minus a logit of ~100 would leave a float32 ulp of 100, 8e-6, in every loss).
+// The third output is then the kernel's target logits S_{i, t_i} (N,) float32 (empty
+// without the bit), which the backward takes with the cross-entropies: it forms
+// exp((S_ij - S_{i, t_i}) - row_i) (exact at the target, where the difference is 0),
+// and holds dS_{i, t_i} -= grad_row_i (+ grad_col_{t_i}) in float32 inside the kernel
+// (the softmax's p - 1, where a loss that subtracted the target logit outside would
+// cancel two separately rounded gradients).
 #define CK_SCHEMA_LSE_FORWARD \
   "(Tensor q, Tensor k, Tensor scale, Tensor? q_rscale, Tensor? k_rscale, Tensor? col_bias, " \
   "Tensor? pos_index, Tensor? q_labels, Tensor? k_labels, int diag_offset, int mask_mode, " \
-  "bool compute_col) -> (Tensor, Tensor)"
+  "bool compute_col) -> (Tensor, Tensor, Tensor)"
 // With dS_ij = grad_row_i exp(S_ij - row_lse_i) + grad_col_j exp(S_ij - col_lse_j) on kept
-// pairs, A_i = sum_j dS_ij k_rscale_j k_j and B_j = sum_i dS_ij q_rscale_i q_i:
+// pairs (LSE_TARGET: exp((S_ij - x_i) - row_i) and exp((S_ij - x_j) - col_j), x the
+// forward's target logits, minus the upstream gradients at the targets),
+// A_i = sum_j dS_ij k_rscale_j k_j and B_j = sum_i dS_ij q_rscale_i q_i:
 //   dq_i = scale q_rscale_i A_i          (q.dtype)      d q_rscale_i = scale q_i . A_i
 //   dk_j = scale k_rscale_j B_j          (k.dtype)      d k_rscale_j = scale k_j . B_j
 //   dscale = sum_i q_rscale_i q_i . A_i  (() float32)   dcol_bias_j = sum_i dS_ij
@@ -37,8 +44,8 @@
 #define CK_SCHEMA_LSE_BACKWARD \
   "(Tensor grad_row, Tensor grad_col, Tensor q, Tensor k, Tensor scale, Tensor? q_rscale, " \
   "Tensor? k_rscale, Tensor? col_bias, Tensor? pos_index, Tensor? q_labels, Tensor? k_labels, " \
-  "int diag_offset, int mask_mode, Tensor row_lse, Tensor col_lse, bool need_q, bool need_k, " \
-  "bool need_scale, bool need_bias, bool need_q_rscale, bool need_k_rscale) " \
+  "int diag_offset, int mask_mode, Tensor row_lse, Tensor col_lse, Tensor target_logit, bool need_q, " \
+  "bool need_k, bool need_scale, bool need_bias, bool need_q_rscale, bool need_k_rscale) " \
   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 // ---- pairwise sigmoid family (SigLIP and per-pair softplus sums) ----------

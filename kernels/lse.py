@@ -13,6 +13,10 @@ FlashAttention-2 shape of the computation, without the value matrix:
     inner = q; the masks and the bias read the swapped indices).
   * backward: tiles are recomputed from the saved LSEs,
     dS_ij = grad_row_i exp(S_ij - row_lse_i) + grad_col_j exp(S_ij - col_lse_j) on kept pairs.
+    LSE_TARGET (mask bit 8): the forward keeps each row's own target score and writes the
+    cross-entropy (max - target) + log(sum); the backward forms exp((S_ij - x_i) - ce_i) with
+    the saved base-2 target scores x (exp(-ce_i) at the target itself) and subtracts the
+    upstream gradient at the target in float32.
     The row kernel (outer = q) accumulates A_i = sum_j dS_ij k_rscale_j k_j in registers
     (dq = scale q_rscale A); the TRANS kernel (outer = k) accumulates B_j and dcol_bias.
     d rscale and dscale need no second product: q_i . A_i = sum_j dS_ij k_rscale_j (q_i . k_j),
@@ -87,11 +91,11 @@ def _outer_rows(pid, SCALE, O_RS, BIAS, POS, O_LAB, NO,
                 MASK_LAB: tl.constexpr, BLOCK_O: tl.constexpr):
     """The per-row values of the block `pid` of BLOCK_O outer rows, loaded once per program.
 
-    Returns (o_idx, o_ok, scale, o_rs, o_fac, o_bias, o_pos, o_lab):
+    Returns (o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab):
       o_idx   int64 outer row indices, o_ok = o_idx < NO;
       scale   the float32 scale;  o_rs = the outer rscale (1 without one);
-      o_fac   o_rs * scale * log2(e): a raw dot times o_fac (and the inner rscale) is the score in
-              base 2, s2 = log2(e) S, before the bias;
+      c2      scale * log2(e): a raw dot times (o_rs i_rs) c2 is the score in base 2,
+              s2 = log2(e) S, before the bias;
       o_bias  log2(e) col_bias of the outer rows under TRANS (outer rows are columns), else 0;
       o_pos   pos_index of the outer rows without TRANS, else o_idx (unused);
       o_lab   the outer rows' labels with MASK_LAB, else o_idx (unused)."""
@@ -101,7 +105,7 @@ def _outer_rows(pid, SCALE, O_RS, BIAS, POS, O_LAB, NO,
     o_rs = tl.full((BLOCK_O,), 1.0, tl.float32)
     if HAS_ORS:
         o_rs = tl.load(O_RS + o_idx, mask=o_ok, other=1.0)
-    o_fac = o_rs * (scale * 1.4426950408889634)
+    c2 = scale * 1.4426950408889634
     o_bias = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if HAS_BIAS and TRANS:
         o_bias = tl.load(BIAS + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
@@ -111,7 +115,7 @@ def _outer_rows(pid, SCALE, O_RS, BIAS, POS, O_LAB, NO,
     o_lab = o_idx
     if MASK_LAB:
         o_lab = tl.load(O_LAB + o_idx, mask=o_ok, other=0)
-    return o_idx, o_ok, scale, o_rs, o_fac, o_bias, o_pos, o_lab
+    return o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab
 
 
 @triton.jit
@@ -126,8 +130,8 @@ def _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE: tl.constexpr, BLOCK_O: tl.c
 
 @triton.jit
 def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
-                 o_idx, o_ok, o_fac, o_bias, o_pos, o_lab, o_tile,
-                 TRANS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_DIAG: tl.constexpr,
+                 o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
+                 TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_DIAG: tl.constexpr,
                  MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     """The (BLOCK_O, BLOCK_I) tile of scores of the outer rows (the o_* of _outer_rows) against
@@ -139,7 +143,9 @@ def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i,
               gradient product), else zeros (unused);
       acc     the raw float32 dot outer . inner (no rscales, no scale);
       i_rs    the inner rscale (1 without one);
-      s2      the base-2 scores log2(e) S_ij over the whole tile, masked pairs included;
+      s2      the base-2 scores log2(e) S_ij over the whole tile, masked pairs included; the
+              rscales multiply each other first, so that the TRANS pass computes the same
+              scores bit for bit (LSE_TARGET's backward relies on it);
       keep    the pairs the masks keep (and in range)."""
     n_idx = start + tl.arange(0, BLOCK_I)
     n_ok = n_idx < NI
@@ -151,11 +157,15 @@ def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i,
         i_tile = tl.zeros((BLOCK_I, BLOCK_D), dtype=I.dtype.element_ty)
         acc = _raw_scores_chunked(O, I, o_idx, o_ok, n64, n_ok, D, stride_o, stride_i,
                                   IEEE, BLOCK_D, BLOCK_O, BLOCK_I)
-    s2 = acc * o_fac[:, None]
     i_rs = tl.full((BLOCK_I,), 1.0, tl.float32)
     if HAS_IRS:
         i_rs = tl.load(I_RS + n64, mask=n_ok, other=1.0)
-        s2 = s2 * i_rs[None, :]
+        if HAS_ORS:
+            s2 = acc * ((o_rs[:, None] * i_rs[None, :]) * c2)
+        else:
+            s2 = acc * (i_rs * c2)[None, :]
+    else:
+        s2 = acc * (o_rs * c2)[:, None]
     if HAS_BIAS:
         if TRANS:
             s2 = s2 + o_bias[:, None]
@@ -174,23 +184,34 @@ def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i,
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, OUT,
+def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, XT,
                     NO, NI, D, stride_o, stride_i, diag_offset,
                     TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr,
+                    MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr, TARGET: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     pid = tl.program_id(0)
-    o_idx, o_ok, scale, o_rs, o_fac, o_bias, o_pos, o_lab = _outer_rows(
+    o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab = _outer_rows(
         pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
     o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
     m = tl.full((BLOCK_O,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    if TARGET:  # LSE_TARGET: each row's own target score (base 2), before the masks
+        x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        if not TRANS:
+            o_t = tl.load(TGT + o_idx, mask=o_ok, other=-1)
     for start in range(0, NI, BLOCK_I):
-        _, _, _, _, _, s, keep = _tile_scores(
+        n64, n_ok, _, _, _, s, keep = _tile_scores(
             O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
-            o_idx, o_ok, o_fac, o_bias, o_pos, o_lab, o_tile,
-            TRANS, HAS_IRS, HAS_BIAS, MASK_DIAG, MASK_POS, MASK_LAB, IEEE, SINGLE, BLOCK_D, BLOCK_O, BLOCK_I)
+            o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
+            TRANS, HAS_ORS, HAS_IRS, HAS_BIAS, MASK_DIAG, MASK_POS, MASK_LAB, IEEE, SINGLE, BLOCK_D, BLOCK_O,
+            BLOCK_I)
+        if TARGET:  # (column j's target is row j: TGT of the inner rows under TRANS)
+            if TRANS:
+                is_t = o_idx[:, None] == tl.load(TGT + n64, mask=n_ok, other=-1)[None, :]
+            else:
+                is_t = n64[None, :] == o_t[:, None]
+            x2 += tl.sum(tl.where(is_t, s, 0.0), axis=1)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # A row with nothing kept so far has m_new = -inf: use 0 as its reference so that
@@ -198,13 +219,18 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, OUT,
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp2(m - ref) + tl.sum(tl.exp2(s - ref[:, None]), axis=1)
         m = m_new
-    lse = (m + tl.log2(l)) * 0.6931471805599453  # -inf where nothing is kept (l = 0)
-    tl.store(OUT + o_idx, lse, mask=o_ok)
+    if TARGET:  # the cross-entropy (max - target) + log(sum): rounded relative to itself
+        tl.store(OUT + o_idx, ((m - x2) + tl.log2(l)) * 0.6931471805599453, mask=o_ok)
+        if not TRANS:  # saved for the backward in base 2, exactly the score it recomputes
+            tl.store(XT + o_idx, x2, mask=o_ok)
+    else:
+        lse = (m + tl.log2(l)) * 0.6931471805599453  # -inf where nothing is kept (l = 0)
+        tl.store(OUT + o_idx, lse, mask=o_ok)
 
 
 # -------------------------------------------------------------------------- backward
 @triton.jit
-def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT,
+def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                     O_LSE, O_G, I_LSE, I_G, D_OUT, D_ORS, D_SCALE, D_BIAS,
                     NO, NI, D, stride_o, stride_i, diag_offset,
                     TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -216,13 +242,18 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
-    o_idx, o_ok, scale, o_rs, o_fac, o_bias, o_pos, o_lab = _outer_rows(
+    o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab = _outer_rows(
         pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
+    # Each log-sum-exp (base 2) as x2 + lse2: (0, lse), or with LSE_TARGET (the forward's target
+    # score, the cross-entropy), so that s - x2 is exact at the target.
     o_lse2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    o_x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
     o_g = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if HAS_OTERM:
         o_lse2 = tl.load(O_LSE + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
         o_g = tl.load(O_G + o_idx, mask=o_ok, other=0.0)
+        if TARGET:
+            o_x2 = tl.load(XT + o_idx, mask=o_ok, other=0.0)
     o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
     dcol = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     if TARGET:  # the target column of each q row (TGT, validated < M); -1 never matches
@@ -240,22 +271,32 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT,
     for start in range(0, NI, BLOCK_I):
         n64, n_ok, i_tile, acc, i_rs, s, keep = _tile_scores(
             O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
-            o_idx, o_ok, o_fac, o_bias, o_pos, o_lab, o_tile,
-            TRANS, HAS_IRS, HAS_BIAS, MASK_DIAG, MASK_POS, MASK_LAB, IEEE, SINGLE, BLOCK_D, BLOCK_O, BLOCK_I)
-        ds = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-        if HAS_OTERM:
-            ds += o_g[:, None] * tl.exp2(s - o_lse2[:, None])
-        if HAS_ITERM:
-            i_lse2 = tl.load(I_LSE + n64, mask=n_ok, other=0.0) * 1.4426950408889634
-            i_g = tl.load(I_G + n64, mask=n_ok, other=0.0)
-            ds += i_g[None, :] * tl.exp2(s - i_lse2[None, :])
-        # Masked pairs (and rows / columns with nothing kept, whose LSE is -inf) get exactly 0.
-        ds = tl.where(keep, ds, 0.0)
-        if TARGET:  # LSE_TARGET: the target pair's -grad of each side (p - 1 formed here, in float32)
+            o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
+            TRANS, HAS_ORS, HAS_IRS, HAS_BIAS, MASK_DIAG, MASK_POS, MASK_LAB, IEEE, SINGLE, BLOCK_D, BLOCK_O,
+            BLOCK_I)
+        if TARGET:  # the target pairs (i, t_i); with a column term t_i = i, column i's target too
             if TRANS:
                 is_t = o_idx[:, None] == tl.load(TGT + n64, mask=n_ok, other=-1)[None, :]
             else:
                 is_t = n64[None, :] == o_t[:, None]
+        ds = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        if HAS_OTERM:
+            if TARGET:  # S - x, and 0 at the target, whose S is the forward's x by definition (the TRANS
+                # pass, or a differently rounded product, may recompute it an ulp away)
+                ds += o_g[:, None] * tl.exp2(tl.where(is_t, 0.0, s - o_x2[:, None]) - o_lse2[:, None])
+            else:
+                ds += o_g[:, None] * tl.exp2(s - o_lse2[:, None])
+        if HAS_ITERM:
+            i_lse2 = tl.load(I_LSE + n64, mask=n_ok, other=0.0) * 1.4426950408889634
+            i_g = tl.load(I_G + n64, mask=n_ok, other=0.0)
+            if TARGET:
+                i_x2 = tl.load(XT + n64, mask=n_ok, other=0.0)
+                ds += i_g[None, :] * tl.exp2(tl.where(is_t, 0.0, s - i_x2[None, :]) - i_lse2[None, :])
+            else:
+                ds += i_g[None, :] * tl.exp2(s - i_lse2[None, :])
+        # Masked pairs (and rows / columns with nothing kept, whose LSE is -inf) get exactly 0.
+        ds = tl.where(keep, ds, 0.0)
+        if TARGET:  # LSE_TARGET: the target pair's -grad of each side (p - 1 formed here, in float32)
             w = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32) + o_w[:, None]
             if HAS_ITERM:
                 w += tl.where(i_lse2 > float("-inf"), i_g, 0.0)[None, :]
@@ -374,7 +415,10 @@ def _mask_flags(mask_mode):
     return bool(mask_mode & MASK_DIAG), bool(mask_mode & MASK_POS), bool(mask_mode & MASK_SAME_LABEL)
 
 
-def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_offset, mask_mode, trans):
+def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_offset, mask_mode, trans,
+              target=None, xt=None):
+    """One direction's log-sum-exps; with `target` (the target column of every q row) the
+    cross-entropies, and the row pass writes its base-2 target scores into `xt`."""
     no, ni, d = outer.shape[0], inner.shape[0], outer.shape[1]
     out = torch.empty((no,), dtype=torch.float32, device=outer.device)
     if no == 0:
@@ -387,17 +431,18 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
     launch(_lse_fwd_kernel, _lse_fwd_tuned, grid, _INTERP_TILE,
            outer, inner, scale, o_rs if o_rs is not None else dummy, i_rs if i_rs is not None else dummy,
            bias if bias is not None else dummy, pos if pos is not None else dummy,
-           o_lab if o_lab is not None else dummy, i_lab if i_lab is not None else dummy, out,
+           o_lab if o_lab is not None else dummy, i_lab if i_lab is not None else dummy,
+           target if target is not None else dummy, out, xt if xt is not None else dummy,
            no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset),
            TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
-           MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd,
-           SINGLE=bd == dpad)
+           MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, TARGET=target is not None, IEEE=_ieee(outer.dtype), D_PAD=dpad,
+           BLOCK_D=bd, SINGLE=bd == dpad)
     return out
 
 
-def _targets(q, k, scale, qr, kr, bias, pos, diag_offset, col):
-    """LSE_TARGET (csrc/lse_target.h): (target column of every row, the target logits S_{i, t_i} in
-    float32), after checking that every target exists."""
+def _targets(q, k, pos, diag_offset, col):
+    """LSE_TARGET (csrc/lse_target.h): the target column of every row, after checking that every
+    target exists."""
     n, m = q.shape[0], k.shape[0]
     if pos is not None:
         if col:
@@ -416,15 +461,7 @@ def _targets(q, k, scale, qr, kr, bias, pos, diag_offset, col):
             raise ValueError("mask_mode bit 8 (LSE_TARGET) without pos_index: row i's target column i + diag_offset "
                              f"must exist for every row, got N = {n}, M = {m}, diag_offset {diag_offset}")
         t = torch.arange(n, device=q.device) + int(diag_offset)
-    x = torch.bmm(q.float().unsqueeze(1), k.index_select(0, t).float().unsqueeze(2)).view(n)
-    if qr is not None:
-        x = x * qr
-    if kr is not None:
-        x = x * kr.index_select(0, t)
-    x = x * scale
-    if bias is not None:
-        x = x + bias.index_select(0, t)
-    return t.contiguous(), x
+    return t.contiguous()
 
 
 def lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode,
@@ -433,21 +470,21 @@ def lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, 
     scale = scale.reshape(()).to(torch.float32).contiguous()
     qr, kr, bias = _f32(q_rscale), _f32(k_rscale), _f32(col_bias)
     pos, ql, kl = _i64(pos_index), _i64(q_labels), _i64(k_labels)
-    target = _targets(q, k, scale, qr, kr, bias, pos, diag_offset, compute_col) if mask_mode & LSE_TARGET else None
-    row = _lse_pass(q, k, scale, qr, kr, bias, pos, ql, kl, diag_offset, mask_mode, trans=False)
-    if compute_col:
-        col = _lse_pass(k, q, scale, kr, qr, bias, pos, kl, ql, diag_offset, mask_mode, trans=True)
+    target = _targets(q, k, pos, diag_offset, compute_col) if mask_mode & LSE_TARGET else None
+    # LSE_TARGET: the row pass's target scores in base 2 (log2(e) S_{i, t_i}, exactly as the
+    # backward recomputes them), the "target_logit" state of csrc/op_schemas.h in this backend's unit
+    xt = torch.empty((q.shape[0] if target is not None else 0,), dtype=torch.float32, device=q.device)
+    row = _lse_pass(q, k, scale, qr, kr, bias, pos, ql, kl, diag_offset, mask_mode, trans=False, target=target,
+                    xt=xt)
+    if compute_col:  # (square: column j's target is row j)
+        col = _lse_pass(k, q, scale, kr, qr, bias, pos, kl, ql, diag_offset, mask_mode, trans=True, target=target)
     else:
         col = torch.empty((0,), dtype=torch.float32, device=q.device)
-    if target is not None:  # cross-entropies: minus the target logits (col: square, diagonal)
-        row = row - target[1]
-        if compute_col:
-            col = col - target[1]
-    return row, col
+    return row, col, xt
 
 
 def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o_g, i_lse, i_g, diag_offset,
-              mask_mode, trans, need_out, need_ors, need_scale, need_bias, out_f32=False, target=None):
+              mask_mode, trans, need_out, need_ors, need_scale, need_bias, out_f32=False, target=None, xt=None):
     no, ni, d = outer.shape[0], inner.shape[0], outer.shape[1]
     dev = outer.device
     f32 = lambda n: torch.empty((n,), dtype=torch.float32, device=dev)  # noqa: E731
@@ -470,7 +507,7 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
         grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]), 1)  # noqa: E731
     interp = dict(_INTERP_TILE, BLOCK_DO=min(dpad, 128) if need_out else 16)
     launch(_lse_bwd_kernel, _lse_bwd_tuned, grid, interp,
-           outer, inner, scale, opt(o_rs), opt(i_rs), opt(bias), opt(pos), opt(o_lab), opt(i_lab), opt(target),
+           outer, inner, scale, opt(o_rs), opt(i_rs), opt(bias), opt(pos), opt(o_lab), opt(i_lab), opt(target), opt(xt),
            opt(o_lse), opt(o_g), opt(i_lse), opt(i_g), d_out if d_out is not None else outer,
            opt(d_ors), opt(d_scale), opt(d_bias),
            no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset),
@@ -483,8 +520,8 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
 
 
 def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
-                 diag_offset, mask_mode, row_lse, col_lse, need_q, need_k, need_scale, need_bias, need_q_rscale,
-                 need_k_rscale):
+                 diag_offset, mask_mode, row_lse, col_lse, target_logit, need_q, need_k, need_scale, need_bias,
+                 need_q_rscale, need_k_rscale):
     q, k = q.contiguous(), k.contiguous()
     dev = q.device
     scale = scale.reshape(()).to(torch.float32).contiguous()
@@ -497,12 +534,13 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
     has_col = col_lse is not None and col_lse.numel() > 0 and grad_col is not None and grad_col.numel() > 0
     r_lse, r_g = row_lse.contiguous().float(), grad_row.contiguous().float()
     c_lse, c_g = (col_lse.contiguous().float(), grad_col.contiguous().float()) if has_col else (None, None)
-    tgt = None
-    if mask_mode & LSE_TARGET:  # the outputs were LSE - target logit: the kernels need the LSEs back
-        tgt, xt = _targets(q, k, scale, qr, kr, bias, pos, diag_offset, col_lse is not None and col_lse.numel() > 0)
-        r_lse = r_lse + xt
-        if has_col:
-            c_lse = c_lse + xt
+    tgt = xt = None
+    if mask_mode & LSE_TARGET:  # the outputs are cross-entropies; xt: the forward's base-2 target scores
+        tgt = _targets(q, k, pos, diag_offset, col_lse is not None and col_lse.numel() > 0)
+        xt = target_logit.contiguous().float()
+        if xt.shape != (q.shape[0],):
+            raise ValueError(f"target_logit must have shape (N,) = ({q.shape[0]},) with mask_mode bit 8 "
+                             f"(LSE_TARGET), got {tuple(xt.shape)}")
 
     run_row = need_q or need_q_rscale
     run_col = need_k or need_k_rscale or need_bias
@@ -522,11 +560,11 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
     if run_row:
         dq, dqr, dscale_rows, _ = _bwd_pass(q, k, scale, qr, kr, bias, pos, ql, kl, r_lse, r_g, c_lse, c_g,
                                             diag_offset, mask_mode, False, need_q, need_q_rscale, scale_in_row,
-                                            False, out_f32=same, target=tgt)
+                                            False, out_f32=same, target=tgt, xt=xt)
     if run_col:
         dk, dkr, ds_cols, db = _bwd_pass(k, q, scale, kr, qr, bias, pos, kl, ql, c_lse, c_g, r_lse, r_g,
                                          diag_offset, mask_mode, True, need_k, need_k_rscale,
-                                         need_scale and not scale_in_row, need_bias, out_f32=same, target=tgt)
+                                         need_scale and not scale_in_row, need_bias, out_f32=same, target=tgt, xt=xt)
         if need_scale and not scale_in_row:
             dscale_rows = ds_cols
     if same:

@@ -174,7 +174,8 @@ def test_lse_only_needed_gradients():
     _check(gk, rk, torch.float32, "dk")
     out = torch.ops.contrastive_kernels.lse_backward(
         torch.ones(40, device=DEV), torch.empty(0, device=DEV), q, k, scale, None, None, None, None, None, None,
-        0, 0, row.detach(), torch.empty(0, device=DEV), False, True, False, False, False, False)
+        0, 0, row.detach(), torch.empty(0, device=DEV), torch.empty(0, device=DEV), False, True, False, False, False,
+        False)
     assert out[0].numel() == 0 and out[2].numel() == 0 and out[3].numel() == 0
     assert out[1].shape == k.shape
 
@@ -186,8 +187,9 @@ def test_lse_deterministic():
     args = (torch.randn(300, device=DEV), torch.randn(257, device=DEV), q, k, scale, None, None, None, None, None,
             None, 0, 0)
     row, col = fam.lse("cuda", q, k, scale, compute_col=True)
-    a = torch.ops.contrastive_kernels.lse_backward(*args, row, col, True, True, True, False, False, False)
-    b = torch.ops.contrastive_kernels.lse_backward(*args, row, col, True, True, True, False, False, False)
+    xt = torch.empty(0, device=DEV)
+    a = torch.ops.contrastive_kernels.lse_backward(*args, row, col, xt, True, True, True, False, False, False)
+    b = torch.ops.contrastive_kernels.lse_backward(*args, row, col, xt, True, True, True, False, False, False)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 

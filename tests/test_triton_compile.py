@@ -86,26 +86,29 @@ def _control_job():
 
 
 def _lse_fwd(dt, *, trans, on, d_pad, bo, bi, w, s):
-    """_lse_pass: optional tensors are replaced by `out` (float32) when absent."""
+    """_lse_pass: optional tensors are replaced by `out` (float32) when absent (TGT: the LSE_TARGET
+    targets and XT the target scores, with `on`)."""
     bd = d_pad if d_pad <= 128 else 64  # _block_d on a GPU
     types = {"O": "*" + dt, "I": "*" + dt, "SCALE": "*fp32", "O_RS": "*fp32", "I_RS": "*fp32", "BIAS": "*fp32",
              "POS": "*i64" if on else "*fp32", "O_LAB": "*i64" if on else "*fp32",
-             "I_LAB": "*i64" if on else "*fp32", "OUT": "*fp32"}
+             "I_LAB": "*i64" if on else "*fp32", "TGT": "*i64" if on else "*fp32", "OUT": "*fp32", "XT": "*fp32"}
     types.update({n: "i32" for n in ("NO", "NI", "D", "stride_o", "stride_i", "diag_offset")})
     cx = dict(TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on, MASK_DIAG=on, MASK_POS=on, MASK_LAB=on,
-              IEEE=dt == "fp32", D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi)
+              TARGET=on, IEEE=dt == "fp32", D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi)
     return types, cx, _opts(w, s)
 
 
 def _lse_bwd(dt, *, trans, on, oterm, iterm, need_out, need_ors, need_scale, need_bias, d_pad, bo, bi, bdo, w, s,
              out_f32=False):
-    """_bwd_pass: optional tensors are replaced by a float32 dummy (TGT: the LSE_TARGET targets, with `on`); D_OUT is the gradient (input dtype,
+    """_bwd_pass: optional tensors are replaced by a float32 dummy (TGT, XT: the LSE_TARGET targets and
+    target scores, with `on`); D_OUT is the gradient (input dtype,
     float32 when q is k in half precision) or `outer` (input dtype) without NEED_OUT; DS_C is the (1,)
     float32 half_ds_scale, applied (SCALE_DS) for float16."""
     bd = d_pad if d_pad <= 128 else 64
     types = {"O": "*" + dt, "I": "*" + dt, "SCALE": "*fp32", "O_RS": "*fp32", "I_RS": "*fp32", "BIAS": "*fp32",
              "POS": "*i64" if on else "*fp32", "O_LAB": "*i64" if on else "*fp32",
-             "I_LAB": "*i64" if on else "*fp32", "TGT": "*i64" if on else "*fp32", "O_LSE": "*fp32", "O_G": "*fp32",
+             "I_LAB": "*i64" if on else "*fp32", "TGT": "*i64" if on else "*fp32", "XT": "*fp32", "O_LSE": "*fp32",
+             "O_G": "*fp32",
              "I_LSE": "*fp32",
              "I_G": "*fp32", "D_OUT": "*fp32" if (need_out and out_f32) else "*" + dt, "D_ORS": "*fp32",
              "D_SCALE": "*fp32", "D_BIAS": "*fp32", "DS_C": "*fp32"}

@@ -234,7 +234,7 @@ def test_lse_backward_op_returns_only_needed():
     op = torch.ops.contrastive_kernels.lse_backward_triton
     gr, gc = torch.ones_like(row), torch.ones_like(col)
     common = (p["q"], p["k"], p["scale"], p["q_rscale"], p["k_rscale"], p["col_bias"], p["pos_index"], None, None,
-              0, MASK_POS, row, col)
+              0, MASK_POS, row, col, torch.empty(0, device=DEV))
     out = op(gr, gc, *common, False, False, False, False, False, False)
     assert all(t.numel() == 0 for t in out)
     dq, dk, ds, db, dqr, dkr = op(gr, gc, *common, True, False, True, False, False, True)

@@ -6,7 +6,9 @@
 // the bias, the masks and the online max / sum-of-exp updates run over it while it
 // is in cache.  The backward recomputes each tile from the saved log-sum-exps and
 // turns it into dS in place, then two more GEMMs add dS Kh_J to A_I and dS^T Qh_I
-// to B_J.
+// to B_J.  With LSE_TARGET the forward keeps each row's target logit from its tile and
+// writes the cross-entropy (max - target) + log(sum), and the backward takes each
+// log-sum-exp as (target logit) + (cross-entropy): exp((s - x) - ce), exact at the target.
 //
 // Determinism without atomics or N x M partial buffers: when only per-row results
 // are needed the row blocks are split among threads and each walks the column blocks
@@ -105,36 +107,39 @@ CK_MULTIVERSION void col_sum_exp_acc(float* cs, const float* s, const float* off
 }
 
 // Backward: g holds the raw products of one tile row, s its logits (masked = -inf).
-// dS_j = a exp(s_j - rl) [+ gc_j exp(s_j - cl_j)] is written over g; the return value
-// is sum_j dS_j g_j (the row's share of dscale).
-CK_MULTIVERSION float ds_row_r(float* g, const float* s, int64_t n, float a, float rl) {
+// dS_j = a exp((s_j - rx) - rl) [+ gc_j exp((s_j - cx_j) - cl_j)] is written over g; the
+// return value is sum_j dS_j g_j (the row's share of dscale).  (x, l) is a log-sum-exp
+// split in two: (lse, 0), or with LSE_TARGET (target logit, cross-entropy), whose
+// difference s - x is exact near the target.
+CK_MULTIVERSION float ds_row_r(float* g, const float* s, int64_t n, float a, float rx, float rl) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
-    const float ds = a * fast_exp(s[j] - rl);
+    const float ds = a * fast_exp((s[j] - rx) - rl);
     acc += ds * g[j];
     g[j] = ds;
   }
   return acc;
 }
 
-CK_MULTIVERSION float ds_row_c(float* g, const float* s, int64_t n, const float* gc, const float* cl) {
+CK_MULTIVERSION float ds_row_c(float* g, const float* s, int64_t n, const float* gc, const float* cx,
+                               const float* cl) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
-    const float ds = gc[j] * fast_exp(s[j] - cl[j]);
+    const float ds = gc[j] * fast_exp((s[j] - cx[j]) - cl[j]);
     acc += ds * g[j];
     g[j] = ds;
   }
   return acc;
 }
 
-CK_MULTIVERSION float ds_row_rc(float* g, const float* s, int64_t n, float a, float rl, const float* gc,
-                                const float* cl) {
+CK_MULTIVERSION float ds_row_rc(float* g, const float* s, int64_t n, float a, float rx, float rl, const float* gc,
+                                const float* cx, const float* cl) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
-    const float ds = a * fast_exp(s[j] - rl) + gc[j] * fast_exp(s[j] - cl[j]);
+    const float ds = a * fast_exp((s[j] - rx) - rl) + gc[j] * fast_exp((s[j] - cx[j]) - cl[j]);
     acc += ds * g[j];
     g[j] = ds;
   }
@@ -218,8 +223,15 @@ struct Scratch {
 };
 
 // Logits of tile row r (global row gi, columns j0 .. j0+bn): s = scale g + bias, masked = -inf.
-inline void tile_row_logits(const Problem& P, float* s, const float* g, int64_t gi, int64_t j0, int64_t bn) {
+// xt (forward, LSE_TARGET): receives the row's target logit when the target is in the tile,
+// before the masks (a target need not be kept).
+inline void tile_row_logits(const Problem& P, float* s, const float* g, int64_t gi, int64_t j0, int64_t bn,
+                            float* xt = nullptr) {
   logits_row(s, g, bn, P.scale, P.bias != nullptr ? P.bias + j0 : nullptr);
+  if (xt != nullptr) {
+    const int64_t tc = target_col(P, gi, j0, bn);
+    if (tc >= 0) xt[gi] = s[tc];
+  }
   if (P.mask_mode & kMaskDiag) {
     const int64_t j = gi + P.diag_offset - j0;
     if (j >= 0 && j < bn) s[j] = kNegInf;
@@ -247,8 +259,16 @@ inline float finish_lse(float mx, float sum) {
   return mx + std::log(sum);
 }
 
+// The output of a row (column) from its running (max, sum): the log-sum-exp, or with
+// LSE_TARGET (xt = its target logit) the cross-entropy (max - xt) + log(sum), whose
+// rounding is relative to itself (not to the size of the logits).
+inline float finish_row(float mx, float sum, const float* xt, int64_t i) {
+  if (xt == nullptr || mx == kNegInf) return finish_lse(mx, sum);
+  return (mx - xt[i]) + std::log(sum);
+}
+
 // ------------------------------------------------------------------------ forward
-void forward_rows(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse) {
+void forward_rows(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* xt) {
   at::parallel_for(0, T.nrb, 1, [&](int64_t b0, int64_t b1) {
     float* g = W.tile();
     float* mx = W.rowstat0();
@@ -262,16 +282,17 @@ void forward_rows(const Problem& P, const Tiling& T, const Scratch& W, float* ro
         gemm_abt(bm, bn, P.d, P.qh + i0 * P.d, P.d, P.kh + j0 * P.d, P.d, g);
         for (int64_t r = 0; r < bm; ++r) {
           float* s = g + r * bn;
-          tile_row_logits(P, s, s, i0 + r, j0, bn);
+          tile_row_logits(P, s, s, i0 + r, j0, bn, xt);
           row_update(mx[r], sm[r], s, bn);
         }
       }
-      for (int64_t r = 0; r < bm; ++r) row_lse[i0 + r] = finish_lse(mx[r], sm[r]);
+      for (int64_t r = 0; r < bm; ++r) row_lse[i0 + r] = finish_row(mx[r], sm[r], xt, i0 + r);
     }
   });
 }
 
-void forward_rows_and_cols(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* col_lse) {
+void forward_rows_and_cols(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* col_lse,
+                           float* xt) {
   std::vector<float> rmx(P.n, kNegInf), rsm(P.n, 0.0f), cmx(P.m, kNegInf), csm(P.m, 0.0f);
   const int64_t items = std::min(T.nrb, T.ncb), steps = std::max(T.nrb, T.ncb);
   for (int64_t step = 0; step < steps; ++step) {
@@ -287,7 +308,7 @@ void forward_rows_and_cols(const Problem& P, const Tiling& T, const Scratch& W, 
         std::fill(tmax, tmax + bn, kNegInf);
         for (int64_t r = 0; r < bm; ++r) {
           float* s = g + r * bn;
-          tile_row_logits(P, s, s, i0 + r, j0, bn);
+          tile_row_logits(P, s, s, i0 + r, j0, bn, xt);
           row_update(rmx[i0 + r], rsm[i0 + r], s, bn);
           col_max_acc(tmax, s, bn);
         }
@@ -296,21 +317,35 @@ void forward_rows_and_cols(const Problem& P, const Tiling& T, const Scratch& W, 
       }
     });
   }
-  for (int64_t i = 0; i < P.n; ++i) row_lse[i] = finish_lse(rmx[i], rsm[i]);
-  for (int64_t j = 0; j < P.m; ++j) col_lse[j] = finish_lse(cmx[j], csm[j]);
+  // (LSE_TARGET with a column term: square, column j's target is row j, logit xt_j)
+  for (int64_t i = 0; i < P.n; ++i) row_lse[i] = finish_row(rmx[i], rsm[i], xt, i);
+  for (int64_t j = 0; j < P.m; ++j) col_lse[j] = finish_row(cmx[j], csm[j], xt, j);
 }
 
 // ----------------------------------------------------------------------- backward
+// A log-sum-exp is passed as x + l (ds_row_r): (lse, 0), or (target logit, cross-entropy).
 struct Grads {
-  const float* grow = nullptr;  // (n) row upstream grads, null when all zero
-  const float* rlse = nullptr;  // (n)
+  const float* grow = nullptr;  // (n) row upstream grads, 0 where the row lse = -inf; null when all zero
+  const float* rx = nullptr;    // (n) row lse = rx + rl (0 where -inf)
+  const float* rl = nullptr;    // (n)
   const float* gcol = nullptr;  // (m) column upstream grads, 0 where col_lse = -inf; null when all zero
-  const float* clse = nullptr;  // (m) column lse, 0 where -inf
+  const float* cx = nullptr;    // (m) column lse = cx + cl (0 where -inf)
+  const float* cl = nullptr;    // (m)
   float* A = nullptr;           // (n, d): sum_j dS_ij Kh_j, or null
   float* B = nullptr;           // (m, d): sum_i dS_ij Qh_i, or null
   float* dbias = nullptr;       // (m) or null
   double* dscale = nullptr;     // per row block, or null
 };
+
+// LSE_TARGET, a kept target pair: its dS terms with S replaced by the forward's target logit
+// x, which it equals by definition (exp((x - x) - l) = exp(-l)), whatever the rounding of this
+// tile's product; ds is rewritten, and the change of its dscale share (ds times the raw
+// product) is returned.
+inline double target_exps(float& ds, float raw, float a, float rl, float gc, float cl) {
+  const float old = ds;
+  ds = (a != 0.0f ? a * std::exp(-rl) : 0.0f) + (gc != 0.0f ? gc * std::exp(-cl) : 0.0f);
+  return static_cast<double>(ds - old) * raw;
+}
 
 void backward_item(const Problem& P, const Tiling& T, const Scratch& W, const Grads& G, int64_t I, int64_t J) {
   const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
@@ -325,19 +360,22 @@ void backward_item(const Problem& P, const Tiling& T, const Scratch& W, const Gr
     tile_row_logits(P, s, gr, gi, j0, bn);
     const int64_t tc = target_col(P, gi, j0, bn);
     const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
-    // A row without kept pairs (lse -inf) gets no gradient; its dS is 0 by the mask.
-    const bool row_term = G.grow != nullptr && G.grow[gi] != 0.0f && G.rlse[gi] != kNegInf;
+    // A row without kept pairs (lse -inf) gets no gradient (grow 0); its dS is 0 by the mask.
+    const bool row_term = G.grow != nullptr && G.grow[gi] != 0.0f;
     if (row_term && G.gcol != nullptr) {
-      dsc += ds_row_rc(gr, s, bn, G.grow[gi], G.rlse[gi], G.gcol + j0, G.clse + j0);
+      dsc += ds_row_rc(gr, s, bn, G.grow[gi], G.rx[gi], G.rl[gi], G.gcol + j0, G.cx + j0, G.cl + j0);
     } else if (row_term) {
-      dsc += ds_row_r(gr, s, bn, G.grow[gi], G.rlse[gi]);
+      dsc += ds_row_r(gr, s, bn, G.grow[gi], G.rx[gi], G.rl[gi]);
     } else if (G.gcol != nullptr) {
-      dsc += ds_row_c(gr, s, bn, G.gcol + j0, G.clse + j0);
+      dsc += ds_row_c(gr, s, bn, G.gcol + j0, G.cx + j0, G.cl + j0);
     } else {
       std::fill(gr, gr + bn, 0.0f);
     }
     if (tc >= 0) {  // LSE_TARGET: the row's -grad (and the column's: its target is this row)
       const float amount = (row_term ? G.grow[gi] : 0.0f) + (G.gcol != nullptr ? G.gcol[j0 + tc] : 0.0f);
+      if (s[tc] != kNegInf)
+        dsc += target_exps(gr[tc], raw_t, row_term ? G.grow[gi] : 0.0f, G.rl[gi],
+                           G.gcol != nullptr ? G.gcol[j0 + tc] : 0.0f, G.gcol != nullptr ? G.cl[j0 + tc] : 0.0f);
       gr[tc] -= amount;
       dsc -= static_cast<double>(amount) * raw_t;
     }
@@ -403,7 +441,7 @@ void for_each_round(const std::vector<std::vector<std::pair<int64_t, int64_t>>>&
   }
 }
 
-void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse) {
+void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* xt) {
   std::vector<float> mx(P.n, kNegInf), sm(P.n, 0.0f);
   const float* X = P.qh;
   for_each_round(tournament_rounds(T.nrb), [&](int64_t I, int64_t J) {
@@ -415,9 +453,15 @@ void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, floa
     const bool pair = I != J;
     gemm_abt(bm, bn, P.d, X + i0 * P.d, P.d, X + j0 * P.d, P.d, g);
     if (pair) std::fill(tmax, tmax + bn, kNegInf);
+    if (pair && xt != nullptr) {  // rows of block J whose target is in block I: S_{j, t} = S_{t, j}
+      for (int64_t c = 0; c < bn; ++c) {
+        const int64_t t = P.target[j0 + c] - i0;
+        if (t >= 0 && t < bm) xt[j0 + c] = P.scale * g[t * bn + c];  // (no bias here: logits_row's product)
+      }
+    }
     for (int64_t r = 0; r < bm; ++r) {
       float* s = g + r * bn;
-      tile_row_logits(P, s, s, i0 + r, j0, bn);
+      tile_row_logits(P, s, s, i0 + r, j0, bn, xt);
       row_update(mx[i0 + r], sm[i0 + r], s, bn);
       if (pair) col_max_acc(tmax, s, bn);
     }
@@ -426,7 +470,7 @@ void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, floa
       for (int64_t r = 0; r < bm; ++r) col_sum_exp_acc(sm.data() + j0, g + r * bn, off, bn);
     }
   });
-  for (int64_t i = 0; i < P.n; ++i) row_lse[i] = finish_lse(mx[i], sm[i]);
+  for (int64_t i = 0; i < P.n; ++i) row_lse[i] = finish_row(mx[i], sm[i], xt, i);
 }
 
 // c <- c + c^T for a square tile.
@@ -441,10 +485,10 @@ void symmetrize(float* c, int64_t b) {
   }
 }
 
-// w: combined upstream gradient per row (0 where the row has no kept pair), rl: row lse
-// (0 where -inf); H (n, d) += the whole gradient direction A + B, or null.
-void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, const float* w, const float* rl,
-                        float* H, double* dscale) {
+// w: combined upstream gradient per row (0 where the row has no kept pair), rx + rl: row lse
+// (0 where -inf; see Grads); H (n, d) += the whole gradient direction A + B, or null.
+void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, const float* w, const float* rx,
+                        const float* rl, float* H, double* dscale) {
   const float* X = P.qh;
   for_each_round(tournament_rounds(T.nrb), [&](int64_t I, int64_t J) {
     float* g = W.tile();
@@ -462,17 +506,19 @@ void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, con
       const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
       const bool row_term = w[gi] != 0.0f;
       if (pair && row_term) {
-        dsc += ds_row_rc(gr, s, bn, w[gi], rl[gi], w + j0, rl + j0);
+        dsc += ds_row_rc(gr, s, bn, w[gi], rx[gi], rl[gi], w + j0, rx + j0, rl + j0);
       } else if (pair) {
-        dsc += ds_row_c(gr, s, bn, w + j0, rl + j0);
+        dsc += ds_row_c(gr, s, bn, w + j0, rx + j0, rl + j0);
       } else if (row_term) {
-        dsc += ds_row_r(gr, s, bn, w[gi], rl[gi]);
+        dsc += ds_row_r(gr, s, bn, w[gi], rx[gi], rl[gi]);
       } else {
         std::fill(gr, gr + bn, 0.0f);
       }
       if (tc >= 0) {  // LSE_TARGET (targets an involution): row gi's term, and in a pair tile the
                       // transposed term of row j0 + tc, whose target is gi
         const float amount = w[gi] + (pair ? w[j0 + tc] : 0.0f);
+        if (s[tc] != kNegInf)
+          dsc += target_exps(gr[tc], raw_t, w[gi], rl[gi], pair ? w[j0 + tc] : 0.0f, pair ? rl[j0 + tc] : 0.0f);
         gr[tc] -= amount;
         dsc -= static_cast<double>(amount) * raw_t;
       }
@@ -600,7 +646,7 @@ Operands prepare(const Tensor& q, const Tensor& k, const Tensor& scale, const Op
   return o;
 }
 
-std::tuple<Tensor, Tensor> lse_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& scale,
+std::tuple<Tensor, Tensor, Tensor> lse_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& scale,
                                            const OptTensor& q_rscale, const OptTensor& k_rscale,
                                            const OptTensor& col_bias, const OptTensor& pos_index,
                                            const OptTensor& q_labels, const OptTensor& k_labels, int64_t diag_offset,
@@ -611,27 +657,25 @@ std::tuple<Tensor, Tensor> lse_forward_cpu(const Tensor& q, const Tensor& k, con
   const auto f32 = q.options().dtype(at::kFloat);
   Tensor row = at::empty({P.n}, f32);
   Tensor col = at::empty({compute_col ? P.m : 0}, f32);
+  // LSE_TARGET: the target logits, as the tiles compute them (every row has a target: M > 0)
+  Tensor xt = at::empty({P.target != nullptr ? P.n : 0}, f32);
   if (P.n == 0 || P.m == 0) {  // nothing kept anywhere
     row.fill_(kNegInf);
     col.fill_(kNegInf);
-    return {row, col};
+    return {row, col, xt};
   }
   const Tiling T = make_tiling(P.n, P.m);
   const Scratch W(T);
+  float* x = P.target != nullptr ? xt.data_ptr<float>() : nullptr;
   if (is_symmetric(o)) {
-    forward_symmetric(P, T, W, row.data_ptr<float>());
+    forward_symmetric(P, T, W, row.data_ptr<float>(), x);
     if (compute_col) col.copy_(row);
   } else if (compute_col) {
-    forward_rows_and_cols(P, T, W, row.data_ptr<float>(), col.data_ptr<float>());
+    forward_rows_and_cols(P, T, W, row.data_ptr<float>(), col.data_ptr<float>(), x);
   } else {
-    forward_rows(P, T, W, row.data_ptr<float>());
+    forward_rows(P, T, W, row.data_ptr<float>(), x);
   }
-  if (P.target != nullptr) {  // cross-entropies: minus the target logits (col: square, diagonal)
-    const Tensor xt = lse_target_logits(q, k, scale, q_rscale, k_rscale, col_bias, o.target);
-    row.sub_(xt);
-    if (compute_col) col.sub_(xt);
-  }
-  return {row, col};
+  return {row, col, xt};
 }
 
 // Upstream gradient vector, or an undefined tensor when it is all zero (no work).
@@ -644,7 +688,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
     const Tensor& grad_row, const Tensor& grad_col, const Tensor& q, const Tensor& k, const Tensor& scale,
     const OptTensor& q_rscale, const OptTensor& k_rscale, const OptTensor& col_bias, const OptTensor& pos_index,
     const OptTensor& q_labels, const OptTensor& k_labels, int64_t diag_offset, int64_t mask_mode,
-    const Tensor& row_lse, const Tensor& col_lse, bool need_q, bool need_k, bool need_scale, bool need_bias,
+    const Tensor& row_lse, const Tensor& col_lse, const Tensor& target_logit, bool need_q, bool need_k,
+    bool need_scale, bool need_bias,
     bool need_q_rscale, bool need_k_rscale) {
   const Operands o = prepare(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
                              diag_offset, mask_mode, col_lse.numel() > 0);
@@ -676,36 +721,45 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
   Tensor dbias = need_bias ? at::zeros({P.m}, f32) : at::empty({0}, f32);
   std::vector<double> dscale_part(T.nrb, 0.0);
 
-  const Tensor grow = nonzero_or_undefined(grad_row.contiguous());
-  // LSE_TARGET: the outputs were LSE - target logit; the kernels need the LSEs back.
-  const Tensor xt = P.target != nullptr ? lse_target_logits(q, k, scale, q_rscale, k_rscale, col_bias, o.target)
-                                        : Tensor();
-  const Tensor rlse = xt.defined() ? row_lse.add(xt) : row_lse.contiguous();
-  Tensor gcol, clse;
-  if (gcol_in.defined()) {
-    // Columns without kept pairs (lse -inf) get no gradient: zero grad, offset 0.
-    const Tensor c = xt.defined() ? col_lse.add(xt) : col_lse.contiguous();
-    const Tensor empty_col = c.eq(kNegInf);
-    gcol = gcol_in.masked_fill(empty_col, 0.0f).contiguous();
-    clse = c.masked_fill(empty_col, 0.0f).contiguous();
+  // Each log-sum-exp as x + l (see Grads): (lse, 0), or with LSE_TARGET (the forward's target
+  // logit, the cross-entropy output); rows / columns without kept pairs (-inf) get no
+  // gradient: zero upstream gradient, x = l = 0.
+  if (P.target != nullptr) {
+    TORCH_CHECK(target_logit.scalar_type() == at::kFloat && target_logit.dim() == 1 && target_logit.size(0) == P.n,
+                "target_logit must be float32 of shape (N,) = (", P.n, ",) with mask_mode bit 8 (LSE_TARGET), got ",
+                target_logit.scalar_type(), " ", target_logit.sizes());
   }
+  auto split = [&](const Tensor& out, Tensor& x, Tensor& l, Tensor& g) {
+    const Tensor empty = out.eq(kNegInf);
+    if (P.target != nullptr) {
+      x = target_logit.masked_fill(empty, 0.0f).contiguous();
+      l = out.masked_fill(empty, 0.0f).contiguous();
+    } else {
+      x = out.masked_fill(empty, 0.0f).contiguous();
+      l = at::zeros_like(x);
+    }
+    if (g.defined()) g = g.masked_fill(empty, 0.0f).contiguous();
+  };
+  Tensor grow = nonzero_or_undefined(grad_row.contiguous());
+  Tensor gcol = gcol_in, rx, rl, cx, cl;
+  split(row_lse.contiguous(), rx, rl, grow);
+  if (gcol.defined()) split(col_lse.contiguous(), cx, cl, gcol);
   const bool any_work = (needA || needB || need_bias || need_scale) && (grow.defined() || gcol.defined());
   if (any_work && P.n > 0 && P.m > 0 && combined) {
     // Row i's weight in dS + dS^T: its row and column upstream gradients (col_lse = row_lse).
     Tensor w = grow.defined() ? grow.clone() : at::zeros({P.n}, f32);
     if (gcol.defined()) w.add_(gcol);
-    const Tensor empty_row = rlse.eq(kNegInf);
-    w.masked_fill_(empty_row, 0.0f);
-    const Tensor rl = rlse.masked_fill(empty_row, 0.0f).contiguous();
     const Scratch W(T);
-    backward_symmetric(P, T, W, w.data_ptr<float>(), rl.data_ptr<float>(), needA ? A.data_ptr<float>() : nullptr,
-                       need_scale ? dscale_part.data() : nullptr);
+    backward_symmetric(P, T, W, w.data_ptr<float>(), rx.data_ptr<float>(), rl.data_ptr<float>(),
+                       needA ? A.data_ptr<float>() : nullptr, need_scale ? dscale_part.data() : nullptr);
   } else if (any_work && P.n > 0 && P.m > 0) {
     Grads G;
     G.grow = grow.defined() ? grow.data_ptr<float>() : nullptr;
-    G.rlse = rlse.data_ptr<float>();
+    G.rx = rx.data_ptr<float>();
+    G.rl = rl.data_ptr<float>();
     G.gcol = gcol.defined() ? gcol.data_ptr<float>() : nullptr;
-    G.clse = clse.defined() ? clse.data_ptr<float>() : nullptr;
+    G.cx = gcol.defined() ? cx.data_ptr<float>() : nullptr;
+    G.cl = gcol.defined() ? cl.data_ptr<float>() : nullptr;
     G.A = needA ? A.data_ptr<float>() : nullptr;
     G.B = needB ? B.data_ptr<float>() : nullptr;
     G.dbias = need_bias ? dbias.data_ptr<float>() : nullptr;

@@ -150,7 +150,7 @@ void lse_masks(kc::FamilyParams& p, const Tensor& q, const OptT& q_rscale, const
   p.mask_mode = static_cast<int>(mask_mode);
 }
 
-std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& scale,
+std::tuple<Tensor, Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& scale,
                                             const OptT& q_rscale, const OptT& k_rscale, const OptT& col_bias,
                                             const OptT& pos_index, const OptT& q_labels, const OptT& k_labels,
                                             int64_t diag_offset, int64_t mask_mode, bool compute_col) {
@@ -158,26 +158,26 @@ std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tensor& k, co
   const DeviceGuard guard(q.device());
   auto p = base_params(q, k, scale);
   lse_masks(p, q, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode);
-  const Tensor target =
-      (mask_mode & ck::kLseTarget) ? ck::lse_target_index(p.n, p.m, pos_index, diag_offset, compute_col, q) : Tensor();
+  // LSE_TARGET: the kernels form the cross-entropies from their own target logits (checked
+  // to exist here), and the row pass writes those logits for the backward.
+  const bool target = mask_mode & ck::kLseTarget;
+  if (target) ck::lse_target_index(p.n, p.m, pos_index, diag_offset, compute_col, q);
   Tensor row = f32(q, {p.n});
   Tensor col = compute_col ? f32(q, {p.m}) : f32(q, {0});
+  Tensor xt = f32(q, {target ? p.n : 0});
   p.row_out = row.data_ptr<float>();
   p.col_out = compute_col ? col.data_ptr<float>() : nullptr;
+  p.target_out = target ? xt.data_ptr<float>() : nullptr;
   check_launch(kc::lse_forward(p, compute_col, current_stream()), "lse_forward");
-  if (target.defined()) {  // cross-entropies: minus the target logits (col: square, diagonal)
-    const Tensor xt = ck::lse_target_logits(q, k, scale, q_rscale, k_rscale, col_bias, target);
-    row.sub_(xt);
-    if (compute_col) col.sub_(xt);
-  }
-  return {row, col};
+  return {row, col, xt};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
     const Tensor& grad_row, const Tensor& grad_col, const Tensor& q, const Tensor& k, const Tensor& scale,
     const OptT& q_rscale, const OptT& k_rscale, const OptT& col_bias, const OptT& pos_index, const OptT& q_labels,
     const OptT& k_labels, int64_t diag_offset, int64_t mask_mode, const Tensor& row_lse, const Tensor& col_lse,
-    bool need_q, bool need_k, bool need_scale, bool need_bias, bool need_q_rscale, bool need_k_rscale) {
+    const Tensor& target_logit, bool need_q, bool need_k, bool need_scale, bool need_bias, bool need_q_rscale,
+    bool need_k_rscale) {
   check_pair(q, k, "q", "k");
   const DeviceGuard guard(q.device());
   auto p = base_params(q, k, scale);
@@ -190,17 +190,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
     p.col_lse = fvec_ptr(col_lse, p.m, q, "col_lse");
     p.grad_col = fvec_ptr(grad_col, p.m, q, "grad_col");
   }
-  // LSE_TARGET: the outputs were LSE - target logit; the kernels need the LSEs back.
-  Tensor rlse, clse;
+  // LSE_TARGET: row_lse / col_lse are cross-entropies, each log-sum-exp target_logit + it.
   if (mask_mode & ck::kLseTarget) {
-    const Tensor target = ck::lse_target_index(p.n, p.m, pos_index, diag_offset, col_lse.numel() > 0, q);
-    const Tensor xt = ck::lse_target_logits(q, k, scale, q_rscale, k_rscale, col_bias, target);
-    rlse = row_lse.add(xt);
-    p.row_lse = rlse.data_ptr<float>();
-    if (has_col) {
-      clse = col_lse.add(xt);
-      p.col_lse = clse.data_ptr<float>();
-    }
+    ck::lse_target_index(p.n, p.m, pos_index, diag_offset, col_lse.numel() > 0, q);
+    p.target_logit = fvec_ptr(target_logit, p.n, q, "target_logit");
   }
   TORCH_CHECK(!need_q_rscale || p.q_rscale, "contrastive_kernels (cuda): need_q_rscale needs q_rscale");
   TORCH_CHECK(!need_k_rscale || p.k_rscale, "contrastive_kernels (cuda): need_k_rscale needs k_rscale");

@@ -50,7 +50,8 @@ enum Family : int { kLse = 0, kPairwise = 1 };
 // their neutral defaults.
 struct Side {
   float rs;    // row normalization (1 when absent)
-  float lse;   // saved log-sum-exp of this index (lse backward)
+  float x;     // LSE_TARGET backward: the index's target logit (its log-sum-exp is x + lse), else 0
+  float lse;   // saved log-sum-exp of this index (lse backward; LSE_TARGET: its cross-entropy)
   float g;     // incoming gradient of this index's output
   float bias;  // additive bias carried by this index (col_bias_j or row_offset_i)
   long long lab;
@@ -60,6 +61,7 @@ struct Side {
 template <int FAM>
 __device__ __forceinline__ void load_side(const FamilyParams& p, bool is_i, int64_t idx, int64_t count, Side& s) {
   s.rs = 1.f;
+  s.x = 0.f;
   s.lse = -INFINITY;
   s.g = 0.f;
   s.bias = 0.f;
@@ -70,12 +72,14 @@ __device__ __forceinline__ void load_side(const FamilyParams& p, bool is_i, int6
     if (is_i) {
       if (p.q_rscale) s.rs = p.q_rscale[idx];
       if (p.row_lse) s.lse = p.row_lse[idx];
+      if (p.target_logit) s.x = p.target_logit[idx];
       if (p.grad_row) s.g = p.grad_row[idx];
       if (p.pos_index) s.pos = p.pos_index[idx];
       if (p.q_labels) s.lab = p.q_labels[idx];
     } else {
       if (p.k_rscale) s.rs = p.k_rscale[idx];
       if (p.col_lse) s.lse = p.col_lse[idx];
+      if (p.col_lse && p.target_logit) s.x = p.target_logit[idx];  // (square: column j's target is row j)
       if (p.grad_col) s.g = p.grad_col[idx];
       if (p.col_bias) s.bias = p.col_bias[idx];
       if (p.k_labels) s.lab = p.k_labels[idx];
@@ -200,6 +204,7 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
 
   // forward state (lse: running max / sum; pairwise: sum) and backward sums, per row half
   float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f};
+  float run_x[2] = {0.f, 0.f};  // LSE_TARGET forward: the row's target logit (in one lane of the quad)
   float rsum[2] = {0.f, 0.f}, rrs[2] = {0.f, 0.f};
   // whole-matrix sums (dscale, dbias) in double: they cancel (MoCo's one query against its
   // queue: float32 partials missed 1e-5 on d temperature, found by the CPU emulator)
@@ -241,7 +246,9 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
         const int64_t i = TRANS ? c : r, j = TRANS ? r : c;
         const bool valid = c < ncols && r < nrows;
         const float raw = accS[nt][e];
-        const float dot = raw * R[h].rs * C.rs;
+        // (the rscales first: the TRANS pass computes the same S bit for bit, which LSE_TARGET's
+        // backward needs at the targets)
+        const float dot = raw * (R[h].rs * C.rs);
         const float x = scale * dot + sbias + I.bias + J.bias;
         bool keep, positive = false;
         if (FAM == kLse) {
@@ -255,10 +262,13 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           keep = valid && (!(mode & 2) || positive);
           if (mode & 4) keep = keep && (j != i + diag);
         }
+        // LSE_TARGET: the pair (i, t_i) (column pass: (j, j), compute_col being square)
+        const bool is_target = FAM == kLse && (mode & 8) && valid && j == (p.pos_index ? I.pos : i + diag);
         if (!BWD) {
           if (FAM == kLse) {
             vals[nt][e] = keep ? x : -INFINITY;
             tile_max[h] = fmaxf(tile_max[h], vals[nt][e]);
+            if (is_target) run_x[h] = x;  // before the masks: a target need not be kept
           } else if (keep) {
             run_l[h] += positive ? softplus(-x) : softplus(x);
           }
@@ -266,8 +276,11 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           float ds = 0.f;
           if (keep) {
             if (FAM == kLse) {
-              if (I.lse != -INFINITY) ds += I.g * __expf(x - I.lse);
-              if (J.lse != -INFINITY) ds += J.g * __expf(x - J.lse);
+              // S - x (LSE_TARGET), 0 at the target, whose S is the forward's x by definition (the
+              // other pass may round its product differently); without targets x = 0: S itself.
+              const float dr = is_target ? 0.f : x - I.x, dc = is_target ? 0.f : x - J.x;
+              if (I.lse != -INFINITY) ds += I.g * __expf(dr - I.lse);
+              if (J.lse != -INFINITY) ds += J.g * __expf(dc - J.lse);
             } else {
               // d term / dx = sigmoid(x) (negative pair) or -sigmoid(-x) (positive pair),
               // each as 1 / (1 + exp(-y)): accurate to the last bits for any y (sigmoid(x) - 1
@@ -281,7 +294,7 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           // LSE_TARGET (mask bit 8): the target pair's -grad of each side whose output is a
           // cross-entropy (row i: j == pos_index_i or i + diag; column j: i == j - diag),
           // in float32 before dS is staged (p - 1, not two rounded gradients).
-          if (FAM == kLse && (mode & 8) && valid && j == (p.pos_index ? I.pos : i + diag)) {
+          if (is_target) {
             if (I.lse != -INFINITY) ds -= I.g;
             if (J.lse != -INFINITY) ds -= J.g;
           }
@@ -382,9 +395,14 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float l = quad_sum(run_l[h]);
+      const float xt = (FAM == kLse && (mode & 8)) ? quad_sum(run_x[h]) : 0.f;  // x + 0 + 0 + 0: exact
       const int64_t r = row0 + warp * 16 + g + 8 * h;
       if (t == 0 && r < nrows) {
-        if (FAM == kLse) {
+        if (FAM == kLse && (mode & 8)) {
+          // the cross-entropy (max - target) + log(sum): rounded relative to itself
+          out[r] = l == 0.f ? -INFINITY : (run_m[h] - xt) + logf(l);
+          if (!TRANS && p.target_out) p.target_out[r] = xt;
+        } else if (FAM == kLse) {
           const float ref = run_m[h] == -INFINITY ? 0.f : run_m[h];
           out[r] = l == 0.f ? -INFINITY : ref + logf(l);
         } else {

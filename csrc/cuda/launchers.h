@@ -39,14 +39,16 @@ struct FamilyParams {
 
   // forward outputs (row_out also in the pairwise backward: the fused forward-and-gradient
   // pass, grad_row = 1, writes the per-row sums there too)
-  float* row_out = nullptr;  // (n,): row_lse or per-row pairwise sums
+  float* row_out = nullptr;  // (n,): row_lse or per-row pairwise sums (LSE_TARGET: cross-entropies)
   float* col_out = nullptr;  // (m,): col_lse (lse, compute_col)
+  float* target_out = nullptr;  // (n,): LSE_TARGET, the row pass's target logits S_{i, t_i}
 
   // backward inputs
   const float* grad_row = nullptr;  // (n,)
   const float* grad_col = nullptr;  // (m,) or nullptr (no column term)
-  const float* row_lse = nullptr;   // (n,)
+  const float* row_lse = nullptr;   // (n,)  (LSE_TARGET: the cross-entropies)
   const float* col_lse = nullptr;   // (m,) or nullptr
+  const float* target_logit = nullptr;  // (n,) LSE_TARGET: the forward's target_out, else nullptr
 
   // backward outputs (nullptr when not needed)
   void* dq = nullptr;            // (n, d), dtype (float32 when grad_f32)

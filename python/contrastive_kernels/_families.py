@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import _ext, reference
 from .backends import FAMILY_REFERENCE
+from .reference import LSE_TARGET
 
 _C = _ext.load()  # load the C++ schemas before defining the Python fragment of the namespace
 NS = "contrastive_kernels"
@@ -44,12 +45,13 @@ def _f32_empty(like: Tensor, shape) -> Tensor:
 # --------------------------------------------------------------------------- fakes
 def _lse_forward_fake(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset,
                      mask_mode, compute_col):
-    return _f32_empty(q, (q.shape[0],)), _f32_empty(q, (k.shape[0],) if compute_col else _EMPTY)
+    return (_f32_empty(q, (q.shape[0],)), _f32_empty(q, (k.shape[0],) if compute_col else _EMPTY),
+            _f32_empty(q, (q.shape[0],) if mask_mode & LSE_TARGET else _EMPTY))
 
 
 def _lse_backward_fake(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels,
-                       k_labels, diag_offset, mask_mode, row_lse, col_lse, need_q, need_k, need_scale, need_bias,
-                       need_q_rscale, need_k_rscale):
+                       k_labels, diag_offset, mask_mode, row_lse, col_lse, target_logit, need_q, need_k, need_scale,
+                       need_bias, need_q_rscale, need_k_rscale):
     return (torch.empty_like(q) if need_q else _empty(q),
             torch.empty_like(k) if need_k else _empty(k),
             _f32_empty(q, ()) if need_scale else _f32_empty(q, _EMPTY),
@@ -97,17 +99,18 @@ def _none_unless(flag, t):
 def _lse_setup(ctx, inputs, output):
     q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode, _ = inputs
     ctx.save_for_backward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, *output)
+    ctx.mark_non_differentiable(output[2])  # the target logits: saved for the backward
     ctx.ints = (diag_offset, mask_mode)
 
 
 def _make_lse_backward(bwd):
-    def backward(ctx, grad_row, grad_col):
-        q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, row, col = ctx.saved_tensors
+    def backward(ctx, grad_row, grad_col, _grad_target_logit):
+        q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, row, col, xt = ctx.saved_tensors
         nq, nk, ns, nqr, nkr, nb = ctx.needs_input_grad[:6]
         nqr, nkr, nb = nqr and q_rscale is not None, nkr and k_rscale is not None, nb and col_bias is not None
         dq, dk, ds, db, dqr, dkr = bwd(
             grad_row.float().contiguous(), grad_col.float().contiguous(), q, k, scale, q_rscale, k_rscale, col_bias,
-            pos_index, q_labels, k_labels, ctx.ints[0], ctx.ints[1], row, col, nq, nk, ns, nb, nqr, nkr)
+            pos_index, q_labels, k_labels, ctx.ints[0], ctx.ints[1], row, col, xt, nq, nk, ns, nb, nqr, nkr)
         return (_none_unless(nq, dq), _none_unless(nk, dk), _none_unless(ns, ds), _none_unless(nqr, dqr),
                 _none_unless(nkr, dkr), _none_unless(nb, db), None, None, None, None, None, None)
     return backward
@@ -194,7 +197,7 @@ def _triton_module(family):
 def _lse_forward_triton(q: Tensor, k: Tensor, scale: Tensor, q_rscale: Optional[Tensor], k_rscale: Optional[Tensor],
                         col_bias: Optional[Tensor], pos_index: Optional[Tensor], q_labels: Optional[Tensor],
                         k_labels: Optional[Tensor], diag_offset: int, mask_mode: int,
-                        compute_col: bool) -> tuple[Tensor, Tensor]:
+                        compute_col: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _triton_module("lse").lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels,
                                              k_labels, diag_offset, mask_mode, compute_col)
 
@@ -203,13 +206,13 @@ def _lse_forward_triton(q: Tensor, k: Tensor, scale: Tensor, q_rscale: Optional[
 def _lse_backward_triton(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor, scale: Tensor,
                          q_rscale: Optional[Tensor], k_rscale: Optional[Tensor], col_bias: Optional[Tensor],
                          pos_index: Optional[Tensor], q_labels: Optional[Tensor], k_labels: Optional[Tensor],
-                         diag_offset: int, mask_mode: int, row_lse: Tensor, col_lse: Tensor, need_q: bool,
-                         need_k: bool, need_scale: bool, need_bias: bool, need_q_rscale: bool,
+                         diag_offset: int, mask_mode: int, row_lse: Tensor, col_lse: Tensor, target_logit: Tensor,
+                         need_q: bool, need_k: bool, need_scale: bool, need_bias: bool, need_q_rscale: bool,
                          need_k_rscale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _triton_module("lse").lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias,
                                               pos_index, q_labels, k_labels, diag_offset, mask_mode, row_lse,
-                                              col_lse, need_q, need_k, need_scale, need_bias, need_q_rscale,
-                                              need_k_rscale)
+                                              col_lse, target_logit, need_q, need_k, need_scale, need_bias,
+                                              need_q_rscale, need_k_rscale)
 
 
 @torch.library.custom_op(f"{NS}::pairwise_forward_triton", mutates_args=())
@@ -340,12 +343,13 @@ def _op(family: str, backend: str, x: Tensor):
 def lse(backend: str, q: Tensor, k: Tensor, scale: Tensor, *, q_rscale=None, k_rscale=None, col_bias=None,
         pos_index=None, q_labels=None, k_labels=None, diag_offset: int = 0, mask_mode: int = 0,
         compute_col: bool = False):
-    """(row_lse, col_lse) of the log-sum-exp family; see csrc/op_schemas.h for the contract."""
+    """(row_lse, col_lse) of the log-sum-exp family (cross-entropies with LSE_TARGET); see
+    csrc/op_schemas.h for the contract."""
     if backend == FAMILY_REFERENCE:
         return reference.lse_family(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
                                     diag_offset, mask_mode, compute_col)
     return _op("lse", backend, q)(q.contiguous(), k.contiguous(), scale, q_rscale, k_rscale, col_bias, pos_index,
-                               q_labels, k_labels, int(diag_offset), int(mask_mode), bool(compute_col))
+                               q_labels, k_labels, int(diag_offset), int(mask_mode), bool(compute_col))[:2]
 
 
 def pairwise(backend: str, q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, *, row_offset=None, q_labels=None,
