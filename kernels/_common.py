@@ -8,9 +8,12 @@
   off by SPEC.md; the 1e-5 tolerance needs full float32 products).
 * ``launch``: run a kernel either autotuned (GPU) or with a fixed config (interpreter).
 * ``half_ds_scale``: the power-of-two factor that keeps float16 dS tiles out of underflow.
+* ``smem_limit``: the shared memory a block may use on a tensor's device, for the autotune
+  config pruning (A100: 163 KiB, H100: 227 KiB).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,6 +24,19 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 200 * 1024)
+
+
+def smem_limit(t: torch.Tensor) -> int:
+    """Bytes of shared memory one block may use on t's device (opt-in maximum); 200 KiB off a GPU."""
+    if t.device.type != "cuda":
+        return 200 * 1024
+    return _smem_limit(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def pad_dim(d: int) -> int:

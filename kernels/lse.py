@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot as _dot
-from ._common import INTERPRET, LN2, LOG2E, half_ds_scale, is_ieee, launch, pad_dim
+from ._common import INTERPRET, LN2, LOG2E, half_ds_scale, is_ieee, launch, pad_dim, smem_limit
 
 AVAILABLE = True
 
@@ -339,20 +339,27 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
 
 
 # ------------------------------------------------------------------- tile configs
-def _smem_ok(bo, bi, bd, stages, elsize, extra=0):
-    return (bo * bd + bi * bd) * elsize * max(stages, 1) + extra <= 200 * 1024
+def _smem_ok(bo, bi, bd, stages, elsize, limit, extra=0):
+    return (bo * bd + bi * bd) * elsize * max(stages, 1) + extra <= limit
 
 
 def _fwd_prune(configs, named_args, **kwargs):
     args = dict(named_args, **kwargs)
-    bd, elsize = args["BLOCK_D"], args["O"].element_size()
-    kept = [c for c in configs if _smem_ok(c.kwargs["BLOCK_O"], c.kwargs["BLOCK_I"], bd, c.num_stages, elsize)]
-    return kept or configs[:1]
+    bd, elsize, limit = args["BLOCK_D"], args["O"].element_size(), smem_limit(args["O"])
+    kept = [c for c in configs
+            if _smem_ok(c.kwargs["BLOCK_O"], c.kwargs["BLOCK_I"], bd, c.num_stages, elsize, limit)]
+    if kept:
+        return kept
+    # none fits (float32 with a 128-wide chunk on an A100): the smallest tile, as many stages as fit
+    for tile, stages in ((64, 3), (64, 2), (64, 1), (32, 1)):
+        if _smem_ok(tile, tile, bd, stages, elsize, limit) or tile == 32:
+            return [triton.Config({"BLOCK_O": tile, "BLOCK_I": tile}, num_warps=4, num_stages=stages)]
 
 
 def _bwd_prune(configs, named_args, **kwargs):
     args = dict(named_args, **kwargs)
     dpad, bd, elsize, need_out = args["D_PAD"], args["BLOCK_D"], args["O"].element_size(), args["NEED_OUT"]
+    limit = smem_limit(args["O"])
     out, seen = [], set()
     for c in configs:
         bdo = min(c.kwargs["BLOCK_DO"], dpad) if need_out else 16
@@ -361,14 +368,21 @@ def _bwd_prune(configs, named_args, **kwargs):
         if key in seen:
             continue
         extra = c.kwargs["BLOCK_I"] * bdo * elsize * c.num_stages if need_out else 0
-        if not _smem_ok(kw["BLOCK_O"], kw["BLOCK_I"], bd, c.num_stages, elsize, extra):
+        if not _smem_ok(kw["BLOCK_O"], kw["BLOCK_I"], bd, c.num_stages, elsize, limit, extra):
             continue
         # The float32 gradient accumulator lives in registers: at most 128 per thread.
         if need_out and kw["BLOCK_O"] * bdo > 128 * 32 * c.num_warps:
             continue
         seen.add(key)
         out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    return out or [triton.Config(dict(configs[0].kwargs, BLOCK_DO=min(64, dpad)), num_warps=4, num_stages=2)]
+    if out:
+        return out
+    # none fits: the smallest tiles, as many stages as fit
+    bdo = min(64, dpad) if need_out else 16
+    for tile, stages in ((64, 2), (64, 1), (32, 1)):
+        extra = tile * bdo * elsize * stages if need_out else 0
+        if _smem_ok(tile, tile, bd, stages, elsize, limit, extra) or tile == 32:
+            return [triton.Config({"BLOCK_O": tile, "BLOCK_I": tile, "BLOCK_DO": bdo}, num_warps=4, num_stages=stages)]
 
 
 _FWD_CONFIGS = [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi}, num_warps=w, num_stages=s)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot as _dot
-from ._common import INTERPRET, is_ieee, launch, pad_dim
+from ._common import INTERPRET, is_ieee, launch, pad_dim, smem_limit
 
 AVAILABLE = True
 
@@ -87,9 +87,9 @@ def _sim_bwd_kernel(G, X, X_RS, C, P, Q, D, stride_gp, stride_gq, stride_x,
 
 def _fwd_prune(configs, named_args, **kwargs):
     args = dict(named_args, **kwargs)
-    bk, el = args["BLOCK_K"], args["A"].element_size()
+    bk, el, limit = args["BLOCK_K"], args["A"].element_size(), smem_limit(args["A"])
     kept = [c for c in configs
-            if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * bk * el * c.num_stages <= 200 * 1024]
+            if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * bk * el * c.num_stages <= limit]
     return kept or configs[:1]
 
 

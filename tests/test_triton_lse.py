@@ -421,14 +421,30 @@ def test_clip_peak_memory_interpreter():
     assert tri["growth"] < nxm // 4, f"Triton CLIP grew the peak RSS by {tri['growth']} bytes (N x M = {nxm})"
 
 
+@pytest.mark.parametrize("smem_kib", [163, 227], ids=["A100", "H100"])
 @pytest.mark.parametrize("d", [1, 64, 129, 512, 1000])
-def test_gpu_tile_configs_prune(d):
+def test_gpu_tile_configs_prune(d, smem_kib, monkeypatch):
     """The autotune config pruning (GPU path; not run by the interpreter): the gradient
-    accumulator width BLOCK_DO never exceeds the padded D, fits the register budget, and at
-    least one config survives for every D and dtype."""
+    accumulator width BLOCK_DO never exceeds the padded D, fits the register budget, the
+    tiles' estimated shared memory fits the device's block limit, and at least one config
+    survives for every D and dtype."""
     from contrastive_kernels.kernels import lse as klse
     from contrastive_kernels.kernels._common import pad_dim
+    limit = smem_kib * 1024
+    monkeypatch.setattr(klse, "smem_limit", lambda t: limit)
     dpad = pad_dim(d)
+    bd = dpad if dpad <= 128 else 64  # klse._block_d on a GPU
+    for dtype in (F32, BF16):
+        el = torch.empty(0, dtype=dtype).element_size()
+        for c in klse._fwd_prune(klse._FWD_CONFIGS, {"O": torch.empty(2, d, dtype=dtype)}, BLOCK_D=bd):
+            used = (c.kwargs["BLOCK_O"] + c.kwargs["BLOCK_I"]) * bd * el * c.num_stages
+            assert used <= limit, (c.kwargs, c.num_stages, used)
+        for need_out in (True, False):
+            for c in klse._bwd_prune(klse._BWD_CONFIGS, {"O": torch.empty(2, d, dtype=dtype)}, D_PAD=dpad,
+                                     BLOCK_D=bd, NEED_OUT=need_out):
+                extra = c.kwargs["BLOCK_I"] * c.kwargs["BLOCK_DO"] * el * c.num_stages if need_out else 0
+                used = (c.kwargs["BLOCK_O"] + c.kwargs["BLOCK_I"]) * bd * el * c.num_stages + extra
+                assert used <= limit, (c.kwargs, c.num_stages, used)
     for dtype in (F32, BF16):
         x = torch.empty(2, d, dtype=dtype)
         for need_out in (True, False):
