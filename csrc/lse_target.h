@@ -15,6 +15,18 @@
 namespace ck {
 
 constexpr int64_t kLseTarget = 8;
+constexpr int64_t kLseLabels = 16;  // SupCon's positives: the kept same-label pairs (op_schemas.h)
+
+// LSE_LABELS needs both label vectors, excludes MASK_SAME_LABEL (4) and LSE_TARGET (8), and has
+// no column term.
+inline void lse_labels_check(int64_t mask_mode, bool has_labels, bool col) {
+  if (!(mask_mode & kLseLabels)) return;
+  TORCH_CHECK(has_labels, "mask_mode bit 16 (LSE_LABELS) needs q_labels and k_labels");
+  TORCH_CHECK(!(mask_mode & 4) && !(mask_mode & kLseTarget),
+              "mask_mode bit 16 (LSE_LABELS) cannot be combined with bit 4 (MASK_SAME_LABEL) or bit 8 "
+              "(LSE_TARGET), got mask_mode ", mask_mode);
+  TORCH_CHECK(!col, "mask_mode bit 16 (LSE_LABELS) has no column term (compute_col must be False)");
+}
 
 // Every row's target column (int64, on like's device); checks that each target exists.
 // `col`: the call has a column term (compute_col, or a column gradient).

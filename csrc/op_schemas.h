@@ -19,12 +19,21 @@
 // pos_index), each formed in the kernel as (max - S_{i, t_i}) + log(sum) from its own
 // S_{i, t_i}: accurate to the cross-entropy's own rounding however small it is (an LSE
 // of ~100 minus a logit of ~100 would leave a float32 ulp of 100, 8e-6, in every loss).
-// The third output is then the kernel's target logits S_{i, t_i} (N,) float32 (empty
-// without the bit), which the backward takes with the cross-entropies: it forms
+// The third output (target_state) is then the kernel's target logits S_{i, t_i} (N,)
+// float32 (the Triton backend: log2(e) S, its kernels' unit; empty without bit 8 or 16),
+// which the backward takes with the cross-entropies: it forms
 // exp((S_ij - S_{i, t_i}) - row_i) (exact at the target, where the difference is 0),
 // and holds dS_{i, t_i} -= grad_row_i (+ grad_col_{t_i}) in float32 inside the kernel
 // (the softmax's p - 1, where a loss that subtracted the target logit outside would
 // cancel two separately rounded gradients).
+// Bit 16 (LSE_LABELS, SupCon's positives; needs q_labels and k_labels, not with bits 4
+// or 8, no compute_col): P_i = the kept j with k_labels[j] == q_labels[i]; row_i =
+// row_lse_i - (1/|P_i|) sum_{j in P_i} S_ij (row_lse_i when P_i is empty), the positive
+// logits summed in the kernel's tile loop; target_state is (2, N) float32, the row
+// log-sum-exps and 1/|P_i| (0 without positives).  The backward subtracts
+// grad_row_i / |P_i| from dS_ij at every j in P_i in float32 inside the kernel (p - 1/|P|
+// formed before any rounding: with the positives near 1/|P| each, a loss that subtracted
+// their mean outside would cancel two separately rounded gradients).
 #define CK_SCHEMA_LSE_FORWARD \
   "(Tensor q, Tensor k, Tensor scale, Tensor? q_rscale, Tensor? k_rscale, Tensor? col_bias, " \
   "Tensor? pos_index, Tensor? q_labels, Tensor? k_labels, int diag_offset, int mask_mode, " \
@@ -44,7 +53,7 @@
 #define CK_SCHEMA_LSE_BACKWARD \
   "(Tensor grad_row, Tensor grad_col, Tensor q, Tensor k, Tensor scale, Tensor? q_rscale, " \
   "Tensor? k_rscale, Tensor? col_bias, Tensor? pos_index, Tensor? q_labels, Tensor? k_labels, " \
-  "int diag_offset, int mask_mode, Tensor row_lse, Tensor col_lse, Tensor target_logit, bool need_q, " \
+  "int diag_offset, int mask_mode, Tensor row_lse, Tensor col_lse, Tensor target_state, bool need_q, " \
   "bool need_k, bool need_scale, bool need_bias, bool need_q_rscale, bool need_k_rscale) " \
   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 

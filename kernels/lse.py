@@ -39,7 +39,7 @@ from ._common import INTERPRET, LN2, LOG2E, half_ds_scale, is_ieee, launch, pad_
 AVAILABLE = True
 
 MASK_DIAG, MASK_POS, MASK_SAME_LABEL = 1, 2, 4
-LSE_TARGET = 8
+LSE_TARGET, LSE_LABELS = 8, 16
 
 
 # ----------------------------------------------------------------------- jit helpers
@@ -188,6 +188,7 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
                     NO, NI, D, stride_o, stride_i, diag_offset,
                     TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr, TARGET: tl.constexpr,
+                    LABELS: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     pid = tl.program_id(0)
@@ -200,6 +201,10 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
         x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
         if not TRANS:
             o_t = tl.load(TGT + o_idx, mask=o_ok, other=-1)
+    if LABELS:  # LSE_LABELS (rows only): sum and count of the kept same-label scores (base 2)
+        p2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        pc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        o_l = tl.load(O_LAB + o_idx, mask=o_ok, other=-1)
     for start in range(0, NI, BLOCK_I):
         n64, n_ok, _, _, _, s, keep = _tile_scores(
             O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
@@ -212,6 +217,10 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
             else:
                 is_t = n64[None, :] == o_t[:, None]
             x2 += tl.sum(tl.where(is_t, s, 0.0), axis=1)
+        if LABELS:
+            is_p = keep & (o_l[:, None] == tl.load(I_LAB + n64, mask=n_ok, other=-2)[None, :])
+            p2 += tl.sum(tl.where(is_p, s, 0.0), axis=1)
+            pc += tl.sum(is_p.to(tl.float32), axis=1)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # A row with nothing kept so far has m_new = -inf: use 0 as its reference so that
@@ -223,6 +232,12 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
         tl.store(OUT + o_idx, ((m - x2) + tl.log2(l)) * 0.6931471805599453, mask=o_ok)
         if not TRANS:  # saved for the backward in base 2, exactly the score it recomputes
             tl.store(XT + o_idx, x2, mask=o_ok)
+    elif LABELS:  # LSE minus the mean positive score; XT: (2, NO) the LSEs and 1 / |P_i|
+        lse = (m + tl.log2(l)) * 0.6931471805599453
+        has = pc > 0.0
+        tl.store(OUT + o_idx, tl.where(has, lse - (p2 / tl.maximum(pc, 1.0)) * 0.6931471805599453, lse), mask=o_ok)
+        tl.store(XT + o_idx, lse, mask=o_ok)
+        tl.store(XT + NO + o_idx, tl.where(has, 1.0 / tl.maximum(pc, 1.0), 0.0), mask=o_ok)
     else:
         lse = (m + tl.log2(l)) * 0.6931471805599453  # -inf where nothing is kept (l = 0)
         tl.store(OUT + o_idx, lse, mask=o_ok)
@@ -235,7 +250,7 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                     NO, NI, D, stride_o, stride_i, diag_offset,
                     TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr,
-                    HAS_OTERM: tl.constexpr, HAS_ITERM: tl.constexpr, TARGET: tl.constexpr,
+                    HAS_OTERM: tl.constexpr, HAS_ITERM: tl.constexpr, TARGET: tl.constexpr, LABELS: tl.constexpr,
                     NEED_OUT: tl.constexpr, NEED_ORS: tl.constexpr, NEED_SCALE: tl.constexpr,
                     NEED_BIAS: tl.constexpr, RS_ON_TILE: tl.constexpr, DS_C, SCALE_DS: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
@@ -254,6 +269,10 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
         o_g = tl.load(O_G + o_idx, mask=o_ok, other=0.0)
         if TARGET:
             o_x2 = tl.load(XT + o_idx, mask=o_ok, other=0.0)
+    if LABELS:  # LSE_LABELS: -g_i / |P_i| at the kept same-label pairs (XT[NQ:] = 1 / |P_i|, q rows)
+        o_l = tl.load(O_LAB + o_idx, mask=o_ok, other=-1)
+        if not TRANS:
+            o_pw = tl.load(XT + NO + o_idx, mask=o_ok, other=0.0) * o_g
     o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
     dcol = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     if TARGET:  # the target column of each q row (TGT, validated < M); -1 never matches
@@ -296,6 +315,13 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                 ds += i_g[None, :] * tl.exp2(s - i_lse2[None, :])
         # Masked pairs (and rows / columns with nothing kept, whose LSE is -inf) get exactly 0.
         ds = tl.where(keep, ds, 0.0)
+        if LABELS:  # (TRANS: the q rows are the inner ones, their row term the I term)
+            is_p = keep & (o_l[:, None] == tl.load(I_LAB + n64, mask=n_ok, other=-2)[None, :])
+            if TRANS:
+                pw = tl.load(XT + NI + n64, mask=n_ok, other=0.0) * i_g
+                ds = ds - tl.where(is_p, pw[None, :], 0.0)
+            else:
+                ds = ds - tl.where(is_p, o_pw[:, None], 0.0)
         if TARGET:  # LSE_TARGET: the target pair's -grad of each side (p - 1 formed here, in float32)
             w = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32) + o_w[:, None]
             if HAS_ITERM:
@@ -432,7 +458,8 @@ def _mask_flags(mask_mode):
 def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_offset, mask_mode, trans,
               target=None, xt=None):
     """One direction's log-sum-exps; with `target` (the target column of every q row) the
-    cross-entropies, and the row pass writes its base-2 target scores into `xt`."""
+    cross-entropies, and the row pass writes its base-2 target scores into `xt`; with
+    LSE_LABELS the LSE minus the mean positive logit, `xt` (2, N) receiving the LSEs and 1/|P_i|."""
     no, ni, d = outer.shape[0], inner.shape[0], outer.shape[1]
     out = torch.empty((no,), dtype=torch.float32, device=outer.device)
     if no == 0:
@@ -449,8 +476,8 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
            target if target is not None else dummy, out, xt if xt is not None else dummy,
            no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset),
            TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
-           MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, TARGET=target is not None, IEEE=_ieee(outer.dtype), D_PAD=dpad,
-           BLOCK_D=bd, SINGLE=bd == dpad)
+           MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS),
+           IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
     return out
 
 
@@ -478,6 +505,19 @@ def _targets(q, k, pos, diag_offset, col):
     return t.contiguous()
 
 
+def _labels_check(mask_mode, has_labels, col):
+    """LSE_LABELS (csrc/lse_target.h's lse_labels_check): both labels, not with bits 4 or 8, rows only."""
+    if not mask_mode & LSE_LABELS:
+        return
+    if not has_labels:
+        raise ValueError("mask_mode bit 16 (LSE_LABELS) needs q_labels and k_labels")
+    if mask_mode & (MASK_SAME_LABEL | LSE_TARGET):
+        raise ValueError("mask_mode bit 16 (LSE_LABELS) cannot be combined with bit 4 (MASK_SAME_LABEL) or bit 8 "
+                         f"(LSE_TARGET), got mask_mode {mask_mode}")
+    if col:
+        raise ValueError("mask_mode bit 16 (LSE_LABELS) has no column term (compute_col must be False)")
+
+
 def lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode,
                 compute_col):
     q, k = q.contiguous(), k.contiguous()
@@ -485,9 +525,14 @@ def lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, 
     qr, kr, bias = _f32(q_rscale), _f32(k_rscale), _f32(col_bias)
     pos, ql, kl = _i64(pos_index), _i64(q_labels), _i64(k_labels)
     target = _targets(q, k, pos, diag_offset, compute_col) if mask_mode & LSE_TARGET else None
-    # LSE_TARGET: the row pass's target scores in base 2 (log2(e) S_{i, t_i}, exactly as the
-    # backward recomputes them), the "target_logit" state of csrc/op_schemas.h in this backend's unit
-    xt = torch.empty((q.shape[0] if target is not None else 0,), dtype=torch.float32, device=q.device)
+    _labels_check(mask_mode, ql is not None and kl is not None, compute_col)
+    # target_state (csrc/op_schemas.h): LSE_TARGET, the row pass's target scores in base 2
+    # (log2(e) S_{i, t_i}, exactly as the backward recomputes them: this backend's unit);
+    # LSE_LABELS, (2, N) the row LSEs and 1/|P_i|
+    if mask_mode & LSE_LABELS:
+        xt = torch.empty((2, q.shape[0]), dtype=torch.float32, device=q.device)
+    else:
+        xt = torch.empty((q.shape[0] if target is not None else 0,), dtype=torch.float32, device=q.device)
     row = _lse_pass(q, k, scale, qr, kr, bias, pos, ql, kl, diag_offset, mask_mode, trans=False, target=target,
                     xt=xt)
     if compute_col:  # (square: column j's target is row j)
@@ -527,14 +572,14 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
            no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset),
            TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
            MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, HAS_OTERM=o_lse is not None, HAS_ITERM=i_lse is not None,
-           TARGET=target is not None, NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
+           TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS), NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
            RS_ON_TILE=outer.dtype == torch.float16, DS_C=ds_c, SCALE_DS=outer.dtype == torch.float16,
            IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
     return d_out, d_ors, d_scale, d_bias
 
 
 def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
-                 diag_offset, mask_mode, row_lse, col_lse, target_logit, need_q, need_k, need_scale, need_bias,
+                 diag_offset, mask_mode, row_lse, col_lse, target_state, need_q, need_k, need_scale, need_bias,
                  need_q_rscale, need_k_rscale):
     q, k = q.contiguous(), k.contiguous()
     dev = q.device
@@ -551,10 +596,17 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
     tgt = xt = None
     if mask_mode & LSE_TARGET:  # the outputs are cross-entropies; xt: the forward's base-2 target scores
         tgt = _targets(q, k, pos, diag_offset, col_lse is not None and col_lse.numel() > 0)
-        xt = target_logit.contiguous().float()
+        xt = target_state.contiguous().float()
         if xt.shape != (q.shape[0],):
-            raise ValueError(f"target_logit must have shape (N,) = ({q.shape[0]},) with mask_mode bit 8 "
+            raise ValueError(f"target_state must have shape (N,) = ({q.shape[0]},) with mask_mode bit 8 "
                              f"(LSE_TARGET), got {tuple(xt.shape)}")
+    if mask_mode & LSE_LABELS:  # the outputs are LSE - mean positive; target_state: (LSEs, 1/|P_i|)
+        _labels_check(mask_mode, ql is not None and kl is not None, has_col)
+        xt = target_state.contiguous().float()
+        if xt.shape != (2, q.shape[0]):
+            raise ValueError(f"target_state must have shape (2, N) = (2, {q.shape[0]}) with mask_mode bit 16 "
+                             f"(LSE_LABELS), got {tuple(xt.shape)}")
+        r_lse = xt[0].contiguous()
 
     run_row = need_q or need_q_rscale
     run_col = need_k or need_k_rscale or need_bias

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import contrastive_kernels as ck
 from contrastive_kernels import _families as fam
-from contrastive_kernels.reference import LSE_TARGET, MASK_DIAG, MASK_POS, MASK_SAME_LABEL
+from contrastive_kernels.reference import LSE_LABELS, LSE_TARGET, MASK_DIAG, MASK_POS, MASK_SAME_LABEL
 
 from helpers import _suffix, DTYPES, TOL, backend_params, peak_rss_growth, rel_err, skip_interpreter_bf16
 
@@ -69,6 +69,15 @@ def _make_inputs(n, m, d, dtype, *, mask, rscale, bias, scale=2.5, same_qk=False
     elif mask == "target_pos_label":
         margs.update(mask_mode=LSE_TARGET | MASK_SAME_LABEL, pos_index=torch.randint(0, m, (n,)),
                      q_labels=torch.randint(0, 3, (n,)), k_labels=torch.randint(0, 3, (m,)))
+    # LSE_LABELS: outputs LSE - mean logit of the kept same-label pairs (SupCon's positives)
+    elif mask == "labels":
+        margs.update(mask_mode=LSE_LABELS, q_labels=torch.randint(0, 3, (n,)), k_labels=torch.randint(0, 3, (m,)))
+    elif mask == "labels_diag":  # SupCon: the anchor is not its own positive (nor candidate)
+        labels = torch.randint(0, 4, (max(n, m),))
+        margs.update(mask_mode=LSE_LABELS | MASK_DIAG, q_labels=labels[:n], k_labels=labels[:m])
+    elif mask == "labels_pos_none":  # rows whose label no column has: no positive (output = LSE)
+        margs.update(mask_mode=LSE_LABELS | MASK_POS, pos_index=torch.randint(0, m, (n,)),
+                     q_labels=torch.arange(n) % 3, k_labels=torch.randint(0, 2, (m,)))
     else:
         assert mask == "none"
     return x, margs
@@ -253,6 +262,41 @@ def test_lse_family_target_matches_reference(backend, dtype, mask, shape, opts):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["labels", "labels_diag", "labels_pos_none"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 129, 3), (129, 131, 64), (97, 97, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("opts", [(False, False, False), (True, True, False)], ids=["plain", "rscale_bias"])
+def test_lse_family_labels_matches_reference(backend, dtype, mask, shape, opts):
+    """LSE_LABELS (SupCon): the outputs are LSE minus the mean kept same-label logit and every
+    gradient carries -grad / |P_i| at the positives (no column term: the contract)."""
+    skip_interpreter_bf16(backend, dtype)
+    n, m, d = shape
+    _check_case(backend, n, m, d, dtype, mask, *opts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["no_labels", "with_same_label_mask", "with_target", "compute_col"])
+def test_lse_labels_bad_arguments_raise(backend, case):
+    q, k = torch.randn(5, 4), torch.randn(6, 4)
+    kw = dict(mask_mode=LSE_LABELS, q_labels=torch.zeros(5, dtype=torch.long), k_labels=torch.zeros(6, dtype=torch.long))
+    if case == "no_labels":
+        kw.pop("q_labels")
+        match = "labels"
+    elif case == "with_same_label_mask":
+        kw["mask_mode"] |= MASK_SAME_LABEL
+        match = "bit 4"
+    elif case == "with_target":
+        kw["mask_mode"] |= LSE_TARGET
+        match = "bit 8"
+    else:
+        kw["compute_col"] = True
+        match = "compute_col"
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        fam.lse(backend, q, k, torch.tensor(2.0), **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lse_target_single_candidate_zero_gradient(backend, dtype):
     """NT-Xent's layout at N = 1: each view's only candidate is its positive, so the
     cross-entropy and every gradient are 0 in exact arithmetic.  With p - 1 formed in
@@ -331,6 +375,32 @@ def test_lse_target_float32_low_loss(backend, loss_name, regime):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_supcon_half_precision_clustered(backend, dtype):
+    """SupCon on tight class clusters (the trained regime: positives near 1/|P| each), half
+    precision: every gradient within SPEC's 2e-2 of float64 on the same inputs.  The kernels
+    form p - 1/|P| in float32 (LSE_LABELS); with the positives' mean subtracted outside, two
+    separately rounded gradients cancelled: 1.8e-1 in bfloat16 here (cpu and cuda)."""
+    skip_interpreter_bf16(backend, dtype)
+    g = torch.Generator().manual_seed(0)
+    n, d, classes = 128, 32, 8
+    centers = torch.randn(classes, d, generator=g, dtype=torch.float64)
+    centers = centers / centers.norm(dim=1, keepdim=True)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    x = centers[labels] + 0.2 * torch.randn(n, d, generator=g, dtype=torch.float64) / d ** 0.5
+    x = (x / x.norm(dim=1, keepdim=True)).to(dtype)
+    ref = x.double().requires_grad_()
+    loss_ref = ck.supcon_loss(ref, labels, 0.05, backend="reference")
+    (g_ref,) = torch.autograd.grad(loss_ref, [ref])
+    ours = x.clone().requires_grad_()
+    loss = ck.supcon_loss(ours, labels, 0.05, backend=backend)
+    (g_ours,) = torch.autograd.grad(loss, [ours])
+    assert rel_err(loss, loss_ref) <= TOL[dtype]
+    err = rel_err(g_ours, g_ref)
+    assert err <= TOL[dtype], f"{backend} {dtype}: gradient error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["col_with_pos", "rows_past_m", "col_not_square", "pos_past_m"])
 def test_lse_target_bad_layout_raises(backend, case):
     """LSE_TARGET needs every target to exist; a column term needs diagonal targets."""
@@ -357,7 +427,7 @@ def test_lse_target_bad_layout_raises(backend, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 7, 129, 300])
 @pytest.mark.parametrize("layout", ["diag0", "diagN", "diag0_pos", "plain_col", "label", "diag0_target",
-                                    "plain_col_target"])
+                                    "plain_col_target", "supcon_labels"])
 def test_lse_family_same_tensor(backend, dtype, n, layout):
     """q and k the same tensor (nt_xent / SupCon / HCL layouts: Z against itself, one
     autograd leaf, one shared row scale)."""
@@ -377,6 +447,9 @@ def test_lse_family_same_tensor(backend, dtype, n, layout):
         margs = {"mask_mode": MASK_DIAG | LSE_TARGET, "diag_offset": 0, "pos_index": (torch.arange(rows) + n) % rows}
     elif layout == "plain_col_target":  # targets on the diagonal (self), both directions
         margs, compute_col = {"mask_mode": LSE_TARGET}, True
+    elif layout == "supcon_labels":  # SupCon: drop self, LSE minus the mean same-label logit
+        lab = torch.randint(0, 4, (rows,))
+        margs = {"mask_mode": LSE_LABELS | MASK_DIAG, "q_labels": lab, "k_labels": lab}
     else:
         lab = torch.randint(0, 3, (rows,))
         margs = {"mask_mode": MASK_SAME_LABEL | MASK_DIAG, "q_labels": lab, "k_labels": lab}

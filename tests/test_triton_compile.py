@@ -85,36 +85,38 @@ def _control_job():
             "cc": 90, "aligned_ints": False}
 
 
-def _lse_fwd(dt, *, trans, on, d_pad, bo, bi, w, s):
+def _lse_fwd(dt, *, trans, on, d_pad, bo, bi, w, s, labels=False):
     """_lse_pass: optional tensors are replaced by `out` (float32) when absent (TGT: the LSE_TARGET
     targets and XT the target scores, with `on`)."""
     bd = d_pad if d_pad <= 128 else 64  # _block_d on a GPU
     types = {"O": "*" + dt, "I": "*" + dt, "SCALE": "*fp32", "O_RS": "*fp32", "I_RS": "*fp32", "BIAS": "*fp32",
-             "POS": "*i64" if on else "*fp32", "O_LAB": "*i64" if on else "*fp32",
-             "I_LAB": "*i64" if on else "*fp32", "TGT": "*i64" if on else "*fp32", "OUT": "*fp32", "XT": "*fp32"}
+             "POS": "*i64" if on else "*fp32", "O_LAB": "*i64" if on or labels else "*fp32",
+             "I_LAB": "*i64" if on or labels else "*fp32", "TGT": "*i64" if on else "*fp32", "OUT": "*fp32",
+             "XT": "*fp32"}
     types.update({n: "i32" for n in ("NO", "NI", "D", "stride_o", "stride_i", "diag_offset")})
     cx = dict(TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on, MASK_DIAG=on, MASK_POS=on, MASK_LAB=on,
-              TARGET=on, IEEE=dt == "fp32", D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi)
+              TARGET=on, LABELS=labels, IEEE=dt == "fp32", D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi)
     return types, cx, _opts(w, s)
 
 
 def _lse_bwd(dt, *, trans, on, oterm, iterm, need_out, need_ors, need_scale, need_bias, d_pad, bo, bi, bdo, w, s,
-             out_f32=False):
+             out_f32=False, labels=False):
     """_bwd_pass: optional tensors are replaced by a float32 dummy (TGT, XT: the LSE_TARGET targets and
     target scores, with `on`); D_OUT is the gradient (input dtype,
     float32 when q is k in half precision) or `outer` (input dtype) without NEED_OUT; DS_C is the (1,)
     float32 half_ds_scale, applied (SCALE_DS) for float16."""
     bd = d_pad if d_pad <= 128 else 64
     types = {"O": "*" + dt, "I": "*" + dt, "SCALE": "*fp32", "O_RS": "*fp32", "I_RS": "*fp32", "BIAS": "*fp32",
-             "POS": "*i64" if on else "*fp32", "O_LAB": "*i64" if on else "*fp32",
-             "I_LAB": "*i64" if on else "*fp32", "TGT": "*i64" if on else "*fp32", "XT": "*fp32", "O_LSE": "*fp32",
+             "POS": "*i64" if on else "*fp32", "O_LAB": "*i64" if on or labels else "*fp32",
+             "I_LAB": "*i64" if on or labels else "*fp32", "TGT": "*i64" if on else "*fp32", "XT": "*fp32",
+             "O_LSE": "*fp32",
              "O_G": "*fp32",
              "I_LSE": "*fp32",
              "I_G": "*fp32", "D_OUT": "*fp32" if (need_out and out_f32) else "*" + dt, "D_ORS": "*fp32",
              "D_SCALE": "*fp32", "D_BIAS": "*fp32", "DS_C": "*fp32"}
     types.update({n: "i32" for n in ("NO", "NI", "D", "stride_o", "stride_i", "diag_offset")})
     cx = dict(TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on, MASK_DIAG=on, MASK_POS=on, MASK_LAB=on,
-              HAS_OTERM=oterm, HAS_ITERM=iterm, TARGET=on, NEED_OUT=need_out, NEED_ORS=need_ors and on,
+              HAS_OTERM=oterm, HAS_ITERM=iterm, TARGET=on, LABELS=labels, NEED_OUT=need_out, NEED_ORS=need_ors and on,
               NEED_SCALE=need_scale, NEED_BIAS=need_bias and on, RS_ON_TILE=dt == "fp16", SCALE_DS=dt == "fp16",
               IEEE=dt == "fp32",
               D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi,
@@ -244,6 +246,15 @@ def _variants():
     add("lse._lse_bwd_kernel", "scale-only-D256", _lse_bwd, trans=False, on=False, oterm=True, iterm=False,
         need_out=False, need_ors=False, need_scale=True, need_bias=False, d_pad=256, bo=128, bi=128, bdo=128,
         w=8, s=2)
+    # LSE_LABELS (SupCon): the positives' sum in the row pass; -g/|P| at the positives in both passes.
+    add("lse._lse_fwd_kernel", "row-labels-D128", _lse_fwd, trans=False, on=False, labels=True, d_pad=128,
+        bo=128, bi=128, w=8, s=3, f32=dict(bo=64, bi=64, w=4, s=4))
+    add("lse._lse_bwd_kernel", "row-labels-D128", _lse_bwd, trans=False, on=False, labels=True, oterm=True,
+        iterm=False, need_out=True, need_ors=False, need_scale=True, need_bias=False, d_pad=128, bo=64, bi=64,
+        bdo=128, w=4, s=2, f32=dict(bi=32, bdo=256, s=3))
+    add("lse._lse_bwd_kernel", "col-labels-D128", _lse_bwd, trans=True, on=False, labels=True, oterm=False,
+        iterm=True, need_out=True, need_ors=False, need_scale=False, need_bias=False, d_pad=128, bo=64, bi=64,
+        bdo=128, w=4, s=2, f32=dict(bi=32, bdo=256, s=3))
     # q is k in half precision: dq and dk in float32 (D_OUT a float32 pointer).
     add("lse._lse_bwd_kernel", "same-q-k-f32-grad-D32", _lse_bwd, trans=True, on=True, oterm=True, iterm=True,
         need_out=True, need_ors=True, need_scale=True, need_bias=True, d_pad=32, bo=64, bi=32, bdo=256, w=4, s=3,

@@ -206,7 +206,7 @@ struct Scratch {
   Tensor buf;
   int64_t stride = 0, bm = 0, bn = 0;
   Scratch(const Tiling& t) : bm(t.bm), bn(t.bn) {
-    stride = t.bm * t.bn + 3 * t.bn + 2 * t.bm + 16;
+    stride = t.bm * t.bn + 3 * t.bn + 4 * t.bm + 16;
     buf = at::empty({std::max<int64_t>(1, at::get_num_threads()) * stride}, at::kFloat);
   }
   float* base() const {
@@ -220,6 +220,8 @@ struct Scratch {
   float* col1() const { return col0() + bn; }
   float* rowstat0() const { return col1() + bn; }
   float* rowstat1() const { return rowstat0() + bm; }
+  float* rowstat2() const { return rowstat1() + bm; }
+  float* rowstat3() const { return rowstat2() + bm; }
 };
 
 // Logits of tile row r (global row gi, columns j0 .. j0+bn): s = scale g + bias, masked = -inf.
@@ -254,6 +256,20 @@ inline void row_update(float& mx, float& sum, const float* s, int64_t n) {
   mx = nm;
 }
 
+// LSE_LABELS: sum and count of the kept logits of row gi whose column has the row's label.
+CK_MULTIVERSION void label_pos_acc(const float* s, const int64_t* kl, int64_t label, int64_t n, float& sum,
+                                   float& cnt) {
+  float a = 0.0f, c = 0.0f;
+#pragma omp simd reduction(+ : a, c)
+  for (int64_t j = 0; j < n; ++j) {
+    const bool p = kl[j] == label && s[j] != kNegInf;
+    a += p ? s[j] : 0.0f;
+    c += p ? 1.0f : 0.0f;
+  }
+  sum += a;
+  cnt += c;
+}
+
 inline float finish_lse(float mx, float sum) {
   if (mx == kNegInf) return sum == 0.0f ? kNegInf : std::numeric_limits<float>::quiet_NaN();
   return mx + std::log(sum);
@@ -268,15 +284,20 @@ inline float finish_row(float mx, float sum, const float* xt, int64_t i) {
 }
 
 // ------------------------------------------------------------------------ forward
-void forward_rows(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* xt) {
+// lab (LSE_LABELS): (2, n), receives the row log-sum-exps and 1/|P_i|; row_lse the losses.
+void forward_rows(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* xt, float* lab) {
   at::parallel_for(0, T.nrb, 1, [&](int64_t b0, int64_t b1) {
     float* g = W.tile();
     float* mx = W.rowstat0();
     float* sm = W.rowstat1();
+    float* ps = W.rowstat2();
+    float* pc = W.rowstat3();
     for (int64_t I = b0; I < b1; ++I) {
       const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
       std::fill(mx, mx + bm, kNegInf);
       std::fill(sm, sm + bm, 0.0f);
+      std::fill(ps, ps + bm, 0.0f);
+      std::fill(pc, pc + bm, 0.0f);
       for (int64_t J = 0; J < T.ncb; ++J) {
         const int64_t j0 = T.cols(J), bn = std::min(T.bn, P.m - j0);
         gemm_abt(bm, bn, P.d, P.qh + i0 * P.d, P.d, P.kh + j0 * P.d, P.d, g);
@@ -284,9 +305,17 @@ void forward_rows(const Problem& P, const Tiling& T, const Scratch& W, float* ro
           float* s = g + r * bn;
           tile_row_logits(P, s, s, i0 + r, j0, bn, xt);
           row_update(mx[r], sm[r], s, bn);
+          if (lab != nullptr) label_pos_acc(s, P.k_labels + j0, P.q_labels[i0 + r], bn, ps[r], pc[r]);
         }
       }
-      for (int64_t r = 0; r < bm; ++r) row_lse[i0 + r] = finish_row(mx[r], sm[r], xt, i0 + r);
+      for (int64_t r = 0; r < bm; ++r) {
+        row_lse[i0 + r] = finish_row(mx[r], sm[r], xt, i0 + r);
+        if (lab != nullptr) {  // LSE minus the mean positive logit
+          lab[i0 + r] = row_lse[i0 + r];
+          lab[P.n + i0 + r] = pc[r] > 0.0f ? 1.0f / pc[r] : 0.0f;
+          if (pc[r] > 0.0f) row_lse[i0 + r] -= ps[r] / pc[r];
+        }
+      }
     }
   });
 }
@@ -331,6 +360,7 @@ struct Grads {
   const float* gcol = nullptr;  // (m) column upstream grads, 0 where col_lse = -inf; null when all zero
   const float* cx = nullptr;    // (m) column lse = cx + cl (0 where -inf)
   const float* cl = nullptr;    // (m)
+  const float* lw = nullptr;    // (n) LSE_LABELS: 1/|P_i| (0 without positives), or null
   float* A = nullptr;           // (n, d): sum_j dS_ij Kh_j, or null
   float* B = nullptr;           // (m, d): sum_i dS_ij Qh_i, or null
   float* dbias = nullptr;       // (m) or null
@@ -362,6 +392,15 @@ void backward_item(const Problem& P, const Tiling& T, const Scratch& W, const Gr
     const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
     // A row without kept pairs (lse -inf) gets no gradient (grow 0); its dS is 0 by the mask.
     const bool row_term = G.grow != nullptr && G.grow[gi] != 0.0f;
+    // LSE_LABELS: -grow_i / |P_i| at the kept same-label pairs (their raw products' dscale share first)
+    const float lab_w = (G.lw != nullptr && row_term) ? G.grow[gi] * G.lw[gi] : 0.0f;
+    const int64_t label = lab_w != 0.0f ? P.q_labels[gi] : 0;
+    if (lab_w != 0.0f) {
+      double raw_pos = 0.0;
+      for (int64_t j = 0; j < bn; ++j)
+        if (P.k_labels[j0 + j] == label && s[j] != kNegInf) raw_pos += gr[j];
+      dsc -= static_cast<double>(lab_w) * raw_pos;
+    }
     if (row_term && G.gcol != nullptr) {
       dsc += ds_row_rc(gr, s, bn, G.grow[gi], G.rx[gi], G.rl[gi], G.gcol + j0, G.cx + j0, G.cl + j0);
     } else if (row_term) {
@@ -378,6 +417,10 @@ void backward_item(const Problem& P, const Tiling& T, const Scratch& W, const Gr
                            G.gcol != nullptr ? G.gcol[j0 + tc] : 0.0f, G.gcol != nullptr ? G.cl[j0 + tc] : 0.0f);
       gr[tc] -= amount;
       dsc -= static_cast<double>(amount) * raw_t;
+    }
+    if (lab_w != 0.0f) {
+      for (int64_t j = 0; j < bn; ++j)
+        if (P.k_labels[j0 + j] == label && s[j] != kNegInf) gr[j] -= lab_w;
     }
     if (G.dbias != nullptr) add_row(G.dbias + j0, gr, bn);
   }
@@ -441,8 +484,9 @@ void for_each_round(const std::vector<std::vector<std::pair<int64_t, int64_t>>>&
   }
 }
 
-void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* xt) {
+void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* xt, float* lab) {
   std::vector<float> mx(P.n, kNegInf), sm(P.n, 0.0f);
+  std::vector<float> ps(lab != nullptr ? P.n : 0, 0.0f), pc(lab != nullptr ? P.n : 0, 0.0f);
   const float* X = P.qh;
   for_each_round(tournament_rounds(T.nrb), [&](int64_t I, int64_t J) {
     float* g = W.tile();
@@ -464,13 +508,32 @@ void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, floa
       tile_row_logits(P, s, s, i0 + r, j0, bn, xt);
       row_update(mx[i0 + r], sm[i0 + r], s, bn);
       if (pair) col_max_acc(tmax, s, bn);
+      if (lab != nullptr) {  // LSE_LABELS: row i0 + r's positives here, and (pair) those of the columns
+        const int64_t label = P.q_labels[i0 + r];
+        label_pos_acc(s, P.k_labels + j0, label, bn, ps[i0 + r], pc[i0 + r]);
+        if (pair) {
+          for (int64_t c = 0; c < bn; ++c) {
+            if (P.k_labels[j0 + c] == label && s[c] != kNegInf) {
+              ps[j0 + c] += s[c];
+              pc[j0 + c] += 1.0f;
+            }
+          }
+        }
+      }
     }
     if (pair) {  // the tile's columns are rows of block J
       col_rescale(mx.data() + j0, sm.data() + j0, off, tmax, bn);
       for (int64_t r = 0; r < bm; ++r) col_sum_exp_acc(sm.data() + j0, g + r * bn, off, bn);
     }
   });
-  for (int64_t i = 0; i < P.n; ++i) row_lse[i] = finish_row(mx[i], sm[i], xt, i);
+  for (int64_t i = 0; i < P.n; ++i) {
+    row_lse[i] = finish_row(mx[i], sm[i], xt, i);
+    if (lab != nullptr) {  // LSE minus the mean positive logit
+      lab[i] = row_lse[i];
+      lab[P.n + i] = pc[i] > 0.0f ? 1.0f / pc[i] : 0.0f;
+      if (pc[i] > 0.0f) row_lse[i] -= ps[i] / pc[i];
+    }
+  }
 }
 
 // c <- c + c^T for a square tile.
@@ -488,7 +551,7 @@ void symmetrize(float* c, int64_t b) {
 // w: combined upstream gradient per row (0 where the row has no kept pair), rx + rl: row lse
 // (0 where -inf; see Grads); H (n, d) += the whole gradient direction A + B, or null.
 void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, const float* w, const float* rx,
-                        const float* rl, float* H, double* dscale) {
+                        const float* rl, const float* lw, float* H, double* dscale) {
   const float* X = P.qh;
   for_each_round(tournament_rounds(T.nrb), [&](int64_t I, int64_t J) {
     float* g = W.tile();
@@ -505,6 +568,17 @@ void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, con
       const int64_t tc = target_col(P, gi, j0, bn);
       const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
       const bool row_term = w[gi] != 0.0f;
+      // LSE_LABELS (labels symmetric): -w_i/|P_i| at row gi's positives, and in a pair tile
+      // -w_j/|P_j| of the column's row j, whose positive gi is (their raw products' dscale share first)
+      const int64_t label = lw != nullptr ? P.q_labels[gi] : 0;
+      const float row_lab = lw != nullptr ? w[gi] * lw[gi] : 0.0f;
+      if (lw != nullptr) {
+        double raw_pos = 0.0;
+        for (int64_t j = 0; j < bn; ++j)
+          if (P.k_labels[j0 + j] == label && s[j] != kNegInf)
+            raw_pos += static_cast<double>(row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f)) * gr[j];
+        dsc -= raw_pos;
+      }
       if (pair && row_term) {
         dsc += ds_row_rc(gr, s, bn, w[gi], rx[gi], rl[gi], w + j0, rx + j0, rl + j0);
       } else if (pair) {
@@ -521,6 +595,10 @@ void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, con
           dsc += target_exps(gr[tc], raw_t, w[gi], rl[gi], pair ? w[j0 + tc] : 0.0f, pair ? rl[j0 + tc] : 0.0f);
         gr[tc] -= amount;
         dsc -= static_cast<double>(amount) * raw_t;
+      }
+      if (lw != nullptr) {
+        for (int64_t j = 0; j < bn; ++j)
+          if (P.k_labels[j0 + j] == label && s[j] != kNegInf) gr[j] -= row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f);
       }
     }
     if (dscale != nullptr) dscale[I] += dsc;
@@ -563,7 +641,7 @@ bool is_symmetric(const Operands& o) {
     for (int64_t i = 0; i < P.n; ++i)
       if (P.target[P.target[i]] != i) return false;
   }
-  if ((P.mask_mode & kMaskSameLabel) && !(o.ql.is_same(o.kl) || at::equal(o.ql, o.kl))) return false;
+  if ((P.mask_mode & (kMaskSameLabel | kLseLabels)) && !(o.ql.is_same(o.kl) || at::equal(o.ql, o.kl))) return false;
   return true;
 }
 
@@ -591,7 +669,7 @@ Operands prepare(const Tensor& q, const Tensor& k, const Tensor& scale, const Op
   TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device().is_cpu(),
               "scale must be a one-element float32 CPU tensor, got ", scale.sizes(), " ", scale.scalar_type(), " on ",
               scale.device());
-  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 15, "mask_mode must be a combination of the bits 1, 2, 4, 8, got ",
+  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 31, "mask_mode must be a combination of the bits 1, 2, 4, 8, 16, got ",
               mask_mode);
   const int64_t n = q.size(0), m = k.size(0);
   check_vector(q_rscale, "q_rscale", n, at::kFloat, "N");
@@ -619,7 +697,8 @@ Operands prepare(const Tensor& q, const Tensor& k, const Tensor& scale, const Op
     }
     P.pos = o.pos.data_ptr<int64_t>();
   }
-  if (mask_mode & kMaskSameLabel) {
+  lse_labels_check(mask_mode, q_labels.has_value() && k_labels.has_value(), col_term);
+  if (mask_mode & (kMaskSameLabel | kLseLabels)) {
     TORCH_CHECK(q_labels.has_value() && k_labels.has_value(),
                 "mask_mode has bit 4 (MASK_SAME_LABEL) but q_labels or k_labels is None");
     o.ql = q_labels->contiguous();
@@ -657,23 +736,30 @@ std::tuple<Tensor, Tensor, Tensor> lse_forward_cpu(const Tensor& q, const Tensor
   const auto f32 = q.options().dtype(at::kFloat);
   Tensor row = at::empty({P.n}, f32);
   Tensor col = at::empty({compute_col ? P.m : 0}, f32);
-  // LSE_TARGET: the target logits, as the tiles compute them (every row has a target: M > 0)
-  Tensor xt = at::empty({P.target != nullptr ? P.n : 0}, f32);
+  // target_state: LSE_TARGET, the target logits as the tiles compute them (every row has a
+  // target: M > 0); LSE_LABELS, (2, N) the row log-sum-exps and 1/|P_i|
+  const bool labels = mask_mode & kLseLabels;
+  Tensor xt = labels ? at::empty({2, P.n}, f32) : at::empty({P.target != nullptr ? P.n : 0}, f32);
   if (P.n == 0 || P.m == 0) {  // nothing kept anywhere
     row.fill_(kNegInf);
     col.fill_(kNegInf);
+    if (labels) {
+      xt[0].fill_(kNegInf);
+      xt[1].zero_();
+    }
     return {row, col, xt};
   }
   const Tiling T = make_tiling(P.n, P.m);
   const Scratch W(T);
   float* x = P.target != nullptr ? xt.data_ptr<float>() : nullptr;
+  float* lab = labels ? xt.data_ptr<float>() : nullptr;
   if (is_symmetric(o)) {
-    forward_symmetric(P, T, W, row.data_ptr<float>(), x);
+    forward_symmetric(P, T, W, row.data_ptr<float>(), x, lab);
     if (compute_col) col.copy_(row);
   } else if (compute_col) {
     forward_rows_and_cols(P, T, W, row.data_ptr<float>(), col.data_ptr<float>(), x);
   } else {
-    forward_rows(P, T, W, row.data_ptr<float>(), x);
+    forward_rows(P, T, W, row.data_ptr<float>(), x, lab);
   }
   return {row, col, xt};
 }
@@ -688,7 +774,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
     const Tensor& grad_row, const Tensor& grad_col, const Tensor& q, const Tensor& k, const Tensor& scale,
     const OptTensor& q_rscale, const OptTensor& k_rscale, const OptTensor& col_bias, const OptTensor& pos_index,
     const OptTensor& q_labels, const OptTensor& k_labels, int64_t diag_offset, int64_t mask_mode,
-    const Tensor& row_lse, const Tensor& col_lse, const Tensor& target_logit, bool need_q, bool need_k,
+    const Tensor& row_lse, const Tensor& col_lse, const Tensor& target_state, bool need_q, bool need_k,
     bool need_scale, bool need_bias,
     bool need_q_rscale, bool need_k_rscale) {
   const Operands o = prepare(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
@@ -725,14 +811,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
   // logit, the cross-entropy output); rows / columns without kept pairs (-inf) get no
   // gradient: zero upstream gradient, x = l = 0.
   if (P.target != nullptr) {
-    TORCH_CHECK(target_logit.scalar_type() == at::kFloat && target_logit.dim() == 1 && target_logit.size(0) == P.n,
-                "target_logit must be float32 of shape (N,) = (", P.n, ",) with mask_mode bit 8 (LSE_TARGET), got ",
-                target_logit.scalar_type(), " ", target_logit.sizes());
+    TORCH_CHECK(target_state.scalar_type() == at::kFloat && target_state.dim() == 1 && target_state.size(0) == P.n,
+                "target_state must be float32 of shape (N,) = (", P.n, ",) with mask_mode bit 8 (LSE_TARGET), got ",
+                target_state.scalar_type(), " ", target_state.sizes());
   }
   auto split = [&](const Tensor& out, Tensor& x, Tensor& l, Tensor& g) {
     const Tensor empty = out.eq(kNegInf);
     if (P.target != nullptr) {
-      x = target_logit.masked_fill(empty, 0.0f).contiguous();
+      x = target_state.masked_fill(empty, 0.0f).contiguous();
       l = out.masked_fill(empty, 0.0f).contiguous();
     } else {
       x = out.masked_fill(empty, 0.0f).contiguous();
@@ -740,9 +826,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
     }
     if (g.defined()) g = g.masked_fill(empty, 0.0f).contiguous();
   };
+  const bool labels = mask_mode & kLseLabels;
+  if (labels) {
+    TORCH_CHECK(target_state.scalar_type() == at::kFloat && target_state.dim() == 2 && target_state.size(0) == 2 &&
+                    target_state.size(1) == P.n,
+                "target_state must be float32 of shape (2, N) = (2, ", P.n, ") with mask_mode bit 16 (LSE_LABELS), "
+                "got ", target_state.scalar_type(), " ", target_state.sizes());
+  }
   Tensor grow = nonzero_or_undefined(grad_row.contiguous());
   Tensor gcol = gcol_in, rx, rl, cx, cl;
-  split(row_lse.contiguous(), rx, rl, grow);
+  // LSE_LABELS: the rows' log-sum-exps are target_state[0] (the outputs are LSE - mean positive)
+  split(labels ? target_state[0].contiguous() : row_lse.contiguous(), rx, rl, grow);
+  const Tensor lw = labels ? target_state[1].contiguous() : Tensor();
   if (gcol.defined()) split(col_lse.contiguous(), cx, cl, gcol);
   const bool any_work = (needA || needB || need_bias || need_scale) && (grow.defined() || gcol.defined());
   if (any_work && P.n > 0 && P.m > 0 && combined) {
@@ -751,7 +846,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
     if (gcol.defined()) w.add_(gcol);
     const Scratch W(T);
     backward_symmetric(P, T, W, w.data_ptr<float>(), rx.data_ptr<float>(), rl.data_ptr<float>(),
-                       needA ? A.data_ptr<float>() : nullptr, need_scale ? dscale_part.data() : nullptr);
+                       labels ? lw.data_ptr<float>() : nullptr, needA ? A.data_ptr<float>() : nullptr,
+                       need_scale ? dscale_part.data() : nullptr);
   } else if (any_work && P.n > 0 && P.m > 0) {
     Grads G;
     G.grow = grow.defined() ? grow.data_ptr<float>() : nullptr;
@@ -760,6 +856,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
     G.gcol = gcol.defined() ? gcol.data_ptr<float>() : nullptr;
     G.cx = gcol.defined() ? cx.data_ptr<float>() : nullptr;
     G.cl = gcol.defined() ? cl.data_ptr<float>() : nullptr;
+    G.lw = labels ? lw.data_ptr<float>() : nullptr;
     G.A = needA ? A.data_ptr<float>() : nullptr;
     G.B = needB ? B.data_ptr<float>() : nullptr;
     G.dbias = need_bias ? dbias.data_ptr<float>() : nullptr;

@@ -135,7 +135,7 @@ kc::FamilyParams base_params(const Tensor& q, const Tensor& k, const Tensor& sca
 void lse_masks(kc::FamilyParams& p, const Tensor& q, const OptT& q_rscale, const OptT& k_rscale,
                const OptT& col_bias, const OptT& pos_index, const OptT& q_labels, const OptT& k_labels,
                int64_t diag_offset, int64_t mask_mode) {
-  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 15, "contrastive_kernels (cuda): mask_mode must be in [0, 15], got ",
+  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 31, "contrastive_kernels (cuda): mask_mode must be in [0, 31], got ",
               mask_mode);
   p.q_rscale = opt_fvec_ptr(q_rscale, p.n, q, "q_rscale");
   p.k_rscale = opt_fvec_ptr(k_rscale, p.m, q, "k_rscale");
@@ -162,12 +162,15 @@ std::tuple<Tensor, Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tenso
   // to exist here), and the row pass writes those logits for the backward.
   const bool target = mask_mode & ck::kLseTarget;
   if (target) ck::lse_target_index(p.n, p.m, pos_index, diag_offset, compute_col, q);
+  // LSE_LABELS: the kernels sum each row's positive logits; target_state = (LSEs, 1/|P_i|)
+  const bool labels = mask_mode & ck::kLseLabels;
+  ck::lse_labels_check(mask_mode, q_labels.has_value() && k_labels.has_value(), compute_col);
   Tensor row = f32(q, {p.n});
   Tensor col = compute_col ? f32(q, {p.m}) : f32(q, {0});
-  Tensor xt = f32(q, {target ? p.n : 0});
+  Tensor xt = labels ? f32(q, {2, p.n}) : f32(q, {target ? p.n : 0});
   p.row_out = row.data_ptr<float>();
   p.col_out = compute_col ? col.data_ptr<float>() : nullptr;
-  p.target_out = target ? xt.data_ptr<float>() : nullptr;
+  p.target_out = (target || labels) ? xt.data_ptr<float>() : nullptr;
   check_launch(kc::lse_forward(p, compute_col, current_stream()), "lse_forward");
   return {row, col, xt};
 }
@@ -176,7 +179,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
     const Tensor& grad_row, const Tensor& grad_col, const Tensor& q, const Tensor& k, const Tensor& scale,
     const OptT& q_rscale, const OptT& k_rscale, const OptT& col_bias, const OptT& pos_index, const OptT& q_labels,
     const OptT& k_labels, int64_t diag_offset, int64_t mask_mode, const Tensor& row_lse, const Tensor& col_lse,
-    const Tensor& target_logit, bool need_q, bool need_k, bool need_scale, bool need_bias, bool need_q_rscale,
+    const Tensor& target_state, bool need_q, bool need_k, bool need_scale, bool need_bias, bool need_q_rscale,
     bool need_k_rscale) {
   check_pair(q, k, "q", "k");
   const DeviceGuard guard(q.device());
@@ -190,10 +193,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
     p.col_lse = fvec_ptr(col_lse, p.m, q, "col_lse");
     p.grad_col = fvec_ptr(grad_col, p.m, q, "grad_col");
   }
-  // LSE_TARGET: row_lse / col_lse are cross-entropies, each log-sum-exp target_logit + it.
+  // LSE_TARGET: row_lse / col_lse are cross-entropies, each log-sum-exp target_state + it.
   if (mask_mode & ck::kLseTarget) {
     ck::lse_target_index(p.n, p.m, pos_index, diag_offset, col_lse.numel() > 0, q);
-    p.target_logit = fvec_ptr(target_logit, p.n, q, "target_logit");
+    p.target_state = fvec_ptr(target_state, p.n, q, "target_state");
+  }
+  // LSE_LABELS: target_state = (row LSEs, 1/|P_i|); the outputs were LSE - mean positive.
+  Tensor lab_state;
+  if (mask_mode & ck::kLseLabels) {
+    ck::lse_labels_check(mask_mode, q_labels.has_value() && k_labels.has_value(), has_col);
+    TORCH_CHECK(target_state.dim() == 2 && target_state.size(0) == 2 && target_state.size(1) == p.n,
+                "contrastive_kernels (cuda): target_state must have shape (2, N) = (2, ", p.n,
+                ") with mask_mode bit 16 (LSE_LABELS), got ", target_state.sizes());
+    lab_state = target_state.contiguous();
+    p.row_lse = fvec_ptr(lab_state[0], p.n, q, "target_state[0]");
+    p.label_weight = fvec_ptr(lab_state[1], p.n, q, "target_state[1]");
   }
   TORCH_CHECK(!need_q_rscale || p.q_rscale, "contrastive_kernels (cuda): need_q_rscale needs q_rscale");
   TORCH_CHECK(!need_k_rscale || p.k_rscale, "contrastive_kernels (cuda): need_k_rscale needs k_rscale");

@@ -44,7 +44,9 @@ constexpr int DC = 128;  // feature columns of dX per block in the backward
 constexpr int NT_S = BN / 8;
 constexpr int NT_O = DC / 8;
 
-enum Family : int { kLse = 0, kPairwise = 1 };
+// kLseLabels: the lse family with LSE_LABELS (SupCon's positives), its own instantiations so
+// that the other lse kernels keep their register budget (the float32 backward spilled otherwise).
+enum Family : int { kLse = 0, kPairwise = 1, kLseLabels = 2 };
 
 // Per-index data of one side of a pair; the fields an index does not have keep
 // their neutral defaults.
@@ -68,18 +70,18 @@ __device__ __forceinline__ void load_side(const FamilyParams& p, bool is_i, int6
   s.lab = 0;
   s.pos = -1;
   if (idx < 0 || idx >= count) return;
-  if (FAM == kLse) {
+  if (FAM != kPairwise) {
     if (is_i) {
       if (p.q_rscale) s.rs = p.q_rscale[idx];
       if (p.row_lse) s.lse = p.row_lse[idx];
-      if (p.target_logit) s.x = p.target_logit[idx];
+      if (p.target_state) s.x = p.target_state[idx];
       if (p.grad_row) s.g = p.grad_row[idx];
       if (p.pos_index) s.pos = p.pos_index[idx];
       if (p.q_labels) s.lab = p.q_labels[idx];
     } else {
       if (p.k_rscale) s.rs = p.k_rscale[idx];
       if (p.col_lse) s.lse = p.col_lse[idx];
-      if (p.col_lse && p.target_logit) s.x = p.target_logit[idx];  // (square: column j's target is row j)
+      if (p.col_lse && p.target_state) s.x = p.target_state[idx];  // (square: column j's target is row j)
       if (p.grad_col) s.g = p.grad_col[idx];
       if (p.col_bias) s.bias = p.col_bias[idx];
       if (p.k_labels) s.lab = p.k_labels[idx];
@@ -174,7 +176,7 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
   const float scale = *p.scale;
   const float sbias = (FAM == kPairwise) ? *p.bias : 0.f;
   const int64_t diag = p.diag_offset;
-  const int mode = (FAM == kLse) ? p.mask_mode : p.pair_mode;
+  const int mode = (FAM != kPairwise) ? p.mask_mode : p.pair_mode;
   const bool has_labels = p.q_labels != nullptr && p.k_labels != nullptr;
 
   Side R[2];
@@ -205,6 +207,7 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
   // forward state (lse: running max / sum; pairwise: sum) and backward sums, per row half
   float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f};
   float run_x[2] = {0.f, 0.f};  // LSE_TARGET forward: the row's target logit (in one lane of the quad)
+  float run_p[2] = {0.f, 0.f}, run_c[2] = {0.f, 0.f};  // LSE_LABELS forward: positives' sum, count
   float rsum[2] = {0.f, 0.f}, rrs[2] = {0.f, 0.f};
   // whole-matrix sums (dscale, dbias) in double: they cancel (MoCo's one query against its
   // queue: float32 partials missed 1e-5 on d temperature, found by the CPU emulator)
@@ -251,11 +254,12 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
         const float dot = raw * (R[h].rs * C.rs);
         const float x = scale * dot + sbias + I.bias + J.bias;
         bool keep, positive = false;
-        if (FAM == kLse) {
+        const bool same_lab = I.lab == J.lab;
+        if (FAM != kPairwise) {
           keep = valid;
           if (mode & 1) keep = keep && (j != i + diag);
           if (mode & 2) keep = keep && (j != I.pos);
-          if (mode & 4) keep = keep && (I.lab != J.lab);
+          if (mode & 4) keep = keep && !same_lab;
         } else {
           positive = has_labels ? (I.lab == J.lab) : (j == i + diag);
           if (mode & 1) positive = false;
@@ -265,22 +269,29 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
         // LSE_TARGET: the pair (i, t_i) (column pass: (j, j), compute_col being square)
         const bool is_target = FAM == kLse && (mode & 8) && valid && j == (p.pos_index ? I.pos : i + diag);
         if (!BWD) {
-          if (FAM == kLse) {
+          if (FAM != kPairwise) {
             vals[nt][e] = keep ? x : -INFINITY;
             tile_max[h] = fmaxf(tile_max[h], vals[nt][e]);
             if (is_target) run_x[h] = x;  // before the masks: a target need not be kept
+            if (FAM == kLseLabels && keep && same_lab) {  // LSE_LABELS: a positive of row i
+              run_p[h] += x;
+              run_c[h] += 1.f;
+            }
           } else if (keep) {
             run_l[h] += positive ? softplus(-x) : softplus(x);
           }
         } else {
           float ds = 0.f;
           if (keep) {
-            if (FAM == kLse) {
+            if (FAM != kPairwise) {
               // S - x (LSE_TARGET), 0 at the target, whose S is the forward's x by definition (the
               // other pass may round its product differently); without targets x = 0: S itself.
               const float dr = is_target ? 0.f : x - I.x, dc = is_target ? 0.f : x - J.x;
-              if (I.lse != -INFINITY) ds += I.g * __expf(dr - I.lse);
-              if (J.lse != -INFINITY) ds += J.g * __expf(dc - J.lse);
+              // (LSE_LABELS: -1/|P_i| at a positive, in float32 before dS is staged: p - 1/|P|)
+              // LSE_LABELS, a (kept) same-label pair: -1/|P_i| (read here, at the positives only)
+              const float w = (FAM == kLseLabels && same_lab) ? p.label_weight[i] : 0.f;
+              if (I.lse != -INFINITY) ds += I.g * (__expf(dr - I.lse) - w);
+              if (FAM == kLse && J.lse != -INFINITY) ds += J.g * __expf(dc - J.lse);  // (no column term with labels)
             } else {
               // d term / dx = sigmoid(x) (negative pair) or -sigmoid(-x) (positive pair),
               // each as 1 / (1 + exp(-y)): accurate to the last bits for any y (sigmoid(x) - 1
@@ -313,7 +324,7 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
         }
       }
     }
-    if (!BWD && FAM == kLse) {
+    if (!BWD && FAM != kPairwise) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float new_m = fmaxf(run_m[h], quad_max(tile_max[h]));
@@ -395,14 +406,24 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float l = quad_sum(run_l[h]);
-      const float xt = (FAM == kLse && (mode & 8)) ? quad_sum(run_x[h]) : 0.f;  // x + 0 + 0 + 0: exact
+      const float xt = (FAM != kPairwise && (mode & 8)) ? quad_sum(run_x[h]) : 0.f;  // x + 0 + 0 + 0: exact
+      const float ps = FAM == kLseLabels ? quad_sum(run_p[h]) : 0.f;
+      const float pc = FAM == kLseLabels ? quad_sum(run_c[h]) : 0.f;
       const int64_t r = row0 + warp * 16 + g + 8 * h;
       if (t == 0 && r < nrows) {
-        if (FAM == kLse && (mode & 8)) {
+        if (FAM != kPairwise && (mode & 8)) {
           // the cross-entropy (max - target) + log(sum): rounded relative to itself
           out[r] = l == 0.f ? -INFINITY : (run_m[h] - xt) + logf(l);
           if (!TRANS && p.target_out) p.target_out[r] = xt;
-        } else if (FAM == kLse) {
+        } else if (FAM == kLseLabels) {  // LSE minus the mean positive logit (rows only)
+          const float ref = run_m[h] == -INFINITY ? 0.f : run_m[h];
+          const float lse = l == 0.f ? -INFINITY : ref + logf(l);
+          out[r] = pc > 0.f ? lse - ps / pc : lse;
+          if (p.target_out) {
+            p.target_out[r] = lse;
+            p.target_out[nrows + r] = pc > 0.f ? 1.f / pc : 0.f;
+          }
+        } else if (FAM != kPairwise) {
           const float ref = run_m[h] == -INFINITY ? 0.f : run_m[h];
           out[r] = l == 0.f ? -INFINITY : ref + logf(l);
         } else {
@@ -420,7 +441,7 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
       const float b = quad_sum(rrs[h]);
       const int64_t r = row0 + warp * 16 + g + 8 * h;
       if (t == 0 && r < nrows) {
-        if (FAM == kLse) {
+        if (FAM != kPairwise) {
           if (!TRANS && p.dq_rscale) p.dq_rscale[r] = scale * b;
           if (TRANS && p.dk_rscale) p.dk_rscale[r] = scale * b;
           if (TRANS && p.dcol_bias) p.dcol_bias[r] = a;
@@ -550,6 +571,7 @@ cudaError_t backward(const FamilyParams& p_in, bool need_row_pass, bool need_col
 int64_t backward_workspace_floats(const FamilyParams& p) { return 4 * row_blocks(p.n) + 2; }
 
 cudaError_t lse_forward(const FamilyParams& p, bool compute_col, cudaStream_t stream) {
+  if (p.mask_mode & 16) return launch_dtype<kLseLabels, false, false>(p, false, stream);  // (no column term)
   cudaError_t err = launch_dtype<kLse, false, false>(p, false, stream);
   if (err != cudaSuccess || !compute_col) return err;
   return launch_dtype<kLse, true, false>(p, false, stream);
@@ -558,7 +580,7 @@ cudaError_t lse_forward(const FamilyParams& p, bool compute_col, cudaStream_t st
 cudaError_t lse_backward(const FamilyParams& p, cudaStream_t stream) {
   const bool row = p.dq || p.dq_rscale || p.dscale;
   const bool col = p.dk || p.dk_rscale || p.dcol_bias;
-  return backward<kLse>(p, row, col, stream);
+  return (p.mask_mode & 16) ? backward<kLseLabels>(p, row, col, stream) : backward<kLse>(p, row, col, stream);
 }
 
 cudaError_t pairwise_forward(const FamilyParams& p, cudaStream_t stream) {

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import _ext, reference
 from .backends import FAMILY_REFERENCE
-from .reference import LSE_TARGET
+from .reference import LSE_LABELS, LSE_TARGET
 
 _C = _ext.load()  # load the C++ schemas before defining the Python fragment of the namespace
 NS = "contrastive_kernels"
@@ -45,12 +45,13 @@ def _f32_empty(like: Tensor, shape) -> Tensor:
 # --------------------------------------------------------------------------- fakes
 def _lse_forward_fake(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset,
                      mask_mode, compute_col):
+    state = (2, q.shape[0]) if mask_mode & LSE_LABELS else (q.shape[0],) if mask_mode & LSE_TARGET else _EMPTY
     return (_f32_empty(q, (q.shape[0],)), _f32_empty(q, (k.shape[0],) if compute_col else _EMPTY),
-            _f32_empty(q, (q.shape[0],) if mask_mode & LSE_TARGET else _EMPTY))
+            _f32_empty(q, state))
 
 
 def _lse_backward_fake(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels,
-                       k_labels, diag_offset, mask_mode, row_lse, col_lse, target_logit, need_q, need_k, need_scale,
+                       k_labels, diag_offset, mask_mode, row_lse, col_lse, target_state, need_q, need_k, need_scale,
                        need_bias, need_q_rscale, need_k_rscale):
     return (torch.empty_like(q) if need_q else _empty(q),
             torch.empty_like(k) if need_k else _empty(k),
@@ -99,12 +100,12 @@ def _none_unless(flag, t):
 def _lse_setup(ctx, inputs, output):
     q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, diag_offset, mask_mode, _ = inputs
     ctx.save_for_backward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, *output)
-    ctx.mark_non_differentiable(output[2])  # the target logits: saved for the backward
+    ctx.mark_non_differentiable(output[2])  # target_state: saved for the backward
     ctx.ints = (diag_offset, mask_mode)
 
 
 def _make_lse_backward(bwd):
-    def backward(ctx, grad_row, grad_col, _grad_target_logit):
+    def backward(ctx, grad_row, grad_col, _grad_target_state):
         q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, row, col, xt = ctx.saved_tensors
         nq, nk, ns, nqr, nkr, nb = ctx.needs_input_grad[:6]
         nqr, nkr, nb = nqr and q_rscale is not None, nkr and k_rscale is not None, nb and col_bias is not None
@@ -206,12 +207,12 @@ def _lse_forward_triton(q: Tensor, k: Tensor, scale: Tensor, q_rscale: Optional[
 def _lse_backward_triton(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor, scale: Tensor,
                          q_rscale: Optional[Tensor], k_rscale: Optional[Tensor], col_bias: Optional[Tensor],
                          pos_index: Optional[Tensor], q_labels: Optional[Tensor], k_labels: Optional[Tensor],
-                         diag_offset: int, mask_mode: int, row_lse: Tensor, col_lse: Tensor, target_logit: Tensor,
+                         diag_offset: int, mask_mode: int, row_lse: Tensor, col_lse: Tensor, target_state: Tensor,
                          need_q: bool, need_k: bool, need_scale: bool, need_bias: bool, need_q_rscale: bool,
                          need_k_rscale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _triton_module("lse").lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias,
                                               pos_index, q_labels, k_labels, diag_offset, mask_mode, row_lse,
-                                              col_lse, target_logit, need_q, need_k, need_scale, need_bias,
+                                              col_lse, target_state, need_q, need_k, need_scale, need_bias,
                                               need_q_rscale, need_k_rscale)
 
 

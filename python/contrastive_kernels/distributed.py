@@ -68,7 +68,7 @@ from . import functional
 from . import _validation as V
 from . import backends
 from .backends import FAMILY_REFERENCE
-from .reference import LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
+from .reference import LSE_LABELS, LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
 
 Tensor = torch.Tensor
 
@@ -629,6 +629,16 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
     r, rl = (ref_embeddings, ref_labels) if has_ref else (x, labels)
     scale = _scalar_tensor(temperature, x, dt, invert=True)
     xr = _rscale(x, normalize, dt)
+    if mode == "gather" and be != FAMILY_REFERENCE:
+        # One block holding every positive: the anchors' losses straight from the kernels
+        # (LSE_LABELS: p - 1/|P| formed in float32 in the backward), as functional.supcon_loss.
+        own = d.rank * r.shape[0]
+        kb, kl = _gather(r, d), _gather(rl, d)
+        row, _ = fam.lse(be, x, kb, scale, q_rscale=xr, k_rscale=_rscale(kb, normalize, dt), q_labels=labels,
+                         k_labels=kl, diag_offset=own, mask_mode=LSE_LABELS | (0 if has_ref else MASK_DIAG))
+        has = functional._positive_counts(labels, kl, exclude_self=not has_ref) > 0
+        total = _all_reduce(has.sum().to(torch.float64), d)
+        return torch.where(has, row, torch.zeros_like(row)).sum() * d.world / total.clamp_min(1).to(row.dtype)
     x_hat = x.to(dt) * xr[:, None] if normalize else x.to(dt)
 
     def rows(loc, blk, own):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import _families as fam
 from . import _validation as V
 from . import backends, reference
-from .reference import LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
+from .reference import LSE_LABELS, LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
 
 Tensor = torch.Tensor
 
@@ -255,6 +255,13 @@ def siglip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias, *, negativ
 
 
 # ------------------------------------------------------------------------- SupCon
+def _positive_counts(labels: Tensor, ref_labels: Tensor, *, exclude_self: bool) -> Tensor:
+    """For each label, how many of ref_labels equal it (minus 1 for the anchor itself)."""
+    _, inv = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
+    per_class = torch.bincount(inv[labels.shape[0]:], minlength=int(inv.max()) + 1 if inv.numel() else 0)
+    return per_class[inv[:labels.shape[0]]] - (1 if exclude_self else 0)
+
+
 def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embeddings: Tensor | None = None,
                 ref_labels: Tensor | None = None, normalize: bool = True, reduction: str = "mean",
                 backend: str | None = None) -> Tensor:
@@ -286,16 +293,12 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
     scale = _scale(temperature, x.device, invert=True)
     xr = _rscale(x, normalize)
     rr = _rscale(r, normalize) if has_ref else xr
-    r_hat = r.float() * rr[:, None] if normalize else r.float()
-    x_hat = x.float() * xr[:, None] if normalize else x.float()
-    pos_sum, count = fam.label_group_sum(labels, rl, r_hat)
-    if not has_ref:  # the anchor is not its own positive
-        pos_sum = pos_sum - x_hat
-        count = count - 1
-    row, _ = fam.lse(be, x, r, scale, q_rscale=xr, k_rscale=rr, mask_mode=0 if has_ref else MASK_DIAG)
-    has = count > 0
-    anchor = row - scale * (x_hat * pos_sum).sum(1) / count.clamp_min(1)
-    anchor = torch.where(has, anchor, torch.zeros_like(anchor))
+    # The anchors' losses straight from the kernels (LSE_LABELS: LSE minus the mean positive
+    # logit, with p - 1/|P| formed in float32 inside the backward).
+    row, _ = fam.lse(be, x, r, scale, q_rscale=xr, k_rscale=rr, q_labels=labels, k_labels=rl,
+                     mask_mode=LSE_LABELS | (0 if has_ref else MASK_DIAG))
+    has = _positive_counts(labels, rl, exclude_self=not has_ref) > 0
+    anchor = torch.where(has, row, torch.zeros_like(row))
     if reduction == "none":
         return anchor
     return anchor.sum() / has.sum().clamp_min(1)

@@ -231,6 +231,7 @@ def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, *, eps=1e
 # ---------------------------------------------------------------------------
 MASK_DIAG, MASK_POS, MASK_SAME_LABEL = 1, 2, 4
 LSE_TARGET = 8  # mask_mode bit: outputs are cross-entropies, LSE minus the target logit
+LSE_LABELS = 16  # mask_mode bit: outputs are LSE minus the mean logit of the kept same-label pairs
 PAIR_NEGATIVE_ONLY, PAIR_POSITIVES_ONLY, PAIR_EXCLUDE_DIAG = 1, 2, 4
 
 
@@ -244,7 +245,8 @@ def lse_family(q, k, scale, q_rscale=None, k_rscale=None, col_bias=None, pos_ind
                k_labels=None, diag_offset=0, mask_mode=0, compute_col=False):
     """(row_lse, col_lse) of S = scale (q_rscale q)(k_rscale k)^T + col_bias over the kept pairs.
     With LSE_TARGET: row_i - S_{i, t_i} (t_i = pos_index[i], or i + diag_offset without one) and
-    col_j - S_{j - diag_offset, j}, S unmasked at the target."""
+    col_j - S_{j - diag_offset, j}, S unmasked at the target.  With LSE_LABELS (no column):
+    row_i - mean of S_ij over the kept j with k_labels[j] == q_labels[i] (row_i without any)."""
     q, k = _up(q), _up(k)
     if q_rscale is not None:
         q = q * q_rscale[:, None]
@@ -270,6 +272,11 @@ def lse_family(q, k, scale, q_rscale=None, k_rscale=None, col_bias=None, pos_ind
         row = row - raw.gather(1, t[:, None])[:, 0]
         if compute_col:
             col = col - torch.diagonal(raw, diag_offset)
+    if mask_mode & LSE_LABELS:
+        pos = (q_labels[:, None] == k_labels[None, :]) & ~drop
+        cnt = pos.sum(1)
+        mean = torch.where(pos, raw, torch.zeros_like(raw)).sum(1) / cnt.clamp_min(1)
+        row = torch.where(cnt > 0, row - mean, row)
     return row, col
 
 
