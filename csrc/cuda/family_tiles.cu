@@ -287,8 +287,8 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
               // S - x (LSE_TARGET), 0 at the target, whose S is the forward's x by definition (the
               // other pass may round its product differently); without targets x = 0: S itself.
               const float dr = is_target ? 0.f : x - I.x, dc = is_target ? 0.f : x - J.x;
-              // (LSE_LABELS: -1/|P_i| at a positive, in float32 before dS is staged: p - 1/|P|)
-              // LSE_LABELS, a (kept) same-label pair: -1/|P_i| (read here, at the positives only)
+              // LSE_LABELS, a (kept) same-label pair: -1/|P_i| (read here, at the positives only), in
+              // float32 before dS is staged: p - 1/|P|
               const float w = (FAM == kLseLabels && same_lab) ? p.label_weight[i] : 0.f;
               if (I.lse != -INFINITY) ds += I.g * (__expf(dr - I.lse) - w);
               if (FAM == kLse && J.lse != -INFINITY) ds += J.g * __expf(dc - J.lse);  // (no column term with labels)

@@ -256,7 +256,7 @@ def siglip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias, *, negativ
 
 # ------------------------------------------------------------------------- SupCon
 def _positive_counts(labels: Tensor, ref_labels: Tensor, *, exclude_self: bool) -> Tensor:
-    """For each label, how many of ref_labels equal it (minus 1 for the anchor itself)."""
+    """For each anchor, how many of ref_labels share its label (minus 1 for itself when exclude_self)."""
     _, inv = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
     per_class = torch.bincount(inv[labels.shape[0]:], minlength=int(inv.max()) + 1 if inv.numel() else 0)
     return per_class[inv[:labels.shape[0]]] - (1 if exclude_self else 0)
