@@ -16,16 +16,19 @@
 // row_i = row_lse_i - S_{i, t_i} with t_i = pos_index[i] (any index in [0, M); the
 // target need not be kept) or, without pos_index, i + diag_offset (must be < M), and
 // col_j = col_lse_j - S_{j, j} (compute_col needs N == M, diag_offset 0, no
-// pos_index), each formed in the kernel as (max - S_{i, t_i}) + log(sum) from its own
-// S_{i, t_i}: accurate to the cross-entropy's own rounding however small it is (an LSE
-// of ~100 minus a logit of ~100 would leave a float32 ulp of 100, 8e-6, in every loss).
+// pos_index), each formed in the kernel as (max - S_{i, t_i}) + log1p(e) from its own
+// S_{i, t_i}, where the kernels' online sums keep the max's own term (an exact 1) out of
+// e = sum - 1: accurate to the cross-entropy's own rounding however small it is (an LSE
+// of ~100 minus a logit of ~100 would leave a float32 ulp of 100, 8e-6, in every loss, and
+// log of a float32 sum 1 + tiny an ulp of 1, 6e-8: all of a confident row's loss).
 // The third output (target_state) is then the kernel's target logits S_{i, t_i} (N,)
 // float32 (the Triton backend: log2(e) S, its kernels' unit; empty without bit 8 or 16),
 // which the backward takes with the cross-entropies: it forms
-// exp((S_ij - S_{i, t_i}) - row_i) (exact at the target, where the difference is 0),
-// and holds dS_{i, t_i} -= grad_row_i (+ grad_col_{t_i}) in float32 inside the kernel
-// (the softmax's p - 1, where a loss that subtracted the target logit outside would
-// cancel two separately rounded gradients).
+// exp((S_ij - S_{i, t_i}) - row_i), and at a kept target p - 1 = expm1(-row_i) per side
+// (times its upstream gradient; a masked target: -grad_row_i (- grad_col_{t_i})) in float32
+// inside the kernel (the softmax's p - 1, where a loss that subtracted the target logit
+// outside would cancel two separately rounded gradients, and exp(-ce) - 1 would keep
+// nothing of a tiny cross-entropy).
 // Bit 16 (LSE_LABELS, SupCon's positives; needs q_labels and k_labels, not with bits 4
 // or 8, no compute_col): P_i = the kept j with k_labels[j] == q_labels[i]; row_i =
 // row_lse_i - (1/|P_i|) sum_{j in P_i} S_ij (row_lse_i when P_i is empty), the positive

@@ -10,6 +10,9 @@
 * ``half_ds_scale``: the power-of-two factor that keeps float16 dS tiles out of underflow.
 * ``smem_limit``: the shared memory a block may use on a tensor's device, for the autotune
   config pruning (A100: 163 KiB, H100: 227 KiB).
+* ``log1p`` / ``expm1_neg``: log(1 + z) and exp(-c) - 1 to float32's relative rounding for
+  small arguments (a confident row's cross-entropy and its p - 1), from series where a GPU's
+  approximate log / exp near 1 would leave an absolute error of ~1e-7.
 """
 from __future__ import annotations
 
@@ -91,3 +94,25 @@ def launch(jit_fn, tuned_fn, grid, interp_meta: dict, *args, **kwargs):
         num_stages = meta.pop("num_stages", 1)
         return jit_fn[grid(meta)](*args, num_warps=num_warps, num_stages=num_stages, **meta)
     return tuned_fn[grid](*args, **kwargs)
+
+
+@triton.jit
+def log1p(z):
+    """log(1 + z), z >= 0, relative to itself however small z is: 2 atanh(w), w = z / (2 + z),
+    by its series below 1/4 (|w| < 1/9: four terms, relative error < 3e-9), log(1 + z) above
+    (>= 0.22 there: the rounding of 1 + z and an approximate log stay relative)."""
+    w = z / (2.0 + z)
+    w2 = w * w
+    series = 2.0 * w * (1.0 + w2 * (0.3333333333333333 + w2 * (0.2 + w2 * 0.14285714285714285)))
+    return tl.where(z < 0.25, series, tl.log(1.0 + z))
+
+
+@triton.jit
+def expm1_neg(c):
+    """exp(-c) - 1 relative to itself however small c is: the Taylor series of e^x - 1 at x = -c
+    below |x| = 1/2 (nine terms, relative error < 1e-9), exp(-c) - 1 above (>= 0.39 in size)."""
+    x = -c
+    p = 1.0 + x * (0.5 + x * (0.16666666666666666 + x * (0.041666666666666664 + x * (
+        0.008333333333333333 + x * (0.001388888888888889 + x * (0.0001984126984126984 + x * (
+            2.48015873015873e-05 + x * 2.7557319223985893e-06)))))))
+    return tl.where(tl.abs(x) < 0.5, x * p, tl.exp(x) - 1.0)

@@ -13,10 +13,12 @@ FlashAttention-2 shape of the computation, without the value matrix:
     inner = q; the masks and the bias read the swapped indices).
   * backward: tiles are recomputed from the saved LSEs,
     dS_ij = grad_row_i exp(S_ij - row_lse_i) + grad_col_j exp(S_ij - col_lse_j) on kept pairs.
+    The online sums keep the running max's own term (an exact 1) out: count of scores at the
+    max plus the sum below it, so a log-sum-exp is max + log1p(e) (_common.log1p).
     LSE_TARGET (mask bit 8): the forward keeps each row's own target score and writes the
-    cross-entropy (max - target) + log(sum); the backward forms exp((S_ij - x_i) - ce_i) with
-    the saved base-2 target scores x (exp(-ce_i) at the target itself) and subtracts the
-    upstream gradient at the target in float32.
+    cross-entropy (max - target) + log1p(e); the backward forms exp((S_ij - x_i) - ce_i) with
+    the saved base-2 target scores x, and p - 1 = expm1(-ce_i) at a kept target itself
+    (the -grad at a masked one), in float32.
     The row kernel (outer = q) accumulates A_i = sum_j dS_ij k_rscale_j k_j in registers
     (dq = scale q_rscale A); the TRANS kernel (outer = k) accumulates B_j and dcol_bias.
     d rscale and dscale need no second product: q_i . A_i = sum_j dS_ij k_rscale_j (q_i . k_j),
@@ -34,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot as _dot
-from ._common import INTERPRET, LN2, LOG2E, half_ds_scale, is_ieee, launch, pad_dim, smem_limit
+from ._common import INTERPRET, LN2, LOG2E, expm1_neg, half_ds_scale, is_ieee, launch, log1p, pad_dim, smem_limit
 
 AVAILABLE = True
 
@@ -195,8 +197,13 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
     o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab = _outer_rows(
         pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
     o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
+    # Online log-sum-exp (base 2): the running max m, the sum l of 2^(s - m) over the scores below
+    # it and the count k of those equal to it (exact 1s), so that the sum is 1 + e, e = (k - 1) + l,
+    # formed without rounding 1 + tiny (a confident row's cross-entropy log1p(e) would lose all of
+    # a 1e-7 loss to a float32 ulp of 1).
     m = tl.full((BLOCK_O,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    k = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if TARGET:  # LSE_TARGET: each row's own target score (base 2), before the masks
         x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
         if not TRANS:
@@ -226,20 +233,29 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
         # A row with nothing kept so far has m_new = -inf: use 0 as its reference so that
         # exp2(-inf - ref) = 0 instead of NaN.
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - ref) + tl.sum(tl.exp2(s - ref[:, None]), axis=1)
+        up = m_new > m  # the max rises: the old terms, maxima included, scale by 2^(m - m_new)
+        l = tl.where(up, (l + k) * tl.exp2(m - ref), l)
+        k = tl.where(up, 0.0, k)
+        at = s == ref[:, None]
+        k += tl.sum(tl.where(at, 1.0, 0.0), axis=1)
+        l += tl.sum(tl.where(at, 0.0, tl.exp2(s - ref[:, None])), axis=1)
         m = m_new
-    if TARGET:  # the cross-entropy (max - target) + log(sum): rounded relative to itself
-        tl.store(OUT + o_idx, ((m - x2) + tl.log2(l)) * 0.6931471805599453, mask=o_ok)
+    # log of the sum relative to the max (natural): -inf with nothing kept, NaN from a NaN score
+    empty = m == float("-inf")
+    lg = tl.where(empty, tl.where(l == 0.0, float("-inf"), float("nan")),
+                  log1p(tl.where(empty, 0.0, (k - 1.0) + l)))
+    if TARGET:  # the cross-entropy (max - target) + log1p(e): rounded relative to itself
+        tl.store(OUT + o_idx, (m - x2) * 0.6931471805599453 + lg, mask=o_ok)
         if not TRANS:  # saved for the backward in base 2, exactly the score it recomputes
             tl.store(XT + o_idx, x2, mask=o_ok)
     elif LABELS:  # LSE minus the mean positive score; XT: (2, NO) the LSEs and 1 / |P_i|
-        lse = (m + tl.log2(l)) * 0.6931471805599453
+        lse = m * 0.6931471805599453 + lg
         has = pc > 0.0
         tl.store(OUT + o_idx, tl.where(has, lse - (p2 / tl.maximum(pc, 1.0)) * 0.6931471805599453, lse), mask=o_ok)
         tl.store(XT + o_idx, lse, mask=o_ok)
         tl.store(XT + NO + o_idx, tl.where(has, 1.0 / tl.maximum(pc, 1.0), 0.0), mask=o_ok)
     else:
-        lse = (m + tl.log2(l)) * 0.6931471805599453  # -inf where nothing is kept (l = 0)
+        lse = m * 0.6931471805599453 + lg  # -inf where nothing is kept
         tl.store(OUT + o_idx, lse, mask=o_ok)
 
 
@@ -265,10 +281,12 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
     o_x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
     o_g = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if HAS_OTERM:
-        o_lse2 = tl.load(O_LSE + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
+        o_out = tl.load(O_LSE + o_idx, mask=o_ok, other=0.0)
+        o_lse2 = o_out * 1.4426950408889634
         o_g = tl.load(O_G + o_idx, mask=o_ok, other=0.0)
         if TARGET:
             o_x2 = tl.load(XT + o_idx, mask=o_ok, other=0.0)
+            o_em1 = expm1_neg(o_out)  # p - 1 at a kept target, exact for a tiny cross-entropy
     if LABELS:  # LSE_LABELS: -g_i / |P_i| at the kept same-label pairs (XT[NQ:] = 1 / |P_i|, q rows)
         o_l = tl.load(O_LAB + o_idx, mask=o_ok, other=-1)
         if not TRANS:
@@ -300,17 +318,20 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                 is_t = n64[None, :] == o_t[:, None]
         ds = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
         if HAS_OTERM:
-            if TARGET:  # S - x, and 0 at the target, whose S is the forward's x by definition (the TRANS
-                # pass, or a differently rounded product, may recompute it an ulp away)
-                ds += o_g[:, None] * tl.exp2(tl.where(is_t, 0.0, s - o_x2[:, None]) - o_lse2[:, None])
+            if TARGET:  # exp((S - x) - ce), and at the target p - 1 = expm1(-ce): its S is the forward's x
+                # by definition (the TRANS pass, or a differently rounded product, may recompute it an
+                # ulp away), and exp(-ce) - 1 in float32 would keep nothing of a 1e-8 loss
+                ds += o_g[:, None] * tl.where(is_t, o_em1[:, None], tl.exp2((s - o_x2[:, None]) - o_lse2[:, None]))
             else:
                 ds += o_g[:, None] * tl.exp2(s - o_lse2[:, None])
         if HAS_ITERM:
-            i_lse2 = tl.load(I_LSE + n64, mask=n_ok, other=0.0) * 1.4426950408889634
+            i_out = tl.load(I_LSE + n64, mask=n_ok, other=0.0)
+            i_lse2 = i_out * 1.4426950408889634
             i_g = tl.load(I_G + n64, mask=n_ok, other=0.0)
             if TARGET:
                 i_x2 = tl.load(XT + n64, mask=n_ok, other=0.0)
-                ds += i_g[None, :] * tl.exp2(tl.where(is_t, 0.0, s - i_x2[None, :]) - i_lse2[None, :])
+                ds += i_g[None, :] * tl.where(is_t, expm1_neg(i_out)[None, :],
+                                              tl.exp2((s - i_x2[None, :]) - i_lse2[None, :]))
             else:
                 ds += i_g[None, :] * tl.exp2(s - i_lse2[None, :])
         # Masked pairs (and rows / columns with nothing kept, whose LSE is -inf) get exactly 0.
@@ -322,11 +343,11 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                 ds = ds - tl.where(is_p, pw[None, :], 0.0)
             else:
                 ds = ds - tl.where(is_p, o_pw[:, None], 0.0)
-        if TARGET:  # LSE_TARGET: the target pair's -grad of each side (p - 1 formed here, in float32)
+        if TARGET:  # LSE_TARGET, a masked target pair: the -grad of each side (a kept one has p - 1 above)
             w = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32) + o_w[:, None]
             if HAS_ITERM:
                 w += tl.where(i_lse2 > float("-inf"), i_g, 0.0)[None, :]
-            ds = ds - tl.where(is_t, w, 0.0)
+            ds = ds - tl.where(is_t, tl.where(keep, 0.0, w), 0.0)
         if NEED_ORS or NEED_SCALE:
             t = ds * acc
             if HAS_IRS:

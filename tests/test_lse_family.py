@@ -374,6 +374,64 @@ def test_lse_target_float32_low_loss(backend, loss_name, regime):
                                        f"formula {p:.2e} (loss {exact[0].item():.2e})")
 
 
+def _ce_exact(logits, target):
+    """log(1 + sum_{j != t} e^(s_j - s_t)) per row (float64): the cross-entropy without an LSE
+    of ~20 minus a logit of ~20 (whose ulp, 4e-15, a 1e-9 row would feel)."""
+    st = logits.gather(1, target[:, None])
+    others = (logits - st).scatter(1, target[:, None], float("-inf"))
+    return torch.log1p(torch.exp(others).sum(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_name", ["info_nce", "nt_xent", "clip"])
+def test_lse_target_confident_rows(backend, dtype, loss_name):
+    """Confident rows (temperature 0.05, aligned pairs: mean loss ~5e-5, the trained regime):
+    the loss and both gradients within SPEC's tolerance of float64 on the same inputs, from the
+    formula log(1 + sum_{j != t} e^(s_j - s_t)) written here, and bfloat16 gradients within 3x
+    the floor (the float64 gradient rounded to bfloat16).  The kernels keep the max's own term
+    (an exact 1) out of their float32 sums and take log1p of the rest, and form the target's
+    p - 1 as expm1(-ce).  Summed as 1 + tiny, a confident row kept only a float32 ulp of 1 of
+    its loss (cpu before: float32 loss / gradient errors 2.4e-3..8.7e-3 here, bfloat16 gradients
+    up to 4.3x the floor; after: < 5e-6, 1.0x).  (float16 cannot hold these gradients: ~1e-8.)"""
+    skip_interpreter_bf16(backend, dtype)
+    n, d, inv_t = 129, 64, 20.0
+    x, y = _confident(n, d, 0.5)
+    rows = torch.arange(n)
+
+    def ours(a, b, be):
+        if loss_name == "info_nce":
+            return ck.info_nce(a, b, temperature=1 / inv_t, normalize=False, backend=be)
+        if loss_name == "nt_xent":
+            return ck.nt_xent(a, b, 1 / inv_t, normalize=False, backend=be)
+        return ck.clip_loss(a, b, inv_t, backend=be)
+
+    def exact(a, b):
+        if loss_name == "info_nce":
+            return _ce_exact(inv_t * a @ b.T, rows).mean()
+        if loss_name == "nt_xent":
+            z = torch.cat([a, b])
+            logits = (inv_t * z @ z.T).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+            return _ce_exact(logits, (torch.arange(2 * n) + n) % (2 * n)).mean()
+        logits = inv_t * a @ b.T
+        return 0.5 * (_ce_exact(logits, rows).mean() + _ce_exact(logits.T, rows).mean())
+
+    a0, b0 = x.to(dtype), y.to(dtype)
+    ra, rb = a0.double().requires_grad_(), b0.double().requires_grad_()
+    want = exact(ra, rb)
+    want_grads = torch.autograd.grad(want, [ra, rb])
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    got = ours(a, b, backend)
+    got_grads = torch.autograd.grad(got, [a, b])
+    assert 1e-8 < want.item() < 1e-4, want.item()  # the regime this test is about
+    for what, g_, w_ in zip(("loss", "da", "db"), (got, *got_grads), (want, *want_grads)):
+        e = rel_err(g_, w_)
+        assert e <= TOL[dtype], f"{backend} {dtype} {loss_name}: {what} relative error {e:.2e} > {TOL[dtype]:.0e}"
+        if what != "loss" and dtype != torch.float32:
+            floor = rel_err(w_.to(dtype), w_)
+            assert e <= 3 * floor, f"{backend} {dtype} {loss_name}: {what} error {e:.2e} > 3x floor {floor:.2e}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_supcon_half_precision_clustered(backend, dtype):

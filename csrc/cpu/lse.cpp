@@ -6,9 +6,11 @@
 // the bias, the masks and the online max / sum-of-exp updates run over it while it
 // is in cache.  The backward recomputes each tile from the saved log-sum-exps and
 // turns it into dS in place, then two more GEMMs add dS Kh_J to A_I and dS^T Qh_I
-// to B_J.  With LSE_TARGET the forward keeps each row's target logit from its tile and
-// writes the cross-entropy (max - target) + log(sum), and the backward takes each
-// log-sum-exp as (target logit) + (cross-entropy): exp((s - x) - ce), exact at the target.
+// to B_J.  The online sums leave the running max's own term (an exact 1) out (row_update),
+// so a log-sum-exp is max + log1p(e).  With LSE_TARGET the forward keeps each row's target
+// logit from its tile and writes the cross-entropy (max - target) + log1p(e), and the
+// backward takes each log-sum-exp as (target logit) + (cross-entropy): exp((s - x) - ce), and
+// expm1(-ce) at the target.
 //
 // Determinism without atomics or N x M partial buffers: when only per-row results
 // are needed the row blocks are split among threads and each walks the column blocks
@@ -82,28 +84,56 @@ CK_MULTIVERSION float row_sum_exp(const float* s, int64_t n, float off) {
   return acc;
 }
 
+// The tile's terms against the reference `off` (a running max): returns the sum of
+// exp(s - off) over s != off and counts the s == off (each an exact 1) in cnt.
+CK_MULTIVERSION float row_rest_exp(const float* s, int64_t n, float off, float& cnt) {
+  float acc = 0.0f, c = 0.0f;
+#pragma omp simd reduction(+ : acc, c)
+  for (int64_t j = 0; j < n; ++j) {
+    const bool at = s[j] == off;
+    acc += at ? 0.0f : fast_exp(s[j] - off);
+    c += at ? 1.0f : 0.0f;
+  }
+  cnt = c;
+  return acc;
+}
+
 CK_MULTIVERSION void col_max_acc(float* cm, const float* s, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) cm[j] = s[j] > cm[j] ? s[j] : cm[j];
 }
 
-// Running column (max, sum) meets the tile's column maxima: new max, rescaled sum,
-// and the offset the tile's exps use (0 for a column still empty, so -inf - 0 = -inf).
-CK_MULTIVERSION void col_rescale(float* cm, float* cs, float* off, const float* tile_max, int64_t n) {
+// Running column maxima meet the tile's: cm receives the new max, off the reference the
+// tile's exps use (0 for a column still empty, so -inf - 0 = -inf), fac the factor of the
+// old terms when the max rises (exp(old - new), 0 from -inf) or -1 when it stays.
+CK_MULTIVERSION void col_rescale(float* cm, float* fac, float* off, const float* tile_max, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float old = cm[j];
     const float nm = tile_max[j] > old ? tile_max[j] : old;
-    const float f = old == nm ? 1.0f : fast_exp(old - nm);
-    cs[j] *= f;
+    fac[j] = nm > old ? (old == kNegInf ? 0.0f : fast_exp(old - nm)) : -1.0f;
     cm[j] = nm;
     off[j] = nm == kNegInf ? 0.0f : nm;
   }
 }
 
-CK_MULTIVERSION void col_sum_exp_acc(float* cs, const float* s, const float* off, int64_t n) {
+// One tile row's terms of every column: rest += exp(s - off) where s != off, cnt += 1 where s == off.
+CK_MULTIVERSION void col_rest_acc(float* rest, float* cnt, const float* s, const float* off, int64_t n) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) cs[j] += fast_exp(s[j] - off[j]);
+  for (int64_t j = 0; j < n; ++j) {
+    const bool at = s[j] == off[j];
+    rest[j] += at ? 0.0f : fast_exp(s[j] - off[j]);
+    cnt[j] += at ? 1.0f : 0.0f;
+  }
+}
+
+// A column's state after a tile (see row_update: e is the sum minus the max's own 1).
+CK_MULTIVERSION void col_finish(float* e, const float* fac, const float* rest, const float* cnt, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float f = fac[j];
+    e[j] = f >= 0.0f ? ((f + f * e[j]) + (cnt[j] - 1.0f)) + rest[j] : (e[j] + cnt[j]) + rest[j];
+  }
 }
 
 // Backward: g holds the raw products of one tile row, s its logits (masked = -inf).
@@ -201,12 +231,12 @@ inline std::pair<int64_t, int64_t> diagonal_item(const Tiling& t, int64_t p, int
   return {(p + step) % t.nrb, p};
 }
 
-// Per-thread scratch: the tile, one logits row and three column vectors.
+// Per-thread scratch: the tile, one logits row and six column vectors.
 struct Scratch {
   Tensor buf;
   int64_t stride = 0, bm = 0, bn = 0;
   Scratch(const Tiling& t) : bm(t.bm), bn(t.bn) {
-    stride = t.bm * t.bn + 3 * t.bn + 4 * t.bm + 16;
+    stride = t.bm * t.bn + 6 * t.bn + 4 * t.bm + 16;
     buf = at::empty({std::max<int64_t>(1, at::get_num_threads()) * stride}, at::kFloat);
   }
   float* base() const {
@@ -218,7 +248,10 @@ struct Scratch {
   float* row() const { return base() + bm * bn; }
   float* col0() const { return row() + bn; }
   float* col1() const { return col0() + bn; }
-  float* rowstat0() const { return col1() + bn; }
+  float* col2() const { return col1() + bn; }
+  float* col3() const { return col2() + bn; }
+  float* col4() const { return col3() + bn; }
+  float* rowstat0() const { return col4() + bn; }
   float* rowstat1() const { return rowstat0() + bm; }
   float* rowstat2() const { return rowstat1() + bm; }
   float* rowstat3() const { return rowstat2() + bm; }
@@ -245,14 +278,28 @@ inline void tile_row_logits(const Problem& P, float* s, const float* g, int64_t 
   if (P.mask_mode & kMaskSameLabel) mask_same_label(s, P.k_labels + j0, P.q_labels[gi], bn);
 }
 
-// Online (max, sum) of one row meeting one tile row.  An empty row keeps max -inf and
-// sum 0; a NaN reaches the sum through exp(NaN - off).
-inline void row_update(float& mx, float& sum, const float* s, int64_t n) {
+// Online log-sum-exp of one row meeting one tile row.  The state is the running max mx and
+// e = sum_j exp(s_j - mx) - 1: the max's own term (an exact 1) is left out of the float sum,
+// so that a row whose other terms are tiny (a confident prediction: a cross-entropy of 1e-7)
+// keeps them instead of rounding 1 + tiny to a float32 ulp of 1 (6e-8 absolute: all of such a
+// loss).  The log-sum-exp is then mx + log1p(e), and a cross-entropy whose target is the max
+// is log1p(e) itself.  Ties with the max add exact 1s.  While mx is -inf (nothing kept) e
+// accumulates exp(s - 0): 0, or NaN from a NaN logit (which the max skips).
+inline void row_update(float& mx, float& e, const float* s, int64_t n) {
   const float tm = row_max(s, n);
   const float nm = tm > mx ? tm : mx;
-  const float f = mx == nm ? 1.0f : std::exp(mx - nm);
-  const float off = nm == kNegInf ? 0.0f : nm;
-  sum = sum * f + row_sum_exp(s, n, off);
+  if (nm == kNegInf) {
+    e += row_sum_exp(s, n, 0.0f);
+    return;
+  }
+  float cnt = 0.0f;
+  const float rest = row_rest_exp(s, n, nm, cnt);
+  if (nm > mx) {  // the max rises: the old terms (1 + e) scale by f; one of the tile's maxima is the new 1
+    const float f = mx == kNegInf ? 0.0f : std::exp(mx - nm);
+    e = ((f + f * e) + (cnt - 1.0f)) + rest;
+  } else {
+    e = (e + cnt) + rest;
+  }
   mx = nm;
 }
 
@@ -270,17 +317,17 @@ CK_MULTIVERSION void label_pos_acc(const float* s, const int64_t* kl, int64_t la
   cnt += c;
 }
 
-inline float finish_lse(float mx, float sum) {
-  if (mx == kNegInf) return sum == 0.0f ? kNegInf : std::numeric_limits<float>::quiet_NaN();
-  return mx + std::log(sum);
+inline float finish_lse(float mx, float e) {
+  if (mx == kNegInf) return e == 0.0f ? kNegInf : std::numeric_limits<float>::quiet_NaN();
+  return mx + std::log1p(e);
 }
 
-// The output of a row (column) from its running (max, sum): the log-sum-exp, or with
-// LSE_TARGET (xt = its target logit) the cross-entropy (max - xt) + log(sum), whose
-// rounding is relative to itself (not to the size of the logits).
-inline float finish_row(float mx, float sum, const float* xt, int64_t i) {
-  if (xt == nullptr || mx == kNegInf) return finish_lse(mx, sum);
-  return (mx - xt[i]) + std::log(sum);
+// The output of a row (column) from its running (max, e): the log-sum-exp, or with
+// LSE_TARGET (xt = its target logit) the cross-entropy (max - xt) + log1p(e), rounded
+// relative to itself (not to the size of the logits, nor to the 1 of the max's term).
+inline float finish_row(float mx, float e, const float* xt, int64_t i) {
+  if (xt == nullptr || mx == kNegInf) return finish_lse(mx, e);
+  return (mx - xt[i]) + std::log1p(e);
 }
 
 // ------------------------------------------------------------------------ forward
@@ -329,6 +376,9 @@ void forward_rows_and_cols(const Problem& P, const Tiling& T, const Scratch& W, 
       float* g = W.tile();
       float* tmax = W.col0();
       float* off = W.col1();
+      float* fac = W.col2();
+      float* rest = W.col3();
+      float* cnt = W.col4();
       for (int64_t p = p0; p < p1; ++p) {
         const auto [I, J] = diagonal_item(T, p, step);
         const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
@@ -341,8 +391,11 @@ void forward_rows_and_cols(const Problem& P, const Tiling& T, const Scratch& W, 
           row_update(rmx[i0 + r], rsm[i0 + r], s, bn);
           col_max_acc(tmax, s, bn);
         }
-        col_rescale(cmx.data() + j0, csm.data() + j0, off, tmax, bn);
-        for (int64_t r = 0; r < bm; ++r) col_sum_exp_acc(csm.data() + j0, g + r * bn, off, bn);
+        col_rescale(cmx.data() + j0, fac, off, tmax, bn);
+        std::fill(rest, rest + bn, 0.0f);
+        std::fill(cnt, cnt + bn, 0.0f);
+        for (int64_t r = 0; r < bm; ++r) col_rest_acc(rest, cnt, g + r * bn, off, bn);
+        col_finish(csm.data() + j0, fac, rest, cnt, bn);
       }
     });
   }
@@ -367,13 +420,17 @@ struct Grads {
   double* dscale = nullptr;     // per row block, or null
 };
 
-// LSE_TARGET, a kept target pair: its dS terms with S replaced by the forward's target logit
-// x, which it equals by definition (exp((x - x) - l) = exp(-l)), whatever the rounding of this
-// tile's product; ds is rewritten, and the change of its dscale share (ds times the raw
-// product) is returned.
-inline double target_exps(float& ds, float raw, float a, float rl, float gc, float cl) {
+// LSE_TARGET, the target pair of a row (upstream a, cross-entropy rl) and of a column (gc, cl):
+// kept, each side's p - 1 = exp(-ce) - 1 as expm1(-ce), exact however small the cross-entropy
+// (its S is the forward's target logit by definition, whatever the rounding of this tile's
+// product; exp(-ce) - 1 in float32 would keep nothing of a 1e-8 loss); masked, only the -grads.
+// ds is rewritten, and the change of its dscale share (ds times the raw product) is returned.
+inline double target_ds(float& ds, bool kept, float raw, float a, float rl, float gc, float cl) {
   const float old = ds;
-  ds = (a != 0.0f ? a * std::exp(-rl) : 0.0f) + (gc != 0.0f ? gc * std::exp(-cl) : 0.0f);
+  if (kept)
+    ds = (a != 0.0f ? a * std::expm1(-rl) : 0.0f) + (gc != 0.0f ? gc * std::expm1(-cl) : 0.0f);
+  else
+    ds = -(a + gc);
   return static_cast<double>(ds - old) * raw;
 }
 
@@ -410,14 +467,9 @@ void backward_item(const Problem& P, const Tiling& T, const Scratch& W, const Gr
     } else {
       std::fill(gr, gr + bn, 0.0f);
     }
-    if (tc >= 0) {  // LSE_TARGET: the row's -grad (and the column's: its target is this row)
-      const float amount = (row_term ? G.grow[gi] : 0.0f) + (G.gcol != nullptr ? G.gcol[j0 + tc] : 0.0f);
-      if (s[tc] != kNegInf)
-        dsc += target_exps(gr[tc], raw_t, row_term ? G.grow[gi] : 0.0f, G.rl[gi],
-                           G.gcol != nullptr ? G.gcol[j0 + tc] : 0.0f, G.gcol != nullptr ? G.cl[j0 + tc] : 0.0f);
-      gr[tc] -= amount;
-      dsc -= static_cast<double>(amount) * raw_t;
-    }
+    if (tc >= 0)  // LSE_TARGET: the row's p - 1 (and the column's: its target is this row)
+      dsc += target_ds(gr[tc], s[tc] != kNegInf, raw_t, row_term ? G.grow[gi] : 0.0f, G.rl[gi],
+                       G.gcol != nullptr ? G.gcol[j0 + tc] : 0.0f, G.gcol != nullptr ? G.cl[j0 + tc] : 0.0f);
     if (lab_w != 0.0f) {
       for (int64_t j = 0; j < bn; ++j)
         if (P.k_labels[j0 + j] == label && s[j] != kNegInf) gr[j] -= lab_w;
@@ -492,6 +544,9 @@ void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, floa
     float* g = W.tile();
     float* tmax = W.col0();
     float* off = W.col1();
+    float* fac = W.col2();
+    float* rest = W.col3();
+    float* cnt = W.col4();
     const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
     const int64_t j0 = T.rows(J), bn = std::min(T.bm, P.n - j0);
     const bool pair = I != J;
@@ -522,8 +577,11 @@ void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, floa
       }
     }
     if (pair) {  // the tile's columns are rows of block J
-      col_rescale(mx.data() + j0, sm.data() + j0, off, tmax, bn);
-      for (int64_t r = 0; r < bm; ++r) col_sum_exp_acc(sm.data() + j0, g + r * bn, off, bn);
+      col_rescale(mx.data() + j0, fac, off, tmax, bn);
+      std::fill(rest, rest + bn, 0.0f);
+      std::fill(cnt, cnt + bn, 0.0f);
+      for (int64_t r = 0; r < bm; ++r) col_rest_acc(rest, cnt, g + r * bn, off, bn);
+      col_finish(sm.data() + j0, fac, rest, cnt, bn);
     }
   });
   for (int64_t i = 0; i < P.n; ++i) {
@@ -588,14 +646,10 @@ void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, con
       } else {
         std::fill(gr, gr + bn, 0.0f);
       }
-      if (tc >= 0) {  // LSE_TARGET (targets an involution): row gi's term, and in a pair tile the
-                      // transposed term of row j0 + tc, whose target is gi
-        const float amount = w[gi] + (pair ? w[j0 + tc] : 0.0f);
-        if (s[tc] != kNegInf)
-          dsc += target_exps(gr[tc], raw_t, w[gi], rl[gi], pair ? w[j0 + tc] : 0.0f, pair ? rl[j0 + tc] : 0.0f);
-        gr[tc] -= amount;
-        dsc -= static_cast<double>(amount) * raw_t;
-      }
+      if (tc >= 0)  // LSE_TARGET (targets an involution): row gi's p - 1, and in a pair tile the
+                    // transposed term of row j0 + tc, whose target is gi
+        dsc += target_ds(gr[tc], s[tc] != kNegInf, raw_t, w[gi], rl[gi], pair ? w[j0 + tc] : 0.0f,
+                         pair ? rl[j0 + tc] : 0.0f);
       if (lw != nullptr) {
         for (int64_t j = 0; j < bn; ++j)
           if (P.k_labels[j0 + j] == label && s[j] != kNegInf) gr[j] -= row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f);

@@ -48,12 +48,30 @@ constexpr int NT_O = DC / 8;
 // that the other lse kernels keep their register budget (the float32 backward spilled otherwise).
 enum Family : int { kLse = 0, kPairwise = 1, kLseLabels = 2 };
 
+// exp(-c) - 1 relative to itself however small c is (a confident row's p - 1 at its target,
+// c its cross-entropy): the Taylor series of e^x - 1 at x = -c below |x| = 1/2 (nine terms,
+// relative error < 1e-9), e^x - 1 above (>= 0.39 in size).  Cheaper in registers than expm1f.
+__device__ __forceinline__ float expm1_neg(float c) {
+  const float x = -c;
+  float p = 2.7557319e-6f;
+  p = fmaf(p, x, 2.4801587e-5f);
+  p = fmaf(p, x, 1.9841270e-4f);
+  p = fmaf(p, x, 1.3888889e-3f);
+  p = fmaf(p, x, 8.3333333e-3f);
+  p = fmaf(p, x, 4.1666667e-2f);
+  p = fmaf(p, x, 1.6666667e-1f);
+  p = fmaf(p, x, 0.5f);
+  p = fmaf(p, x, 1.f);
+  return fabsf(x) < 0.5f ? x * p : __expf(x) - 1.f;
+}
+
 // Per-index data of one side of a pair; the fields an index does not have keep
 // their neutral defaults.
 struct Side {
   float rs;    // row normalization (1 when absent)
   float x;     // LSE_TARGET backward: the index's target logit (its log-sum-exp is x + lse), else 0
   float lse;   // saved log-sum-exp of this index (lse backward; LSE_TARGET: its cross-entropy)
+  float tg;    // LSE_TARGET backward, a kept target pair: g (p - 1) = g expm1(-ce) (computed once here)
   float g;     // incoming gradient of this index's output
   float bias;  // additive bias carried by this index (col_bias_j or row_offset_i)
   long long lab;
@@ -65,6 +83,7 @@ __device__ __forceinline__ void load_side(const FamilyParams& p, bool is_i, int6
   s.rs = 1.f;
   s.x = 0.f;
   s.lse = -INFINITY;
+  s.tg = 0.f;
   s.g = 0.f;
   s.bias = 0.f;
   s.lab = 0;
@@ -86,6 +105,7 @@ __device__ __forceinline__ void load_side(const FamilyParams& p, bool is_i, int6
       if (p.col_bias) s.bias = p.col_bias[idx];
       if (p.k_labels) s.lab = p.k_labels[idx];
     }
+    if (p.target_state && s.lse != -INFINITY && (is_i || p.col_lse)) s.tg = s.g * expm1_neg(s.lse);
   } else {
     if (is_i) {
       if (p.grad_row) s.g = p.grad_row[idx];
@@ -205,7 +225,11 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
   for (int i = 0; i < (BWD ? NT_O : 1); ++i) accO[i][0] = accO[i][1] = accO[i][2] = accO[i][3] = 0.f;
 
   // forward state (lse: running max / sum; pairwise: sum) and backward sums, per row half
-  float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f};
+  // lse: run_l sums exp(S - run_m) over this thread's terms below the running max, run_k counts
+  // its terms equal to it (exact 1s), so that the row's sum is 1 + e with e = (k - 1) + l formed
+  // without rounding 1 + tiny (a confident row's cross-entropy, log1p(e), would lose all of a
+  // 1e-7 loss to a float32 ulp of 1); pairwise: run_l is the softplus sum
+  float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f}, run_k[2] = {0.f, 0.f};
   float run_x[2] = {0.f, 0.f};  // LSE_TARGET forward: the row's target logit (in one lane of the quad)
   float run_p[2] = {0.f, 0.f}, run_c[2] = {0.f, 0.f};  // LSE_LABELS forward: positives' sum, count
   float rsum[2] = {0.f, 0.f}, rrs[2] = {0.f, 0.f};
@@ -282,16 +306,21 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           }
         } else {
           float ds = 0.f;
-          if (keep) {
+          // LSE_TARGET (mask bit 8), the target pair of each side whose output is a cross-entropy
+          // (row i: j == pos_index_i or i + diag; column j: i == j - diag): kept, g (p - 1) =
+          // g expm1(-ce) (Side::tg; its S is the forward's x by definition, however the other pass
+          // rounds its product, and exp(-ce) - 1 in float32 would keep nothing of a 1e-8 loss);
+          // masked, the -grad; in float32 before dS is staged.
+          if (FAM == kLse && is_target) {
+            ds = keep ? I.tg + J.tg : -((I.lse != -INFINITY ? I.g : 0.f) + (J.lse != -INFINITY ? J.g : 0.f));
+          } else if (keep) {
             if (FAM != kPairwise) {
-              // S - x (LSE_TARGET), 0 at the target, whose S is the forward's x by definition (the
-              // other pass may round its product differently); without targets x = 0: S itself.
-              const float dr = is_target ? 0.f : x - I.x, dc = is_target ? 0.f : x - J.x;
+              // exp((S - x) - ce) (LSE_TARGET), without targets x = 0: exp(S - lse).
               // LSE_LABELS, a (kept) same-label pair: -1/|P_i| (read here, at the positives only), in
               // float32 before dS is staged: p - 1/|P|
               const float w = (FAM == kLseLabels && same_lab) ? p.label_weight[i] : 0.f;
-              if (I.lse != -INFINITY) ds += I.g * (__expf(dr - I.lse) - w);
-              if (FAM == kLse && J.lse != -INFINITY) ds += J.g * __expf(dc - J.lse);  // (no column term with labels)
+              if (I.lse != -INFINITY) ds += I.g * (__expf((x - I.x) - I.lse) - w);
+              if (FAM == kLse && J.lse != -INFINITY) ds += J.g * __expf((x - J.x) - J.lse);  // (no column term with labels)
             } else {
               // d term / dx = sigmoid(x) (negative pair) or -sigmoid(-x) (positive pair),
               // each as 1 / (1 + exp(-y)): accurate to the last bits for any y (sigmoid(x) - 1
@@ -302,13 +331,6 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           // Fused pairwise pass (row_out set, unit upstream): also the loss terms.
           if (FAM == kPairwise && !TRANS && side_sums && p.row_out != nullptr && keep)
             run_l[h] += positive ? softplus(-x) : softplus(x);
-          // LSE_TARGET (mask bit 8): the target pair's -grad of each side whose output is a
-          // cross-entropy (row i: j == pos_index_i or i + diag; column j: i == j - diag),
-          // in float32 before dS is staged (p - 1, not two rounded gradients).
-          if (is_target) {
-            if (I.lse != -INFINITY) ds -= I.g;
-            if (J.lse != -INFINITY) ds -= J.g;
-          }
           if (side_sums) {
             rsum[h] += ds;
             rrs[h] += ds * raw * C.rs;
@@ -331,12 +353,23 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
         // Reference point of the sum: 0 while every value seen is -inf (or NaN), so
         // no -inf - -inf appears and a NaN still reaches the sum.
         const float ref = new_m == -INFINITY ? 0.f : new_m;
-        float l = run_l[h] * __expf(run_m[h] - ref);
+        float l = run_l[h], k = run_k[h];
+        if (new_m > run_m[h]) {  // the max rises: the old terms, maxima included, scale by exp(old - new)
+          l = (l + k) * __expf(run_m[h] - ref);
+          k = 0.f;
+        }
 #pragma unroll
         for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
-          for (int e = 2 * h; e < 2 * h + 2; ++e) l += __expf(vals[nt][e] - ref);
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            const float v = vals[nt][e];
+            if (v == ref)
+              k += 1.f;
+            else
+              l += __expf(v - ref);
+          }
         run_l[h] = l;
+        run_k[h] = k;
         run_m[h] = new_m;
       }
     }
@@ -406,26 +439,30 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float l = quad_sum(run_l[h]);
+      const float kc = FAM != kPairwise ? quad_sum(run_k[h]) : 0.f;  // (a count: sums exactly)
+      // lse: log of the sum relative to the max, log1p((k - 1) + l) (-inf with nothing kept, NaN
+      // from a NaN logit)
+      const float lg = FAM == kPairwise        ? 0.f
+                       : run_m[h] == -INFINITY ? (l == 0.f ? -INFINITY : NAN)
+                                               : log1pf((kc - 1.f) + l);
       const float xt = (FAM != kPairwise && (mode & 8)) ? quad_sum(run_x[h]) : 0.f;  // x + 0 + 0 + 0: exact
       const float ps = FAM == kLseLabels ? quad_sum(run_p[h]) : 0.f;
       const float pc = FAM == kLseLabels ? quad_sum(run_c[h]) : 0.f;
       const int64_t r = row0 + warp * 16 + g + 8 * h;
       if (t == 0 && r < nrows) {
         if (FAM != kPairwise && (mode & 8)) {
-          // the cross-entropy (max - target) + log(sum): rounded relative to itself
-          out[r] = l == 0.f ? -INFINITY : (run_m[h] - xt) + logf(l);
+          // the cross-entropy (max - target) + log1p(e): rounded relative to itself
+          out[r] = (run_m[h] - xt) + lg;
           if (!TRANS && p.target_out) p.target_out[r] = xt;
         } else if (FAM == kLseLabels) {  // LSE minus the mean positive logit (rows only)
-          const float ref = run_m[h] == -INFINITY ? 0.f : run_m[h];
-          const float lse = l == 0.f ? -INFINITY : ref + logf(l);
+          const float lse = run_m[h] + lg;
           out[r] = pc > 0.f ? lse - ps / pc : lse;
           if (p.target_out) {
             p.target_out[r] = lse;
             p.target_out[nrows + r] = pc > 0.f ? 1.f / pc : 0.f;
           }
         } else if (FAM != kPairwise) {
-          const float ref = run_m[h] == -INFINITY ? 0.f : run_m[h];
-          out[r] = l == 0.f ? -INFINITY : ref + logf(l);
+          out[r] = run_m[h] + lg;
         } else {
           out[r] = l;
         }

@@ -44,6 +44,28 @@ def normalized_similarity(a: Tensor, b: Tensor | None = None, scale=1.0, *, norm
     return scale * (_norm(a, normalize) @ _norm(b, normalize).T)
 
 
+def _exact_ce(s, raw, t):
+    """Row i's cross-entropy log sum_{kept j} exp(s_ij) - raw_{i, t_i} (s: the logits with the
+    dropped pairs -inf, raw: unmasked), exact for any size: where the target is kept, the
+    softplus of the log-sum-exp of the other kept logits relative to the target's.  The
+    plain logsumexp(s) - logit leaves an ulp of the logits (1e-14 at 100, in float64) in a
+    cross-entropy that can be far smaller (a confident row: 1e-20), where it would be the
+    reference, not the kernel, that is wrong."""
+    t = t[:, None]
+    x = raw.gather(1, t)
+    kept = s.gather(1, t)[:, 0] > float("-inf")
+    others = (s - x).scatter(1, t, float("-inf"))
+    guard = torch.full_like(x, -1e4)  # exp(-1e4) = 0: a row without other logits stays finite, its gradient defined
+    rest = torch.logsumexp(torch.cat([others, guard], 1), 1)
+    exact = torch.logaddexp(torch.zeros_like(rest), rest)  # log(1 + e^rest) (F.softplus is linear above 20)
+    return torch.where(kept, exact, torch.logsumexp(s, 1) - x[:, 0])
+
+
+def _ce(logits, target):
+    """-log softmax(logits)[target] per row, exactly (see _exact_ce)."""
+    return _exact_ce(logits, logits, target)
+
+
 def info_nce(query, key, *, negatives=None, temperature=0.1, positive_index=None,
              in_batch_negatives=True, symmetric=False, decoupled=False, normalize=True,
              reduction="mean"):
@@ -64,13 +86,16 @@ def info_nce(query, key, *, negatives=None, temperature=0.1, positive_index=None
         logits = pos[:, None] if not decoupled else q.new_empty((n, 0))
     if neg is not None:
         logits = torch.cat([logits, (q @ neg.T) / temperature], dim=1)
-    loss = torch.logsumexp(logits, dim=1) - pos
+    # (the positive among the logits: the cross-entropy, exactly; else the LSE minus the positive)
+    loss = _ce(logits, p) if in_batch_negatives and not decoupled else torch.logsumexp(logits, dim=1) - pos
 
     if symmetric:  # key -> query direction (M == N, no negatives, identity pairing)
         logits_t = (k @ q.T) / temperature
         if decoupled:
             logits_t = logits_t.masked_fill(torch.eye(n, dtype=torch.bool, device=q.device), float("-inf"))
-        loss = 0.5 * (loss + torch.logsumexp(logits_t, dim=1) - pos)
+            loss = 0.5 * (loss + torch.logsumexp(logits_t, dim=1) - pos)
+        else:
+            loss = 0.5 * (loss + _ce(logits_t, rows))
     return _reduce(loss, reduction)
 
 
@@ -81,7 +106,7 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True):
     logits = (z @ z.T) / temperature
     logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
     target = (torch.arange(n2, device=z.device) + n) % n2
-    return F.cross_entropy(logits, target)
+    return _ce(logits, target).mean()
 
 
 def clip_loss(image, text, logit_scale, logit_bias=None):
@@ -90,7 +115,7 @@ def clip_loss(image, text, logit_scale, logit_bias=None):
     if logit_bias is not None:
         logits = logits + logit_bias
     target = torch.arange(i.shape[0], device=i.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    return 0.5 * (_ce(logits, target).mean() + _ce(logits.T, target).mean())
 
 
 def siglip_loss(image, text, logit_scale, logit_bias, *, negative_only=False):
@@ -269,9 +294,9 @@ def lse_family(q, k, scale, q_rscale=None, k_rscale=None, col_bias=None, pos_ind
     col = torch.logsumexp(s, dim=0) if compute_col else s.new_empty(0)
     if mask_mode & LSE_TARGET:
         t = pos_index.long() if pos_index is not None else torch.arange(n, device=s.device) + diag_offset
-        row = row - raw.gather(1, t[:, None])[:, 0]
-        if compute_col:
-            col = col - torch.diagonal(raw, diag_offset)
+        row = _exact_ce(s, raw, t)
+        if compute_col:  # (square, diag_offset 0: column j's target is row j)
+            col = _exact_ce(s.T, raw.T, torch.arange(m, device=s.device))
     if mask_mode & LSE_LABELS:
         pos = (q_labels[:, None] == k_labels[None, :]) & ~drop
         cnt = pos.sum(1)
