@@ -16,6 +16,7 @@ namespace ck {
 
 constexpr int64_t kLseTarget = 8;
 constexpr int64_t kLseLabels = 16;  // SupCon's positives: the kept same-label pairs (op_schemas.h)
+constexpr int64_t kLseNorm = 32;    // the backward returns dq / dk in float32 (op_schemas.h)
 
 // LSE_LABELS needs both label vectors, excludes MASK_SAME_LABEL (4) and LSE_TARGET (8), and has
 // no column term.

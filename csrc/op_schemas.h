@@ -37,6 +37,10 @@
 // grad_row_i / |P_i| from dS_ij at every j in P_i in float32 inside the kernel (p - 1/|P|
 // formed before any rounding: with the positives near 1/|P| each, a loss that subtracted
 // their mean outside would cancel two separately rounded gradients).
+// Bit 32 (LSE_NORM): q_rscale / k_rscale are q's and k's own 1 / max(|x|, 1e-12); the forward
+// ignores the bit, the backward returns dq / dk in float32 (whatever the input dtype) with
+// d q_rscale / d k_rscale, from which the Python autograd wrapper (_families._fold_norm) folds
+// the normalization's Jacobian in before the one rounding to the input dtype.
 #define CK_SCHEMA_LSE_FORWARD \
   "(Tensor q, Tensor k, Tensor scale, Tensor? q_rscale, Tensor? k_rscale, Tensor? col_bias, " \
   "Tensor? pos_index, Tensor? q_labels, Tensor? k_labels, int diag_offset, int mask_mode, " \

@@ -41,7 +41,7 @@ from ._common import INTERPRET, LN2, LOG2E, expm1_neg, half_ds_scale, is_ieee, l
 AVAILABLE = True
 
 MASK_DIAG, MASK_POS, MASK_SAME_LABEL = 1, 2, 4
-LSE_TARGET, LSE_LABELS = 8, 16
+LSE_TARGET, LSE_LABELS, LSE_NORM = 8, 16, 32
 
 
 # ----------------------------------------------------------------------- jit helpers
@@ -647,15 +647,17 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
     if run_row:
         dq, dqr, dscale_rows, _ = _bwd_pass(q, k, scale, qr, kr, bias, pos, ql, kl, r_lse, r_g, c_lse, c_g,
                                             diag_offset, mask_mode, False, need_q, need_q_rscale, scale_in_row,
-                                            False, out_f32=same, target=tgt, xt=xt)
+                                            False, out_f32=same or bool(mask_mode & LSE_NORM), target=tgt, xt=xt)
     if run_col:
         dk, dkr, ds_cols, db = _bwd_pass(k, q, scale, kr, qr, bias, pos, kl, ql, c_lse, c_g, r_lse, r_g,
                                          diag_offset, mask_mode, True, need_k, need_k_rscale,
-                                         need_scale and not scale_in_row, need_bias, out_f32=same, target=tgt, xt=xt)
+                                         need_scale and not scale_in_row, need_bias, out_f32=same or bool(mask_mode & LSE_NORM),
+                                         target=tgt, xt=xt)
         if need_scale and not scale_in_row:
             dscale_rows = ds_cols
+    norm = bool(mask_mode & LSE_NORM)  # dq / dk in float32 (the caller folds the normalization in)
     if same:
-        dq, dk = (dq + dk).to(q.dtype), torch.zeros_like(k)
+        dq, dk = (dq + dk) if norm else (dq + dk).to(q.dtype), torch.zeros_like(k, dtype=dq.dtype)
 
     def empty32():  # a fresh tensor per output: custom-op outputs may not alias each other
         return torch.empty((0,), dtype=torch.float32, device=dev)

@@ -723,7 +723,7 @@ Operands prepare(const Tensor& q, const Tensor& k, const Tensor& scale, const Op
   TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device().is_cpu(),
               "scale must be a one-element float32 CPU tensor, got ", scale.sizes(), " ", scale.scalar_type(), " on ",
               scale.device());
-  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 31, "mask_mode must be a combination of the bits 1, 2, 4, 8, 16, got ",
+  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 63, "mask_mode must be a combination of the bits 1, 2, 4, 8, 16, 32, got ",
               mask_mode);
   const int64_t n = q.size(0), m = k.size(0);
   check_vector(q_rscale, "q_rscale", n, at::kFloat, "N");
@@ -929,16 +929,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
   if (need_q_rscale) dqr = rowdot(q, A).mul_(s);
   if (need_q) {
     const Tensor f = q_rscale.has_value() ? q_rscale->unsqueeze(1) * s : at::full({1, 1}, s, f32);
-    dq = A.mul_(f).to(q.scalar_type());
+    dq = (mask_mode & kLseNorm) ? A.mul_(f) : A.mul_(f).to(q.scalar_type());  // (LSE_NORM: float32)
   }
   if (combined) {  // dq (dq_rscale) carries the whole gradient of the shared tensor
-    if (need_k) dk = at::zeros_like(k);
+    if (need_k) dk = (mask_mode & kLseNorm) ? at::zeros(k.sizes(), f32) : at::zeros_like(k);
     if (need_k_rscale) dkr = at::zeros({P.m}, f32);
   } else {
     if (need_k_rscale) dkr = rowdot(k, B).mul_(s);
     if (need_k) {
       const Tensor f = k_rscale.has_value() ? k_rscale->unsqueeze(1) * s : at::full({1, 1}, s, f32);
-      dk = B.mul_(f).to(k.scalar_type());
+      dk = (mask_mode & kLseNorm) ? B.mul_(f) : B.mul_(f).to(k.scalar_type());
     }
   }
   if (need_scale) {

@@ -135,7 +135,7 @@ kc::FamilyParams base_params(const Tensor& q, const Tensor& k, const Tensor& sca
 void lse_masks(kc::FamilyParams& p, const Tensor& q, const OptT& q_rscale, const OptT& k_rscale,
                const OptT& col_bias, const OptT& pos_index, const OptT& q_labels, const OptT& k_labels,
                int64_t diag_offset, int64_t mask_mode) {
-  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 31, "contrastive_kernels (cuda): mask_mode must be in [0, 31], got ",
+  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 63, "contrastive_kernels (cuda): mask_mode must be in [0, 63], got ",
               mask_mode);
   p.q_rscale = opt_fvec_ptr(q_rscale, p.n, q, "q_rscale");
   p.k_rscale = opt_fvec_ptr(k_rscale, p.m, q, "k_rscale");
@@ -220,9 +220,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
   const bool same_rscale = (!q_rscale.has_value() && !k_rscale.has_value()) ||
                            (q_rscale.has_value() && k_rscale.has_value() && q_rscale->is_same(*k_rscale));
   const bool combine = need_q && need_k && q.is_same(k) && same_rscale && q.scalar_type() != at::kFloat;
-  p.grad_f32 = combine;
-  Tensor dq = need_q ? (combine ? f32(q, q.sizes()) : at::empty_like(q)) : empty_like_dtype(q);
-  Tensor dk = need_k ? (combine ? f32(k, k.sizes()) : at::empty_like(k)) : empty_like_dtype(k);
+  // LSE_NORM (mask bit 32): dq / dk in float32 (the caller folds the normalization's Jacobian in)
+  const bool norm = mask_mode & ck::kLseNorm;
+  p.grad_f32 = combine || norm;
+  Tensor dq = need_q ? (p.grad_f32 ? f32(q, q.sizes()) : at::empty_like(q)) : empty_like_dtype(q);
+  Tensor dk = need_k ? (p.grad_f32 ? f32(k, k.sizes()) : at::empty_like(k)) : empty_like_dtype(k);
   Tensor dscale = need_scale ? f32(q, {}) : f32(q, {0});
   Tensor dbias = need_bias ? f32(q, {p.m}) : f32(q, {0});
   Tensor dqr = need_q_rscale ? f32(q, {p.n}) : f32(q, {0});
@@ -236,6 +238,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
   Tensor ws = f32(q, {kc::backward_workspace_floats(p)});
   p.workspace = ws.data_ptr<float>();
   check_launch(kc::lse_backward(p, current_stream()), "lse_backward");
+  if (combine && norm) return {dq.add_(dk), at::zeros(k.sizes(), dk.options()), dscale, dbias, dqr, dkr};
   if (combine) return {dq.add_(dk).to(q.scalar_type()), at::zeros_like(k), dscale, dbias, dqr, dkr};
   return {dq, dk, dscale, dbias, dqr, dkr};
 }

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import _ext, reference
 from .backends import FAMILY_REFERENCE
-from .reference import LSE_LABELS, LSE_TARGET
+from .reference import LSE_LABELS, LSE_NORM, LSE_TARGET
 
 _C = _ext.load()  # load the C++ schemas before defining the Python fragment of the namespace
 NS = "contrastive_kernels"
@@ -53,8 +53,9 @@ def _lse_forward_fake(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_la
 def _lse_backward_fake(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels,
                        k_labels, diag_offset, mask_mode, row_lse, col_lse, target_state, need_q, need_k, need_scale,
                        need_bias, need_q_rscale, need_k_rscale):
-    return (torch.empty_like(q) if need_q else _empty(q),
-            torch.empty_like(k) if need_k else _empty(k),
+    gdt = torch.float32 if mask_mode & LSE_NORM else None  # (LSE_NORM: dq / dk in float32)
+    return (torch.empty_like(q, dtype=gdt) if need_q else _empty(q),
+            torch.empty_like(k, dtype=gdt) if need_k else _empty(k),
             _f32_empty(q, ()) if need_scale else _f32_empty(q, _EMPTY),
             _f32_empty(q, (k.shape[0],)) if need_bias else _f32_empty(q, _EMPTY),
             _f32_empty(q, (q.shape[0],)) if need_q_rscale else _f32_empty(q, _EMPTY),
@@ -102,6 +103,24 @@ def _lse_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, *output)
     ctx.mark_non_differentiable(output[2])  # target_state: saved for the backward
     ctx.ints = (diag_offset, mask_mode)
+    ctx.same_qk = q is k and q_rscale is k_rscale  # (LSE_NORM folds the two halves' sum)
+
+
+# float32 1 / 1e-12: a row scale at least this large is F.normalize's clamp (|x| <= 1e-12),
+# where the normalization has no Jacobian beyond the scale itself
+_RSCALE_CLAMP = float(torch.tensor(1e-12, dtype=torch.float32).reciprocal())
+
+
+def _fold_norm(x, r, dx, dr):
+    """LSE_NORM: the gradient of x through x_hat = r x, r = 1 / max(|x|, 1e-12), from the op's
+    float32 dx (= scale r A) and d r (= scale x . A): dx - (d r r^2) r x, i.e. scale r (A -
+    (x_hat . A) x_hat), formed in float32 and rounded once to x's dtype.  Summed by autograd
+    after two roundings, the two terms cancel wherever A is near x_hat (a confident or
+    clustered row): SupCon bf16 gradients 3-6x the floor, HCL 40x."""
+    if r is not None:
+        c = torch.where(r < _RSCALE_CLAMP, dr * r * r * r, torch.zeros_like(r))
+        dx = dx - c[:, None] * x.float()
+    return dx.to(x.dtype)
 
 
 def _make_lse_backward(bwd):
@@ -109,9 +128,21 @@ def _make_lse_backward(bwd):
         q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, row, col, xt = ctx.saved_tensors
         nq, nk, ns, nqr, nkr, nb = ctx.needs_input_grad[:6]
         nqr, nkr, nb = nqr and q_rscale is not None, nkr and k_rscale is not None, nb and col_bias is not None
+        norm = ctx.ints[1] & LSE_NORM
+        if norm:  # the rscales' gradients are the folds' inputs (fam.lse refuses rscales that need one)
+            nqr, nkr = nq and q_rscale is not None, nk and k_rscale is not None
         dq, dk, ds, db, dqr, dkr = bwd(
             grad_row.float().contiguous(), grad_col.float().contiguous(), q, k, scale, q_rscale, k_rscale, col_bias,
             pos_index, q_labels, k_labels, ctx.ints[0], ctx.ints[1], row, col, xt, nq, nk, ns, nb, nqr, nkr)
+        if norm:
+            if nq and nk and ctx.same_qk:
+                # one tensor on both sides: fold the sum (autograd would add two rounded halves)
+                dq = _fold_norm(q, q_rscale, dq + dk, (dqr + dkr) if q_rscale is not None else None)
+                dk = torch.zeros_like(k)
+            else:
+                dq = _fold_norm(q, q_rscale, dq, dqr) if nq else dq
+                dk = _fold_norm(k, k_rscale, dk, dkr) if nk else dk
+            nqr = nkr = False
         return (_none_unless(nq, dq), _none_unless(nk, dk), _none_unless(ns, ds), _none_unless(nqr, dqr),
                 _none_unless(nkr, dkr), _none_unless(nb, db), None, None, None, None, None, None)
     return backward
@@ -345,7 +376,14 @@ def lse(backend: str, q: Tensor, k: Tensor, scale: Tensor, *, q_rscale=None, k_r
         pos_index=None, q_labels=None, k_labels=None, diag_offset: int = 0, mask_mode: int = 0,
         compute_col: bool = False):
     """(row_lse, col_lse) of the log-sum-exp family (cross-entropies with LSE_TARGET); see
-    csrc/op_schemas.h for the contract."""
+    csrc/op_schemas.h for the contract.  LSE_NORM: q_rscale / k_rscale are q's and k's own
+    1 / max(|x|, 1e-12), passed without autograd history: their Jacobian reaches q and k
+    folded into dq / dk (see _fold_norm)."""
+    if mask_mode & LSE_NORM:
+        for name, r in (("q_rscale", q_rscale), ("k_rscale", k_rscale)):
+            if r is not None and r.requires_grad:
+                raise ValueError(f"mask_mode bit 32 (LSE_NORM) folds {name}'s gradient into the input's: pass it "
+                                 f"detached (1 / max(|x|, 1e-12) of the input itself)")
     if backend == FAMILY_REFERENCE:
         return reference.lse_family(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
                                     diag_offset, mask_mode, compute_col)

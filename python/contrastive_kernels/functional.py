@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import _families as fam
 from . import _validation as V
 from . import backends, reference
-from .reference import LSE_LABELS, LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
+from .reference import LSE_LABELS, LSE_NORM, LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
 
 Tensor = torch.Tensor
 
@@ -42,6 +42,28 @@ def _rscale(x: Tensor, normalize: bool):
     if not normalize:
         return None
     return x.float().norm(dim=1).clamp_min(1e-12).reciprocal()
+
+
+def _kn(r):
+    """A row scale as the kernels take it with LSE_NORM (mask bit 32, `_norm_bit`): without
+    autograd history, its Jacobian folded into the input's gradient in float32 before the one
+    rounding (autograd's two roundings cancelled on confident or clustered rows)."""
+    return None if r is None else r.detach()
+
+
+def _norm_bit(normalize: bool) -> int:
+    return LSE_NORM if normalize else 0
+
+
+def _pos_logit(a: Tensor, b: Tensor, scale, normalize: bool) -> Tensor:
+    """scale * a_hat_i . b_hat_i (float32): each input's product and normalization gradients meet
+    in one float32 graph, rounded once (a row scale from a second float copy of the input sent
+    a large radial gradient and its cancelling twin through two roundings)."""
+    af, bf = a.float(), b.float()
+    d = (af * bf).sum(1) * scale
+    if normalize:
+        d = d / (af.norm(dim=1).clamp_min(1e-12) * bf.norm(dim=1).clamp_min(1e-12))
+    return d
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -145,17 +167,19 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     p = positive_index if positive_index is not None else torch.arange(n, device=query.device)
 
     def positive_logits():
-        pos = _rowdot(query, key[p]) * scale
-        return pos * qr * kr[p] if normalize else pos
+        return _pos_logit(query, key[p], scale, normalize)
+
+    nb = _norm_bit(normalize)
 
     def negatives_lse():
-        return fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize))[0]
+        return fam.lse(be, query, negatives, scale, q_rscale=_kn(qr), k_rscale=_kn(_rscale(negatives, normalize)),
+                       mask_mode=nb)[0]
 
     if in_batch_negatives and not decoupled:
         # The keys' log-sum-exp holds the positive: the kernels return the cross-entropies
         # (LSE_TARGET), with p - 1 formed in float32 inside the backward.
-        ce, col = fam.lse(be, query, key, scale, q_rscale=qr, k_rscale=kr, pos_index=positive_index,
-                          mask_mode=LSE_TARGET, compute_col=symmetric)
+        ce, col = fam.lse(be, query, key, scale, q_rscale=_kn(qr), k_rscale=_kn(kr), pos_index=positive_index,
+                          mask_mode=LSE_TARGET | nb, compute_col=symmetric)
         if negatives is None:
             return reference._reduce(0.5 * (ce + col) if symmetric else ce, reduction)
         # LSE(keys, negatives) - pos = ce + softplus(LSE(negatives) - LSE(keys)), LSE(keys) = ce + pos:
@@ -166,8 +190,9 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     parts = []
     col = None
     if in_batch_negatives:
-        row, col = fam.lse(be, query, key, scale, q_rscale=qr, k_rscale=kr, pos_index=p if decoupled else None,
-                           mask_mode=MASK_POS if decoupled else 0, compute_col=symmetric)
+        row, col = fam.lse(be, query, key, scale, q_rscale=_kn(qr), k_rscale=_kn(kr),
+                           pos_index=p if decoupled else None, mask_mode=(MASK_POS if decoupled else 0) | nb,
+                           compute_col=symmetric)
         parts.append(row)
     elif not decoupled:
         parts.append(pos)
@@ -197,7 +222,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, 
     zr = _rscale(z, normalize)
     p = (torch.arange(n2, device=z.device) + n2 // 2) % n2
     # Cross-entropies against the other view straight from the kernels (LSE_TARGET).
-    row, _ = fam.lse(be, z, z, scale, q_rscale=zr, k_rscale=zr, pos_index=p, mask_mode=MASK_DIAG | LSE_TARGET)
+    zk = _kn(zr)
+    row, _ = fam.lse(be, z, z, scale, q_rscale=zk, k_rscale=zk, pos_index=p,
+                     mask_mode=MASK_DIAG | LSE_TARGET | _norm_bit(normalize))
     return row.mean()
 
 
@@ -295,8 +322,9 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
     rr = _rscale(r, normalize) if has_ref else xr
     # The anchors' losses straight from the kernels (LSE_LABELS: LSE minus the mean positive
     # logit, with p - 1/|P| formed in float32 inside the backward).
-    row, _ = fam.lse(be, x, r, scale, q_rscale=xr, k_rscale=rr, q_labels=labels, k_labels=rl,
-                     mask_mode=LSE_LABELS | (0 if has_ref else MASK_DIAG))
+    xk = _kn(xr)
+    row, _ = fam.lse(be, x, r, scale, q_rscale=xk, k_rscale=_kn(rr) if has_ref else xk, q_labels=labels,
+                     k_labels=rl, mask_mode=LSE_LABELS | (0 if has_ref else MASK_DIAG) | _norm_bit(normalize))
     has = _positive_counts(labels, rl, exclude_self=not has_ref) > 0
     anchor = torch.where(has, row, torch.zeros_like(row))
     if reduction == "none":
@@ -325,17 +353,16 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, norm
         return reference.dcl_loss(z1, z2, temperature, weight_sigma=weight_sigma, normalize=normalize)
     scale = _scale(temperature, z1.device, invert=True)
     ar, br = _rscale(z1, normalize), _rscale(z2, normalize)
-    pos = _rowdot(z1, z2) * scale
-    if normalize:
-        pos = pos * ar * br
+    pos = _pos_logit(z1, z2, scale, normalize)
     if weight_sigma is not None:
         cos = _rowdot(z1, z2).detach()
         if normalize:
             cos = cos * ar.detach() * br.detach()
         pos = pos * (2 - z1.shape[0] * torch.softmax(cos / weight_sigma, dim=0))
-    aa, _ = fam.lse(be, z1, z1, scale, q_rscale=ar, k_rscale=ar, mask_mode=MASK_DIAG)
-    bb, _ = fam.lse(be, z2, z2, scale, q_rscale=br, k_rscale=br, mask_mode=MASK_DIAG)
-    ab, ba = fam.lse(be, z1, z2, scale, q_rscale=ar, k_rscale=br, mask_mode=MASK_DIAG, compute_col=True)
+    ak, bk, md = _kn(ar), _kn(br), MASK_DIAG | _norm_bit(normalize)
+    aa, _ = fam.lse(be, z1, z1, scale, q_rscale=ak, k_rscale=ak, mask_mode=md)
+    bb, _ = fam.lse(be, z2, z2, scale, q_rscale=bk, k_rscale=bk, mask_mode=md)
+    ab, ba = fam.lse(be, z1, z2, scale, q_rscale=ak, k_rscale=bk, mask_mode=md, compute_col=True)
     # one log-sum-exp over all 2N - 2 negatives (same view and other view): DCL Eq. 6, lightly >= 1.6
     return 0.5 * ((torch.logaddexp(aa, ab) - pos).mean() + (torch.logaddexp(bb, ba) - pos).mean())
 
@@ -364,14 +391,13 @@ def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau
     zr = _rscale(z, normalize)
     p = (torch.arange(n2, device=z.device) + n2 // 2) % n2
     inv_t = 1.0 / temperature
-    log_pos = _rowdot(z, z[p]) * inv_t
-    if normalize:
-        log_pos = log_pos * zr * zr[p]
-    mask = MASK_DIAG | MASK_POS
+    log_pos = _pos_logit(z, z[p], inv_t, normalize)
+    mask = MASK_DIAG | MASK_POS | _norm_bit(normalize)
+    zk = _kn(zr)
     # reweight = sum exp((1+beta) s/tau) / mean exp(beta s/tau), in log space
-    l1, _ = fam.lse(be, z, z, _scale((1 + beta) * inv_t, z.device, invert=False), q_rscale=zr, k_rscale=zr,
+    l1, _ = fam.lse(be, z, z, _scale((1 + beta) * inv_t, z.device, invert=False), q_rscale=zk, k_rscale=zk,
                     pos_index=p, mask_mode=mask)
-    l0, _ = fam.lse(be, z, z, _scale(beta * inv_t, z.device, invert=False), q_rscale=zr, k_rscale=zr,
+    l0, _ = fam.lse(be, z, z, _scale(beta * inv_t, z.device, invert=False), q_rscale=zk, k_rscale=zk,
                     pos_index=p, mask_mode=mask)
     log_rw = math.log(n_neg) + l1 - l0
     # Ng = max((reweight - tau_plus Nneg pos) / (1 - tau_plus), Nneg e^{-1/tau}), in log space

@@ -257,6 +257,7 @@ def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, *, eps=1e
 MASK_DIAG, MASK_POS, MASK_SAME_LABEL = 1, 2, 4
 LSE_TARGET = 8  # mask_mode bit: outputs are cross-entropies, LSE minus the target logit
 LSE_LABELS = 16  # mask_mode bit: outputs are LSE minus the mean logit of the kept same-label pairs
+LSE_NORM = 32  # mask_mode bit: the rscales are q's and k's own 1 / max(|x|, 1e-12), their Jacobian folded into dq / dk
 PAIR_NEGATIVE_ONLY, PAIR_POSITIVES_ONLY, PAIR_EXCLUDE_DIAG = 1, 2, 4
 
 
@@ -266,6 +267,11 @@ def _diag_mask(n, m, offset, device):
     return j == i + offset
 
 
+def _with_norm_grad(x, r):
+    own = 1.0 / x.norm(dim=1).clamp_min(1e-12)
+    return _up(r).detach() + (own - own.detach())
+
+
 def lse_family(q, k, scale, q_rscale=None, k_rscale=None, col_bias=None, pos_index=None, q_labels=None,
                k_labels=None, diag_offset=0, mask_mode=0, compute_col=False):
     """(row_lse, col_lse) of S = scale (q_rscale q)(k_rscale k)^T + col_bias over the kept pairs.
@@ -273,6 +279,9 @@ def lse_family(q, k, scale, q_rscale=None, k_rscale=None, col_bias=None, pos_ind
     col_j - S_{j - diag_offset, j}, S unmasked at the target.  With LSE_LABELS (no column):
     row_i - mean of S_ij over the kept j with k_labels[j] == q_labels[i] (row_i without any)."""
     q, k = _up(q), _up(k)
+    if mask_mode & LSE_NORM:  # the given scales' values, the gradient of 1 / max(|x|, 1e-12) of the inputs
+        q_rscale = None if q_rscale is None else _with_norm_grad(q, q_rscale)
+        k_rscale = None if k_rscale is None else _with_norm_grad(k, k_rscale)
     if q_rscale is not None:
         q = q * q_rscale[:, None]
     if k_rscale is not None:
