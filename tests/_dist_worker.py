@@ -240,6 +240,7 @@ CONFIDENT_CASES = {
     "nt_xent": ("nt_xent", dict(temperature=0.02)),
     "info_nce": ("info_nce", dict(temperature=0.01)),
     "info_nce_symmetric": ("info_nce", dict(temperature=0.01, symmetric=True)),
+    "dcl": ("dcl_loss", dict(temperature=0.05)),
 }
 
 

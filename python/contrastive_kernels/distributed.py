@@ -68,7 +68,7 @@ from . import functional
 from . import _validation as V
 from . import backends
 from .backends import FAMILY_REFERENCE
-from .reference import LSE_LABELS, LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
+from .reference import LSE_LABELS, LSE_NORM, LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
 
 Tensor = torch.Tensor
 
@@ -393,6 +393,18 @@ def _rowdot(a, b, dt):
     return (a.to(dt) * b.to(dt)).sum(1)
 
 
+def _pos_logit(a, b, scale, normalize, dt):
+    """scale * a_hat . b_hat in the compute dtype, one graph per input (functional._pos_logit)."""
+    af, bf = a.to(dt), b.to(dt)
+    v = (af * bf).sum(1) * scale
+    if normalize:
+        v = v / (af.norm(dim=1).clamp_min(1e-12) * bf.norm(dim=1).clamp_min(1e-12))
+    return v
+
+
+_kn = functional._kn  # row scales for the kernels with LSE_NORM: detached, their Jacobian folded in
+
+
 def _pair_inputs(z1, z2):
     V.matrix("z1", z1)
     V.matrix("z2", z2)
@@ -426,12 +438,12 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     qr, kr = _rscale(query, normalize, dt), _rscale(key, normalize, dt)
     p = positive_index if positive_index is not None else torch.arange(n, device=query.device)
 
-    pos = _rowdot(query, key[p], dt) * scale
-    if normalize:
-        pos = pos * qr * kr[p]
+    pos = _pos_logit(query, key[p], scale, normalize, dt)
+    nb = LSE_NORM if normalize else 0
 
     def negatives_lse():
-        return fam.lse(be, query, negatives, scale, q_rscale=qr, k_rscale=_rscale(negatives, normalize, dt))[0]
+        return fam.lse(be, query, negatives, scale, q_rscale=_kn(qr), k_rscale=_kn(_rscale(negatives, normalize, dt)),
+                       mask_mode=nb)[0]
 
     # Without decoupling, the block holding the positives (the own block) gives the
     # cross-entropies straight from the kernels (LSE_TARGET: p - 1 formed in float32 in
@@ -440,25 +452,27 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     target = in_batch_negatives and not decoupled
 
     def rows(loc, blk, own):
-        q_, qr_, pos_, s_ = loc[0], loc[1] if normalize else None, loc[-2], loc[-1]
+        q_, qr_, pos_, s_ = loc[0], _kn(loc[1]) if normalize else None, loc[-2], loc[-1]
         k_ = blk[0]
-        kr_ = _rscale(k_, normalize, dt)
+        kr_ = _kn(_rscale(k_, normalize, dt))
         if target:
-            out = [fam.lse(be, q_, k_, s_, q_rscale=qr_, k_rscale=kr_, pos_index=p + own, mask_mode=LSE_TARGET)[0]
-                   if own is not None else fam.lse(be, q_, k_, s_, q_rscale=qr_, k_rscale=kr_)[0] - pos_]
+            out = [fam.lse(be, q_, k_, s_, q_rscale=qr_, k_rscale=kr_, pos_index=p + own,
+                           mask_mode=LSE_TARGET | nb)[0]
+                   if own is not None else fam.lse(be, q_, k_, s_, q_rscale=qr_, k_rscale=kr_, mask_mode=nb)[0] - pos_]
         else:  # decoupled: the own block masks the positives
             masked = own is not None
             out = [fam.lse(be, q_, k_, s_, q_rscale=qr_, k_rscale=kr_, pos_index=p + own if masked else None,
-                           mask_mode=MASK_POS if masked else 0)[0]]
+                           mask_mode=(MASK_POS if masked else 0) | nb)[0]]
         if symmetric:  # local keys against every rank's queries; key i's positive is query i
             qb = blk[1]
-            kw = dict(q_rscale=loc[3] if normalize else None, k_rscale=_rscale(qb, normalize, dt),
+            kw = dict(q_rscale=_kn(loc[3]) if normalize else None, k_rscale=_kn(_rscale(qb, normalize, dt)),
                       diag_offset=own or 0)
             if target:
-                out.append(fam.lse(be, loc[2], qb, s_, **kw, mask_mode=LSE_TARGET)[0] if own is not None
-                           else fam.lse(be, loc[2], qb, s_, **kw)[0] - pos_)
+                out.append(fam.lse(be, loc[2], qb, s_, **kw, mask_mode=LSE_TARGET | nb)[0] if own is not None
+                           else fam.lse(be, loc[2], qb, s_, **kw, mask_mode=nb)[0] - pos_)
             else:
-                out.append(fam.lse(be, loc[2], qb, s_, **kw, mask_mode=MASK_DIAG if own is not None else 0)[0])
+                out.append(fam.lse(be, loc[2], qb, s_, **kw,
+                                   mask_mode=(MASK_DIAG if own is not None else 0) | nb)[0])
         return out
 
     if not in_batch_negatives:
@@ -511,17 +525,16 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, 
     scale = _scalar_tensor(temperature, z, dt, invert=True)
     zr = _rscale(z, normalize, dt)
     p = (torch.arange(n2, device=z.device) + n2 // 2) % n2
-    pos = _rowdot(z, z[p], dt) * scale
-    if normalize:
-        pos = pos * zr * zr[p]
+    pos = _pos_logit(z, z[p], scale, normalize, dt)
+    nb = LSE_NORM if normalize else 0
 
     def rows(loc, blk, own):  # own block: the cross-entropies (LSE_TARGET); others: LSE - positive
         kb = blk[0]
-        kw = dict(q_rscale=loc[1] if normalize else None, k_rscale=_rscale(kb, normalize, dt))
+        kw = dict(q_rscale=_kn(loc[1]) if normalize else None, k_rscale=_kn(_rscale(kb, normalize, dt)))
         if own is not None:
             return (fam.lse(be, loc[0], kb, loc[2], **kw, pos_index=p + own, diag_offset=own,
-                            mask_mode=MASK_DIAG | LSE_TARGET)[0],)
-        return (fam.lse(be, loc[0], kb, loc[2], **kw)[0] - loc[3],)
+                            mask_mode=MASK_DIAG | LSE_TARGET | nb)[0],)
+        return (fam.lse(be, loc[0], kb, loc[2], **kw, mask_mode=nb)[0] - loc[3],)
 
     row, = _blocks(d, mode, rows, ("lse",), [z, zr if normalize else z.new_empty(0), scale, pos], [z])
     return row.mean()
@@ -634,8 +647,9 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
         # (LSE_LABELS: p - 1/|P| formed in float32 in the backward), as functional.supcon_loss.
         own = d.rank * r.shape[0]
         kb, kl = _gather(r, d), _gather(rl, d)
-        row, _ = fam.lse(be, x, kb, scale, q_rscale=xr, k_rscale=_rscale(kb, normalize, dt), q_labels=labels,
-                         k_labels=kl, diag_offset=own, mask_mode=LSE_LABELS | (0 if has_ref else MASK_DIAG))
+        row, _ = fam.lse(be, x, kb, scale, q_rscale=_kn(xr), k_rscale=_kn(_rscale(kb, normalize, dt)),
+                         q_labels=labels, k_labels=kl, diag_offset=own,
+                         mask_mode=LSE_LABELS | (0 if has_ref else MASK_DIAG) | (LSE_NORM if normalize else 0))
         has = functional._positive_counts(labels, kl, exclude_self=not has_ref) > 0
         total = _all_reduce(has.sum().to(torch.float64), d)
         return torch.where(has, row, torch.zeros_like(row)).sum() * d.world / total.clamp_min(1).to(row.dtype)
@@ -647,8 +661,8 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
         kr_ = _rscale(kb, normalize, dt)
         k_hat = kb.to(dt) * kr_[:, None] if normalize else kb.to(dt)
         self_mask = not has_ref and own is not None
-        row = fam.lse(be, xq, kb, s_, q_rscale=xr_, k_rscale=kr_, diag_offset=own or 0,
-                      mask_mode=MASK_DIAG if self_mask else 0)[0]
+        row = fam.lse(be, xq, kb, s_, q_rscale=_kn(xr_), k_rscale=_kn(kr_), diag_offset=own or 0,
+                      mask_mode=(MASK_DIAG if self_mask else 0) | (LSE_NORM if normalize else 0))[0]
         xh = xq.to(dt) * xr_[:, None] if normalize else xq.to(dt)
         if be == FAMILY_REFERENCE:  # materializing, in the compute dtype (float64 stays float64)
             same = (labels[:, None] == kl[None, :]).to(dt)
@@ -687,9 +701,7 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, norm
     dt = _cdt(be, z1)
     scale = _scalar_tensor(temperature, z1, dt, invert=True)
     ar, br = _rscale(z1, normalize, dt), _rscale(z2, normalize, dt)
-    pos = _rowdot(z1, z2, dt) * scale
-    if normalize:
-        pos = pos * ar * br
+    pos = _pos_logit(z1, z2, scale, normalize, dt)
     if weight_sigma is not None:
         cos = _rowdot(z1, z2, dt).detach()
         if normalize:
@@ -701,9 +713,9 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, norm
     def rows(loc, blk, own):
         a, b, ar_, br_, s_ = loc
         ab_, bb_ = blk
-        kar, kbr = _rscale(ab_, normalize, dt), _rscale(bb_, normalize, dt)
-        ar_, br_ = (ar_, br_) if normalize else (None, None)
-        kw = dict(diag_offset=own or 0, mask_mode=MASK_DIAG if own is not None else 0)
+        kar, kbr = _kn(_rscale(ab_, normalize, dt)), _kn(_rscale(bb_, normalize, dt))
+        ar_, br_ = (_kn(ar_), _kn(br_)) if normalize else (None, None)
+        kw = dict(diag_offset=own or 0, mask_mode=(MASK_DIAG if own is not None else 0) | (LSE_NORM if normalize else 0))
         return (fam.lse(be, a, ab_, s_, q_rscale=ar_, k_rscale=kar, **kw)[0],
                 fam.lse(be, a, bb_, s_, q_rscale=ar_, k_rscale=kbr, **kw)[0],
                 fam.lse(be, b, bb_, s_, q_rscale=br_, k_rscale=kbr, **kw)[0],
