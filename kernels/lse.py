@@ -629,6 +629,7 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
                              f"(LSE_LABELS), got {tuple(xt.shape)}")
         r_lse = xt[0].contiguous()
 
+    norm = bool(mask_mode & LSE_NORM)  # dq / dk in float32 (the caller folds the normalization in)
     run_row = need_q or need_q_rscale
     run_col = need_k or need_k_rscale or need_bias
     if need_scale and not run_row and not run_col:
@@ -647,15 +648,13 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
     if run_row:
         dq, dqr, dscale_rows, _ = _bwd_pass(q, k, scale, qr, kr, bias, pos, ql, kl, r_lse, r_g, c_lse, c_g,
                                             diag_offset, mask_mode, False, need_q, need_q_rscale, scale_in_row,
-                                            False, out_f32=same or bool(mask_mode & LSE_NORM), target=tgt, xt=xt)
+                                            False, out_f32=same or norm, target=tgt, xt=xt)
     if run_col:
         dk, dkr, ds_cols, db = _bwd_pass(k, q, scale, kr, qr, bias, pos, kl, ql, c_lse, c_g, r_lse, r_g,
                                          diag_offset, mask_mode, True, need_k, need_k_rscale,
-                                         need_scale and not scale_in_row, need_bias, out_f32=same or bool(mask_mode & LSE_NORM),
-                                         target=tgt, xt=xt)
+                                         need_scale and not scale_in_row, need_bias, out_f32=same or norm, target=tgt, xt=xt)
         if need_scale and not scale_in_row:
             dscale_rows = ds_cols
-    norm = bool(mask_mode & LSE_NORM)  # dq / dk in float32 (the caller folds the normalization in)
     if same:
         dq, dk = (dq + dk) if norm else (dq + dk).to(q.dtype), torch.zeros_like(k, dtype=dq.dtype)
 

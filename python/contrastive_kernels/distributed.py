@@ -68,7 +68,7 @@ from . import functional
 from . import _validation as V
 from . import backends
 from .backends import FAMILY_REFERENCE
-from .reference import LSE_LABELS, LSE_NORM, LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
+from .reference import LSE_LABELS, LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
 
 Tensor = torch.Tensor
 
@@ -393,16 +393,9 @@ def _rowdot(a, b, dt):
     return (a.to(dt) * b.to(dt)).sum(1)
 
 
-def _pos_logit(a, b, scale, normalize, dt):
-    """scale * a_hat . b_hat in the compute dtype, one graph per input (functional._pos_logit)."""
-    af, bf = a.to(dt), b.to(dt)
-    v = (af * bf).sum(1) * scale
-    if normalize:
-        v = v / (af.norm(dim=1).clamp_min(1e-12) * bf.norm(dim=1).clamp_min(1e-12))
-    return v
-
-
-_kn = functional._kn  # row scales for the kernels with LSE_NORM: detached, their Jacobian folded in
+# positive logits in one graph per input; row scales for the kernels with LSE_NORM (detached,
+# their Jacobian folded in) and its mask bit: as the single-process losses
+_pos_logit, _kn, _norm_bit = functional._pos_logit, functional._kn, functional._norm_bit
 
 
 def _pair_inputs(z1, z2):
@@ -439,7 +432,7 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     p = positive_index if positive_index is not None else torch.arange(n, device=query.device)
 
     pos = _pos_logit(query, key[p], scale, normalize, dt)
-    nb = LSE_NORM if normalize else 0
+    nb = _norm_bit(normalize)
 
     def negatives_lse():
         return fam.lse(be, query, negatives, scale, q_rscale=_kn(qr), k_rscale=_kn(_rscale(negatives, normalize, dt)),
@@ -526,7 +519,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, 
     zr = _rscale(z, normalize, dt)
     p = (torch.arange(n2, device=z.device) + n2 // 2) % n2
     pos = _pos_logit(z, z[p], scale, normalize, dt)
-    nb = LSE_NORM if normalize else 0
+    nb = _norm_bit(normalize)
 
     def rows(loc, blk, own):  # own block: the cross-entropies (LSE_TARGET); others: LSE - positive
         kb = blk[0]
@@ -649,7 +642,7 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
         kb, kl = _gather(r, d), _gather(rl, d)
         row, _ = fam.lse(be, x, kb, scale, q_rscale=_kn(xr), k_rscale=_kn(_rscale(kb, normalize, dt)),
                          q_labels=labels, k_labels=kl, diag_offset=own,
-                         mask_mode=LSE_LABELS | (0 if has_ref else MASK_DIAG) | (LSE_NORM if normalize else 0))
+                         mask_mode=LSE_LABELS | (0 if has_ref else MASK_DIAG) | _norm_bit(normalize))
         has = functional._positive_counts(labels, kl, exclude_self=not has_ref) > 0
         total = _all_reduce(has.sum().to(torch.float64), d)
         return torch.where(has, row, torch.zeros_like(row)).sum() * d.world / total.clamp_min(1).to(row.dtype)
@@ -662,7 +655,7 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
         k_hat = kb.to(dt) * kr_[:, None] if normalize else kb.to(dt)
         self_mask = not has_ref and own is not None
         row = fam.lse(be, xq, kb, s_, q_rscale=_kn(xr_), k_rscale=_kn(kr_), diag_offset=own or 0,
-                      mask_mode=(MASK_DIAG if self_mask else 0) | (LSE_NORM if normalize else 0))[0]
+                      mask_mode=(MASK_DIAG if self_mask else 0) | _norm_bit(normalize))[0]
         xh = xq.to(dt) * xr_[:, None] if normalize else xq.to(dt)
         if be == FAMILY_REFERENCE:  # materializing, in the compute dtype (float64 stays float64)
             same = (labels[:, None] == kl[None, :]).to(dt)
@@ -715,7 +708,7 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, norm
         ab_, bb_ = blk
         kar, kbr = _kn(_rscale(ab_, normalize, dt)), _kn(_rscale(bb_, normalize, dt))
         ar_, br_ = (_kn(ar_), _kn(br_)) if normalize else (None, None)
-        kw = dict(diag_offset=own or 0, mask_mode=(MASK_DIAG if own is not None else 0) | (LSE_NORM if normalize else 0))
+        kw = dict(diag_offset=own or 0, mask_mode=(MASK_DIAG if own is not None else 0) | _norm_bit(normalize))
         return (fam.lse(be, a, ab_, s_, q_rscale=ar_, k_rscale=kar, **kw)[0],
                 fam.lse(be, a, bb_, s_, q_rscale=ar_, k_rscale=kbr, **kw)[0],
                 fam.lse(be, b, bb_, s_, q_rscale=br_, k_rscale=kbr, **kw)[0],

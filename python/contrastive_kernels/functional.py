@@ -55,11 +55,11 @@ def _norm_bit(normalize: bool) -> int:
     return LSE_NORM if normalize else 0
 
 
-def _pos_logit(a: Tensor, b: Tensor, scale, normalize: bool) -> Tensor:
-    """scale * a_hat_i . b_hat_i (float32): each input's product and normalization gradients meet
-    in one float32 graph, rounded once (a row scale from a second float copy of the input sent
-    a large radial gradient and its cancelling twin through two roundings)."""
-    af, bf = a.float(), b.float()
+def _pos_logit(a: Tensor, b: Tensor, scale, normalize: bool, dt=torch.float32) -> Tensor:
+    """scale * a_hat_i . b_hat_i (in dt): each input's product and normalization gradients meet
+    in one graph, rounded once (a row scale from a second float copy of the input sent a large
+    radial gradient and its cancelling twin through two roundings)."""
+    af, bf = a.to(dt), b.to(dt)
     d = (af * bf).sum(1) * scale
     if normalize:
         d = d / (af.norm(dim=1).clamp_min(1e-12) * bf.norm(dim=1).clamp_min(1e-12))
