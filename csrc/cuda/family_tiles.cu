@@ -1,9 +1,11 @@
 // CUDA kernels of the log-sum-exp and pairwise-sigmoid families (contracts in
 // csrc/op_schemas.h).  One tile kernel, FlashAttention-2 style, serves both families and
 // both directions:
-//   * a block owns BM = 64 "rows" (4 warps x 16) and streams every BN = 64 "column"
-//     tile past them; S = scale * (r_i x_i).(r_j y_j) + biases lives only in registers
-//     (mma.sync fragments), never in memory;
+//   * a block owns BM = 64 "rows" and streams every BN = 64 "column" tile past them;
+//     S = scale * (r_i x_i).(r_j y_j) + biases lives only in registers (mma.sync
+//     fragments), never in memory.  Forward: 4 warps, each 16 rows x 64 columns of S;
+//     backward: 8 warps, each 16 rows x 32 columns (warp w: rows 16 (w % 4), columns
+//     32 (w / 4));
 //   * TRANS = false: rows are q, columns k (row_lse, dq, dq_rscale, dscale, dbias,
 //     drow_offset); TRANS = true: rows are k, columns q (col_lse, dk, dk_rscale,
 //     dcol_bias).  The mask and every formula are written in (i, j) = (q index,
@@ -11,8 +13,10 @@
 //   * forward: online max / sum (lse) or a softplus sum (pairwise) per row;
 //   * backward: dS_ij in registers, per-row sums in registers, dS (times the column
 //     rscale) staged in shared memory as the A operand of dX += dS . Y, computed for a
-//     DC = 128 slice of the feature dimension per block (grid.y slices; S is
-//     recomputed per slice, see bench/NOTES.md);
+//     DC = 256 slice of the feature dimension per block, 128 features per warp group
+//     (warps 0-3 the first half, 4-7 the second; grid.y slices: S is recomputed once per
+//     slice, ceil(D / 256) times, see bench/NOTES.md); the two warps sharing rows add
+//     their per-row sums in a fixed order through shared memory;
 //   * q/k chunks of BK features are double-buffered with cp.async (16-byte copies when
 //     rows are 16-byte aligned, element copies with zero fill at the edges);
 //   * deterministic: per-row sums are reduced in a fixed shuffle order, whole-matrix
@@ -38,11 +42,16 @@ using tile::Cfg;
 
 constexpr int BM = 64;
 constexpr int BN = 64;
-constexpr int WARPS = 4;
-constexpr int THREADS = WARPS * 32;
-constexpr int DC = 128;  // feature columns of dX per block in the backward
-constexpr int NT_S = BN / 8;
-constexpr int NT_O = DC / 8;
+constexpr int DC = 256;  // feature columns of dX per block in the backward (two groups of warps)
+constexpr int NT_O = DC / 2 / 8;  // dX n-tiles per warp
+// Warps per block: the forward 4 (16 rows x 64 columns of S each), the backward 8 (16 rows
+// x 32 columns of S, then 16 rows x 128 features of dX each).
+template <bool BWD>
+struct Shape {
+  static constexpr int kWarps = BWD ? 8 : 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kNTS = BN / 8 / (kWarps / 4);  // S n-tiles per warp
+};
 
 // kLseLabels: the lse family with LSE_LABELS (SupCon's positives), its own instantiations so
 // that the other lse kernels keep their register budget (the float32 backward spilled otherwise).
@@ -119,13 +128,13 @@ __device__ __forceinline__ void load_side(const FamilyParams& p, bool is_i, int6
 
 // Stage BM (= BN) rows x BK features of a (count, D) row-major matrix, from feature
 // c0 on, into shared memory; rows or features past the end are zero.
-template <typename T>
+template <typename T, int NTHR>
 __device__ __forceinline__ void load_chunk(T* sm, const T* g, int64_t r0, int64_t count, int64_t c0, int64_t D,
                                            bool vec_ok) {
   constexpr int BK = Cfg<T>::BK, LDS = Cfg<T>::LDS;
   constexpr int VEC = 16 / sizeof(T);
   constexpr int VPR = BK / VEC;
-  for (int v = threadIdx.x; v < BM * VPR; v += THREADS) {
+  for (int v = threadIdx.x; v < BM * VPR; v += NTHR) {
     const int r = v / VPR, cv = (v % VPR) * VEC;
     const int64_t gr = r0 + r, gc = c0 + cv;
     T* dst = sm + r * LDS + cv;
@@ -158,25 +167,13 @@ __device__ __forceinline__ float quad_max(float v) {
 // 2^e exactly, e in [-126, 127].
 __device__ __forceinline__ float pow2(int e) { return __int_as_float((e + 127) << 23); }
 
-// Sum of one double per thread over the block, in a fixed order.
-__device__ __forceinline__ double block_sum(double v, double* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  double s = 0.0;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) s += red[w];
-  return s;
-}
-
 template <typename T, int FAM, bool TRANS, bool BWD>
-__global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams p, const bool vec_ok) {
+__global__ void __launch_bounds__(Shape<BWD>::kThreads) family_tile_kernel(const FamilyParams p, const bool vec_ok) {
   constexpr int BK = Cfg<T>::BK, LDS = Cfg<T>::LDS;
+  constexpr int NWARP = Shape<BWD>::kWarps, NTHR = Shape<BWD>::kThreads, NTS = Shape<BWD>::kNTS;
   constexpr int DS_LD = BN + (sizeof(T) == 4 ? 4 : 8);  // padded row of the staged dS tile
   constexpr int TPS = BK / 8;                           // output n-tiles per dX step
-  constexpr int NG_MAX = DC / BK;                       // dX steps per column tile
+  constexpr int NG_MAX = DC / 2 / BK;                   // dX steps per column tile
   // float16's exponent range cannot hold dS (grad_row = 1/N times probabilities ~1/M
   // underflows): each row's staged dS is scaled by 2^ds_e, a power of two following the
   // running max |dS| of the row, and accO is rescaled (exactly) whenever it changes.
@@ -186,9 +183,16 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
   __shared__ __align__(16) T sy[2][BN * LDS];
   __shared__ __align__(16) T sds[BWD ? BM * DS_LD : 8];
   __shared__ Side side[2][BN];
-  __shared__ double red[WARPS];
+  __shared__ double red[NWARP];
+  // backward: the second warp group's per-row sums (rsum, rrs, pairwise loss); float16's
+  // per-row max |dS| of each group
+  __shared__ float sred[BWD ? 3 : 1][BWD ? BM : 1];
+  __shared__ float sdmax[kDsScale ? 2 : 1][kDsScale ? BM : 1];
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  // rows 16 rw .. 16 rw + 15 of the block; S columns NTS * 8 cg ..; dX features (backward)
+  // half * cg .. of the block's slice
+  const int rw = warp & 3, cg = warp >> 2;
   const T* X = static_cast<const T*>(TRANS ? p.k : p.q);
   const T* Y = static_cast<const T*>(TRANS ? p.q : p.k);
   const int64_t nrows = TRANS ? p.m : p.n, ncols = TRANS ? p.n : p.m, D = p.d;
@@ -201,16 +205,20 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
 
   Side R[2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) load_side<FAM>(p, !TRANS, row0 + warp * 16 + g + 8 * h, nrows, R[h]);
+  for (int h = 0; h < 2; ++h) load_side<FAM>(p, !TRANS, row0 + rw * 16 + g + 8 * h, nrows, R[h]);
 
   void* dx_out = BWD ? (TRANS ? p.dk : p.dq) : nullptr;
   const bool gemm = BWD && dx_out != nullptr;
   const int64_t dc0 = static_cast<int64_t>(blockIdx.y) * DC;
   const int nk = D > 0 ? static_cast<int>((D + BK - 1) / BK) : 1;
+  // dX: this slice's width split in two halves of whole BK chunks, one per warp group
+  // (features past D are zero in the staged chunks and never written)
   int ng = 0;
+  int64_t half = 0;
   if (gemm) {
     const int64_t width = (D - dc0) < DC ? (D - dc0) : DC;
-    ng = width > 0 ? static_cast<int>((width + BK - 1) / BK) : 0;
+    ng = width > 0 ? static_cast<int>(((width + 1) / 2 + BK - 1) / BK) : 0;
+    half = static_cast<int64_t>(ng) * BK;
   }
   const int spt = nk + ng;  // pipeline steps per column tile
   const int64_t ntiles = (ncols + BN - 1) / BN;
@@ -219,7 +227,7 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
   // float32: six TF32 products per step where a sum is short (S over d, dX over the columns)
   const bool precise_s = D < tile::kPreciseDepth, precise_o = ncols < tile::kPreciseDepth;
 
-  float accS[NT_S][4];
+  float accS[NTS][4];
   float accO[BWD ? NT_O : 1][4];
 #pragma unroll
   for (int i = 0; i < (BWD ? NT_O : 1); ++i) accO[i][0] = accO[i][1] = accO[i][2] = accO[i][3] = 0.f;
@@ -245,11 +253,14 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
     const int st = static_cast<int>(s & 1);
     const int64_t col0 = tl * BN;
     if (local < nk) {
-      load_chunk<T>(sx[st], X, row0, nrows, static_cast<int64_t>(local) * BK, D, vec_ok);
-      load_chunk<T>(sy[st], Y, col0, ncols, static_cast<int64_t>(local) * BK, D, vec_ok);
+      load_chunk<T, NTHR>(sx[st], X, row0, nrows, static_cast<int64_t>(local) * BK, D, vec_ok);
+      load_chunk<T, NTHR>(sy[st], Y, col0, ncols, static_cast<int64_t>(local) * BK, D, vec_ok);
       if (local == 0 && tid < BN) load_side<FAM>(p, TRANS, col0 + tid, ncols, side[tl & 1][tid]);
     } else {
-      load_chunk<T>(sy[st], Y, col0, ncols, dc0 + static_cast<int64_t>(local - nk) * BK, D, vec_ok);
+      // dX step: the Y chunk of each warp group (sx is free between the S products)
+      const int64_t c = dc0 + static_cast<int64_t>(local - nk) * BK;
+      load_chunk<T, NTHR>(sy[st], Y, col0, ncols, c, D, vec_ok);
+      load_chunk<T, NTHR>(sx[st], Y, col0, ncols, c + half, D, vec_ok);
     }
     tile::cp_async_commit();
   };
@@ -258,14 +269,14 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
     const int64_t col0 = tl * BN;
     const Side* cs = side[tl & 1];
     float tile_max[2] = {-INFINITY, -INFINITY};
-    float vals[NT_S][4];
+    float vals[NTS][4];
 #pragma unroll
-    for (int nt = 0; nt < NT_S; ++nt) {
+    for (int nt = 0; nt < NTS; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e >> 1;
-        const int cl = nt * 8 + 2 * t + (e & 1);
-        const int rl = warp * 16 + g + 8 * h;
+        const int cl = (cg * NTS + nt) * 8 + 2 * t + (e & 1);
+        const int rl = rw * 16 + g + 8 * h;
         const int64_t c = col0 + cl, r = row0 + rl;
         const Side C = cs[cl];
         const Side I = TRANS ? C : R[h];
@@ -359,7 +370,7 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           k = 0.f;
         }
 #pragma unroll
-        for (int nt = 0; nt < NT_S; ++nt)
+        for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
           for (int e = 2 * h; e < 2 * h + 2; ++e) {
             const float v = vals[nt][e];
@@ -374,12 +385,21 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
       }
     }
     if (kDsScale && gemm) {
+      // one scale per row for both warp groups (the row's staged dS is one A operand): each
+      // group's max |dS| through shared memory (gemm is uniform over the block)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float a = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < NT_S; ++nt) a = fmaxf(a, fmaxf(fabsf(vals[nt][2 * h]), fabsf(vals[nt][2 * h + 1])));
+        for (int nt = 0; nt < NTS; ++nt) a = fmaxf(a, fmaxf(fabsf(vals[nt][2 * h]), fabsf(vals[nt][2 * h + 1])));
         a = quad_max(a);
+        if (t == 0) sdmax[cg][rw * 16 + g + 8 * h] = a;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rl = rw * 16 + g + 8 * h;
+        const float a = fmaxf(sdmax[0][rl], sdmax[1][rl]);
         if (a > ds_max[h] && a <= 3.0e38f) {  // the running max grew (finite)
           int ex;
           frexpf(a, &ex);
@@ -396,12 +416,11 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
           ds_max[h] = a;
         }
         const float mul = pow2(ds_e[h]);
-        const int rl = warp * 16 + g + 8 * h;
 #pragma unroll
-        for (int nt = 0; nt < NT_S; ++nt)
+        for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
           for (int e1 = 0; e1 < 2; ++e1)
-            sds[rl * DS_LD + nt * 8 + 2 * t + e1] = tile::from_float<T>(vals[nt][2 * h + e1] * mul);
+            sds[rl * DS_LD + (cg * NTS + nt) * 8 + 2 * t + e1] = tile::from_float<T>(vals[nt][2 * h + e1] * mul);
       }
     }
   };
@@ -419,16 +438,17 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
     if (local < nk) {
       if (local == 0) {
 #pragma unroll
-        for (int nt = 0; nt < NT_S; ++nt) accS[nt][0] = accS[nt][1] = accS[nt][2] = accS[nt][3] = 0.f;
+        for (int nt = 0; nt < NTS; ++nt) accS[nt][0] = accS[nt][1] = accS[nt][2] = accS[nt][3] = 0.f;
       }
-      tile::warp_mma_nt<NT_S, BK>(accS, &sx[st][warp * 16 * LDS], LDS, sy[st], LDS, precise_s);
+      tile::warp_mma_nt<NTS, BK>(accS, &sx[st][rw * 16 * LDS], LDS, &sy[st][cg * NTS * 8 * LDS], LDS, precise_s);
       if (local == nk - 1) epilogue(s / spt);
     } else if (BWD) {
       const int gi = local - nk;
 #pragma unroll
       for (int q = 0; q < NG_MAX; ++q)
         if (q == gi)
-          tile::warp_mma_nn<TPS, BN>(&accO[q * TPS], &sds[warp * 16 * DS_LD], DS_LD, sy[st], LDS, precise_o);
+          tile::warp_mma_nn<TPS, BN>(&accO[q * TPS], &sds[rw * 16 * DS_LD], DS_LD, cg == 0 ? sy[st] : sx[st], LDS,
+                                     precise_o);
     }
     __syncthreads();
   }
@@ -448,7 +468,7 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
       const float xt = (FAM != kPairwise && (mode & 8)) ? quad_sum(run_x[h]) : 0.f;  // x + 0 + 0 + 0: exact
       const float ps = FAM == kLseLabels ? quad_sum(run_p[h]) : 0.f;
       const float pc = FAM == kLseLabels ? quad_sum(run_c[h]) : 0.f;
-      const int64_t r = row0 + warp * 16 + g + 8 * h;
+      const int64_t r = row0 + rw * 16 + g + 8 * h;
       if (t == 0 && r < nrows) {
         if (FAM != kPairwise && (mode & 8)) {
           // the cross-entropy (max - target) + log1p(e): rounded relative to itself
@@ -472,28 +492,42 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
   }
 
   if (side_sums) {
+    // per-row sums: the second warp group's (columns 32..63 of each tile) through shared
+    // memory, added to the first's in that order
+    const bool fused_loss = FAM == kPairwise && !TRANS && p.row_out != nullptr;
+    float a[2], b[2], l[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float a = quad_sum(rsum[h]);
-      const float b = quad_sum(rrs[h]);
-      const int64_t r = row0 + warp * 16 + g + 8 * h;
-      if (t == 0 && r < nrows) {
-        if (FAM != kPairwise) {
-          if (!TRANS && p.dq_rscale) p.dq_rscale[r] = scale * b;
-          if (TRANS && p.dk_rscale) p.dk_rscale[r] = scale * b;
-          if (TRANS && p.dcol_bias) p.dcol_bias[r] = a;
-        } else if (!TRANS && p.drow_offset) {
-          p.drow_offset[r] = a;
-        }
+      a[h] = quad_sum(rsum[h]);
+      b[h] = quad_sum(rrs[h]);
+      l[h] = fused_loss ? quad_sum(run_l[h]) : 0.f;
+      const int rl = rw * 16 + g + 8 * h;
+      if (cg == 1 && t == 0) {
+        sred[0][rl] = a[h];
+        sred[1][rl] = b[h];
+        sred[2][rl] = l[h];
       }
-      if (FAM == kPairwise && !TRANS && p.row_out != nullptr) {
-        const float l = quad_sum(run_l[h]);
-        if (t == 0 && r < nrows) p.row_out[r] = l;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int rl = rw * 16 + g + 8 * h;
+      const int64_t r = row0 + rl;
+      if (cg == 0 && t == 0 && r < nrows) {
+        const float a_row = a[h] + sred[0][rl], b_row = b[h] + sred[1][rl];
+        if (FAM != kPairwise) {
+          if (!TRANS && p.dq_rscale) p.dq_rscale[r] = scale * b_row;
+          if (TRANS && p.dk_rscale) p.dk_rscale[r] = scale * b_row;
+          if (TRANS && p.dcol_bias) p.dcol_bias[r] = a_row;
+        } else if (!TRANS && p.drow_offset) {
+          p.drow_offset[r] = a_row;
+        }
+        if (fused_loss) p.row_out[r] = l[h] + sred[2][rl];
       }
     }
     if (!TRANS) {
-      const double ds_total = block_sum(dscale_part, red);
-      const double db_total = block_sum(dbias_part, red);
+      const double ds_total = tile::block_sum_f64<NWARP>(dscale_part, red);
+      const double db_total = tile::block_sum_f64<NWARP>(dbias_part, red);
       if (tid == 0) {
         double* ws = reinterpret_cast<double*>(p.workspace);
         ws[blockIdx.x] = ds_total;
@@ -504,14 +538,16 @@ __global__ void __launch_bounds__(THREADS) family_tile_kernel(const FamilyParams
 
   if (gemm) {
     T* out = static_cast<T*>(dx_out);
+    // this warp group's features: [dc0 + cg half, dc0 + (cg + 1) half), within D
+    const int64_t d_end = (dc0 + (cg + 1) * half) < D ? dc0 + (cg + 1) * half : D;
 #pragma unroll
     for (int nt = 0; nt < NT_O; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e >> 1;
-        const int64_t r = row0 + warp * 16 + g + 8 * h;
-        const int64_t d = dc0 + nt * 8 + 2 * t + (e & 1);
-        if (r < nrows && d < D) {
+        const int64_t r = row0 + rw * 16 + g + 8 * h;
+        const int64_t d = dc0 + cg * half + nt * 8 + 2 * t + (e & 1);
+        if (r < nrows && d < d_end) {
           float v = scale * R[h].rs * accO[nt][e];
           if (kDsScale) v *= pow2(-ds_e[h]);
           if (p.grad_f32)
@@ -554,7 +590,7 @@ cudaError_t launch(const FamilyParams& p, bool with_gemm, cudaStream_t stream) {
   const int64_t rows = TRANS ? p.m : p.n;
   if (rows == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(row_blocks(rows)), BWD && with_gemm ? static_cast<unsigned>(d_slices(p.d)) : 1u);
-  CK_LAUNCH(grid, THREADS, 0, stream, family_tile_kernel<T, FAM, TRANS, BWD>)(p, vec_ok_for<T>(p));
+  CK_LAUNCH(grid, Shape<BWD>::kThreads, 0, stream, family_tile_kernel<T, FAM, TRANS, BWD>)(p, vec_ok_for<T>(p));
   return cudaGetLastError();
 }
 

@@ -404,7 +404,9 @@ __device__ __forceinline__ void stage_tile(Dst* sm, const Src* g, int64_t ld, in
   }
 }
 
-// Sum of one double per thread over a kGemmThreads block, in a fixed order.
+// Sum of one double per thread over a block of kWarps warps, in a fixed order (red: kWarps
+// doubles of shared memory).
+template <int kWarps = kGemmThreads / 32>
 __device__ __forceinline__ double block_sum_f64(double v, double* red) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -413,7 +415,7 @@ __device__ __forceinline__ double block_sum_f64(double v, double* red) {
   __syncthreads();
   double s = 0.0;
 #pragma unroll
-  for (int w = 0; w < kGemmThreads / 32; ++w) s += red[w];
+  for (int w = 0; w < kWarps; ++w) s += red[w];
   return s;
 }
 
