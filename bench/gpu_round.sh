@@ -14,11 +14,14 @@
 #   build    pip install -e . with the CUDA kernels for sm_90 ($OUT/build.log if it fails)
 #   ptxas    nvcc -Xptxas -v resource report + SASS tensor-core instruction counts
 #   test     pytest (GPU tests and backend-generic tests): $OUT/tests.log, $OUT/junit.xml
-#            (TEST_MARKS / TEST_PATHS / TEST_TIMEOUT override what runs)
+#            (TEST_MARKS / TEST_K / TEST_PATHS / TEST_TIMEOUT override what runs)
 #   sanitize compute-sanitizer memcheck + racecheck on the tiny CUDA cases
 #   peak     bf16 dense matmul ceiling (torch.mm 8192^3) and device copy bandwidth
 #   bench    python -m contrastive_kernels bench --out $OUT/bench (skipped if it fails), then
 #            bench --derive-auto: $OUT/bench/auto_cuda_rules.py, auto's cuda/triton rule table
+#   shapes   the CUDA lse backward with one and with two warp groups per block
+#            (CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS=1 / 2, csrc/cuda/family_tiles.cu bwd_groups) at
+#            a few sizes: $OUT/bwd_shapes.json; decides the D threshold of bwd_groups
 #   ncu      Nsight Compute on one lse backward launch (optional, slow)
 #
 # Every stage runs even if an earlier one failed; each stage's exit code is appended to
@@ -98,7 +101,7 @@ stage_test() {
   # One pytest run: the CUDA / Triton tests and the backend-generic family tests (they
   # pick up "cuda" through helpers.backend_params); slow and multi-process tests apart.
   (cd "$ROOT" && timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfE --maxfail=30 \
-      -m "${TEST_MARKS:-not slow and not distributed}" --junitxml="$OUT/junit.xml" ${TEST_PATHS:-tests} \
+      -m "${TEST_MARKS:-not slow and not distributed}" ${TEST_K:+-k "$TEST_K"} --junitxml="$OUT/junit.xml" ${TEST_PATHS:-tests} \
       >"$OUT/tests.log" 2>&1)
   local rc=$?
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$LOG"
@@ -168,6 +171,42 @@ stage_bench() {
   return "$rc"
 }
 
+stage_shapes() {
+  (cd /tmp && timeout 300 "$PY" - <<'EOF') 2>&1 | tee -a "$LOG"
+import json, os, statistics, torch
+import contrastive_kernels._families as fam
+dev = "cuda"
+res = []
+for dtype, n, d in [(torch.bfloat16, 16384, 128), (torch.bfloat16, 16384, 256), (torch.bfloat16, 16384, 512),
+                    (torch.bfloat16, 32768, 512), (torch.float32, 8192, 128), (torch.float32, 8192, 512)]:
+    torch.manual_seed(0)
+    q = torch.randn(n, d, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(n, d, device=dev, dtype=dtype, requires_grad=True)
+    s = torch.tensor(10.0, device=dev)
+    row, col = fam.lse("cuda", q, k, s, compute_col=True)
+    gr, gc = torch.randn_like(row), torch.randn_like(col)
+    for groups in ("1", "2"):
+        os.environ["CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS"] = groups
+        step = lambda: torch.autograd.grad((row * gr).sum() + (col * gc).sum(), [q, k], retain_graph=True)
+        for _ in range(3): step()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(10):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(); step(); b.record(); b.synchronize()
+            ts.append(a.elapsed_time(b))
+        ms = statistics.median(ts)
+        # nominal backward FLOPs: S recomputed in both passes, the dq and dk products: 4 x 2 N M D
+        r = {"dtype": str(dtype), "N": n, "M": n, "D": d, "groups": int(groups), "bwd_ms": ms,
+             "bwd_tflops_nominal_4x2NMD": 8 * n * n * d / ms / 1e9}
+        print(json.dumps(r)); res.append(r)
+    os.environ.pop("CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS")
+json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": res},
+          open(os.path.join(os.environ["OUT"], "bwd_shapes.json"), "w"), indent=1)
+EOF
+  return "${PIPESTATUS[0]}"
+}
+
 stage_ncu() {
   # One lse backward launch of a CLIP-sized problem (bf16, N = M = 8192, D = 512).
   (cd /tmp && timeout 300 ncu --launch-count 2 --kernel-name regex:family_tile_kernel --section SpeedOfLight \
@@ -184,7 +223,7 @@ EOF
 
 for st in "${stages[@]}"; do
   case "$st" in
-    info|build|ptxas|test|sanitize|peak|bench|ncu) run_stage "$st" "stage_$st" ;;
+    info|build|ptxas|test|sanitize|peak|bench|shapes|ncu) run_stage "$st" "stage_$st" ;;
     *) echo "unknown stage $st" | tee -a "$LOG"; record "$st" 2 0 ;;
   esac
 done

@@ -261,6 +261,25 @@ def test_lse_family_target_matches_reference(backend, dtype, mask, shape, opts):
     _check_case(backend, n, m, d, dtype, mask, *opts)
 
 
+_CUDA = [p for p in BACKENDS if p.values[0] == "cuda"] or [
+    pytest.param("cuda", marks=pytest.mark.skip(reason="no cuda backend here (needs a GPU, or the CPU emulator)"))]
+
+
+@pytest.mark.parametrize("backend", _CUDA)
+@pytest.mark.parametrize("groups", ["1", "2"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "diag_pos", "target_pos", "labels"])
+def test_cuda_backward_block_shapes(backend, groups, dtype, mask, monkeypatch):
+    """The CUDA backward has two block shapes: one or two groups of four warps, 128 or 256
+    features of dX per block (csrc/cuda/family_tiles.cu, bwd_groups).  D picks one;
+    CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS forces it, so that both are checked at D = 40 (one
+    slice, the second group's part past D) and D = 300 (slices of 128 or 256, a narrow last
+    one), row and column passes, the plain, target and labels kernels."""
+    monkeypatch.setenv("CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS", groups)
+    for d in (40, 300):
+        _check_case(backend, 129, 70, d, dtype, mask, True, mask != "labels", mask in ("none", "diag_pos"))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask", ["labels", "labels_diag", "labels_pos_none"])

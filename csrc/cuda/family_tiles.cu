@@ -4,8 +4,8 @@
 //   * a block owns BM = 64 "rows" and streams every BN = 64 "column" tile past them;
 //     S = scale * (r_i x_i).(r_j y_j) + biases lives only in registers (mma.sync
 //     fragments), never in memory.  Forward: 4 warps, each 16 rows x 64 columns of S;
-//     backward: 8 warps, each 16 rows x 32 columns (warp w: rows 16 (w % 4), columns
-//     32 (w / 4));
+//     backward: G groups of 4 warps (Shape, bwd_groups), warp w 16 rows (w % 4) x 64 / G
+//     columns (w / 4) of S;
 //   * TRANS = false: rows are q, columns k (row_lse, dq, dq_rscale, dscale, dbias,
 //     drow_offset); TRANS = true: rows are k, columns q (col_lse, dk, dk_rscale,
 //     dcol_bias).  The mask and every formula are written in (i, j) = (q index,
@@ -13,10 +13,10 @@
 //   * forward: online max / sum (lse) or a softplus sum (pairwise) per row;
 //   * backward: dS_ij in registers, per-row sums in registers, dS (times the column
 //     rscale) staged in shared memory as the A operand of dX += dS . Y, computed for a
-//     DC = 256 slice of the feature dimension per block, 128 features per warp group
-//     (warps 0-3 the first half, 4-7 the second; grid.y slices: S is recomputed once per
-//     slice, ceil(D / 256) times, see bench/NOTES.md); the two warps sharing rows add
-//     their per-row sums in a fixed order through shared memory;
+//     DC = 128 G slice of the feature dimension per block, 128 features per warp group
+//     (grid.y slices: S is recomputed once per slice, ceil(D / DC) times, see
+//     bench/NOTES.md); with two groups their per-row sums are added in a fixed order
+//     through shared memory;
 //   * q/k chunks of BK features are double-buffered with cp.async (16-byte copies when
 //     rows are 16-byte aligned, element copies with zero fill at the edges);
 //   * deterministic: per-row sums are reduced in a fixed shuffle order, whole-matrix
@@ -29,6 +29,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "launchers.h"
@@ -42,15 +43,20 @@ using tile::Cfg;
 
 constexpr int BM = 64;
 constexpr int BN = 64;
-constexpr int DC = 256;  // feature columns of dX per block in the backward (two groups of warps)
-constexpr int NT_O = DC / 2 / 8;  // dX n-tiles per warp
-// Warps per block: the forward 4 (16 rows x 64 columns of S each), the backward 8 (16 rows
-// x 32 columns of S, then 16 rows x 128 features of dX each).
-template <bool BWD>
+constexpr int DCW = 128;          // dX features per warp in the backward
+constexpr int NT_O = DCW / 8;     // dX n-tiles per warp
+// Block shape.  Forward: 4 warps, each 16 rows x 64 columns of S.  Backward: G groups of 4
+// warps, each warp 16 rows x 64 / G columns of S, then 16 rows x 128 features of dX; a block
+// covers a DC = 128 G slice of the features (S recomputed ceil(D / DC) times).  G = 2 halves
+// the recomputation (D > 128) at one block of 8 warps per SM (register-bound); G = 1 keeps
+// 2-3 blocks of 4 warps per SM.  Chosen per launch by bwd_groups().
+template <bool BWD, int G>
 struct Shape {
-  static constexpr int kWarps = BWD ? 8 : 4;
+  static_assert(G == 1 || (BWD && G == 2), "the backward alone has two warp groups");
+  static constexpr int kWarps = 4 * G;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kNTS = BN / 8 / (kWarps / 4);  // S n-tiles per warp
+  static constexpr int kNTS = BN / 8 / G;  // S n-tiles per warp
+  static constexpr int kDC = DCW * G;      // dX features per block
 };
 
 // kLseLabels: the lse family with LSE_LABELS (SupCon's positives), its own instantiations so
@@ -167,13 +173,14 @@ __device__ __forceinline__ float quad_max(float v) {
 // 2^e exactly, e in [-126, 127].
 __device__ __forceinline__ float pow2(int e) { return __int_as_float((e + 127) << 23); }
 
-template <typename T, int FAM, bool TRANS, bool BWD>
-__global__ void __launch_bounds__(Shape<BWD>::kThreads) family_tile_kernel(const FamilyParams p, const bool vec_ok) {
+template <typename T, int FAM, bool TRANS, bool BWD, int G>
+__global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(const FamilyParams p, const bool vec_ok) {
   constexpr int BK = Cfg<T>::BK, LDS = Cfg<T>::LDS;
-  constexpr int NWARP = Shape<BWD>::kWarps, NTHR = Shape<BWD>::kThreads, NTS = Shape<BWD>::kNTS;
+  using SH = Shape<BWD, G>;
+  constexpr int NWARP = SH::kWarps, NTHR = SH::kThreads, NTS = SH::kNTS, DC = SH::kDC;
   constexpr int DS_LD = BN + (sizeof(T) == 4 ? 4 : 8);  // padded row of the staged dS tile
   constexpr int TPS = BK / 8;                           // output n-tiles per dX step
-  constexpr int NG_MAX = DC / 2 / BK;                   // dX steps per column tile
+  constexpr int NG_MAX = DCW / BK;                      // dX steps per column tile
   // float16's exponent range cannot hold dS (grad_row = 1/N times probabilities ~1/M
   // underflows): each row's staged dS is scaled by 2^ds_e, a power of two following the
   // running max |dS| of the row, and accO is rescaled (exactly) whenever it changes.
@@ -211,13 +218,13 @@ __global__ void __launch_bounds__(Shape<BWD>::kThreads) family_tile_kernel(const
   const bool gemm = BWD && dx_out != nullptr;
   const int64_t dc0 = static_cast<int64_t>(blockIdx.y) * DC;
   const int nk = D > 0 ? static_cast<int>((D + BK - 1) / BK) : 1;
-  // dX: this slice's width split in two halves of whole BK chunks, one per warp group
+  // dX: this slice's width split in G parts of whole BK chunks, one per warp group
   // (features past D are zero in the staged chunks and never written)
   int ng = 0;
   int64_t half = 0;
   if (gemm) {
     const int64_t width = (D - dc0) < DC ? (D - dc0) : DC;
-    ng = width > 0 ? static_cast<int>(((width + 1) / 2 + BK - 1) / BK) : 0;
+    ng = width > 0 ? static_cast<int>(((width + G - 1) / G + BK - 1) / BK) : 0;
     half = static_cast<int64_t>(ng) * BK;
   }
   const int spt = nk + ng;  // pipeline steps per column tile
@@ -260,7 +267,7 @@ __global__ void __launch_bounds__(Shape<BWD>::kThreads) family_tile_kernel(const
       // dX step: the Y chunk of each warp group (sx is free between the S products)
       const int64_t c = dc0 + static_cast<int64_t>(local - nk) * BK;
       load_chunk<T, NTHR>(sy[st], Y, col0, ncols, c, D, vec_ok);
-      load_chunk<T, NTHR>(sx[st], Y, col0, ncols, c + half, D, vec_ok);
+      if (G == 2) load_chunk<T, NTHR>(sx[st], Y, col0, ncols, c + half, D, vec_ok);
     }
     tile::cp_async_commit();
   };
@@ -385,21 +392,22 @@ __global__ void __launch_bounds__(Shape<BWD>::kThreads) family_tile_kernel(const
       }
     }
     if (kDsScale && gemm) {
-      // one scale per row for both warp groups (the row's staged dS is one A operand): each
-      // group's max |dS| through shared memory (gemm is uniform over the block)
+      // one scale per row for every warp group (the row's staged dS is one A operand): with two
+      // groups, each group's max |dS| through shared memory (gemm is uniform over the block)
+      float amax[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float a = 0.f;
 #pragma unroll
         for (int nt = 0; nt < NTS; ++nt) a = fmaxf(a, fmaxf(fabsf(vals[nt][2 * h]), fabsf(vals[nt][2 * h + 1])));
-        a = quad_max(a);
-        if (t == 0) sdmax[cg][rw * 16 + g + 8 * h] = a;
+        amax[h] = quad_max(a);
+        if (G == 2 && t == 0) sdmax[cg][rw * 16 + g + 8 * h] = amax[h];
       }
-      __syncthreads();
+      if (G == 2) __syncthreads();
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int rl = rw * 16 + g + 8 * h;
-        const float a = fmaxf(sdmax[0][rl], sdmax[1][rl]);
+        const float a = G == 2 ? fmaxf(sdmax[0][rl], sdmax[1][rl]) : amax[h];
         if (a > ds_max[h] && a <= 3.0e38f) {  // the running max grew (finite)
           int ex;
           frexpf(a, &ex);
@@ -447,8 +455,8 @@ __global__ void __launch_bounds__(Shape<BWD>::kThreads) family_tile_kernel(const
 #pragma unroll
       for (int q = 0; q < NG_MAX; ++q)
         if (q == gi)
-          tile::warp_mma_nn<TPS, BN>(&accO[q * TPS], &sds[rw * 16 * DS_LD], DS_LD, cg == 0 ? sy[st] : sx[st], LDS,
-                                     precise_o);
+          tile::warp_mma_nn<TPS, BN>(&accO[q * TPS], &sds[rw * 16 * DS_LD], DS_LD, (G == 1 || cg == 0) ? sy[st] : sx[st],
+                                     LDS, precise_o);
     }
     __syncthreads();
   }
@@ -492,8 +500,8 @@ __global__ void __launch_bounds__(Shape<BWD>::kThreads) family_tile_kernel(const
   }
 
   if (side_sums) {
-    // per-row sums: the second warp group's (columns 32..63 of each tile) through shared
-    // memory, added to the first's in that order
+    // per-row sums; with two warp groups the second's (columns 32..63 of each tile) through
+    // shared memory, added to the first's in that order
     const bool fused_loss = FAM == kPairwise && !TRANS && p.row_out != nullptr;
     float a[2], b[2], l[2];
 #pragma unroll
@@ -502,19 +510,24 @@ __global__ void __launch_bounds__(Shape<BWD>::kThreads) family_tile_kernel(const
       b[h] = quad_sum(rrs[h]);
       l[h] = fused_loss ? quad_sum(run_l[h]) : 0.f;
       const int rl = rw * 16 + g + 8 * h;
-      if (cg == 1 && t == 0) {
+      if (G == 2 && cg == 1 && t == 0) {
         sred[0][rl] = a[h];
         sred[1][rl] = b[h];
         sred[2][rl] = l[h];
       }
     }
-    __syncthreads();
+    if (G == 2) __syncthreads();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int rl = rw * 16 + g + 8 * h;
       const int64_t r = row0 + rl;
       if (cg == 0 && t == 0 && r < nrows) {
-        const float a_row = a[h] + sred[0][rl], b_row = b[h] + sred[1][rl];
+        if (G == 2) {
+          a[h] += sred[0][rl];
+          b[h] += sred[1][rl];
+          l[h] += sred[2][rl];
+        }
+        const float a_row = a[h], b_row = b[h];
         if (FAM != kPairwise) {
           if (!TRANS && p.dq_rscale) p.dq_rscale[r] = scale * b_row;
           if (TRANS && p.dk_rscale) p.dk_rscale[r] = scale * b_row;
@@ -522,7 +535,7 @@ __global__ void __launch_bounds__(Shape<BWD>::kThreads) family_tile_kernel(const
         } else if (!TRANS && p.drow_offset) {
           p.drow_offset[r] = a_row;
         }
-        if (fused_loss) p.row_out[r] = l[h] + sred[2][rl];
+        if (fused_loss) p.row_out[r] = l[h];
       }
     }
     if (!TRANS) {
@@ -583,15 +596,32 @@ bool vec_ok_for(const FamilyParams& p) {
 }
 
 int64_t row_blocks(int64_t rows) { return (rows + BM - 1) / BM; }
-int64_t d_slices(int64_t d) { return d > 0 ? (d + DC - 1) / DC : 1; }
+
+// Warp groups of the backward (Shape): two where D > 128 (each block then computes dX for 256
+// features, halving the S recomputation), one otherwise (one slice covers D either way).
+// CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS=1 or 2 forces one shape, for measuring both on a GPU.
+int bwd_groups(int64_t d) {
+  const char* env = std::getenv("CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS");
+  if (env != nullptr && env[0] != '\0') return env[0] == '2' ? 2 : 1;
+  return d > DCW ? 2 : 1;
+}
+
+template <typename T, int FAM, bool TRANS, bool BWD, int G>
+cudaError_t launch_shape(const FamilyParams& p, bool with_gemm, cudaStream_t stream) {
+  const int64_t rows = TRANS ? p.m : p.n;
+  using SH = Shape<BWD, G>;  // (a name without commas: CK_LAUNCH is a macro)
+  const int64_t slices = p.d > 0 ? (p.d + SH::kDC - 1) / SH::kDC : 1;
+  const dim3 grid(static_cast<unsigned>(row_blocks(rows)), BWD && with_gemm ? static_cast<unsigned>(slices) : 1u);
+  CK_LAUNCH(grid, SH::kThreads, 0, stream, family_tile_kernel<T, FAM, TRANS, BWD, G>)(p, vec_ok_for<T>(p));
+  return cudaGetLastError();
+}
 
 template <typename T, int FAM, bool TRANS, bool BWD>
 cudaError_t launch(const FamilyParams& p, bool with_gemm, cudaStream_t stream) {
   const int64_t rows = TRANS ? p.m : p.n;
   if (rows == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(row_blocks(rows)), BWD && with_gemm ? static_cast<unsigned>(d_slices(p.d)) : 1u);
-  CK_LAUNCH(grid, Shape<BWD>::kThreads, 0, stream, family_tile_kernel<T, FAM, TRANS, BWD>)(p, vec_ok_for<T>(p));
-  return cudaGetLastError();
+  if (BWD && with_gemm && bwd_groups(p.d) == 2) return launch_shape<T, FAM, TRANS, BWD, BWD ? 2 : 1>(p, with_gemm, stream);
+  return launch_shape<T, FAM, TRANS, BWD, 1>(p, with_gemm, stream);
 }
 
 template <int FAM, bool TRANS, bool BWD>
