@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(co
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   // rows 16 rw .. 16 rw + 15 of the block; S columns NTS * 8 cg ..; dX features (backward)
-  // half * cg .. of the block's slice
+  // part * cg .. of the block's slice
   const int rw = warp & 3, cg = warp >> 2;
   const T* X = static_cast<const T*>(TRANS ? p.k : p.q);
   const T* Y = static_cast<const T*>(TRANS ? p.q : p.k);
@@ -221,11 +221,11 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(co
   // dX: this slice's width split in G parts of whole BK chunks, one per warp group
   // (features past D are zero in the staged chunks and never written)
   int ng = 0;
-  int64_t half = 0;
+  int64_t part = 0;  // features of the slice per warp group (ng chunks of BK)
   if (gemm) {
     const int64_t width = (D - dc0) < DC ? (D - dc0) : DC;
     ng = width > 0 ? static_cast<int>(((width + G - 1) / G + BK - 1) / BK) : 0;
-    half = static_cast<int64_t>(ng) * BK;
+    part = static_cast<int64_t>(ng) * BK;
   }
   const int spt = nk + ng;  // pipeline steps per column tile
   const int64_t ntiles = (ncols + BN - 1) / BN;
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(co
       // dX step: the Y chunk of each warp group (sx is free between the S products)
       const int64_t c = dc0 + static_cast<int64_t>(local - nk) * BK;
       load_chunk<T, NTHR>(sy[st], Y, col0, ncols, c, D, vec_ok);
-      if (G == 2) load_chunk<T, NTHR>(sx[st], Y, col0, ncols, c + half, D, vec_ok);
+      if (G == 2) load_chunk<T, NTHR>(sx[st], Y, col0, ncols, c + part, D, vec_ok);
     }
     tile::cp_async_commit();
   };
@@ -527,13 +527,12 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(co
           b[h] += sred[1][rl];
           l[h] += sred[2][rl];
         }
-        const float a_row = a[h], b_row = b[h];
         if (FAM != kPairwise) {
-          if (!TRANS && p.dq_rscale) p.dq_rscale[r] = scale * b_row;
-          if (TRANS && p.dk_rscale) p.dk_rscale[r] = scale * b_row;
-          if (TRANS && p.dcol_bias) p.dcol_bias[r] = a_row;
+          if (!TRANS && p.dq_rscale) p.dq_rscale[r] = scale * b[h];
+          if (TRANS && p.dk_rscale) p.dk_rscale[r] = scale * b[h];
+          if (TRANS && p.dcol_bias) p.dcol_bias[r] = a[h];
         } else if (!TRANS && p.drow_offset) {
-          p.drow_offset[r] = a_row;
+          p.drow_offset[r] = a[h];
         }
         if (fused_loss) p.row_out[r] = l[h];
       }
@@ -551,15 +550,15 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(co
 
   if (gemm) {
     T* out = static_cast<T*>(dx_out);
-    // this warp group's features: [dc0 + cg half, dc0 + (cg + 1) half), within D
-    const int64_t d_end = (dc0 + (cg + 1) * half) < D ? dc0 + (cg + 1) * half : D;
+    // this warp group's features: [dc0 + cg part, dc0 + (cg + 1) part), within D
+    const int64_t d_end = (dc0 + (cg + 1) * part) < D ? dc0 + (cg + 1) * part : D;
 #pragma unroll
     for (int nt = 0; nt < NT_O; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e >> 1;
         const int64_t r = row0 + rw * 16 + g + 8 * h;
-        const int64_t d = dc0 + cg * half + nt * 8 + 2 * t + (e & 1);
+        const int64_t d = dc0 + cg * part + nt * 8 + 2 * t + (e & 1);
         if (r < nrows && d < d_end) {
           float v = scale * R[h].rs * accO[nt][e];
           if (kDsScale) v *= pow2(-ds_e[h]);
