@@ -176,3 +176,139 @@ def test_family_op_errors_name_the_emulator(emu):
                                                            None, 0, 0, False)
     row, _ = _families.lse("cuda", q, q, torch.tensor(1.0))
     assert row.shape == (3,) and torch.isfinite(row).all()
+
+
+# --- the order of threads and blocks (CK_EMU_SCHEDULE): a race detector ---------------------
+#
+# On a GPU the threads of a block run in no defined order between barriers, and blocks in
+# none at all.  The emulator runs them in a fixed order unless CK_EMU_SCHEDULE says
+# otherwise, so a kernel that reads (or overwrites) what another thread writes in the same
+# barrier interval, or another block at all, can pass every numeric test here and be wrong
+# on the hardware.  Running every kernel under several orders and requiring bitwise equal
+# results catches such races without a GPU (compute-sanitizer racecheck, on a GPU, only
+# sees shared memory).
+
+_SCHEDULES = ("reverse", "shuffle:1", "shuffle:2")
+
+
+@pytest.mark.parametrize("which", [8, 9], ids=["threads", "blocks"])
+def test_schedule_exposes_a_race(emu, which, monkeypatch):
+    """The negative control: a kernel with a race gives different results under different
+    orders (8: a write and reads of one shared value in a barrier interval; 9: a block reads
+    what another block writes)."""
+    results = {}
+    for schedule in ("forward",) + _SCHEDULES:
+        monkeypatch.setenv("CK_EMU_SCHEDULE", schedule)
+        out = torch.zeros(64)
+        assert emu.misuse(which, out) == "ok"
+        results[schedule] = out
+    if which == 8:
+        # the last thread to reach a barrier runs on first: forward, thread 63 writes before
+        # all reads; reverse, thread 0 reads before thread 63 writes
+        assert torch.equal(results["forward"], torch.full((64,), 2.0))
+        assert torch.equal(results["reverse"], torch.tensor([1.0] + [2.0] * 63))
+        assert any(not torch.equal(results[s], results["forward"]) for s in _SCHEDULES[1:]), \
+            "no shuffled order exposed the race"
+    else:  # two blocks: a shuffle keeps their order half the time
+        assert results["forward"][1].item() == 0.0 and results["reverse"][1].item() == 5.0
+
+
+def test_schedule_bad_value_is_an_error(emu, monkeypatch):
+    monkeypatch.setenv("CK_EMU_SCHEDULE", "backwards")
+    status = emu.misuse(0, torch.zeros(64))
+    assert "CK_EMU_SCHEDULE" in status and "backwards" in status, status
+
+
+def _schedule_cases():
+    """(name, function of a generator returning the tensors to compare, the lse backward's
+    block shape or None): every CUDA kernel family, forward and backward, at sizes with
+    several blocks and partial tiles."""
+    import contrastive_kernels as ck
+
+    def grads(loss, *xs):
+        loss.backward()
+        return [loss.detach()] + [x.grad for x in xs]
+
+    def leaf(g, *shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).requires_grad_()
+
+    def clip(dtype, d):
+        def run(g):
+            a, b = leaf(g, 70, d, dtype=dtype), leaf(g, 70, d, dtype=dtype)
+            return grads(ck.clip_loss(a, b, torch.tensor(10.0), backend="cuda"), a, b)
+        return run
+
+    def supcon(g):
+        x = leaf(g, 70, 40)
+        labels = torch.randint(0, 5, (70,), generator=g)
+        return grads(ck.supcon_loss(x, labels, 0.1, backend="cuda"), x)
+
+    def info_nce_negatives(g):
+        q, k, neg = leaf(g, 33, 48, dtype=torch.bfloat16), leaf(g, 33, 48, dtype=torch.bfloat16), leaf(g, 70, 48)
+        return grads(ck.info_nce(q, k, negatives=neg.bfloat16(), temperature=0.1, backend="cuda"), q, k)
+
+    def siglip(dtype):
+        def run(g):
+            a, b = leaf(g, 70, 40, dtype=dtype), leaf(g, 70, 40, dtype=dtype)
+            return grads(ck.siglip_loss(a, b, torch.tensor(10.0), torch.tensor(-10.0), backend="cuda"), a, b)
+        return run
+
+    def uniformity(g):
+        x = leaf(g, 70, 24)
+        return grads(ck.uniformity_loss(x, backend="cuda"), x)
+
+    def barlow(n, d, dtype):
+        def run(g):
+            a, b = leaf(g, n, d, dtype=dtype), leaf(g, n, d, dtype=dtype)
+            return grads(ck.barlow_twins_loss(a, b, backend="cuda"), a, b)
+        return run
+
+    def vicreg(g):
+        a, b = leaf(g, 70, 72), leaf(g, 70, 72)
+        return grads(ck.vicreg_loss(a, b, backend="cuda"), a, b)
+
+    def similarity(dtype):
+        def run(g):
+            a, b = leaf(g, 70, 40, dtype=dtype), leaf(g, 66, 40, dtype=dtype)
+            s = torch.tensor(3.0, requires_grad=True)
+            out = ck.normalized_similarity(a, b, s, backend="cuda")
+            w = torch.randn(out.shape, generator=g)
+            (out.float() * w).sum().backward()
+            return [out.detach(), a.grad, b.grad, s.grad]
+        return run
+
+    return [
+        ("clip_bf16_d300_g1", clip(torch.bfloat16, 300), "1"),
+        ("clip_bf16_d300_g2", clip(torch.bfloat16, 300), "2"),
+        ("clip_f32_d300_g1", clip(torch.float32, 300), "1"),
+        ("clip_f32_d300_g2", clip(torch.float32, 300), "2"),
+        ("clip_f16_d40_g2", clip(torch.float16, 40), "2"),
+        ("supcon_f32", supcon, None),
+        ("info_nce_negatives_bf16", info_nce_negatives, None),
+        ("siglip_bf16", siglip(torch.bfloat16), None),
+        ("siglip_f32", siglip(torch.float32), None),
+        ("uniformity_f32", uniformity, None),
+        ("barlow_tiled_bf16", barlow(70, 72, torch.bfloat16), None),
+        ("barlow_gram_f32", barlow(5, 130, torch.float32), None),
+        ("vicreg_f32", vicreg, None),
+        ("similarity_bf16", similarity(torch.bfloat16), None),
+        ("similarity_f32", similarity(torch.float32), None),
+    ]
+
+
+@pytest.mark.parametrize("case", _schedule_cases(), ids=lambda c: c[0])
+def test_kernels_do_not_depend_on_the_schedule(emu, case, monkeypatch):
+    """Every CUDA kernel gives bitwise the same losses and gradients whatever the order of its
+    threads between barriers and of its blocks (both backward block shapes of the lse family)."""
+    _, run, groups = case
+    if groups is not None:
+        monkeypatch.setenv("CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS", groups)
+    results = {}
+    for schedule in ("forward",) + _SCHEDULES:
+        monkeypatch.setenv("CK_EMU_SCHEDULE", schedule)
+        results[schedule] = run(torch.Generator().manual_seed(11))
+    want = results["forward"]
+    assert all(t is not None and torch.isfinite(t).all() for t in want)
+    for schedule in _SCHEDULES:
+        for i, (x, y) in enumerate(zip(results[schedule], want)):
+            assert torch.equal(x, y), f"output {i} differs under CK_EMU_SCHEDULE={schedule}: a race"

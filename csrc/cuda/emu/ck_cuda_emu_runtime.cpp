@@ -2,7 +2,12 @@
 // fibers on the calling OS thread, run round-robin (x86-64: the 20-instruction stack
 // switch below, 3x faster than ucontext's swapcontext, which makes a signal-mask system
 // call per switch).  A fiber gives up the CPU only at a barrier (__syncthreads or a
-// warp collective), so a barrier costs about one switch per thread.  Errors (a divergent barrier, a collective missing lanes, a bad
+// warp collective), so a barrier costs about one switch per thread.  CK_EMU_SCHEDULE
+// (read per launch) sets the order of the blocks and of the threads between barriers:
+// "forward" (the default), "reverse" or "shuffle[:seed]" (a fresh permutation per
+// barrier interval).  A kernel whose result depends on that order has a race: a thread
+// reads or writes what another writes in the same barrier interval (or a block what
+// another block writes); tests/test_cuda_emulator.py runs the kernels under each.  Errors (a divergent barrier, a collective missing lanes, a bad
 // launch configuration) stop the launch; cudaGetLastError then returns
 // cudaErrorLaunchFailure / cudaErrorInvalidConfiguration and cudaGetErrorString the
 // emulator's description.
@@ -18,6 +23,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ck_cuda_emu.h"
@@ -295,6 +301,50 @@ static void set_error(cudaError_t e, const std::string& what) {
   g_last_message = "CUDA emulator: " + what;
 }
 
+// The order in which blocks run and fibers are swept (CK_EMU_SCHEDULE, see the top).
+struct Schedule {
+  enum Kind { kForward, kReverse, kShuffle } kind = kForward;
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  bool bad = false;
+
+  static Schedule from_env() {
+    Schedule s;
+    const char* v = std::getenv("CK_EMU_SCHEDULE");
+    if (v == nullptr || *v == '\0' || std::strcmp(v, "forward") == 0) return s;
+    if (std::strcmp(v, "reverse") == 0) {
+      s.kind = kReverse;
+    } else if (std::strncmp(v, "shuffle", 7) == 0 && (v[7] == '\0' || v[7] == ':')) {
+      s.kind = kShuffle;
+      if (v[7] == ':') {
+        char* end = nullptr;
+        const unsigned long long seed = std::strtoull(v + 8, &end, 10);
+        if (end == v + 8 || *end != '\0') s.bad = true;
+        s.state ^= seed * 0xBF58476D1CE4E5B9ull;
+      }
+      if (s.state == 0) s.state = 1;
+    } else {
+      s.bad = true;
+    }
+    return s;
+  }
+  uint64_t next() {  // xorshift64*
+    state ^= state >> 12;
+    state ^= state << 25;
+    state ^= state >> 27;
+    return state * 0x2545F4914F6CDD1Dull;
+  }
+  // A new visiting order of n items (drawn only when shuffling); at(order, k, n) is its k-th.
+  void draw(std::vector<uint64_t>& order, uint64_t n) {
+    if (kind != kShuffle) return;
+    order.resize(n);
+    for (uint64_t i = 0; i < n; ++i) order[i] = i;
+    for (uint64_t i = n; i > 1; --i) std::swap(order[i - 1], order[next() % i]);
+  }
+  uint64_t at(const std::vector<uint64_t>& order, uint64_t k, uint64_t n) const {
+    return kind == kForward ? k : kind == kReverse ? n - 1 - k : order[k];
+  }
+};
+
 void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
   const uint64_t nthreads = static_cast<uint64_t>(block.x) * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024 || block.z > 64) {
@@ -306,6 +356,16 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
                                                  std::to_string(grid.y) + ", " + std::to_string(grid.z) + ")");
     return;
   }
+  Schedule schedule = Schedule::from_env();
+  if (schedule.bad) {
+    set_error(cudaErrorInvalidConfiguration,
+              "CK_EMU_SCHEDULE must be forward, reverse, shuffle or shuffle:<seed>, not '" +
+                  std::string(std::getenv("CK_EMU_SCHEDULE")) + "'");
+    return;
+  }
+  const uint64_t nblocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  std::vector<uint64_t> block_order, fiber_order;
+  schedule.draw(block_order, nblocks);
   BlockRun* outer_run = g_run;
   Fiber* outer_fiber = g_fiber;
   Thread* outer_thread = g_thread;
@@ -320,50 +380,54 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
   r.block.grid = grid;
   g_run = &r;
   g_block = &r.block;
-  for (unsigned bz = 0; bz < grid.z && !r.failed; ++bz)
-    for (unsigned by = 0; by < grid.y && !r.failed; ++by)
-      for (unsigned bx = 0; bx < grid.x && !r.failed; ++bx) {
-        r.block.idx = uint3{bx, by, bz};
-        r.exited = 0;
-        r.bar_arrived = 0;
-        r.warps.assign((nthreads + 31) / 32, WarpState());
-        for (uint64_t i = 0; i < nthreads; ++i) {
-          Fiber& f = fibers[i];
-          f.done = false;
-          f.waiting = false;
-          f.open.clear();
-          f.groups.clear();
-          f.thread = Thread();
-          f.thread.idx = uint3{static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
-                               static_cast<unsigned>(i / (static_cast<uint64_t>(block.x) * block.y))};
-          f.thread.lane = static_cast<int>(i & 31);
-          f.thread.warp = static_cast<int>(i >> 5);
-          ++r.warps[i >> 5].lanes;
-          f.stack = stack_at(i);
-          asan_fresh_stack(f.stack, kStackBytes);
-          make_context(f.ctx, f.stack, kStackBytes, fiber_entry);
-        }
-        int live = r.nthreads;
-        while (live > 0 && !r.failed) {
-          const uint64_t before = r.progress;
-          live = 0;
-          for (Fiber& f : fibers) {
-            if (f.done) continue;
-            g_fiber = &f;
-            g_thread = &f.thread;
-            asan_start(&r.asan_fake, f.stack, kStackBytes);
-            switch_context(r.sched, f.ctx);
-            asan_finish(r.asan_fake, nullptr, nullptr);
-            if (r.failed) break;
-            if (!f.done) ++live;
-          }
-          if (live > 0 && !r.failed && r.progress == before) {
-            r.failed = true;
-            r.error = "deadlock: the threads of block (" + std::to_string(bx) + ", " + std::to_string(by) +
-                      ") wait at different barriers";
-          }
-        }
+  for (uint64_t b = 0; b < nblocks && !r.failed; ++b) {
+    const uint64_t flat = schedule.at(block_order, b, nblocks);
+    const unsigned bx = static_cast<unsigned>(flat % grid.x);
+    const unsigned by = static_cast<unsigned>((flat / grid.x) % grid.y);
+    const unsigned bz = static_cast<unsigned>(flat / (static_cast<uint64_t>(grid.x) * grid.y));
+    r.block.idx = uint3{bx, by, bz};
+    r.exited = 0;
+    r.bar_arrived = 0;
+    r.warps.assign((nthreads + 31) / 32, WarpState());
+    for (uint64_t i = 0; i < nthreads; ++i) {
+      Fiber& f = fibers[i];
+      f.done = false;
+      f.waiting = false;
+      f.open.clear();
+      f.groups.clear();
+      f.thread = Thread();
+      f.thread.idx = uint3{static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
+                           static_cast<unsigned>(i / (static_cast<uint64_t>(block.x) * block.y))};
+      f.thread.lane = static_cast<int>(i & 31);
+      f.thread.warp = static_cast<int>(i >> 5);
+      ++r.warps[i >> 5].lanes;
+      f.stack = stack_at(i);
+      asan_fresh_stack(f.stack, kStackBytes);
+      make_context(f.ctx, f.stack, kStackBytes, fiber_entry);
+    }
+    int live = r.nthreads;
+    while (live > 0 && !r.failed) {
+      const uint64_t before = r.progress;
+      live = 0;
+      schedule.draw(fiber_order, nthreads);
+      for (uint64_t k = 0; k < nthreads; ++k) {
+        Fiber& f = fibers[schedule.at(fiber_order, k, nthreads)];
+        if (f.done) continue;
+        g_fiber = &f;
+        g_thread = &f.thread;
+        asan_start(&r.asan_fake, f.stack, kStackBytes);
+        switch_context(r.sched, f.ctx);
+        asan_finish(r.asan_fake, nullptr, nullptr);
+        if (r.failed) break;
+        if (!f.done) ++live;
       }
+      if (live > 0 && !r.failed && r.progress == before) {
+        r.failed = true;
+        r.error = "deadlock: the threads of block (" + std::to_string(bx) + ", " + std::to_string(by) +
+                  ") wait at different barriers";
+      }
+    }
+  }
   g_run = outer_run;
   g_fiber = outer_fiber;
   g_thread = outer_thread;

@@ -153,6 +153,18 @@ __global__ void misuse_kernel(int which, float* out) {
       }
       return;
     }
+    case 8: {  // a race: thread 63 writes what the others read in the same barrier interval
+      __shared__ float shared_value;
+      if (tid == 0) shared_value = 1.f;
+      __syncthreads();
+      if (tid == 63) shared_value = 2.f;
+      out[tid] = shared_value;
+      return;
+    }
+    case 9:  // a race between blocks (launched as 2): block 0 reads what block 1 writes
+      if (tid == 0 && blockIdx.x == 1) out[0] = 5.f;
+      if (tid == 0 && blockIdx.x == 0) out[1] = out[0];
+      return;
     case 7:  // reads one float past the end of `out` (64 floats): memcheck.sh's negative control
       if (tid == 0) out[0] = out[64];
       return;
@@ -167,6 +179,8 @@ std::string misuse(int64_t which, const Tensor& out) {
     CK_LAUNCH(dim3(1, 65536), 32, 0, nullptr, misuse_kernel)(0, out.data_ptr<float>());
   } else if (which == 6) {  // a block of more than 1024 threads
     CK_LAUNCH(1, 1056, 0, nullptr, misuse_kernel)(0, out.data_ptr<float>());
+  } else if (which == 9) {
+    CK_LAUNCH(2, 64, 0, nullptr, misuse_kernel)(9, out.data_ptr<float>());
   } else {
     CK_LAUNCH(1, 64, 0, nullptr, misuse_kernel)(static_cast<int>(which), out.data_ptr<float>());
   }
