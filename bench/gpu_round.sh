@@ -19,9 +19,11 @@
 #   peak     bf16 dense matmul ceiling (torch.mm 8192^3) and device copy bandwidth
 #   bench    python -m contrastive_kernels bench --out $OUT/bench (skipped if it fails), then
 #            bench --derive-auto: $OUT/bench/auto_cuda_rules.py, auto's cuda/triton rule table
-#   shapes   the CUDA lse backward with one and with two warp groups per block
-#            (CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS=1 / 2, csrc/cuda/family_tiles.cu bwd_groups) at
-#            a few sizes: $OUT/bwd_shapes.json; decides the D threshold of bwd_groups
+#   shapes   the CUDA lse forward and backward with one and with two warp groups per block
+#            (CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS=1 / 2, csrc/cuda/family_tiles.cu bwd_groups),
+#            and with and without column splits at small N (CONTRASTIVE_KERNELS_CUDA_COL_SPLITS=1
+#            against plan_pass's count): $OUT/bwd_shapes.json; decides bwd_groups' D threshold
+#            and checks plan_pass's split rule
 #   ncu      Nsight Compute on one lse backward launch (optional, slow)
 #
 # Every stage runs even if an earlier one failed; each stage's exit code is appended to
@@ -33,6 +35,7 @@ OUT="${OUT:-/tmp/ck_out}"
 export OUT
 mkdir -p "$OUT"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export CK_BENCH_DIR="$ROOT/bench"  # (cuda_timing.py, for the inline scripts)
 cd "$ROOT" || exit 1
 PY="${PYTHON:-python3}"
 STEPS="$OUT/steps.txt"
@@ -121,18 +124,11 @@ stage_sanitize() {
 
 stage_peak() {
   "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
-import json, os, statistics, torch
+import json, os, sys, torch
+sys.path.insert(0, os.environ["CK_BENCH_DIR"])
+from cuda_timing import timed
 torch.backends.cuda.matmul.allow_tf32 = False
 dev = torch.device("cuda")
-def timed(fn, reps=30, warm=5):
-    for _ in range(warm): fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts), min(ts), max(ts)
 n = 8192
 x = torch.randn(n, n, device=dev, dtype=torch.bfloat16); y = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
 med, lo, hi = timed(lambda: torch.mm(x, y))
@@ -173,34 +169,50 @@ stage_bench() {
 
 stage_shapes() {
   (cd /tmp && timeout 300 "$PY" - <<'EOF') 2>&1 | tee -a "$LOG"
-import json, os, statistics, torch
+import json, os, sys, torch
 import contrastive_kernels._families as fam
+sys.path.insert(0, os.environ["CK_BENCH_DIR"])
+from cuda_timing import timed
 dev = "cuda"
 res = []
-for dtype, n, d in [(torch.bfloat16, 16384, 128), (torch.bfloat16, 16384, 256), (torch.bfloat16, 16384, 512),
-                    (torch.bfloat16, 32768, 512), (torch.float32, 8192, 128), (torch.float32, 8192, 512)]:
+
+
+def case(dtype, n, d, env):
+    """lse forward (row + column) and backward ms with the variables in `env` set ("": unset)."""
+    for k, v in env.items():
+        if v == "":
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     torch.manual_seed(0)
     q = torch.randn(n, d, device=dev, dtype=dtype, requires_grad=True)
     k = torch.randn(n, d, device=dev, dtype=dtype, requires_grad=True)
     s = torch.tensor(10.0, device=dev)
+    fwd_ms = timed(lambda: fam.lse("cuda", q.detach(), k.detach(), s, compute_col=True), reps=10, warm=3)[0]
     row, col = fam.lse("cuda", q, k, s, compute_col=True)
     gr, gc = torch.randn_like(row), torch.randn_like(col)
+    bwd_ms = timed(lambda: torch.autograd.grad((row * gr).sum() + (col * gc).sum(), [q, k], retain_graph=True),
+                   reps=10, warm=3)[0]
+    # nominal FLOPs: forward 2 passes x 2 N M D; backward S recomputed in both passes + dq, dk: 4 x 2 N M D
+    r = {"dtype": str(dtype), "N": n, "M": n, "D": d, "env": env, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
+         "fwd_tflops_nominal_2x2NMD": 4 * n * n * d / fwd_ms / 1e9,
+         "bwd_tflops_nominal_4x2NMD": 8 * n * n * d / bwd_ms / 1e9}
+    print(json.dumps(r))
+    res.append(r)
+    for k in env:
+        os.environ.pop(k, None)
+
+
+# the backward's one or two warp groups per block (bwd_groups' D threshold), unsplit
+for dtype, n, d in [(torch.bfloat16, 16384, 128), (torch.bfloat16, 16384, 256), (torch.bfloat16, 16384, 512),
+                    (torch.bfloat16, 32768, 512), (torch.float32, 8192, 128), (torch.float32, 8192, 512)]:
     for groups in ("1", "2"):
-        os.environ["CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS"] = groups
-        step = lambda: torch.autograd.grad((row * gr).sum() + (col * gc).sum(), [q, k], retain_graph=True)
-        for _ in range(3): step()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(10):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(); step(); b.record(); b.synchronize()
-            ts.append(a.elapsed_time(b))
-        ms = statistics.median(ts)
-        # nominal backward FLOPs: S recomputed in both passes, the dq and dk products: 4 x 2 N M D
-        r = {"dtype": str(dtype), "N": n, "M": n, "D": d, "groups": int(groups), "bwd_ms": ms,
-             "bwd_tflops_nominal_4x2NMD": 8 * n * n * d / ms / 1e9}
-        print(json.dumps(r)); res.append(r)
-    os.environ.pop("CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS")
+        case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS": groups, "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": "1"})
+# column splits at small N (plan_pass): none against the automatic count
+for dtype, n, d in [(torch.bfloat16, 1024, 128), (torch.bfloat16, 4096, 128), (torch.bfloat16, 4096, 512),
+                    (torch.bfloat16, 8192, 256), (torch.float32, 2048, 128)]:
+    for splits in ("1", ""):
+        case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": splits})
 json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": res},
           open(os.path.join(os.environ["OUT"], "bwd_shapes.json"), "w"), indent=1)
 EOF

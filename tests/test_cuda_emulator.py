@@ -189,6 +189,7 @@ def test_family_op_errors_name_the_emulator(emu):
 # sees shared memory).
 
 _SCHEDULES = ("reverse", "shuffle:1", "shuffle:2")
+_GROUPS, _SPLITS = "CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS", "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS"
 
 
 @pytest.mark.parametrize("which", [8, 9], ids=["threads", "blocks"])
@@ -220,9 +221,9 @@ def test_schedule_bad_value_is_an_error(emu, monkeypatch):
 
 
 def _schedule_cases():
-    """(name, function of a generator returning the tensors to compare, the lse backward's
-    block shape or None): every CUDA kernel family, forward and backward, at sizes with
-    several blocks and partial tiles."""
+    """(name, function of a generator returning the tensors to compare, environment): every
+    CUDA kernel family, forward and backward, at sizes with several blocks and partial tiles;
+    the lse backward's block shapes and the column splits forced."""
     import contrastive_kernels as ck
 
     def grads(loss, *xs):
@@ -278,31 +279,36 @@ def _schedule_cases():
         return run
 
     return [
-        ("clip_bf16_d300_g1", clip(torch.bfloat16, 300), "1"),
-        ("clip_bf16_d300_g2", clip(torch.bfloat16, 300), "2"),
-        ("clip_f32_d300_g1", clip(torch.float32, 300), "1"),
-        ("clip_f32_d300_g2", clip(torch.float32, 300), "2"),
-        ("clip_f16_d40_g2", clip(torch.float16, 40), "2"),
-        ("supcon_f32", supcon, None),
-        ("info_nce_negatives_bf16", info_nce_negatives, None),
-        ("siglip_bf16", siglip(torch.bfloat16), None),
-        ("siglip_f32", siglip(torch.float32), None),
-        ("uniformity_f32", uniformity, None),
-        ("barlow_tiled_bf16", barlow(70, 72, torch.bfloat16), None),
-        ("barlow_gram_f32", barlow(5, 130, torch.float32), None),
-        ("vicreg_f32", vicreg, None),
-        ("similarity_bf16", similarity(torch.bfloat16), None),
-        ("similarity_f32", similarity(torch.float32), None),
+        ("clip_bf16_d300_g1", clip(torch.bfloat16, 300), {_GROUPS: "1"}),
+        ("clip_bf16_d300_g2", clip(torch.bfloat16, 300), {_GROUPS: "2"}),
+        ("clip_f32_d300_g1", clip(torch.float32, 300), {_GROUPS: "1"}),
+        ("clip_f32_d300_g2", clip(torch.float32, 300), {_GROUPS: "2"}),
+        ("clip_f16_d40_g2", clip(torch.float16, 40), {_GROUPS: "2"}),
+        ("clip_bf16_d300_splits", clip(torch.bfloat16, 300), {_SPLITS: "2"}),
+        ("clip_f16_d40_splits", clip(torch.float16, 40), {_SPLITS: "2"}),
+        ("supcon_f32_splits", supcon, {_SPLITS: "2"}),
+        ("siglip_bf16_splits", siglip(torch.bfloat16), {_SPLITS: "2"}),
+        ("supcon_f32", supcon, {}),
+        ("info_nce_negatives_bf16", info_nce_negatives, {}),
+        ("siglip_bf16", siglip(torch.bfloat16), {}),
+        ("siglip_f32", siglip(torch.float32), {}),
+        ("uniformity_f32", uniformity, {}),
+        ("barlow_tiled_bf16", barlow(70, 72, torch.bfloat16), {}),
+        ("barlow_gram_f32", barlow(5, 130, torch.float32), {}),
+        ("vicreg_f32", vicreg, {}),
+        ("similarity_bf16", similarity(torch.bfloat16), {}),
+        ("similarity_f32", similarity(torch.float32), {}),
     ]
 
 
 @pytest.mark.parametrize("case", _schedule_cases(), ids=lambda c: c[0])
 def test_kernels_do_not_depend_on_the_schedule(emu, case, monkeypatch):
     """Every CUDA kernel gives bitwise the same losses and gradients whatever the order of its
-    threads between barriers and of its blocks (both backward block shapes of the lse family)."""
-    _, run, groups = case
-    if groups is not None:
-        monkeypatch.setenv("CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS", groups)
+    threads between barriers and of its blocks (both backward block shapes of the lse family,
+    the column splits)."""
+    _, run, env = case
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     results = {}
     for schedule in ("forward",) + _SCHEDULES:
         monkeypatch.setenv("CK_EMU_SCHEDULE", schedule)

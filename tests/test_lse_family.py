@@ -280,6 +280,46 @@ def test_cuda_backward_block_shapes(backend, groups, dtype, mask, monkeypatch):
         _check_case(backend, 129, 70, d, dtype, mask, True, mask != "labels", mask in ("none", "diag_pos"))
 
 
+@pytest.mark.parametrize("backend", _CUDA)
+@pytest.mark.parametrize("splits", ["1", "2", "4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "diag_pos", "label_empty", "target_diag", "target_pos", "labels"])
+def test_cuda_column_splits(backend, splits, dtype, mask, monkeypatch):
+    """Where the row blocks cannot fill the GPU the CUDA kernels split the column tiles
+    across blocks and merge the splits' partials in a fixed order (csrc/cuda/family_tiles.cu,
+    plan_pass; forward: the online states, backward: per-row sums, dX, the dscale / dbias
+    partials).  CONTRASTIVE_KERNELS_CUDA_COL_SPLITS forces a count: here 1, 2 and 4 of 4
+    column tiles (M = 200), row and column passes, the plain, masked, target and labels
+    kernels, D = 40 (one warp group, one slice) and 300 (two groups, two slices)."""
+    monkeypatch.setenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS", splits)
+    square = mask.startswith("target") or mask == "diag_pos"
+    n = 200 if square else 70
+    for d in (40, 300):
+        _check_case(backend, n, 200, d, dtype, mask, True, mask != "labels", mask not in ("labels", "target_pos"))
+
+
+@pytest.mark.parametrize("backend", _CUDA)
+def test_cuda_column_splits_confident_rows(backend, monkeypatch):
+    """The merge keeps a confident row's cross-entropy relative to itself: the row's max in
+    one split, the tiny rest in others (all four splits of one column tile each)."""
+    torch.manual_seed(0)
+    n, d = 256, 64
+    q = F.normalize(torch.randn(n, d), dim=1)
+    k = F.normalize(q + 0.02 * torch.randn(n, d), dim=1)
+    outs = {}
+    for splits in ("1", "4"):
+        monkeypatch.setenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS", splits)
+        outs[splits] = fam.lse(backend, q, k, torch.tensor(20.0), mask_mode=LSE_TARGET, compute_col=True)
+    s = 20.0 * q.double() @ k.double().T
+    ref_row = torch.logsumexp(s, 1) - s.diagonal()
+    ref_col = torch.logsumexp(s, 0) - s.diagonal()
+    assert ref_row.max() < 1e-3  # confident: every cross-entropy tiny
+    for splits, (row, col) in outs.items():
+        for got, ref in ((row, ref_row), (col, ref_col)):
+            err = ((got.double() - ref).abs() / ref).max().item()
+            assert err < 1e-4, f"splits={splits}: cross-entropy relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask", ["labels", "labels_diag", "labels_pos_none"])

@@ -252,6 +252,23 @@ def test_autograd_only_requested(backend, total):
 
 
 # ------------------------------------------------------------------ properties
+@pytest.mark.parametrize("splits", ["2", "4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] == "cuda"] or [
+    pytest.param("cuda", marks=pytest.mark.skip(reason="no cuda backend here (needs a GPU, or the CPU emulator)"))])
+def test_cuda_column_splits(backend, splits, dtype, monkeypatch):
+    """The CUDA kernels' column splits (CONTRASTIVE_KERNELS_CUDA_COL_SPLITS forces a count; see
+    csrc/cuda/family_tiles.cu, plan_pass): forward row sums, backward per-row sums, dq, dk,
+    dscale and dbias partials merged in split order, every mode, and the fused pass."""
+    monkeypatch.setenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS", splits)
+    for mode in range(8):
+        q, k, s, b, ro, ql, kl = _inputs(70, 200, 40, dtype, labels=mode % 2 == 1, normalize=True, scale=10.0,
+                                         bias=-10.0)
+        _check(backend, q, k, s, b, ro, ql, kl, 1, mode)
+    q, k, s, b, ro, ql, kl = _inputs(200, 200, 300, dtype, normalize=True, scale=10.0, bias=-10.0)
+    _check(backend, q, k, s, b, ro, ql, kl, 0, 0, total=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic(backend):
     n, m, d = (40, 33, 16) if backend == "triton" else (600, 530, 40)

@@ -38,10 +38,12 @@ struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
 };
 cudaStream_t current_stream() { return nullptr; }
+int num_sms() { return 132; }  // an H100 SXM's, so that the emulator takes its decisions
 #else
 bool on_device(const at::Tensor& t) { return t.is_cuda(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 #endif
 
 using at::Tensor;
@@ -129,6 +131,7 @@ kc::FamilyParams base_params(const Tensor& q, const Tensor& k, const Tensor& sca
   p.d = q.size(1);
   p.dtype = dtype_of(q, "q");
   p.scale = scalar_ptr(scale, q, "scale");
+  p.num_sms = num_sms();
   return p;
 }
 
@@ -171,6 +174,8 @@ std::tuple<Tensor, Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tenso
   p.row_out = row.data_ptr<float>();
   p.col_out = compute_col ? col.data_ptr<float>() : nullptr;
   p.target_out = (target || labels) ? xt.data_ptr<float>() : nullptr;
+  Tensor ws = f32(q, {kc::forward_workspace_floats(p, compute_col)});
+  p.workspace = ws.data_ptr<float>();
   check_launch(kc::lse_forward(p, compute_col, current_stream()), "lse_forward");
   return {row, col, xt};
 }
@@ -265,6 +270,8 @@ Tensor pairwise_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& sca
   pairwise_setup(p, q, bias, row_offset, q_labels, k_labels, diag_offset, mode);
   Tensor row = f32(q, {p.n});
   p.row_out = row.data_ptr<float>();
+  Tensor ws = f32(q, {kc::forward_workspace_floats(p, false)});
+  p.workspace = ws.data_ptr<float>();
   check_launch(kc::pairwise_forward(p, current_stream()), "pairwise_forward");
   return row;
 }

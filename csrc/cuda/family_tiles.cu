@@ -11,6 +11,11 @@
 //     dcol_bias).  The mask and every formula are written in (i, j) = (q index,
 //     k index), so both directions compute the same S_ij bit for bit;
 //   * forward: online max / sum (lse) or a softplus sum (pairwise) per row;
+//   * where the row blocks alone cannot fill the GPU (small N), the column tiles are split
+//     across blocks (plan_pass: grid.y in the forward, grid.z in the backward), each split
+//     writes its rows' partial state (forward) or partial per-row sums and dX (backward)
+//     to a workspace, and merge kernels add the splits in a fixed order (flash-decoding
+//     style; the backward's workspace is bounded, kSplitBudget);
 //   * backward: dS_ij in registers, per-row sums in registers, dS (times the column
 //     rscale) staged in shared memory as the A operand of dX += dS . Y, computed for a
 //     DC = 128 G slice of the feature dimension per block, 128 features per warp group
@@ -173,8 +178,82 @@ __device__ __forceinline__ float quad_max(float v) {
 // 2^e exactly, e in [-126, 127].
 __device__ __forceinline__ float pow2(int e) { return __int_as_float((e + 127) << 23); }
 
-template <typename T, int FAM, bool TRANS, bool BWD, int G>
-__global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(const FamilyParams p, const bool vec_ok) {
+// The forward's per-row state, summed over the row's lanes (and column splits): lse, the
+// running max m with the sum relative to it as kc exact 1s plus l; LSE_TARGET the target
+// logit xt; LSE_LABELS the positives' sum ps and count pc; pairwise, the softplus sum l.
+constexpr int kSplitFields = 6;  // m, l, kc, xt, ps, pc
+
+// Row r's forward outputs from its state.
+template <int FAM>
+__device__ __forceinline__ void finish_row(const FamilyParams& p, bool trans, int64_t r, int64_t nrows, float m,
+                                           float l, float kc, float xt, float ps, float pc) {
+  float* out = trans ? p.col_out : p.row_out;
+  if (FAM == kPairwise) {
+    out[r] = l;
+    return;
+  }
+  // log of the sum relative to the max, log1p((k - 1) + l) (-inf with nothing kept, NaN from a
+  // NaN logit)
+  const float lg = m == -INFINITY ? (l == 0.f ? -INFINITY : NAN) : log1pf((kc - 1.f) + l);
+  if (p.mask_mode & 8) {
+    // the cross-entropy (max - target) + log1p(e): rounded relative to itself
+    out[r] = (m - xt) + lg;
+    if (!trans && p.target_out) p.target_out[r] = xt;
+  } else if (FAM == kLseLabels) {  // LSE minus the mean positive logit (rows only)
+    const float lse = m + lg;
+    out[r] = pc > 0.f ? lse - ps / pc : lse;
+    if (p.target_out) {
+      p.target_out[r] = lse;
+      p.target_out[nrows + r] = pc > 0.f ? 1.f / pc : 0.f;
+    }
+  } else {
+    out[r] = m + lg;
+  }
+}
+
+// The column splits of a SPLIT kernel: their count and this block's (plan_pass: grid.y
+// forward, grid.z backward).
+template <bool BWD>
+__device__ __forceinline__ int64_t split_count() {
+  return BWD ? gridDim.z : gridDim.y;
+}
+template <bool BWD>
+__device__ __forceinline__ int64_t split_index() {
+  return BWD ? blockIdx.z : blockIdx.y;
+}
+
+// Row r's backward per-row outputs from its sums: a = sum dS, b = sum dS raw rs_j (the row
+// scale's gradient over scale), l = the fused pairwise pass's softplus sum.
+template <int FAM>
+__device__ __forceinline__ void finish_row_sums(const FamilyParams& p, bool trans, int64_t r, float a, float b,
+                                                float l) {
+  if (FAM != kPairwise) {
+    if (!trans && p.dq_rscale) p.dq_rscale[r] = *p.scale * b;
+    if (trans && p.dk_rscale) p.dk_rscale[r] = *p.scale * b;
+    if (trans && p.dcol_bias) p.dcol_bias[r] = a;
+  } else if (!trans) {
+    if (p.drow_offset) p.drow_offset[r] = a;
+    if (p.row_out) p.row_out[r] = l;  // the fused pass
+  }
+}
+
+// SPLIT: a kernel of split columns (plan_pass), its own instantiation: the split code added
+// to the others cost them registers (ptxas 13.0, sm_80: the float16 / bfloat16 forward row
+// pass 124 -> 138, one block per SM fewer; 8-52 bytes of spills in four backward kernels).
+// Split kernels ask for the blocks per SM plan_pass counts on, 4 forward and 2 backward (the
+// float32 LSE_LABELS forward 3, as unsplit: it needs 140-160 registers); left to themselves
+// ptxas 13.0 held the float32 pairwise forward at 96 registers, for 5 blocks, and a backward
+// one at 168, for 3, each with 8 bytes of spills.  The others name no minimum (0: none;
+// naming 1 let ptxas give the sm_90 forward kernels 4-27 more registers, one block per SM
+// fewer).
+template <typename T, int FAM, bool BWD, bool SPLIT>
+constexpr int min_blocks() {
+  return !SPLIT ? 0 : BWD ? 2 : (FAM == kLseLabels && sizeof(T) == 4) ? 3 : 4;
+}
+
+template <typename T, int FAM, bool TRANS, bool BWD, int G, bool SPLIT>
+__global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, BWD, SPLIT>()))
+    family_tile_kernel(const FamilyParams p, const bool vec_ok) {
   constexpr int BK = Cfg<T>::BK, LDS = Cfg<T>::LDS;
   using SH = Shape<BWD, G>;
   constexpr int NWARP = SH::kWarps, NTHR = SH::kThreads, NTS = SH::kNTS, DC = SH::kDC;
@@ -229,7 +308,13 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(co
   }
   const int spt = nk + ng;  // pipeline steps per column tile
   const int64_t ntiles = (ncols + BN - 1) / BN;
-  const int64_t nsteps = ntiles * spt;
+  // this block's steps [s_begin, s_end): all column tiles, or those of its split (SPLIT)
+  int64_t s_begin = 0, s_end = ntiles * spt;
+  if (SPLIT) {
+    const int64_t t_begin = split_index<BWD>() * p.split_tiles;
+    s_begin = t_begin * spt;
+    s_end = (t_begin + p.split_tiles < ntiles ? t_begin + p.split_tiles : ntiles) * spt;
+  }
   const bool side_sums = !BWD || blockIdx.y == 0;
   // float32: six TF32 products per step where a sum is short (S over d, dX over the columns)
   const bool precise_s = D < tile::kPreciseDepth, precise_o = ncols < tile::kPreciseDepth;
@@ -433,9 +518,9 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(co
     }
   };
 
-  if (nsteps > 0) issue(0);
-  for (int64_t s = 0; s < nsteps; ++s) {
-    if (s + 1 < nsteps)
+  if (s_end > s_begin) issue(s_begin);
+  for (int64_t s = s_begin; s < s_end; ++s) {
+    if (s + 1 < s_end)
       issue(s + 1);
     else
       tile::cp_async_commit();
@@ -463,36 +548,26 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(co
   tile::cp_async_wait<0>();
 
   if (!BWD) {
-    float* out = TRANS ? p.col_out : p.row_out;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float l = quad_sum(run_l[h]);
-      const float kc = FAM != kPairwise ? quad_sum(run_k[h]) : 0.f;  // (a count: sums exactly)
-      // lse: log of the sum relative to the max, log1p((k - 1) + l) (-inf with nothing kept, NaN
-      // from a NaN logit)
-      const float lg = FAM == kPairwise        ? 0.f
-                       : run_m[h] == -INFINITY ? (l == 0.f ? -INFINITY : NAN)
-                                               : log1pf((kc - 1.f) + l);
+      const float kc = FAM != kPairwise ? quad_sum(run_k[h]) : 0.f;                // (a count: sums exactly)
       const float xt = (FAM != kPairwise && (mode & 8)) ? quad_sum(run_x[h]) : 0.f;  // x + 0 + 0 + 0: exact
       const float ps = FAM == kLseLabels ? quad_sum(run_p[h]) : 0.f;
       const float pc = FAM == kLseLabels ? quad_sum(run_c[h]) : 0.f;
       const int64_t r = row0 + rw * 16 + g + 8 * h;
       if (t == 0 && r < nrows) {
-        if (FAM != kPairwise && (mode & 8)) {
-          // the cross-entropy (max - target) + log1p(e): rounded relative to itself
-          out[r] = (run_m[h] - xt) + lg;
-          if (!TRANS && p.target_out) p.target_out[r] = xt;
-        } else if (FAM == kLseLabels) {  // LSE minus the mean positive logit (rows only)
-          const float lse = run_m[h] + lg;
-          out[r] = pc > 0.f ? lse - ps / pc : lse;
-          if (p.target_out) {
-            p.target_out[r] = lse;
-            p.target_out[nrows + r] = pc > 0.f ? 1.f / pc : 0.f;
-          }
-        } else if (FAM != kPairwise) {
-          out[r] = run_m[h] + lg;
+        if (SPLIT) {  // a column split: the partial state, merged by merge_splits_kernel
+          float* ws = p.workspace + split_index<BWD>() * nrows + r;
+          const int64_t field = split_count<BWD>() * nrows;
+          ws[0] = run_m[h];
+          ws[field] = l;
+          ws[2 * field] = kc;
+          ws[3 * field] = xt;
+          ws[4 * field] = ps;
+          ws[5 * field] = pc;
         } else {
-          out[r] = l;
+          finish_row<FAM>(p, TRANS, r, nrows, run_m[h], l, kc, xt, ps, pc);
         }
       }
     }
@@ -527,29 +602,42 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(co
           b[h] += sred[1][rl];
           l[h] += sred[2][rl];
         }
-        if (FAM != kPairwise) {
-          if (!TRANS && p.dq_rscale) p.dq_rscale[r] = scale * b[h];
-          if (TRANS && p.dk_rscale) p.dk_rscale[r] = scale * b[h];
-          if (TRANS && p.dcol_bias) p.dcol_bias[r] = a[h];
-        } else if (!TRANS && p.drow_offset) {
-          p.drow_offset[r] = a[h];
+        if (SPLIT) {  // a column split: partial sums, [3][splits][nrows] (merge_bwd_rows_kernel)
+          const int64_t field = split_count<BWD>() * nrows;
+          float* ws = p.split_part + split_index<BWD>() * nrows + r;
+          ws[0] = a[h];
+          ws[field] = b[h];
+          ws[2 * field] = l[h];
+        } else {  // (finish_row_sums, written out: as a call it cost sm_80 registers)
+          if (FAM != kPairwise) {
+            if (!TRANS && p.dq_rscale) p.dq_rscale[r] = scale * b[h];
+            if (TRANS && p.dk_rscale) p.dk_rscale[r] = scale * b[h];
+            if (TRANS && p.dcol_bias) p.dcol_bias[r] = a[h];
+          } else if (!TRANS && p.drow_offset) {
+            p.drow_offset[r] = a[h];
+          }
+          if (fused_loss) p.row_out[r] = l[h];
         }
-        if (fused_loss) p.row_out[r] = l[h];
       }
     }
     if (!TRANS) {
       const double ds_total = tile::block_sum_f64<NWARP>(dscale_part, red);
       const double db_total = tile::block_sum_f64<NWARP>(dbias_part, red);
       if (tid == 0) {
+        // [2][nsplit][row blocks]: dscale's, then dbias's (reduce_partials_kernel)
         double* ws = reinterpret_cast<double*>(p.workspace);
-        ws[blockIdx.x] = ds_total;
-        ws[gridDim.x + blockIdx.x] = db_total;
+        const int64_t sp = SPLIT ? split_index<BWD>() : 0, nsp = SPLIT ? split_count<BWD>() : 1;
+        ws[sp * gridDim.x + blockIdx.x] = ds_total;
+        ws[(nsp + sp) * gridDim.x + blockIdx.x] = db_total;
       }
     }
   }
 
   if (gemm) {
     T* out = static_cast<T*>(dx_out);
+    // SPLIT: this column split's part of dX, float32 [splits][nrows][D] in the workspace
+    // (merge_bwd_dx_kernel)
+    float* part_out = SPLIT ? p.split_part + (3 * split_count<BWD>() + split_index<BWD>() * D) * nrows : nullptr;
     // this warp group's features: [dc0 + cg part, dc0 + (cg + 1) part), within D
     const int64_t d_end = (dc0 + (cg + 1) * part) < D ? dc0 + (cg + 1) * part : D;
 #pragma unroll
@@ -562,13 +650,76 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads) family_tile_kernel(co
         if (r < nrows && d < d_end) {
           float v = scale * R[h].rs * accO[nt][e];
           if (kDsScale) v *= pow2(-ds_e[h]);
-          if (p.grad_f32)
+          if (SPLIT)
+            part_out[r * D + d] = v;
+          else if (p.grad_f32)
             static_cast<float*>(dx_out)[r * D + d] = v;
           else
             out[r * D + d] = tile::from_float<T>(v);
         }
       }
     }
+  }
+}
+
+// The forward's column splits of each row, combined in split order (thread per row): the
+// running maxima as the tile loop combines them (terms below the new max scale down, exact
+// 1s at it add), the other fields summed; then the row's outputs.
+template <int FAM>
+__global__ void merge_splits_kernel(const FamilyParams p, bool trans, int64_t nrows, int splits) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= nrows) return;
+  const float* ws = p.workspace + r;
+  const int64_t field = static_cast<int64_t>(splits) * nrows;
+  float m = -INFINITY;
+  for (int sp = 0; sp < splits; ++sp) m = fmaxf(m, ws[sp * nrows]);
+  const float ref = m == -INFINITY ? 0.f : m;
+  float l = 0.f, kc = 0.f, xt = 0.f, ps = 0.f, pc = 0.f;
+  for (int sp = 0; sp < splits; ++sp) {
+    const int64_t o = sp * nrows;
+    const float ms = ws[o], ls = ws[field + o], ks = ws[2 * field + o];
+    if (FAM == kPairwise) {
+      l += ls;
+    } else if (ms == m && m != -INFINITY) {
+      l += ls;
+      kc += ks;
+    } else {
+      l += (ls + ks) * __expf(ms - ref);
+    }
+    xt += ws[3 * field + o];  // (one split holds the target: exact)
+    ps += ws[4 * field + o];
+    pc += ws[5 * field + o];
+  }
+  finish_row<FAM>(p, trans, r, nrows, m, l, kc, xt, ps, pc);
+}
+
+// The backward's column splits: per-row sums added in split order (thread per row).
+template <int FAM>
+__global__ void merge_bwd_rows_kernel(const FamilyParams p, bool trans, int64_t nrows, int splits) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= nrows) return;
+  const float* ws = p.split_part + r;
+  const int64_t field = static_cast<int64_t>(splits) * nrows;
+  float a = 0.f, b = 0.f, l = 0.f;
+  for (int sp = 0; sp < splits; ++sp) {
+    a += ws[sp * nrows];
+    b += ws[field + sp * nrows];
+    l += ws[2 * field + sp * nrows];
+  }
+  finish_row_sums<FAM>(p, trans, r, a, b, l);
+}
+
+// ... and dX (nrows x D) added in split order, rounded once to the output's type.
+template <typename T>
+__global__ void merge_bwd_dx_kernel(const float* part, void* out, bool out_f32, int64_t count, int splits) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int sp = 0; sp < splits; ++sp) v += part[sp * count + e];
+    if (out_f32)
+      static_cast<float*>(out)[e] = v;
+    else
+      static_cast<T*>(out)[e] = tile::from_float<T>(v);
   }
 }
 
@@ -605,52 +756,138 @@ int bwd_groups(int64_t d) {
   return d > DCW ? 2 : 1;
 }
 
-template <typename T, int FAM, bool TRANS, bool BWD, int G>
-cudaError_t launch_shape(const FamilyParams& p, bool with_gemm, cudaStream_t stream) {
-  const int64_t rows = TRANS ? p.m : p.n;
+// How one pass is launched: the backward's warp groups (Shape) and feature slices (grid.y),
+// and the column splits (grid.y forward, grid.z backward; 1 = none).  The row blocks alone
+// fill the GPU at large N (N = 32768: 512 blocks); at N = 1024 they are 16 blocks on 132
+// SMs.  Where the unsplit blocks are less than one wave at the kernel's occupancy (forward 4
+// blocks per SM, register-bound; backward 2 with one warp group, 1 with two), the columns
+// are split, into as many splits as still fit in one wave of the split kernel (one warp
+// group: 4 blocks per SM forward, 2 backward with 128-feature slices), each split at least
+// 2 column tiles, the backward's partial dX within kSplitBudget.  A split costs its partials
+// written and read once more and one or two merge launches.
+// CONTRASTIVE_KERNELS_CUDA_COL_SPLITS=n forces n splits in every pass (at most one per
+// column tile; 1: none), for tests and measurements.
+struct Plan {
+  int groups = 1;
+  int64_t slices = 1, splits = 1;
+  bool gemm = false;
+};
+constexpr int64_t kSplitBudget = int64_t{32} << 20;  // bytes of backward split partials
+
+Plan plan_pass(const FamilyParams& p, bool trans, bool bwd) {
+  Plan pl;
+  const int64_t rows = trans ? p.m : p.n, cols = trans ? p.n : p.m;
+  pl.gemm = bwd && (trans ? p.dk : p.dq) != nullptr;
+  auto shape = [&](int groups) {
+    pl.groups = groups;
+    const int64_t dc = static_cast<int64_t>(DCW) * groups;
+    pl.slices = pl.gemm && p.d > 0 ? (p.d + dc - 1) / dc : 1;
+  };
+  shape(pl.gemm ? bwd_groups(p.d) : 1);
+  const int64_t ntiles = (cols + BN - 1) / BN;
+  if (rows == 0 || ntiles <= 1) return pl;
+  int64_t want;
+  const char* env = std::getenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS");
+  if (env != nullptr && env[0] != '\0') {
+    want = std::atoll(env);
+  } else {
+    const int64_t sms = p.num_sms > 0 ? p.num_sms : 1;
+    if (row_blocks(rows) * pl.slices >= (!bwd ? 4 : (pl.groups == 2 ? 1 : 2)) * sms) return pl;  // a wave unsplit
+    // split kernels have one warp group (in the backward: 128-feature slices, 2 blocks per SM)
+    const int64_t wave = (!bwd ? 4 : 2) * sms, slices1 = pl.gemm && p.d > 0 ? (p.d + DCW - 1) / DCW : 1;
+    want = wave / (row_blocks(rows) * slices1);  // the most splits that still fit in one wave
+    if (want > ntiles / 2) want = ntiles / 2;
+    if (bwd) {
+      const int64_t bytes = 4 * rows * ((pl.gemm ? p.d : 0) + 3);  // per split
+      if (want > kSplitBudget / bytes) want = kSplitBudget / bytes;
+    }
+  }
+  want = want < 1 ? 1 : (want > ntiles ? ntiles : want);
+  if (want > 65535) want = 65535;
+  if (want == 1) return pl;
+  const int64_t per = (ntiles + want - 1) / want;
+  pl.splits = (ntiles + per - 1) / per;  // (no empty split)
+  shape(1);
+  return pl;
+}
+
+// floats of a backward pass's split partials: [3][splits][rows] per-row sums, [splits][rows][D] dX
+int64_t split_part_floats(const FamilyParams& p, bool trans) {
+  const Plan pl = plan_pass(p, trans, true);
+  const int64_t rows = trans ? p.m : p.n;
+  return pl.splits > 1 ? pl.splits * rows * ((pl.gemm ? p.d : 0) + 3) : 0;
+}
+// floats of the double partials (dscale, dbias) of the row pass, [2][splits][row blocks]
+int64_t double_part_floats(const FamilyParams& p) { return 4 * row_blocks(p.n) * plan_pass(p, false, true).splits + 2; }
+
+template <typename T, int FAM, bool TRANS, bool BWD, int G, bool SPLIT>
+cudaError_t launch_shape(const FamilyParams& p_in, const Plan& pl, cudaStream_t stream) {
+  const int64_t rows = TRANS ? p_in.m : p_in.n, ntiles = ((TRANS ? p_in.n : p_in.m) + BN - 1) / BN;
+  FamilyParams p = p_in;
+  p.split_tiles = (ntiles + pl.splits - 1) / pl.splits;
   using SH = Shape<BWD, G>;  // (a name without commas: CK_LAUNCH is a macro)
-  const int64_t slices = p.d > 0 ? (p.d + SH::kDC - 1) / SH::kDC : 1;
-  const dim3 grid(static_cast<unsigned>(row_blocks(rows)), BWD && with_gemm ? static_cast<unsigned>(slices) : 1u);
-  CK_LAUNCH(grid, SH::kThreads, 0, stream, family_tile_kernel<T, FAM, TRANS, BWD, G>)(p, vec_ok_for<T>(p));
+  const dim3 grid(static_cast<unsigned>(row_blocks(rows)), static_cast<unsigned>(BWD ? pl.slices : pl.splits),
+                  static_cast<unsigned>(BWD ? pl.splits : 1));
+  CK_LAUNCH(grid, SH::kThreads, 0, stream, family_tile_kernel<T, FAM, TRANS, BWD, G, SPLIT>)(p, vec_ok_for<T>(p));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || !SPLIT) return err;
+  const int sp = static_cast<int>(pl.splits);
+  const unsigned row_grid = static_cast<unsigned>((rows + 255) / 256);
+  if (!BWD) {
+    CK_LAUNCH(row_grid, 256, 0, stream, merge_splits_kernel<FAM>)(p, TRANS, rows, sp);
+    return cudaGetLastError();
+  }
+  CK_LAUNCH(row_grid, 256, 0, stream, merge_bwd_rows_kernel<FAM>)(p, TRANS, rows, sp);
+  if ((err = cudaGetLastError()) != cudaSuccess || !pl.gemm) return err;
+  const int64_t count = rows * p.d;
+  const int64_t blocks = (count + 255) / 256 < 65536 ? (count + 255) / 256 : 65536;
+  CK_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream, merge_bwd_dx_kernel<T>)(
+      p.split_part + 3 * pl.splits * rows, TRANS ? p.dk : p.dq, p.grad_f32, count, sp);
   return cudaGetLastError();
 }
 
 template <typename T, int FAM, bool TRANS, bool BWD>
-cudaError_t launch(const FamilyParams& p, bool with_gemm, cudaStream_t stream) {
+cudaError_t launch(const FamilyParams& p, cudaStream_t stream) {
   const int64_t rows = TRANS ? p.m : p.n;
   if (rows == 0) return cudaSuccess;
-  if (BWD && with_gemm && bwd_groups(p.d) == 2) return launch_shape<T, FAM, TRANS, BWD, BWD ? 2 : 1>(p, with_gemm, stream);
-  return launch_shape<T, FAM, TRANS, BWD, 1>(p, with_gemm, stream);
+  const Plan pl = plan_pass(p, TRANS, BWD);
+  if (pl.splits > 1) return launch_shape<T, FAM, TRANS, BWD, 1, true>(p, pl, stream);
+  if (BWD && pl.groups == 2) return launch_shape<T, FAM, TRANS, BWD, BWD ? 2 : 1, false>(p, pl, stream);
+  return launch_shape<T, FAM, TRANS, BWD, 1, false>(p, pl, stream);
 }
 
 template <int FAM, bool TRANS, bool BWD>
-cudaError_t launch_dtype(const FamilyParams& p, bool with_gemm, cudaStream_t stream) {
+cudaError_t launch_dtype(const FamilyParams& p, cudaStream_t stream) {
   switch (p.dtype) {
-    case DType::kFloat32: return launch<float, FAM, TRANS, BWD>(p, with_gemm, stream);
-    case DType::kFloat16: return launch<__half, FAM, TRANS, BWD>(p, with_gemm, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16, FAM, TRANS, BWD>(p, with_gemm, stream);
+    case DType::kFloat32: return launch<float, FAM, TRANS, BWD>(p, stream);
+    case DType::kFloat16: return launch<__half, FAM, TRANS, BWD>(p, stream);
+    case DType::kBFloat16: return launch<__nv_bfloat16, FAM, TRANS, BWD>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 // Row-direction backward (dq, dq_rscale / drow_offset, dscale and dbias partials),
 // then the column direction (dk, dk_rscale, dcol_bias), then the fixed-order sums.
+// Workspace (backward_workspace_floats): the row pass's double partials, then the split
+// partials of whichever pass runs.
 template <int FAM>
 cudaError_t backward(const FamilyParams& p_in, bool need_row_pass, bool need_col_pass, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
+  const int64_t dbl = double_part_floats(p_in);
   if (need_row_pass) {
     FamilyParams p = p_in;
     p.dk = nullptr;
-    err = launch_dtype<FAM, false, true>(p, p.dq != nullptr, stream);
+    p.split_part = p.workspace + dbl;
+    err = launch_dtype<FAM, false, true>(p, stream);
     if (err != cudaSuccess) return err;
-    const int64_t nb = row_blocks(p.n);
+    const int64_t nb = row_blocks(p.n) * plan_pass(p, false, true).splits;  // partials per sum
+    const double* parts = reinterpret_cast<const double*>(p.workspace);
     if (p.dscale && nb > 0) {
-      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(reinterpret_cast<const double*>(p.workspace), nb, p.dscale);
+      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(parts, nb, p.dscale);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (FAM == kPairwise && p.dbias && nb > 0) {
-      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(reinterpret_cast<const double*>(p.workspace) + nb, nb,
-                                                           p.dbias);
+      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(parts + nb, nb, p.dbias);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (nb == 0) {
@@ -661,7 +898,8 @@ cudaError_t backward(const FamilyParams& p_in, bool need_row_pass, bool need_col
   if (need_col_pass) {
     FamilyParams p = p_in;
     p.dq = nullptr;
-    err = launch_dtype<FAM, true, true>(p, p.dk != nullptr, stream);
+    p.split_part = p.workspace + dbl;
+    err = launch_dtype<FAM, true, true>(p, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -669,14 +907,29 @@ cudaError_t backward(const FamilyParams& p_in, bool need_row_pass, bool need_col
 
 }  // namespace
 
-// two double partials (dscale, dbias) per row block, as floats
-int64_t backward_workspace_floats(const FamilyParams& p) { return 4 * row_blocks(p.n) + 2; }
+int64_t backward_workspace_floats(const FamilyParams& p) {
+  FamilyParams row = p, col = p;
+  row.dk = nullptr;
+  col.dq = nullptr;
+  const int64_t a = split_part_floats(row, false), b = split_part_floats(col, true);
+  return double_part_floats(p) + (a > b ? a : b);
+}
+
+// the column splits' partial states of the larger pass (the passes run one after the other)
+int64_t forward_workspace_floats(const FamilyParams& p, bool compute_col) {
+  auto need = [&](bool trans) {
+    const int64_t splits = plan_pass(p, trans, false).splits;
+    return splits > 1 ? kSplitFields * splits * (trans ? p.m : p.n) : 0;
+  };
+  const int64_t row = need(false), col = compute_col ? need(true) : 0;
+  return row > col ? row : col;
+}
 
 cudaError_t lse_forward(const FamilyParams& p, bool compute_col, cudaStream_t stream) {
-  if (p.mask_mode & 16) return launch_dtype<kLseLabels, false, false>(p, false, stream);  // (no column term)
-  cudaError_t err = launch_dtype<kLse, false, false>(p, false, stream);
+  if (p.mask_mode & 16) return launch_dtype<kLseLabels, false, false>(p, stream);  // (no column term)
+  cudaError_t err = launch_dtype<kLse, false, false>(p, stream);
   if (err != cudaSuccess || !compute_col) return err;
-  return launch_dtype<kLse, true, false>(p, false, stream);
+  return launch_dtype<kLse, true, false>(p, stream);
 }
 
 cudaError_t lse_backward(const FamilyParams& p, cudaStream_t stream) {
@@ -686,7 +939,7 @@ cudaError_t lse_backward(const FamilyParams& p, cudaStream_t stream) {
 }
 
 cudaError_t pairwise_forward(const FamilyParams& p, cudaStream_t stream) {
-  return launch_dtype<kPairwise, false, false>(p, false, stream);
+  return launch_dtype<kPairwise, false, false>(p, stream);
 }
 
 cudaError_t pairwise_backward(const FamilyParams& p, cudaStream_t stream) {

@@ -64,12 +64,18 @@ struct FamilyParams {
   float* drow_offset = nullptr;  // (n,) pairwise
 
   // backward workspace: backward_workspace_floats(p) floats (per-block double partial
-  // sums, reduced in a fixed order: no float atomics; 8-byte aligned)
+  // sums, reduced in a fixed order: no float atomics; 8-byte aligned); forward:
+  // forward_workspace_floats(p, compute_col) floats (the column splits' partial states)
   float* workspace = nullptr;
+  float* split_part = nullptr;  // (set by the backward launcher: its column splits' partials, in workspace)
+  int64_t split_tiles = 0;      // (set by the launchers: column tiles per split)
+  int num_sms = 0;  // multiprocessors of the device (the forward's column splits)
 };
 
 // Number of float32 workspace elements the backward launchers need.
 int64_t backward_workspace_floats(const FamilyParams& p);
+// ... and the forward launchers (0 where no pass splits its columns).
+int64_t forward_workspace_floats(const FamilyParams& p, bool compute_col);
 
 cudaError_t lse_forward(const FamilyParams& p, bool compute_col, cudaStream_t stream);
 cudaError_t lse_backward(const FamilyParams& p, cudaStream_t stream);
