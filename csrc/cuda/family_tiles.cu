@@ -770,6 +770,7 @@ int bwd_groups(int64_t d) {
 struct Plan {
   int groups = 1;
   int64_t slices = 1, splits = 1;
+  int64_t split_tiles = 0;  // column tiles per split (the last may have fewer)
   bool gemm = false;
 };
 constexpr int64_t kSplitBudget = int64_t{32} << 20;  // bytes of backward split partials
@@ -805,8 +806,8 @@ Plan plan_pass(const FamilyParams& p, bool trans, bool bwd) {
   want = want < 1 ? 1 : (want > ntiles ? ntiles : want);
   if (want > 65535) want = 65535;
   if (want == 1) return pl;
-  const int64_t per = (ntiles + want - 1) / want;
-  pl.splits = (ntiles + per - 1) / per;  // (no empty split)
+  pl.split_tiles = (ntiles + want - 1) / want;
+  pl.splits = (ntiles + pl.split_tiles - 1) / pl.split_tiles;  // (no empty split)
   shape(1);
   return pl;
 }
@@ -818,13 +819,13 @@ int64_t split_part_floats(const FamilyParams& p, bool trans) {
   return pl.splits > 1 ? pl.splits * rows * ((pl.gemm ? p.d : 0) + 3) : 0;
 }
 // floats of the double partials (dscale, dbias) of the row pass, [2][splits][row blocks]
-int64_t double_part_floats(const FamilyParams& p) { return 4 * row_blocks(p.n) * plan_pass(p, false, true).splits + 2; }
+int64_t double_part_floats(const FamilyParams& p, const Plan& row_plan) { return 4 * row_blocks(p.n) * row_plan.splits + 2; }
 
 template <typename T, int FAM, bool TRANS, bool BWD, int G, bool SPLIT>
 cudaError_t launch_shape(const FamilyParams& p_in, const Plan& pl, cudaStream_t stream) {
-  const int64_t rows = TRANS ? p_in.m : p_in.n, ntiles = ((TRANS ? p_in.n : p_in.m) + BN - 1) / BN;
+  const int64_t rows = TRANS ? p_in.m : p_in.n;
   FamilyParams p = p_in;
-  p.split_tiles = (ntiles + pl.splits - 1) / pl.splits;
+  p.split_tiles = pl.split_tiles;
   using SH = Shape<BWD, G>;  // (a name without commas: CK_LAUNCH is a macro)
   const dim3 grid(static_cast<unsigned>(row_blocks(rows)), static_cast<unsigned>(BWD ? pl.slices : pl.splits),
                   static_cast<unsigned>(BWD ? pl.splits : 1));
@@ -873,14 +874,15 @@ cudaError_t launch_dtype(const FamilyParams& p, cudaStream_t stream) {
 template <int FAM>
 cudaError_t backward(const FamilyParams& p_in, bool need_row_pass, bool need_col_pass, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  const int64_t dbl = double_part_floats(p_in);
+  const Plan row_plan = plan_pass(p_in, false, true);
+  const int64_t dbl = double_part_floats(p_in, row_plan);
   if (need_row_pass) {
     FamilyParams p = p_in;
     p.dk = nullptr;
     p.split_part = p.workspace + dbl;
     err = launch_dtype<FAM, false, true>(p, stream);
     if (err != cudaSuccess) return err;
-    const int64_t nb = row_blocks(p.n) * plan_pass(p, false, true).splits;  // partials per sum
+    const int64_t nb = row_blocks(p.n) * row_plan.splits;  // partials per sum
     const double* parts = reinterpret_cast<const double*>(p.workspace);
     if (p.dscale && nb > 0) {
       CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(parts, nb, p.dscale);
@@ -912,7 +914,7 @@ int64_t backward_workspace_floats(const FamilyParams& p) {
   row.dk = nullptr;
   col.dq = nullptr;
   const int64_t a = split_part_floats(row, false), b = split_part_floats(col, true);
-  return double_part_floats(p) + (a > b ? a : b);
+  return double_part_floats(p, plan_pass(p, false, true)) + (a > b ? a : b);
 }
 
 // the column splits' partial states of the larger pass (the passes run one after the other)
