@@ -58,7 +58,10 @@ def _exact_ce(s, raw, t):
     guard = torch.full_like(x, -1e4)  # exp(-1e4) = 0: a row without other logits stays finite, its gradient defined
     rest = torch.logsumexp(torch.cat([others, guard], 1), 1)
     exact = torch.logaddexp(torch.zeros_like(rest), rest)  # log(1 + e^rest) (F.softplus is linear above 20)
-    return torch.where(kept, exact, torch.logsumexp(s, 1) - x[:, 0])
+    # A non-finite target logit takes the plain form, so that it stays non-finite (SPEC: never a
+    # silently finite loss): +inf - (others - inf) would otherwise give the limit 0.
+    exact_ok = kept & torch.isfinite(x[:, 0])
+    return torch.where(exact_ok, exact, torch.logsumexp(s, 1) - x[:, 0])
 
 
 def _ce(logits, target):
