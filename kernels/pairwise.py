@@ -88,11 +88,13 @@ def _tile(q_ptr, k_ptr, ql_ptr, kl_ptr, off_ptr, rows, cols, N, M, D, scale, bia
 @triton.jit
 def _softplus(y):
     # max(y, 0) + log1p(exp(-|y|)); log1p(e) = log(u) e / (u - 1), u = 1 + e, undoes the rounding of u.
+    # y = -inf (an infinite input) gives NaN, not the limit 0: a non-finite input never gives a
+    # finite loss (NaN fails the comparison too).
     e = tl.exp(-tl.abs(y))
     u = 1.0 + e
     d = u - 1.0
     l1p = tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d)))
-    return tl.maximum(y, 0.0) + l1p
+    return tl.where(y > float("-inf"), tl.maximum(y, 0.0) + l1p, float("nan"))
 
 
 @triton.jit

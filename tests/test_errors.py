@@ -9,7 +9,7 @@ import torch
 import contrastive_kernels as ck
 from contrastive_kernels import BackendError
 
-from helpers import kernel_backends
+from helpers import kernel_backends, skip_interpreter_bf16
 
 _g = torch.Generator().manual_seed(0)  # not the global generator: its state at import depends on collection order
 X = torch.randn(6, 4, generator=_g)
@@ -233,6 +233,29 @@ def test_non_finite_siglip(backend):
     a = X.clone()
     a[0, 0] = math.nan
     assert not torch.isfinite(ck.siglip_loss(a, Y, 10.0, -10.0, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends("pairwise"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_non_finite_siglip_terms_with_limit_zero(backend, dtype):
+    """+inf at row 2's positive, -inf at its negatives: every term of row 2 has the limit 0, the
+    loss must still not be finite.  (Both precisions: the CUDA float32 path splits its inputs,
+    inf - inf, which would hide the 16-bit one.)"""
+    skip_interpreter_bf16(backend, dtype)
+    a, b = X.clone(), Y.clone()
+    a[2, 1] = math.inf
+    b[:, 1] = -1.0
+    b[2, 1] = 1.0
+    for negative_only in (False, True):
+        loss = ck.siglip_loss(a.to(dtype), b.to(dtype), 10.0, -10.0, negative_only=negative_only, backend=backend)
+        assert not torch.isfinite(loss), f"{backend}: an infinite {dtype} input gave the finite loss {loss}"
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends("lse"))
+def test_non_finite_uniformity(backend):
+    a = X.clone()
+    a[2, 1] = math.inf  # the pairs of row 2 have distance inf: exp(-t inf) = 0 in the limit
+    assert not torch.isfinite(ck.uniformity_loss(a, backend=backend))
 
 
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends("xcorr"))

@@ -291,6 +291,13 @@ def test_nonfinite_propagates(backend):
     assert torch.isfinite(rows[[0, 1, 3, 4]]).all()
     q[2, 1] = float("inf")
     assert not torch.isfinite(fam.pairwise(backend, q, k, s, b)[2])
+    # Every logit of row 2 infinite with the sign that makes its term's limit 0 (+inf at the
+    # positive, -inf at the negatives): still not finite.
+    k[:, 1] = -1.0
+    k[2, 1] = 1.0
+    rows = fam.pairwise(backend, q, k, s.abs(), b)
+    assert torch.isnan(rows[2]), f"{backend}: softplus(-inf) terms gave {rows[2]}"
+    assert torch.isfinite(rows[[0, 1, 3, 4]]).all()
 
 
 # ------------------------------------------------------------------ CPU specifics

@@ -137,6 +137,11 @@ CK_PW_INLINE double hsum(vd v) {
 // Sums are kept in double: the scalar gradients add O(N M) terms that can cancel.
 // A partial last vector is padded with dropped pairs (sign 0).
 
+// The term of a kept pair whose sg x is NaN or -inf: NaN.  softplus(-inf) is 0 in the limit, but
+// sg x = -inf comes from an infinite input (or an overflowing logit), and a non-finite input
+// never gives a finite loss (SPEC).  y - y: NaN for both.
+CK_PW_INLINE vf nonfinite_term(vf y) { return y - y; }
+
 // sum_j softplus(sg_j x_j) over the kept pairs (NaN / inf propagate from kept pairs).
 CK_PW_CLONES double row_softplus_sum(const float* t, const float* sg, int64_t n, float scale, float c) {
   vd acc{};
@@ -153,10 +158,10 @@ CK_PW_CLONES double row_softplus_sum(const float* t, const float* sg, int64_t n,
       sv = load(sb);
     }
     const vf y = sv * (tv * scale + c);
-    const vi nan = y != y;
-    const vf a = nan ? vf{} : vabs(y);
+    const vi bad = ~(y > -INFINITY);  // NaN or -inf: the term is NaN (see nonfinite_term)
+    const vf a = bad ? vf{} : vabs(y);
     const vf sp = (y > 0.0f ? y : vf{}) + log1p_unit(exp_nonpos(-a));
-    const vf term = masked(sv != 0.0f, nan ? y : sp);
+    const vf term = masked(sv != 0.0f, bad ? nonfinite_term(y) : sp);
     acc += __builtin_convertvector(term, vd);
   }
   return hsum(acc);
@@ -184,6 +189,7 @@ CK_PW_INLINE void row_grad_impl(float* t, const float* sg, int64_t n, float scal
     }
     const vf y = sv * (tv * scale + c);
     const vi nan = y != y;
+    const vi bad = ~(y > -INFINITY);
     const vi kept = sv != 0.0f;
     const vf e = exp_nonpos(-(nan ? vf{} : vabs(y)));
     const vf inv = 1.0f / (e + 1.0f);
@@ -193,7 +199,7 @@ CK_PW_INLINE void row_grad_impl(float* t, const float* sg, int64_t n, float scal
     a2 += __builtin_convertvector(ds * tv, vd);
     if (kLoss) {
       const vf sp = (y > 0.0f ? y : vf{}) + log1p_unit(e);
-      a3 += __builtin_convertvector(masked(kept, nan ? y : sp), vd);
+      a3 += __builtin_convertvector(masked(kept, bad ? nonfinite_term(y) : sp), vd);
     }
     if (full) {
       store(t + j, ds);

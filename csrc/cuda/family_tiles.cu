@@ -160,8 +160,10 @@ __device__ __forceinline__ void load_chunk(T* sm, const T* g, int64_t r0, int64_
 }
 
 __device__ __forceinline__ float softplus(float x) {
-  // log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|)
-  return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x)));
+  // log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|).  x = -inf (an infinite input)
+  // gives NaN, not the limit 0: a non-finite input never gives a finite loss (fmaxf would also
+  // drop a NaN x, but log1pf(NaN) keeps it).
+  return x > -INFINITY ? fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x))) : NAN;
 }
 
 __device__ __forceinline__ float quad_sum(float v) {

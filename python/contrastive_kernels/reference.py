@@ -121,13 +121,19 @@ def clip_loss(image, text, logit_scale, logit_bias=None):
     return 0.5 * (_ce(logits, target).mean() + _ce(logits.T, target).mean())
 
 
+def _softplus_nonfinite_nan(y):
+    """softplus(y) = -logsigmoid(-y) (exact: F.softplus is linear above its threshold 20), NaN where
+    y is -inf or NaN: the limit 0 at -inf would give an infinite input a finite loss (SPEC)."""
+    return torch.where(y > float("-inf"), -F.logsigmoid(-y), float("nan"))
+
+
 def siglip_loss(image, text, logit_scale, logit_bias, *, negative_only=False):
     i, t = _up(image), _up(text)
     logits = logit_scale * (i @ t.T) + logit_bias
     labels = -torch.ones_like(logits)
     if not negative_only:
         labels = labels + 2 * torch.eye(*logits.shape, dtype=logits.dtype, device=logits.device)
-    return -F.logsigmoid(labels * logits).sum() / i.shape[0]
+    return _softplus_nonfinite_nan(-labels * logits).sum() / i.shape[0]
 
 
 def supcon_loss(embeddings, labels, temperature=0.1, *, ref_embeddings=None, ref_labels=None, normalize=True,
@@ -208,6 +214,7 @@ def uniformity_loss(x, t=2.0):
     x = _up(x)
     n = x.shape[0]
     d2 = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)
+    d2 = torch.where(torch.isfinite(d2), d2, float("nan"))  # an infinite input: not exp(-inf) = 0 (SPEC)
     off = ~torch.eye(n, dtype=torch.bool, device=x.device)
     return torch.logsumexp(-t * d2[off], dim=0) - math.log(n * (n - 1))
 
@@ -328,8 +335,7 @@ def pairwise_family(q, k, scale, bias, row_offset=None, q_labels=None, k_labels=
     positive = (q_labels[:, None] == k_labels[None, :]) if q_labels is not None else diag
     if mode & PAIR_NEGATIVE_ONLY:
         positive = torch.zeros_like(positive)
-    # softplus(-x) = -logsigmoid(x), exactly (F.softplus is linear above its threshold 20)
-    term = torch.where(positive, -F.logsigmoid(x), -F.logsigmoid(-x))
+    term = _softplus_nonfinite_nan(torch.where(positive, -x, x))
     keep = torch.ones_like(positive)
     if mode & PAIR_POSITIVES_ONLY:
         keep = keep & positive
