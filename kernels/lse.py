@@ -228,7 +228,8 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
             is_p = keep & (o_l[:, None] == tl.load(I_LAB + n64, mask=n_ok, other=-2)[None, :])
             p2 += tl.sum(tl.where(is_p, s, 0.0), axis=1)
             pc += tl.sum(is_p.to(tl.float32), axis=1)
-        s = tl.where(keep, s, float("-inf"))
+        # (a kept -inf logit comes from an infinite input: NaN, not exp(-inf) = 0, SPEC)
+        s = tl.where(keep, tl.where(s == float("-inf"), float("nan"), s), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # A row with nothing kept so far has m_new = -inf: use 0 as its reference so that
         # exp2(-inf - ref) = 0 instead of NaN.

@@ -54,13 +54,22 @@ using OptTensor = std::optional<Tensor>;
 constexpr int64_t kMaskDiag = 1, kMaskPos = 2, kMaskSameLabel = 4;
 
 // ------------------------------------------------------------ row kernels (vectorized)
+// s = scale g + bias.  A -inf logit (only an infinite input or an overflow gives one; the masks
+// are applied after this) becomes NaN: exp(-inf) = 0 would drop it silently, and a non-finite
+// input never gives a finite loss (SPEC).
 CK_MULTIVERSION void logits_row(float* s, const float* g, int64_t n, float scale, const float* bias) {
   if (bias != nullptr) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) s[j] = scale * g[j] + bias[j];
+    for (int64_t j = 0; j < n; ++j) {
+      const float x = scale * g[j] + bias[j];
+      s[j] = x == kNegInf ? kNaN : x;
+    }
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) s[j] = scale * g[j];
+    for (int64_t j = 0; j < n; ++j) {
+      const float x = scale * g[j];
+      s[j] = x == kNegInf ? kNaN : x;
+    }
   }
 }
 

@@ -399,7 +399,13 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
         const bool is_target = FAM == kLse && (mode & 8) && valid && j == (p.pos_index ? I.pos : i + diag);
         if (!BWD) {
           if (FAM != kPairwise) {
-            vals[nt][e] = keep ? x : -INFINITY;
+            // A kept -inf logit comes from an infinite input: NaN, not exp(-inf) = 0 (SPEC).
+            // Not in the labels forward: there it cost 26-41 registers on sm_80 (a block per
+            // SM) and a spill on sm_90 (ptxas 13.0), so supcon's glue checks its inputs.
+            if (FAM == kLse)
+              vals[nt][e] = keep ? (x == -INFINITY ? NAN : x) : -INFINITY;
+            else
+              vals[nt][e] = keep ? x : -INFINITY;
             tile_max[h] = fmaxf(tile_max[h], vals[nt][e]);
             if (is_target) run_x[h] = x;  // before the masks: a target need not be kept
             if (FAM == kLseLabels && keep && same_lab) {  // LSE_LABELS: a positive of row i

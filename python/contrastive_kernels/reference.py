@@ -38,6 +38,14 @@ def _reduce(rows: Tensor, reduction: str) -> Tensor:
     return rows
 
 
+def _no_neg_inf(s: Tensor) -> Tensor:
+    """Logits with a -inf entry made NaN.  Only an infinite input (or an overflowing logit) gives
+    one, and exp(-inf) = 0 would drop it silently from a log-sum-exp: a non-finite input never
+    gives a finite loss (SPEC).  The kernels do the same to a kept -inf logit; masks are applied
+    after this, as -inf."""
+    return torch.where(s == float("-inf"), float("nan"), s)
+
+
 def normalized_similarity(a: Tensor, b: Tensor | None = None, scale=1.0, *, normalize: bool = True) -> Tensor:
     a = _up(a)
     b = a if b is None else _up(b)
@@ -82,18 +90,18 @@ def info_nce(query, key, *, negatives=None, temperature=0.1, positive_index=None
     pos = (q * k[p]).sum(1) / temperature
 
     if in_batch_negatives:
-        logits = (q @ k.T) / temperature
+        logits = _no_neg_inf((q @ k.T) / temperature)
         if decoupled:
             logits = logits.masked_fill(F.one_hot(p, m).bool(), float("-inf"))
     else:
         logits = pos[:, None] if not decoupled else q.new_empty((n, 0))
     if neg is not None:
-        logits = torch.cat([logits, (q @ neg.T) / temperature], dim=1)
+        logits = torch.cat([logits, _no_neg_inf((q @ neg.T) / temperature)], dim=1)
     # (the positive among the logits: the cross-entropy, exactly; else the LSE minus the positive)
     loss = _ce(logits, p) if in_batch_negatives and not decoupled else torch.logsumexp(logits, dim=1) - pos
 
     if symmetric:  # key -> query direction (M == N, no negatives, identity pairing)
-        logits_t = (k @ q.T) / temperature
+        logits_t = _no_neg_inf((k @ q.T) / temperature)
         if decoupled:
             logits_t = logits_t.masked_fill(torch.eye(n, dtype=torch.bool, device=q.device), float("-inf"))
             loss = 0.5 * (loss + torch.logsumexp(logits_t, dim=1) - pos)
@@ -106,7 +114,7 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True):
     z = _norm(torch.cat([_up(z1), _up(z2)]), normalize)
     n2 = z.shape[0]
     n = n2 // 2
-    logits = (z @ z.T) / temperature
+    logits = _no_neg_inf((z @ z.T) / temperature)
     logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
     target = (torch.arange(n2, device=z.device) + n) % n2
     return _ce(logits, target).mean()
@@ -117,6 +125,7 @@ def clip_loss(image, text, logit_scale, logit_bias=None):
     logits = logit_scale * (i @ t.T)
     if logit_bias is not None:
         logits = logits + logit_bias
+    logits = _no_neg_inf(logits)
     target = torch.arange(i.shape[0], device=i.device)
     return 0.5 * (_ce(logits, target).mean() + _ce(logits.T, target).mean())
 
@@ -143,7 +152,7 @@ def supcon_loss(embeddings, labels, temperature=0.1, *, ref_embeddings=None, ref
         r, rl = x, labels
     else:
         r, rl = _norm(_up(ref_embeddings), normalize), ref_labels
-    logits = (x @ r.T) / temperature
+    logits = _no_neg_inf((x @ r.T) / temperature)
     pos = labels[:, None] == rl[None, :]
     if ref_embeddings is None:
         self_mask = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
@@ -175,8 +184,8 @@ def dcl_loss(z1, z2, temperature=0.1, *, weight_sigma=None, normalize=True):
     eye = torch.eye(n, dtype=torch.bool, device=a.device)
 
     def one_way(x, y):
-        s_xx = (x @ x.T) / temperature
-        s_xy = (x @ y.T) / temperature
+        s_xx = _no_neg_inf((x @ x.T) / temperature)
+        s_xy = _no_neg_inf((x @ y.T) / temperature)
         pos = -torch.diagonal(s_xy)
         if weight_sigma is not None:
             pos = pos * dcl_weights(x, y, weight_sigma)
@@ -192,7 +201,7 @@ def hard_negative_loss(z1, z2, temperature=0.5, *, beta=1.0, tau_plus=0.1, norma
     a, b = _norm(_up(z1), normalize), _norm(_up(z2), normalize)
     n = a.shape[0]
     z = torch.cat([a, b])
-    s = (z @ z.T) / temperature
+    s = _no_neg_inf((z @ z.T) / temperature)
     idx = torch.arange(2 * n, device=z.device)
     neg_mask = torch.ones(2 * n, 2 * n, dtype=torch.bool, device=z.device)
     neg_mask[idx, idx] = False
@@ -299,6 +308,7 @@ def lse_family(q, k, scale, q_rscale=None, k_rscale=None, col_bias=None, pos_ind
     s = scale * (q @ k.T)
     if col_bias is not None:
         s = s + col_bias[None, :]
+    s = _no_neg_inf(s)
     drop = torch.zeros_like(s, dtype=torch.bool)
     n, m = s.shape
     if mask_mode & MASK_DIAG:
