@@ -1,14 +1,21 @@
 """SASS instruction counts of the compiled CUDA kernels (no GPU needed): tensor-core MMAs
-(HMMA), cp.async copies (LDGSTS) and local-memory traffic (LDL / STL, i.e. spills).
+(HMMA), cp.async copies (LDGSTS) and local-memory traffic (LDL / STL, i.e. spills); and the
+registers per thread of every kernel against a checked-in table.
 
-    python csrc/cuda/sass_report.py OBJ.o [OBJ.o ...]
+    python csrc/cuda/sass_report.py [--registers TABLE | --write-registers TABLE] OBJ.o [...]
 
 Needs cuobjdump and nvdisasm on PATH (CUDA toolkit, or the PyPI wheels nvidia-cuda-cuobjdump
-and nvidia-cuda-nvdisasm).  Exits 1
-if a tile kernel (family_tile_kernel, gemm64_kernel) has no HMMA or touches local memory."""
+and nvidia-cuda-nvdisasm).  Exits 1 if a tile kernel (family_tile_kernel, gemm64_kernel) has
+no HMMA or touches local memory, or (--registers) if a kernel uses more registers than TABLE
+records, or is not in it, for the objects' architectures, when nvcc is the version TABLE was
+written with.  The tile kernels sit at ptxas's occupancy steps: semantically neutral edits have
+moved them by up to 41 registers and across a block per SM (bench/NOTES.md), which only a GPU
+would otherwise show.  A deliberate change rewrites the table (--write-registers, or
+csrc/cuda/compile_check.sh --update-registers) in the same commit."""
 from __future__ import annotations
 
 import collections
+import os
 import re
 import shutil
 import subprocess
@@ -43,10 +50,93 @@ def demangle(name: str) -> str:
     return re.sub(r"\((GemmParams|FamilyParams|ck).*", "", out)
 
 
-def main(objs: list[str]) -> int:
+def resource_usage(obj: str) -> list[tuple[str, str, int]]:
+    """(arch, demangled kernel, registers per thread) of every kernel in obj (cuobjdump -res-usage)."""
+    res = subprocess.run(["cuobjdump", "-res-usage", obj], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"sass_report: cuobjdump -res-usage {obj} failed: {res.stderr.strip()}")
+    rows, arch, name = [], None, None
+    for line in res.stdout.splitlines():
+        if m := re.match(r"\s*arch = (sm_\w+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            name = m.group(1)
+        elif (m := re.search(r"\bREG:(\d+)", line)) and name is not None:
+            rows.append((arch, demangle(name), int(m.group(1))))
+            name = None
+    return rows
+
+
+def nvcc_version() -> str:
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown"
+    m = re.search(r"release [\d.]+, (V[\d.]+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def write_registers(table: str, rows: list[tuple[str, str, int]]) -> None:
+    with open(table, "w") as f:
+        f.write(f"# nvcc {nvcc_version()}: registers per thread of every CUDA kernel (cuobjdump -res-usage),\n"
+                "# checked by csrc/cuda/sass_report.py --registers (CI): a kernel above its count fails.\n"
+                "# Rewrite with csrc/cuda/compile_check.sh --update-registers after a deliberate change.\n")
+        for arch, kernel, regs in sorted(set(rows)):
+            f.write(f"{arch}\t{kernel}\t{regs}\n")
+    print(f"registers of {len(set(rows))} kernels written to {table}")
+
+
+def check_registers(table: str, rows: list[tuple[str, str, int]]) -> int:
+    """Compare with the table; 1 on a rise or an unrecorded kernel (same nvcc), else 0."""
+    version, want = "unknown", {}
+    with open(table) as f:
+        for line in f:
+            if m := re.match(r"# nvcc (\S+):", line):
+                version = m.group(1)
+            elif line.strip() and not line.startswith("#"):
+                arch, kernel, regs = line.rstrip("\n").split("\t")
+                want[(arch, kernel)] = int(regs)
+    here = nvcc_version()
+    strict = here == version
+    archs = {a for a, _, _ in rows}
+    bad = 0
+    for arch, kernel, regs in sorted(set(rows)):
+        old = want.get((arch, kernel))
+        if old is None:
+            print(f"  registers: {arch} {kernel[:90]}: {regs}, not in {table}")
+            bad += 1
+        elif regs > old:
+            print(f"  registers: {arch} {kernel[:90]}: {old} -> {regs}")
+            bad += 1
+        elif regs < old:
+            print(f"  registers (lower, update the table): {arch} {kernel[:90]}: {old} -> {regs}")
+    seen = {(a, k) for a, k, _ in rows}
+    gone = [k for k in want if k[0] in archs and k not in seen]
+    for arch, kernel in gone:
+        print(f"  registers: {arch} {kernel[:90]}: in the table, not compiled (update the table)")
+    print(f"registers: {len(set(rows))} kernels against {table} (nvcc {version}): "
+          f"{bad} above their count or unrecorded" + ("" if strict else f"; nvcc here is {here}, so not failed"))
+    return 1 if bad and strict else 0
+
+
+def main(argv: list[str]) -> int:
+    table, write = None, False
+    if argv and argv[0] in ("--registers", "--write-registers"):
+        table, write, argv = argv[1], argv[0] == "--write-registers", argv[2:]
+    objs = argv
     if shutil.which("cuobjdump") is None or shutil.which("nvdisasm") is None:
         print("sass_report: cuobjdump / nvdisasm not on PATH; skipped")
         return 0
+    if table is not None:
+        rows = [r for obj in objs for r in resource_usage(obj)]
+        if write:
+            write_registers(table, rows)
+            reg_bad = 0
+        else:
+            reg_bad = check_registers(table, rows)
+    else:
+        reg_bad = 0
     bad = 0
     for obj in objs:
         print(f"== {obj}")
@@ -56,7 +146,7 @@ def main(objs: list[str]) -> int:
             if any(t in pretty for t in TILE_KERNELS) and (c["HMMA"] == 0 or c["LDL"] or c["STL"]):
                 print(f"  ^ tile kernel without tensor-core MMA or with local-memory traffic")
                 bad += 1
-    return 1 if bad else 0
+    return 1 if bad or reg_bad else 0
 
 
 if __name__ == "__main__":
