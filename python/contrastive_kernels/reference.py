@@ -223,9 +223,8 @@ def uniformity_loss(x, t=2.0):
     x = _up(x)
     n = x.shape[0]
     d2 = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)
-    d2 = torch.where(torch.isfinite(d2), d2, float("nan"))  # an infinite input: not exp(-inf) = 0 (SPEC)
     off = ~torch.eye(n, dtype=torch.bool, device=x.device)
-    return torch.logsumexp(-t * d2[off], dim=0) - math.log(n * (n - 1))
+    return torch.logsumexp(_no_neg_inf(-t * d2[off]), dim=0) - math.log(n * (n - 1))
 
 
 def alignment_loss(x, y, alpha=2.0):
