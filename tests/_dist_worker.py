@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import sys
 import traceback
@@ -183,6 +184,7 @@ def case_keys(backend_names, world):
         keys += [f"loss/{name}/{mode}/{tag}" for name, fname, _ in LOSS_CASES for mode in MODES
                  if runs_here(be, fname)]
         keys += [f"ddp/{fname}/{mode}/{tag}" for fname, _ in DDP_CASES for mode in MODES if runs_here(be, fname)]
+        keys += [k[-1] for k in nonfinite_keys(be)]
         if be != "reference":
             keys += [f"confident/{name}/{mode}/{be}-bfloat16" for name in CONFIDENT_CASES for mode in MODES]
     return keys
@@ -275,6 +277,50 @@ DDP_CASES = [("info_nce", {"temperature": 0.3}), ("nt_xent", {}), ("clip_loss", 
              ("barlow_twins_loss", {}), ("vicreg_loss", {})]
 
 
+# Non-finite input on one rank (SPEC: never a silently finite loss): global row 0 of every
+# view is +inf in feature 0 and every other row's feature 0 is -1, so each rank's anchors meet
+# a -inf logit against that key (a term exp(-inf) = 0 a kernel could drop) or, SigLIP, a
+# softplus(-inf) = 0 term; row 0 of supcon has a label of its own (a negative for everyone).
+# Every rank's loss must be non-finite: each touches the poisoned key.
+NONFINITE_CASES = {"info_nce": {"normalize": False}, "nt_xent": {"normalize": False}, "clip_loss":
+                   {"logit_scale": 2.0}, "siglip_loss": {"logit_scale": 2.0, "logit_bias": -1.0},
+                   "supcon_loss": {"normalize": False}, "dcl_loss": {"normalize": False},
+                   "barlow_twins_loss": {}, "vicreg_loss": {}}
+
+
+def nonfinite_dtypes(be):
+    """float64 on the reference; float32 and bfloat16 on the kernels (16-bit operands keep
+    inf * -1 = -inf where the float32 path's TF32 split already makes it NaN), except bfloat16
+    Triton under the interpreter (helpers.skip_interpreter_bf16)."""
+    if be == "reference":
+        return [torch.float64]
+    interp_bf16_broken = be == "triton" and ck.backends.triton_interpret() and not torch.cuda.is_available()
+    return [torch.float32] + ([] if interp_bf16_broken else [torch.bfloat16])
+
+
+def nonfinite_keys(be):
+    return [(fname, mode, dt, f"nonfinite/{fname}/{mode}/{be}-{str(dt).split('.')[-1]}")
+            for fname in NONFINITE_CASES if runs_here(be, fname) for mode in MODES for dt in nonfinite_dtypes(be)]
+
+
+def run_nonfinite_case(fname, mode, backend, dt, W, r):
+    views = _ddp_views(fname)
+    g = torch.Generator().manual_seed(zlib.crc32(fname.encode()) + 5 * W)
+    xs = []
+    for _ in views:
+        x = torch.randn(W * N, D, generator=g, dtype=torch.float64)
+        x[:, 0] = -1.0
+        x[0, 0] = math.inf
+        xs.append(_split(x, W, r).to(dt))
+    kw = dict(NONFINITE_CASES[fname])
+    if fname == "supcon_loss":
+        labels = torch.zeros(W * N, dtype=torch.long)
+        labels[0] = 7
+        kw["labels"] = _split(labels, W, r)
+    loss = getattr(ckd, fname)(**dict(zip(views, xs)), **kw, backend=backend, mode=mode)
+    return {"loss": float(loss)}
+
+
 def run_ddp_case(fname, kw, mode, backend, dt, W, r):
     from torch.nn.parallel import DistributedDataParallel as DDP
     views = _ddp_views(fname)
@@ -340,6 +386,8 @@ def main():
             if runs_here(be, fname):
                 for mode in MODES:
                     record(f"ddp/{fname}/{mode}/{tag}", lambda: run_ddp_case(fname, kw, mode, be, dt, world, rank))
+        for fname, mode, ndt, key in nonfinite_keys(be):
+            record(key, lambda: run_nonfinite_case(fname, mode, be, ndt, world, rank))
         if be != "reference":
             for name in CONFIDENT_CASES:
                 for mode in MODES:

@@ -18,6 +18,7 @@ rounding, ~1e-16), every kernel backend available here in float32 (SPEC toleranc
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,6 +104,20 @@ def test_ddp_parameter_gradients_match_single_process(run, world, key):
     _check(run(world), world, key)
 
 
+NONFINITE_KEYS = [k for k in W.case_keys(BACKENDS, 2) if k.startswith("nonfinite/")]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("key", NONFINITE_KEYS)
+def test_non_finite_input_on_one_rank(run, world, key):
+    """An infinite feature in one rank's rows: every rank's loss is non-finite, since each
+    rank's anchors meet it among their keys (a -inf logit, never a dropped exp(-inf) term)."""
+    for rank in range(world):
+        rec = run(world)[rank].get(key)
+        assert rec is not None and "exception" not in rec, f"rank {rank}, {key}: {rec}"
+        assert not math.isfinite(rec["errs"]["loss"]), f"rank {rank}, {key}: finite loss {rec['errs']['loss']}"
+
+
 CONFIDENT_KEYS = [k for k in W.case_keys(BACKENDS, 2) if k.startswith("confident/")]
 # Measured on 2 and 3 ranks (cpu backend, emulated cuda): 1.0-2.4x in both modes; the ring
 # was 3.6-5.4x while its own block's target gradient was formed outside the kernel.
@@ -149,6 +164,7 @@ def test_every_loss_and_mode_is_covered():
     fnames = {f for _, f, _ in W.LOSS_CASES}
     assert fnames == {"info_nce", "nt_xent", "clip_loss", "siglip_loss", "supcon_loss", "dcl_loss",
                       "barlow_twins_loss", "vicreg_loss"}
+    assert set(W.NONFINITE_CASES) == fnames
     for f in fnames:
         for mode in ckd.MODES:
             assert any(k.split("/")[2] == mode and k.split("/")[1].startswith(f.replace("_loss", ""))
