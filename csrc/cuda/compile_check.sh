@@ -5,24 +5,31 @@
 # /tmp/ck_cuda_check); then the SASS check and the registers of every kernel against
 # csrc/cuda/registers.tsv (sass_report.py; when cuobjdump is on PATH).
 #   bash csrc/cuda/compile_check.sh [OUT] [--update-registers]
+#   bash csrc/cuda/compile_check.sh OUT --one FILE.cu ARCH     (ARCH 80 or 90: one object, no SASS)
 # --update-registers rewrites registers.tsv from this compile (after a deliberate change:
-# commit it with the change, the new counts in the message).
+# commit it with the change, the new counts in the message).  --one is CI's per-file job
+# (.ci/run), which runs the SASS check once every object is there.  NVCC overrides the nvcc.
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
 out=/tmp/ck_cuda_check
 update=0
-for a in "$@"; do
-  case $a in
+one=()
+while [ $# -gt 0 ]; do
+  case $1 in
     --update-registers) update=1 ;;
-    *) out=$a ;;
+    --one) one=("$2" "$3"); shift 2 ;;
+    *) out=$1 ;;
   esac
+  shift
 done
+NVCC=${NVCC:-nvcc}
+command -v "$NVCC" >/dev/null 2>&1 || { echo "FAIL: nvcc not found ($NVCC)"; exit 1; }
 mkdir -p "$out"
 rc=0
 compile() {  # compile CU ARCH: one object and its ptxas log; prints ok / FAIL
   local cu=$1 arch=$2 name
   name="$(basename "$cu" .cu)_sm$arch"
-  if nvcc -std=c++17 -O3 --use_fast_math -lineinfo --expt-relaxed-constexpr -arch=sm_$arch \
+  if "$NVCC" -std=c++17 -O3 --use_fast_math -lineinfo --expt-relaxed-constexpr -arch=sm_$arch \
       -Xptxas -v -I"$here/.." -c "$cu" -o "$out/$name.o" >"$out/$name.log" 2>&1; then
     spills=$(grep -cE "[1-9][0-9]* bytes (spill|stack)" "$out/$name.log")
     if grep -qi "warning" "$out/$name.log"; then
@@ -32,9 +39,13 @@ compile() {  # compile CU ARCH: one object and its ptxas log; prints ok / FAIL
     fi
     echo "ok   $name (kernels reporting spills/stack: $spills)"
   else
-    echo "FAIL $name (see $out/$name.log)"; return 1
+    grep -v "^ptxas info" "$out/$name.log" | tail -40; echo "FAIL $name (see $out/$name.log)"; return 1
   fi
 }
+if [ ${#one[@]} -eq 2 ]; then
+  compile "${one[0]}" "${one[1]}"
+  exit $?
+fi
 for cu in "$here"/*.cu; do
   compile "$cu" 90 &
   p90=$!
