@@ -220,9 +220,13 @@ EOF
 }
 
 stage_ncu() {
-  # One lse backward launch of a CLIP-sized problem (bf16, N = M = 8192, D = 512).
-  (cd /tmp && timeout 300 ncu --launch-count 2 --kernel-name regex:family_tile_kernel --section SpeedOfLight \
-      --section Occupancy --section LaunchStats "$PY" - <<'EOF') 2>&1 | tail -80 | tee -a "$LOG"
+  # The four lse launches of a CLIP-sized problem (bf16, N = M = 8192, D = 512): forward row and
+  # column passes, backward row and column passes.  MemoryWorkloadAnalysis shows the shared-memory
+  # wavefronts against their peak, ComputeWorkloadAnalysis the tensor pipe: bench/NOTES.md
+  # "Shared-memory wavefronts per MMA" predicts the mma loops bound by the first.
+  (cd /tmp && timeout 300 ncu --launch-count 4 --kernel-name regex:family_tile_kernel --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      "$PY" - <<'EOF') 2>&1 | tail -240 | tee -a "$LOG"
 import torch, contrastive_kernels._families as fam
 q = torch.randn(8192, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 k = torch.randn(8192, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -94,6 +94,36 @@ def test_mma_m16n8k8_tf32_reads_19_bits(emu):
     assert not torch.equal(out, (a.double() @ b.double() + c.double()).float())
 
 
+@pytest.mark.parametrize("num", [1, 2, 4])
+@pytest.mark.parametrize("trans", [False, True])
+def test_ldmatrix_layout(emu, num, trans):
+    """PTX ISA, ldmatrix: lane 4 g + t receives in register m (row g; columns 2t, 2t + 1) of
+    matrix m, with .trans (rows 2t, 2t + 1; column g); the first element in the low half."""
+    g = torch.Generator().manual_seed(6)
+    mats = torch.randint(0, 1 << 16, (num, 8, 8), generator=g, dtype=torch.int32)
+    got = emu.ldmatrix(mats.reshape(-1), num, trans)
+    for lane in range(32):
+        gg, t = divmod(lane, 4)
+        for m in range(num):
+            lo, hi = ((mats[m, 2 * t, gg], mats[m, 2 * t + 1, gg]) if trans
+                      else (mats[m, gg, 2 * t], mats[m, gg, 2 * t + 1]))
+            assert got[lane, m].item() == lo.item() | (hi.item() << 16), (lane, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("a_kmajor", [False, True])
+@pytest.mark.parametrize("b_kmajor", [False, True])
+@pytest.mark.parametrize("n", [8, 16])
+def test_fragment_loads_feed_mma(emu, dtype, a_kmajor, b_kmajor, n):
+    """The kernels' ldmatrix fragment loads (tile_mma.cuh warp_mma16), from every storage order
+    of A and B, give mma.sync the product A B (exact here: one MMA, summed exactly)."""
+    g = torch.Generator().manual_seed(7 + n)
+    a, b = _rand16((16, 16), dtype, g), _rand16((16, n), dtype, g)
+    bits = lambda t: t.view(torch.int16).to(torch.int32) & 0xFFFF  # noqa: E731
+    out = emu.frag_mma(bits(a), bits(b), dtype == torch.bfloat16, a_kmajor, b_kmajor)
+    assert torch.equal(out, (a.double() @ b.double()).float())
+
+
 _TRUNC_SCRIPT = r"""
 import sys, torch
 from contrastive_kernels import _ext
@@ -155,6 +185,7 @@ def test_correct_kernel_runs(emu):
     (3, "deadlock"),
     (5, "invalid grid"),
     (6, "invalid block size"),
+    (10, "16-byte aligned"),
 ])
 def test_misuse_is_reported(emu, which, message):
     status = emu.misuse(which, torch.zeros(64))

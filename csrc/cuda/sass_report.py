@@ -1,12 +1,13 @@
 """SASS instruction counts of the compiled CUDA kernels (no GPU needed): tensor-core MMAs
-(HMMA), cp.async copies (LDGSTS) and local-memory traffic (LDL / STL, i.e. spills); and the
+(HMMA), ldmatrix and plain shared loads (LDSM, LDS), cp.async copies (LDGSTS) and
+local-memory traffic (LDL / STL, i.e. spills); and the
 registers per thread of every kernel against a checked-in table.
 
     python csrc/cuda/sass_report.py [--registers TABLE | --write-registers TABLE] OBJ.o [...]
 
 Needs cuobjdump and nvdisasm on PATH (CUDA toolkit, or the PyPI wheels nvidia-cuda-cuobjdump
 and nvidia-cuda-nvdisasm).  Exits 1 if a tile kernel (family_tile_kernel, gemm64_kernel) has
-no HMMA or touches local memory, or (--registers) if a kernel uses more registers than TABLE
+no HMMA or touches local memory, a 16-bit one has no LDSM, or (--registers) if a kernel uses more registers than TABLE
 records, or is not in it, for the objects' architectures, when nvcc is the version TABLE was
 written with.  The tile kernels sit at ptxas's occupancy steps: semantically neutral edits have
 moved them by up to 41 registers and across a block per SM (bench/NOTES.md), which only a GPU
@@ -22,7 +23,7 @@ import subprocess
 import sys
 
 TILE_KERNELS = ("family_tile_kernel", "gemm64_kernel")
-COUNTED = ("HMMA", "LDGSTS", "LDL", "STL")
+COUNTED = ("HMMA", "LDSM", "LDS", "LDGSTS", "LDL", "STL")
 
 
 def kernel_counts(obj: str) -> dict[str, collections.Counter]:
@@ -48,6 +49,16 @@ def demangle(name: str) -> str:
     out = subprocess.run(["c++filt"], input=name, capture_output=True, text=True).stdout.strip() or name
     out = re.sub(r"ck::cuda::|\(anonymous namespace\)::|tile::", "", out)
     return re.sub(r"\((GemmParams|FamilyParams|ck).*", "", out)
+
+
+def math_type(pretty: str) -> str | None:
+    """The element type a tile kernel's MMAs take: family_tile_kernel<T, ...>'s T,
+    gemm64_kernel<TA, TB, MT, ...>'s MT; None for other kernels."""
+    for kernel, index in (("family_tile_kernel<", 0), ("gemm64_kernel<", 2)):
+        if kernel in pretty:
+            args = pretty.split(kernel, 1)[1].split(", ")
+            return args[index].strip() if len(args) > index else None
+    return None
 
 
 def resource_usage(obj: str) -> list[tuple[str, str, int]]:
@@ -146,6 +157,9 @@ def main(argv: list[str]) -> int:
             print(f"  {pretty[:88]:88s} " + " ".join(f"{k}={c[k]}" for k in COUNTED))
             if any(t in pretty for t in TILE_KERNELS) and (c["HMMA"] == 0 or c["LDL"] or c["STL"]):
                 print(f"  ^ tile kernel without tensor-core MMA or with local-memory traffic")
+                bad += 1
+            if math_type(pretty) in ("__half", "__nv_bfloat16") and c["LDSM"] == 0:
+                print(f"  ^ 16-bit tile kernel without ldmatrix (LDSM) fragment loads")
                 bad += 1
     return 1 if bad or reg_bad else 0
 

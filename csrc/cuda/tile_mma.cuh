@@ -84,6 +84,10 @@ __device__ __forceinline__ void mma1688_tf32(float* c, const uint32_t* a, const 
   ::ck_emu::mma_sync<8>(c, a, b, 2);
 }
 __device__ __forceinline__ uint32_t tf32_rna(float x) { return ::ck_emu::cvt_rna_tf32(x); }
+template <int NUM, bool TRANS>
+__device__ __forceinline__ void ldsm(uint32_t (&r)[NUM], const void* row) {
+  ::ck_emu::ldmatrix(r, row, NUM, TRANS);
+}
 #else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -122,6 +126,25 @@ __device__ __forceinline__ uint32_t tf32_rna(float x) {
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
   return r;
+}
+
+// ldmatrix.sync.aligned.m8n8.x{2,4}{.trans}.shared.b16: lane 8 m + i gives the address of row
+// i of 8 x 8 matrix m (16 bytes, 16-byte aligned); register m of lane 4 g + t receives (row g;
+// columns 2t, 2t+1) of matrix m, or with .trans (rows 2t, 2t+1; column g).
+template <int NUM, bool TRANS>
+__device__ __forceinline__ void ldsm(uint32_t (&r)[NUM], const void* row) {
+  static_assert(NUM == 2 || NUM == 4, "ldsm: x2 or x4");
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (NUM == 4 && TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+  else if constexpr (NUM == 4)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+  else if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
 }
 
 #endif  // CK_CUDA_EMU
@@ -181,15 +204,6 @@ __device__ __forceinline__ void mma_f32(float* c, const float* a, const float* b
     mma_3xtf32(c, a, b);
 }
 
-__device__ __forceinline__ uint32_t ld32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
-__device__ __forceinline__ uint32_t pack16(uint16_t lo, uint16_t hi) {
-  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-}
-template <typename T>
-__device__ __forceinline__ uint16_t bits16(const T& x) {
-  return *reinterpret_cast<const uint16_t*>(&x);
-}
-
 // ------------------------------------------------------------- warp products
 // acc[NT][4] += A[16 x K] * B^T where A = a[row * lda + k] (the warp's 16 rows) and
 // B = b[n * ldb + k] (8 * NT rows): both operands are "rows of features" (S = Q K^T).
@@ -210,21 +224,63 @@ __device__ __forceinline__ void warp_mma_nt(float (*acc)[4], const float* a, int
   }
 }
 
+// 16-bit operands come from shared memory through ldmatrix (every row of a tile 16-byte
+// aligned: lda, ldb multiples of 8 elements, 16-byte aligned bases; the 80- and 144-byte
+// padded rows of the tiles put the 8 rows of each 8 x 8 matrix in distinct banks).  An x4
+// load is four 128-byte shared-memory wavefronts for four fragment registers, as four
+// 32-bit loads would be, but one instruction; where a fragment's two elements are k-major
+// (the B operand of dX += dS Y, the A operand of C = X^T Y) .trans packs them, where two
+// 16-bit loads per register took twice the wavefronts (bench/NOTES.md).
+//
+// The A fragment of m16n8k16 (rows r0..r0+15, depth kk..kk+15) as four 8 x 8 matrices:
+// (rows +0, k +0), (rows +8, k +0), (rows +0, k +8), (rows +8, k +8); lane 8 m + i addresses
+// row i of matrix m.  Row-major A(r, k) = a[r * lda + k]: plain; k-major a[k * lda + r]: .trans.
+template <typename H>
+__device__ __forceinline__ const H* a_frag_row(const H* a, int lda, bool kmajor) {
+  const int lane = threadIdx.x & 31, i = lane & 7, m = lane >> 3;
+  const int r = 8 * (m & 1), k = 8 * (m >> 1);  // matrix m's first row and depth
+  return kmajor ? a + (k + i) * lda + r : a + (r + i) * lda + k;
+}
+// The B fragments of two n-tiles (n0, n0 + 8) at depth kk..kk+15 as four matrices:
+// (n +0, k +0), (n +0, k +8), (n +8, k +0), (n +8, k +8), so registers 0, 1 are n-tile n0's
+// and 2, 3 n-tile n0 + 8's.  B(k, n) = b[n * ldb + k] (S = Q K^T): plain; b[k * ldb + n]: .trans.
+template <typename H>
+__device__ __forceinline__ const H* b_frag_row(const H* b, int ldb, bool kmajor) {
+  const int lane = threadIdx.x & 31, i = lane & 7, m = lane >> 3;
+  const int n = 8 * (m >> 1), k = 8 * (m & 1);  // matrix m's first column and depth
+  return kmajor ? b + (k + i) * ldb + n : b + (n + i) * ldb + k;
+}
+
+// acc[NT][4] += A B over depth K, 16-bit, A and B addressed as in a_frag_row / b_frag_row.
+template <int NT, int K, bool A_KMAJOR, bool B_KMAJOR, typename H>
+__device__ __forceinline__ void warp_mma16(float (*acc)[4], const H* a, int lda, const H* b, int ldb) {
+  const H* ar = a_frag_row(a, lda, A_KMAJOR);
+  const H* br = b_frag_row(b, ldb, B_KMAJOR);
+  // steps of 16 in depth and of two n-tiles (16 columns), in elements
+  const int a_k = A_KMAJOR ? 16 * lda : 16, b_k = B_KMAJOR ? 16 * ldb : 16, b_n = B_KMAJOR ? 16 : 16 * ldb;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t af[4];
+    ldsm<4, A_KMAJOR>(af, ar + kk * a_k);
+#pragma unroll
+    for (int nt = 0; nt + 1 < NT; nt += 2) {
+      uint32_t bf[4];
+      ldsm<4, B_KMAJOR>(bf, br + kk * b_k + (nt / 2) * b_n);
+      mma16816(acc[nt], af, bf, H());
+      mma16816(acc[nt + 1], af, bf + 2, H());
+    }
+    if (NT % 2) {  // the last n-tile alone: x2 (lanes 0-15 address its two matrices)
+      uint32_t bf[2];
+      ldsm<2, B_KMAJOR>(bf, br + kk * b_k + (NT / 2) * b_n);
+      mma16816(acc[NT - 1], af, bf, H());
+    }
+  }
+}
+
 template <int NT, int K, typename H>
 __device__ __forceinline__ void warp_mma_nt(float (*acc)[4], const H* a, int lda, const H* b, int ldb,
                                             bool /*precise: float32 only*/) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int kk = 0; kk < K; kk += 16) {
-    uint32_t af[4] = {ld32(a + g * lda + kk + 2 * t), ld32(a + (g + 8) * lda + kk + 2 * t),
-                      ld32(a + g * lda + kk + 2 * t + 8), ld32(a + (g + 8) * lda + kk + 2 * t + 8)};
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const H* bp = b + (nt * 8 + g) * ldb + kk + 2 * t;
-      uint32_t bf[2] = {ld32(bp), ld32(bp + 8)};
-      mma16816(acc[nt], af, bf, H());
-    }
-  }
+  warp_mma16<NT, K, false, false>(acc, a, lda, b, ldb);
 }
 
 // B fragment of the m16n8k8 (float, 3xTF32) / m16n8k16 (16-bit) MMA for columns
@@ -234,12 +290,6 @@ __device__ __forceinline__ void b_frag_kmajor(float (&bf)[2], const float* b, in
   bf[1] = b[(kk + t + 4) * ldb + n0 + g];
 }
 
-template <typename H>
-__device__ __forceinline__ void b_frag_kmajor(uint32_t (&bf)[2], const H* b, int ldb, int kk, int n0, int g, int t) {
-  const H* bp = b + (kk + 2 * t) * ldb + n0 + g;
-  bf[0] = pack16(bits16(bp[0]), bits16(bp[ldb]));
-  bf[1] = pack16(bits16(bp[8 * ldb]), bits16(bp[9 * ldb]));
-}
 
 // acc[NT][4] += A[16 x K] * B where B = b[k * ldb + n] (K rows of 8 * NT columns):
 // the gradient product dQ += dS * K.
@@ -263,18 +313,7 @@ __device__ __forceinline__ void warp_mma_nn(float (*acc)[4], const float* a, int
 template <int NT, int K, typename H>
 __device__ __forceinline__ void warp_mma_nn(float (*acc)[4], const H* a, int lda, const H* b, int ldb,
                                             bool /*precise: float32 only*/) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int kk = 0; kk < K; kk += 16) {
-    uint32_t af[4] = {ld32(a + g * lda + kk + 2 * t), ld32(a + (g + 8) * lda + kk + 2 * t),
-                      ld32(a + g * lda + kk + 2 * t + 8), ld32(a + (g + 8) * lda + kk + 2 * t + 8)};
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      uint32_t bf[2];
-      b_frag_kmajor(bf, b, ldb, kk, nt * 8, g, t);
-      mma16816(acc[nt], af, bf, H());
-    }
-  }
+  warp_mma16<NT, K, false, true>(acc, a, lda, b, ldb);
 }
 
 // acc[NT][4] += A[16 x K] * B where A is stored k-major, A(row, k) = a[k * lda + row]
@@ -301,20 +340,7 @@ __device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const float* a, int
 template <int NT, int K, typename H>
 __device__ __forceinline__ void warp_mma_tn(float (*acc)[4], const H* a, int lda, const H* b, int ldb,
                                             bool /*precise: float32 only*/) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int kk = 0; kk < K; kk += 16) {
-    const H* ap = a + (kk + 2 * t) * lda + g;
-    uint32_t af[4] = {pack16(bits16(ap[0]), bits16(ap[lda])), pack16(bits16(ap[8]), bits16(ap[lda + 8])),
-                      pack16(bits16(ap[8 * lda]), bits16(ap[9 * lda])),
-                      pack16(bits16(ap[8 * lda + 8]), bits16(ap[9 * lda + 8]))};
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      uint32_t bf[2];
-      b_frag_kmajor(bf, b, ldb, kk, nt * 8, g, t);
-      mma16816(acc[nt], af, bf, H());
-    }
-  }
+  warp_mma16<NT, K, true, true>(acc, a, lda, b, ldb);
 }
 
 }  // namespace tile
@@ -419,8 +445,22 @@ __device__ __forceinline__ double block_sum_f64(double v, double* red) {
   return s;
 }
 
+// Blocks per SM a 16-bit product asks for on sm_90: 8 (64 registers), which every one of them
+// held before the ldmatrix loads (session 11) and keeps with them without spills; left alone
+// ptxas 13.0 gave the k-major ones (xcorr's X^T Y) 67 registers, 7 blocks.  On sm_80 the same
+// bound spilled 64 bytes in the X^T Y kernels with the sum-of-squares epilogue (kEpiSumSq), so
+// none there: those two hold 71 registers, 7 blocks (64, 8 before).
+template <typename MT>
+constexpr int gemm_min_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return sizeof(MT) == 2 ? 8 : 0;
+#else
+  return 0;
+#endif
+}
+
 template <typename TA, typename TB, typename MT, bool A_KMAJOR, bool B_KMAJOR, int EPI, typename OT>
-__global__ void __launch_bounds__(kGemmThreads) gemm64_kernel(const GemmParams p, const bool vec_a, const bool vec_b) {
+__global__ void __launch_bounds__(kGemmThreads, (gemm_min_blocks<MT>())) gemm64_kernel(const GemmParams p, const bool vec_a, const bool vec_b) {
   static_assert(!A_KMAJOR || B_KMAJOR, "a k-major A goes with a k-major B");
   constexpr int BK = Cfg<MT>::BK, LDS = Cfg<MT>::LDS;
   constexpr int A_ELEMS = A_KMAJOR ? BK * kKLd : kGemmTile * LDS;

@@ -18,6 +18,9 @@
 //     tf32 operands truncated to their 19 significant bits as the tensor core reads
 //     them; products summed exactly (double) then rounded, where the hardware's
 //     accumulation order is unspecified;
+//   * ldmatrix.m8n8 .x1 / .x2 / .x4, plain and .trans: a warp collective with the PTX
+//     ISA's row addresses and register layout, reading shared memory at one instant; a row
+//     address that is not 16-byte aligned is an error;
 //   * cvt.rna.tf32.f32 (round to nearest, ties away), __float2half_rn and
 //     __float2bfloat16_rn (round to nearest even), bit casts;
 //   * cp.async 16-byte copies are deferred until the thread's cp.async.wait_group lets
@@ -241,6 +244,38 @@ inline void mma_sync(float* c, const uint32_t* a, const uint32_t* b, int kind /*
     double s = 0.0;
     for (int k = 0; k < K; ++k) s += A(r, k) * B(k, n);
     c[e] = static_cast<float>(static_cast<double>(c[e]) + s);
+  }
+}
+
+// ------------------------------------------------------------------ ldmatrix
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16 (PTX ISA, "Warp-level matrix load
+// instruction: ldmatrix"): lane 8 m + i gives the address of row i of matrix m (16 bytes,
+// 16-byte aligned; lanes past the matrices give none), and lane 4 g + t receives in its
+// register m the elements (row g; columns 2t, 2t + 1) of matrix m, or with .trans (rows 2t,
+// 2t + 1; column g), the lower one in the low half.  Each lane reads its row before the
+// exchange, so the warp sees the shared memory of one instant, as the collective load does.
+inline void ldmatrix(uint32_t* r, const void* row, int num, bool trans) {
+  struct Row {
+    uint16_t e[8];
+  } mine{};
+  const int lane = g_thread->lane;
+  if (lane < 8 * num) {
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: a row address that is not 16-byte aligned");
+    std::memcpy(&mine, row, sizeof(mine));
+  }
+  static const char* const kNames[2][5] = {{"", "ldmatrix.x1", "ldmatrix.x2", "", "ldmatrix.x4"},
+                                           {"", "ldmatrix.x1.trans", "ldmatrix.x2.trans", "", "ldmatrix.x4.trans"}};
+  const unsigned char* slots = warp_exchange(&mine, sizeof(mine), kNames[trans][num]);
+  const int g = lane >> 2, t = lane & 3;
+  for (int m = 0; m < num; ++m) {
+    uint32_t v = 0;
+    for (int h = 0; h < 2; ++h) {
+      const int i = trans ? 2 * t + h : g, c = trans ? g : 2 * t + h;  // (row, column) in matrix m
+      uint16_t e;
+      std::memcpy(&e, slots + (8 * m + i) * kSlot + 2 * c, 2);
+      v |= static_cast<uint32_t>(e) << (16 * h);
+    }
+    r[m] = v;
   }
 }
 

@@ -1,7 +1,9 @@
 // Python module contrastive_kernels._C_cuda_emu: importing it registers the emulated
 // CUDA ops (contrastive_kernels::<op>_cuda_emu, see csrc/cuda/bindings.cpp), and it
 // carries small self-test kernels of the emulator itself (tests/test_cuda_emulator.py):
-// the conversions against torch's, mma.sync against a matrix product, and the misuse
+// the conversions against torch's, mma.sync against a matrix product, ldmatrix against its
+// PTX layout and, through the kernels' own fragment loads (tile_mma.cuh warp_mma16), as
+// the operand of mma.sync from either storage order, and the misuse
 // the emulator must report (divergent barriers, collectives with missing lanes,
 // deadlocks, launch limits, reads of cp.async data before the wait), and an out-of-bounds
 // read that only an AddressSanitizer build reports (memcheck.sh's negative control).
@@ -11,6 +13,7 @@
 #include <string>
 
 #include "ck_cuda_emu.h"
+#include "../tile_mma.cuh"
 
 namespace {
 
@@ -110,6 +113,83 @@ Tensor mma(const Tensor& a, const Tensor& b, const Tensor& c, int64_t kind) {
   return out;
 }
 
+// One warp: ldmatrix .x{1,2,4}{.trans} of `num` 8 x 8 matrices of 16-bit patterns (rows of
+// mats, int32) from shared memory; returns each lane's registers (32 x num, int64).
+__global__ void ldmatrix_kernel(const int* mats, int num, bool trans, int64_t* out) {
+  __shared__ __align__(16) uint16_t sm[4 * 64];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < num * 64; i += 32) sm[i] = static_cast<uint16_t>(mats[i]);
+  __syncthreads();
+  uint32_t r[4];
+  ck_emu::ldmatrix(r, &sm[(lane % (8 * num)) * 8], num, trans);
+  for (int m = 0; m < num; ++m) out[lane * num + m] = r[m];
+}
+
+Tensor ldmatrix(const Tensor& mats, int64_t num, bool trans) {
+  TORCH_CHECK(num == 1 || num == 2 || num == 4, "num must be 1, 2 or 4");
+  TORCH_CHECK(mats.scalar_type() == at::kInt && mats.numel() == num * 64, "mats must be int32 with num * 64 entries");
+  Tensor m = mats.contiguous();
+  Tensor out = at::empty({32, num}, m.options().dtype(at::kLong));
+  CK_LAUNCH(1, 32, 0, nullptr, ldmatrix_kernel)(m.data_ptr<int>(), static_cast<int>(num), trans,
+                                                out.data_ptr<int64_t>());
+  const std::string st = launch_status();
+  TORCH_CHECK(st == "ok", st);
+  return out;
+}
+
+// One warp: C (16 x 8 NT) = A (16 x 16) B (16 x 8 NT) through tile::warp_mma16, the kernels'
+// product of shared-memory tiles, with A stored row-major (a[r * 24 + k]) or k-major
+// (a[k * 24 + r]) and B stored n-major (b[n * 24 + k]) or k-major (b[k * 24 + n]).
+template <typename H, int NT, bool AK, bool BK>
+__global__ void frag_mma_kernel(const int* a, const int* b, float* c) {
+  constexpr int LD = 24;  // 48-byte rows: 16-byte aligned
+  __shared__ __align__(16) H sa[16 * LD];
+  __shared__ __align__(16) H sb[16 * LD];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 16 * 16; i += 32) {
+    const int r = i / 16, k = i % 16;
+    sa[AK ? k * LD + r : r * LD + k] = H{static_cast<uint16_t>(a[i])};
+  }
+  for (int i = lane; i < 16 * 8 * NT; i += 32) {
+    const int k = i / (8 * NT), n = i % (8 * NT);
+    sb[BK ? k * LD + n : n * LD + k] = H{static_cast<uint16_t>(b[i])};
+  }
+  __syncthreads();
+  float acc[NT][4] = {};
+  ck::cuda::tile::warp_mma16<NT, 16, AK, BK>(acc, sa, LD, sb, LD);
+  const int g = lane >> 2, t = lane & 3;
+  for (int nt = 0; nt < NT; ++nt)
+    for (int e = 0; e < 4; ++e) c[(g + 8 * (e >> 1)) * 8 * NT + nt * 8 + 2 * t + (e & 1)] = acc[nt][e];
+}
+
+template <typename H, int NT>
+void frag_mma_launch(const int* a, const int* b, float* c, bool ak, bool bk) {
+  if (ak && bk) CK_LAUNCH(1, 32, 0, nullptr, frag_mma_kernel<H, NT, true, true>)(a, b, c);
+  if (ak && !bk) CK_LAUNCH(1, 32, 0, nullptr, frag_mma_kernel<H, NT, true, false>)(a, b, c);
+  if (!ak && bk) CK_LAUNCH(1, 32, 0, nullptr, frag_mma_kernel<H, NT, false, true>)(a, b, c);
+  if (!ak && !bk) CK_LAUNCH(1, 32, 0, nullptr, frag_mma_kernel<H, NT, false, false>)(a, b, c);
+}
+
+Tensor frag_mma(const Tensor& a, const Tensor& b, bool bf16, bool a_kmajor, bool b_kmajor) {
+  TORCH_CHECK(a.scalar_type() == at::kInt && a.numel() == 256, "a must be 16 x 16 int32 bits");
+  TORCH_CHECK(b.scalar_type() == at::kInt && b.dim() == 2 && b.size(0) == 16 && (b.size(1) == 8 || b.size(1) == 16),
+              "b must be 16 x 8 or 16 x 16 int32 bits");
+  Tensor ac = a.contiguous(), bc = b.contiguous();
+  const int nt = static_cast<int>(b.size(1) / 8);
+  Tensor c = at::empty({16, b.size(1)}, a.options().dtype(at::kFloat));
+  const int *pa = ac.data_ptr<int>(), *pb = bc.data_ptr<int>();
+  float* pc = c.data_ptr<float>();
+  if (bf16)
+    nt == 1 ? frag_mma_launch<__nv_bfloat16, 1>(pa, pb, pc, a_kmajor, b_kmajor)
+            : frag_mma_launch<__nv_bfloat16, 2>(pa, pb, pc, a_kmajor, b_kmajor);
+  else
+    nt == 1 ? frag_mma_launch<__half, 1>(pa, pb, pc, a_kmajor, b_kmajor)
+            : frag_mma_launch<__half, 2>(pa, pb, pc, a_kmajor, b_kmajor);
+  const std::string st = launch_status();
+  TORCH_CHECK(st == "ok", st);
+  return c;
+}
+
 // Misuse the emulator must report (returns the launch status string).
 __global__ void misuse_kernel(int which, float* out) {
   const int tid = threadIdx.x;
@@ -165,6 +245,13 @@ __global__ void misuse_kernel(int which, float* out) {
       if (tid == 0 && blockIdx.x == 1) out[0] = 5.f;
       if (tid == 0 && blockIdx.x == 0) out[1] = out[0];
       return;
+    case 10: {  // ldmatrix from a row address that is not 16-byte aligned
+      __shared__ __align__(16) uint16_t sm[8 * 8 + 8];
+      uint32_t r[1];
+      ck_emu::ldmatrix(r, &sm[1 + 8 * (tid % 8)], 1, false);
+      out[tid] = static_cast<float>(r[0]);
+      return;
+    }
     case 7:  // reads one float past the end of `out` (64 floats): memcheck.sh's negative control
       if (tid == 0) out[0] = out[64];
       return;
@@ -195,5 +282,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("convert_bits", &convert_bits, "emulated __float2half_rn / __float2bfloat16_rn / cvt.rna.tf32 bits");
   m.def("widen_bits", &widen_bits, "emulated __half2float / __bfloat162float of 16-bit patterns");
   m.def("mma", &mma, "one emulated mma.sync (kind 0 f16, 1 bf16, 2 tf32) from PTX-layout fragments");
+  m.def("ldmatrix", &ldmatrix, "one emulated ldmatrix.m8n8 (num 1, 2, 4; .trans) of 16-bit patterns: lane registers");
+  m.def("frag_mma", &frag_mma, "C = A B through tile::warp_mma16 (ldmatrix fragment loads) from either storage order");
   m.def("misuse", &misuse, "run a misuse case of the emulator's self-test kernel; returns the launch status");
 }
