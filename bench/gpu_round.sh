@@ -208,6 +208,21 @@ for dtype, n, d in [(torch.bfloat16, 16384, 128), (torch.bfloat16, 16384, 256), 
                     (torch.bfloat16, 32768, 512), (torch.float32, 8192, 128), (torch.float32, 8192, 512)]:
     for groups in ("1", "2"):
         case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS": groups, "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": "1"})
+# SupCon (the LSE_LABELS kernels, whose sm_90 bf16 column backward with two groups lost a block
+# per SM to ldmatrix: 131 registers, bench/NOTES.md), fwd + bwd with one and two groups
+import contrastive_kernels as ck
+for d in (256, 512):
+    for groups in ("1", "2"):
+        os.environ["CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS"] = groups
+        torch.manual_seed(0)
+        x = torch.randn(16384, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        labels = torch.randint(0, 64, (16384,), device=dev)
+        ms = timed(lambda: torch.autograd.grad(ck.supcon_loss(x, labels, backend="cuda"), [x]), reps=10, warm=3)[0]
+        r = {"op": "supcon_loss fwd+bwd", "dtype": "torch.bfloat16", "N": 16384, "D": d,
+             "env": {"CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS": groups}, "ms": ms}
+        print(json.dumps(r))
+        res.append(r)
+        os.environ.pop("CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS", None)
 # column splits at small N (plan_pass): none against the automatic count
 for dtype, n, d in [(torch.bfloat16, 1024, 128), (torch.bfloat16, 4096, 128), (torch.bfloat16, 4096, 512),
                     (torch.bfloat16, 8192, 256), (torch.float32, 2048, 128)]:
