@@ -22,8 +22,9 @@
 #   shapes   the CUDA lse forward and backward with one and with two warp groups per block
 #            (CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS=1 / 2, csrc/cuda/family_tiles.cu bwd_groups),
 #            and with and without column splits at small N (CONTRASTIVE_KERNELS_CUDA_COL_SPLITS=1
-#            against plan_pass's count): $OUT/bwd_shapes.json; decides bwd_groups' D threshold
-#            and checks plan_pass's split rule
+#            against plan_pass's count), and SupCon (the LSE_LABELS kernels) with one and two
+#            groups: $OUT/bwd_shapes.json; decides bwd_groups' D threshold and checks
+#            plan_pass's split rule
 #   ncu      Nsight Compute on one lse backward launch (optional, slow)
 #
 # Every stage runs even if an earlier one failed; each stage's exit code is appended to
