@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 import contrastive_kernels as ck
 from contrastive_kernels import distributed as ckd
+from helpers import interpreter_bf16_broken  # (tests/ is on sys.path: the script's folder)
 
 torch.set_num_threads(1)
 
@@ -291,11 +292,10 @@ NONFINITE_CASES = {"info_nce": {"normalize": False}, "nt_xent": {"normalize": Fa
 def nonfinite_dtypes(be):
     """float64 on the reference; float32 and bfloat16 on the kernels (16-bit operands keep
     inf * -1 = -inf where the float32 path's TF32 split already makes it NaN), except bfloat16
-    Triton under the interpreter (helpers.skip_interpreter_bf16)."""
+    Triton under the interpreter (helpers.interpreter_bf16_broken)."""
     if be == "reference":
         return [torch.float64]
-    interp_bf16_broken = be == "triton" and ck.backends.triton_interpret() and not torch.cuda.is_available()
-    return [torch.float32] + ([] if interp_bf16_broken else [torch.bfloat16])
+    return [torch.float32] + ([] if interpreter_bf16_broken(be) else [torch.bfloat16])
 
 
 def nonfinite_keys(be):

@@ -1,14 +1,14 @@
 """SASS instruction counts of the compiled CUDA kernels (no GPU needed): tensor-core MMAs
 (HMMA), ldmatrix and plain shared loads (LDSM, LDS), cp.async copies (LDGSTS) and
-local-memory traffic (LDL / STL, i.e. spills); and the
-registers per thread of every kernel against a checked-in table.
+local-memory traffic (LDL / STL, i.e. spills); and the registers per thread of every kernel
+against a checked-in table.
 
     python csrc/cuda/sass_report.py [--registers TABLE | --write-registers TABLE] OBJ.o [...]
 
 Needs cuobjdump and nvdisasm on PATH (CUDA toolkit, or the PyPI wheels nvidia-cuda-cuobjdump
 and nvidia-cuda-nvdisasm).  Exits 1 if a tile kernel (family_tile_kernel, gemm64_kernel) has
-no HMMA or touches local memory, a 16-bit one has no LDSM, or (--registers) if a kernel uses more registers than TABLE
-records, or is not in it, for the objects' architectures, when nvcc is the version TABLE was
+no HMMA or touches local memory, a 16-bit one has no LDSM, or (--registers) if a kernel uses
+more registers than TABLE records, or is not in it, for the objects' architectures, when nvcc is the version TABLE was
 written with.  The tile kernels sit at ptxas's occupancy steps: semantically neutral edits have
 moved them by up to 41 registers and across a block per SM (bench/NOTES.md), which only a GPU
 would otherwise show.  A deliberate change rewrites the table (--write-registers, or

@@ -387,8 +387,20 @@ def lse(backend: str, q: Tensor, k: Tensor, scale: Tensor, *, q_rscale=None, k_r
     if backend == FAMILY_REFERENCE:
         return reference.lse_family(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
                                     diag_offset, mask_mode, compute_col)
-    return _op("lse", backend, q)(q.contiguous(), k.contiguous(), scale, q_rscale, k_rscale, col_bias, pos_index,
-                               q_labels, k_labels, int(diag_offset), int(mask_mode), bool(compute_col))[:2]
+    row, col = _op("lse", backend, q)(q.contiguous(), k.contiguous(), scale, q_rscale, k_rscale, col_bias, pos_index,
+                                      q_labels, k_labels, int(diag_offset), int(mask_mode), bool(compute_col))[:2]
+    if backend == "cuda" and mask_mode & LSE_LABELS and not mask_mode & LSE_NORM:
+        # The CUDA labels forward keeps a kept -inf logit as exp(-inf) = 0 (turning it into NaN
+        # cost that kernel a block per SM: bench/NOTES.md); with LSE_NORM the zero rscale of an
+        # infinite row makes its logits NaN already.  An infinite input: NaN (SPEC).
+        row = row + _nonfinite_guard(q, k)
+    return row, col
+
+
+def _nonfinite_guard(*xs: Tensor) -> Tensor:
+    """0 where every input is finite, NaN otherwise (float32 scalar, no host sync)."""
+    ok = torch.stack([torch.isfinite(x).all() for x in xs]).all()
+    return torch.where(ok, 0.0, float("nan")).to(torch.float32)
 
 
 def pairwise(backend: str, q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, *, row_offset=None, q_labels=None,

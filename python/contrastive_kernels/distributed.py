@@ -643,8 +643,6 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
         row, _ = fam.lse(be, x, kb, scale, q_rscale=_kn(xr), k_rscale=_kn(_rscale(kb, normalize, dt)),
                          q_labels=labels, k_labels=kl, diag_offset=own,
                          mask_mode=LSE_LABELS | (0 if has_ref else MASK_DIAG) | _norm_bit(normalize))
-        if be == "cuda" and not normalize:  # the CUDA labels forward drops a kept -inf logit
-            row = row + functional._nonfinite_guard(x, kb)  # (as functional.supcon_loss)
         has = functional._positive_counts(labels, kl, exclude_self=not has_ref) > 0
         total = _all_reduce(has.sum().to(torch.float64), d)
         return torch.where(has, row, torch.zeros_like(row)).sum() * d.world / total.clamp_min(1).to(row.dtype)

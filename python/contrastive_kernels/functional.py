@@ -70,12 +70,6 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() * b.float()).sum(1)
 
 
-def _nonfinite_guard(*xs: Tensor) -> Tensor:
-    """0 where every input is finite, NaN otherwise (float32 scalar, no host sync)."""
-    ok = torch.stack([torch.isfinite(x).all() for x in xs]).all()
-    return torch.where(ok, 0.0, float("nan")).to(torch.float32)
-
-
 def _work(x: Tensor) -> int:
     """rows x features of a loss's first input: the size class of `auto`'s cuda/triton rule."""
     return x.shape[0] * x.shape[-1] if x.dim() >= 2 else x.numel()
@@ -331,11 +325,6 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
     xk = _kn(xr)
     row, _ = fam.lse(be, x, r, scale, q_rscale=xk, k_rscale=_kn(rr) if has_ref else xk, q_labels=labels,
                      k_labels=rl, mask_mode=LSE_LABELS | (0 if has_ref else MASK_DIAG) | _norm_bit(normalize))
-    if be == "cuda" and not normalize:
-        # The CUDA labels forward keeps a kept -inf logit as exp(-inf) = 0 (turning it into NaN
-        # cost that kernel a block per SM: bench/NOTES.md); with normalize the zero rscale of an
-        # infinite row makes its logits NaN already.  An infinite input: NaN (SPEC).
-        row = row + _nonfinite_guard(x, r)
     has = _positive_counts(labels, rl, exclude_self=not has_ref) > 0
     anchor = torch.where(has, row, torch.zeros_like(row))
     if reduction == "none":
