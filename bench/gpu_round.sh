@@ -23,8 +23,9 @@
 #            (CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS=1 / 2, csrc/cuda/family_tiles.cu bwd_groups),
 #            and with and without column splits at small N (CONTRASTIVE_KERNELS_CUDA_COL_SPLITS=1
 #            against plan_pass's count), and SupCon (the LSE_LABELS kernels) with one and two
-#            groups: $OUT/bwd_shapes.json; decides bwd_groups' D threshold and checks
-#            plan_pass's split rule
+#            groups, and the forward in one pass against two (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0):
+#            $OUT/bwd_shapes.json; decides bwd_groups' D threshold, checks plan_pass's split
+#            rule and whether the fused forward wins at every size
 #   ncu      Nsight Compute on one lse backward launch (optional, slow)
 #
 # Every stage runs even if an earlier one failed; each stage's exit code is appended to
@@ -209,6 +210,22 @@ for dtype, n, d in [(torch.bfloat16, 16384, 128), (torch.bfloat16, 16384, 256), 
                     (torch.bfloat16, 32768, 512), (torch.float32, 8192, 128), (torch.float32, 8192, 512)]:
     for groups in ("1", "2"):
         case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS": groups, "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": "1"})
+# the forward in one pass (row and column lse from each S tile: launch_fused_cols, the default)
+# against a row pass plus a column pass (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0), forward only
+for dtype, n, d in [(torch.bfloat16, 32768, 512), (torch.bfloat16, 16384, 128), (torch.bfloat16, 4096, 512),
+                    (torch.bfloat16, 1024, 128), (torch.float32, 8192, 128)]:
+    for fused in ("0", "1"):
+        os.environ["CONTRASTIVE_KERNELS_CUDA_FUSED_COLS"] = fused
+        torch.manual_seed(0)
+        q, k = (torch.randn(n, d, device=dev, dtype=dtype) for _ in range(2))
+        s = torch.tensor(10.0, device=dev)
+        ms = timed(lambda: fam.lse("cuda", q, k, s, compute_col=True), reps=10, warm=3)[0]
+        r = {"op": "lse forward, compute_col", "dtype": str(dtype), "N": n, "M": n, "D": d,
+             "env": {"CONTRASTIVE_KERNELS_CUDA_FUSED_COLS": fused}, "ms": ms,
+             "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9}
+        print(json.dumps(r))
+        res.append(r)
+        os.environ.pop("CONTRASTIVE_KERNELS_CUDA_FUSED_COLS", None)
 # SupCon (the LSE_LABELS kernels, whose sm_90 bf16 column backward with two groups lost a block
 # per SM to ldmatrix: 131 registers, bench/NOTES.md), fwd + bwd with one and two groups
 import contrastive_kernels as ck
@@ -236,8 +253,8 @@ EOF
 }
 
 stage_ncu() {
-  # The four lse launches of a CLIP-sized problem (bf16, N = M = 8192, D = 512): forward row and
-  # column passes, backward row and column passes.  MemoryWorkloadAnalysis shows the shared-memory
+  # The lse launches of a CLIP-sized problem (bf16, N = M = 8192, D = 512): the fused forward (row
+  # and column lse in one pass, launch_fused_cols), backward row and column passes.  MemoryWorkloadAnalysis shows the shared-memory
   # wavefronts against their peak, ComputeWorkloadAnalysis the tensor pipe: bench/NOTES.md
   # "Shared-memory wavefronts per MMA" predicts the mma loops bound by the first.
   (cd /tmp && timeout 300 ncu --launch-count 4 --kernel-name regex:family_tile_kernel --section SpeedOfLight \

@@ -221,6 +221,7 @@ def test_family_op_errors_name_the_emulator(emu):
 
 _SCHEDULES = ("reverse", "shuffle:1", "shuffle:2")
 _GROUPS, _SPLITS = "CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS", "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS"
+_FUSED, _CHUNK = "CONTRASTIVE_KERNELS_CUDA_FUSED_COLS", "CONTRASTIVE_KERNELS_CUDA_COLS_CHUNK"
 
 
 @pytest.mark.parametrize("which", [8, 9], ids=["threads", "blocks"])
@@ -317,6 +318,8 @@ def _schedule_cases():
         ("clip_f16_d40_g2", clip(torch.float16, 40), {_GROUPS: "2"}),
         ("clip_bf16_d300_splits", clip(torch.bfloat16, 300), {_SPLITS: "2"}),
         ("clip_f16_d40_splits", clip(torch.float16, 40), {_SPLITS: "2"}),
+        ("clip_bf16_d40_fused_chunk1", clip(torch.bfloat16, 40), {_SPLITS: "2", _CHUNK: "1"}),
+        ("clip_f32_d40_two_passes", clip(torch.float32, 40), {_FUSED: "0"}),
         ("supcon_f32_splits", supcon, {_SPLITS: "2"}),
         ("siglip_bf16_splits", siglip(torch.bfloat16), {_SPLITS: "2"}),
         ("supcon_f32", supcon, {}),
@@ -336,7 +339,7 @@ def _schedule_cases():
 def test_kernels_do_not_depend_on_the_schedule(emu, case, monkeypatch):
     """Every CUDA kernel gives bitwise the same losses and gradients whatever the order of its
     threads between barriers and of its blocks (both backward block shapes of the lse family,
-    the column splits)."""
+    the column splits, the fused forward in launches of one row block and the two-pass one)."""
     _, run, env = case
     for name, value in env.items():
         monkeypatch.setenv(name, value)

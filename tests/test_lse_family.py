@@ -320,6 +320,66 @@ def test_cuda_column_splits_confident_rows(backend, monkeypatch):
             assert err < 1e-4, f"splits={splits}: cross-entropy relative error {err:.2e}"
 
 
+_FUSED, _CHUNK = "CONTRASTIVE_KERNELS_CUDA_FUSED_COLS", "CONTRASTIVE_KERNELS_CUDA_COLS_CHUNK"
+
+
+@pytest.mark.parametrize("backend", _CUDA)
+@pytest.mark.parametrize("plan", [("1", "1", "1"), ("1", "2", "3"), ("1", "3", "2"), ("1", "", ""), ("0", "", "")],
+                         ids=["chunk1-split1", "chunk2-split3", "chunk3-split2", "default", "two_passes"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "diag_shift", "diag_pos", "label_empty", "target_diag"])
+def test_cuda_fused_forward_columns(backend, plan, dtype, mask, monkeypatch):
+    """With compute_col the CUDA forward computes the row and the column log-sum-exps from one
+    pass over S (csrc/cuda/family_tiles.cu, launch_fused_cols): each (row block, column) writes
+    the column's partial state over its 64 rows, folded over the row blocks in order, one launch
+    of CONTRASTIVE_KERNELS_CUDA_COLS_CHUNK row blocks at a time (here 1, 2 and 3 of N = 200's 4,
+    the last launch short, and the default: one launch), with 1 to 3 column splits each.
+    CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0 is the row pass plus a column pass, the control."""
+    fused, chunk, splits = plan
+    monkeypatch.setenv(_FUSED, fused)
+    monkeypatch.setenv(_CHUNK, chunk)
+    monkeypatch.setenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS", splits)
+    square = mask.startswith("target") or mask == "diag_pos"
+    for d in (40, 300) if chunk == "2" else (40,):  # (the column partials do not depend on D)
+        _check_case(backend, 200, 200 if square else 330, d, dtype, mask, True, mask != "label_empty", True)
+
+
+@pytest.mark.parametrize("backend", _CUDA)
+def test_cuda_fused_forward_columns_confident_and_far(backend, monkeypatch):
+    """The fused forward's column sums keep their own maxima: (a) a confident column (its max
+    in one row block, the tiny rest in the others, folded one launch per row block) keeps its
+    cross-entropy relative to itself; (b) columns far below their rows' maxima (every row has
+    one huge logit, at a column of its own, 150 above the others: exp(S - row max) would
+    underflow to 0 for every other column) keep their log-sum-exps."""
+    torch.manual_seed(0)
+    n, d = 256, 64
+    q = F.normalize(torch.randn(n, d), dim=1)
+    k = F.normalize(q + 0.02 * torch.randn(n, d), dim=1)
+    s = 20.0 * q.double() @ k.double().T
+    ref_row, ref_col = torch.logsumexp(s, 1) - s.diagonal(), torch.logsumexp(s, 0) - s.diagonal()
+    assert ref_row.max() < 1e-3 and ref_col.max() < 1e-3  # confident: every cross-entropy tiny
+    for chunk in ("1", "3", ""):
+        monkeypatch.setenv(_CHUNK, chunk)
+        row, col = fam.lse(backend, q, k, torch.tensor(20.0), mask_mode=LSE_TARGET, compute_col=True)
+        for got, ref in ((row, ref_row), (col, ref_col)):
+            err = ((got.double() - ref).abs() / ref).max().item()
+            assert err < 1e-4, f"chunk={chunk!r}: cross-entropy relative error {err:.2e}"
+    # (b): q_i = 10 e_{i mod 8} + small, k_j = 1.5 e_j for j < 8 (row i's max, 150, at column
+    # i mod 8), the other columns small
+    n, m, d = 130, 70, 16
+    q = 0.05 * torch.randn(n, d)
+    q[torch.arange(n), torch.arange(n) % 8] = 10.0
+    k = 0.05 * torch.randn(m, d)
+    k[:8, :8] = 1.5 * torch.eye(8)
+    s = 10.0 * q.double() @ k.double().T
+    assert (s.max(1).values[:, None] - s)[:, 8:].min() > 100  # e^-100: below float32's normal range
+    for chunk in ("1", ""):
+        monkeypatch.setenv(_CHUNK, chunk)
+        row, col = fam.lse(backend, q, k, torch.tensor(10.0), compute_col=True)
+        torch.testing.assert_close(row.double(), torch.logsumexp(s, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(col.double(), torch.logsumexp(s, 0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask", ["labels", "labels_diag", "labels_pos_none"])

@@ -10,7 +10,9 @@
 //     drow_offset); TRANS = true: rows are k, columns q (col_lse, dk, dk_rscale,
 //     dcol_bias).  The mask and every formula are written in (i, j) = (q index,
 //     k index), so both directions compute the same S_ij bit for bit;
-//   * forward: online max / sum (lse) or a softplus sum (pairwise) per row;
+//   * forward: online max / sum (lse) or a softplus sum (pairwise) per row; the lse forward
+//     with compute_col takes one pass over S for rows and columns (launch_fused_cols: each
+//     tile's column states over the block's rows, folded over the row blocks in order);
 //   * where the row blocks alone cannot fill the GPU (small N), the column tiles are split
 //     across blocks (plan_pass: grid.y in the forward, grid.z in the backward), each split
 //     writes its rows' partial state (forward) or partial per-row sums and dX (backward)
@@ -66,7 +68,9 @@ struct Shape {
 
 // kLseLabels: the lse family with LSE_LABELS (SupCon's positives), its own instantiations so
 // that the other lse kernels keep their register budget (the float32 backward spilled otherwise).
-enum Family : int { kLse = 0, kPairwise = 1, kLseLabels = 2 };
+// kLseCols: the lse forward that also writes each tile's column partials (the fused forward of
+// compute_col: row and column log-sum-exps from one pass over S; forward row pass, SPLIT only).
+enum Family : int { kLse = 0, kPairwise = 1, kLseLabels = 2, kLseCols = 3 };
 
 // exp(-c) - 1 relative to itself however small c is (a confident row's p - 1 at its target,
 // c its cross-entropy): the Taylor series of e^x - 1 at x = -c below |x| = 1/2 (nine terms,
@@ -250,6 +254,7 @@ __device__ __forceinline__ void finish_row_sums(const FamilyParams& p, bool tran
 // fewer).
 template <typename T, int FAM, bool BWD, bool SPLIT>
 constexpr int min_blocks() {
+  static_assert(FAM != kLseCols || (SPLIT && !BWD), "the fused forward is a split forward kernel");
   return !SPLIT ? 0 : BWD ? 2 : (FAM == kLseLabels && sizeof(T) == 4) ? 3 : 4;
 }
 
@@ -266,6 +271,9 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   // underflows): each row's staged dS is scaled by 2^ds_e, a power of two following the
   // running max |dS| of the row, and accO is rescaled (exactly) whenever it changes.
   constexpr bool kDsScale = BWD && std::is_same<T, __half>::value;
+  constexpr bool COLS = FAM == kLseCols;                  // the fused forward (column partials too)
+  constexpr bool LSE = FAM == kLse || FAM == kLseCols;   // the plain lse kernels
+  static_assert(!COLS || (!TRANS && !BWD && G == 1 && SPLIT), "the fused forward is a split row pass");
 
   __shared__ __align__(16) T sx[2][BM * LDS];
   __shared__ __align__(16) T sy[2][BN * LDS];
@@ -276,6 +284,10 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   // per-row max |dS| of each group
   __shared__ float sred[BWD ? 3 : 1][BWD ? BM : 1];
   __shared__ float sdmax[kDsScale ? 2 : 1][kDsScale ? BM : 1];
+  // fused forward: each warp's column max, sum and count of exact 1s over its 16 rows of the
+  // tile, and the target logit of each column (0 where the target is not in this block)
+  __shared__ float scol[COLS ? 3 : 1][COLS ? 4 * BN : 1];
+  __shared__ float sxt[COLS ? BN : 1];
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   // rows 16 rw .. 16 rw + 15 of the block; S columns NTS * 8 cg ..; dX features (backward)
@@ -284,7 +296,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   const T* X = static_cast<const T*>(TRANS ? p.k : p.q);
   const T* Y = static_cast<const T*>(TRANS ? p.q : p.k);
   const int64_t nrows = TRANS ? p.m : p.n, ncols = TRANS ? p.n : p.m, D = p.d;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) + (COLS ? p.row_block0 : 0)) * BM;
   const float scale = *p.scale;
   const float sbias = (FAM == kPairwise) ? *p.bias : 0.f;
   const int64_t diag = p.diag_offset;
@@ -294,6 +306,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   Side R[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) load_side<FAM>(p, !TRANS, row0 + rw * 16 + g + 8 * h, nrows, R[h]);
+  if (COLS && tid < BN) sxt[tid] = 0.f;
 
   void* dx_out = BWD ? (TRANS ? p.dk : p.dq) : nullptr;
   const bool gemm = BWD && dx_out != nullptr;
@@ -396,18 +409,19 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
           if (mode & 4) keep = keep && (j != i + diag);
         }
         // LSE_TARGET: the pair (i, t_i) (column pass: (j, j), compute_col being square)
-        const bool is_target = FAM == kLse && (mode & 8) && valid && j == (p.pos_index ? I.pos : i + diag);
+        const bool is_target = LSE && (mode & 8) && valid && j == (p.pos_index ? I.pos : i + diag);
         if (!BWD) {
           if (FAM != kPairwise) {
             // A kept -inf logit comes from an infinite input: NaN, not exp(-inf) = 0 (SPEC).
             // Not in the labels forward: there it cost 26-41 registers on sm_80 (a block per
             // SM) and a spill on sm_90 (ptxas 13.0), so supcon's glue checks its inputs.
-            if (FAM == kLse)
+            if (LSE)
               vals[nt][e] = keep ? (x == -INFINITY ? NAN : x) : -INFINITY;
             else
               vals[nt][e] = keep ? x : -INFINITY;
             tile_max[h] = fmaxf(tile_max[h], vals[nt][e]);
             if (is_target) run_x[h] = x;  // before the masks: a target need not be kept
+            if (COLS && is_target) sxt[cl] = x;  // (square, diag_offset 0: column j's target is row j)
             if (FAM == kLseLabels && keep && same_lab) {  // LSE_LABELS: a positive of row i
               run_p[h] += x;
               run_c[h] += 1.f;
@@ -482,6 +496,71 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
         run_l[h] = l;
         run_k[h] = k;
         run_m[h] = new_m;
+      }
+    }
+    if (COLS) {
+      // The tile's column states over the block's 64 rows, in the row state's form: the column
+      // max cm, and relative to it the count of exact 1s and the sum of the rest (their own exps:
+      // exp(S - row max) would underflow where a column sits far below its rows' maxima).  Each
+      // warp's 16 rows by shuffles, the four warps through shared memory in warp order; one
+      // thread per column writes the partial state of (this row block, the column), which
+      // fold_cols_kernel merges over the row blocks in order.
+      float* smax = scol[0];
+      float* ssum = scol[1];
+      float* scnt = scol[2];
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+        for (int e1 = 0; e1 < 2; ++e1) {
+          float v = fmaxf(vals[nt][e1], vals[nt][2 + e1]);
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+          if (g == 0) smax[rw * BN + nt * 8 + 2 * t + e1] = v;
+        }
+      __syncthreads();
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+        for (int e1 = 0; e1 < 2; ++e1) {
+          const int cl = nt * 8 + 2 * t + e1;
+          const float cm = fmaxf(fmaxf(smax[cl], smax[BN + cl]), fmaxf(smax[2 * BN + cl], smax[3 * BN + cl]));
+          const float ref = cm == -INFINITY ? 0.f : cm;  // (as the rows: no -inf - -inf)
+          float l = 0.f, k = 0.f;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float v = vals[nt][2 * h + e1];
+            if (v == ref)
+              k += 1.f;
+            else
+              l += __expf(v - ref);
+          }
+#pragma unroll
+          for (int o = 4; o < 32; o <<= 1) {
+            l += __shfl_xor_sync(0xffffffffu, l, o);
+            k += __shfl_xor_sync(0xffffffffu, k, o);
+          }
+          if (g == 0) {
+            ssum[rw * BN + cl] = l;
+            scnt[rw * BN + cl] = k;
+          }
+        }
+      __syncthreads();
+      if (tid < BN) {
+        const int64_t c = col0 + tid;
+        if (c < ncols) {
+          const float cm = fmaxf(fmaxf(smax[tid], smax[BN + tid]), fmaxf(smax[2 * BN + tid], smax[3 * BN + tid]));
+          const float l = ((ssum[tid] + ssum[BN + tid]) + ssum[2 * BN + tid]) + ssum[3 * BN + tid];
+          const float k = ((scnt[tid] + scnt[BN + tid]) + scnt[2 * BN + tid]) + scnt[3 * BN + tid];
+          // [4][row blocks of the launch][ncols]: m, l, kc, xt
+          float* ws = p.col_part + static_cast<int64_t>(blockIdx.x) * ncols + c;
+          const int64_t field = static_cast<int64_t>(gridDim.x) * ncols;
+          ws[0] = cm;
+          ws[field] = l;
+          ws[2 * field] = k;
+          ws[3 * field] = sxt[tid];
+        }
+        sxt[tid] = 0.f;  // (the next tile's epilogue is past the step's barrier)
       }
     }
     if (kDsScale && gemm) {
@@ -701,6 +780,44 @@ __global__ void merge_splits_kernel(const FamilyParams p, bool trans, int64_t nr
   finish_row<FAM>(p, trans, r, nrows, m, l, kc, xt, ps, pc);
 }
 
+// The fused forward's column partials of one launch (`nb` row blocks, fold order) folded
+// into the columns' running state [4][ncols] (m, l, kc, xt; thread per column) as
+// merge_splits_kernel combines splits: the running state first, then the row blocks in
+// order.  The last launch's fold finishes the columns (col_out).
+__global__ void fold_cols_kernel(const FamilyParams p, float* state, int64_t nb, bool first, bool last) {
+  const int64_t ncols = p.m;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= ncols) return;
+  const float* part = p.col_part + c;
+  const int64_t field = nb * ncols;
+  float m = first ? -INFINITY : state[c];
+  for (int64_t b = 0; b < nb; ++b) m = fmaxf(m, part[b * ncols]);
+  const float ref = m == -INFINITY ? 0.f : m;
+  float l = 0.f, kc = 0.f, xt = first ? 0.f : state[3 * ncols + c];
+  auto add = [&](float ms, float ls, float ks) {
+    if (ms == m && m != -INFINITY) {
+      l += ls;
+      kc += ks;
+    } else {
+      l += (ls + ks) * __expf(ms - ref);
+    }
+  };
+  if (!first) add(state[c], state[ncols + c], state[2 * ncols + c]);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t o = b * ncols;
+    add(part[o], part[field + o], part[2 * field + o]);
+    xt += part[3 * field + o];  // (one row block holds the column's target: exact)
+  }
+  if (last) {
+    finish_row<kLse>(p, true, c, ncols, m, l, kc, xt, 0.f, 0.f);
+  } else {
+    state[c] = m;
+    state[ncols + c] = l;
+    state[2 * ncols + c] = kc;
+    state[3 * ncols + c] = xt;
+  }
+}
+
 // The backward's column splits: per-row sums added in split order (thread per row).
 template <int FAM>
 __global__ void merge_bwd_rows_kernel(const FamilyParams p, bool trans, int64_t nrows, int splits) {
@@ -820,6 +937,82 @@ Plan plan_pass(const FamilyParams& p, bool trans, bool bwd) {
   return pl;
 }
 
+// The fused forward (lse with compute_col): one pass over S writes the rows' split states
+// and, per (row block, column), the column's partial state over the block's 64 rows; the
+// columns are folded over the row blocks in order (fold_cols_kernel), then the rows' splits
+// merged (merge_splits_kernel).  Half the product FLOPs of a row pass plus a column pass, for a
+// second exp per entry and two block barriers per tile (bench/NOTES.md, "One forward pass").
+// The column partials, 16 bytes per (row block, column), are bounded by kColsBudget: past it
+// the row blocks run in chunks, one launch and one fold each, the column splits chosen so that
+// a launch still fills a wave.  CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0 keeps the two passes,
+// CONTRASTIVE_KERNELS_CUDA_COLS_CHUNK=n forces n row blocks per launch (tests, measurements).
+struct ColsPlan {
+  int64_t chunk = 0;  // row blocks per launch
+  Plan split;         // the column splits (Plan::splits, Plan::split_tiles)
+};
+constexpr int64_t kColsBudget = int64_t{32} << 20;  // bytes of column partials per launch
+
+bool fused_cols(const FamilyParams& p, bool compute_col) {
+  if (!compute_col || (p.mask_mode & 16) || p.n == 0 || p.m == 0) return false;
+  const char* env = std::getenv("CONTRASTIVE_KERNELS_CUDA_FUSED_COLS");
+  return env == nullptr || env[0] != '0';
+}
+
+ColsPlan plan_cols(const FamilyParams& p) {
+  ColsPlan cp;
+  const int64_t rb = row_blocks(p.n), ntiles = (p.m + BN - 1) / BN;
+  cp.chunk = kColsBudget / (16 * p.m);
+  const char* env = std::getenv("CONTRASTIVE_KERNELS_CUDA_COLS_CHUNK");
+  if (env != nullptr && env[0] != '\0') cp.chunk = std::atoll(env);
+  cp.chunk = cp.chunk < 1 ? 1 : (cp.chunk > rb ? rb : cp.chunk);
+  int64_t want;
+  env = std::getenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS");
+  if (env != nullptr && env[0] != '\0') {
+    want = std::atoll(env);
+  } else {  // as plan_pass: as many splits as fit in one wave of a launch, 2 column tiles or more each
+    const int64_t wave = 4 * (p.num_sms > 0 ? p.num_sms : 1);
+    want = cp.chunk >= wave ? 1 : wave / cp.chunk;
+    if (want > ntiles / 2) want = ntiles / 2;
+  }
+  want = want < 1 ? 1 : (want > ntiles ? ntiles : want);
+  if (want > 65535) want = 65535;
+  cp.split.split_tiles = (ntiles + want - 1) / want;
+  cp.split.splits = (ntiles + cp.split.split_tiles - 1) / cp.split.split_tiles;
+  return cp;
+}
+
+// floats of the fused forward's workspace: the rows' split states, one launch's column
+// partials, the columns' running state
+int64_t cols_workspace_floats(const FamilyParams& p, const ColsPlan& cp) {
+  return kSplitFields * cp.split.splits * p.n + 4 * cp.chunk * p.m + 4 * p.m;
+}
+
+template <typename T>
+cudaError_t launch_fused_cols(const FamilyParams& p_in, cudaStream_t stream) {
+  const ColsPlan cp = plan_cols(p_in);
+  FamilyParams p = p_in;
+  p.split_tiles = cp.split.split_tiles;
+  p.col_part = p.workspace + kSplitFields * cp.split.splits * p.n;
+  float* state = p.col_part + 4 * cp.chunk * p.m;
+  const int64_t rb = row_blocks(p.n);
+  const bool vec_ok = vec_ok_for<T>(p);
+  cudaError_t err = cudaSuccess;
+  for (int64_t b0 = 0; b0 < rb; b0 += cp.chunk) {
+    const int64_t nb = rb - b0 < cp.chunk ? rb - b0 : cp.chunk;
+    p.row_block0 = b0;
+    const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(cp.split.splits), 1);
+    using SH = Shape<false, 1>;  // (a name without commas: CK_LAUNCH is a macro)
+    CK_LAUNCH(grid, SH::kThreads, 0, stream, family_tile_kernel<T, kLseCols, false, false, 1, true>)(p, vec_ok);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    CK_LAUNCH(static_cast<unsigned>((p.m + 255) / 256), 256, 0, stream, fold_cols_kernel)(p, state, nb, b0 == 0,
+                                                                                      b0 + nb == rb);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  CK_LAUNCH(static_cast<unsigned>((p.n + 255) / 256), 256, 0, stream, merge_splits_kernel<kLse>)(
+      p, false, p.n, static_cast<int>(cp.split.splits));
+  return cudaGetLastError();
+}
+
 // floats of a backward pass's split partials: [3][splits][rows] per-row sums, [splits][rows][D] dX
 int64_t split_part_floats(const FamilyParams& p, bool trans) {
   const Plan pl = plan_pass(p, trans, true);
@@ -931,12 +1124,21 @@ int64_t forward_workspace_floats(const FamilyParams& p, bool compute_col) {
     const int64_t splits = plan_pass(p, trans, false).splits;
     return splits > 1 ? kSplitFields * splits * (trans ? p.m : p.n) : 0;
   };
+  if (fused_cols(p, compute_col)) return cols_workspace_floats(p, plan_cols(p));
   const int64_t row = need(false), col = compute_col ? need(true) : 0;
   return row > col ? row : col;
 }
 
 cudaError_t lse_forward(const FamilyParams& p, bool compute_col, cudaStream_t stream) {
   if (p.mask_mode & 16) return launch_dtype<kLseLabels, false, false>(p, stream);  // (no column term)
+  if (fused_cols(p, compute_col)) {
+    switch (p.dtype) {
+      case DType::kFloat32: return launch_fused_cols<float>(p, stream);
+      case DType::kFloat16: return launch_fused_cols<__half>(p, stream);
+      case DType::kBFloat16: return launch_fused_cols<__nv_bfloat16>(p, stream);
+    }
+    return cudaErrorInvalidValue;
+  }
   cudaError_t err = launch_dtype<kLse, false, false>(p, stream);
   if (err != cudaSuccess || !compute_col) return err;
   return launch_dtype<kLse, true, false>(p, stream);

@@ -69,6 +69,10 @@ struct FamilyParams {
   float* workspace = nullptr;
   float* split_part = nullptr;  // (set by the backward launcher: its column splits' partials, in workspace)
   int64_t split_tiles = 0;      // (set by the launchers: column tiles per split)
+  // (set by the fused forward's launcher, lse with compute_col: the column partials of one
+  // launch, [4][row blocks][m], and the launch's first row block)
+  float* col_part = nullptr;
+  int64_t row_block0 = 0;
   int num_sms = 0;  // multiprocessors of the device (the forward's column splits)
 };
 

@@ -2,7 +2,8 @@
 # compute-sanitizer memcheck, CPU edition: the CUDA kernels on the emulator (this folder)
 # built with AddressSanitizer, running the cuda tests of the family files (float32 and
 # float16: bfloat16 takes the same paths; the 300 x 300 sizes and flag subsets left out, the
-# schedule tests (the same kernels in other orders) and the float16 column-split cases too).
+# schedule tests (the same kernels in other orders) and the float16 column-split and fused-forward
+# cases too).
 # An out-of-bounds read or write of a kernel in global memory (torch tensors: ASan puts
 # redzones around every allocation) or in its shared-memory arrays stops the run with
 # AddressSanitizer's report naming the kernel's source line.
@@ -44,7 +45,7 @@ echo "memcheck: control out-of-bounds read reported, as it must be"
 rm -f "$out"/asan.*
 rc=0
 LD_PRELOAD="$preload" "$py" -m pytest -q -p no:cacheprovider -m "not slow" \
-  -k "cuda and not bfloat16 and not tiny_upstream and not deterministic and not rectangular and not cancellation and not need_subsets and not 300x300 and not schedule and not (column_splits and float16)" \
+  -k "cuda and not bfloat16 and not tiny_upstream and not deterministic and not rectangular and not cancellation and not need_subsets and not 300x300 and not schedule and not ((column_splits or fused_forward) and float16)" \
   tests/test_cuda_emulator.py tests/test_lse_family.py tests/test_pairwise_family.py tests/test_xcorr_family.py \
   tests/test_similarity_family.py "$@" || rc=$?
 if ls "$out"/asan.* >/dev/null 2>&1; then
