@@ -749,9 +749,21 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   }
 }
 
+// One partial state (max ms, sum ls below it, ks exact 1s at it) added to a merged sum relative
+// to m, the maximum over every partial merged (ref: m, or 0 where m = -inf): terms below m
+// scale down, exact 1s at it add (the tile loop's rule, so a confident row stays exact).
+__device__ __forceinline__ void merge_state(float m, float ref, float ms, float ls, float ks, float& l, float& kc) {
+  if (ms == m && m != -INFINITY) {
+    l += ls;
+    kc += ks;
+  } else {
+    l += (ls + ks) * __expf(ms - ref);
+  }
+}
+
 // The forward's column splits of each row, combined in split order (thread per row): the
-// running maxima as the tile loop combines them (terms below the new max scale down, exact
-// 1s at it add), the other fields summed; then the row's outputs.
+// running maxima as the tile loop combines them (merge_state), the other fields summed; then
+// the row's outputs.
 template <int FAM>
 __global__ void merge_splits_kernel(const FamilyParams p, bool trans, int64_t nrows, int splits) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -765,14 +777,10 @@ __global__ void merge_splits_kernel(const FamilyParams p, bool trans, int64_t nr
   for (int sp = 0; sp < splits; ++sp) {
     const int64_t o = sp * nrows;
     const float ms = ws[o], ls = ws[field + o], ks = ws[2 * field + o];
-    if (FAM == kPairwise) {
+    if (FAM == kPairwise)
       l += ls;
-    } else if (ms == m && m != -INFINITY) {
-      l += ls;
-      kc += ks;
-    } else {
-      l += (ls + ks) * __expf(ms - ref);
-    }
+    else
+      merge_state(m, ref, ms, ls, ks, l, kc);
     xt += ws[3 * field + o];  // (one split holds the target: exact)
     ps += ws[4 * field + o];
     pc += ws[5 * field + o];
@@ -781,9 +789,9 @@ __global__ void merge_splits_kernel(const FamilyParams p, bool trans, int64_t nr
 }
 
 // The fused forward's column partials of one launch (`nb` row blocks, fold order) folded
-// into the columns' running state [4][ncols] (m, l, kc, xt; thread per column) as
-// merge_splits_kernel combines splits: the running state first, then the row blocks in
-// order.  The last launch's fold finishes the columns (col_out).
+// into the columns' running state [4][ncols] (m, l, kc, xt; thread per column) by
+// merge_state: the running state first, then the row blocks in order.  The last launch's
+// fold finishes the columns (col_out).
 __global__ void fold_cols_kernel(const FamilyParams p, float* state, int64_t nb, bool first, bool last) {
   const int64_t ncols = p.m;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -794,18 +802,10 @@ __global__ void fold_cols_kernel(const FamilyParams p, float* state, int64_t nb,
   for (int64_t b = 0; b < nb; ++b) m = fmaxf(m, part[b * ncols]);
   const float ref = m == -INFINITY ? 0.f : m;
   float l = 0.f, kc = 0.f, xt = first ? 0.f : state[3 * ncols + c];
-  auto add = [&](float ms, float ls, float ks) {
-    if (ms == m && m != -INFINITY) {
-      l += ls;
-      kc += ks;
-    } else {
-      l += (ls + ks) * __expf(ms - ref);
-    }
-  };
-  if (!first) add(state[c], state[ncols + c], state[2 * ncols + c]);
+  if (!first) merge_state(m, ref, state[c], state[ncols + c], state[2 * ncols + c], l, kc);
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t o = b * ncols;
-    add(part[o], part[field + o], part[2 * field + o]);
+    merge_state(m, ref, part[o], part[field + o], part[2 * field + o], l, kc);
     xt += part[3 * field + o];  // (one row block holds the column's target: exact)
   }
   if (last) {
