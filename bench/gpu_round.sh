@@ -210,22 +210,24 @@ for dtype, n, d in [(torch.bfloat16, 16384, 128), (torch.bfloat16, 16384, 256), 
                     (torch.bfloat16, 32768, 512), (torch.float32, 8192, 128), (torch.float32, 8192, 512)]:
     for groups in ("1", "2"):
         case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS": groups, "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": "1"})
-# the forward in one pass (row and column lse from each S tile: launch_fused_cols, the default)
-# against a row pass plus a column pass (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0), forward only
-for dtype, n, d in [(torch.bfloat16, 32768, 512), (torch.bfloat16, 16384, 128), (torch.bfloat16, 4096, 512),
-                    (torch.bfloat16, 1024, 128), (torch.float32, 8192, 128)]:
-    for fused in ("0", "1"):
-        os.environ["CONTRASTIVE_KERNELS_CUDA_FUSED_COLS"] = fused
-        torch.manual_seed(0)
-        q, k = (torch.randn(n, d, device=dev, dtype=dtype) for _ in range(2))
-        s = torch.tensor(10.0, device=dev)
-        ms = timed(lambda: fam.lse("cuda", q, k, s, compute_col=True), reps=10, warm=3)[0]
-        r = {"op": "lse forward, compute_col", "dtype": str(dtype), "N": n, "M": n, "D": d,
-             "env": {"CONTRASTIVE_KERNELS_CUDA_FUSED_COLS": fused}, "ms": ms,
-             "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9}
-        print(json.dumps(r))
-        res.append(r)
-        os.environ.pop("CONTRASTIVE_KERNELS_CUDA_FUSED_COLS", None)
+# the forward in one pass (row and column lse from each S tile: the default) against a row pass
+# plus a column pass (CONTRASTIVE_KERNELS_{CUDA,TRITON}_FUSED_COLS=0), forward only; Triton fuses
+# up to N M = 2^27 (its column states' budget)
+for dtype, n, d in [(torch.bfloat16, 32768, 512), (torch.bfloat16, 16384, 128), (torch.bfloat16, 8192, 512),
+                    (torch.bfloat16, 4096, 512), (torch.bfloat16, 1024, 128), (torch.float32, 8192, 128)]:
+    for be in ("cuda", "triton") if n * n <= 2 ** 27 else ("cuda",):
+        var = f"CONTRASTIVE_KERNELS_{be.upper()}_FUSED_COLS"
+        for fused in ("0", "1"):
+            os.environ[var] = fused
+            torch.manual_seed(0)
+            q, k = (torch.randn(n, d, device=dev, dtype=dtype) for _ in range(2))
+            s = torch.tensor(10.0, device=dev)
+            ms = timed(lambda: fam.lse(be, q, k, s, compute_col=True), reps=10, warm=3)[0]
+            r = {"op": "lse forward, compute_col", "backend": be, "dtype": str(dtype), "N": n, "M": n, "D": d,
+                 "env": {var: fused}, "ms": ms, "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9}
+            print(json.dumps(r))
+            res.append(r)
+            os.environ.pop(var, None)
 # SupCon (the LSE_LABELS kernels, whose sm_90 bf16 column backward with two groups lost a block
 # per SM to ldmatrix: 131 registers, bench/NOTES.md), fwd + bwd with one and two groups
 import contrastive_kernels as ck

@@ -9,8 +9,12 @@ FlashAttention-2 shape of the computation, without the value matrix:
     tile = tl.dot(outer, inner^T) in the input dtype with float32 accumulation, the
     rscales applied to the float32 dot (so normalized low-precision copies are never
     rounded), masks built in-tile from index vectors, online max / sum in base 2.
-    Row LSE: outer = q, inner = k.  Column LSE: the same kernel with TRANS (outer = k,
-    inner = q; the masks and the bias read the swapped indices).
+    Row LSE: outer = q, inner = k.  Column LSE: with compute_col the row pass also writes each
+    tile's column states over its rows (COLS: max, exact 1s, the sum of the rest, in base 2),
+    merged over the row blocks in order by _fold_cols_kernel: one pass over S for both, where
+    the states fit _COLS_BUDGET.  Beyond it (or with CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0)
+    the column pass: the same kernel with TRANS (outer = k, inner = q; the masks and the bias
+    read the swapped indices).
   * backward: tiles are recomputed from the saved LSEs,
     dS_ij = grad_row_i exp(S_ij - row_lse_i) + grad_col_j exp(S_ij - col_lse_j) on kept pairs.
     The online sums keep the running max's own term (an exact 1) out: count of scores at the
@@ -30,6 +34,8 @@ FlashAttention-2 shape of the computation, without the value matrix:
   * int64 row offsets for all pointer arithmetic.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -186,13 +192,14 @@ def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i,
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, XT,
-                    NO, NI, D, stride_o, stride_i, diag_offset,
-                    TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, XT, CP,
+                    NO, NI, D, stride_o, stride_i, diag_offset, NSLOT,
+                    COLS: tl.constexpr, SLOT_ROWS: tl.constexpr, TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr, TARGET: tl.constexpr,
                     LABELS: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    # COLS (the fused forward, rows = q): each tile's column states over the block's rows go to CP
     pid = tl.program_id(0)
     o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab = _outer_rows(
         pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
@@ -224,6 +231,8 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
             else:
                 is_t = n64[None, :] == o_t[:, None]
             x2 += tl.sum(tl.where(is_t, s, 0.0), axis=1)
+            if COLS:  # (square, diag_offset 0: column j's target is row j, at most one per column)
+                cx2 = tl.sum(tl.where(is_t, s, 0.0), axis=0)
         if LABELS:
             is_p = keep & (o_l[:, None] == tl.load(I_LAB + n64, mask=n_ok, other=-2)[None, :])
             p2 += tl.sum(tl.where(is_p, s, 0.0), axis=1)
@@ -241,6 +250,32 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
         k += tl.sum(tl.where(at, 1.0, 0.0), axis=1)
         l += tl.sum(tl.where(at, 0.0, tl.exp2(s - ref[:, None])), axis=1)
         m = m_new
+        if COLS:
+            # The tile's column states over this block's rows, in the row state's form (max, exact
+            # 1s at it, the sum of the rest): their own exps, exp2(s - row max) would underflow for
+            # a column far below its rows' maxima.  CP is [4][NSLOT][NI] (max, sum, count, target
+            # score), slot = this program's first SLOT_ROWS-row group; a block of BLOCK_O >
+            # SLOT_ROWS rows writes its state in its first slot and empty states (-inf, 0, 0, 0) in
+            # the others, so that every slot is written whichever BLOCK_O the autotuner picked.
+            cm = tl.max(s, axis=0)
+            cref = tl.where(cm == float("-inf"), 0.0, cm)
+            cat = s == cref[None, :]
+            ck = tl.sum(tl.where(cat, 1.0, 0.0), axis=0)
+            cl = tl.sum(tl.where(cat, 0.0, tl.exp2(s - cref[None, :])), axis=0)
+            if not TARGET:
+                cx2 = tl.zeros((BLOCK_I,), dtype=tl.float32)
+            field = NSLOT.to(tl.int64) * NI
+            slot = tl.program_id(0).to(tl.int64) * (BLOCK_O // SLOT_ROWS)
+            base = CP + slot * NI + n64
+            tl.store(base, cm, mask=n_ok)
+            tl.store(base + field, cl, mask=n_ok)
+            tl.store(base + 2 * field, ck, mask=n_ok)
+            tl.store(base + 3 * field, cx2, mask=n_ok)
+            for e in tl.static_range(1, BLOCK_O // SLOT_ROWS):
+                tl.store(base + e * NI, tl.full((BLOCK_I,), float("-inf"), tl.float32), mask=n_ok)
+                tl.store(base + e * NI + field, tl.zeros((BLOCK_I,), dtype=tl.float32), mask=n_ok)
+                tl.store(base + e * NI + 2 * field, tl.zeros((BLOCK_I,), dtype=tl.float32), mask=n_ok)
+                tl.store(base + e * NI + 3 * field, tl.zeros((BLOCK_I,), dtype=tl.float32), mask=n_ok)
     # log of the sum relative to the max (natural): -inf with nothing kept, NaN from a NaN score
     empty = m == float("-inf")
     lg = tl.where(empty, tl.where(l == 0.0, float("-inf"), float("nan")),
@@ -258,6 +293,41 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
     else:
         lse = m * 0.6931471805599453 + lg  # -inf where nothing is kept
         tl.store(OUT + o_idx, lse, mask=o_ok)
+
+
+@triton.jit
+def _fold_cols_kernel(CP, OUT, NI, NUSED, NSLOT, TARGET: tl.constexpr, BLOCK: tl.constexpr):
+    """The fused forward's column states (the NUSED first slots of CP, [4][NSLOT][NI], base 2; the
+    others hold no row) merged in slot order as the
+    tile loop merges states (the maximum over all first, then terms below it scaled down and
+    exact 1s at it added), and the columns' outputs (OUT)."""
+    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < NI
+    field = NSLOT.to(tl.int64) * NI
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for b in range(0, NUSED):
+        m = tl.maximum(m, tl.load(CP + b * NI + c, mask=ok, other=float("-inf")))
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    top = m != float("-inf")
+    l = tl.zeros((BLOCK,), dtype=tl.float32)
+    k = tl.zeros((BLOCK,), dtype=tl.float32)
+    x2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for b in range(0, NUSED):
+        p = CP + b * NI + c
+        ms = tl.load(p, mask=ok, other=float("-inf"))
+        ls = tl.load(p + field, mask=ok, other=0.0)
+        ks = tl.load(p + 2 * field, mask=ok, other=0.0)
+        at = (ms == m) & top
+        l += tl.where(at, ls, (ls + ks) * tl.exp2(ms - ref))
+        k += tl.where(at, ks, 0.0)
+        x2 += tl.load(p + 3 * field, mask=ok, other=0.0)  # (one slot holds the target: exact)
+    empty = m == float("-inf")
+    lg = tl.where(empty, tl.where(l == 0.0, float("-inf"), float("nan")),
+                  log1p(tl.where(empty, 0.0, (k - 1.0) + l)))
+    if TARGET:
+        tl.store(OUT + c, (m - x2) * 0.6931471805599453 + lg, mask=ok)
+    else:
+        tl.store(OUT + c, m * 0.6931471805599453 + lg, mask=ok)
 
 
 # -------------------------------------------------------------------------- backward
@@ -440,7 +510,7 @@ _BWD_CONFIGS = [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_DO": do}, nu
                 for bo, bi, do, w, s in [(64, 64, 128, 4, 2), (64, 64, 256, 8, 2), (128, 64, 128, 8, 2),
                                          (64, 128, 128, 4, 2), (128, 64, 256, 8, 2), (64, 64, 512, 8, 2),
                                          (128, 128, 128, 8, 2), (64, 32, 256, 4, 3)]]
-_FWD_KEY = ["D_PAD", "TRANS", "HAS_IRS", "MASK_LAB"]
+_FWD_KEY = ["D_PAD", "TRANS", "HAS_IRS", "MASK_LAB", "COLS"]
 _BWD_KEY = ["D_PAD", "TRANS", "NEED_OUT", "HAS_OTERM", "HAS_ITERM", "HAS_IRS"]
 
 _lse_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_FWD_KEY,
@@ -477,11 +547,34 @@ def _mask_flags(mask_mode):
     return bool(mask_mode & MASK_DIAG), bool(mask_mode & MASK_POS), bool(mask_mode & MASK_SAME_LABEL)
 
 
+# The fused forward (compute_col): one pass over S for rows and columns, where its column states,
+# 16 bytes per (SLOT_ROWS rows, column), fit in _COLS_BUDGET (on a GPU N M <= 2^27, e.g. N = M =
+# 11585).  Past it, a row pass and a column pass: launches of fewer rows would bound the states
+# but leave the GPU idle (one program per BLOCK_O rows, no column splits in these kernels).
+_COLS_BUDGET = 32 << 20
+_FOLD_BLOCK = 128
+
+
+def _slot_rows() -> int:
+    """The smallest BLOCK_O a launch can have (the autotune list's; the interpreter's tile)."""
+    return _INTERP_TILE["BLOCK_O"] if INTERPRET else 64
+
+
+def _fused_cols(no: int, ni: int) -> bool:
+    """One pass for rows and columns: within the budget, and not disabled by
+    CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0 (a row pass and a column pass, for measurements)."""
+    if os.environ.get("CONTRASTIVE_KERNELS_TRITON_FUSED_COLS", "1") == "0" or no == 0 or ni == 0:
+        return False
+    return triton.cdiv(no, _slot_rows()) * ni * 16 <= _COLS_BUDGET
+
+
 def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_offset, mask_mode, trans,
-              target=None, xt=None):
+              target=None, xt=None, col=None):
     """One direction's log-sum-exps; with `target` (the target column of every q row) the
     cross-entropies, and the row pass writes its base-2 target scores into `xt`; with
-    LSE_LABELS the LSE minus the mean positive logit, `xt` (2, N) receiving the LSEs and 1/|P_i|."""
+    LSE_LABELS the LSE minus the mean positive logit, `xt` (2, N) receiving the LSEs and 1/|P_i|.
+    With `col` (an (M,) float32 tensor; rows = q, no LSE_LABELS) the same pass writes the column
+    outputs there too (the fused forward)."""
     no, ni, d = outer.shape[0], inner.shape[0], outer.shape[1]
     out = torch.empty((no,), dtype=torch.float32, device=outer.device)
     if no == 0:
@@ -490,17 +583,29 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
     bd = _block_d(dpad)
     md, mp, ml = _mask_flags(mask_mode)
     dummy = out
+    slot_rows = _slot_rows()
+    nslot = triton.cdiv(no, 128) * 128 // slot_rows if col is not None else 0  # (every program's slots)
+    cp = torch.empty((4, nslot, ni), dtype=torch.float32, device=outer.device) if col is not None else dummy
     grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]),)  # noqa: E731
+    _fwd_launch(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, target, out, xt, cp, dummy,
+                no, ni, d, diag_offset, nslot, slot_rows, col is not None, trans, md, mp, ml, mask_mode, dpad, bd, grid)
+    if col is not None:
+        _fold_cols_kernel[(triton.cdiv(ni, _FOLD_BLOCK),)](cp, col, ni, triton.cdiv(no, slot_rows), nslot,
+                                                             TARGET=target is not None, BLOCK=_FOLD_BLOCK)
+    return out
+
+
+def _fwd_launch(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, target, out, xt, cp, dummy,
+                no, ni, d, diag_offset, nslot, slot_rows, cols, trans, md, mp, ml, mask_mode, dpad, bd, grid):
     launch(_lse_fwd_kernel, _lse_fwd_tuned, grid, _INTERP_TILE,
            outer, inner, scale, o_rs if o_rs is not None else dummy, i_rs if i_rs is not None else dummy,
            bias if bias is not None else dummy, pos if pos is not None else dummy,
            o_lab if o_lab is not None else dummy, i_lab if i_lab is not None else dummy,
-           target if target is not None else dummy, out, xt if xt is not None else dummy,
-           no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset),
-           TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
+           target if target is not None else dummy, out, xt if xt is not None else dummy, cp,
+           no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset), nslot,
+           COLS=cols, SLOT_ROWS=slot_rows, TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
            MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS),
            IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
-    return out
 
 
 def _targets(q, k, pos, diag_offset, col):
@@ -555,6 +660,12 @@ def lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, 
         xt = torch.empty((2, q.shape[0]), dtype=torch.float32, device=q.device)
     else:
         xt = torch.empty((q.shape[0] if target is not None else 0,), dtype=torch.float32, device=q.device)
+    if compute_col and _fused_cols(q.shape[0], k.shape[0]):
+        # one pass over S for rows and columns (_lse_pass with col)
+        col = torch.empty((k.shape[0],), dtype=torch.float32, device=q.device)
+        row = _lse_pass(q, k, scale, qr, kr, bias, pos, ql, kl, diag_offset, mask_mode, trans=False, target=target,
+                        xt=xt, col=col)
+        return row, col, xt
     row = _lse_pass(q, k, scale, qr, kr, bias, pos, ql, kl, diag_offset, mask_mode, trans=False, target=target,
                     xt=xt)
     if compute_col:  # (square: column j's target is row j)

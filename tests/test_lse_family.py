@@ -344,10 +344,44 @@ def test_cuda_fused_forward_columns(backend, plan, dtype, mask, monkeypatch):
         _check_case(backend, 200, 200 if square else 330, d, dtype, mask, True, mask != "label_empty", True)
 
 
-@pytest.mark.parametrize("backend", _CUDA)
-def test_cuda_fused_forward_columns_confident_and_far(backend, monkeypatch):
-    """The fused forward's column sums keep their own maxima: (a) a confident column (its max
-    in one row block, the tiny rest in the others, folded one launch per row block) keeps its
+_TRITON = [p for p in BACKENDS if p.values[0] == "triton"] or [
+    pytest.param("triton", marks=pytest.mark.skip(reason="no triton backend here"))]
+_CHUNK_ENV = {"cuda": (_CHUNK, ("1", "3", "")), "triton": ("CONTRASTIVE_KERNELS_TRITON_FUSED_COLS", ("1",))}
+
+
+@pytest.mark.parametrize("backend", _TRITON)
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "two_passes"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "diag_pos", "label_empty", "target_diag"])
+def test_triton_fused_forward_columns(backend, fused, dtype, mask, monkeypatch):
+    """The Triton forward with compute_col is one pass too where its column states fit
+    (kernels/lse.py, _lse_pass with col): each tile's column states over the program's rows,
+    merged over the row blocks in order (N = 300: ten programs of 32 rows under the interpreter).
+    CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0 is the row pass plus a column pass, the control."""
+    skip_interpreter_bf16(backend, dtype)
+    monkeypatch.setenv("CONTRASTIVE_KERNELS_TRITON_FUSED_COLS", fused)
+    square = mask.startswith("target") or mask == "diag_pos"
+    _check_case(backend, 300, 300 if square else 170, 40, dtype, mask, True, mask != "label_empty", True)
+
+
+@pytest.mark.parametrize("backend", _TRITON)
+def test_triton_fused_forward_budget(backend, monkeypatch):
+    """The Triton fused forward's column states (16 bytes per 64 rows and column on a GPU) stay
+    within its budget: past it, the row pass and the column pass (right as well)."""
+    from contrastive_kernels.kernels import lse as tri
+    slot = tri._slot_rows()
+    edge = tri._COLS_BUDGET // 16 // 300 * slot  # the most rows whose states fit at M = 300
+    assert tri._fused_cols(edge, 300) and not tri._fused_cols(edge + slot, 300)
+    assert tri._fused_cols(300, 300)
+    monkeypatch.setattr(tri, "_COLS_BUDGET", 16 * 300 * 2)  # two slots of 300 columns
+    assert tri._fused_cols(2 * slot, 300) and not tri._fused_cols(2 * slot + 1, 300)
+    _check_case(backend, 200, 200, 40, torch.float32, "target_diag", True, True, True)
+
+
+@pytest.mark.parametrize("backend", _CUDA + _TRITON)
+def test_fused_forward_columns_confident_and_far(backend, monkeypatch):
+    """The fused forward's column sums (CUDA and Triton) keep their own maxima: (a) a confident
+    column (its max in one row block, the tiny rest in the others; CUDA: folded over several launches) keeps its
     cross-entropy relative to itself; (b) columns far below their rows' maxima (every row has
     one huge logit, at a column of its own, 150 above the others: exp(S - row max) would
     underflow to 0 for every other column) keep their log-sum-exps."""
@@ -358,8 +392,9 @@ def test_cuda_fused_forward_columns_confident_and_far(backend, monkeypatch):
     s = 20.0 * q.double() @ k.double().T
     ref_row, ref_col = torch.logsumexp(s, 1) - s.diagonal(), torch.logsumexp(s, 0) - s.diagonal()
     assert ref_row.max() < 1e-3 and ref_col.max() < 1e-3  # confident: every cross-entropy tiny
-    for chunk in ("1", "3", ""):
-        monkeypatch.setenv(_CHUNK, chunk)
+    env, chunks = _CHUNK_ENV[backend]
+    for chunk in chunks:
+        monkeypatch.setenv(env, chunk)
         row, col = fam.lse(backend, q, k, torch.tensor(20.0), mask_mode=LSE_TARGET, compute_col=True)
         for got, ref in ((row, ref_row), (col, ref_col)):
             err = ((got.double() - ref).abs() / ref).max().item()
@@ -373,8 +408,8 @@ def test_cuda_fused_forward_columns_confident_and_far(backend, monkeypatch):
     k[:8, :8] = 1.5 * torch.eye(8)
     s = 10.0 * q.double() @ k.double().T
     assert (s.max(1).values[:, None] - s)[:, 8:].min() > 100  # e^-100: below float32's normal range
-    for chunk in ("1", ""):
-        monkeypatch.setenv(_CHUNK, chunk)
+    for chunk in chunks[::2]:
+        monkeypatch.setenv(env, chunk)
         row, col = fam.lse(backend, q, k, torch.tensor(10.0), compute_col=True)
         torch.testing.assert_close(row.double(), torch.logsumexp(s, 1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(col.double(), torch.logsumexp(s, 0), rtol=1e-5, atol=1e-5)
