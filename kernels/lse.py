@@ -194,7 +194,8 @@ def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i,
 @triton.jit
 def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, XT, CP,
                     NO, NI, D, stride_o, stride_i, diag_offset, NSLOT,
-                    COLS: tl.constexpr, SLOT_ROWS: tl.constexpr, TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    COLS: tl.constexpr, SLOT_ROWS: tl.constexpr,
+                    TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr, TARGET: tl.constexpr,
                     LABELS: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
@@ -298,9 +299,8 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
 @triton.jit
 def _fold_cols_kernel(CP, OUT, NI, NUSED, NSLOT, TARGET: tl.constexpr, BLOCK: tl.constexpr):
     """The fused forward's column states (the NUSED first slots of CP, [4][NSLOT][NI], base 2; the
-    others hold no row) merged in slot order as the
-    tile loop merges states (the maximum over all first, then terms below it scaled down and
-    exact 1s at it added), and the columns' outputs (OUT)."""
+    others hold no row) merged in slot order as the tile loop merges states (the maximum over all
+    first, then terms below it scaled down and exact 1s at it added); the columns' outputs to OUT."""
     c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = c < NI
     field = NSLOT.to(tl.int64) * NI
@@ -557,7 +557,14 @@ _FOLD_BLOCK = 128
 
 def _slot_rows() -> int:
     """The smallest BLOCK_O a launch can have (the autotune list's; the interpreter's tile)."""
-    return _INTERP_TILE["BLOCK_O"] if INTERPRET else 64
+    return _INTERP_TILE["BLOCK_O"] if INTERPRET else min(c.kwargs["BLOCK_O"] for c in _FWD_CONFIGS)
+
+
+def _col_slots(no: int) -> int:
+    """Slots of the column states: every program's, whichever BLOCK_O runs (a multiple of the
+    smallest)."""
+    top = _INTERP_TILE["BLOCK_O"] if INTERPRET else max(c.kwargs["BLOCK_O"] for c in _FWD_CONFIGS)
+    return triton.cdiv(no, top) * top // _slot_rows()
 
 
 def _fused_cols(no: int, ni: int) -> bool:
@@ -565,7 +572,7 @@ def _fused_cols(no: int, ni: int) -> bool:
     CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0 (a row pass and a column pass, for measurements)."""
     if os.environ.get("CONTRASTIVE_KERNELS_TRITON_FUSED_COLS", "1") == "0" or no == 0 or ni == 0:
         return False
-    return triton.cdiv(no, _slot_rows()) * ni * 16 <= _COLS_BUDGET
+    return _col_slots(no) * ni * 16 <= _COLS_BUDGET
 
 
 def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_offset, mask_mode, trans,
@@ -583,29 +590,23 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
     bd = _block_d(dpad)
     md, mp, ml = _mask_flags(mask_mode)
     dummy = out
-    slot_rows = _slot_rows()
-    nslot = triton.cdiv(no, 128) * 128 // slot_rows if col is not None else 0  # (every program's slots)
+    slot_rows, nslot = _slot_rows(), _col_slots(no) if col is not None else 0
     cp = torch.empty((4, nslot, ni), dtype=torch.float32, device=outer.device) if col is not None else dummy
     grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]),)  # noqa: E731
-    _fwd_launch(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, target, out, xt, cp, dummy,
-                no, ni, d, diag_offset, nslot, slot_rows, col is not None, trans, md, mp, ml, mask_mode, dpad, bd, grid)
-    if col is not None:
-        _fold_cols_kernel[(triton.cdiv(ni, _FOLD_BLOCK),)](cp, col, ni, triton.cdiv(no, slot_rows), nslot,
-                                                             TARGET=target is not None, BLOCK=_FOLD_BLOCK)
-    return out
-
-
-def _fwd_launch(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, target, out, xt, cp, dummy,
-                no, ni, d, diag_offset, nslot, slot_rows, cols, trans, md, mp, ml, mask_mode, dpad, bd, grid):
     launch(_lse_fwd_kernel, _lse_fwd_tuned, grid, _INTERP_TILE,
            outer, inner, scale, o_rs if o_rs is not None else dummy, i_rs if i_rs is not None else dummy,
            bias if bias is not None else dummy, pos if pos is not None else dummy,
            o_lab if o_lab is not None else dummy, i_lab if i_lab is not None else dummy,
            target if target is not None else dummy, out, xt if xt is not None else dummy, cp,
            no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset), nslot,
-           COLS=cols, SLOT_ROWS=slot_rows, TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
+           COLS=col is not None, SLOT_ROWS=slot_rows,
+           TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
            MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS),
            IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
+    if col is not None:
+        _fold_cols_kernel[(triton.cdiv(ni, _FOLD_BLOCK),)](cp, col, ni, triton.cdiv(no, slot_rows), nslot,
+                                                             TARGET=target is not None, BLOCK=_FOLD_BLOCK)
+    return out
 
 
 def _targets(q, k, pos, diag_offset, col):

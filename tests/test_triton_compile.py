@@ -94,7 +94,8 @@ def _lse_fwd(dt, *, trans, on, d_pad, bo, bi, w, s, labels=False, cols=False):
              "I_LAB": "*i64" if on or labels else "*fp32", "TGT": "*i64" if on else "*fp32", "OUT": "*fp32",
              "XT": "*fp32", "CP": "*fp32"}
     types.update({n: "i32" for n in ("NO", "NI", "D", "stride_o", "stride_i", "diag_offset", "NSLOT")})
-    cx = dict(COLS=cols, SLOT_ROWS=64, TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on, MASK_DIAG=on, MASK_POS=on, MASK_LAB=on,
+    cx = dict(COLS=cols, SLOT_ROWS=64,
+              TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on, MASK_DIAG=on, MASK_POS=on, MASK_LAB=on,
               TARGET=on, LABELS=labels, IEEE=dt == "fp32", D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi)
     return types, cx, _opts(w, s)
 
