@@ -900,6 +900,24 @@ struct Plan {
 };
 constexpr int64_t kSplitBudget = int64_t{32} << 20;  // bytes of backward split partials
 
+// CONTRASTIVE_KERNELS_CUDA_COL_SPLITS=n: n (a negative n as 0: one split); unset or empty: -1.
+int64_t forced_splits() {
+  const char* env = std::getenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS");
+  if (env == nullptr || env[0] == '\0') return -1;
+  const int64_t n = std::atoll(env);
+  return n < 0 ? 0 : n;
+}
+
+// `want` splits of ntiles column tiles, clamped to [1, ntiles] and the grid's 65535, as whole
+// tiles per split with no empty split; returns the count.
+int64_t set_splits(Plan& pl, int64_t ntiles, int64_t want) {
+  want = want < 1 ? 1 : (want > ntiles ? ntiles : want);
+  if (want > 65535) want = 65535;
+  pl.split_tiles = (ntiles + want - 1) / want;
+  pl.splits = (ntiles + pl.split_tiles - 1) / pl.split_tiles;
+  return pl.splits;
+}
+
 Plan plan_pass(const FamilyParams& p, bool trans, bool bwd) {
   Plan pl;
   const int64_t rows = trans ? p.m : p.n, cols = trans ? p.n : p.m;
@@ -912,11 +930,8 @@ Plan plan_pass(const FamilyParams& p, bool trans, bool bwd) {
   shape(pl.gemm ? bwd_groups(p.d) : 1);
   const int64_t ntiles = (cols + BN - 1) / BN;
   if (rows == 0 || ntiles <= 1) return pl;
-  int64_t want;
-  const char* env = std::getenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS");
-  if (env != nullptr && env[0] != '\0') {
-    want = std::atoll(env);
-  } else {
+  int64_t want = forced_splits();
+  if (want < 0) {
     const int64_t sms = p.num_sms > 0 ? p.num_sms : 1;
     if (row_blocks(rows) * pl.slices >= (!bwd ? 4 : (pl.groups == 2 ? 1 : 2)) * sms) return pl;  // a wave unsplit
     // split kernels have one warp group (in the backward: 128-feature slices, 2 blocks per SM)
@@ -928,11 +943,10 @@ Plan plan_pass(const FamilyParams& p, bool trans, bool bwd) {
       if (want > kSplitBudget / bytes) want = kSplitBudget / bytes;
     }
   }
-  want = want < 1 ? 1 : (want > ntiles ? ntiles : want);
-  if (want > 65535) want = 65535;
-  if (want == 1) return pl;
-  pl.split_tiles = (ntiles + want - 1) / want;
-  pl.splits = (ntiles + pl.split_tiles - 1) / pl.split_tiles;  // (no empty split)
+  if (set_splits(pl, ntiles, want) == 1) {
+    pl.split_tiles = 0;
+    return pl;
+  }
   shape(1);
   return pl;
 }
@@ -965,19 +979,13 @@ ColsPlan plan_cols(const FamilyParams& p) {
   const char* env = std::getenv("CONTRASTIVE_KERNELS_CUDA_COLS_CHUNK");
   if (env != nullptr && env[0] != '\0') cp.chunk = std::atoll(env);
   cp.chunk = cp.chunk < 1 ? 1 : (cp.chunk > rb ? rb : cp.chunk);
-  int64_t want;
-  env = std::getenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS");
-  if (env != nullptr && env[0] != '\0') {
-    want = std::atoll(env);
-  } else {  // as plan_pass: as many splits as fit in one wave of a launch, 2 column tiles or more each
+  int64_t want = forced_splits();
+  if (want < 0) {  // as plan_pass: as many splits as fit in one wave of a launch, 2 column tiles or more each
     const int64_t wave = 4 * (p.num_sms > 0 ? p.num_sms : 1);
     want = cp.chunk >= wave ? 1 : wave / cp.chunk;
     if (want > ntiles / 2) want = ntiles / 2;
   }
-  want = want < 1 ? 1 : (want > ntiles ? ntiles : want);
-  if (want > 65535) want = 65535;
-  cp.split.split_tiles = (ntiles + want - 1) / want;
-  cp.split.splits = (ntiles + cp.split.split_tiles - 1) / cp.split.split_tiles;
+  set_splits(cp.split, ntiles, want);
   return cp;
 }
 
