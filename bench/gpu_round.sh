@@ -23,9 +23,10 @@
 #            (CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS=1 / 2, csrc/cuda/family_tiles.cu bwd_groups),
 #            and with and without column splits at small N (CONTRASTIVE_KERNELS_CUDA_COL_SPLITS=1
 #            against plan_pass's count), and SupCon (the LSE_LABELS kernels) with one and two
-#            groups, and the forward in one pass against two (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0):
-#            $OUT/bwd_shapes.json; decides bwd_groups' D threshold, checks plan_pass's split
-#            rule and whether the fused forward wins at every size
+#            groups, and the forward in one pass against two (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0,
+#            _TRITON_FUSED_COLS=0), the Triton forward with and without column splits at small N
+#            (CONTRASTIVE_KERNELS_TRITON_COL_SPLITS=1): $OUT/bwd_shapes.json; decides bwd_groups'
+#            D threshold, checks both split rules and whether the fused forward wins at every size
 #   ncu      Nsight Compute on one lse backward launch (optional, slow)
 #
 # Every stage runs even if an earlier one failed; each stage's exit code is appended to
@@ -211,11 +212,11 @@ for dtype, n, d in [(torch.bfloat16, 16384, 128), (torch.bfloat16, 16384, 256), 
     for groups in ("1", "2"):
         case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS": groups, "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": "1"})
 # the forward in one pass (row and column lse from each S tile: the default) against a row pass
-# plus a column pass (CONTRASTIVE_KERNELS_{CUDA,TRITON}_FUSED_COLS=0), forward only; Triton fuses
-# up to N M = 2^27 (its column states' budget)
+# plus a column pass (CONTRASTIVE_KERNELS_{CUDA,TRITON}_FUSED_COLS=0), forward only (both backends
+# fuse at every size here: launches of fewer rows with column splits past the 32 MB of states)
 for dtype, n, d in [(torch.bfloat16, 32768, 512), (torch.bfloat16, 16384, 128), (torch.bfloat16, 8192, 512),
                     (torch.bfloat16, 4096, 512), (torch.bfloat16, 1024, 128), (torch.float32, 8192, 128)]:
-    for be in ("cuda", "triton") if n * n <= 2 ** 27 else ("cuda",):
+    for be in ("cuda", "triton") if n <= 16384 else ("cuda",):  # (16384: Triton in 3 launches; time)
         var = f"CONTRASTIVE_KERNELS_{be.upper()}_FUSED_COLS"
         for fused in ("0", "1"):
             os.environ[var] = fused
@@ -243,6 +244,23 @@ for d in (256, 512):
         print(json.dumps(r))
         res.append(r)
         os.environ.pop("CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS", None)
+# Triton column splits at small N (kernels/lse.py _col_splits): none against the automatic count,
+# the forward (row + column lse) only: the Triton backward has no column splits
+for dtype, n, d in [(torch.bfloat16, 1024, 128), (torch.bfloat16, 4096, 128), (torch.bfloat16, 4096, 512),
+                    (torch.float32, 2048, 128)]:
+    for splits in ("1", ""):
+        if splits:
+            os.environ["CONTRASTIVE_KERNELS_TRITON_COL_SPLITS"] = splits
+        torch.manual_seed(0)
+        q, k = (torch.randn(n, d, device=dev, dtype=dtype) for _ in range(2))
+        s = torch.tensor(10.0, device=dev)
+        ms = timed(lambda: fam.lse("triton", q, k, s, compute_col=True), reps=10, warm=3)[0]
+        r = {"op": "lse forward, compute_col", "backend": "triton", "dtype": str(dtype), "N": n, "M": n, "D": d,
+             "env": {"CONTRASTIVE_KERNELS_TRITON_COL_SPLITS": splits}, "ms": ms,
+             "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9}
+        print(json.dumps(r))
+        res.append(r)
+        os.environ.pop("CONTRASTIVE_KERNELS_TRITON_COL_SPLITS", None)
 # column splits at small N (plan_pass): none against the automatic count
 for dtype, n, d in [(torch.bfloat16, 1024, 128), (torch.bfloat16, 4096, 128), (torch.bfloat16, 4096, 512),
                     (torch.bfloat16, 8192, 256), (torch.float32, 2048, 128)]:

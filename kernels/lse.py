@@ -11,10 +11,13 @@ FlashAttention-2 shape of the computation, without the value matrix:
     rounded), masks built in-tile from index vectors, online max / sum in base 2.
     Row LSE: outer = q, inner = k.  Column LSE: with compute_col the row pass also writes each
     tile's column states over its rows (COLS: max, exact 1s, the sum of the rest, in base 2),
-    merged over the row blocks in order by _fold_cols_kernel: one pass over S for both, where
-    the states fit _COLS_BUDGET.  Beyond it (or with CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0)
-    the column pass: the same kernel with TRANS (outer = k, inner = q; the masks and the bias
-    read the swapped indices).
+    merged over the row blocks in order by _merge_states_kernel: one pass over S for both, in
+    launches of as many rows as keep the states within _COLS_BUDGET.  With
+    CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0 the column pass: the same kernel with TRANS
+    (outer = k, inner = q; the masks and the bias read the swapped indices).
+    Column splits (grid axis 1) where the row blocks alone would leave SMs idle: each split's
+    row states merged in split order by the same merge kernel (the backward: grid axis 2, float32
+    partial outputs summed in split order).
   * backward: tiles are recomputed from the saved LSEs,
     dS_ij = grad_row_i exp(S_ij - row_lse_i) + grad_col_j exp(S_ij - col_lse_j) on kept pairs.
     The online sums keep the running max's own term (an exact 1) out: count of scores at the
@@ -35,6 +38,7 @@ FlashAttention-2 shape of the computation, without the value matrix:
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -192,16 +196,20 @@ def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i,
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, XT, CP,
-                    NO, NI, D, stride_o, stride_i, diag_offset, NSLOT,
-                    COLS: tl.constexpr, SLOT_ROWS: tl.constexpr,
+def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, XT, CP, RP,
+                    NO, NI, D, stride_o, stride_i, diag_offset, NSLOT, ROW0,
+                    COLS: tl.constexpr, SLOT_ROWS: tl.constexpr, SPLIT: tl.constexpr,
                     TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr, TARGET: tl.constexpr,
                     LABELS: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
-    # COLS (the fused forward, rows = q): each tile's column states over the block's rows go to CP
-    pid = tl.program_id(0)
+    # Grid (row blocks of this launch, column splits).  ROW0: the launch's first row (a multiple of
+    # every BLOCK_O).  Split s walks its share of the column tiles; with SPLIT (more than one) the
+    # row states go to RP [fields][splits][NO], merged by _merge_states_kernel, else the outputs
+    # are written here.  COLS (the fused forward, rows = q): each tile's column states over the
+    # block's rows go to CP.
+    pid = ROW0 // BLOCK_O + tl.program_id(0)
     o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab = _outer_rows(
         pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
     o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
@@ -212,15 +220,16 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
     m = tl.full((BLOCK_O,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_O,), dtype=tl.float32)
     k = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    if TARGET:  # LSE_TARGET: each row's own target score (base 2), before the masks
-        x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        if not TRANS:
-            o_t = tl.load(TGT + o_idx, mask=o_ok, other=-1)
-    if LABELS:  # LSE_LABELS (rows only): sum and count of the kept same-label scores (base 2)
-        p2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        pc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)  # LSE_TARGET: each row's own target score (base 2)
+    p2 = tl.zeros((BLOCK_O,), dtype=tl.float32)  # LSE_LABELS (rows only): sum and count of the kept
+    pc = tl.zeros((BLOCK_O,), dtype=tl.float32)  # same-label scores (base 2)
+    if TARGET and not TRANS:
+        o_t = tl.load(TGT + o_idx, mask=o_ok, other=-1)
+    if LABELS:
         o_l = tl.load(O_LAB + o_idx, mask=o_ok, other=-1)
-    for start in range(0, NI, BLOCK_I):
+    split_cols = tl.cdiv(tl.cdiv(NI, BLOCK_I), tl.num_programs(1)) * BLOCK_I  # (whole tiles per split)
+    c0 = tl.program_id(1) * split_cols
+    for start in range(c0, tl.minimum(NI, c0 + split_cols), BLOCK_I):
         n64, n_ok, _, _, _, s, keep = _tile_scores(
             O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
             o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
@@ -231,9 +240,10 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
                 is_t = o_idx[:, None] == tl.load(TGT + n64, mask=n_ok, other=-1)[None, :]
             else:
                 is_t = n64[None, :] == o_t[:, None]
-            x2 += tl.sum(tl.where(is_t, s, 0.0), axis=1)
+            at_t = tl.where(is_t, s, 0.0)
+            x2 += tl.sum(at_t, axis=1)
             if COLS:  # (square, diag_offset 0: column j's target is row j, at most one per column)
-                cx2 = tl.sum(tl.where(is_t, s, 0.0), axis=0)
+                cx2 = tl.sum(at_t, axis=0)
         if LABELS:
             is_p = keep & (o_l[:, None] == tl.load(I_LAB + n64, mask=n_ok, other=-2)[None, :])
             p2 += tl.sum(tl.where(is_p, s, 0.0), axis=1)
@@ -266,7 +276,7 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
             if not TARGET:
                 cx2 = tl.zeros((BLOCK_I,), dtype=tl.float32)
             field = NSLOT.to(tl.int64) * NI
-            slot = tl.program_id(0).to(tl.int64) * (BLOCK_O // SLOT_ROWS)
+            slot = 1 + tl.program_id(0).to(tl.int64) * (BLOCK_O // SLOT_ROWS)  # (slot 0: the running state)
             base = CP + slot * NI + n64
             tl.store(base, cm, mask=n_ok)
             tl.store(base + field, cl, mask=n_ok)
@@ -277,57 +287,89 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
                 tl.store(base + e * NI + field, tl.zeros((BLOCK_I,), dtype=tl.float32), mask=n_ok)
                 tl.store(base + e * NI + 2 * field, tl.zeros((BLOCK_I,), dtype=tl.float32), mask=n_ok)
                 tl.store(base + e * NI + 3 * field, tl.zeros((BLOCK_I,), dtype=tl.float32), mask=n_ok)
+    if SPLIT:  # this split's row states, in the merge's fields (m, l, k, x2, p2, pc)
+        field = tl.num_programs(1).to(tl.int64) * NO
+        base = RP + tl.program_id(1).to(tl.int64) * NO + o_idx
+        tl.store(base, m, mask=o_ok)
+        tl.store(base + field, l, mask=o_ok)
+        tl.store(base + 2 * field, k, mask=o_ok)
+        if TARGET:
+            tl.store(base + 3 * field, x2, mask=o_ok)
+        if LABELS:
+            tl.store(base + 4 * field, p2, mask=o_ok)
+            tl.store(base + 5 * field, pc, mask=o_ok)
+    else:
+        _finish_states(o_idx, o_ok, m, l, k, x2, p2, pc, OUT, XT, NO, TARGET, LABELS, TARGET and not TRANS)
+
+
+@triton.jit
+def _finish_states(idx, ok, m, l, k, x2, p2, pc, OUT, XT, N,
+                   TARGET: tl.constexpr, LABELS: tl.constexpr, WRITE_XT: tl.constexpr):
+    """The outputs of finished states (base 2: max m, sum l below it, count k at it; x2 the target
+    score, p2 / pc the positives' sum and count) at indices idx (< N where ok)."""
     # log of the sum relative to the max (natural): -inf with nothing kept, NaN from a NaN score
     empty = m == float("-inf")
     lg = tl.where(empty, tl.where(l == 0.0, float("-inf"), float("nan")),
                   log1p(tl.where(empty, 0.0, (k - 1.0) + l)))
     if TARGET:  # the cross-entropy (max - target) + log1p(e): rounded relative to itself
-        tl.store(OUT + o_idx, (m - x2) * 0.6931471805599453 + lg, mask=o_ok)
-        if not TRANS:  # saved for the backward in base 2, exactly the score it recomputes
-            tl.store(XT + o_idx, x2, mask=o_ok)
-    elif LABELS:  # LSE minus the mean positive score; XT: (2, NO) the LSEs and 1 / |P_i|
+        tl.store(OUT + idx, (m - x2) * 0.6931471805599453 + lg, mask=ok)
+        if WRITE_XT:  # (rows) saved for the backward in base 2, exactly the score it recomputes
+            tl.store(XT + idx, x2, mask=ok)
+    elif LABELS:  # LSE minus the mean positive score; XT: (2, N) the LSEs and 1 / |P_i|
         lse = m * 0.6931471805599453 + lg
         has = pc > 0.0
-        tl.store(OUT + o_idx, tl.where(has, lse - (p2 / tl.maximum(pc, 1.0)) * 0.6931471805599453, lse), mask=o_ok)
-        tl.store(XT + o_idx, lse, mask=o_ok)
-        tl.store(XT + NO + o_idx, tl.where(has, 1.0 / tl.maximum(pc, 1.0), 0.0), mask=o_ok)
+        tl.store(OUT + idx, tl.where(has, lse - (p2 / tl.maximum(pc, 1.0)) * 0.6931471805599453, lse), mask=ok)
+        tl.store(XT + idx, lse, mask=ok)
+        tl.store(XT + N + idx, tl.where(has, 1.0 / tl.maximum(pc, 1.0), 0.0), mask=ok)
     else:
         lse = m * 0.6931471805599453 + lg  # -inf where nothing is kept
-        tl.store(OUT + o_idx, lse, mask=o_ok)
+        tl.store(OUT + idx, lse, mask=ok)
 
 
 @triton.jit
-def _fold_cols_kernel(CP, OUT, NI, NUSED, NSLOT, TARGET: tl.constexpr, BLOCK: tl.constexpr):
-    """The fused forward's column states (the NUSED first slots of CP, [4][NSLOT][NI], base 2; the
-    others hold no row) merged in slot order as the tile loop merges states (the maximum over all
-    first, then terms below it scaled down and exact 1s at it added); the columns' outputs to OUT."""
+def _merge_states_kernel(P, OUT, XT, N, NPART, FIELD, TARGET: tl.constexpr, LABELS: tl.constexpr,
+                         WRITE_XT: tl.constexpr, FINISH: tl.constexpr, BLOCK: tl.constexpr):
+    """Partial states P[f][b][i] (field f at P + f FIELD, part b < NPART, index i < N; base 2)
+    merged in part order as the tile loop merges them: the maximum over all parts first, then the
+    terms below it scaled down and the exact 1s at it added; the target score and the positives'
+    sum and count added (one part holds a row's target: exact).  FINISH: the outputs (as the
+    forward kernel writes them), else the merged state written back to part 0 (the fused
+    forward's running column state between launches).  Used for the column splits' row states
+    and the fused forward's column states."""
     c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = c < NI
-    field = NSLOT.to(tl.int64) * NI
+    ok = c < N
+    n64 = N.to(tl.int64)
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
-    for b in range(0, NUSED):
-        m = tl.maximum(m, tl.load(CP + b * NI + c, mask=ok, other=float("-inf")))
+    for b in range(0, NPART):
+        m = tl.maximum(m, tl.load(P + b * n64 + c, mask=ok, other=float("-inf")))
     ref = tl.where(m == float("-inf"), 0.0, m)
     top = m != float("-inf")
     l = tl.zeros((BLOCK,), dtype=tl.float32)
     k = tl.zeros((BLOCK,), dtype=tl.float32)
     x2 = tl.zeros((BLOCK,), dtype=tl.float32)
-    for b in range(0, NUSED):
-        p = CP + b * NI + c
+    p2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    pc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for b in range(0, NPART):
+        p = P + b * n64 + c
         ms = tl.load(p, mask=ok, other=float("-inf"))
-        ls = tl.load(p + field, mask=ok, other=0.0)
-        ks = tl.load(p + 2 * field, mask=ok, other=0.0)
+        ls = tl.load(p + FIELD, mask=ok, other=0.0)
+        ks = tl.load(p + 2 * FIELD, mask=ok, other=0.0)
         at = (ms == m) & top
         l += tl.where(at, ls, (ls + ks) * tl.exp2(ms - ref))
         k += tl.where(at, ks, 0.0)
-        x2 += tl.load(p + 3 * field, mask=ok, other=0.0)  # (one slot holds the target: exact)
-    empty = m == float("-inf")
-    lg = tl.where(empty, tl.where(l == 0.0, float("-inf"), float("nan")),
-                  log1p(tl.where(empty, 0.0, (k - 1.0) + l)))
-    if TARGET:
-        tl.store(OUT + c, (m - x2) * 0.6931471805599453 + lg, mask=ok)
+        if TARGET:
+            x2 += tl.load(p + 3 * FIELD, mask=ok, other=0.0)
+        if LABELS:
+            p2 += tl.load(p + 4 * FIELD, mask=ok, other=0.0)
+            pc += tl.load(p + 5 * FIELD, mask=ok, other=0.0)
+    if FINISH:
+        _finish_states(c, ok, m, l, k, x2, p2, pc, OUT, XT, N, TARGET, LABELS, WRITE_XT)
     else:
-        tl.store(OUT + c, m * 0.6931471805599453 + lg, mask=ok)
+        tl.store(P + c, m, mask=ok)
+        tl.store(P + FIELD + c, l, mask=ok)
+        tl.store(P + 2 * FIELD + c, k, mask=ok)
+        if TARGET:
+            tl.store(P + 3 * FIELD + c, x2, mask=ok)
 
 
 # -------------------------------------------------------------------------- backward
@@ -342,8 +384,12 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                     NEED_BIAS: tl.constexpr, RS_ON_TILE: tl.constexpr, DS_C, SCALE_DS: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_DO: tl.constexpr):
+    # Grid (row blocks, D groups, column splits).  Split s walks its share of the column tiles
+    # and writes its partial outputs at split offset s (float32 [splits][NO](D), summed in split
+    # order by the launcher); one split writes the outputs themselves.
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2).to(tl.int64)
     o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab = _outer_rows(
         pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
     # Each log-sum-exp (base 2) as x2 + lse2: (0, lse), or with LSE_TARGET (the forward's target
@@ -376,7 +422,9 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
     acc_out = tl.zeros((BLOCK_O, BLOCK_DO), dtype=tl.float32)
     r_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    for start in range(0, NI, BLOCK_I):
+    split_cols = tl.cdiv(tl.cdiv(NI, BLOCK_I), tl.num_programs(2)) * BLOCK_I  # (whole tiles per split)
+    c0 = tl.program_id(2) * split_cols
+    for start in range(c0, tl.minimum(NI, c0 + split_cols), BLOCK_I):
         n64, n_ok, i_tile, acc, i_rs, s, keep = _tile_scores(
             O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
             o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
@@ -446,14 +494,14 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
         g = acc_out * (o_rs * scale)[:, None]
         if SCALE_DS:
             g = g / ds_c
-        tl.store(D_OUT + o_idx[:, None] * D + dcol[None, :], g.to(D_OUT.dtype.element_ty),
+        tl.store(D_OUT + pid_s * NO * D + o_idx[:, None] * D + dcol[None, :], g.to(D_OUT.dtype.element_ty),
                  mask=o_ok[:, None] & (dcol[None, :] < D))
     if NEED_ORS:
-        tl.store(D_ORS + o_idx, scale * r_acc, mask=o_ok & first)
+        tl.store(D_ORS + pid_s * NO + o_idx, scale * r_acc, mask=o_ok & first)
     if NEED_SCALE:
-        tl.store(D_SCALE + o_idx, o_rs * r_acc, mask=o_ok & first)
+        tl.store(D_SCALE + pid_s * NO + o_idx, o_rs * r_acc, mask=o_ok & first)
     if NEED_BIAS:
-        tl.store(D_BIAS + o_idx, b_acc, mask=o_ok & first)
+        tl.store(D_BIAS + pid_s * NO + o_idx, b_acc, mask=o_ok & first)
 
 
 # ------------------------------------------------------------------- tile configs
@@ -510,7 +558,7 @@ _BWD_CONFIGS = [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_DO": do}, nu
                 for bo, bi, do, w, s in [(64, 64, 128, 4, 2), (64, 64, 256, 8, 2), (128, 64, 128, 8, 2),
                                          (64, 128, 128, 4, 2), (128, 64, 256, 8, 2), (64, 64, 512, 8, 2),
                                          (128, 128, 128, 8, 2), (64, 32, 256, 4, 3)]]
-_FWD_KEY = ["D_PAD", "TRANS", "HAS_IRS", "MASK_LAB", "COLS"]
+_FWD_KEY = ["D_PAD", "TRANS", "HAS_IRS", "MASK_LAB", "COLS", "SPLIT"]
 _BWD_KEY = ["D_PAD", "TRANS", "NEED_OUT", "HAS_OTERM", "HAS_ITERM", "HAS_IRS"]
 
 _lse_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_FWD_KEY,
@@ -547,12 +595,57 @@ def _mask_flags(mask_mode):
     return bool(mask_mode & MASK_DIAG), bool(mask_mode & MASK_POS), bool(mask_mode & MASK_SAME_LABEL)
 
 
-# The fused forward (compute_col): one pass over S for rows and columns, where its column states,
-# 16 bytes per (SLOT_ROWS rows, column), fit in _COLS_BUDGET (on a GPU N M <= 2^27, e.g. N = M =
-# 11585).  Past it, a row pass and a column pass: launches of fewer rows would bound the states
-# but leave the GPU idle (one program per BLOCK_O rows, no column splits in these kernels).
+# Column splits: where the row blocks alone leave the GPU idle (N = 1024: 8 programs of 128 rows on
+# 132 SMs) every program walks 1 / splits of the column tiles and writes its row states, merged in
+# split order by _merge_states_kernel (forward), or its float32 partial outputs, summed in split
+# order (backward; within _SPLIT_BUDGET) (bench/NOTES.md, "Triton column splits").  As many
+# splits as fill _WAVE programs per SM at the largest BLOCK_O, each at least _MIN_SPLIT_COLS
+# columns.  CONTRASTIVE_KERNELS_TRITON_COL_SPLITS=n forces n (tests, measurements).
+_WAVE = 2
+_MIN_SPLIT_COLS = 256
+_SPLIT_BUDGET = 32 << 20  # bytes of the backward's partial outputs
+_MERGE_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def _col_splits(rows: int, ni: int, device, d_groups: int = 1, bytes_per_split: int = 0) -> int:
+    """Column splits of a launch of `rows` outer rows against `ni` inner rows (1: none); the
+    backward's programs are also `d_groups` feature groups (counted at the widest BLOCK_DO) and
+    its float32 partial outputs, `bytes_per_split`, stay within _SPLIT_BUDGET."""
+    env = os.environ.get("CONTRASTIVE_KERNELS_TRITON_COL_SPLITS", "")
+    if env:
+        want = int(env)
+    elif device.type != "cuda":
+        return 1
+    else:
+        programs = triton.cdiv(rows, _max_block_o()) * d_groups
+        wave = _WAVE * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        want = 1 if programs >= wave else min(wave // programs, ni // _MIN_SPLIT_COLS)
+        if bytes_per_split:
+            want = min(want, _SPLIT_BUDGET // bytes_per_split)
+    return max(1, min(want, triton.cdiv(ni, _min_block_i()), 65535))
+
+
+# The fused forward (compute_col): one pass over S for rows and columns.  Its column states, 16 bytes
+# per (SLOT_ROWS rows, column), are bounded by _COLS_BUDGET: past it the rows run in launches of
+# fewer rows, each followed by a fold into the columns' running state (slot 0), the last by the
+# columns' outputs; the column splits keep such a launch filling the GPU.  Two passes (a row pass
+# and a column pass) only where one launch of the largest BLOCK_O rows would not fit (M > 700k on a
+# GPU) or with CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0; CONTRASTIVE_KERNELS_TRITON_COLS_CHUNK=n
+# forces launches of n times the largest BLOCK_O rows (tests, measurements).
 _COLS_BUDGET = 32 << 20
-_FOLD_BLOCK = 128
+
+
+def _min_block_i() -> int:
+    return _INTERP_TILE["BLOCK_I"] if INTERPRET else min(c.kwargs["BLOCK_I"] for c in _FWD_CONFIGS)
+
+
+def _max_block_o() -> int:
+    return _INTERP_TILE["BLOCK_O"] if INTERPRET else max(c.kwargs["BLOCK_O"] for c in _FWD_CONFIGS)
 
 
 def _slot_rows() -> int:
@@ -560,19 +653,26 @@ def _slot_rows() -> int:
     return _INTERP_TILE["BLOCK_O"] if INTERPRET else min(c.kwargs["BLOCK_O"] for c in _FWD_CONFIGS)
 
 
-def _col_slots(no: int) -> int:
-    """Slots of the column states: every program's, whichever BLOCK_O runs (a multiple of the
-    smallest)."""
-    top = _INTERP_TILE["BLOCK_O"] if INTERPRET else max(c.kwargs["BLOCK_O"] for c in _FWD_CONFIGS)
-    return triton.cdiv(no, top) * top // _slot_rows()
+def _cols_launch_rows(no: int, ni: int) -> int:
+    """Rows per launch of the fused forward: a multiple of every BLOCK_O, the states of a launch and
+    the running state within the budget (at least the largest BLOCK_O rows), at most all rows; the
+    launches as even as that allows (N = M = 16384 on a GPU: 3 launches of 5504, 5504, 5376 rows,
+    not 8064, 8064, 256)."""
+    top = _max_block_o()
+    env = os.environ.get("CONTRASTIVE_KERNELS_TRITON_COLS_CHUNK", "")
+    if env:
+        return max(top, min(int(env) * top, triton.cdiv(no, top) * top))
+    most = max(top, (_COLS_BUDGET // (16 * ni) - 1) * _slot_rows() // top * top)
+    launches = triton.cdiv(no, most)
+    return triton.cdiv(triton.cdiv(no, launches), top) * top
 
 
 def _fused_cols(no: int, ni: int) -> bool:
-    """One pass for rows and columns: within the budget, and not disabled by
-    CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0 (a row pass and a column pass, for measurements)."""
+    """One pass for rows and columns: not disabled by CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0, and
+    one launch of the largest BLOCK_O rows within the budget."""
     if os.environ.get("CONTRASTIVE_KERNELS_TRITON_FUSED_COLS", "1") == "0" or no == 0 or ni == 0:
         return False
-    return _col_slots(no) * ni * 16 <= _COLS_BUDGET
+    return 16 * ni * (1 + _max_block_o() // _slot_rows()) <= _COLS_BUDGET
 
 
 def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_offset, mask_mode, trans,
@@ -589,23 +689,42 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
     dpad = pad_dim(d)
     bd = _block_d(dpad)
     md, mp, ml = _mask_flags(mask_mode)
+    labels = bool(mask_mode & LSE_LABELS)
     dummy = out
-    slot_rows, nslot = _slot_rows(), _col_slots(no) if col is not None else 0
-    cp = torch.empty((4, nslot, ni), dtype=torch.float32, device=outer.device) if col is not None else dummy
-    grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]),)  # noqa: E731
-    launch(_lse_fwd_kernel, _lse_fwd_tuned, grid, _INTERP_TILE,
-           outer, inner, scale, o_rs if o_rs is not None else dummy, i_rs if i_rs is not None else dummy,
-           bias if bias is not None else dummy, pos if pos is not None else dummy,
-           o_lab if o_lab is not None else dummy, i_lab if i_lab is not None else dummy,
-           target if target is not None else dummy, out, xt if xt is not None else dummy, cp,
-           no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset), nslot,
-           COLS=col is not None, SLOT_ROWS=slot_rows,
-           TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
-           MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS),
-           IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
+    slot_rows = _slot_rows()
+    launch_rows, nslot, cp = no, 0, dummy
     if col is not None:
-        _fold_cols_kernel[(triton.cdiv(ni, _FOLD_BLOCK),)](cp, col, ni, triton.cdiv(no, slot_rows), nslot,
-                                                             TARGET=target is not None, BLOCK=_FOLD_BLOCK)
+        # [4][1 + slots][M]: slot 0 the columns' running state (max, sum, count, target score),
+        # neutral at first; then the states of one launch's rows
+        launch_rows = _cols_launch_rows(no, ni)
+        nslot = 1 + launch_rows // slot_rows
+        cp = torch.empty((4, nslot, ni), dtype=torch.float32, device=outer.device)
+        cp[0, 0].fill_(float("-inf"))
+        cp[1:, 0].zero_()
+    splits = _col_splits(min(launch_rows, no), ni, outer.device)
+    rp = (torch.empty((6 if labels else 4, splits, no), dtype=torch.float32, device=outer.device)
+          if splits > 1 else dummy)
+    for r0 in range(0, no, launch_rows):
+        rows = min(launch_rows, no - r0)
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_O"]), splits)  # noqa: E731
+        launch(_lse_fwd_kernel, _lse_fwd_tuned, grid, _INTERP_TILE,
+               outer, inner, scale, o_rs if o_rs is not None else dummy, i_rs if i_rs is not None else dummy,
+               bias if bias is not None else dummy, pos if pos is not None else dummy,
+               o_lab if o_lab is not None else dummy, i_lab if i_lab is not None else dummy,
+               target if target is not None else dummy, out, xt if xt is not None else dummy, cp, rp,
+               no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset), nslot, r0,
+               COLS=col is not None, SLOT_ROWS=slot_rows, SPLIT=splits > 1,
+               TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
+               MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, TARGET=target is not None, LABELS=labels,
+               IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
+        if col is not None:  # this launch's slots into the running state; the outputs after the last
+            _merge_states_kernel[(triton.cdiv(ni, _MERGE_BLOCK),)](
+                cp, col, dummy, ni, 1 + triton.cdiv(rows, slot_rows), nslot * ni, TARGET=target is not None,
+                LABELS=False, WRITE_XT=False, FINISH=r0 + rows == no, BLOCK=_MERGE_BLOCK)
+    if splits > 1:
+        _merge_states_kernel[(triton.cdiv(no, _MERGE_BLOCK),)](
+            rp, out, xt if xt is not None else dummy, no, splits, splits * no, TARGET=target is not None,
+            LABELS=labels, WRITE_XT=target is not None and not trans, FINISH=True, BLOCK=_MERGE_BLOCK)
     return out
 
 
@@ -688,6 +807,15 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
     d_bias = f32(no) if need_bias else None
     if no == 0:
         return d_out, d_ors, d_scale, d_bias
+    # column splits: the programs write float32 partial outputs, summed here in split order
+    splits = _col_splits(no, ni, dev, d_groups=triton.cdiv(d, 512) if need_out else 1,
+                         bytes_per_split=4 * no * ((d if need_out else 0) + 3))
+    final = (d_out, d_ors, d_scale, d_bias)
+    if splits > 1:
+        part = lambda t, *shape: None if t is None else torch.empty(  # noqa: E731
+            (splits, *shape), dtype=torch.float32, device=dev)
+        d_out, d_ors, d_scale, d_bias = (part(d_out, no, d), part(d_ors, no), part(d_scale, no),
+                                         part(d_bias, no))
     dpad = pad_dim(d)
     bd = _block_d(dpad)
     md, mp, ml = _mask_flags(mask_mode)
@@ -695,9 +823,9 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
     opt = lambda t: t if t is not None else dummy  # noqa: E731
     ds_c = half_ds_scale(outer.dtype, dev, o_g, i_g)
     if need_out:
-        grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]), triton.cdiv(d, meta["BLOCK_DO"]), splits)  # noqa: E731
     else:
-        grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]), 1)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]), 1, splits)  # noqa: E731
     interp = dict(_INTERP_TILE, BLOCK_DO=min(dpad, 128) if need_out else 16)
     launch(_lse_bwd_kernel, _lse_bwd_tuned, grid, interp,
            outer, inner, scale, opt(o_rs), opt(i_rs), opt(bias), opt(pos), opt(o_lab), opt(i_lab), opt(target), opt(xt),
@@ -709,6 +837,11 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
            TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS), NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
            RS_ON_TILE=outer.dtype == torch.float16, DS_C=ds_c, SCALE_DS=outer.dtype == torch.float16,
            IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
+    if splits > 1:  # (a fixed-order reduction over the split axis; one rounding to the output dtype)
+        for out, p in zip(final, (d_out, d_ors, d_scale, d_bias)):
+            if out is not None:
+                out.copy_(p.sum(0))
+        return final
     return d_out, d_ors, d_scale, d_bias
 
 

@@ -346,36 +346,132 @@ def test_cuda_fused_forward_columns(backend, plan, dtype, mask, monkeypatch):
 
 _TRITON = [p for p in BACKENDS if p.values[0] == "triton"] or [
     pytest.param("triton", marks=pytest.mark.skip(reason="no triton backend here"))]
-_CHUNK_ENV = {"cuda": (_CHUNK, ("1", "3", "")), "triton": ("CONTRASTIVE_KERNELS_TRITON_FUSED_COLS", ("1",))}
+_CHUNK_ENV = {"cuda": (_CHUNK, ("1", "3", "")), "triton": ("CONTRASTIVE_KERNELS_TRITON_COLS_CHUNK", ("1", "3", ""))}
+_T_FUSED, _T_CHUNK, _T_SPLITS = ("CONTRASTIVE_KERNELS_TRITON_FUSED_COLS", "CONTRASTIVE_KERNELS_TRITON_COLS_CHUNK",
+                                 "CONTRASTIVE_KERNELS_TRITON_COL_SPLITS")
 
 
 @pytest.mark.parametrize("backend", _TRITON)
-@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "two_passes"])
+@pytest.mark.parametrize("plan", [("1", "", ""), ("1", "1", "1"), ("1", "3", "2"), ("1", "4", "5"), ("0", "", "")],
+                         ids=["default", "chunk1-split1", "chunk3-split2", "chunk4-split5", "two_passes"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask", ["none", "diag_pos", "label_empty", "target_diag"])
-def test_triton_fused_forward_columns(backend, fused, dtype, mask, monkeypatch):
-    """The Triton forward with compute_col is one pass too where its column states fit
-    (kernels/lse.py, _lse_pass with col): each tile's column states over the program's rows,
-    merged over the row blocks in order (N = 300: ten programs of 32 rows under the interpreter).
-    CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0 is the row pass plus a column pass, the control."""
+def test_triton_fused_forward_columns(backend, plan, dtype, mask, monkeypatch):
+    """The Triton forward with compute_col is one pass too (kernels/lse.py, _lse_pass with col):
+    each tile's column states over the program's rows, merged over the row blocks in order, in
+    launches of CONTRASTIVE_KERNELS_TRITON_COLS_CHUNK x 32 rows under the interpreter (N = 300:
+    ten programs; one launch each, four launches of 96 rows with the last one of 12, three of
+    128 with the last of 44, and the default: one launch), folded into the columns' running state
+    after each, with 1, 2 or 5 column splits.  CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0 is the row
+    pass plus a column pass, the control."""
     skip_interpreter_bf16(backend, dtype)
-    monkeypatch.setenv("CONTRASTIVE_KERNELS_TRITON_FUSED_COLS", fused)
+    fused, chunk, splits = plan
+    monkeypatch.setenv(_T_FUSED, fused)
+    monkeypatch.setenv(_T_CHUNK, chunk)
+    monkeypatch.setenv(_T_SPLITS, splits)
     square = mask.startswith("target") or mask == "diag_pos"
     _check_case(backend, 300, 300 if square else 170, 40, dtype, mask, True, mask != "label_empty", True)
 
 
 @pytest.mark.parametrize("backend", _TRITON)
-def test_triton_fused_forward_budget(backend, monkeypatch):
-    """The Triton fused forward's column states (16 bytes per 64 rows and column on a GPU) stay
-    within its budget: past it, the row pass and the column pass (right as well)."""
+@pytest.mark.parametrize("splits", ["2", "3", "7"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "diag_pos", "label_empty", "target_diag", "target_pos", "labels"])
+def test_triton_column_splits(backend, splits, dtype, mask, monkeypatch):
+    """Where the row blocks cannot fill the GPU the Triton kernels split the column tiles across
+    programs (kernels/lse.py, _col_splits): the forward merges the splits' row states in split
+    order (_merge_states_kernel), the backward sums the splits' float32 partial dX, d rscale,
+    dscale and dbias in split order.  CONTRASTIVE_KERNELS_TRITON_COL_SPLITS forces a count:
+    2, 3 and 7 of M = 200's 7 tiles under the interpreter (splits of 4, 3 and 1 tiles, the last
+    shorter), the plain, masked, target and labels kernels; the column term by the fused forward
+    and, for the square cases, by the column pass (FUSED_COLS=0, TRANS with splits)."""
+    skip_interpreter_bf16(backend, dtype)
+    monkeypatch.setenv(_T_SPLITS, splits)
+    square = mask.startswith("target") or mask == "diag_pos"
+    col = mask not in ("labels", "target_pos")
+    _check_case(backend, 200 if square else 70, 200, 40, dtype, mask, True, mask != "labels", col)
+    if square and col:
+        monkeypatch.setenv(_T_FUSED, "0")
+        _check_case(backend, 200, 200, 40, dtype, mask, True, True, True)
+
+
+@pytest.mark.parametrize("backend", _TRITON)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_triton_column_splits_non_finite(backend, value, monkeypatch):
+    """A non-finite input in one split's columns reaches the merged outputs and gradients as it does
+    unsplit (SPEC: never a finite loss from a non-finite input): the same NaN and infinity
+    pattern with 1 and 3 splits (rows and fused columns, plain and LSE_TARGET), finite values
+    equal to float32 rounding."""
+    torch.manual_seed(3)
+    q, k = torch.randn(70, 24), torch.randn(200, 24)
+    k[150, 7] = value  # (column 150: the third of three splits; every row sees it)
+    q[5, 2] = -value if value == value else value  # (row 5: one column of its own, the other sign)
+    for mode, kk in ((0, k), (LSE_TARGET, k[:70])):
+        outs = {}
+        for splits in ("1", "3"):
+            monkeypatch.setenv(_T_SPLITS, splits)
+            qq, kv = q.clone().requires_grad_(), kk.clone().requires_grad_()
+            row, col = fam.lse(backend, qq, kv, torch.tensor(2.0), mask_mode=mode, compute_col=True)
+            g = torch.autograd.grad((row.nan_to_num(0.0, 0.0, 0.0).sum() + col.nan_to_num(0.0, 0.0, 0.0).sum()),
+                                    [qq, kv], allow_unused=True)
+            outs[splits] = (row.detach(), col.detach(), *g)
+        assert not torch.isfinite(outs["1"][0]).all()  # (the case is non-finite somewhere)
+        for a, b in zip(outs["1"], outs["3"]):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), f"mode {mode}"
+            torch.testing.assert_close(b.nan_to_num(0.0, 0.0, 0.0), a.nan_to_num(0.0, 0.0, 0.0),
+                                       rtol=1e-5, atol=1e-6, msg=lambda m: f"mode {mode}: {m}")
+
+
+@pytest.mark.parametrize("backend", _TRITON)
+def test_triton_column_splits_rule(backend, monkeypatch):
+    """The split count: none off a GPU or where the row blocks fill one; the forced count clamped
+    to [1, column tiles]; on a GPU of s SMs as many as fill 2 s programs of the largest BLOCK_O
+    (times the backward's feature groups), each split at least 256 columns, the backward's
+    partial outputs within their budget."""
     from contrastive_kernels.kernels import lse as tri
-    slot = tri._slot_rows()
-    edge = tri._COLS_BUDGET // 16 // 300 * slot  # the most rows whose states fit at M = 300
-    assert tri._fused_cols(edge, 300) and not tri._fused_cols(edge + slot, 300)
-    assert tri._fused_cols(300, 300)
-    monkeypatch.setattr(tri, "_COLS_BUDGET", 16 * 300 * 2)  # two slots of 300 columns
-    assert tri._fused_cols(2 * slot, 300) and not tri._fused_cols(2 * slot + 1, 300)
+    monkeypatch.delenv(_T_SPLITS, raising=False)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert tri._col_splits(64, 10_000, cpu) == 1
+    monkeypatch.setattr(tri, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(tri, "_max_block_o", lambda: 128)
+    monkeypatch.setattr(tri, "_min_block_i", lambda: 64)
+    assert tri._col_splits(1024, 32768, gpu) == 264 // 8  # 8 programs of 128 rows
+    assert tri._col_splits(1024, 2048, gpu) == 8  # 2048 / 256
+    assert tri._col_splits(4096, 32768, gpu) == 264 // 32
+    assert tri._col_splits(264 * 128, 32768, gpu) == 1  # the row blocks fill the GPU
+    assert tri._col_splits(128, 100, gpu) == 1  # fewer than 256 columns: no split
+    # the backward: programs times feature groups, partial outputs within the budget
+    assert tri._col_splits(1024, 32768, gpu, d_groups=2) == 264 // 16
+    per = tri._SPLIT_BUDGET // 5
+    assert tri._col_splits(1024, 32768, gpu, bytes_per_split=per) == 5
+    monkeypatch.setenv(_T_SPLITS, "1000")
+    assert tri._col_splits(64, 200, cpu) == 4  # one 64-column tile each at most
+    monkeypatch.setenv(_T_SPLITS, "0")
+    assert tri._col_splits(64, 200, cpu) == 1
+
+
+@pytest.mark.parametrize("backend", _TRITON)
+def test_triton_fused_forward_budget(backend, monkeypatch):
+    """The Triton fused forward's column states (16 bytes per 64 rows and column on a GPU, plus the
+    columns' running state) stay within the budget: launches of fewer rows past it (right as well),
+    two passes only where a launch of the largest BLOCK_O rows would not fit."""
+    from contrastive_kernels.kernels import lse as tri
+    top, slot = tri._max_block_o(), tri._slot_rows()
+    for no, ni in ((300, 300), (32768, 32768), (50000, 1000), (7, 200_000)):
+        rows = tri._cols_launch_rows(no, ni)
+        assert rows % top == 0 and top <= rows <= triton_cdiv(no, top) * top
+        assert 16 * ni * (1 + rows // slot) <= tri._COLS_BUDGET
+        assert tri._fused_cols(no, ni)
+    assert tri._cols_launch_rows(300, 300) >= 300  # one launch
+    most = tri._COLS_BUDGET // (16 * (1 + top // slot))  # the widest M one launch fits
+    assert tri._fused_cols(10, most) and not tri._fused_cols(10, most + 1)
+    monkeypatch.setattr(tri, "_COLS_BUDGET", 16 * 200 * (1 + 2 * top // slot))  # launches of 2 top rows
+    assert tri._cols_launch_rows(200, 200) == 2 * top
     _check_case(backend, 200, 200, 40, torch.float32, "target_diag", True, True, True)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 @pytest.mark.parametrize("backend", _CUDA + _TRITON)

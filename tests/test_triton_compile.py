@@ -85,25 +85,29 @@ def _control_job():
             "cc": 90, "aligned_ints": False}
 
 
-def _lse_fwd(dt, *, trans, on, d_pad, bo, bi, w, s, labels=False, cols=False):
+def _lse_fwd(dt, *, trans, on, d_pad, bo, bi, w, s, labels=False, cols=False, split=False):
     """_lse_pass: optional tensors are replaced by `out` (float32) when absent (TGT: the LSE_TARGET
-    targets and XT the target scores, with `on`; CP the fused forward's column states, `cols`)."""
+    targets and XT the target scores, with `on`; CP the fused forward's column states, `cols`; RP
+    the column splits' row states, `split`)."""
     bd = d_pad if d_pad <= 128 else 64  # _block_d on a GPU
     types = {"O": "*" + dt, "I": "*" + dt, "SCALE": "*fp32", "O_RS": "*fp32", "I_RS": "*fp32", "BIAS": "*fp32",
              "POS": "*i64" if on else "*fp32", "O_LAB": "*i64" if on or labels else "*fp32",
              "I_LAB": "*i64" if on or labels else "*fp32", "TGT": "*i64" if on else "*fp32", "OUT": "*fp32",
-             "XT": "*fp32", "CP": "*fp32"}
-    types.update({n: "i32" for n in ("NO", "NI", "D", "stride_o", "stride_i", "diag_offset", "NSLOT")})
-    cx = dict(COLS=cols, SLOT_ROWS=64,
+             "XT": "*fp32", "CP": "*fp32", "RP": "*fp32"}
+    types.update({n: "i32" for n in ("NO", "NI", "D", "stride_o", "stride_i", "diag_offset", "NSLOT", "ROW0")})
+    cx = dict(COLS=cols, SLOT_ROWS=64, SPLIT=split,
               TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on, MASK_DIAG=on, MASK_POS=on, MASK_LAB=on,
               TARGET=on, LABELS=labels, IEEE=dt == "fp32", D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi)
     return types, cx, _opts(w, s)
 
 
-def _fold_cols(dt, *, target):
-    """_lse_pass's fold of the fused forward's column states (float32 whatever the input dtype)."""
-    types = {"CP": "*fp32", "OUT": "*fp32", "NI": "i32", "NUSED": "i32", "NSLOT": "i32"}
-    return types, dict(TARGET=target, BLOCK=128), _opts(4, 1)
+def _merge_states(dt, *, target, labels=False, finish=True):
+    """_lse_pass's merge of partial states (float32 whatever the input dtype): the fused forward's
+    column states (into the running state, or finished) and the column splits' row states (XT:
+    the target scores or the LSE_LABELS pair, `out` when absent)."""
+    types = {"P": "*fp32", "OUT": "*fp32", "XT": "*fp32", "N": "i32", "NPART": "i32", "FIELD": "i32"}
+    cx = dict(TARGET=target, LABELS=labels, WRITE_XT=target or labels, FINISH=finish, BLOCK=128)
+    return types, cx, _opts(4, 1)
 
 
 def _lse_bwd(dt, *, trans, on, oterm, iterm, need_out, need_ors, need_scale, need_bias, d_pad, bo, bi, bdo, w, s,
@@ -243,8 +247,14 @@ def _variants():
     add("lse._lse_fwd_kernel", "fused-cols-all-on-D512", _lse_fwd, trans=False, on=True, cols=True, d_pad=512,
         bo=128, bi=64, w=8, s=3)
     # (float32 state whatever the input dtype: the dtypes compile the same kernel)
-    add("lse._fold_cols_kernel", "target", _fold_cols, main=True, target=True)
-    add("lse._fold_cols_kernel", "plain", _fold_cols, target=False, dtypes=DTYPES)
+    add("lse._merge_states_kernel", "target", _merge_states, main=True, target=True)
+    add("lse._merge_states_kernel", "plain-running", _merge_states, target=False, finish=False, dtypes=DTYPES)
+    add("lse._merge_states_kernel", "labels", _merge_states, target=False, labels=True)
+    # column splits: the row states to RP (row pass with every option; the labels row pass)
+    add("lse._lse_fwd_kernel", "split-row-all-on-D128", _lse_fwd, trans=False, on=True, split=True, d_pad=128,
+        bo=128, bi=64, w=8, s=3)
+    add("lse._lse_fwd_kernel", "split-labels-D64", _lse_fwd, trans=False, on=False, labels=True,
+        split=True, d_pad=64, bo=64, bi=128, w=4, s=3)
     add("lse._lse_fwd_kernel", "all-off-D16", _lse_fwd, trans=False, on=False, d_pad=16, bo=128, bi=256, w=8,
         s=3, f32=dict(bo=64, bi=64, w=4, s=4))
     # Row pass: dq with both terms (row and column LSE), d q_rscale and dscale.
