@@ -23,10 +23,12 @@
 #            (CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS=1 / 2, csrc/cuda/family_tiles.cu bwd_groups),
 #            and with and without column splits at small N (CONTRASTIVE_KERNELS_CUDA_COL_SPLITS=1
 #            against plan_pass's count), and SupCon (the LSE_LABELS kernels) with one and two
-#            groups, and the forward in one pass against two (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0,
-#            _TRITON_FUSED_COLS=0), the Triton forward with and without column splits at small N
-#            (CONTRASTIVE_KERNELS_TRITON_COL_SPLITS=1): $OUT/bwd_shapes.json; decides bwd_groups'
-#            D threshold, checks both split rules and whether the fused forward wins at every size
+#            groups, and the forward in one pass against two (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0):
+#            $OUT/bwd_shapes.json; decides bwd_groups' D threshold, checks plan_pass's split rule
+#            and whether the fused forward wins at every size
+#   tshapes  the Triton lse forward in one pass against two (CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0)
+#            and the Triton lse (fwd, fwd + bwd) and SigLIP (fwd + bwd) with and without column
+#            splits at small N (CONTRASTIVE_KERNELS_TRITON_COL_SPLITS=1): $OUT/triton_shapes.json
 #   ncu      Nsight Compute on one lse backward launch (optional, slow)
 #
 # Every stage runs even if an earlier one failed; each stage's exit code is appended to
@@ -172,12 +174,12 @@ stage_bench() {
 
 stage_shapes() {
   (cd /tmp && timeout 300 "$PY" - <<'EOF') 2>&1 | tee -a "$LOG"
-import json, os, sys, torch
+import os, sys, torch
 import contrastive_kernels._families as fam
 sys.path.insert(0, os.environ["CK_BENCH_DIR"])
-from cuda_timing import timed
+from cuda_timing import Results, timed
 dev = "cuda"
-res = []
+res = Results()
 
 
 def case(dtype, n, d, env):
@@ -200,8 +202,7 @@ def case(dtype, n, d, env):
     r = {"dtype": str(dtype), "N": n, "M": n, "D": d, "env": env, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
          "fwd_tflops_nominal_2x2NMD": 4 * n * n * d / fwd_ms / 1e9,
          "bwd_tflops_nominal_4x2NMD": 8 * n * n * d / bwd_ms / 1e9}
-    print(json.dumps(r))
-    res.append(r)
+    res.add(r)
     for k in env:
         os.environ.pop(k, None)
 
@@ -212,11 +213,10 @@ for dtype, n, d in [(torch.bfloat16, 16384, 128), (torch.bfloat16, 16384, 256), 
     for groups in ("1", "2"):
         case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS": groups, "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": "1"})
 # the forward in one pass (row and column lse from each S tile: the default) against a row pass
-# plus a column pass (CONTRASTIVE_KERNELS_{CUDA,TRITON}_FUSED_COLS=0), forward only (both backends
-# fuse at every size here: launches of fewer rows with column splits past the 32 MB of states)
+# plus a column pass (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0), forward only (Triton: stage tshapes)
 for dtype, n, d in [(torch.bfloat16, 32768, 512), (torch.bfloat16, 16384, 128), (torch.bfloat16, 8192, 512),
                     (torch.bfloat16, 4096, 512), (torch.bfloat16, 1024, 128), (torch.float32, 8192, 128)]:
-    for be in ("cuda", "triton") if n <= 16384 else ("cuda",):  # (16384: Triton in 3 launches; time)
+    for be in ("cuda",):
         var = f"CONTRASTIVE_KERNELS_{be.upper()}_FUSED_COLS"
         for fused in ("0", "1"):
             os.environ[var] = fused
@@ -226,8 +226,7 @@ for dtype, n, d in [(torch.bfloat16, 32768, 512), (torch.bfloat16, 16384, 128), 
             ms = timed(lambda: fam.lse(be, q, k, s, compute_col=True), reps=10, warm=3)[0]
             r = {"op": "lse forward, compute_col", "backend": be, "dtype": str(dtype), "N": n, "M": n, "D": d,
                  "env": {var: fused}, "ms": ms, "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9}
-            print(json.dumps(r))
-            res.append(r)
+            res.add(r)
             os.environ.pop(var, None)
 # SupCon (the LSE_LABELS kernels, whose sm_90 bf16 column backward with two groups lost a block
 # per SM to ldmatrix: 131 registers, bench/NOTES.md), fwd + bwd with one and two groups
@@ -241,33 +240,84 @@ for d in (256, 512):
         ms = timed(lambda: torch.autograd.grad(ck.supcon_loss(x, labels, backend="cuda"), [x]), reps=10, warm=3)[0]
         r = {"op": "supcon_loss fwd+bwd", "dtype": "torch.bfloat16", "N": 16384, "D": d,
              "env": {"CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS": groups}, "ms": ms}
-        print(json.dumps(r))
-        res.append(r)
+        res.add(r)
         os.environ.pop("CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS", None)
+# column splits at small N (plan_pass): none against the automatic count
+for dtype, n, d in [(torch.bfloat16, 1024, 128), (torch.bfloat16, 4096, 128), (torch.bfloat16, 4096, 512),
+                    (torch.bfloat16, 8192, 256), (torch.float32, 2048, 128)]:
+    for splits in ("1", ""):
+        case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": splits})
+res.save("bwd_shapes.json")
+EOF
+  return "${PIPESTATUS[0]}"
+}
+
+stage_tshapes() {
+  # The Triton lse and SigLIP kernels: the forward in one pass against two, column splits
+  # against none at small N: $OUT/triton_shapes.json.  Autotuning compiles every config on the
+  # first call of each key (minutes): a call of its own.
+  (cd /tmp && timeout 420 "$PY" - <<'EOF') 2>&1 | tee -a "$LOG"
+import os, sys, torch
+import contrastive_kernels as ck
+import contrastive_kernels._families as fam
+sys.path.insert(0, os.environ["CK_BENCH_DIR"])
+from cuda_timing import Results, timed
+dev = "cuda"
+res = Results()
+# the forward in one pass against a row pass plus a column pass (CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0),
+# forward only; at every size (N = 16384: 3 launches of rows, their column states within 32 MB)
+for dtype, n, d in [(torch.bfloat16, 16384, 128), (torch.bfloat16, 8192, 512), (torch.bfloat16, 4096, 512),
+                    (torch.bfloat16, 1024, 128), (torch.float32, 8192, 128)]:
+    for fused in ("0", "1"):
+        os.environ["CONTRASTIVE_KERNELS_TRITON_FUSED_COLS"] = fused
+        torch.manual_seed(0)
+        q, k = (torch.randn(n, d, device=dev, dtype=dtype) for _ in range(2))
+        s = torch.tensor(10.0, device=dev)
+        ms = timed(lambda: fam.lse("triton", q, k, s, compute_col=True), reps=10, warm=3)[0]
+        r = {"op": "lse forward, compute_col", "backend": "triton", "dtype": str(dtype), "N": n, "M": n, "D": d,
+             "env": {"CONTRASTIVE_KERNELS_TRITON_FUSED_COLS": fused}, "ms": ms,
+             "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9}
+        res.add(r)
+        os.environ.pop("CONTRASTIVE_KERNELS_TRITON_FUSED_COLS", None)
 # Triton column splits at small N (kernels/lse.py _col_splits): none against the automatic count,
-# the forward (row + column lse) only: the Triton backward has no column splits
+# the forward (row + column lse) and forward + backward
 for dtype, n, d in [(torch.bfloat16, 1024, 128), (torch.bfloat16, 4096, 128), (torch.bfloat16, 4096, 512),
                     (torch.float32, 2048, 128)]:
     for splits in ("1", ""):
         if splits:
             os.environ["CONTRASTIVE_KERNELS_TRITON_COL_SPLITS"] = splits
         torch.manual_seed(0)
-        q, k = (torch.randn(n, d, device=dev, dtype=dtype) for _ in range(2))
+        q, k = (torch.randn(n, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
         s = torch.tensor(10.0, device=dev)
-        ms = timed(lambda: fam.lse("triton", q, k, s, compute_col=True), reps=10, warm=3)[0]
-        r = {"op": "lse forward, compute_col", "backend": "triton", "dtype": str(dtype), "N": n, "M": n, "D": d,
-             "env": {"CONTRASTIVE_KERNELS_TRITON_COL_SPLITS": splits}, "ms": ms,
-             "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9}
-        print(json.dumps(r))
-        res.append(r)
+        ms = timed(lambda: fam.lse("triton", q.detach(), k.detach(), s, compute_col=True), reps=10, warm=3)[0]
+
+        def fwd_bwd():
+            row, col = fam.lse("triton", q, k, s, compute_col=True)
+            return torch.autograd.grad(row.sum() + col.sum(), [q, k])
+        ms_fb = timed(fwd_bwd, reps=10, warm=3)[0]
+        r = {"op": "lse compute_col: forward, fwd + bwd", "backend": "triton", "dtype": str(dtype), "N": n, "M": n,
+             "D": d, "env": {"CONTRASTIVE_KERNELS_TRITON_COL_SPLITS": splits}, "fwd_ms": ms, "fwd_bwd_ms": ms_fb,
+             "fwd_tflops_counting_2NMD": 2 * n * n * d / ms / 1e9,
+             "fwd_bwd_tflops_counting_6NMD": 6 * n * n * d / ms_fb / 1e9}
+        res.add(r)
         os.environ.pop("CONTRASTIVE_KERNELS_TRITON_COL_SPLITS", None)
-# column splits at small N (plan_pass): none against the automatic count
-for dtype, n, d in [(torch.bfloat16, 1024, 128), (torch.bfloat16, 4096, 128), (torch.bfloat16, 4096, 512),
-                    (torch.bfloat16, 8192, 256), (torch.float32, 2048, 128)]:
+# Triton SigLIP (kernels/pairwise.py, the same split rule), fwd + bwd, none against the rule
+for n, d in [(1024, 512), (4096, 512)]:
     for splits in ("1", ""):
-        case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": splits})
-json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": res},
-          open(os.path.join(os.environ["OUT"], "bwd_shapes.json"), "w"), indent=1)
+        if splits:
+            os.environ["CONTRASTIVE_KERNELS_TRITON_COL_SPLITS"] = splits
+        torch.manual_seed(0)
+        img = torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(torch.bfloat16).requires_grad_()
+        txt = torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(torch.bfloat16).requires_grad_()
+        ls, lb = torch.tensor(2.3, device=dev), torch.tensor(-10.0, device=dev)
+        ms = timed(lambda: torch.autograd.grad(ck.siglip_loss(img, txt, ls, lb, backend="triton"), [img, txt]),
+                   reps=10, warm=3)[0]
+        r = {"op": "siglip_loss fwd+bwd", "backend": "triton", "dtype": "torch.bfloat16", "N": n, "M": n, "D": d,
+             "env": {"CONTRASTIVE_KERNELS_TRITON_COL_SPLITS": splits}, "ms": ms,
+             "tflops_counting_3x2NMD": 6 * n * n * d / ms / 1e9}
+        res.add(r)
+        os.environ.pop("CONTRASTIVE_KERNELS_TRITON_COL_SPLITS", None)
+res.save("triton_shapes.json")
 EOF
   return "${PIPESTATUS[0]}"
 }
@@ -292,7 +342,7 @@ EOF
 
 for st in "${stages[@]}"; do
   case "$st" in
-    info|build|ptxas|test|sanitize|peak|bench|shapes|ncu) run_stage "$st" "stage_$st" ;;
+    info|build|ptxas|test|sanitize|peak|bench|shapes|tshapes|ncu) run_stage "$st" "stage_$st" ;;
     *) echo "unknown stage $st" | tee -a "$LOG"; record "$st" 2 0 ;;
   esac
 done

@@ -10,6 +10,8 @@
 * ``half_ds_scale``: the power-of-two factor that keeps float16 dS tiles out of underflow.
 * ``smem_limit``: the shared memory a block may use on a tensor's device, for the autotune
   config pruning (A100: 163 KiB, H100: 227 KiB).
+* ``col_splits``: how many column splits a launch gets where its programs alone would leave
+  SMs idle (CONTRASTIVE_KERNELS_TRITON_COL_SPLITS=n forces n).
 * ``log1p`` / ``expm1_neg``: log(1 + z) and exp(-c) - 1 to float32's relative rounding for
   small arguments (a confident row's cross-entropy and its p - 1), from series where a GPU's
   approximate log / exp near 1 would leave an absolute error of ~1e-7.
@@ -40,6 +42,39 @@ def smem_limit(t: torch.Tensor) -> int:
     if t.device.type != "cuda":
         return 200 * 1024
     return _smem_limit(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def sm_count(device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+SPLIT_WAVE = 2  # programs per SM a split launch aims for
+SPLIT_MIN_COLS = 256  # columns per split at least (a split's loop 1-4 tiles deep)
+SPLIT_BUDGET = 32 << 20  # bytes of float32 partial outputs a split launch may allocate
+
+
+def col_splits(programs: int, inner: int, min_tile: int, device, bytes_per_split: int = 0) -> int:
+    """Column splits for a launch of `programs` programs (counted at the largest tiles) that each
+    walk `inner` columns in tiles of at least `min_tile`: 1 (none) off a GPU or where the programs
+    fill SPLIT_WAVE per SM; else as many as do, each at least SPLIT_MIN_COLS columns, the partial
+    outputs (`bytes_per_split` each) within SPLIT_BUDGET.  CONTRASTIVE_KERNELS_TRITON_COL_SPLITS=n
+    forces n.  Always in [1, column tiles] and the grid's 65535."""
+    env = os.environ.get("CONTRASTIVE_KERNELS_TRITON_COL_SPLITS", "")
+    if env:
+        want = int(env)
+    elif device.type != "cuda":
+        return 1
+    else:
+        wave = SPLIT_WAVE * sm_count(device)
+        want = 1 if programs >= wave else min(wave // max(programs, 1), inner // SPLIT_MIN_COLS)
+        if bytes_per_split:
+            want = min(want, SPLIT_BUDGET // bytes_per_split)
+    return max(1, min(want, triton.cdiv(inner, min_tile), 65535))
 
 
 def pad_dim(d: int) -> int:

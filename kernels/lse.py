@@ -38,7 +38,6 @@ FlashAttention-2 shape of the computation, without the value matrix:
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -46,7 +45,8 @@ import triton
 import triton.language as tl
 
 from ._common import dot as _dot
-from ._common import INTERPRET, LN2, LOG2E, expm1_neg, half_ds_scale, is_ieee, launch, log1p, pad_dim, smem_limit
+from ._common import (INTERPRET, LN2, LOG2E, col_splits, expm1_neg, half_ds_scale, is_ieee, launch, log1p, pad_dim,
+                      smem_limit)
 
 AVAILABLE = True
 
@@ -598,36 +598,14 @@ def _mask_flags(mask_mode):
 # Column splits: where the row blocks alone leave the GPU idle (N = 1024: 8 programs of 128 rows on
 # 132 SMs) every program walks 1 / splits of the column tiles and writes its row states, merged in
 # split order by _merge_states_kernel (forward), or its float32 partial outputs, summed in split
-# order (backward; within _SPLIT_BUDGET) (bench/NOTES.md, "Triton column splits").  As many
-# splits as fill _WAVE programs per SM at the largest BLOCK_O, each at least _MIN_SPLIT_COLS
-# columns.  CONTRASTIVE_KERNELS_TRITON_COL_SPLITS=n forces n (tests, measurements).
-_WAVE = 2
-_MIN_SPLIT_COLS = 256
-_SPLIT_BUDGET = 32 << 20  # bytes of the backward's partial outputs
+# order (backward) (_common.col_splits; bench/NOTES.md, "Triton column splits").
 _MERGE_BLOCK = 128
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def _col_splits(rows: int, ni: int, device, d_groups: int = 1, bytes_per_split: int = 0) -> int:
     """Column splits of a launch of `rows` outer rows against `ni` inner rows (1: none); the
-    backward's programs are also `d_groups` feature groups (counted at the widest BLOCK_DO) and
-    its float32 partial outputs, `bytes_per_split`, stay within _SPLIT_BUDGET."""
-    env = os.environ.get("CONTRASTIVE_KERNELS_TRITON_COL_SPLITS", "")
-    if env:
-        want = int(env)
-    elif device.type != "cuda":
-        return 1
-    else:
-        programs = triton.cdiv(rows, _max_block_o()) * d_groups
-        wave = _WAVE * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        want = 1 if programs >= wave else min(wave // programs, ni // _MIN_SPLIT_COLS)
-        if bytes_per_split:
-            want = min(want, _SPLIT_BUDGET // bytes_per_split)
-    return max(1, min(want, triton.cdiv(ni, _min_block_i()), 65535))
+    backward's programs are also `d_groups` feature groups (counted at the widest BLOCK_DO)."""
+    return col_splits(triton.cdiv(rows, _max_block_o()) * d_groups, ni, _min_block_i(), device, bytes_per_split)
 
 
 # The fused forward (compute_col): one pass over S for rows and columns.  Its column states, 16 bytes

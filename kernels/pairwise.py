@@ -7,7 +7,9 @@ Each pair gets a sign sg = -1 (positive), +1 (negative), 0 (dropped); its term i
 softplus(sg x) and d term / d x = sg sigmoid(sg x).  The contract is that of the native
 ops in csrc/op_schemas.h; `reference.pairwise_family` is the specification.
 
-Kernels (no N x M buffer, no atomics, int64 offsets):
+Kernels (no N x M buffer, no atomics, int64 offsets; each with column splits, a last grid axis
+over the inner loop's tiles, where its programs alone would leave SMs idle: float32 partial
+outputs per split, summed in split order):
   * forward: one program per row block, looping over column blocks; per-row sums.
   * backward, row kernel: one program per (row block, feature chunk): recomputes each
     tile, dS = g sg sigmoid(sg x), accumulates dq = scale dS k for its feature chunk,
@@ -30,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import half_ds_scale
+from ._common import col_splits, half_ds_scale
 
 AVAILABLE = True
 
@@ -41,6 +43,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_BLOCK_D = 64 if _INTERPRET else 256
 _INTERP_META = {"BLOCK_M": 32, "BLOCK_N": 32}
 _MIN_BLOCK_M = 32  # smallest BLOCK_M of any config: sizes the per-program partial sums
+_MIN_BLOCK = 32  # smallest BLOCK_M / BLOCK_N of any config (and the interpreter's)
+_MAX_BLOCK = 32 if _INTERPRET else 128  # largest: split counts count programs at it
 
 
 def _block_d(d: int) -> int:
@@ -104,6 +108,15 @@ def _sigmoid(y):
     return tl.where(y >= 0.0, inv, e * inv)
 
 
+@triton.jit
+def _split_range(AXIS: tl.constexpr, L, BLOCK: tl.constexpr):
+    """[lo, hi) of the L inner indices that this program's split (grid axis AXIS) walks: whole
+    tiles of BLOCK, the splits' shares as even as that allows (a late one may be empty)."""
+    share = tl.cdiv(tl.cdiv(L, BLOCK), tl.num_programs(AXIS)) * BLOCK
+    lo = tl.program_id(AXIS) * share
+    return lo, tl.minimum(L, lo + share)
+
+
 # ------------------------------------------------------------------------- kernels
 @triton.jit
 def _pairwise_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_ptr, out_ptr, N, M, D, diag_offset,
@@ -114,12 +127,13 @@ def _pairwise_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for c0 in range(0, M, BLOCK_N):
+    c_lo, c_hi = _split_range(1, M, BLOCK_N)
+    for c0 in range(c_lo, c_hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         dot, y, keep, sg = _tile(q_ptr, k_ptr, ql_ptr, kl_ptr, off_ptr, rows, cols, N, M, D, scale, bias,
                                  diag_offset, HAS_LABELS, HAS_OFFSET, MODE, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
         acc += tl.sum(tl.where(keep, _softplus(y), 0.0), axis=1)
-    tl.store(out_ptr + rows, acc, mask=rows < N)
+    tl.store(out_ptr + tl.program_id(1).to(tl.int64) * N + rows, acc, mask=rows < N)
 
 
 @triton.jit
@@ -146,7 +160,8 @@ def _pairwise_bwd_rows_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
     s_ds = tl.zeros((BLOCK_M,), dtype=tl.float64)
     s_dsd = tl.zeros((BLOCK_M,), dtype=tl.float64)
     loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for c0 in range(0, M, BLOCK_N):
+    c_lo, c_hi = _split_range(2, M, BLOCK_N)
+    for c0 in range(c_lo, c_hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         dot, y, keep, sg = _tile(q_ptr, k_ptr, ql_ptr, kl_ptr, off_ptr, rows, cols, N, M, D, scale, bias,
                                  diag_offset, HAS_LABELS, HAS_OFFSET, MODE, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
@@ -162,18 +177,20 @@ def _pairwise_bwd_rows_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
             if SCALE_DS:
                 dsd = ds * ds_c
             dq += tl.dot(dsd.to(kt.dtype), kt, input_precision=PREC)
+    split = tl.program_id(2).to(tl.int64)  # (split s's partial outputs at offset s)
     if NEED_Q:
         if SCALE_DS:
             dq = dq / ds_c
-        tl.store(dq_ptr + rows[:, None] * D + dd[None, :], (scale * dq).to(dq_ptr.dtype.element_ty),
+        tl.store(dq_ptr + split * N * D + rows[:, None] * D + dd[None, :], (scale * dq).to(dq_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
         if NEED_OFFSET:
-            tl.store(drow_ptr + rows, s_ds.to(tl.float32), mask=row_ok)
+            tl.store(drow_ptr + split * N + rows, s_ds.to(tl.float32), mask=row_ok)
         if NEED_LOSS:
-            tl.store(loss_ptr + rows, loss, mask=row_ok)
-        tl.store(part_ds_ptr + pid, tl.sum(s_ds, axis=0))
-        tl.store(part_dsd_ptr + pid, tl.sum(s_dsd, axis=0))
+            tl.store(loss_ptr + split * N + rows, loss, mask=row_ok)
+        part = split * tl.num_programs(0) + pid
+        tl.store(part_ds_ptr + part, tl.sum(s_ds, axis=0))
+        tl.store(part_dsd_ptr + part, tl.sum(s_dsd, axis=0))
 
 
 @triton.jit
@@ -191,7 +208,8 @@ def _pairwise_bwd_cols_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
     if SCALE_DS:
         ds_c = tl.load(ds_c_ptr)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for r0 in range(0, N, BLOCK_M):
+    r_lo, r_hi = _split_range(2, N, BLOCK_M)  # (this kernel's splits are of the rows)
+    for r0 in range(r_lo, r_hi, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < N
         dot, y, keep, sg = _tile(q_ptr, k_ptr, ql_ptr, kl_ptr, off_ptr, rows, cols, N, M, D, scale, bias,
@@ -204,8 +222,8 @@ def _pairwise_bwd_cols_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
         dk += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC)
     if SCALE_DS:
         dk = dk / ds_c
-    tl.store(dk_ptr + cols[:, None] * D + dd[None, :], (scale * dk).to(dk_ptr.dtype.element_ty),
-             mask=(cols < M)[:, None] & d_ok[None, :])
+    tl.store(dk_ptr + tl.program_id(2).to(tl.int64) * M * D + cols[:, None] * D + dd[None, :],
+             (scale * dk).to(dk_ptr.dtype.element_ty), mask=(cols < M)[:, None] & d_ok[None, :])
 
 
 # ------------------------------------------------------------------- autotuning
@@ -273,11 +291,13 @@ def pairwise_forward(q, k, scale, bias, row_offset, q_labels, k_labels, diag_off
     if n == 0 or m == 0:
         return out
     q, k, scale, bias, off, ql, kl, has_labels, prec = _prepare(q, k, scale, bias, row_offset, q_labels, k_labels)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
-    _launch(_pairwise_fwd_kernel, _fwd_tuned, grid, q, k, scale, bias, off, ql, kl, out, n, m, d, int(diag_offset),
+    splits = col_splits(triton.cdiv(n, _MAX_BLOCK), m, _MIN_BLOCK, q.device)
+    parts = torch.empty((splits, n), dtype=torch.float32, device=q.device) if splits > 1 else out
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
+    _launch(_pairwise_fwd_kernel, _fwd_tuned, grid, q, k, scale, bias, off, ql, kl, parts, n, m, d, int(diag_offset),
             HAS_LABELS=has_labels, HAS_OFFSET=row_offset is not None, MODE=int(mode), PREC=prec,
             BLOCK_D=_block_d(d))
-    return out
+    return parts.sum(0) if splits > 1 else out  # (split order: a fixed-order reduction)
 
 
 def _grad_passes(g, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode, need_q, need_k,
@@ -302,22 +322,38 @@ def _grad_passes(g, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offs
     ds_c = half_ds_scale(q.dtype, dev, g)
     common = dict(HAS_LABELS=has_labels, HAS_OFFSET=row_offset is not None, MODE=int(mode), PREC=prec,
                   SCALE_DS=q.dtype == torch.float16, BLOCK_D=block_d)
+    # Column splits (row kernel: of the columns; column kernel: of the rows) where the programs
+    # alone leave SMs idle: each split writes float32 partial outputs at its offset, summed here in
+    # split order.
     if need_rows:
-        # One partial per row program; sized for the smallest BLOCK_M, unused entries stay 0.
-        parts = triton.cdiv(n, _MIN_BLOCK_M)
+        rs = col_splits(triton.cdiv(n, _MAX_BLOCK) * (d_chunks if need_q else 1), m, _MIN_BLOCK, dev,
+                        bytes_per_split=4 * n * ((d if need_q else 0) + 2))
+        sp = lambda t, *shape: t if rs == 1 or t is None else torch.empty((rs, *shape), **f32)  # noqa: E731
+        dq_p, drow_p, loss_p = sp(dq if need_q else None, n, d), sp(drow if need_offset else None, n), sp(loss, n)
+        # One partial per row program and split; sized for the smallest BLOCK_M, unused entries stay 0.
+        parts = triton.cdiv(n, _MIN_BLOCK_M) * rs
         part_ds = torch.zeros(parts, dtype=torch.float64, device=dev)
         part_dsd = torch.zeros(parts, dtype=torch.float64, device=dev)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), d_chunks if need_q else 1)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), d_chunks if need_q else 1, rs)  # noqa: E731
         _launch(_pairwise_bwd_rows_kernel, _bwd_rows_tuned, grid, g, q, k, scale, bias, off, ql, kl,
-                dq if need_q else g, drow if need_offset else g, part_ds, part_dsd, loss if loss is not None else g,
+                dq_p if need_q else g, drow_p if need_offset else g, part_ds, part_dsd,
+                loss_p if loss is not None else g,
                 ds_c, n, m, d, int(diag_offset), NEED_Q=bool(need_q), NEED_OFFSET=bool(need_offset),
                 NEED_LOSS=loss is not None, **common)
+        if rs > 1:
+            for out, p in ((dq, dq_p), (drow, drow_p), (loss, loss_p)):
+                if p is not None:
+                    out.copy_(p.sum(0))
         dbias = part_ds.sum().float()
         dscale = part_dsd.sum().float()
     if need_k:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)  # noqa: E731
-        _launch(_pairwise_bwd_cols_kernel, _bwd_cols_tuned, grid, g, q, k, scale, bias, off, ql, kl, dk, ds_c, n, m,
-                d, int(diag_offset), **common)
+        cs = col_splits(triton.cdiv(m, _MAX_BLOCK) * d_chunks, n, _MIN_BLOCK, dev, bytes_per_split=4 * m * d)
+        dk_p = dk if cs == 1 else torch.empty((cs, m, d), **f32)
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks, cs)  # noqa: E731
+        _launch(_pairwise_bwd_cols_kernel, _bwd_cols_tuned, grid, g, q, k, scale, bias, off, ql, kl, dk_p, ds_c, n,
+                m, d, int(diag_offset), **common)
+        if cs > 1:
+            dk.copy_(dk_p.sum(0))
     return dq, dk, dscale, dbias, drow
 
 

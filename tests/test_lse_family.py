@@ -428,11 +428,11 @@ def test_triton_column_splits_rule(backend, monkeypatch):
     to [1, column tiles]; on a GPU of s SMs as many as fill 2 s programs of the largest BLOCK_O
     (times the backward's feature groups), each split at least 256 columns, the backward's
     partial outputs within their budget."""
-    from contrastive_kernels.kernels import lse as tri
+    from contrastive_kernels.kernels import _common, lse as tri
     monkeypatch.delenv(_T_SPLITS, raising=False)
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert tri._col_splits(64, 10_000, cpu) == 1
-    monkeypatch.setattr(tri, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(_common, "sm_count", lambda device: 132)
     monkeypatch.setattr(tri, "_max_block_o", lambda: 128)
     monkeypatch.setattr(tri, "_min_block_i", lambda: 64)
     assert tri._col_splits(1024, 32768, gpu) == 264 // 8  # 8 programs of 128 rows
@@ -442,7 +442,7 @@ def test_triton_column_splits_rule(backend, monkeypatch):
     assert tri._col_splits(128, 100, gpu) == 1  # fewer than 256 columns: no split
     # the backward: programs times feature groups, partial outputs within the budget
     assert tri._col_splits(1024, 32768, gpu, d_groups=2) == 264 // 16
-    per = tri._SPLIT_BUDGET // 5
+    per = _common.SPLIT_BUDGET // 5
     assert tri._col_splits(1024, 32768, gpu, bytes_per_split=per) == 5
     monkeypatch.setenv(_T_SPLITS, "1000")
     assert tri._col_splits(64, 200, cpu) == 4  # one 64-column tile each at most

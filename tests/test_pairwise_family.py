@@ -13,7 +13,7 @@ import torch
 
 from contrastive_kernels import _families as fam
 from contrastive_kernels.backends import FAMILY_REFERENCE
-from helpers import _suffix, DTYPES, TOL, backend_params, rel_err
+from helpers import _suffix, DTYPES, TOL, backend_params, rel_err, skip_interpreter_bf16
 
 BACKENDS = backend_params("pairwise")
 NAMES = ("q", "k", "scale", "bias", "row_offset")
@@ -252,15 +252,21 @@ def test_autograd_only_requested(backend, total):
 
 
 # ------------------------------------------------------------------ properties
-@pytest.mark.parametrize("splits", ["2", "4"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] == "cuda"] or [
-    pytest.param("cuda", marks=pytest.mark.skip(reason="no cuda backend here (needs a GPU, or the CPU emulator)"))])
-def test_cuda_column_splits(backend, splits, dtype, monkeypatch):
-    """The CUDA kernels' column splits (CONTRASTIVE_KERNELS_CUDA_COL_SPLITS forces a count; see
-    csrc/cuda/family_tiles.cu, plan_pass): forward row sums, backward per-row sums, dq, dk,
-    dscale and dbias partials merged in split order, every mode, and the fused pass."""
-    monkeypatch.setenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS", splits)
+_SPLIT_ENV = {"cuda": "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS", "triton": "CONTRASTIVE_KERNELS_TRITON_COL_SPLITS"}
+
+
+@pytest.mark.parametrize("splits", ["2", "3", "4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] in _SPLIT_ENV] or [
+    pytest.param("cuda", marks=pytest.mark.skip(reason="no cuda or triton backend here"))])
+def test_column_splits(backend, splits, dtype, monkeypatch):
+    """The column splits of the CUDA kernels (csrc/cuda/family_tiles.cu, plan_pass) and the Triton
+    ones (kernels/_common.py, col_splits), forced by CONTRASTIVE_KERNELS_{CUDA,TRITON}_COL_SPLITS:
+    the forward's row sums, the backward's per-row sums, dq, dscale and dbias partials, the column
+    pass's dk (Triton: split over the rows) merged in split order, every mode (M = 200: 4 column
+    tiles of 64 on CUDA, 7 of 32 under the Triton interpreter), and the fused pass at D = 300."""
+    skip_interpreter_bf16(backend, dtype)
+    monkeypatch.setenv(_SPLIT_ENV[backend], splits)
     for mode in range(8):
         q, k, s, b, ro, ql, kl = _inputs(70, 200, 40, dtype, labels=mode % 2 == 1, normalize=True, scale=10.0,
                                          bias=-10.0)
