@@ -11,7 +11,8 @@
 * ``smem_limit``: the shared memory a block may use on a tensor's device, for the autotune
   config pruning (A100: 163 KiB, H100: 227 KiB).
 * ``col_splits``: how many column splits a launch gets where its programs alone would leave
-  SMs idle (CONTRASTIVE_KERNELS_TRITON_COL_SPLITS=n forces n).
+  SMs idle (CONTRASTIVE_KERNELS_TRITON_COL_SPLITS=n forces n); ``split_range`` a split's share
+  of the inner loop; ``split_parts`` / ``sum_splits`` the float32 partial outputs and their sum.
 * ``log1p`` / ``expm1_neg``: log(1 + z) and exp(-c) - 1 to float32's relative rounding for
   small arguments (a confident row's cross-entropy and its p - 1), from series where a GPU's
   approximate log / exp near 1 would leave an absolute error of ~1e-7.
@@ -75,6 +76,31 @@ def col_splits(programs: int, inner: int, min_tile: int, device, bytes_per_split
         if bytes_per_split:
             want = min(want, SPLIT_BUDGET // bytes_per_split)
     return max(1, min(want, triton.cdiv(inner, min_tile), 65535))
+
+
+def split_parts(splits: int, t, *shape):
+    """The float32 partial outputs [splits, *shape] of a split launch standing in for output `t`;
+    `t` itself with one split (or None for an output not wanted)."""
+    if splits == 1 or t is None:
+        return t
+    return torch.empty((splits, *shape), dtype=torch.float32, device=t.device)
+
+
+def sum_splits(pairs) -> None:
+    """Each (output, parts) of split_parts: the parts summed over the split axis into the output, in
+    split order (a fixed-order reduction, one rounding to the output's dtype)."""
+    for out, parts in pairs:
+        if parts is not None and parts is not out:
+            out.copy_(parts.sum(0))
+
+
+@triton.jit
+def split_range(AXIS: tl.constexpr, L, BLOCK: tl.constexpr):
+    """[lo, hi) of the L inner indices that this program's split (grid axis AXIS) walks: whole
+    tiles of BLOCK, the splits' shares as even as that allows (a late one may be empty)."""
+    share = tl.cdiv(tl.cdiv(L, BLOCK), tl.num_programs(AXIS)) * BLOCK
+    lo = tl.program_id(AXIS) * share
+    return lo, tl.minimum(L, lo + share)
 
 
 def pad_dim(d: int) -> int:

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from ._common import dot as _dot
 from ._common import (INTERPRET, LN2, LOG2E, col_splits, expm1_neg, half_ds_scale, is_ieee, launch, log1p, pad_dim,
-                      smem_limit)
+                      smem_limit, split_parts, split_range, sum_splits)
 
 AVAILABLE = True
 
@@ -227,9 +227,8 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
         o_t = tl.load(TGT + o_idx, mask=o_ok, other=-1)
     if LABELS:
         o_l = tl.load(O_LAB + o_idx, mask=o_ok, other=-1)
-    split_cols = tl.cdiv(tl.cdiv(NI, BLOCK_I), tl.num_programs(1)) * BLOCK_I  # (whole tiles per split)
-    c0 = tl.program_id(1) * split_cols
-    for start in range(c0, tl.minimum(NI, c0 + split_cols), BLOCK_I):
+    c_lo, c_hi = split_range(1, NI, BLOCK_I)
+    for start in range(c_lo, c_hi, BLOCK_I):
         n64, n_ok, _, _, _, s, keep = _tile_scores(
             O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
             o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
@@ -422,9 +421,8 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
     acc_out = tl.zeros((BLOCK_O, BLOCK_DO), dtype=tl.float32)
     r_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    split_cols = tl.cdiv(tl.cdiv(NI, BLOCK_I), tl.num_programs(2)) * BLOCK_I  # (whole tiles per split)
-    c0 = tl.program_id(2) * split_cols
-    for start in range(c0, tl.minimum(NI, c0 + split_cols), BLOCK_I):
+    c_lo, c_hi = split_range(2, NI, BLOCK_I)
+    for start in range(c_lo, c_hi, BLOCK_I):
         n64, n_ok, i_tile, acc, i_rs, s, keep = _tile_scores(
             O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
             o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
@@ -789,11 +787,8 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
     splits = _col_splits(no, ni, dev, d_groups=triton.cdiv(d, 512) if need_out else 1,
                          bytes_per_split=4 * no * ((d if need_out else 0) + 3))
     final = (d_out, d_ors, d_scale, d_bias)
-    if splits > 1:
-        part = lambda t, *shape: None if t is None else torch.empty(  # noqa: E731
-            (splits, *shape), dtype=torch.float32, device=dev)
-        d_out, d_ors, d_scale, d_bias = (part(d_out, no, d), part(d_ors, no), part(d_scale, no),
-                                         part(d_bias, no))
+    d_out, d_ors, d_scale, d_bias = (split_parts(splits, d_out, no, d), split_parts(splits, d_ors, no),
+                                     split_parts(splits, d_scale, no), split_parts(splits, d_bias, no))
     dpad = pad_dim(d)
     bd = _block_d(dpad)
     md, mp, ml = _mask_flags(mask_mode)
@@ -815,12 +810,8 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
            TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS), NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
            RS_ON_TILE=outer.dtype == torch.float16, DS_C=ds_c, SCALE_DS=outer.dtype == torch.float16,
            IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
-    if splits > 1:  # (a fixed-order reduction over the split axis; one rounding to the output dtype)
-        for out, p in zip(final, (d_out, d_ors, d_scale, d_bias)):
-            if out is not None:
-                out.copy_(p.sum(0))
-        return final
-    return d_out, d_ors, d_scale, d_bias
+    sum_splits(zip(final, (d_out, d_ors, d_scale, d_bias)))
+    return final
 
 
 def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,

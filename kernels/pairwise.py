@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import col_splits, half_ds_scale
+from ._common import col_splits, half_ds_scale, split_parts, split_range, sum_splits
 
 AVAILABLE = True
 
@@ -108,15 +108,6 @@ def _sigmoid(y):
     return tl.where(y >= 0.0, inv, e * inv)
 
 
-@triton.jit
-def _split_range(AXIS: tl.constexpr, L, BLOCK: tl.constexpr):
-    """[lo, hi) of the L inner indices that this program's split (grid axis AXIS) walks: whole
-    tiles of BLOCK, the splits' shares as even as that allows (a late one may be empty)."""
-    share = tl.cdiv(tl.cdiv(L, BLOCK), tl.num_programs(AXIS)) * BLOCK
-    lo = tl.program_id(AXIS) * share
-    return lo, tl.minimum(L, lo + share)
-
-
 # ------------------------------------------------------------------------- kernels
 @triton.jit
 def _pairwise_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_ptr, out_ptr, N, M, D, diag_offset,
@@ -127,7 +118,7 @@ def _pairwise_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr, ql_ptr, kl_
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    c_lo, c_hi = _split_range(1, M, BLOCK_N)
+    c_lo, c_hi = split_range(1, M, BLOCK_N)
     for c0 in range(c_lo, c_hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         dot, y, keep, sg = _tile(q_ptr, k_ptr, ql_ptr, kl_ptr, off_ptr, rows, cols, N, M, D, scale, bias,
@@ -160,7 +151,7 @@ def _pairwise_bwd_rows_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
     s_ds = tl.zeros((BLOCK_M,), dtype=tl.float64)
     s_dsd = tl.zeros((BLOCK_M,), dtype=tl.float64)
     loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    c_lo, c_hi = _split_range(2, M, BLOCK_N)
+    c_lo, c_hi = split_range(2, M, BLOCK_N)
     for c0 in range(c_lo, c_hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         dot, y, keep, sg = _tile(q_ptr, k_ptr, ql_ptr, kl_ptr, off_ptr, rows, cols, N, M, D, scale, bias,
@@ -208,7 +199,7 @@ def _pairwise_bwd_cols_kernel(g_ptr, q_ptr, k_ptr, scale_ptr, bias_ptr, off_ptr,
     if SCALE_DS:
         ds_c = tl.load(ds_c_ptr)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    r_lo, r_hi = _split_range(2, N, BLOCK_M)  # (this kernel's splits are of the rows)
+    r_lo, r_hi = split_range(2, N, BLOCK_M)  # (this kernel's splits are of the rows)
     for r0 in range(r_lo, r_hi, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < N
@@ -292,7 +283,7 @@ def pairwise_forward(q, k, scale, bias, row_offset, q_labels, k_labels, diag_off
         return out
     q, k, scale, bias, off, ql, kl, has_labels, prec = _prepare(q, k, scale, bias, row_offset, q_labels, k_labels)
     splits = col_splits(triton.cdiv(n, _MAX_BLOCK), m, _MIN_BLOCK, q.device)
-    parts = torch.empty((splits, n), dtype=torch.float32, device=q.device) if splits > 1 else out
+    parts = split_parts(splits, out, n)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
     _launch(_pairwise_fwd_kernel, _fwd_tuned, grid, q, k, scale, bias, off, ql, kl, parts, n, m, d, int(diag_offset),
             HAS_LABELS=has_labels, HAS_OFFSET=row_offset is not None, MODE=int(mode), PREC=prec,
@@ -328,8 +319,8 @@ def _grad_passes(g, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offs
     if need_rows:
         rs = col_splits(triton.cdiv(n, _MAX_BLOCK) * (d_chunks if need_q else 1), m, _MIN_BLOCK, dev,
                         bytes_per_split=4 * n * ((d if need_q else 0) + 2))
-        sp = lambda t, *shape: t if rs == 1 or t is None else torch.empty((rs, *shape), **f32)  # noqa: E731
-        dq_p, drow_p, loss_p = sp(dq if need_q else None, n, d), sp(drow if need_offset else None, n), sp(loss, n)
+        dq_p = split_parts(rs, dq if need_q else None, n, d)
+        drow_p, loss_p = split_parts(rs, drow if need_offset else None, n), split_parts(rs, loss, n)
         # One partial per row program and split; sized for the smallest BLOCK_M, unused entries stay 0.
         parts = triton.cdiv(n, _MIN_BLOCK_M) * rs
         part_ds = torch.zeros(parts, dtype=torch.float64, device=dev)
@@ -340,20 +331,16 @@ def _grad_passes(g, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offs
                 loss_p if loss is not None else g,
                 ds_c, n, m, d, int(diag_offset), NEED_Q=bool(need_q), NEED_OFFSET=bool(need_offset),
                 NEED_LOSS=loss is not None, **common)
-        if rs > 1:
-            for out, p in ((dq, dq_p), (drow, drow_p), (loss, loss_p)):
-                if p is not None:
-                    out.copy_(p.sum(0))
+        sum_splits(((dq, dq_p), (drow, drow_p), (loss, loss_p)))
         dbias = part_ds.sum().float()
         dscale = part_dsd.sum().float()
     if need_k:
         cs = col_splits(triton.cdiv(m, _MAX_BLOCK) * d_chunks, n, _MIN_BLOCK, dev, bytes_per_split=4 * m * d)
-        dk_p = dk if cs == 1 else torch.empty((cs, m, d), **f32)
+        dk_p = split_parts(cs, dk, m, d)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks, cs)  # noqa: E731
         _launch(_pairwise_bwd_cols_kernel, _bwd_cols_tuned, grid, g, q, k, scale, bias, off, ql, kl, dk_p, ds_c, n,
                 m, d, int(diag_offset), **common)
-        if cs > 1:
-            dk.copy_(dk_p.sum(0))
+        sum_splits(((dk, dk_p),))
     return dq, dk, dscale, dbias, drow
 
 
