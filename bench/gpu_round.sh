@@ -40,7 +40,6 @@ OUT="${OUT:-/tmp/ck_out}"
 export OUT
 mkdir -p "$OUT"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-export CK_BENCH_DIR="$ROOT/bench"  # (cuda_timing.py, for the inline scripts)
 cd "$ROOT" || exit 1
 PY="${PYTHON:-python3}"
 STEPS="$OUT/steps.txt"
@@ -128,30 +127,8 @@ stage_sanitize() {
 }
 
 stage_peak() {
-  "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
-import json, os, sys, torch
-sys.path.insert(0, os.environ["CK_BENCH_DIR"])
-from cuda_timing import timed
-torch.backends.cuda.matmul.allow_tf32 = False
-dev = torch.device("cuda")
-n = 8192
-x = torch.randn(n, n, device=dev, dtype=torch.bfloat16); y = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-med, lo, hi = timed(lambda: torch.mm(x, y))
-mm = {"what": "torch.mm bf16 8192^3 (random data)", "ms_median": med, "ms_min": lo, "ms_max": hi,
-      "tflops": 2 * n**3 / med / 1e9}
-xf = torch.randn(4096, 4096, device=dev); yf = torch.randn(4096, 4096, device=dev)
-med, lo, hi = timed(lambda: torch.mm(xf, yf))
-mmf = {"what": "torch.mm fp32 4096^3, TF32 off", "ms_median": med, "tflops": 2 * 4096**3 / med / 1e9}
-src = torch.randn(256 * 1024 * 1024 // 4, device=dev); dst = torch.empty_like(src)
-med, lo, hi = timed(lambda: dst.copy_(src))
-cp = {"what": "device copy 256 MiB", "ms_median": med, "tb_per_s": 2 * src.numel() * 4 / med / 1e9}
-res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-       "bf16_mm": mm, "fp32_mm": mmf, "copy": cp}
-print(json.dumps(res, indent=1))
-json.dump(res, open(os.path.join(os.environ["OUT"], "peak.json"), "w"), indent=1)
-EOF
-  local rc=${PIPESTATUS[0]}
-  return "$rc"
+  (cd /tmp && "$PY" "$ROOT/bench/gpu_stages.py" peak --out "$OUT") 2>&1 | tee -a "$LOG"
+  return "${PIPESTATUS[0]}"
 }
 
 stage_bench() {
@@ -173,152 +150,16 @@ stage_bench() {
 }
 
 stage_shapes() {
-  (cd /tmp && timeout 300 "$PY" - <<'EOF') 2>&1 | tee -a "$LOG"
-import os, sys, torch
-import contrastive_kernels._families as fam
-sys.path.insert(0, os.environ["CK_BENCH_DIR"])
-from cuda_timing import Results, timed
-dev = "cuda"
-res = Results()
-
-
-def case(dtype, n, d, env):
-    """lse forward (row + column) and backward ms with the variables in `env` set ("": unset)."""
-    for k, v in env.items():
-        if v == "":
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    torch.manual_seed(0)
-    q = torch.randn(n, d, device=dev, dtype=dtype, requires_grad=True)
-    k = torch.randn(n, d, device=dev, dtype=dtype, requires_grad=True)
-    s = torch.tensor(10.0, device=dev)
-    fwd_ms = timed(lambda: fam.lse("cuda", q.detach(), k.detach(), s, compute_col=True), reps=10, warm=3)[0]
-    row, col = fam.lse("cuda", q, k, s, compute_col=True)
-    gr, gc = torch.randn_like(row), torch.randn_like(col)
-    bwd_ms = timed(lambda: torch.autograd.grad((row * gr).sum() + (col * gc).sum(), [q, k], retain_graph=True),
-                   reps=10, warm=3)[0]
-    # nominal FLOPs: forward 2 passes x 2 N M D; backward S recomputed in both passes + dq, dk: 4 x 2 N M D
-    r = {"dtype": str(dtype), "N": n, "M": n, "D": d, "env": env, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
-         "fwd_tflops_nominal_2x2NMD": 4 * n * n * d / fwd_ms / 1e9,
-         "bwd_tflops_nominal_4x2NMD": 8 * n * n * d / bwd_ms / 1e9}
-    res.add(r)
-    for k in env:
-        os.environ.pop(k, None)
-
-
-# the backward's one or two warp groups per block (bwd_groups' D threshold), unsplit
-for dtype, n, d in [(torch.bfloat16, 16384, 128), (torch.bfloat16, 16384, 256), (torch.bfloat16, 16384, 512),
-                    (torch.bfloat16, 32768, 512), (torch.float32, 8192, 128), (torch.float32, 8192, 512)]:
-    for groups in ("1", "2"):
-        case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS": groups, "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": "1"})
-# the forward in one pass (row and column lse from each S tile: the default) against a row pass
-# plus a column pass (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0), forward only (Triton: stage tshapes)
-for dtype, n, d in [(torch.bfloat16, 32768, 512), (torch.bfloat16, 16384, 128), (torch.bfloat16, 8192, 512),
-                    (torch.bfloat16, 4096, 512), (torch.bfloat16, 1024, 128), (torch.float32, 8192, 128)]:
-    for be in ("cuda",):
-        var = f"CONTRASTIVE_KERNELS_{be.upper()}_FUSED_COLS"
-        for fused in ("0", "1"):
-            os.environ[var] = fused
-            torch.manual_seed(0)
-            q, k = (torch.randn(n, d, device=dev, dtype=dtype) for _ in range(2))
-            s = torch.tensor(10.0, device=dev)
-            ms = timed(lambda: fam.lse(be, q, k, s, compute_col=True), reps=10, warm=3)[0]
-            r = {"op": "lse forward, compute_col", "backend": be, "dtype": str(dtype), "N": n, "M": n, "D": d,
-                 "env": {var: fused}, "ms": ms, "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9}
-            res.add(r)
-            os.environ.pop(var, None)
-# SupCon (the LSE_LABELS kernels, whose sm_90 bf16 column backward with two groups lost a block
-# per SM to ldmatrix: 131 registers, bench/NOTES.md), fwd + bwd with one and two groups
-import contrastive_kernels as ck
-for d in (256, 512):
-    for groups in ("1", "2"):
-        os.environ["CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS"] = groups
-        torch.manual_seed(0)
-        x = torch.randn(16384, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        labels = torch.randint(0, 64, (16384,), device=dev)
-        ms = timed(lambda: torch.autograd.grad(ck.supcon_loss(x, labels, backend="cuda"), [x]), reps=10, warm=3)[0]
-        r = {"op": "supcon_loss fwd+bwd", "dtype": "torch.bfloat16", "N": 16384, "D": d,
-             "env": {"CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS": groups}, "ms": ms}
-        res.add(r)
-        os.environ.pop("CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS", None)
-# column splits at small N (plan_pass): none against the automatic count
-for dtype, n, d in [(torch.bfloat16, 1024, 128), (torch.bfloat16, 4096, 128), (torch.bfloat16, 4096, 512),
-                    (torch.bfloat16, 8192, 256), (torch.float32, 2048, 128)]:
-    for splits in ("1", ""):
-        case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": splits})
-res.save("bwd_shapes.json")
-EOF
+  # bench/gpu_stages.py shapes (tests/test_gpu_stages.py runs it on the emulator at tiny sizes)
+  (cd /tmp && timeout 300 "$PY" "$ROOT/bench/gpu_stages.py" shapes --out "$OUT") 2>&1 | tee -a "$LOG"
   return "${PIPESTATUS[0]}"
 }
 
 stage_tshapes() {
-  # The Triton lse and SigLIP kernels: the forward in one pass against two, column splits
-  # against none at small N: $OUT/triton_shapes.json.  Autotuning compiles every config on the
-  # first call of each key (minutes): a call of its own.
-  (cd /tmp && timeout 420 "$PY" - <<'EOF') 2>&1 | tee -a "$LOG"
-import os, sys, torch
-import contrastive_kernels as ck
-import contrastive_kernels._families as fam
-sys.path.insert(0, os.environ["CK_BENCH_DIR"])
-from cuda_timing import Results, timed
-dev = "cuda"
-res = Results()
-# the forward in one pass against a row pass plus a column pass (CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0),
-# forward only; at every size (N = 16384: 3 launches of rows, their column states within 32 MB)
-for dtype, n, d in [(torch.bfloat16, 16384, 128), (torch.bfloat16, 8192, 512), (torch.bfloat16, 4096, 512),
-                    (torch.bfloat16, 1024, 128), (torch.float32, 8192, 128)]:
-    for fused in ("0", "1"):
-        os.environ["CONTRASTIVE_KERNELS_TRITON_FUSED_COLS"] = fused
-        torch.manual_seed(0)
-        q, k = (torch.randn(n, d, device=dev, dtype=dtype) for _ in range(2))
-        s = torch.tensor(10.0, device=dev)
-        ms = timed(lambda: fam.lse("triton", q, k, s, compute_col=True), reps=10, warm=3)[0]
-        r = {"op": "lse forward, compute_col", "backend": "triton", "dtype": str(dtype), "N": n, "M": n, "D": d,
-             "env": {"CONTRASTIVE_KERNELS_TRITON_FUSED_COLS": fused}, "ms": ms,
-             "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9}
-        res.add(r)
-        os.environ.pop("CONTRASTIVE_KERNELS_TRITON_FUSED_COLS", None)
-# Triton column splits at small N (kernels/lse.py _col_splits): none against the automatic count,
-# the forward (row + column lse) and forward + backward
-for dtype, n, d in [(torch.bfloat16, 1024, 128), (torch.bfloat16, 4096, 128), (torch.bfloat16, 4096, 512),
-                    (torch.float32, 2048, 128)]:
-    for splits in ("1", ""):
-        if splits:
-            os.environ["CONTRASTIVE_KERNELS_TRITON_COL_SPLITS"] = splits
-        torch.manual_seed(0)
-        q, k = (torch.randn(n, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
-        s = torch.tensor(10.0, device=dev)
-        ms = timed(lambda: fam.lse("triton", q.detach(), k.detach(), s, compute_col=True), reps=10, warm=3)[0]
-
-        def fwd_bwd():
-            row, col = fam.lse("triton", q, k, s, compute_col=True)
-            return torch.autograd.grad(row.sum() + col.sum(), [q, k])
-        ms_fb = timed(fwd_bwd, reps=10, warm=3)[0]
-        r = {"op": "lse compute_col: forward, fwd + bwd", "backend": "triton", "dtype": str(dtype), "N": n, "M": n,
-             "D": d, "env": {"CONTRASTIVE_KERNELS_TRITON_COL_SPLITS": splits}, "fwd_ms": ms, "fwd_bwd_ms": ms_fb,
-             "fwd_tflops_counting_2NMD": 2 * n * n * d / ms / 1e9,
-             "fwd_bwd_tflops_counting_6NMD": 6 * n * n * d / ms_fb / 1e9}
-        res.add(r)
-        os.environ.pop("CONTRASTIVE_KERNELS_TRITON_COL_SPLITS", None)
-# Triton SigLIP (kernels/pairwise.py, the same split rule), fwd + bwd, none against the rule
-for n, d in [(1024, 512), (4096, 512)]:
-    for splits in ("1", ""):
-        if splits:
-            os.environ["CONTRASTIVE_KERNELS_TRITON_COL_SPLITS"] = splits
-        torch.manual_seed(0)
-        img = torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(torch.bfloat16).requires_grad_()
-        txt = torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(torch.bfloat16).requires_grad_()
-        ls, lb = torch.tensor(2.3, device=dev), torch.tensor(-10.0, device=dev)
-        ms = timed(lambda: torch.autograd.grad(ck.siglip_loss(img, txt, ls, lb, backend="triton"), [img, txt]),
-                   reps=10, warm=3)[0]
-        r = {"op": "siglip_loss fwd+bwd", "backend": "triton", "dtype": "torch.bfloat16", "N": n, "M": n, "D": d,
-             "env": {"CONTRASTIVE_KERNELS_TRITON_COL_SPLITS": splits}, "ms": ms,
-             "tflops_counting_3x2NMD": 6 * n * n * d / ms / 1e9}
-        res.add(r)
-        os.environ.pop("CONTRASTIVE_KERNELS_TRITON_COL_SPLITS", None)
-res.save("triton_shapes.json")
-EOF
+  # bench/gpu_stages.py tshapes (tests/test_gpu_stages.py runs it on the interpreter at tiny
+  # sizes).  Autotuning compiles every config on the first call of each key (minutes): a call of
+  # its own.
+  (cd /tmp && timeout 420 "$PY" "$ROOT/bench/gpu_stages.py" tshapes --out "$OUT") 2>&1 | tee -a "$LOG"
   return "${PIPESTATUS[0]}"
 }
 
