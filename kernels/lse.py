@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot as _dot
-from ._common import (INTERPRET, LN2, LOG2E, col_splits, expm1_neg, half_ds_scale, is_ieee, launch, log1p, pad_dim,
+from ._common import (INTERPRET, col_splits, expm1_neg, half_ds_scale, is_ieee, launch, log1p, pad_dim,
                       smem_limit, split_parts, split_range, sum_splits)
 
 AVAILABLE = True
@@ -382,13 +382,19 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                     NEED_OUT: tl.constexpr, NEED_ORS: tl.constexpr, NEED_SCALE: tl.constexpr,
                     NEED_BIAS: tl.constexpr, RS_ON_TILE: tl.constexpr, DS_C, SCALE_DS: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
-                    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_DO: tl.constexpr):
-    # Grid (row blocks, D groups, column splits).  Split s walks its share of the column tiles
-    # and writes its partial outputs at split offset s (float32 [splits][NO](D), summed in split
-    # order by the launcher); one split writes the outputs themselves.
+                    SPLIT: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_DO: tl.constexpr):
+    # Grid (row blocks, D groups, column splits).  With SPLIT (more than one) split s walks its
+    # share of the column tiles and writes its partial outputs at split offset s (float32
+    # [splits][NO](D), summed in split order by the launcher); one split writes the outputs
+    # themselves.  (SPLIT is also in the autotune key: a split launch has other tiles' best.)
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2).to(tl.int64)
+    if SPLIT:
+        pid_s = tl.program_id(2).to(tl.int64)
+        c_lo, c_hi = split_range(2, NI, BLOCK_I)
+    else:
+        pid_s = 0
+        c_lo, c_hi = 0, NI
     o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab = _outer_rows(
         pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
     # Each log-sum-exp (base 2) as x2 + lse2: (0, lse), or with LSE_TARGET (the forward's target
@@ -421,7 +427,6 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
     acc_out = tl.zeros((BLOCK_O, BLOCK_DO), dtype=tl.float32)
     r_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    c_lo, c_hi = split_range(2, NI, BLOCK_I)
     for start in range(c_lo, c_hi, BLOCK_I):
         n64, n_ok, i_tile, acc, i_rs, s, keep = _tile_scores(
             O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
@@ -557,7 +562,7 @@ _BWD_CONFIGS = [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_DO": do}, nu
                                          (64, 128, 128, 4, 2), (128, 64, 256, 8, 2), (64, 64, 512, 8, 2),
                                          (128, 128, 128, 8, 2), (64, 32, 256, 4, 3)]]
 _FWD_KEY = ["D_PAD", "TRANS", "HAS_IRS", "MASK_LAB", "COLS", "SPLIT"]
-_BWD_KEY = ["D_PAD", "TRANS", "NEED_OUT", "HAS_OTERM", "HAS_ITERM", "HAS_IRS"]
+_BWD_KEY = ["D_PAD", "TRANS", "NEED_OUT", "HAS_OTERM", "HAS_ITERM", "HAS_IRS", "SPLIT"]
 
 _lse_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_FWD_KEY,
                                  prune_configs_by={"early_config_prune": _fwd_prune})(_lse_fwd_kernel)
@@ -809,7 +814,7 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
            MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, HAS_OTERM=o_lse is not None, HAS_ITERM=i_lse is not None,
            TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS), NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
            RS_ON_TILE=outer.dtype == torch.float16, DS_C=ds_c, SCALE_DS=outer.dtype == torch.float16,
-           IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
+           IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad, SPLIT=splits > 1)
     sum_splits(zip(final, (d_out, d_ors, d_scale, d_bias)))
     return final
 

@@ -111,7 +111,7 @@ def _merge_states(dt, *, target, labels=False, finish=True):
 
 
 def _lse_bwd(dt, *, trans, on, oterm, iterm, need_out, need_ors, need_scale, need_bias, d_pad, bo, bi, bdo, w, s,
-             out_f32=False, labels=False):
+             out_f32=False, labels=False, split=False):
     """_bwd_pass: optional tensors are replaced by a float32 dummy (TGT, XT: the LSE_TARGET targets and
     target scores, with `on`); D_OUT is the gradient (input dtype,
     float32 when q is k in half precision) or `outer` (input dtype) without NEED_OUT; DS_C is the (1,)
@@ -130,7 +130,7 @@ def _lse_bwd(dt, *, trans, on, oterm, iterm, need_out, need_ors, need_scale, nee
               HAS_OTERM=oterm, HAS_ITERM=iterm, TARGET=on, LABELS=labels, NEED_OUT=need_out, NEED_ORS=need_ors and on,
               NEED_SCALE=need_scale, NEED_BIAS=need_bias and on, RS_ON_TILE=dt == "fp16", SCALE_DS=dt == "fp16",
               IEEE=dt == "fp32",
-              D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi,
+              D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, SPLIT=split, BLOCK_O=bo, BLOCK_I=bi,
               BLOCK_DO=min(bdo, d_pad) if need_out else 16)
     return types, cx, _opts(w, s)
 
@@ -261,6 +261,10 @@ def _variants():
     add("lse._lse_bwd_kernel", "row-dq-both-terms-D128", _lse_bwd, main=True, trans=False, on=True, oterm=True,
         iterm=True, need_out=True, need_ors=True, need_scale=True, need_bias=False, d_pad=128, bo=64, bi=64,
         bdo=128, w=4, s=2, f32=dict(bi=32, bdo=256, s=3))
+    # The same row pass split over the columns (small N): float32 partials at split offsets.
+    add("lse._lse_bwd_kernel", "split-row-dq-both-terms-D128", _lse_bwd, trans=False, on=True, oterm=True,
+        iterm=True, need_out=True, need_ors=True, need_scale=True, need_bias=False, d_pad=128, bo=64, bi=64,
+        bdo=128, w=4, s=2, out_f32=True, split=True)
     # Column pass without a column LSE (only the row term): dk over BLOCK_DO 512 (256 for float32,
     # the largest _bwd_prune keeps) of a D_PAD 1024 chunked feature dimension, dbias, d k_rscale.
     add("lse._lse_bwd_kernel", "col-dk-dbias-D1024", _lse_bwd, trans=True, on=True, oterm=False, iterm=True,
