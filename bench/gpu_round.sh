@@ -49,6 +49,20 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export CONTRASTIVE_KERNELS_FORCE_CUDA=1
 
+# Peers carried as wheels (bench/peer_wheels.sh, then `carry: [".whl"]`): installed apart, without
+# their dependencies, and put on PYTHONPATH for every stage (bench compares against them).
+PEERS_NOTE="no peer wheels carried (.whl)"
+if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$ROOT"/.whl/*.whl >/tmp/ck_peers.log 2>&1; then
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    PEERS_NOTE="peer wheels on PYTHONPATH: $(cd "$ROOT/.whl" && echo *.whl)"
+  else
+    PEERS_NOTE="peer wheels failed to install: $(tail -2 /tmp/ck_peers.log)"
+  fi
+fi
+echo "$PEERS_NOTE" | tee -a "$LOG"
+
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(info build test peak)
 

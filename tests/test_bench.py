@@ -248,3 +248,37 @@ def test_headline_ratios():
     assert rows["open_clip"]["speedup"] == pytest.approx(2.5)
     assert rows["open_clip"]["memory_ratio"] == pytest.approx(8.0)
     assert "speedup" not in rows["inf-cl"] and rows["inf-cl"]["status"] == "skipped (needs CUDA)"
+
+
+def test_issue_targets_judged_from_records():
+    mib = 1 << 20
+    clip = {"op": "clip_loss", "device": "cuda", "dtype": "bfloat16", "N": 32768, "M": 32768, "D": 512}
+    bt = {"op": "barlow_twins_loss", "device": "cuda", "dtype": "bfloat16", "N": 1024, "M": 1024, "D": 8192}
+    recs = [
+        {**clip, "impl": "cuda", "status": "ok", "ms": 20.0, "frac_peak": 0.30, "peak_bytes": 100 * mib,
+         "grad_bytes": 64 * mib},
+        {**clip, "impl": "triton", "status": "ok", "ms": 10.0, "frac_peak": 0.60, "peak_bytes": 200 * mib,
+         "grad_bytes": 64 * mib},
+        {**clip, "impl": "open_clip", "status": "skipped (not installed)", "ms": None},
+        {**clip, "impl": "open_clip-formula", "status": "ok", "ms": 15.0},
+        {**clip, "impl": "inf-cl", "status": "skipped (not installed)", "ms": None},
+        {**bt, "impl": "cuda", "status": "ok", "ms": 1.0, "frac_peak": 0.1},
+        {**bt, "impl": "fb-barlowtwins-formula", "status": "ok", "ms": 12.0},
+        {**bt, "dtype": "float32", "impl": "fb-barlowtwins-formula", "status": "ok", "ms": 1.0},
+    ]
+    rows = {t["id"]: t for t in bench.targets(recs)}
+    peak, infcl, oc, mem, bt_row = (rows[k] for k in ("clip_peak", "clip_inf_cl", "clip_open_clip", "clip_memory",
+                                                      "barlow_fb"))
+    # the fastest fused backend (triton, 10 ms) is the one judged
+    assert peak["fused"] == "triton" and peak["value"] == pytest.approx(0.60) and peak["verdict"] == "met"
+    assert infcl["value"] is None and infcl["verdict"] == "not measured (inf-cl: skipped (not installed))"
+    # open_clip itself did not run: its replica stands in, named
+    assert oc["vs"] == "open_clip-formula" and oc["value"] == pytest.approx(1.5) and oc["verdict"] == "missed"
+    # 200 MiB of growth over the inputs, 64 MiB of it gradients: 136 MiB beyond, above 64
+    assert mem["value"] == 136 * mib and mem["verdict"] == "missed"
+    assert bt_row["value"] == pytest.approx(12.0) and bt_row["verdict"] == "met"
+    table = "\n".join(bench.target_lines(bench.targets(recs)))
+    assert "60.0%" in table and "+136.0 MiB beyond" in table and "12.00x vs fb-barlowtwins-formula" in table
+    # no GPU case at all: every target says so, and the report leaves the section out
+    cpu = [{**r, "device": "cpu"} for r in recs]
+    assert all(t["verdict"].startswith("not measured (no fused") for t in bench.targets(cpu))

@@ -767,6 +767,83 @@ def headline(records):
     return rows
 
 
+# Issue #8's targets (H100 / H200, bf16, fwd + bwd), judged in every run that has their cases (the
+# default GPU suite does; `--op clip_loss,barlow_twins_loss` is the short run): (id, name, op, N, D,
+# what, goal).  "frac_peak": the fastest fused backend's GFLOP/s (6 N M D for CLIP) over the torch.mm rate
+# measured in the same run; "speedup": a peer's time over the fastest fused backend's; "memory": the
+# fused backend's peak growth over its inputs against the gradients plus 64 MiB.
+TARGETS = (
+    ("clip_peak", "CLIP at >= 45% of the measured bf16 matmul peak", "clip_loss", 32768, 512, "frac_peak", 0.45),
+    ("clip_inf_cl", "CLIP >= 3x inf-cl", "clip_loss", 32768, 512, ("speedup", "inf-cl"), 3.0),
+    ("clip_open_clip", "CLIP >= 2x open_clip", "clip_loss", 32768, 512, ("speedup", "open_clip"), 2.0),
+    ("clip_memory", "CLIP peak memory within 64 MiB of inputs + gradients", "clip_loss", 32768, 512, "memory",
+     64 << 20),
+    ("barlow_fb", "Barlow Twins >= 10x the facebookresearch formula", "barlow_twins_loss", 1024, 8192,
+     ("speedup", "fb-barlowtwins-formula"), 10.0),
+)
+
+
+def targets(records, dtype="bfloat16"):
+    """One row per target of TARGETS: the measured value, the goal, and "met", "missed" or why it
+    could not be judged (the case or the peer did not run).  An open_clip target falls back to
+    open_clip's replica, named as such, where the library itself did not run."""
+    rows = []
+    for tid, name, op, n, d, what, goal in TARGETS:
+        row = {"id": tid, "target": name, "op": op, "dtype": dtype, "N": n, "D": d, "goal": goal, "value": None,
+               "kind": what if isinstance(what, str) else what[0]}
+        rows.append(row)
+        recs = [r for r in records if r["op"] == op and r["dtype"] == dtype and r["N"] == n and r["D"] == d
+                and r["device"] == "cuda"]
+        fused = [r for r in recs if r["impl"] in FUSED and r["status"] == "ok"]
+        if not fused:
+            row["verdict"] = "not measured (no fused backend ran this case on a GPU)"
+            continue
+        best = min(fused, key=lambda r: r["ms"])
+        row["fused"] = best["impl"]
+        if what == "frac_peak":
+            row["value"] = best.get("frac_peak")
+        elif what == "memory":
+            if best.get("peak_bytes") is not None and best.get("grad_bytes") is not None:
+                row["value"] = best["peak_bytes"] - best["grad_bytes"]  # beyond inputs + gradients
+        else:
+            peer = what[1]
+            replica = {lib: rep for rep, lib in _peers.REPLICA_OF.items()}.get(peer)
+            names = (peer, replica) if replica else (peer,)
+            ran = [r for r in recs for nm in names if r["impl"] == nm and r["status"] == "ok"]
+            if not ran:
+                st = next((r["status"] for r in recs if r["impl"] == peer), "not in this run")
+                row["verdict"] = f"not measured ({peer}: {st})"
+                continue
+            row["vs"] = ran[0]["impl"]
+            row["value"] = ran[0]["ms"] / best["ms"] if best["ms"] else None
+        if row["value"] is None:
+            row["verdict"] = "not measured"
+        elif what == "memory":
+            row["verdict"] = "met" if row["value"] <= goal else "missed"
+        else:
+            row["verdict"] = "met" if row["value"] >= goal else "missed"
+    return rows
+
+
+def target_lines(rows):
+    """Markdown table of `targets` rows."""
+    lines = ["| target | case | fused | measured | goal | verdict |", "|---|---|---|---|---|---|"]
+    for t in rows:
+        v, goal = t["value"], t["goal"]
+        if t["kind"] == "memory":  # bytes beyond inputs + gradients
+            meas = "-" if v is None else f"{v / 2**20:+.1f} MiB beyond"
+            goal_s = f"<= {goal / 2**20:.0f} MiB"
+        elif t["kind"] == "frac_peak":
+            meas = "-" if v is None else f"{100 * v:.1f}%"
+            goal_s = f">= {100 * goal:.0f}%"
+        else:
+            meas = "-" if v is None else f"{v:.2f}x" + (f" vs {t['vs']}" if t.get("vs") else "")
+            goal_s = f">= {goal:g}x"
+        lines.append(f"| {t['target']} | {t['op']} {t['dtype']} N={t['N']} D={t['D']} | {t.get('fused', '-')} | "
+                     f"{meas} | {goal_s} | {t['verdict']} |")
+    return lines
+
+
 def _fmt_bytes(b):
     if b is None:
         return "-"
@@ -830,6 +907,9 @@ def write_markdown(path, records, meta):
             lines.append(f"| {h['op']} | {h['dtype']} | {h['N']}×{h['M']}×{h['D']} | {h['fused']} | {vs} | {sp} "
                          f"| {mr} |")
         lines.append("")
+    trows = targets(records)
+    if any(not t["verdict"].startswith("not measured (no fused") for t in trows):
+        lines += ["## Issue #8 targets (bf16, fwd + bwd, on this GPU)", ""] + target_lines(trows) + [""]
     lines += ["## All measurements", "",
               "| op | dtype | N×M×D | impl | ms (median) | peak MiB | GFLOP/s | % mm peak | loss rel. diff | status |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -1076,6 +1156,10 @@ def run(args) -> int:
                 flops_formulas={op: FLOPS_FORMULA[op] for op in sorted({c["op"] for c in cases})})
     print()
     print_table(records)
+    trows = targets(records)
+    if any(not t["verdict"].startswith("not measured (no fused") for t in trows):
+        print("\nIssue #8 targets:")
+        print("\n".join(target_lines(trows)))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
