@@ -135,6 +135,22 @@ def peak(st):
 BF16, F32 = torch.bfloat16, torch.float32
 
 
+def fused_vs_two_passes(st, backend, sizes):
+    """The lse forward with compute_col in one pass over S (row and column lse from each tile: the
+    default) against a row pass plus a column pass (CONTRASTIVE_KERNELS_<BACKEND>_FUSED_COLS=0)."""
+    import contrastive_kernels._families as fam
+    var = f"CONTRASTIVE_KERNELS_{backend.upper()}_FUSED_COLS"
+    for dtype, n, d in sizes:
+        for fused in ("0", "1"):
+            with Env({var: fused}):
+                torch.manual_seed(0)
+                q, k = st.randn(n, d, dtype=dtype), st.randn(n, d, dtype=dtype)
+                s = torch.tensor(10.0, device=st.dev)
+                ms = st.time(lambda: fam.lse(backend, q, k, s, compute_col=True))
+            st.res.add({"op": "lse forward, compute_col", "backend": backend, "dtype": str(dtype), "N": n, "M": n,
+                        "D": d, "env": {var: fused}, "ms": ms, "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9})
+
+
 def shapes(st):
     import contrastive_kernels as ck
     import contrastive_kernels._families as fam
@@ -163,18 +179,9 @@ def shapes(st):
             case(dtype, n, d, {"CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS": groups, "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS": "1"})
     # the forward in one pass (row and column lse from each S tile: the default) against a row pass
     # plus a column pass (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0), forward only (Triton: stage tshapes)
-    for dtype, n, d in st.pick([(BF16, 32768, 512), (BF16, 16384, 128), (BF16, 8192, 512), (BF16, 4096, 512),
-                                (BF16, 1024, 128), (F32, 8192, 128)],
-                               [(BF16, 70, 64), (F32, 33, 40)]):
-        for fused in ("0", "1"):
-            env = {"CONTRASTIVE_KERNELS_CUDA_FUSED_COLS": fused}
-            with Env(env):
-                torch.manual_seed(0)
-                q, k = st.randn(n, d, dtype=dtype), st.randn(n, d, dtype=dtype)
-                s = torch.tensor(10.0, device=st.dev)
-                ms = st.time(lambda: fam.lse("cuda", q, k, s, compute_col=True))
-            st.res.add({"op": "lse forward, compute_col", "backend": "cuda", "dtype": str(dtype), "N": n, "M": n,
-                        "D": d, "env": env, "ms": ms, "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9})
+    fused_vs_two_passes(st, "cuda", st.pick([(BF16, 32768, 512), (BF16, 16384, 128), (BF16, 8192, 512),
+                                             (BF16, 4096, 512), (BF16, 1024, 128), (F32, 8192, 128)],
+                                            [(BF16, 70, 64), (F32, 33, 40)]))
     # SupCon (the LSE_LABELS kernels, whose sm_90 bf16 column backward with two groups lost a block
     # per SM to ldmatrix: 131 registers, bench/NOTES.md), fwd + bwd with one and two groups
     n, classes = st.pick(16384, 40), st.pick(64, 5)
@@ -202,18 +209,9 @@ def tshapes(st):
 
     # the forward in one pass against a row pass plus a column pass (CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0),
     # forward only; at every size (N = 16384: 3 launches of rows, their column states within 32 MB)
-    for dtype, n, d in st.pick([(BF16, 16384, 128), (BF16, 8192, 512), (BF16, 4096, 512), (BF16, 1024, 128),
-                                (F32, 8192, 128)],
-                               [(BF16, 70, 32), (F32, 33, 40)]):
-        for fused in ("0", "1"):
-            env = {"CONTRASTIVE_KERNELS_TRITON_FUSED_COLS": fused}
-            with Env(env):
-                torch.manual_seed(0)
-                q, k = st.randn(n, d, dtype=dtype), st.randn(n, d, dtype=dtype)
-                s = torch.tensor(10.0, device=st.dev)
-                ms = st.time(lambda: fam.lse("triton", q, k, s, compute_col=True))
-            st.res.add({"op": "lse forward, compute_col", "backend": "triton", "dtype": str(dtype), "N": n, "M": n,
-                        "D": d, "env": env, "ms": ms, "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9})
+    fused_vs_two_passes(st, "triton", st.pick([(BF16, 16384, 128), (BF16, 8192, 512), (BF16, 4096, 512),
+                                               (BF16, 1024, 128), (F32, 8192, 128)],
+                                              [(BF16, 70, 32), (F32, 33, 40)]))
     # Triton column splits at small N (kernels/_common.py col_splits): none against the automatic
     # count, the forward (row + column lse) and forward + backward
     for dtype, n, d in st.pick([(BF16, 1024, 128), (BF16, 4096, 128), (BF16, 4096, 512), (F32, 2048, 128)],
