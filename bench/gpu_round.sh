@@ -20,7 +20,7 @@
 #   bench    python -m contrastive_kernels bench --out $OUT/bench (skipped if it fails), then
 #            bench --derive-auto: $OUT/bench/auto_cuda_rules.py, auto's cuda/triton rule table
 #   shapes   the CUDA lse forward and backward with one and with two warp groups per block
-#            (CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS=1 / 2, csrc/cuda/family_tiles.cu bwd_groups),
+#            (CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS=1 / 2, csrc/cuda/family_tiles.cuh bwd_groups),
 #            and with and without column splits at small N (CONTRASTIVE_KERNELS_CUDA_COL_SPLITS=1
 #            against plan_pass's count), and SupCon (the LSE_LABELS kernels) with one and two
 #            groups, and the forward in one pass against two (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0):

@@ -650,7 +650,7 @@ def _clustered(r, d, dtype, u):
 def test_half_tiny_upstream_gradient(family, dtype):
     """A mean over a large batch without loss scaling: dS = upstream x probability (or
     sigmoid) ~1e-8, below float16's subnormals, while dq / dk are normal float16 numbers.
-    The kernels stage dS times a power of two (family_tiles.cu row scale)."""
+    The kernels stage dS times a power of two (family_tiles.cuh row scale)."""
     _need(family)
     n = m = 1500
     d = 64

@@ -271,7 +271,7 @@ _CUDA = [p for p in BACKENDS if p.values[0] == "cuda"] or [
 @pytest.mark.parametrize("mask", ["none", "diag_pos", "target_pos", "labels"])
 def test_cuda_backward_block_shapes(backend, groups, dtype, mask, monkeypatch):
     """The CUDA backward has two block shapes: one or two groups of four warps, 128 or 256
-    features of dX per block (csrc/cuda/family_tiles.cu, bwd_groups).  D picks one;
+    features of dX per block (csrc/cuda/family_tiles.cuh, bwd_groups).  D picks one;
     CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS forces it, so that both are checked at D = 40 (one
     slice, the second group's part past D) and D = 300 (slices of 128 or 256, a narrow last
     one), row and column passes, the plain, target and labels kernels."""
@@ -286,7 +286,7 @@ def test_cuda_backward_block_shapes(backend, groups, dtype, mask, monkeypatch):
 @pytest.mark.parametrize("mask", ["none", "diag_pos", "label_empty", "target_diag", "target_pos", "labels"])
 def test_cuda_column_splits(backend, splits, dtype, mask, monkeypatch):
     """Where the row blocks cannot fill the GPU the CUDA kernels split the column tiles
-    across blocks and merge the splits' partials in a fixed order (csrc/cuda/family_tiles.cu,
+    across blocks and merge the splits' partials in a fixed order (csrc/cuda/family_tiles.cuh,
     plan_pass; forward: the online states, backward: per-row sums, dX, the dscale / dbias
     partials).  CONTRASTIVE_KERNELS_CUDA_COL_SPLITS forces a count: here 1, 2 and 4 of 4
     column tiles (M = 200), row and column passes, the plain, masked, target and labels
@@ -330,7 +330,7 @@ _FUSED, _CHUNK = "CONTRASTIVE_KERNELS_CUDA_FUSED_COLS", "CONTRASTIVE_KERNELS_CUD
 @pytest.mark.parametrize("mask", ["none", "diag_shift", "diag_pos", "label_empty", "target_diag"])
 def test_cuda_fused_forward_columns(backend, plan, dtype, mask, monkeypatch):
     """With compute_col the CUDA forward computes the row and the column log-sum-exps from one
-    pass over S (csrc/cuda/family_tiles.cu, launch_fused_cols): each (row block, column) writes
+    pass over S (csrc/cuda/family_tiles.cuh, launch_fused_cols): each (row block, column) writes
     the column's partial state over its 64 rows, folded over the row blocks in order, one launch
     of CONTRASTIVE_KERNELS_CUDA_COLS_CHUNK row blocks at a time (here 1, 2 and 3 of N = 200's 4,
     the last launch short, and the default: one launch), with 1 to 3 column splits each.

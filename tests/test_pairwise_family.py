@@ -260,7 +260,7 @@ _SPLIT_ENV = {"cuda": "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS", "triton": "CONTRAST
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] in _SPLIT_ENV] or [
     pytest.param("cuda", marks=pytest.mark.skip(reason="no cuda or triton backend here"))])
 def test_column_splits(backend, splits, dtype, monkeypatch):
-    """The column splits of the CUDA kernels (csrc/cuda/family_tiles.cu, plan_pass) and the Triton
+    """The column splits of the CUDA kernels (csrc/cuda/family_tiles.cuh, plan_pass) and the Triton
     ones (kernels/_common.py, col_splits), forced by CONTRASTIVE_KERNELS_{CUDA,TRITON}_COL_SPLITS:
     the forward's row sums, the backward's per-row sums, dq, dscale and dbias partials, the column
     pass's dk (Triton: split over the rows) merged in split order, every mode (M = 200: 4 column

@@ -3,7 +3,7 @@
 // dispatch key.  The kernels themselves (csrc/cuda/*.cu) see plain parameter structs.
 //
 // Implemented here: all four families.  log-sum-exp and pairwise sigmoid
-// (csrc/cuda/family_tiles.cu), cross-correlation (csrc/cuda/xcorr.cu) and the fused
+// (csrc/cuda/family_tiles*.cu, .cuh), cross-correlation (csrc/cuda/xcorr.cu) and the fused
 // normalized similarity (csrc/cuda/similarity.cu).  The cross-correlation Gram path
 // (N x N, picked when 2N < D) is glue here: float64 Gram matrices and the Gram-path
 // gradient through cuBLAS (at::mm on float64 column chunks, as the CPU file does),

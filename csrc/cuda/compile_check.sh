@@ -46,12 +46,17 @@ if [ ${#one[@]} -eq 2 ]; then
   compile "${one[0]}" "${one[1]}"
   exit $?
 fi
+# every (file, arch) compile at once, at most CK_COMPILE_JOBS (default: the cores) running
+maxj=${CK_COMPILE_JOBS:-$(nproc 2>/dev/null || echo 2)}
+pids=()
 for cu in "$here"/*.cu; do
-  compile "$cu" 90 &
-  p90=$!
-  compile "$cu" 80 || rc=1
-  wait $p90 || rc=1
+  for arch in 90 80; do
+    while [ "$(jobs -rp | wc -l)" -ge "$maxj" ]; do wait -n; done
+    compile "$cu" "$arch" &
+    pids+=($!)
+  done
 done
+for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
 # SASS: tensor-core MMAs in every tile kernel, no local memory; registers against the table.
 if [ $update -eq 1 ]; then
   regs=(--write-registers "$here/registers.tsv")

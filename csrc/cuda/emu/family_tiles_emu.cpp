@@ -1,2 +1,15 @@
-// The CUDA source family_tiles.cu compiled for the CPU emulator (see ck_cuda_emu.h).
+// The CUDA sources of the tile kernels compiled for the CPU emulator (see ck_cuda_emu.h): the host
+// side and every typed translation unit, here one translation unit.
 #include "../family_tiles.cu"
+#include "../family_tiles_f32_fwd.cu"
+#include "../family_tiles_f32_bwd_lse.cu"
+#include "../family_tiles_f32_bwd_labels.cu"
+#include "../family_tiles_f32_bwd_pairwise.cu"
+#include "../family_tiles_f16_fwd.cu"
+#include "../family_tiles_f16_bwd_lse.cu"
+#include "../family_tiles_f16_bwd_labels.cu"
+#include "../family_tiles_f16_bwd_pairwise.cu"
+#include "../family_tiles_bf16_fwd.cu"
+#include "../family_tiles_bf16_bwd_lse.cu"
+#include "../family_tiles_bf16_bwd_labels.cu"
+#include "../family_tiles_bf16_bwd_pairwise.cu"
