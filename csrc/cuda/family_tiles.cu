@@ -98,9 +98,9 @@ cudaError_t lse_forward(const FamilyParams& p, bool compute_col, cudaStream_t st
   if (p.mask_mode & 16) return launch_dtype<kLseLabels, false, false>(p, stream);  // (no column term)
   if (fused_cols(p, compute_col)) {
     switch (p.dtype) {
-      case DType::kFloat32: return launch_fused_cols_typed<float>(p, stream);
-      case DType::kFloat16: return launch_fused_cols_typed<__half>(p, stream);
-      case DType::kBFloat16: return launch_fused_cols_typed<__nv_bfloat16>(p, stream);
+      case DType::kFloat32: return launch_fused_cols<float>(p, stream);
+      case DType::kFloat16: return launch_fused_cols<__half>(p, stream);
+      case DType::kBFloat16: return launch_fused_cols<__nv_bfloat16>(p, stream);
     }
     return cudaErrorInvalidValue;
   }

@@ -1003,32 +1003,6 @@ int64_t cols_workspace_floats(const FamilyParams& p, const ColsPlan& cp) {
   return kSplitFields * cp.split.splits * p.n + 4 * cp.chunk * p.m + 4 * p.m;
 }
 
-template <typename T>
-cudaError_t launch_fused_cols(const FamilyParams& p_in, cudaStream_t stream) {
-  const ColsPlan cp = plan_cols(p_in);
-  FamilyParams p = p_in;
-  p.split_tiles = cp.split.split_tiles;
-  p.col_part = p.workspace + kSplitFields * cp.split.splits * p.n;
-  float* state = p.col_part + 4 * cp.chunk * p.m;
-  const int64_t rb = row_blocks(p.n);
-  const bool vec_ok = vec_ok_for<T>(p);
-  cudaError_t err = cudaSuccess;
-  for (int64_t b0 = 0; b0 < rb; b0 += cp.chunk) {
-    const int64_t nb = rb - b0 < cp.chunk ? rb - b0 : cp.chunk;
-    p.row_block0 = b0;
-    const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(cp.split.splits), 1);
-    using SH = Shape<false, 1>;  // (a name without commas: CK_LAUNCH is a macro)
-    CK_LAUNCH(grid, SH::kThreads, 0, stream, family_tile_kernel<T, kLseCols, false, false, 1, true>)(p, vec_ok);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    CK_LAUNCH(static_cast<unsigned>((p.m + 255) / 256), 256, 0, stream, fold_cols_kernel)(p, state, nb, b0 == 0,
-                                                                                      b0 + nb == rb);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  CK_LAUNCH(static_cast<unsigned>((p.n + 255) / 256), 256, 0, stream, merge_splits_kernel<kLse>)(
-      p, false, p.n, static_cast<int>(cp.split.splits));
-  return cudaGetLastError();
-}
-
 // floats of a backward pass's split partials: [3][splits][rows] per-row sums, [splits][rows][D] dX
 int64_t split_part_floats(const FamilyParams& p, bool trans) {
   const Plan pl = plan_pass(p, trans, true);
@@ -1078,9 +1052,32 @@ cudaError_t launch_typed(const FamilyParams& p, cudaStream_t stream) {
   return launch_shape<T, FAM, TRANS, BWD, 1, false>(p, pl, stream);
 }
 
+// The fused forward of compute_col (kLseCols launches of rows, each folded into the columns'
+// running state; plan_cols).
 template <typename T>
-cudaError_t launch_fused_cols_typed(const FamilyParams& p, cudaStream_t stream) {
-  return launch_fused_cols<T>(p, stream);
+cudaError_t launch_fused_cols(const FamilyParams& p_in, cudaStream_t stream) {
+  const ColsPlan cp = plan_cols(p_in);
+  FamilyParams p = p_in;
+  p.split_tiles = cp.split.split_tiles;
+  p.col_part = p.workspace + kSplitFields * cp.split.splits * p.n;
+  float* state = p.col_part + 4 * cp.chunk * p.m;
+  const int64_t rb = row_blocks(p.n);
+  const bool vec_ok = vec_ok_for<T>(p);
+  cudaError_t err = cudaSuccess;
+  for (int64_t b0 = 0; b0 < rb; b0 += cp.chunk) {
+    const int64_t nb = rb - b0 < cp.chunk ? rb - b0 : cp.chunk;
+    p.row_block0 = b0;
+    const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(cp.split.splits), 1);
+    using SH = Shape<false, 1>;  // (a name without commas: CK_LAUNCH is a macro)
+    CK_LAUNCH(grid, SH::kThreads, 0, stream, family_tile_kernel<T, kLseCols, false, false, 1, true>)(p, vec_ok);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    CK_LAUNCH(static_cast<unsigned>((p.m + 255) / 256), 256, 0, stream, fold_cols_kernel)(p, state, nb, b0 == 0,
+                                                                                      b0 + nb == rb);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  CK_LAUNCH(static_cast<unsigned>((p.n + 255) / 256), 256, 0, stream, merge_splits_kernel<kLse>)(
+      p, false, p.n, static_cast<int>(cp.split.splits));
+  return cudaGetLastError();
 }
 
 // The combinations the entry points use: PREFIX `extern` declares them (family_tiles.cu), empty
@@ -1091,7 +1088,7 @@ cudaError_t launch_fused_cols_typed(const FamilyParams& p, cudaStream_t stream) 
   PREFIX template cudaError_t launch_typed<T, kLse, true, false>(const FamilyParams&, cudaStream_t);        \
   PREFIX template cudaError_t launch_typed<T, kLseLabels, false, false>(const FamilyParams&, cudaStream_t); \
   PREFIX template cudaError_t launch_typed<T, kPairwise, false, false>(const FamilyParams&, cudaStream_t);  \
-  PREFIX template cudaError_t launch_fused_cols_typed<T>(const FamilyParams&, cudaStream_t);
+  PREFIX template cudaError_t launch_fused_cols<T>(const FamilyParams&, cudaStream_t);
 #define CK_FAMILY_TILES_BWD(PREFIX, T, FAM)                                                        \
   PREFIX template cudaError_t launch_typed<T, FAM, false, true>(const FamilyParams&, cudaStream_t);          \
   PREFIX template cudaError_t launch_typed<T, FAM, true, true>(const FamilyParams&, cudaStream_t);
