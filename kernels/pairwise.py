@@ -42,8 +42,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # recomputes the tile products).
 _MAX_BLOCK_D = 64 if _INTERPRET else 256
 _INTERP_META = {"BLOCK_M": 32, "BLOCK_N": 32}
-_MIN_BLOCK_M = 32  # smallest BLOCK_M of any config: sizes the per-program partial sums
-_MIN_BLOCK = 32  # smallest BLOCK_M / BLOCK_N of any config (and the interpreter's)
+_MIN_BLOCK = 32  # smallest BLOCK_M / BLOCK_N of any config (and the interpreter's): sizes the
+                 # per-program partial sums, split counts' tiles
 _MAX_BLOCK = 32 if _INTERPRET else 128  # largest: split counts count programs at it
 
 
@@ -288,7 +288,8 @@ def pairwise_forward(q, k, scale, bias, row_offset, q_labels, k_labels, diag_off
     _launch(_pairwise_fwd_kernel, _fwd_tuned, grid, q, k, scale, bias, off, ql, kl, parts, n, m, d, int(diag_offset),
             HAS_LABELS=has_labels, HAS_OFFSET=row_offset is not None, MODE=int(mode), PREC=prec,
             BLOCK_D=_block_d(d))
-    return parts.sum(0) if splits > 1 else out  # (split order: a fixed-order reduction)
+    sum_splits(((out, parts),))
+    return out
 
 
 def _grad_passes(g, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode, need_q, need_k,
@@ -322,7 +323,7 @@ def _grad_passes(g, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offs
         dq_p = split_parts(rs, dq if need_q else None, n, d)
         drow_p, loss_p = split_parts(rs, drow if need_offset else None, n), split_parts(rs, loss, n)
         # One partial per row program and split; sized for the smallest BLOCK_M, unused entries stay 0.
-        parts = triton.cdiv(n, _MIN_BLOCK_M) * rs
+        parts = triton.cdiv(n, _MIN_BLOCK) * rs
         part_ds = torch.zeros(parts, dtype=torch.float64, device=dev)
         part_dsd = torch.zeros(parts, dtype=torch.float64, device=dev)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), d_chunks if need_q else 1, rs)  # noqa: E731
