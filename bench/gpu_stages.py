@@ -102,9 +102,13 @@ class Stage:
         self.dev = "cpu" if smoke else "cuda"
         self.res = Results(self.dev)
 
+    def timed(self, fn, reps=10, warm=3):
+        """(median, min, max) milliseconds (one unwarmed run with --smoke)."""
+        return timed(fn, reps=1 if self.smoke else reps, warm=0 if self.smoke else warm, device=self.dev)
+
     def time(self, fn, reps=10, warm=3):
-        """Median milliseconds (one unwarmed run with --smoke)."""
-        return timed(fn, reps=1 if self.smoke else reps, warm=0 if self.smoke else warm, device=self.dev)[0]
+        """Median milliseconds."""
+        return self.timed(fn, reps, warm)[0]
 
     def pick(self, full, smoke):
         return smoke if self.smoke else full
@@ -117,17 +121,17 @@ def peak(st):
     n = st.pick(8192, 256)
     torch.backends.cuda.matmul.allow_tf32 = False
     x, y = st.randn(n, n, dtype=torch.bfloat16), st.randn(n, n, dtype=torch.bfloat16)
-    med, lo, hi = timed(lambda: torch.mm(x, y), reps=st.pick(30, 1), warm=st.pick(5, 0), device=st.dev)
+    med, lo, hi = st.timed(lambda: torch.mm(x, y), reps=30, warm=5)
     st.res.add({"what": f"torch.mm bf16 {n}^3 (random data)", "ms_median": med, "ms_min": lo, "ms_max": hi,
                 "tflops": 2 * n**3 / med / 1e9})
     n = st.pick(4096, 128)
     xf, yf = st.randn(n, n), st.randn(n, n)
-    med, lo, hi = timed(lambda: torch.mm(xf, yf), reps=st.pick(30, 1), warm=st.pick(5, 0), device=st.dev)
+    med, lo, hi = st.timed(lambda: torch.mm(xf, yf), reps=30, warm=5)
     st.res.add({"what": f"torch.mm fp32 {n}^3, TF32 off", "ms_median": med, "tflops": 2 * n**3 / med / 1e9})
     mib = st.pick(256, 4)
     src = st.randn(mib * 1024 * 1024 // 4)
     dst = torch.empty_like(src)
-    med, lo, hi = timed(lambda: dst.copy_(src), reps=st.pick(30, 1), warm=st.pick(5, 0), device=st.dev)
+    med, lo, hi = st.timed(lambda: dst.copy_(src), reps=30, warm=5)
     st.res.add({"what": f"device copy {mib} MiB", "ms_median": med, "tb_per_s": 2 * src.numel() * 4 / med / 1e9})
     return "peak.json"
 

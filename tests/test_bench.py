@@ -279,6 +279,8 @@ def test_issue_targets_judged_from_records():
     assert bt_row["value"] == pytest.approx(12.0) and bt_row["verdict"] == "met"
     table = "\n".join(bench.target_lines(bench.targets(recs)))
     assert "60.0%" in table and "+136.0 MiB beyond" in table and "12.00x vs fb-barlowtwins-formula" in table
+    assert bench.target_report(recs) == bench.target_lines(bench.targets(recs))
     # no GPU case at all: every target says so, and the report leaves the section out
     cpu = [{**r, "device": "cpu"} for r in recs]
     assert all(t["verdict"].startswith("not measured (no fused") for t in bench.targets(cpu))
+    assert bench.target_report(cpu) == []

@@ -787,10 +787,11 @@ def targets(records, dtype="bfloat16"):
     """One row per target of TARGETS: the measured value, the goal, and "met", "missed" or why it
     could not be judged (the case or the peer did not run).  An open_clip target falls back to
     open_clip's replica, named as such, where the library itself did not run."""
+    replica_of = {lib: rep for rep, lib in _peers.REPLICA_OF.items()}
     rows = []
     for tid, name, op, n, d, what, goal in TARGETS:
         row = {"id": tid, "target": name, "op": op, "dtype": dtype, "N": n, "D": d, "goal": goal, "value": None,
-               "kind": what if isinstance(what, str) else what[0]}
+               "kind": what if isinstance(what, str) else what[0], "ran": False}
         rows.append(row)
         recs = [r for r in records if r["op"] == op and r["dtype"] == dtype and r["N"] == n and r["D"] == d
                 and r["device"] == "cuda"]
@@ -799,7 +800,7 @@ def targets(records, dtype="bfloat16"):
             row["verdict"] = "not measured (no fused backend ran this case on a GPU)"
             continue
         best = min(fused, key=lambda r: r["ms"])
-        row["fused"] = best["impl"]
+        row["fused"], row["ran"] = best["impl"], True
         if what == "frac_peak":
             row["value"] = best.get("frac_peak")
         elif what == "memory":
@@ -807,8 +808,7 @@ def targets(records, dtype="bfloat16"):
                 row["value"] = best["peak_bytes"] - best["grad_bytes"]  # beyond inputs + gradients
         else:
             peer = what[1]
-            replica = {lib: rep for rep, lib in _peers.REPLICA_OF.items()}.get(peer)
-            names = (peer, replica) if replica else (peer,)
+            names = (peer, replica_of[peer]) if peer in replica_of else (peer,)
             ran = [r for r in recs for nm in names if r["impl"] == nm and r["status"] == "ok"]
             if not ran:
                 st = next((r["status"] for r in recs if r["impl"] == peer), "not in this run")
@@ -823,6 +823,12 @@ def targets(records, dtype="bfloat16"):
         else:
             row["verdict"] = "met" if row["value"] >= goal else "missed"
     return rows
+
+
+def target_report(records):
+    """The targets' markdown table, or [] where none of their cases ran on a GPU in `records`."""
+    rows = targets(records)
+    return target_lines(rows) if any(t["ran"] for t in rows) else []
 
 
 def target_lines(rows):
@@ -907,9 +913,9 @@ def write_markdown(path, records, meta):
             lines.append(f"| {h['op']} | {h['dtype']} | {h['N']}×{h['M']}×{h['D']} | {h['fused']} | {vs} | {sp} "
                          f"| {mr} |")
         lines.append("")
-    trows = targets(records)
-    if any(not t["verdict"].startswith("not measured (no fused") for t in trows):
-        lines += ["## Issue #8 targets (bf16, fwd + bwd, on this GPU)", ""] + target_lines(trows) + [""]
+    report = target_report(records)
+    if report:
+        lines += ["## Issue #8 targets (bf16, fwd + bwd, on this GPU)", ""] + report + [""]
     lines += ["## All measurements", "",
               "| op | dtype | N×M×D | impl | ms (median) | peak MiB | GFLOP/s | % mm peak | loss rel. diff | status |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -1156,10 +1162,10 @@ def run(args) -> int:
                 flops_formulas={op: FLOPS_FORMULA[op] for op in sorted({c["op"] for c in cases})})
     print()
     print_table(records)
-    trows = targets(records)
-    if any(not t["verdict"].startswith("not measured (no fused") for t in trows):
+    report = target_report(records)
+    if report:
         print("\nIssue #8 targets:")
-        print("\n".join(target_lines(trows)))
+        print("\n".join(report))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
