@@ -8,7 +8,7 @@ FlashAttention / torchvision style:
                                      (needs a CUDA torch and nvcc)
   CONTRASTIVE_KERNELS_SKIP_CUDA=1    never build the CUDA kernels
   CONTRASTIVE_KERNELS_SKIP_EXT=1     build no extension at all (reference + Triton only)
-  TORCH_CUDA_ARCH_LIST               CUDA archs (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST               CUDA archs (default "8.0;9.0a": 9.0a is sm_90 with wgmma)
   MAX_JOBS                           parallel compile jobs (ninja)
   CONTRASTIVE_KERNELS_NVCC_FLAGS     extra nvcc flags
   CONTRASTIVE_KERNELS_BUILD_CUDA_EMU=1
@@ -57,7 +57,7 @@ def _extensions():
     cxx = ["-O3", "-std=c++17", "-DTORCH_API_INCLUDE_EXTENSION_H"] + openmp
     define = [("CK_WITH_CUDA", "1" if with_cuda else "0")]
     if with_cuda:
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         define.append(("CK_CUDA_ARCHS", '"%s"' % archs))
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]

@@ -11,19 +11,21 @@
 # Stages (split them across calls so each call stays well inside 10 minutes; a fresh
 # machine needs `build` again, a warm one keeps the build between calls):
 #   info     nvidia-smi, torch / triton / nvcc versions
-#   build    pip install -e . with the CUDA kernels for sm_90 ($OUT/build.log if it fails)
+#   build    pip install -e . with the CUDA kernels for sm_90a ($OUT/build.log if it fails)
 #   ptxas    nvcc -Xptxas -v resource report + SASS tensor-core instruction counts
 #   test     pytest (GPU tests and backend-generic tests): $OUT/tests.log, $OUT/junit.xml
 #            (TEST_MARKS / TEST_K / TEST_PATHS / TEST_TIMEOUT override what runs)
 #   sanitize compute-sanitizer memcheck + racecheck on the tiny CUDA cases
-#   peak     bf16 dense matmul ceiling (torch.mm 8192^3) and device copy bandwidth
+#   peak     bf16 dense matmul ceiling (torch.mm 8192^3), the wgmma kernel's rate on the same
+#            size (csrc/cuda/wgmma_gemm.cu against torch.mm, its error beside), device copy bandwidth
 #   bench    python -m contrastive_kernels bench --out $OUT/bench (skipped if it fails), then
 #            bench --derive-auto: $OUT/bench/auto_cuda_rules.py, auto's cuda/triton rule table
 #   shapes   the CUDA lse forward and backward with one and with two warp groups per block
 #            (CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS=1 / 2, csrc/cuda/family_tiles.cuh bwd_groups),
 #            and with and without column splits at small N (CONTRASTIVE_KERNELS_CUDA_COL_SPLITS=1
 #            against plan_pass's count), and SupCon (the LSE_LABELS kernels) with one and two
-#            groups, and the forward in one pass against two (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0):
+#            groups, the forward in one pass against two (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0), and
+#            the 16-bit forward with wgmma against mma.sync (CONTRASTIVE_KERNELS_CUDA_WGMMA=1):
 #            $OUT/bwd_shapes.json; decides bwd_groups' D threshold, checks plan_pass's split rule
 #            and whether the fused forward wins at every size
 #   tshapes  the Triton lse forward in one pass against two (CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0)
@@ -46,7 +48,7 @@ STEPS="$OUT/steps.txt"
 LOG="$OUT/round.log"   # everything except build/test logs goes here
 : >>"$STEPS"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export CONTRASTIVE_KERNELS_FORCE_CUDA=1
 
 # Peers carried as wheels (bench/peer_wheels.sh, then `carry: [".whl"]`): installed apart, without
@@ -105,12 +107,13 @@ stage_build() {
 
 stage_ptxas() {
   # Resource report of every kernel (registers, smem, spills) and tensor-core
-  # instruction counts of the sm_90 build: expect HMMA.16816.F32(.BF16) and
-  # HMMA.1688.F32.TF32, no LDL/STL.
+  # instruction counts of the sm_90a build: expect HMMA.16816.F32(.BF16) and
+  # HMMA.1688.F32.TF32 (the mma.sync kernels), HGMMA.64x128x16.F32.BF16 / .F16 (the wgmma
+  # kernel), no LDL/STL.
   {
     bash csrc/cuda/compile_check.sh /tmp/ck_ptxas
-    grep -hE "Compiling|registers|spill|stack" /tmp/ck_ptxas/*_sm90.log
-    for o in /tmp/ck_ptxas/*_sm90.o; do
+    grep -hE "Compiling|registers|spill|stack" /tmp/ck_ptxas/*_sm90a.log
+    for o in /tmp/ck_ptxas/*_sm90a.o; do
       echo "--- SASS instruction mix of $o"
       cuobjdump --dump-sass "$o" | grep -oE "(HMMA|HGMMA|LDGSTS|LDSM|LDS|LDL|STL|FFMA|MUFU)[.A-Z0-9]*" | sort | uniq -c | sort -rn | head -20
     done

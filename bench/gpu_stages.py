@@ -2,18 +2,19 @@
 
     python bench/gpu_stages.py STAGE [--out DIR] [--smoke]
 
-  peak     bf16 dense matmul ceiling (torch.mm 8192^3), float32 (TF32 off), device copy bandwidth:
-           DIR/peak.json
+  peak     bf16 dense matmul ceiling (torch.mm 8192^3), float32 (TF32 off), the wgmma kernel
+           against torch.mm on its NT product (bf16, fp16), device copy bandwidth: DIR/peak.json
   shapes   the CUDA lse forward and backward with one and two warp groups per block
            (CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS), the forward in one pass against two
-           (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0), SupCon with one and two groups, column splits
+           (CONTRASTIVE_KERNELS_CUDA_FUSED_COLS=0), with wgmma against mma.sync
+           (CONTRASTIVE_KERNELS_CUDA_WGMMA=1), SupCon with one and two groups, column splits
            against none at small N (CONTRASTIVE_KERNELS_CUDA_COL_SPLITS=1): DIR/bwd_shapes.json
   tshapes  the Triton lse forward in one pass against two (CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0),
            the Triton lse (fwd, fwd + bwd) and SigLIP (fwd + bwd) with and without column splits
            (CONTRASTIVE_KERNELS_TRITON_COL_SPLITS=1): DIR/triton_shapes.json
 
 DIR is $OUT by default.  --smoke runs every case of a stage once, at tiny sizes, on the CPU:
-`shapes` through the CUDA kernels' CPU emulator (CONTRASTIVE_KERNELS_CUDA_EMULATE=1, set here),
+`shapes` and `peak`'s wgmma rows through the CUDA kernels' CPU emulator (CONTRASTIVE_KERNELS_CUDA_EMULATE=1, set here),
 `tshapes` through the Triton interpreter (TRITON_INTERPRET=1, which must be set before Triton is
 imported: the caller sets it).  Its times mean nothing; it proves, without a GPU, that the stage
 runs to its end and writes its rows (tests/test_gpu_stages.py), so that a lent GPU's minutes are
@@ -128,12 +129,37 @@ def peak(st):
     xf, yf = st.randn(n, n), st.randn(n, n)
     med, lo, hi = st.timed(lambda: torch.mm(xf, yf), reps=30, warm=5)
     st.res.add({"what": f"torch.mm fp32 {n}^3, TF32 off", "ms_median": med, "tflops": 2 * n**3 / med / 1e9})
+    wgmma_rate(st)
     mib = st.pick(256, 4)
     src = st.randn(mib * 1024 * 1024 // 4)
     dst = torch.empty_like(src)
     med, lo, hi = st.timed(lambda: dst.copy_(src), reps=30, warm=5)
     st.res.add({"what": f"device copy {mib} MiB", "ms_median": med, "tb_per_s": 2 * src.numel() * 4 / med / 1e9})
     return "peak.json"
+
+
+def wgmma_rate(st):
+    """The wgmma kernel (csrc/cuda/wgmma_gemm.cu: c = a b^T, 64 x 128 tiles, one warpgroup, cp.async
+    staging) against torch.mm on the same NT product: the rate the wgmma path's tiles reach as they
+    are staged now, the r of bench/NOTES.md "The CLIP target's arithmetic"."""
+    import contrastive_kernels  # noqa: F401  (registers the op)
+    n = st.pick(8192, 96)
+    op = torch.ops.contrastive_kernels._wgmma_gemm_cuda_emu if st.smoke else torch.ops.contrastive_kernels._wgmma_gemm
+    for dtype in (torch.bfloat16, torch.float16):
+        a, b = st.randn(n, n, dtype=dtype), st.randn(n, n, dtype=dtype)
+        name = f"{n}^3 {str(dtype).replace('torch.', '')} c = a b^T"
+        try:
+            c = op(a, b)
+        except RuntimeError as e:  # not a 9.0 device / not an sm_90a build: say so, time nothing
+            st.res.add({"what": f"wgmma_gemm {name}", "error": str(e).splitlines()[0]})
+            continue
+        ref = torch.mm(a.float(), b.float().T)
+        err = ((c - ref).abs().max() / ref.abs().max()).item()
+        med, lo, hi = st.timed(lambda: op(a, b), reps=20, warm=3)
+        st.res.add({"what": f"wgmma_gemm {name}", "ms_median": med, "ms_min": lo, "ms_max": hi,
+                    "tflops": 2 * n**3 / med / 1e9, "max_err_vs_fp32_mm": err})
+        med = st.time(lambda: torch.mm(a, b.T), reps=20, warm=3)
+        st.res.add({"what": f"torch.mm {name}", "ms_median": med, "tflops": 2 * n**3 / med / 1e9})
 
 
 BF16, F32 = torch.bfloat16, torch.float32
@@ -153,6 +179,25 @@ def fused_vs_two_passes(st, backend, sizes):
                 ms = st.time(lambda: fam.lse(backend, q, k, s, compute_col=True))
             st.res.add({"op": "lse forward, compute_col", "backend": backend, "dtype": str(dtype), "N": n, "M": n,
                         "D": d, "env": {var: fused}, "ms": ms, "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9})
+
+
+def wgmma_vs_mma(st, sizes):
+    """The lse forward with compute_col, its S tiles from wgmma against mma.sync: ms, and the largest
+    difference of the row and column lse between the two (they round differently: small, not 0)."""
+    import contrastive_kernels._families as fam
+    var = "CONTRASTIVE_KERNELS_CUDA_WGMMA"
+    for dtype, n, d in sizes:
+        torch.manual_seed(0)
+        q, k = st.randn(n, d, dtype=dtype), st.randn(n, d, dtype=dtype)
+        s = torch.tensor(10.0, device=st.dev)
+        outs = {}
+        for wg in ("0", "1"):
+            with Env({var: wg}):
+                outs[wg] = torch.cat(fam.lse("cuda", q, k, s, compute_col=True))
+                ms = st.time(lambda: fam.lse("cuda", q, k, s, compute_col=True))
+            st.res.add({"op": "lse forward, compute_col", "backend": "cuda", "dtype": str(dtype), "N": n, "M": n,
+                        "D": d, "env": {var: wg}, "ms": ms, "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9,
+                        "max_lse_diff_vs_mma_sync": (outs[wg] - outs["0"]).abs().max().item()})
 
 
 def shapes(st):
@@ -186,6 +231,10 @@ def shapes(st):
     fused_vs_two_passes(st, "cuda", st.pick([(BF16, 32768, 512), (BF16, 16384, 128), (BF16, 8192, 512),
                                              (BF16, 4096, 512), (BF16, 1024, 128), (F32, 8192, 128)],
                                             [(BF16, 70, 64), (F32, 33, 40)]))
+    # the 16-bit forward's S tiles from wgmma (CONTRASTIVE_KERNELS_CUDA_WGMMA=1, sm_90a) against
+    # mma.sync, with the largest difference of their log-sum-exps
+    wgmma_vs_mma(st, st.pick([(BF16, 32768, 512), (BF16, 16384, 128), (BF16, 4096, 512), (BF16, 1024, 128)],
+                             [(BF16, 70, 72)]))
     # SupCon (the LSE_LABELS kernels, whose sm_90 bf16 column backward with two groups lost a block
     # per SM to ldmatrix: 131 registers, bench/NOTES.md), fwd + bwd with one and two groups
     n, classes = st.pick(16384, 40), st.pick(64, 5)
@@ -261,7 +310,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the stage's JSON (default $OUT)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, once each, on the CPU (emulator / interpreter)")
     a = ap.parse_args(argv)
-    if a.smoke and a.stage == "shapes":
+    if a.smoke and a.stage in ("shapes", "peak"):
         os.environ["CONTRASTIVE_KERNELS_CUDA_EMULATE"] = "1"
     if a.smoke and a.stage == "tshapes" and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("tshapes --smoke runs the Triton kernels on the interpreter: set TRITON_INTERPRET=1")

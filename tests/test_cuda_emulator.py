@@ -222,6 +222,7 @@ def test_family_op_errors_name_the_emulator(emu):
 _SCHEDULES = ("reverse", "shuffle:1", "shuffle:2")
 _GROUPS, _SPLITS = "CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS", "CONTRASTIVE_KERNELS_CUDA_COL_SPLITS"
 _FUSED, _CHUNK = "CONTRASTIVE_KERNELS_CUDA_FUSED_COLS", "CONTRASTIVE_KERNELS_CUDA_COLS_CHUNK"
+_WGMMA = "CONTRASTIVE_KERNELS_CUDA_WGMMA"
 
 
 @pytest.mark.parametrize("which", [8, 9], ids=["threads", "blocks"])
@@ -332,6 +333,11 @@ def _schedule_cases():
         ("vicreg_f32", vicreg, {}),
         ("similarity_bf16", similarity(torch.bfloat16), {}),
         ("similarity_f32", similarity(torch.float32), {}),
+        # the wgmma forward kernels (fused columns, split, pairwise, the column pass)
+        ("clip_bf16_d300_wgmma", clip(torch.bfloat16, 300), {_WGMMA: "1"}),
+        ("clip_f16_d40_wgmma_splits", clip(torch.float16, 40), {_WGMMA: "1", _SPLITS: "2"}),
+        ("clip_bf16_d40_wgmma_two_passes", clip(torch.bfloat16, 40), {_WGMMA: "1", _FUSED: "0"}),
+        ("siglip_bf16_wgmma", siglip(torch.bfloat16), {_WGMMA: "1"}),
     ]
 
 
@@ -352,3 +358,36 @@ def test_kernels_do_not_depend_on_the_schedule(emu, case, monkeypatch):
     for schedule in _SCHEDULES:
         for i, (x, y) in enumerate(zip(results[schedule], want)):
             assert torch.equal(x, y), f"output {i} differs under CK_EMU_SCHEDULE={schedule}: a race"
+
+
+def _wgmma_operands():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 64, 16, generator=g).to(torch.bfloat16)
+
+
+def test_wgmma_accumulators_land_at_the_wait(emu):
+    """wgmma (tile_wgmma.cuh) is executed at the issuing thread's wait_group: d read before the
+    wait is the old value (here 0), after it the m64n64k16 product in the PTX ISA's accumulator
+    layout (thread 4 g + t of warp v: row 16 v + g, column 2 t for d[0])."""
+    ops = _wgmma_operands()
+    out = torch.full((256,), float("nan"))
+    assert emu.wgmma_misuse(0, ops.view(torch.int16).reshape(-1), out) == "ok"
+    assert torch.equal(out[:128], torch.zeros(128))
+    prod = (ops[0].double() @ ops[1].double().T).float()
+    tid = torch.arange(128)
+    lane, warp = tid % 32, tid // 32
+    want = prod[16 * warp + lane // 4, 2 * (lane % 4)]
+    assert torch.allclose(out[128:], want, rtol=2 ** -22, atol=0), (out[128:] - want).abs().max()
+
+
+@pytest.mark.parametrize("which, message", [
+    (1, "without a wgmma.fence"),
+    (2, "fence.proxy.async"),
+    (3, "swizzle pattern"),
+    (4, "warps of warpgroup 0 issued different operands"),
+    (5, "not whole warpgroups"),
+    (6, "did not wait"),
+])
+def test_wgmma_misuse_is_reported(emu, which, message):
+    status = emu.wgmma_misuse(which, _wgmma_operands().view(torch.int16).reshape(-1), torch.zeros(256))
+    assert status != "ok" and message in status, status

@@ -40,16 +40,24 @@ def _envs(rows, var):
     return sorted(r["env"][var] for r in rows if var in r["env"])
 
 
+@pytest.mark.cuda_emu
 def test_peak_stage(tmp_path):
     _run_stage("peak", tmp_path)
-    rows = _rows(tmp_path, "peak.json", 3)
-    assert [r["what"].split()[0:2] for r in rows] == [["torch.mm", "bf16"], ["torch.mm", "fp32"], ["device", "copy"]]
+    rows = _rows(tmp_path, "peak.json", 7)
+    assert [r["what"].split()[0:2] for r in rows] == [
+        ["torch.mm", "bf16"], ["torch.mm", "fp32"], ["wgmma_gemm", "96^3"], ["torch.mm", "96^3"],
+        ["wgmma_gemm", "96^3"], ["torch.mm", "96^3"], ["device", "copy"]]
+    # the wgmma kernel (emulated) gives the product
+    assert all(r["max_err_vs_fp32_mm"] < 1e-5 for r in rows if r["what"].startswith("wgmma_gemm"))
 
 
 @pytest.mark.cuda_emu
 def test_shapes_stage_on_cuda_emulator(tmp_path):
     _run_stage("shapes", tmp_path)
-    rows = _rows(tmp_path, "bwd_shapes.json", 12)
+    rows = _rows(tmp_path, "bwd_shapes.json", 14)
+    wg = [r for r in rows if "CONTRASTIVE_KERNELS_CUDA_WGMMA" in r["env"]]
+    assert _envs(wg, "CONTRASTIVE_KERNELS_CUDA_WGMMA") == ["0", "1"]
+    assert all(r["max_lse_diff_vs_mma_sync"] < 1e-4 for r in wg), wg  # the emulated wgmma forward agrees
     # each comparison ran both of its settings
     assert _envs(rows, "CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS") == ["1", "1", "1", "2", "2", "2"]
     assert _envs(rows, "CONTRASTIVE_KERNELS_CUDA_FUSED_COLS") == ["0", "0", "1", "1"]

@@ -20,6 +20,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -39,12 +40,40 @@ struct DeviceGuard {
 };
 cudaStream_t current_stream() { return nullptr; }
 int num_sms() { return 132; }  // an H100 SXM's, so that the emulator takes its decisions
+// The emulator runs the wgmma kernels everywhere.
+std::string wgmma_missing() { return ""; }
 #else
 bool on_device(const at::Tensor& t) { return t.is_cuda(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
 int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+// Why the wgmma kernels cannot run on the current device ("" when they can): they need a compute
+// capability 9.0 device and an sm_90a build.
+std::string wgmma_missing() {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major != 9 || prop->minor != 0)
+    return "a compute capability 9.0 device (wgmma, sm_90a), this one is " + std::to_string(prop->major) + "." +
+           std::to_string(prop->minor);
+#ifdef CK_CUDA_ARCHS
+  if (std::string(CK_CUDA_ARCHS).find("9.0a") == std::string::npos)
+    return std::string("a build for sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a), this one is for ") + CK_CUDA_ARCHS;
 #endif
+  return "";
+}
+#endif
+
+// CONTRASTIVE_KERNELS_CUDA_WGMMA=1 (opt-in until a GPU round has checked them): the 16-bit forward
+// kernels' S tiles from wgmma where they can run; elsewhere the mma.sync kernels (the same
+// results), with a warning saying why.
+bool wgmma_on() {
+  const char* v = std::getenv("CONTRASTIVE_KERNELS_CUDA_WGMMA");
+  if (v == nullptr || std::string(v) != "1") return false;
+  const std::string missing = wgmma_missing();
+  if (missing.empty()) return true;
+  TORCH_WARN_ONCE("contrastive_kernels: CONTRASTIVE_KERNELS_CUDA_WGMMA=1 ignored: wgmma needs ", missing,
+                  "; running the mma.sync kernels");
+  return false;
+}
 
 using at::Tensor;
 using OptT = std::optional<Tensor>;
@@ -132,6 +161,7 @@ kc::FamilyParams base_params(const Tensor& q, const Tensor& k, const Tensor& sca
   p.dtype = dtype_of(q, "q");
   p.scale = scalar_ptr(scale, q, "scale");
   p.num_sms = num_sms();
+  p.wgmma = wgmma_on();
   return p;
 }
 
@@ -584,7 +614,43 @@ std::tuple<Tensor, Tensor, Tensor> similarity_backward_cuda(const Tensor& grad, 
   return {da, db, dscale};
 }
 
+// c = a b^T in float32 through the wgmma kernel (csrc/cuda/wgmma_gemm.cu): the wgmma path's
+// check against torch and the `peak` stage's rate of wgmma tiles.  Not a loss op.
+Tensor wgmma_gemm_cuda(const Tensor& a, const Tensor& b) {
+  check_pair(a, b, "a", "b");
+  TORCH_CHECK(a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16,
+              "contrastive_kernels (cuda): wgmma_gemm: a and b must be float16 or bfloat16, got ", a.scalar_type());
+  TORCH_CHECK(b.is_contiguous(), "contrastive_kernels (cuda): b must be contiguous");
+  TORCH_CHECK(a.size(0) <= kc::kWgmmaGemmMaxRows, "contrastive_kernels (cuda): wgmma_gemm: a has ", a.size(0),
+              " rows, more than ", kc::kWgmmaGemmMaxRows);
+  const DeviceGuard guard(a.device());
+  const std::string missing = wgmma_missing();
+  TORCH_CHECK(missing.empty(), "contrastive_kernels (cuda): wgmma_gemm needs ", missing);
+  Tensor c = f32(a, {a.size(0), b.size(0)});
+  if (c.numel() == 0) return c;
+  if (a.size(1) == 0) return c.zero_();
+  kc::WgmmaGemmParams p;
+  p.a = a.data_ptr();
+  p.b = b.data_ptr();
+  p.c = c.data_ptr<float>();
+  p.m = a.size(0);
+  p.n = b.size(0);
+  p.k = a.size(1);
+  p.dtype = dtype_of(a, "a");
+  check_launch(kc::wgmma_gemm(p, current_stream()), "wgmma_gemm");
+  return c;
+}
+
 }  // namespace
+
+// Not a loss op (no CPU or Triton twin, not in op_schemas.h): its own schema, here.
+#ifndef CK_CUDA_EMU
+TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) { m.def("_wgmma_gemm(Tensor a, Tensor b) -> Tensor"); }
+TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) { m.impl("_wgmma_gemm", &wgmma_gemm_cuda); }
+#else
+TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) { m.def("_wgmma_gemm_cuda_emu(Tensor a, Tensor b) -> Tensor"); }
+TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) { m.impl("_wgmma_gemm_cuda_emu", &wgmma_gemm_cuda); }
+#endif
 
 #ifndef CK_CUDA_EMU
 #define CK_OP(name) name

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA kernels without a GPU or a CUDA torch: every .cu for sm_80
-# and sm_90 with the flags setup.py uses (the two archs side by side), with ptxas's resource
+# and sm_90a with the flags setup.py uses (the two archs side by side), with ptxas's resource
 # report (registers, shared memory, stack frame, spills) written to OUT (default
 # /tmp/ck_cuda_check); then the SASS check and the registers of every kernel against
 # csrc/cuda/registers.tsv (sass_report.py; when cuobjdump is on PATH).
 #   bash csrc/cuda/compile_check.sh [OUT] [--update-registers]
-#   bash csrc/cuda/compile_check.sh OUT --one FILE.cu ARCH     (ARCH 80 or 90: one object, no SASS)
+#   bash csrc/cuda/compile_check.sh OUT --one FILE.cu ARCH     (ARCH 80 or 90a: one object, no SASS)
 # --update-registers rewrites registers.tsv from this compile (after a deliberate change:
 # commit it with the change, the new counts in the message).  --one is CI's per-file job
 # (.ci/run), which runs the SASS check once every object is there.  NVCC overrides the nvcc.
@@ -50,7 +50,7 @@ fi
 maxj=${CK_COMPILE_JOBS:-$(nproc 2>/dev/null || echo 2)}
 pids=()
 for cu in "$here"/*.cu; do
-  for arch in 90 80; do
+  for arch in 90a 80; do
     while [ "$(jobs -rp | wc -l)" -ge "$maxj" ]; do wait -n; done
     compile "$cu" "$arch" &
     pids+=($!)
@@ -65,5 +65,5 @@ else
 fi
 python3 "$here/sass_report.py" "${regs[@]}" "$out"/*.o >"$out/sass.txt" || rc=1
 grep -E "^sass_report|\^|registers" "$out/sass.txt"
-echo "sass: $(grep -c 'HMMA=[1-9]' "$out/sass.txt") kernels with HMMA, report in $out/sass.txt"
+echo "sass: $(grep -c ' HMMA=[1-9]' "$out/sass.txt") kernels with HMMA, $(grep -c 'HGMMA=[1-9]' "$out/sass.txt") with HGMMA, report in $out/sass.txt"
 exit $rc

@@ -49,6 +49,7 @@
 
 #include "launchers.h"
 #include "tile_mma.cuh"
+#include "tile_wgmma.cuh"
 
 namespace ck {
 namespace cuda {
@@ -259,17 +260,23 @@ __device__ __forceinline__ void finish_row_sums(const FamilyParams& p, bool tran
 // ptxas 13.0 held the float32 pairwise forward at 96 registers, for 5 blocks, and a backward
 // one at 168, for 3, each with 8 bytes of spills.  The others name no minimum (0: none;
 // naming 1 let ptxas give the sm_90 forward kernels 4-27 more registers, one block per SM
-// fewer).
-template <typename T, int FAM, bool BWD, bool SPLIT>
+// fewer).  The wgmma LSE_LABELS forward (WG) asks for 3 as well: at 4 (128 registers) its split
+// kernel spilled 104 bytes (sm_90a, ptxas 13.0); unsplit it holds 155.
+template <typename T, int FAM, bool BWD, bool SPLIT, bool WG = false>
 constexpr int min_blocks() {
   static_assert(FAM != kLseCols || (SPLIT && !BWD), "the fused forward is a split forward kernel");
-  return !SPLIT ? 0 : BWD ? 2 : (FAM == kLseLabels && sizeof(T) == 4) ? 3 : 4;
+  return !SPLIT ? 0 : BWD ? 2 : (FAM == kLseLabels && (sizeof(T) == 4 || WG)) ? 3 : 4;
 }
 
-template <typename T, int FAM, bool TRANS, bool BWD, int G, bool SPLIT>
-__global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, BWD, SPLIT>()))
+template <typename T, int FAM, bool TRANS, bool BWD, int G, bool SPLIT, bool WG = false>
+__global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, BWD, SPLIT, WG>()))
     family_tile_kernel(const FamilyParams p, const bool vec_ok) {
-  constexpr int BK = Cfg<T>::BK, LDS = Cfg<T>::LDS;
+  // WG: the S tile from wgmma (sm_90a; a forward kernel of 16-bit inputs): 64-feature chunks in
+  // 128-byte-swizzled tiles, one m64n64k16 per 16 features for the block's 64 x 64 tile, whose
+  // accumulators are the warps' mma.sync fragments accS (tile_wgmma.cuh), so the epilogue is the
+  // same.  Elsewhere (sm_80 code of these instantiations) it traps: the host never launches it.
+  static_assert(!WG || (!BWD && G == 1 && sizeof(T) == 2), "wgmma: the 16-bit forward kernels");
+  constexpr int BK = WG ? 64 : Cfg<T>::BK, LDS = Cfg<T>::LDS;
   using SH = Shape<BWD, G>;
   constexpr int NWARP = SH::kWarps, NTHR = SH::kThreads, NTS = SH::kNTS, DC = SH::kDC;
   constexpr int DS_LD = BN + (sizeof(T) == 4 ? 4 : 8);  // padded row of the staged dS tile
@@ -283,8 +290,8 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   constexpr bool LSE = FAM == kLse || FAM == kLseCols;   // the plain lse kernels
   static_assert(!COLS || (!TRANS && !BWD && G == 1 && SPLIT), "the fused forward is a split row pass");
 
-  __shared__ __align__(16) T sx[2][BM * LDS];
-  __shared__ __align__(16) T sy[2][BN * LDS];
+  __shared__ __align__(WG ? 1024 : 16) T sx[2][WG ? BM * 64 : BM * LDS];
+  __shared__ __align__(WG ? 1024 : 16) T sy[2][WG ? BN * 64 : BN * LDS];
   __shared__ __align__(16) T sds[BWD ? BM * DS_LD : 8];
   __shared__ Side side[2][BN];
   __shared__ double red[NWARP];
@@ -368,8 +375,15 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
     const int st = static_cast<int>(s & 1);
     const int64_t col0 = tl * BN;
     if (local < nk) {
-      load_chunk<T, NTHR>(sx[st], X, row0, nrows, static_cast<int64_t>(local) * BK, D, vec_ok);
-      load_chunk<T, NTHR>(sy[st], Y, col0, ncols, static_cast<int64_t>(local) * BK, D, vec_ok);
+      if constexpr (WG) {
+        tile::stage_sw128<T, NTHR>(reinterpret_cast<unsigned char*>(sx[st]), X, BM, row0, nrows,
+                                   static_cast<int64_t>(local) * BK, D, vec_ok);
+        tile::stage_sw128<T, NTHR>(reinterpret_cast<unsigned char*>(sy[st]), Y, BN, col0, ncols,
+                                   static_cast<int64_t>(local) * BK, D, vec_ok);
+      } else {
+        load_chunk<T, NTHR>(sx[st], X, row0, nrows, static_cast<int64_t>(local) * BK, D, vec_ok);
+        load_chunk<T, NTHR>(sy[st], Y, col0, ncols, static_cast<int64_t>(local) * BK, D, vec_ok);
+      }
       if (local == 0 && tid < BN) load_side<FAM>(p, TRANS, col0 + tid, ncols, side[tl & 1][tid]);
     } else {
       // dX step: the Y chunk of each warp group (sx is free between the S products)
@@ -620,6 +634,9 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
     else
       tile::cp_async_commit();
     tile::cp_async_wait<1>();
+#if CK_WGMMA
+    if (WG) tile::fence_proxy_async();  // this thread's staged data, visible to the tensor cores
+#endif
     __syncthreads();
     const int local = static_cast<int>(s % spt);
     const int st = static_cast<int>(s & 1);
@@ -628,7 +645,15 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
 #pragma unroll
         for (int nt = 0; nt < NTS; ++nt) accS[nt][0] = accS[nt][1] = accS[nt][2] = accS[nt][3] = 0.f;
       }
-      tile::warp_mma_nt<NTS, BK>(accS, &sx[st][rw * 16 * LDS], LDS, &sy[st][cg * NTS * 8 * LDS], LDS, precise_s);
+      if constexpr (WG) {
+#if CK_WGMMA
+        tile::wgmma_chunk<BK / 16, T>(reinterpret_cast<float(&)[4 * NTS]>(accS), sx[st], sy[st], local > 0);
+#else
+        __trap();
+#endif
+      } else {
+        tile::warp_mma_nt<NTS, BK>(accS, &sx[st][rw * 16 * LDS], LDS, &sy[st][cg * NTS * 8 * LDS], LDS, precise_s);
+      }
       if (local == nk - 1) epilogue(s / spt);
     } else if (BWD) {
       const int gi = local - nk;
@@ -1012,7 +1037,7 @@ int64_t split_part_floats(const FamilyParams& p, bool trans) {
 // floats of the double partials (dscale, dbias) of the row pass, [2][splits][row blocks]
 int64_t double_part_floats(const FamilyParams& p, const Plan& row_plan) { return 4 * row_blocks(p.n) * row_plan.splits + 2; }
 
-template <typename T, int FAM, bool TRANS, bool BWD, int G, bool SPLIT>
+template <typename T, int FAM, bool TRANS, bool BWD, int G, bool SPLIT, bool WG>
 cudaError_t launch_shape(const FamilyParams& p_in, const Plan& pl, cudaStream_t stream) {
   const int64_t rows = TRANS ? p_in.m : p_in.n;
   FamilyParams p = p_in;
@@ -1020,7 +1045,7 @@ cudaError_t launch_shape(const FamilyParams& p_in, const Plan& pl, cudaStream_t 
   using SH = Shape<BWD, G>;  // (a name without commas: CK_LAUNCH is a macro)
   const dim3 grid(static_cast<unsigned>(row_blocks(rows)), static_cast<unsigned>(BWD ? pl.slices : pl.splits),
                   static_cast<unsigned>(BWD ? pl.splits : 1));
-  CK_LAUNCH(grid, SH::kThreads, 0, stream, family_tile_kernel<T, FAM, TRANS, BWD, G, SPLIT>)(p, vec_ok_for<T>(p));
+  CK_LAUNCH(grid, SH::kThreads, 0, stream, family_tile_kernel<T, FAM, TRANS, BWD, G, SPLIT, WG>)(p, vec_ok_for<T>(p));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || !SPLIT) return err;
   const int sp = static_cast<int>(pl.splits);
@@ -1038,6 +1063,15 @@ cudaError_t launch_shape(const FamilyParams& p_in, const Plan& pl, cudaStream_t 
   return cudaGetLastError();
 }
 
+// The wgmma kernel where the binding asks for it (FamilyParams::wgmma: a 9.0 device, an sm_90a
+// build, CONTRASTIVE_KERNELS_CUDA_WGMMA=1) and one exists (a 16-bit forward), else mma.sync.
+template <typename T, int FAM, bool TRANS, bool BWD, int G, bool SPLIT>
+cudaError_t launch_pick(const FamilyParams& p, const Plan& pl, cudaStream_t stream) {
+  if constexpr (!BWD && sizeof(T) == 2)
+    if (p.wgmma) return launch_shape<T, FAM, TRANS, BWD, G, SPLIT, true>(p, pl, stream);
+  return launch_shape<T, FAM, TRANS, BWD, G, SPLIT, false>(p, pl, stream);
+}
+
 }  // namespace
 
 // One pass of one family for element type T: the kernel shape plan_pass picks, with its merges.
@@ -1047,9 +1081,9 @@ cudaError_t launch_typed(const FamilyParams& p, cudaStream_t stream) {
   const int64_t rows = TRANS ? p.m : p.n;
   if (rows == 0) return cudaSuccess;
   const Plan pl = plan_pass(p, TRANS, BWD);
-  if (pl.splits > 1) return launch_shape<T, FAM, TRANS, BWD, 1, true>(p, pl, stream);
-  if (BWD && pl.groups == 2) return launch_shape<T, FAM, TRANS, BWD, BWD ? 2 : 1, false>(p, pl, stream);
-  return launch_shape<T, FAM, TRANS, BWD, 1, false>(p, pl, stream);
+  if (pl.splits > 1) return launch_pick<T, FAM, TRANS, BWD, 1, true>(p, pl, stream);
+  if (BWD && pl.groups == 2) return launch_shape<T, FAM, TRANS, BWD, BWD ? 2 : 1, false, false>(p, pl, stream);
+  return launch_pick<T, FAM, TRANS, BWD, 1, false>(p, pl, stream);
 }
 
 // The fused forward of compute_col (kLseCols launches of rows, each folded into the columns'
@@ -1069,7 +1103,15 @@ cudaError_t launch_fused_cols(const FamilyParams& p_in, cudaStream_t stream) {
     p.row_block0 = b0;
     const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(cp.split.splits), 1);
     using SH = Shape<false, 1>;  // (a name without commas: CK_LAUNCH is a macro)
-    CK_LAUNCH(grid, SH::kThreads, 0, stream, family_tile_kernel<T, kLseCols, false, false, 1, true>)(p, vec_ok);
+    bool launched = false;
+    if constexpr (sizeof(T) == 2) {  // the wgmma kernel where asked for (launch_pick)
+      if (p.wgmma) {
+        CK_LAUNCH(grid, SH::kThreads, 0, stream, family_tile_kernel<T, kLseCols, false, false, 1, true, true>)(p, vec_ok);
+        launched = true;
+      }
+    }
+    if (!launched)
+      CK_LAUNCH(grid, SH::kThreads, 0, stream, family_tile_kernel<T, kLseCols, false, false, 1, true, false>)(p, vec_ok);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     CK_LAUNCH(static_cast<unsigned>((p.m + 255) / 256), 256, 0, stream, fold_cols_kernel)(p, state, nb, b0 == 0,
                                                                                       b0 + nb == rb);

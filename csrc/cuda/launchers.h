@@ -74,6 +74,9 @@ struct FamilyParams {
   float* col_part = nullptr;
   int64_t row_block0 = 0;
   int num_sms = 0;  // multiprocessors of the device (the forward's column splits)
+  // the 16-bit forward kernels' S tiles from wgmma (set by the binding: a compute capability
+  // 9.0 device, an sm_90a build and CONTRASTIVE_KERNELS_CUDA_WGMMA=1; the emulator: the variable)
+  bool wgmma = false;
 };
 
 // Number of float32 workspace elements the backward launchers need.
@@ -162,6 +165,23 @@ int64_t similarity_dot_parts(int64_t n, int64_t m);
 
 cudaError_t similarity_forward(const SimilarityParams& p, cudaStream_t stream);
 cudaError_t similarity_backward(const SimilarityParams& p, cudaStream_t stream);
+
+// ------------------------------------------------------------- wgmma product (sm_90a)
+// c = a b^T in float32; a (m, k), b (n, k) contiguous, the same 16-bit dtype.  The first
+// kernel of the wgmma path (csrc/cuda/wgmma_gemm.cu): it checks the path's staging,
+// descriptors and fragment layout against torch on a GPU, and its rate is the `peak` stage's
+// measure of what cp.async-staged wgmma tiles reach.  Needs an sm_90a build on a compute
+// capability 9.0 device (the binding checks; elsewhere the kernel traps).
+struct WgmmaGemmParams {
+  const void* a = nullptr;
+  const void* b = nullptr;
+  float* c = nullptr;  // (m, n)
+  int64_t m = 0, n = 0, k = 0;
+  DType dtype = DType::kBFloat16;
+};
+// Largest m the launch's grid covers ((m + 63) / 64 row blocks in gridDim.y).
+constexpr int64_t kWgmmaGemmMaxRows = 64 * 65535;
+cudaError_t wgmma_gemm(const WgmmaGemmParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace ck

@@ -1,14 +1,16 @@
 """SASS instruction counts of the compiled CUDA kernels (no GPU needed): tensor-core MMAs
-(HMMA), ldmatrix and plain shared loads (LDSM, LDS), cp.async copies (LDGSTS) and
+(HMMA, and HGMMA: wgmma), ldmatrix and plain shared loads (LDSM, LDS), cp.async copies (LDGSTS) and
 local-memory traffic (LDL / STL, i.e. spills); and the registers per thread of every kernel
 against a checked-in table.
 
     python csrc/cuda/sass_report.py [--registers TABLE | --write-registers TABLE] OBJ.o [...]
 
 Needs cuobjdump and nvdisasm on PATH (CUDA toolkit, or the PyPI wheels nvidia-cuda-cuobjdump
-and nvidia-cuda-nvdisasm).  Exits 1 if a tile kernel (family_tile_kernel, gemm64_kernel) has
-no HMMA or touches local memory, a 16-bit one has no LDSM, or (--registers) if a kernel uses
-more registers than TABLE records, or is not in it, for the objects' architectures, when nvcc is the version TABLE was
+and nvidia-cuda-nvdisasm).  Exits 1 if a wgmma kernel (wgmma_gemm_kernel, family_tile_kernel<...,
+WG = true>) has no HGMMA in its sm_90a code or touches local memory, if another tile kernel
+(family_tile_kernel, gemm64_kernel) has no HMMA or touches local memory, a 16-bit one has no
+LDSM, or (--registers) if a kernel uses more registers than TABLE records, or is not in it, for
+the objects' architectures, when nvcc is the version TABLE was
 written with.  The tile kernels sit at ptxas's occupancy steps: semantically neutral edits have
 moved them by up to 41 registers and across a block per SM (bench/NOTES.md), which only a GPU
 would otherwise show.  A deliberate change rewrites the table (--write-registers, or
@@ -23,20 +25,26 @@ import subprocess
 import sys
 
 TILE_KERNELS = ("family_tile_kernel", "gemm64_kernel")
-COUNTED = ("HMMA", "LDSM", "LDS", "LDGSTS", "LDL", "STL")
+WGMMA_KERNELS = ("wgmma_gemm_kernel",)  # sm_90a: HGMMA (elsewhere they trap: not checked)
+COUNTED = ("HMMA", "HGMMA", "LDSM", "LDS", "LDGSTS", "LDL", "STL")
 
 
-def kernel_counts(obj: str) -> dict[str, collections.Counter]:
+def kernel_counts(obj: str) -> dict[tuple[str, str], collections.Counter]:
+    """Instruction counts per (arch, mangled kernel name) of the SASS in obj."""
     res = subprocess.run(["cuobjdump", "-sass", obj], capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"sass_report: cuobjdump -sass {obj} failed: {res.stderr.strip() or res.stdout.strip()}")
     sass = res.stdout
-    counts: dict[str, collections.Counter] = {}
-    current = None
+    counts: dict[tuple[str, str], collections.Counter] = {}
+    current, arch = None, "?"
     for line in sass.splitlines():
+        m = re.search(r"code for (sm_\w+)", line)
+        if m:
+            arch = m.group(1)
+            continue
         m = re.search(r"Function : (\S+)", line)
         if m:
-            current = m.group(1)
+            current = (arch, m.group(1))
             counts[current] = collections.Counter()
             continue
         m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
@@ -59,6 +67,14 @@ def math_type(pretty: str) -> str | None:
             args = pretty.split(kernel, 1)[1].split(", ")
             return args[index].strip() if len(args) > index else None
     return None
+
+
+def is_wgmma_tile(pretty: str) -> bool:
+    """family_tile_kernel<T, FAM, TRANS, BWD, G, SPLIT, WG> with WG true (its S tiles from wgmma)."""
+    if "family_tile_kernel<" not in pretty:
+        return False
+    args = pretty.split("family_tile_kernel<", 1)[1].split(">", 1)[0].split(", ")
+    return len(args) > 6 and args[6].strip() == "true"
 
 
 def resource_usage(obj: str) -> list[tuple[str, str, int]]:
@@ -152,14 +168,20 @@ def main(argv: list[str]) -> int:
     bad = 0
     for obj in objs:
         print(f"== {obj}")
-        for name, c in kernel_counts(obj).items():
+        for (arch, name), c in kernel_counts(obj).items():
             pretty = demangle(name)
             print(f"  {pretty[:88]:88s} " + " ".join(f"{k}={c[k]}" for k in COUNTED))
+            wg = any(t in pretty for t in WGMMA_KERNELS) or is_wgmma_tile(pretty)
+            if wg:  # sm_90a: HGMMA; other archs compile these to a trap
+                if arch == "sm_90a" and (c["HGMMA"] == 0 or c["LDL"] or c["STL"]):
+                    print("  ^ wgmma kernel without HGMMA or with local-memory traffic (sm_90a)")
+                    bad += 1
+                continue
             if any(t in pretty for t in TILE_KERNELS) and (c["HMMA"] == 0 or c["LDL"] or c["STL"]):
-                print(f"  ^ tile kernel without tensor-core MMA or with local-memory traffic")
+                print("  ^ tile kernel without tensor-core MMA or with local-memory traffic")
                 bad += 1
             if math_type(pretty) in ("__half", "__nv_bfloat16") and c["LDSM"] == 0:
-                print(f"  ^ 16-bit tile kernel without ldmatrix (LDSM) fragment loads")
+                print("  ^ 16-bit tile kernel without ldmatrix (LDSM) fragment loads")
                 bad += 1
     return 1 if bad or reg_bad else 0
 

@@ -27,6 +27,13 @@
 //     them complete (the latest moment the hardware may complete them), so a read of a
 //     staged tile before its wait, or a wait that leaves the wrong group pending, reads
 //     stale data here as it might on a GPU;
+//   * wgmma.mma_async m64nNk16 (f16 / bf16, float32 accumulators, both operands from shared
+//     memory through matrix descriptors, K-major, every swizzle mode; see "wgmma" below): a
+//     warpgroup operation executed at the issuing thread's wgmma.wait_group (the latest
+//     moment the hardware may read its operands and write its accumulators), with the
+//     descriptors required equal across the warpgroup, a wgmma.fence required before the
+//     first wgmma after a wait, and fence.proxy.async required between shared-memory data
+//     that cp.async brought and a wgmma that reads it;
 //   * launch limits: block size <= 1024, gridDim.y / z <= 65535 (cudaErrorInvalidConfiguration).
 // Not emulated: timing, memory coalescing, bank conflicts, shared-memory capacity,
 // data races between threads of a block, __expf's approximation (expf is used).
@@ -114,6 +121,14 @@ void cp_async16(void* smem, const void* gmem);
 void cp_async_commit();
 void cp_async_wait(int pending);
 cudaError_t take_last_error();
+// wgmma (sm_90a), see "wgmma" below.
+uint32_t smem_addr(const void* p);
+const void* smem_ptr(uint32_t addr);
+void wgmma_fence();
+void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, int kind);
+void wgmma_commit();
+void wgmma_wait(int pending);
+void fence_proxy_async();
 const char* error_string(cudaError_t err);
 
 // ------------------------------------------------------------------ numbers
@@ -276,6 +291,74 @@ inline void ldmatrix(uint32_t* r, const void* row, int num, bool trans) {
       v |= static_cast<uint32_t>(e) << (16 * h);
     }
     r[m] = v;
+  }
+}
+
+// ------------------------------------------------------------------ wgmma
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16} with both operands in shared memory
+// (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"): D (64 x N, float32)
+// = A (64 x 16) B (16 x N) + (scale-d ? D : 0), issued by the 128 threads of a warpgroup
+// (warps 4 w .. 4 w + 3).  Thread (warp 4 w + v, lane 4 g + t) holds D in d[0 .. N/2): d[i] is
+// (row 16 v + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 t + (i & 1)), the m16n8 C fragment
+// repeated over N / 8.  Matrix descriptor (64 bits): start address >> 4 in bits 0-13,
+// leading-dimension byte offset >> 4 in 16-29, stride-dimension byte offset >> 4 in 32-45,
+// base offset in 49-51, swizzle mode in 62-63 (0 none, 1 128-byte, 2 64-byte, 3 32-byte).
+// K-major canonical layouts (row r of the 64 rows of A or the N rows of B, element k of the
+// 16, 16-byte chunk kc = k / 8): with no swizzle, start + (r / 8) SBO + (r % 8) 16 + kc LBO + 2 (k
+// % 8); with a 2^s x 16-byte swizzle (s = 3, 2, 1 for 128, 64, 32 bytes), start + (r / 8) SBO + (r %
+// 8) 16 2^s + 16 kc + 2 (k % 8), then address bits 4 .. 3 + s XORed with bits 7 .. 6 + s.  The
+// transposed (MN-major) forms and a nonzero base offset are not emulated (an error).
+struct WgmmaOp {
+  float* d;
+  int n;
+  uint64_t desc_a, desc_b;
+  bool accumulate;
+  int kind;  // 0 f16, 1 bf16
+};
+inline uint32_t wgmma_operand_offset(uint64_t desc, int r, int k) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3fffu) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3fffu) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3fffu) << 4;
+  const int mode = static_cast<int>(desc >> 62);
+  const uint32_t kc = static_cast<uint32_t>(k >> 3), e = static_cast<uint32_t>(k & 7);
+  const uint32_t rr = static_cast<uint32_t>(r);
+  if (mode == 0) return start + (rr >> 3) * sbo + (rr & 7) * 16 + kc * lbo + 2 * e;
+  const int s = 4 - mode;  // 1 -> 3 (128 B), 2 -> 2 (64 B), 3 -> 1 (32 B)
+  const uint32_t addr = start + (rr >> 3) * sbo + (rr & 7) * (16u << s) + 16 * kc + 2 * e;
+  return addr ^ (((addr >> 7) & ((1u << s) - 1)) << 4);
+}
+inline void wgmma_check_desc(uint64_t desc, const char* which) {
+  if (((desc >> 49) & 7u) != 0) fail(std::string("wgmma: descriptor ") + which + " has a base offset (not emulated)");
+  const int mode = static_cast<int>(desc >> 62);
+  if (mode != 0) {
+    const uint32_t start = static_cast<uint32_t>(desc & 0x3fffu) << 4;
+    const uint32_t repeat_rows = (1u << (4 - mode)) - 1;  // address bits 7 .. 6 + s of the start
+    if (((start >> 7) & repeat_rows) != 0)
+      fail(std::string("wgmma: descriptor ") + which +
+           " starts inside its swizzle pattern's repeat with base offset 0 (align the tile)");
+  }
+}
+// Executes one operation for the calling thread's accumulators (at its wait_group).
+inline void wgmma_execute(const WgmmaOp& op, int warp_in_group, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const bool bf16 = op.kind == 1;
+  auto elem = [&](uint64_t desc, int r, int k) -> double {
+    uint16_t h;
+    std::memcpy(&h, smem_ptr(wgmma_operand_offset(desc, r, k)), 2);
+    return static_cast<double>(bf16 ? bf16_to_float(h) : half_to_float(h));
+  };
+  for (int i = 0; i < op.n / 2; ++i) {
+    const int row = 16 * warp_in_group + g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * t + (i & 1);
+    double prod[16];
+    for (int k = 0; k < 16; ++k) prod[k] = elem(op.desc_a, row, k) * elem(op.desc_b, col, k);
+    const float c = op.accumulate ? op.d[i] : 0.f;
+    if (mma_truncates()) {
+      op.d[i] = mma_sum_trunc<16>(c, prod);
+      continue;
+    }
+    double s = 0.0;
+    for (int k = 0; k < 16; ++k) s += prod[k];
+    op.d[i] = static_cast<float>(static_cast<double>(c) + s);
   }
 }
 

@@ -138,6 +138,22 @@ struct Fiber {
   bool waiting = false;  // at a barrier
   std::vector<CpAsync> open;                  // issued, not yet committed
   std::vector<std::vector<CpAsync>> groups;   // committed, oldest first
+  bool cp_unfenced = false;  // cp.async data landed since this thread's last fence.proxy.async
+  std::vector<WgmmaOp> wg_open;                 // wgmma issued, not yet committed
+  std::vector<std::vector<WgmmaOp>> wg_groups;  // committed, oldest first
+  bool wg_fenced = false;  // wgmma.fence since this thread's last wait_group (or start)
+  size_t wg_seq = 0;       // wgmma operations this thread has issued
+};
+
+// One wgmma of a warpgroup, as its first thread issued it (the others must match).
+struct WgmmaIssue {
+  int n;
+  uint64_t desc_a, desc_b;
+  bool accumulate;
+  int kind;
+  bool operator==(const WgmmaIssue& o) const {
+    return n == o.n && desc_a == o.desc_a && desc_b == o.desc_b && accumulate == o.accumulate && kind == o.kind;
+  }
 };
 
 struct BlockRun {
@@ -157,6 +173,7 @@ struct BlockRun {
   void* asan_fake = nullptr;
   const void* sched_bottom = nullptr;  // the scheduler's stack (AddressSanitizer annotations)
   size_t sched_size = 0;
+  std::vector<std::vector<WgmmaIssue>> wg_log;  // per warpgroup, every wgmma in issue order
 };
 
 thread_local BlockRun* g_run = nullptr;
@@ -164,6 +181,9 @@ thread_local Fiber* g_fiber = nullptr;
 thread_local cudaError_t g_last_error = cudaSuccess;
 thread_local std::string g_last_message;
 thread_local std::vector<void*> g_stacks;  // reused across launches
+// Emulated shared window (smem_addr): 256 KB of host addresses from a 64 KB-aligned base,
+// fixed at a launch's first smem_addr (0: none yet).
+thread_local uintptr_t g_window = 0;
 
 void* stack_at(size_t i) {
   while (g_stacks.size() <= i) {
@@ -187,6 +207,7 @@ void yield() {
 
 void flush_cp_async(Fiber& f, size_t keep_pending) {
   while (f.groups.size() > keep_pending) {
+    if (!f.groups.front().empty()) f.cp_unfenced = true;
     for (const CpAsync& c : f.groups.front()) std::memcpy(c.dst, c.src, 16);
     f.groups.erase(f.groups.begin());
   }
@@ -199,6 +220,10 @@ void fiber_entry() {
   // a thread that exits completes its outstanding copies (they are in flight on a GPU)
   f->groups.push_back(std::move(f->open));
   flush_cp_async(*f, 0);
+  if ((!f->wg_open.empty() || !f->wg_groups.empty()) && !g_run->failed) {
+    g_run->failed = true;
+    g_run->error = "a thread returned with wgmma operations it did not wait for (wgmma.wait_group)";
+  }
   f->done = true;
   ++g_run->exited;
   ++g_run->progress;
@@ -284,6 +309,67 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes, const char* k
 void cp_async16(void* smem, const void* gmem) { g_fiber->open.push_back(CpAsync{smem, gmem}); }
 void cp_async_commit() { g_fiber->groups.push_back(std::move(g_fiber->open)); g_fiber->open.clear(); }
 void cp_async_wait(int pending) { flush_cp_async(*g_fiber, static_cast<size_t>(pending < 0 ? 0 : pending)); }
+
+uint32_t smem_addr(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (g_window == 0) g_window = (a & ~static_cast<uintptr_t>(0xffff)) - (a >= 0x10000 ? 0x10000 : 0);
+  if (a < g_window || a - g_window >= 0x40000)
+    fail("smem_addr: shared memory beyond the emulated 256 KB window of this launch");
+  return static_cast<uint32_t>(a - g_window);
+}
+const void* smem_ptr(uint32_t addr) {
+  if (g_window == 0) fail("wgmma: a descriptor built without smem_addr");
+  return reinterpret_cast<const void*>(g_window + addr);
+}
+
+void wgmma_fence() { g_fiber->wg_fenced = true; }
+void fence_proxy_async() { g_fiber->cp_unfenced = false; }
+
+void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, int kind) {
+  BlockRun& r = *g_run;
+  Fiber& f = *g_fiber;
+  if (r.nthreads % 128 != 0) fail("wgmma in a block of " + std::to_string(r.nthreads) + " threads (not whole warpgroups)");
+  if (n < 8 || n > 256 || n % 8 != 0) fail("wgmma: N = " + std::to_string(n) + " (8 .. 256, a multiple of 8)");
+  if (!f.wg_fenced) fail("wgmma.mma_async without a wgmma.fence after the thread's last wgmma.wait_group");
+  for (const Fiber& o : *r.fibers)
+    if (o.cp_unfenced)
+      fail("wgmma reads shared memory while cp.async data landed without fence.proxy.async (thread " +
+           std::to_string(&o - r.fibers->data()) + ")");
+  wgmma_check_desc(desc_a, "a");
+  wgmma_check_desc(desc_b, "b");
+  const WgmmaIssue mine{n, desc_a, desc_b, accumulate, kind};
+  // the lanes of the warp (a warp collective: .sync.aligned), then the warps of the warpgroup
+  const unsigned char* slots = warp_exchange(&mine, sizeof(mine), "wgmma.mma_async");
+  for (int l = 0; l < 32; ++l) {
+    WgmmaIssue other;
+    std::memcpy(&other, slots + l * kSlot, sizeof(other));
+    if (!(other == mine))
+      fail("wgmma: lanes of warp " + std::to_string(f.thread.warp) + " issued different operands");
+  }
+  const size_t wg = static_cast<size_t>(f.thread.warp / 4);
+  if (r.wg_log.size() <= wg) r.wg_log.resize(wg + 1);
+  std::vector<WgmmaIssue>& log = r.wg_log[wg];
+  if (log.size() <= f.wg_seq) {
+    log.push_back(mine);
+  } else if (!(log[f.wg_seq] == mine)) {
+    fail("wgmma: warps of warpgroup " + std::to_string(wg) + " issued different operands");
+  }
+  ++f.wg_seq;
+  f.wg_open.push_back(WgmmaOp{d, n, desc_a, desc_b, accumulate, kind});
+}
+void wgmma_commit() {
+  g_fiber->wg_groups.push_back(std::move(g_fiber->wg_open));
+  g_fiber->wg_open.clear();
+}
+void wgmma_wait(int pending) {
+  Fiber& f = *g_fiber;
+  const size_t keep = static_cast<size_t>(pending < 0 ? 0 : pending);
+  while (f.wg_groups.size() > keep) {
+    for (const WgmmaOp& op : f.wg_groups.front()) wgmma_execute(op, f.thread.warp % 4, f.thread.lane);
+    f.wg_groups.erase(f.wg_groups.begin());
+  }
+  f.wg_fenced = false;
+}
 
 cudaError_t take_last_error() {
   const cudaError_t e = g_last_error;
@@ -380,6 +466,7 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
   r.block.grid = grid;
   g_run = &r;
   g_block = &r.block;
+  g_window = 0;
   for (uint64_t b = 0; b < nblocks && !r.failed; ++b) {
     const uint64_t flat = schedule.at(block_order, b, nblocks);
     const unsigned bx = static_cast<unsigned>(flat % grid.x);
@@ -389,12 +476,18 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
     r.exited = 0;
     r.bar_arrived = 0;
     r.warps.assign((nthreads + 31) / 32, WarpState());
+    r.wg_log.clear();
     for (uint64_t i = 0; i < nthreads; ++i) {
       Fiber& f = fibers[i];
       f.done = false;
       f.waiting = false;
       f.open.clear();
       f.groups.clear();
+      f.cp_unfenced = false;
+      f.wg_open.clear();
+      f.wg_groups.clear();
+      f.wg_fenced = false;
+      f.wg_seq = 0;
       f.thread = Thread();
       f.thread.idx = uint3{static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
                            static_cast<unsigned>(i / (static_cast<uint64_t>(block.x) * block.y))};

@@ -3,7 +3,7 @@
 // carries small self-test kernels of the emulator itself (tests/test_cuda_emulator.py):
 // the conversions against torch's, mma.sync against a matrix product, ldmatrix against its
 // PTX layout and, through the kernels' own fragment loads (tile_mma.cuh warp_mma16), as
-// the operand of mma.sync from either storage order, and the misuse
+// the operand of mma.sync from either storage order, wgmma's misuse (tile_wgmma.cuh), and the misuse
 // the emulator must report (divergent barriers, collectives with missing lanes,
 // deadlocks, launch limits, reads of cp.async data before the wait), and an out-of-bounds
 // read that only an AddressSanitizer build reports (memcheck.sh's negative control).
@@ -14,6 +14,7 @@
 
 #include "ck_cuda_emu.h"
 #include "../tile_mma.cuh"
+#include "../tile_wgmma.cuh"
 
 namespace {
 
@@ -274,6 +275,47 @@ std::string misuse(int64_t which, const Tensor& out) {
   return launch_status();
 }
 
+// wgmma misuse (one warpgroup, or 64 threads for case 5): the emulator must report each.  A
+// (64 x 16) and B (64 x 16) are staged by cp.async into 128-byte-swizzled tiles (tile_wgmma.cuh)
+// and multiplied by one m64n64k16 wgmma.  out[tid] gets d[0] before the wait, out[128 + tid]
+// after it (case 0).
+__global__ void wgmma_misuse_kernel(int which, const uint16_t* src, float* out) {
+  namespace tl = ck::cuda::tile;
+  __shared__ __align__(1024) unsigned char sa[2 * 64 * 128];
+  __shared__ __align__(1024) unsigned char sb[64 * 128];
+  const int tid = threadIdx.x;
+  for (int v = tid; v < 64 * 2; v += blockDim.x) {  // rows x two 16-byte chunks of 16 elements
+    const int r = v >> 1, c = v & 1;
+    tl::cp_async16(sa + tl::sw128_offset(r, c), src + r * 16 + 8 * c);
+    tl::cp_async16(sb + tl::sw128_offset(r, c), src + 64 * 16 + r * 16 + 8 * c);
+  }
+  tl::cp_async_commit();
+  tl::cp_async_wait<0>();
+  if (which != 2) tl::fence_proxy_async();
+  __syncthreads();
+  float d[32] = {};
+  if (which != 1) tl::wgmma_fence();
+  uint32_t a0 = tl::smem_u32(sa), b0 = tl::smem_u32(sb);
+  if (which == 3) a0 += 128;                   // inside the 1024-byte swizzle repeat
+  if (which == 4 && tid >= 64) b0 += 1024;     // warps 2, 3 read other rows of B
+  tl::wgmma_ss(d, tl::desc_sw128(a0), tl::desc_sw128(b0), 0, __nv_bfloat16{});
+  tl::wgmma_commit();
+  out[tid] = d[0];
+  if (which == 6) return;  // returns with the wgmma pending
+  tl::wgmma_wait<0>();
+  out[128 + tid] = d[0];
+}
+
+std::string wgmma_misuse(int64_t which, const Tensor& src, const Tensor& out) {
+  TORCH_CHECK(src.scalar_type() == at::kShort && src.numel() == 2 * 64 * 16 && src.is_contiguous(),
+              "src must be contiguous int16 with 2048 entries (A then B, 64 x 16 each)");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() >= 256, "out must be float32 with >= 256 entries");
+  const auto* ps = reinterpret_cast<const uint16_t*>(src.data_ptr<int16_t>());
+  CK_LAUNCH(1, which == 5 ? 64 : 128, 0, nullptr, wgmma_misuse_kernel)(static_cast<int>(which), ps,
+                                                                      out.data_ptr<float>());
+  return launch_status();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -284,5 +326,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mma", &mma, "one emulated mma.sync (kind 0 f16, 1 bf16, 2 tf32) from PTX-layout fragments");
   m.def("ldmatrix", &ldmatrix, "one emulated ldmatrix.m8n8 (num 1, 2, 4; .trans) of 16-bit patterns: lane registers");
   m.def("frag_mma", &frag_mma, "C = A B through tile::warp_mma16 (ldmatrix fragment loads) from either storage order");
+  m.def("wgmma_misuse", &wgmma_misuse, "run a wgmma misuse case (0 correct); returns the launch status");
   m.def("misuse", &misuse, "run a misuse case of the emulator's self-test kernel; returns the launch status");
 }
