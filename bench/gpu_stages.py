@@ -139,27 +139,29 @@ def peak(st):
 
 
 def wgmma_rate(st):
-    """The wgmma kernel (csrc/cuda/wgmma_gemm.cu: c = a b^T, 64 x 128 tiles, one warpgroup, cp.async
-    staging) against torch.mm on the same NT product: the rate the wgmma path's tiles reach as they
-    are staged now, the r of bench/NOTES.md "The CLIP target's arithmetic"."""
+    """The wgmma kernel (csrc/cuda/wgmma_gemm.cu: 64 x 128 tiles, one warpgroup, cp.async staging)
+    against torch.mm on the same product: c = a b^T (both operands K-major) and c = a b (b read
+    N-major, as the backward's dX = dS Y): the rate the wgmma path's tiles reach as they are staged
+    now, the r of bench/NOTES.md "The CLIP target's arithmetic"."""
     import contrastive_kernels  # noqa: F401  (registers the op)
     n = st.pick(8192, 96)
     op = torch.ops.contrastive_kernels._wgmma_gemm_cuda_emu if st.smoke else torch.ops.contrastive_kernels._wgmma_gemm
     for dtype in (torch.bfloat16, torch.float16):
-        a, b = st.randn(n, n, dtype=dtype), st.randn(n, n, dtype=dtype)
-        name = f"{n}^3 {str(dtype).replace('torch.', '')} c = a b^T"
-        try:
-            c = op(a, b)
-        except RuntimeError as e:  # not a 9.0 device / not an sm_90a build: say so, time nothing
-            st.res.add({"what": f"wgmma_gemm {name}", "error": str(e).splitlines()[0]})
-            continue
-        ref = torch.mm(a.float(), b.float().T)
-        err = ((c - ref).abs().max() / ref.abs().max()).item()
-        med, lo, hi = st.timed(lambda: op(a, b), reps=20, warm=3)
-        st.res.add({"what": f"wgmma_gemm {name}", "ms_median": med, "ms_min": lo, "ms_max": hi,
-                    "tflops": 2 * n**3 / med / 1e9, "max_err_vs_fp32_mm": err})
-        med = st.time(lambda: torch.mm(a, b.T), reps=20, warm=3)
-        st.res.add({"what": f"torch.mm {name}", "ms_median": med, "tflops": 2 * n**3 / med / 1e9})
+        for b_kn in (False, True):
+            a, b = st.randn(n, n, dtype=dtype), st.randn(n, n, dtype=dtype)
+            name = f"{n}^3 {str(dtype).replace('torch.', '')} c = a {'b' if b_kn else 'b^T'}"
+            try:
+                c = op(a, b, b_kn)
+            except RuntimeError as e:  # not a 9.0 device / not an sm_90a build: say so, time nothing
+                st.res.add({"what": f"wgmma_gemm {name}", "error": str(e).splitlines()[0]})
+                continue
+            ref = torch.mm(a.float(), b.float() if b_kn else b.float().T)
+            err = ((c - ref).abs().max() / ref.abs().max()).item()
+            med, lo, hi = st.timed(lambda: op(a, b, b_kn), reps=20, warm=3)
+            st.res.add({"what": f"wgmma_gemm {name}", "ms_median": med, "ms_min": lo, "ms_max": hi,
+                        "tflops": 2 * n**3 / med / 1e9, "max_err_vs_fp32_mm": err})
+            med = st.time(lambda: torch.mm(a, b if b_kn else b.T), reps=20, warm=3)
+            st.res.add({"what": f"torch.mm {name}", "ms_median": med, "tflops": 2 * n**3 / med / 1e9})
 
 
 BF16, F32 = torch.bfloat16, torch.float32
@@ -182,22 +184,34 @@ def fused_vs_two_passes(st, backend, sizes):
 
 
 def wgmma_vs_mma(st, sizes):
-    """The lse forward with compute_col, its S tiles from wgmma against mma.sync: ms, and the largest
-    difference of the row and column lse between the two (they round differently: small, not 0)."""
+    """The lse forward with compute_col and its backward (dq, dk from row and column gradients), the
+    products from wgmma against mma.sync: ms, and the largest differences of the log-sum-exps and of
+    the gradients (relative to the largest gradient) between the two (they round differently:
+    small, not 0)."""
     import contrastive_kernels._families as fam
     var = "CONTRASTIVE_KERNELS_CUDA_WGMMA"
     for dtype, n, d in sizes:
         torch.manual_seed(0)
-        q, k = st.randn(n, d, dtype=dtype), st.randn(n, d, dtype=dtype)
+        q, k = st.randn(n, d, dtype=dtype, grad=True), st.randn(n, d, dtype=dtype, grad=True)
         s = torch.tensor(10.0, device=st.dev)
-        outs = {}
+        gr, gc = st.randn(n), st.randn(n)
+        outs, grads = {}, {}
         for wg in ("0", "1"):
             with Env({var: wg}):
-                outs[wg] = torch.cat(fam.lse("cuda", q, k, s, compute_col=True))
-                ms = st.time(lambda: fam.lse("cuda", q, k, s, compute_col=True))
-            st.res.add({"op": "lse forward, compute_col", "backend": "cuda", "dtype": str(dtype), "N": n, "M": n,
-                        "D": d, "env": {var: wg}, "ms": ms, "tflops_counting_2NMD": 2 * n * n * d / ms / 1e9,
-                        "max_lse_diff_vs_mma_sync": (outs[wg] - outs["0"]).abs().max().item()})
+                row, col = fam.lse("cuda", q, k, s, compute_col=True)
+                outs[wg] = torch.cat([row.detach(), col.detach()])
+                fwd_ms = st.time(lambda: fam.lse("cuda", q.detach(), k.detach(), s, compute_col=True))
+                loss = (row * gr).sum() + (col * gc).sum()
+                gq, gk = torch.autograd.grad(loss, [q, k], retain_graph=True)
+                grads[wg] = torch.cat([gq.float().flatten(), gk.float().flatten()])
+                bwd_ms = st.time(lambda: torch.autograd.grad(loss, [q, k], retain_graph=True))
+            st.res.add({"op": "lse forward (compute_col) + backward", "backend": "cuda", "dtype": str(dtype), "N": n,
+                        "M": n, "D": d, "env": {var: wg}, "ms": fwd_ms, "bwd_ms": bwd_ms,
+                        "tflops_counting_2NMD": 2 * n * n * d / fwd_ms / 1e9,
+                        "bwd_tflops_nominal_4x2NMD": 8 * n * n * d / bwd_ms / 1e9,
+                        "max_lse_diff_vs_mma_sync": (outs[wg] - outs["0"]).abs().max().item(),
+                        "max_grad_diff_vs_mma_sync_rel": ((grads[wg] - grads["0"]).abs().max()
+                                                          / grads["0"].abs().max()).item()})
 
 
 def shapes(st):
@@ -231,8 +245,8 @@ def shapes(st):
     fused_vs_two_passes(st, "cuda", st.pick([(BF16, 32768, 512), (BF16, 16384, 128), (BF16, 8192, 512),
                                              (BF16, 4096, 512), (BF16, 1024, 128), (F32, 8192, 128)],
                                             [(BF16, 70, 64), (F32, 33, 40)]))
-    # the 16-bit forward's S tiles from wgmma (CONTRASTIVE_KERNELS_CUDA_WGMMA=1, sm_90a) against
-    # mma.sync, with the largest difference of their log-sum-exps
+    # the 16-bit kernels' products from wgmma (CONTRASTIVE_KERNELS_CUDA_WGMMA=1, sm_90a) against
+    # mma.sync, forward and backward, with the largest differences of their outputs
     wgmma_vs_mma(st, st.pick([(BF16, 32768, 512), (BF16, 16384, 128), (BF16, 4096, 512), (BF16, 1024, 128)],
                              [(BF16, 70, 72)]))
     # SupCon (the LSE_LABELS kernels, whose sm_90 bf16 column backward with two groups lost a block

@@ -387,6 +387,7 @@ def test_wgmma_accumulators_land_at_the_wait(emu):
     (4, "warps of warpgroup 0 issued different operands"),
     (5, "not whole warpgroups"),
     (6, "did not wait"),
+    (7, "only the 128-byte swizzle"),  # a transposed B in another swizzle mode (not emulated: an error)
 ])
 def test_wgmma_misuse_is_reported(emu, which, message):
     status = emu.wgmma_misuse(which, _wgmma_operands().view(torch.int16).reshape(-1), torch.zeros(256))

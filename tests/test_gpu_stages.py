@@ -43,10 +43,12 @@ def _envs(rows, var):
 @pytest.mark.cuda_emu
 def test_peak_stage(tmp_path):
     _run_stage("peak", tmp_path)
-    rows = _rows(tmp_path, "peak.json", 7)
+    rows = _rows(tmp_path, "peak.json", 11)
     assert [r["what"].split()[0:2] for r in rows] == [
-        ["torch.mm", "bf16"], ["torch.mm", "fp32"], ["wgmma_gemm", "96^3"], ["torch.mm", "96^3"],
-        ["wgmma_gemm", "96^3"], ["torch.mm", "96^3"], ["device", "copy"]]
+        ["torch.mm", "bf16"], ["torch.mm", "fp32"]] + [["wgmma_gemm", "96^3"], ["torch.mm", "96^3"]] * 4 + [
+        ["device", "copy"]]
+    # both operand forms of B, each dtype
+    assert [r["what"].split(" c = ")[1] for r in rows if r["what"].startswith("wgmma_gemm")] == ["a b^T", "a b"] * 2
     # the wgmma kernel (emulated) gives the product
     assert all(r["max_err_vs_fp32_mm"] < 1e-5 for r in rows if r["what"].startswith("wgmma_gemm"))
 
@@ -58,11 +60,13 @@ def test_shapes_stage_on_cuda_emulator(tmp_path):
     wg = [r for r in rows if "CONTRASTIVE_KERNELS_CUDA_WGMMA" in r["env"]]
     assert _envs(wg, "CONTRASTIVE_KERNELS_CUDA_WGMMA") == ["0", "1"]
     assert all(r["max_lse_diff_vs_mma_sync"] < 1e-4 for r in wg), wg  # the emulated wgmma forward agrees
+    assert all(r["max_grad_diff_vs_mma_sync_rel"] < 1e-4 for r in wg), wg  # ... and its backward
     # each comparison ran both of its settings
     assert _envs(rows, "CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS") == ["1", "1", "1", "2", "2", "2"]
     assert _envs(rows, "CONTRASTIVE_KERNELS_CUDA_FUSED_COLS") == ["0", "0", "1", "1"]
     assert sorted(r["env"].get("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS") for r in rows if "bwd_ms" in r
-                  and "CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS" not in r["env"]) == ["", "1"]
+                  and "CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS" not in r["env"]
+                  and "CONTRASTIVE_KERNELS_CUDA_WGMMA" not in r["env"]) == ["", "1"]
 
 
 @pytest.mark.triton

@@ -614,10 +614,20 @@ std::tuple<Tensor, Tensor, Tensor> similarity_backward_cuda(const Tensor& grad, 
   return {da, db, dscale};
 }
 
-// c = a b^T in float32 through the wgmma kernel (csrc/cuda/wgmma_gemm.cu): the wgmma path's
-// check against torch and the `peak` stage's rate of wgmma tiles.  Not a loss op.
-Tensor wgmma_gemm_cuda(const Tensor& a, const Tensor& b) {
-  check_pair(a, b, "a", "b");
+// c = a b^T in float32 through the wgmma kernel (csrc/cuda/wgmma_gemm.cu); with b_kn, b is (k, n)
+// and c = a b (b read N-major, wgmma's transposed form): the wgmma path's check against torch and
+// the `peak` stage's rate of wgmma tiles.  Not a loss op.
+Tensor wgmma_gemm_cuda(const Tensor& a, const Tensor& b, bool b_kn) {
+  if (!b_kn) {
+    check_pair(a, b, "a", "b");
+  } else {  // (check_pair's checks, b's dimensions swapped)
+    check_pair(a, a, "a", "a");
+    TORCH_CHECK(b.device() == a.device(), "contrastive_kernels (cuda): b is on ", b.device(), " but a is on ", a.device());
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == a.size(1), "contrastive_kernels (cuda): wgmma_gemm: with b_kn, b must be (k, n) ",
+                "with k = a.size(1) = ", a.size(1), ", got shape ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == a.scalar_type(), "contrastive_kernels (cuda): a and b must have the same dtype, got ",
+                a.scalar_type(), " and ", b.scalar_type());
+  }
   TORCH_CHECK(a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16,
               "contrastive_kernels (cuda): wgmma_gemm: a and b must be float16 or bfloat16, got ", a.scalar_type());
   TORCH_CHECK(b.is_contiguous(), "contrastive_kernels (cuda): b must be contiguous");
@@ -626,7 +636,8 @@ Tensor wgmma_gemm_cuda(const Tensor& a, const Tensor& b) {
   const DeviceGuard guard(a.device());
   const std::string missing = wgmma_missing();
   TORCH_CHECK(missing.empty(), "contrastive_kernels (cuda): wgmma_gemm needs ", missing);
-  Tensor c = f32(a, {a.size(0), b.size(0)});
+  const int64_t n = b_kn ? b.size(1) : b.size(0);
+  Tensor c = f32(a, {a.size(0), n});
   if (c.numel() == 0) return c;
   if (a.size(1) == 0) return c.zero_();
   kc::WgmmaGemmParams p;
@@ -634,9 +645,10 @@ Tensor wgmma_gemm_cuda(const Tensor& a, const Tensor& b) {
   p.b = b.data_ptr();
   p.c = c.data_ptr<float>();
   p.m = a.size(0);
-  p.n = b.size(0);
+  p.n = n;
   p.k = a.size(1);
   p.dtype = dtype_of(a, "a");
+  p.b_kn = b_kn;
   check_launch(kc::wgmma_gemm(p, current_stream()), "wgmma_gemm");
   return c;
 }
@@ -645,10 +657,10 @@ Tensor wgmma_gemm_cuda(const Tensor& a, const Tensor& b) {
 
 // Not a loss op (no CPU or Triton twin, not in op_schemas.h): its own schema, here.
 #ifndef CK_CUDA_EMU
-TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) { m.def("_wgmma_gemm(Tensor a, Tensor b) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) { m.def("_wgmma_gemm(Tensor a, Tensor b, bool b_kn=False) -> Tensor"); }
 TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) { m.impl("_wgmma_gemm", &wgmma_gemm_cuda); }
 #else
-TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) { m.def("_wgmma_gemm_cuda_emu(Tensor a, Tensor b) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) { m.def("_wgmma_gemm_cuda_emu(Tensor a, Tensor b, bool b_kn=False) -> Tensor"); }
 TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) { m.impl("_wgmma_gemm_cuda_emu", &wgmma_gemm_cuda); }
 #endif
 

@@ -35,7 +35,11 @@
 //   * deterministic: per-row sums are reduced in a fixed shuffle order, whole-matrix
 //     sums (dscale, dbias) are written per block and reduced by one block in a fixed
 //     order (double partials); no float atomics;
-//   * int64 indices everywhere a row index meets the feature dimension.
+//   * int64 indices everywhere a row index meets the feature dimension;
+//   * WG (sm_90a, 16-bit inputs, opt-in CONTRASTIVE_KERNELS_CUDA_WGMMA=1): the same kernels
+//     with both products from wgmma.mma_async (tile_wgmma.cuh), the chunks staged 64 features
+//     wide in the 128-byte swizzle, the staged dS swizzled too; the accumulators are the same
+//     fragments, so every epilogue is shared.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -271,11 +275,14 @@ constexpr int min_blocks() {
 template <typename T, int FAM, bool TRANS, bool BWD, int G, bool SPLIT, bool WG = false>
 __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, BWD, SPLIT, WG>()))
     family_tile_kernel(const FamilyParams p, const bool vec_ok) {
-  // WG: the S tile from wgmma (sm_90a; a forward kernel of 16-bit inputs): 64-feature chunks in
-  // 128-byte-swizzled tiles, one m64n64k16 per 16 features for the block's 64 x 64 tile, whose
-  // accumulators are the warps' mma.sync fragments accS (tile_wgmma.cuh), so the epilogue is the
-  // same.  Elsewhere (sm_80 code of these instantiations) it traps: the host never launches it.
-  static_assert(!WG || (!BWD && G == 1 && sizeof(T) == 2), "wgmma: the 16-bit forward kernels");
+  // WG: the products from wgmma (sm_90a; 16-bit inputs): 64-feature chunks in 128-byte-swizzled
+  // tiles; S by one m64n{64 / G}k16 per 16 features for each warp group's 64 x 64 / G part of the
+  // tile, whose accumulators are the warps' mma.sync fragments accS (tile_wgmma.cuh), so the
+  // epilogue is the same; in the backward, dS (times the column rscale) staged swizzled as the
+  // K-major A of dX += dS Y, Y's staged chunk read N-major (its rows are the sum's index), one
+  // m64n64k16 per 16 columns into half of accO (the m64n64 layout again).  Elsewhere (sm_80 code
+  // of these instantiations) it traps: the host never launches it.
+  static_assert(!WG || sizeof(T) == 2, "wgmma: the 16-bit kernels");
   constexpr int BK = WG ? 64 : Cfg<T>::BK, LDS = Cfg<T>::LDS;
   using SH = Shape<BWD, G>;
   constexpr int NWARP = SH::kWarps, NTHR = SH::kThreads, NTS = SH::kNTS, DC = SH::kDC;
@@ -292,7 +299,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
 
   __shared__ __align__(WG ? 1024 : 16) T sx[2][WG ? BM * 64 : BM * LDS];
   __shared__ __align__(WG ? 1024 : 16) T sy[2][WG ? BN * 64 : BN * LDS];
-  __shared__ __align__(16) T sds[BWD ? BM * DS_LD : 8];
+  __shared__ __align__(WG ? 1024 : 16) T sds[BWD ? (WG ? BM * 64 : BM * DS_LD) : 8];
   __shared__ Side side[2][BN];
   __shared__ double red[NWARP];
   // backward: the second warp group's per-row sums (rsum, rrs, pairwise loss); float16's
@@ -388,10 +395,24 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
     } else {
       // dX step: the Y chunk of each warp group (sx is free between the S products)
       const int64_t c = dc0 + static_cast<int64_t>(local - nk) * BK;
-      load_chunk<T, NTHR>(sy[st], Y, col0, ncols, c, D, vec_ok);
-      if (G == 2) load_chunk<T, NTHR>(sx[st], Y, col0, ncols, c + part, D, vec_ok);
+      if constexpr (WG) {
+        tile::stage_sw128<T, NTHR>(reinterpret_cast<unsigned char*>(sy[st]), Y, BN, col0, ncols, c, D, vec_ok);
+        if (G == 2)
+          tile::stage_sw128<T, NTHR>(reinterpret_cast<unsigned char*>(sx[st]), Y, BN, col0, ncols, c + part, D, vec_ok);
+      } else {
+        load_chunk<T, NTHR>(sy[st], Y, col0, ncols, c, D, vec_ok);
+        if (G == 2) load_chunk<T, NTHR>(sx[st], Y, col0, ncols, c + part, D, vec_ok);
+      }
     }
     tile::cp_async_commit();
+  };
+
+  // the staged dS element (row rl, column cl): padded rows, or (WG) the 128-byte swizzle
+  auto ds_at = [&](int rl, int cl) -> T& {
+    if constexpr (WG)
+      return sds[rl * 64 + ((((cl >> 3) ^ (rl & 7))) << 3) + (cl & 7)];
+    else
+      return sds[rl * DS_LD + cl];
   };
 
   auto epilogue = [&](int64_t tl) {
@@ -489,7 +510,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
           if (kDsScale)
             vals[nt][e] = ds * C.rs;
           else if (gemm)
-            sds[rl * DS_LD + cl] = tile::from_float<T>(ds * C.rs);
+            ds_at(rl, cl) = tile::from_float<T>(ds * C.rs);
         }
       }
     }
@@ -622,7 +643,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
         for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
           for (int e1 = 0; e1 < 2; ++e1)
-            sds[rl * DS_LD + (cg * NTS + nt) * 8 + 2 * t + e1] = tile::from_float<T>(vals[nt][2 * h + e1] * mul);
+            ds_at(rl, (cg * NTS + nt) * 8 + 2 * t + e1) = tile::from_float<T>(vals[nt][2 * h + e1] * mul);
       }
     }
   };
@@ -647,7 +668,10 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
       }
       if constexpr (WG) {
 #if CK_WGMMA
-        tile::wgmma_chunk<BK / 16, T>(reinterpret_cast<float(&)[4 * NTS]>(accS), sx[st], sy[st], local > 0);
+        // (this warp group's columns: rows NTS * 8 cg .. of the staged Y tile, 128 bytes each)
+        tile::wgmma_chunk<BK / 16, T>(reinterpret_cast<float(&)[4 * NTS]>(accS), sx[st],
+                                      reinterpret_cast<const unsigned char*>(sy[st]) + (G == 1 ? 0 : cg * NTS * 8 * 128),
+                                      local > 0);
 #else
         __trap();
 #endif
@@ -659,9 +683,19 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
       const int gi = local - nk;
 #pragma unroll
       for (int q = 0; q < NG_MAX; ++q)
-        if (q == gi)
-          tile::warp_mma_nn<TPS, BN>(&accO[q * TPS], &sds[rw * 16 * DS_LD], DS_LD, (G == 1 || cg == 0) ? sy[st] : sx[st],
-                                     LDS, precise_o);
+        if (q == gi) {
+          if constexpr (WG) {
+#if CK_WGMMA
+            tile::wgmma_chunk<BN / 16, T, 1>(reinterpret_cast<float(&)[4 * TPS]>(accO[q * TPS]), sds,
+                                             (G == 1 || cg == 0) ? sy[st] : sx[st], true);
+#else
+            __trap();
+#endif
+          } else {
+            tile::warp_mma_nn<TPS, BN>(&accO[q * TPS], &sds[rw * 16 * DS_LD], DS_LD,
+                                       (G == 1 || cg == 0) ? sy[st] : sx[st], LDS, precise_o);
+          }
+        }
     }
     __syncthreads();
   }
@@ -1064,10 +1098,10 @@ cudaError_t launch_shape(const FamilyParams& p_in, const Plan& pl, cudaStream_t 
 }
 
 // The wgmma kernel where the binding asks for it (FamilyParams::wgmma: a 9.0 device, an sm_90a
-// build, CONTRASTIVE_KERNELS_CUDA_WGMMA=1) and one exists (a 16-bit forward), else mma.sync.
+// build, CONTRASTIVE_KERNELS_CUDA_WGMMA=1) and one exists (16-bit inputs), else mma.sync.
 template <typename T, int FAM, bool TRANS, bool BWD, int G, bool SPLIT>
 cudaError_t launch_pick(const FamilyParams& p, const Plan& pl, cudaStream_t stream) {
-  if constexpr (!BWD && sizeof(T) == 2)
+  if constexpr (sizeof(T) == 2)
     if (p.wgmma) return launch_shape<T, FAM, TRANS, BWD, G, SPLIT, true>(p, pl, stream);
   return launch_shape<T, FAM, TRANS, BWD, G, SPLIT, false>(p, pl, stream);
 }
@@ -1082,7 +1116,7 @@ cudaError_t launch_typed(const FamilyParams& p, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const Plan pl = plan_pass(p, TRANS, BWD);
   if (pl.splits > 1) return launch_pick<T, FAM, TRANS, BWD, 1, true>(p, pl, stream);
-  if (BWD && pl.groups == 2) return launch_shape<T, FAM, TRANS, BWD, BWD ? 2 : 1, false, false>(p, pl, stream);
+  if (BWD && pl.groups == 2) return launch_pick<T, FAM, TRANS, BWD, BWD ? 2 : 1, false>(p, pl, stream);
   return launch_pick<T, FAM, TRANS, BWD, 1, false>(p, pl, stream);
 }
 

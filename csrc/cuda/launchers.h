@@ -167,7 +167,8 @@ cudaError_t similarity_forward(const SimilarityParams& p, cudaStream_t stream);
 cudaError_t similarity_backward(const SimilarityParams& p, cudaStream_t stream);
 
 // ------------------------------------------------------------- wgmma product (sm_90a)
-// c = a b^T in float32; a (m, k), b (n, k) contiguous, the same 16-bit dtype.  The first
+// c = a b^T in float32; a (m, k), b (n, k) contiguous, the same 16-bit dtype; with b_kn, b is
+// (k, n) and c = a b (B read N-major by wgmma's transposed form, as the backward reads Y).  The first
 // kernel of the wgmma path (csrc/cuda/wgmma_gemm.cu): it checks the path's staging,
 // descriptors and fragment layout against torch on a GPU, and its rate is the `peak` stage's
 // measure of what cp.async-staged wgmma tiles reach.  Needs an sm_90a build on a compute
@@ -178,6 +179,7 @@ struct WgmmaGemmParams {
   float* c = nullptr;  // (m, n)
   int64_t m = 0, n = 0, k = 0;
   DType dtype = DType::kBFloat16;
+  bool b_kn = false;
 };
 // Largest m the launch's grid covers ((m + 63) / 64 row blocks in gridDim.y).
 constexpr int64_t kWgmmaGemmMaxRows = 64 * 65535;

@@ -14,7 +14,10 @@
 // 8-row group 1024 bytes (the descriptor's stride-dimension offset), the tile 1024-byte aligned.
 // The k16 step s of a 64-deep tile is the descriptor of the tile's start + 32 s bytes: the
 // hardware applies the swizzle to the address bits (bits 4-6 XOR bits 7-9), which is why the
-// tile must be aligned to the swizzle's 1024-byte repeat.
+// tile must be aligned to the swizzle's 1024-byte repeat.  The same staging serves a B stored
+// N-major (B^T row-major, as dX = dS Y reads Y): tile rows are then K, 64 N-elements each, read
+// with imm-trans-b = 1; the 8-row groups (1024 bytes) are K's, a k16 step is 16 rows (2048
+// bytes), and 64-element blocks of N lie the descriptor's leading offset apart.
 //
 // Ordering (PTX ISA): wgmma_fence() before the first wgmma of a batch (after the accumulators
 // were last touched), wgmma_commit() after the batch, wgmma_wait<P>() before the accumulators
@@ -41,11 +44,13 @@ namespace tile {
 // Byte offset of 16-byte chunk c (0-7) of row r in a 128-byte-swizzled K-major tile.
 __device__ __forceinline__ int sw128_offset(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
-// Descriptor of a 128-byte-swizzled K-major operand starting at shared address `addr`
-// (leading-dimension offset unused by this layout, 1 by convention; 8-row groups 1024 bytes
-// apart; swizzle mode 1).
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3ffffu) >> 4) | (static_cast<uint64_t>(1) << 16) |
+// Descriptor of a 128-byte-swizzled operand starting at shared address `addr`: 8-row groups
+// (rows of 128 bytes) 1024 bytes apart, swizzle mode 1.  K-major, the rows are the M / N index and
+// the leading-dimension offset is unused (16 bytes by convention).  MN-major (the operand
+// transposed, imm-trans 1: rows are the K index, 64 M / N elements each), the 8-row groups are
+// K's, and `lbo` is the byte distance between 64-element column blocks of M / N (where N > 64).
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo = 16) {
+  return static_cast<uint64_t>((addr & 0x3ffffu) >> 4) | (static_cast<uint64_t>((lbo & 0x3ffffu) >> 4) << 16) |
          (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
 }
 
@@ -82,9 +87,9 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_proxy_async() { ::ck_emu::fence_proxy_async(); }
 template <int R>
 __device__ __forceinline__ void fence_operands(float (&)[R]) {}
-template <int R, typename T>
+template <int TB = 0, int R, typename T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[R], uint64_t da, uint64_t db, int acc, T) {
-  ::ck_emu::wgmma_issue(d, 2 * R, da, db, acc != 0, std::is_same<T, __nv_bfloat16>::value ? 1 : 0);
+  ::ck_emu::wgmma_issue(d, 2 * R, da, db, acc != 0, std::is_same<T, __nv_bfloat16>::value ? 1 : 0, TB != 0);
 }
 #else
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
@@ -104,16 +109,34 @@ __device__ __forceinline__ void fence_operands(float (&d)[R]) {
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// wgmma_ss(d, desc_a, desc_b, acc, T{}): d (64 x 2R) = A B^T + (acc ? d : 0), m64n{2R}k16,
-// both operands K-major in shared memory (no transpose, no negation).
-#define CK_WGMMA_SS_N64(TY, CT)                                                                                    \
-  __device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t da, uint64_t db, int acc, CT) {                \
+// wgmma_ss<TB>(d, desc_a, desc_b, acc, T{}): d (64 x 2R) = A B^T + (acc ? d : 0), m64n{2R}k16,
+// both operands in shared memory, A K-major, B K-major (TB = 0) or N-major (TB = 1: B^T stored,
+// 16 x 2R with N contiguous), no negation.  The declaration takes TB first so that the macros
+// below define its specializations.
+template <int TB = 0, int R, typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[R], uint64_t da, uint64_t db, int acc, T);
+#define CK_WGMMA_SS_N32(TY, CT, TB)                                                                                \
+  template <>                                                                                                      \
+  __device__ __forceinline__ void wgmma_ss<TB>(float (&d)[16], uint64_t da, uint64_t db, int acc, CT) {            \
+    asm volatile(                                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                               \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {"                                               \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"                                     \
+        "}, %16, %17, p, 1, 1, 0, " #TB ";\n}\n"                                                                   \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])     \
+        : "l"(da), "l"(db), "r"(acc));                                                                             \
+  }
+
+#define CK_WGMMA_SS_N64(TY, CT, TB)                                                                                    \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_ss<TB>(float (&d)[32], uint64_t da, uint64_t db, int acc, CT) {                \
     asm volatile(                                                                                                  \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                               \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {"                                               \
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                    \
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                           \
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                         \
+        "}, %32, %33, p, 1, 1, 0, " #TB ";\n}\n"                                                                         \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
@@ -121,8 +144,9 @@ __device__ __forceinline__ void fence_operands(float (&d)[R]) {
         : "l"(da), "l"(db), "r"(acc));                                                                             \
   }
 
-#define CK_WGMMA_SS_N128(TY, CT)                                                                                   \
-  __device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t da, uint64_t db, int acc, CT) {                \
+#define CK_WGMMA_SS_N128(TY, CT, TB)                                                                                   \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_ss<TB>(float (&d)[64], uint64_t da, uint64_t db, int acc, CT) {                \
     asm volatile(                                                                                                  \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                               \
         "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {"                                              \
@@ -130,7 +154,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[R]) {
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"                          \
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"                          \
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                           \
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                                                         \
+        "}, %64, %65, p, 1, 1, 0, " #TB ";\n}\n"                                                                         \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
@@ -142,8 +166,9 @@ __device__ __forceinline__ void fence_operands(float (&d)[R]) {
         : "l"(da), "l"(db), "r"(acc));                                                                             \
   }
 
-#define CK_WGMMA_SS_N256(TY, CT)                                                                                           \
-  __device__ __forceinline__ void wgmma_ss(float (&d)[128], uint64_t da, uint64_t db, int acc, CT) {                       \
+#define CK_WGMMA_SS_N256(TY, CT, TB)                                                                                           \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_ss<TB>(float (&d)[128], uint64_t da, uint64_t db, int acc, CT) {                       \
     asm volatile(                                                                                                          \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                                      \
         "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {"                                                      \
@@ -155,7 +180,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[R]) {
         "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"                                  \
         "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"                      \
         "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"                   \
-        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"                                                                               \
+        "}, %128, %129, p, 1, 1, 0, " #TB ";\n}\n"                                                                               \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                  \
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),            \
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),          \
@@ -174,12 +199,21 @@ __device__ __forceinline__ void fence_operands(float (&d)[R]) {
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])   \
         : "l"(da), "l"(db), "r"(acc));                                                                                     \
   }
-CK_WGMMA_SS_N64("f16", __half)
-CK_WGMMA_SS_N64("bf16", __nv_bfloat16)
-CK_WGMMA_SS_N128("f16", __half)
-CK_WGMMA_SS_N128("bf16", __nv_bfloat16)
-CK_WGMMA_SS_N256("f16", __half)
-CK_WGMMA_SS_N256("bf16", __nv_bfloat16)
+CK_WGMMA_SS_N32("f16", __half, 0)
+CK_WGMMA_SS_N32("bf16", __nv_bfloat16, 0)
+CK_WGMMA_SS_N32("f16", __half, 1)
+CK_WGMMA_SS_N32("bf16", __nv_bfloat16, 1)
+CK_WGMMA_SS_N64("f16", __half, 0)
+CK_WGMMA_SS_N64("bf16", __nv_bfloat16, 0)
+CK_WGMMA_SS_N64("f16", __half, 1)
+CK_WGMMA_SS_N64("bf16", __nv_bfloat16, 1)
+CK_WGMMA_SS_N128("f16", __half, 0)
+CK_WGMMA_SS_N128("bf16", __nv_bfloat16, 0)
+CK_WGMMA_SS_N128("f16", __half, 1)
+CK_WGMMA_SS_N128("bf16", __nv_bfloat16, 1)
+CK_WGMMA_SS_N256("f16", __half, 0)
+CK_WGMMA_SS_N256("bf16", __nv_bfloat16, 0)
+#undef CK_WGMMA_SS_N32
 #undef CK_WGMMA_SS_N64
 #undef CK_WGMMA_SS_N128
 #undef CK_WGMMA_SS_N256
@@ -187,18 +221,23 @@ CK_WGMMA_SS_N256("bf16", __nv_bfloat16)
 #endif  // CK_CUDA_EMU
 
 #if CK_WGMMA
-// d (64 x 2R) (+)= A B^T over one staged chunk: A (64 rows) and B (2R rows) 128-byte-swizzled
-// K-major tiles of KSTEPS x 16 features at sa, sb; d is overwritten by the first product unless
-// `accumulate`.  The staging threads must have fenced their writes (fence_proxy_async) before
-// the barrier that precedes this; it returns with the products complete (wait_group 0).
-template <int KSTEPS, typename T, int R>
-__device__ __forceinline__ void wgmma_chunk(float (&d)[R], const void* sa, const void* sb, bool accumulate) {
+// d (64 x 2R) (+)= A B^T over one staged chunk: A (64 rows) a 128-byte-swizzled K-major tile of
+// KSTEPS x 16 features at sa; B at sb, K-major (TB = 0: 2R rows of the same features, the k16
+// step s at sb + 32 s) or N-major (TB = 1: KSTEPS x 16 rows of 64 N-elements, the k16 step s at
+// sb + 2048 s, N-blocks of 64 `b_lbo` bytes apart); d is overwritten by the first product unless
+// `accumulate`.  The threads that wrote the tiles must have fenced their writes
+// (fence_proxy_async) before the barrier that precedes this; it returns with the products
+// complete (wait_group 0).
+template <int KSTEPS, typename T, int TB = 0, int R>
+__device__ __forceinline__ void wgmma_chunk(float (&d)[R], const void* sa, const void* sb, bool accumulate,
+                                            uint32_t b_lbo = 16) {
   fence_operands(d);
   wgmma_fence();
   const uint32_t a0 = smem_u32(sa), b0 = smem_u32(sb);
 #pragma unroll
   for (int k16 = 0; k16 < KSTEPS; ++k16)
-    wgmma_ss(d, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), (accumulate || k16 > 0) ? 1 : 0, T{});
+    wgmma_ss<TB>(d, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + (TB ? 2048 : 32) * k16, b_lbo),
+                 (accumulate || k16 > 0) ? 1 : 0, T{});
   wgmma_commit();
   wgmma_wait<0>();
   fence_operands(d);

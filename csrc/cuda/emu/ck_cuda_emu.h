@@ -28,7 +28,8 @@
 //     staged tile before its wait, or a wait that leaves the wrong group pending, reads
 //     stale data here as it might on a GPU;
 //   * wgmma.mma_async m64nNk16 (f16 / bf16, float32 accumulators, both operands from shared
-//     memory through matrix descriptors, K-major, every swizzle mode; see "wgmma" below): a
+//     memory through matrix descriptors, K-major or MN-major (transposed), every swizzle mode;
+//     see "wgmma" below): a
 //     warpgroup operation executed at the issuing thread's wgmma.wait_group (the latest
 //     moment the hardware may read its operands and write its accumulators), with the
 //     descriptors required equal across the warpgroup, a wgmma.fence required before the
@@ -125,7 +126,7 @@ cudaError_t take_last_error();
 uint32_t smem_addr(const void* p);
 const void* smem_ptr(uint32_t addr);
 void wgmma_fence();
-void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, int kind);
+void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, int kind, bool trans_b);
 void wgmma_commit();
 void wgmma_wait(int pending);
 void fence_proxy_async();
@@ -306,22 +307,31 @@ inline void ldmatrix(uint32_t* r, const void* row, int num, bool trans) {
 // K-major canonical layouts (row r of the 64 rows of A or the N rows of B, element k of the
 // 16, 16-byte chunk kc = k / 8): with no swizzle, start + (r / 8) SBO + (r % 8) 16 + kc LBO + 2 (k
 // % 8); with a 2^s x 16-byte swizzle (s = 3, 2, 1 for 128, 64, 32 bytes), start + (r / 8) SBO + (r %
-// 8) 16 2^s + 16 kc + 2 (k % 8), then address bits 4 .. 3 + s XORed with bits 7 .. 6 + s.  The
-// transposed (MN-major) forms and a nonzero base offset are not emulated (an error).
+// 8) 16 2^s + 16 kc + 2 (k % 8), then address bits 4 .. 3 + s XORed with bits 7 .. 6 + s.
+// MN-major (imm-trans = 1: the operand stored with M or N contiguous), the 128-byte swizzle only
+// (CuTe's canonical ((T, 8, m), (8, k)) : ((1, T, LBO), (8 T, SBO)), T = 8 16-bit elements):
+// element (r, k) at start + 2 (r % 8) + 16 ((r / 8) % 8) + (r / 64) LBO + (k % 8) 128 + (k / 8) SBO,
+// then the same XOR.  Not emulated (an error): a nonzero base offset, a transposed operand in
+// another swizzle mode, a transposed A (this project's kernels use none of them).
 struct WgmmaOp {
   float* d;
   int n;
   uint64_t desc_a, desc_b;
   bool accumulate;
   int kind;  // 0 f16, 1 bf16
+  bool trans_b;
 };
-inline uint32_t wgmma_operand_offset(uint64_t desc, int r, int k) {
+inline uint32_t wgmma_operand_offset(uint64_t desc, int r, int k, bool mn_major) {
   const uint32_t start = static_cast<uint32_t>(desc & 0x3fffu) << 4;
   const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3fffu) << 4;
   const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3fffu) << 4;
   const int mode = static_cast<int>(desc >> 62);
-  const uint32_t kc = static_cast<uint32_t>(k >> 3), e = static_cast<uint32_t>(k & 7);
-  const uint32_t rr = static_cast<uint32_t>(r);
+  const uint32_t kk = static_cast<uint32_t>(k), rr = static_cast<uint32_t>(r);
+  if (mn_major) {  // (mode 1, wgmma_issue checked)
+    const uint32_t addr = start + 2 * (rr & 7) + 16 * ((rr >> 3) & 7) + (rr >> 6) * lbo + (kk & 7) * 128 + (kk >> 3) * sbo;
+    return addr ^ (((addr >> 7) & 7u) << 4);
+  }
+  const uint32_t kc = kk >> 3, e = kk & 7;
   if (mode == 0) return start + (rr >> 3) * sbo + (rr & 7) * 16 + kc * lbo + 2 * e;
   const int s = 4 - mode;  // 1 -> 3 (128 B), 2 -> 2 (64 B), 3 -> 1 (32 B)
   const uint32_t addr = start + (rr >> 3) * sbo + (rr & 7) * (16u << s) + 16 * kc + 2 * e;
@@ -342,15 +352,15 @@ inline void wgmma_check_desc(uint64_t desc, const char* which) {
 inline void wgmma_execute(const WgmmaOp& op, int warp_in_group, int lane) {
   const int g = lane >> 2, t = lane & 3;
   const bool bf16 = op.kind == 1;
-  auto elem = [&](uint64_t desc, int r, int k) -> double {
+  auto elem = [&](uint64_t desc, int r, int k, bool mn_major) -> double {
     uint16_t h;
-    std::memcpy(&h, smem_ptr(wgmma_operand_offset(desc, r, k)), 2);
+    std::memcpy(&h, smem_ptr(wgmma_operand_offset(desc, r, k, mn_major)), 2);
     return static_cast<double>(bf16 ? bf16_to_float(h) : half_to_float(h));
   };
   for (int i = 0; i < op.n / 2; ++i) {
     const int row = 16 * warp_in_group + g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * t + (i & 1);
     double prod[16];
-    for (int k = 0; k < 16; ++k) prod[k] = elem(op.desc_a, row, k) * elem(op.desc_b, col, k);
+    for (int k = 0; k < 16; ++k) prod[k] = elem(op.desc_a, row, k, false) * elem(op.desc_b, col, k, op.trans_b);
     const float c = op.accumulate ? op.d[i] : 0.f;
     if (mma_truncates()) {
       op.d[i] = mma_sum_trunc<16>(c, prod);

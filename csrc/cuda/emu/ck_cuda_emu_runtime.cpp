@@ -151,8 +151,10 @@ struct WgmmaIssue {
   uint64_t desc_a, desc_b;
   bool accumulate;
   int kind;
+  bool trans_b;
   bool operator==(const WgmmaIssue& o) const {
-    return n == o.n && desc_a == o.desc_a && desc_b == o.desc_b && accumulate == o.accumulate && kind == o.kind;
+    return n == o.n && desc_a == o.desc_a && desc_b == o.desc_b && accumulate == o.accumulate && kind == o.kind &&
+           trans_b == o.trans_b;
   }
 };
 
@@ -325,7 +327,7 @@ const void* smem_ptr(uint32_t addr) {
 void wgmma_fence() { g_fiber->wg_fenced = true; }
 void fence_proxy_async() { g_fiber->cp_unfenced = false; }
 
-void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, int kind) {
+void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, int kind, bool trans_b) {
   BlockRun& r = *g_run;
   Fiber& f = *g_fiber;
   if (r.nthreads % 128 != 0) fail("wgmma in a block of " + std::to_string(r.nthreads) + " threads (not whole warpgroups)");
@@ -337,7 +339,17 @@ void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumul
            std::to_string(&o - r.fibers->data()) + ")");
   wgmma_check_desc(desc_a, "a");
   wgmma_check_desc(desc_b, "b");
-  const WgmmaIssue mine{n, desc_a, desc_b, accumulate, kind};
+  if (trans_b && (desc_b >> 62) != 1)
+    fail("wgmma: a transposed (N-major) B in swizzle mode " + std::to_string(desc_b >> 62) +
+         " (only the 128-byte swizzle's is emulated)");
+  WgmmaIssue mine;
+  std::memset(&mine, 0, sizeof(mine));  // (compared bytewise across lanes: no stray padding)
+  mine.n = n;
+  mine.desc_a = desc_a;
+  mine.desc_b = desc_b;
+  mine.accumulate = accumulate;
+  mine.kind = kind;
+  mine.trans_b = trans_b;
   // the lanes of the warp (a warp collective: .sync.aligned), then the warps of the warpgroup
   const unsigned char* slots = warp_exchange(&mine, sizeof(mine), "wgmma.mma_async");
   for (int l = 0; l < 32; ++l) {
@@ -355,7 +367,7 @@ void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumul
     fail("wgmma: warps of warpgroup " + std::to_string(wg) + " issued different operands");
   }
   ++f.wg_seq;
-  f.wg_open.push_back(WgmmaOp{d, n, desc_a, desc_b, accumulate, kind});
+  f.wg_open.push_back(WgmmaOp{d, n, desc_a, desc_b, accumulate, kind, trans_b});
 }
 void wgmma_commit() {
   g_fiber->wg_groups.push_back(std::move(g_fiber->wg_open));

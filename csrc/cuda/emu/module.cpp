@@ -298,7 +298,11 @@ __global__ void wgmma_misuse_kernel(int which, const uint16_t* src, float* out) 
   uint32_t a0 = tl::smem_u32(sa), b0 = tl::smem_u32(sb);
   if (which == 3) a0 += 128;                   // inside the 1024-byte swizzle repeat
   if (which == 4 && tid >= 64) b0 += 1024;     // warps 2, 3 read other rows of B
-  tl::wgmma_ss(d, tl::desc_sw128(a0), tl::desc_sw128(b0), 0, __nv_bfloat16{});
+  if (which == 7)  // B read N-major (transposed) with a 64-byte swizzle: not emulated
+    tl::wgmma_ss<1>(d, tl::desc_sw128(a0), (tl::desc_sw128(b0) & ~(uint64_t{3} << 62)) | (uint64_t{2} << 62), 0,
+                    __nv_bfloat16{});
+  else
+    tl::wgmma_ss(d, tl::desc_sw128(a0), tl::desc_sw128(b0), 0, __nv_bfloat16{});
   tl::wgmma_commit();
   out[tid] = d[0];
   if (which == 6) return;  // returns with the wgmma pending
