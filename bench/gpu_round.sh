@@ -123,14 +123,28 @@ stage_ptxas() {
 
 stage_test() {
   # One pytest run: the CUDA / Triton tests and the backend-generic family tests (they
-  # pick up "cuda" through helpers.backend_params); slow and multi-process tests apart.
+  # pick up "cuda" through helpers.backend_params); slow and multi-process tests apart.  With
+  # the default paths, tests/test_wgmma.py (the wgmma kernels' first run on hardware) runs in a
+  # second process, its output appended to tests.log: a fault there (a sticky CUDA error) cannot
+  # fail the rest.
+  local ignore=() rc rc2=0
+  [ -z "${TEST_PATHS:-}" ] && ignore=(--ignore=tests/test_wgmma.py)
   (cd "$ROOT" && timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfE --maxfail=30 \
-      -m "${TEST_MARKS:-not slow and not distributed}" ${TEST_K:+-k "$TEST_K"} --junitxml="$OUT/junit.xml" ${TEST_PATHS:-tests} \
-      >"$OUT/tests.log" 2>&1)
-  local rc=$?
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$LOG"
+      -m "${TEST_MARKS:-not slow and not distributed}" ${TEST_K:+-k "$TEST_K"} --junitxml="$OUT/junit.xml" \
+      ${ignore[@]+"${ignore[@]}"} ${TEST_PATHS:-tests} >"$OUT/tests.log" 2>&1)
+  rc=$?
   tail -3 "$OUT/tests.log" | tee -a "$LOG"
-  return $rc
+  if [ ${#ignore[@]} -gt 0 ]; then
+    echo "=== tests/test_wgmma.py (a process of its own)" >>"$OUT/tests.log"
+    (cd "$ROOT" && timeout 180 "$PY" -m pytest -q -rfE -m "${TEST_MARKS:-not slow and not distributed}" \
+        ${TEST_K:+-k "$TEST_K"} tests/test_wgmma.py >>"$OUT/tests.log" 2>&1)
+    rc2=$?
+    [ $rc2 -eq 5 ] && rc2=0  # (no test selected)
+    echo "tests/test_wgmma.py: rc=$rc2, $(tail -1 "$OUT/tests.log")" | tee -a "$LOG"
+  fi
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$LOG"
+  [ $rc -ne 0 ] && return $rc
+  return $rc2
 }
 
 stage_sanitize() {

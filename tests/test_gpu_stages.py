@@ -45,8 +45,7 @@ def test_peak_stage(tmp_path):
     _run_stage("peak", tmp_path)
     rows = _rows(tmp_path, "peak.json", 11)
     assert [r["what"].split()[0:2] for r in rows] == [
-        ["torch.mm", "bf16"], ["torch.mm", "fp32"]] + [["wgmma_gemm", "96^3"], ["torch.mm", "96^3"]] * 4 + [
-        ["device", "copy"]]
+        ["torch.mm", "bf16"], ["torch.mm", "fp32"], ["device", "copy"]] + [["wgmma_gemm", "96^3"], ["torch.mm", "96^3"]] * 4
     # both operand forms of B, each dtype
     assert [r["what"].split(" c = ")[1] for r in rows if r["what"].startswith("wgmma_gemm")] == ["a b^T", "a b"] * 2
     # the wgmma kernel (emulated) gives the product
