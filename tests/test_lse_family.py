@@ -271,12 +271,14 @@ _CUDA = [p for p in BACKENDS if p.values[0] == "cuda"] or [
 @pytest.mark.parametrize("mask", ["none", "diag_pos", "target_pos", "labels"])
 def test_cuda_backward_block_shapes(backend, groups, dtype, mask, monkeypatch):
     """The CUDA backward has two block shapes: one or two groups of four warps, 128 or 256
-    features of dX per block (csrc/cuda/family_tiles.cuh, bwd_groups).  D picks one;
-    CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS forces it, so that both are checked at D = 40 (one
-    slice, the second group's part past D) and D = 300 (slices of 128 or 256, a narrow last
-    one), row and column passes, the plain, target and labels kernels."""
+    features of dX per block (512 for the 16-bit wgmma kernels with two groups, under
+    CONTRASTIVE_KERNELS_CUDA_WGMMA=1) (csrc/cuda/family_tiles.cuh, bwd_groups, kDCW).  D picks
+    one; CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS forces it, so that both are checked at D = 40 (one
+    slice, the second group's part past D), D = 300 (slices of 128 or 256, a narrow last one; one
+    slice of 512) and, with two groups, D = 600 (two slices of 512, the second narrow), row and
+    column passes, the plain, target and labels kernels."""
     monkeypatch.setenv("CONTRASTIVE_KERNELS_CUDA_BWD_GROUPS", groups)
-    for d in (40, 300):
+    for d in (40, 300) if groups == "1" else (40, 300, 600):
         _check_case(backend, 129, 70, d, dtype, mask, True, mask != "labels", mask in ("none", "diag_pos"))
 
 

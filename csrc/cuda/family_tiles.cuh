@@ -63,20 +63,24 @@ using tile::Cfg;
 
 constexpr int BM = 64;
 constexpr int BN = 64;
-constexpr int DCW = 128;          // dX features per warp in the backward
-constexpr int NT_O = DCW / 8;     // dX n-tiles per warp
+constexpr int DCW = 128;          // dX features per warp in the backward (mma.sync; see kDCW)
+// dX features per warp group: 128, or 256 for the wgmma kernels with two groups (a block's slice
+// is then 512 features, the whole D of the CLIP target: S computed once per tile, bench/NOTES.md
+// "The CLIP target's arithmetic"); the host's plan_pass counts the same (wide_dx).
+template <bool WG, int G>
+constexpr int kDCW = (WG && G == 2) ? 2 * DCW : DCW;
 // Block shape.  Forward: 4 warps, each 16 rows x 64 columns of S.  Backward: G groups of 4
-// warps, each warp 16 rows x 64 / G columns of S, then 16 rows x 128 features of dX; a block
-// covers a DC = 128 G slice of the features (S recomputed ceil(D / DC) times).  G = 2 halves
-// the recomputation (D > 128) at one block of 8 warps per SM (register-bound); G = 1 keeps
-// 2-3 blocks of 4 warps per SM.  Chosen per launch by bwd_groups().
+// warps, each warp 16 rows x 64 / G columns of S, then 16 rows x kDCW features of dX (128; 256 in
+// the wgmma kernels with two groups); a block covers a DC = kDCW G slice of the features (S
+// recomputed ceil(D / DC) times).  G = 2 halves the recomputation or better (D > 128) at one
+// block of 8 warps per SM (register-bound); G = 1 keeps 2-3 blocks of 4 warps per SM.  Chosen
+// per launch by bwd_groups().
 template <bool BWD, int G>
 struct Shape {
   static_assert(G == 1 || (BWD && G == 2), "the backward alone has two warp groups");
   static constexpr int kWarps = 4 * G;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kNTS = BN / 8 / G;  // S n-tiles per warp
-  static constexpr int kDC = DCW * G;      // dX features per block
 };
 
 // kLseLabels: the lse family with LSE_LABELS (SupCon's positives), its own instantiations so
@@ -285,10 +289,11 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   static_assert(!WG || sizeof(T) == 2, "wgmma: the 16-bit kernels");
   constexpr int BK = WG ? 64 : Cfg<T>::BK, LDS = Cfg<T>::LDS;
   using SH = Shape<BWD, G>;
-  constexpr int NWARP = SH::kWarps, NTHR = SH::kThreads, NTS = SH::kNTS, DC = SH::kDC;
+  constexpr int NWARP = SH::kWarps, NTHR = SH::kThreads, NTS = SH::kNTS;
+  constexpr int DCWK = kDCW<WG, G>, NT_O = DCWK / 8, DC = DCWK * G;  // dX features per group, n-tiles, per block
   constexpr int DS_LD = BN + (sizeof(T) == 4 ? 4 : 8);  // padded row of the staged dS tile
   constexpr int TPS = BK / 8;                           // output n-tiles per dX step
-  constexpr int NG_MAX = DCW / BK;                      // dX steps per column tile
+  constexpr int NG_MAX = DCWK / BK;                     // dX steps per column tile
   // float16's exponent range cannot hold dS (grad_row = 1/N times probabilities ~1/M
   // underflows): each row's staged dS is scaled by 2^ds_e, a power of two following the
   // running max |dS| of the row, and accO is rescaled (exactly) whenever it changes.
@@ -985,13 +990,17 @@ int64_t set_splits(Plan& pl, int64_t ntiles, int64_t want) {
   return pl.splits;
 }
 
+// Whether the backward's kernel for `groups` has 256 dX features per group (kDCW): the wgmma
+// kernels (16-bit inputs, FamilyParams::wgmma) with two groups.
+bool wide_dx(const FamilyParams& p, int groups) { return groups == 2 && p.wgmma && p.dtype != DType::kFloat32; }
+
 Plan plan_pass(const FamilyParams& p, bool trans, bool bwd) {
   Plan pl;
   const int64_t rows = trans ? p.m : p.n, cols = trans ? p.n : p.m;
   pl.gemm = bwd && (trans ? p.dk : p.dq) != nullptr;
   auto shape = [&](int groups) {
     pl.groups = groups;
-    const int64_t dc = static_cast<int64_t>(DCW) * groups;
+    const int64_t dc = static_cast<int64_t>(wide_dx(p, groups) ? 2 * DCW : DCW) * groups;
     pl.slices = pl.gemm && p.d > 0 ? (p.d + dc - 1) / dc : 1;
   };
   shape(pl.gemm ? bwd_groups(p.d) : 1);

@@ -342,14 +342,7 @@ void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumul
   if (trans_b && (desc_b >> 62) != 1)
     fail("wgmma: a transposed (N-major) B in swizzle mode " + std::to_string(desc_b >> 62) +
          " (only the 128-byte swizzle's is emulated)");
-  WgmmaIssue mine;
-  std::memset(&mine, 0, sizeof(mine));  // (compared bytewise across lanes: no stray padding)
-  mine.n = n;
-  mine.desc_a = desc_a;
-  mine.desc_b = desc_b;
-  mine.accumulate = accumulate;
-  mine.kind = kind;
-  mine.trans_b = trans_b;
+  const WgmmaIssue mine{n, desc_a, desc_b, accumulate, kind, trans_b};
   // the lanes of the warp (a warp collective: .sync.aligned), then the warps of the warpgroup
   const unsigned char* slots = warp_exchange(&mine, sizeof(mine), "wgmma.mma_async");
   for (int l = 0; l < 32; ++l) {
