@@ -62,9 +62,9 @@ std::string wgmma_missing() {
 }
 #endif
 
-// CONTRASTIVE_KERNELS_CUDA_WGMMA=1 (opt-in until a GPU round has checked them): the 16-bit forward
-// kernels' S tiles from wgmma where they can run; elsewhere the mma.sync kernels (the same
-// results), with a warning saying why.
+// CONTRASTIVE_KERNELS_CUDA_WGMMA=1 (opt-in until a GPU round has checked them): the 16-bit tile
+// kernels' products (forward S; backward S and dX) from wgmma where they can run; elsewhere the
+// mma.sync kernels (the same results), with a warning saying why.
 bool wgmma_on() {
   const char* v = std::getenv("CONTRASTIVE_KERNELS_CUDA_WGMMA");
   if (v == nullptr || std::string(v) != "1") return false;

@@ -74,8 +74,9 @@ struct FamilyParams {
   float* col_part = nullptr;
   int64_t row_block0 = 0;
   int num_sms = 0;  // multiprocessors of the device (the forward's column splits)
-  // the 16-bit forward kernels' S tiles from wgmma (set by the binding: a compute capability
-  // 9.0 device, an sm_90a build and CONTRASTIVE_KERNELS_CUDA_WGMMA=1; the emulator: the variable)
+  // the 16-bit kernels' products from wgmma, forward and backward (set by the binding: a compute
+  // capability 9.0 device, an sm_90a build and CONTRASTIVE_KERNELS_CUDA_WGMMA=1; the emulator: the
+  // variable)
   bool wgmma = false;
 };
 
