@@ -107,10 +107,10 @@ def test_wgmma_gemm_errors_name_the_argument(emu_op, a, b, message):
 
 @pytest.mark.cuda_emu
 @pytest.mark.parametrize("a, b, message", [
-    (torch.randn(4, 8).half(), torch.randn(4, 8).half(), r"b must be \(k, n\) with k = a.size\(1\) = 8"),
+    (torch.randn(4, 8).half(), torch.randn(4, 8).half(), r"same feature dimension \(a.size\(1\) = 8, b.size\(0\) = 4\)"),
     (torch.randn(4, 8).half(), torch.randn(8, 5).bfloat16(), "same dtype"),
     (torch.randn(4, 8).half(), torch.randn(5, 8).half().T, "b must be contiguous"),
-    (torch.randn(4, 8).half(), torch.randn(8).half(), r"b must be \(k, n\)"),
+    (torch.randn(4, 8).half(), torch.randn(8).half(), r"b must be 2-D \(D, M\), features first"),
 ])
 def test_wgmma_gemm_b_kn_errors_name_the_argument(emu_op, a, b, message):
     with pytest.raises(RuntimeError, match=message):

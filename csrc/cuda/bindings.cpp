@@ -91,14 +91,17 @@ kc::DType dtype_of(const Tensor& t, const char* name) {
   return kc::DType::kFloat32;
 }
 
-void check_pair(const Tensor& q, const Tensor& k, const char* qn, const char* kn) {
+// q (N, D) and k (M, D), or with k_features_first k (D, M) (the wgmma test op's N-major b)
+void check_pair(const Tensor& q, const Tensor& k, const char* qn, const char* kn, bool k_features_first = false) {
   TORCH_CHECK(on_device(q), "contrastive_kernels (cuda): ", qn, " must be a CUDA tensor, got ", q.device());
   TORCH_CHECK(k.device() == q.device(), "contrastive_kernels (cuda): ", kn, " is on ", k.device(), " but ", qn,
               " is on ", q.device());
   TORCH_CHECK(q.dim() == 2, "contrastive_kernels (cuda): ", qn, " must be 2-D (N, D), got shape ", q.sizes());
-  TORCH_CHECK(k.dim() == 2, "contrastive_kernels (cuda): ", kn, " must be 2-D (M, D), got shape ", k.sizes());
-  TORCH_CHECK(q.size(1) == k.size(1), "contrastive_kernels (cuda): ", qn, " and ", kn,
-              " must have the same feature dimension, got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(k.dim() == 2, "contrastive_kernels (cuda): ", kn, " must be 2-D ",
+              k_features_first ? "(D, M), features first" : "(M, D)", ", got shape ", k.sizes());
+  const int64_t kd = k.size(k_features_first ? 0 : 1);
+  TORCH_CHECK(q.size(1) == kd, "contrastive_kernels (cuda): ", qn, " and ", kn, " must have the same feature dimension (",
+              qn, ".size(1) = ", q.size(1), ", ", kn, ".size(", k_features_first ? 0 : 1, ") = ", kd, ")");
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "contrastive_kernels (cuda): ", qn, " and ", kn,
               " must have the same dtype, got ", q.scalar_type(), " and ", k.scalar_type());
   TORCH_CHECK(q.is_contiguous(), "contrastive_kernels (cuda): ", qn, " must be contiguous");
@@ -618,19 +621,9 @@ std::tuple<Tensor, Tensor, Tensor> similarity_backward_cuda(const Tensor& grad, 
 // and c = a b (b read N-major, wgmma's transposed form): the wgmma path's check against torch and
 // the `peak` stage's rate of wgmma tiles.  Not a loss op.
 Tensor wgmma_gemm_cuda(const Tensor& a, const Tensor& b, bool b_kn) {
-  if (!b_kn) {
-    check_pair(a, b, "a", "b");
-  } else {  // (check_pair's checks, b's dimensions swapped)
-    check_pair(a, a, "a", "a");
-    TORCH_CHECK(b.device() == a.device(), "contrastive_kernels (cuda): b is on ", b.device(), " but a is on ", a.device());
-    TORCH_CHECK(b.dim() == 2 && b.size(0) == a.size(1), "contrastive_kernels (cuda): wgmma_gemm: with b_kn, b must be (k, n) ",
-                "with k = a.size(1) = ", a.size(1), ", got shape ", b.sizes());
-    TORCH_CHECK(b.scalar_type() == a.scalar_type(), "contrastive_kernels (cuda): a and b must have the same dtype, got ",
-                a.scalar_type(), " and ", b.scalar_type());
-  }
+  check_pair(a, b, "a", "b", b_kn);  // b (n, k), or with b_kn (k, n)
   TORCH_CHECK(a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16,
               "contrastive_kernels (cuda): wgmma_gemm: a and b must be float16 or bfloat16, got ", a.scalar_type());
-  TORCH_CHECK(b.is_contiguous(), "contrastive_kernels (cuda): b must be contiguous");
   TORCH_CHECK(a.size(0) <= kc::kWgmmaGemmMaxRows, "contrastive_kernels (cuda): wgmma_gemm: a has ", a.size(0),
               " rows, more than ", kc::kWgmmaGemmMaxRows);
   const DeviceGuard guard(a.device());
