@@ -380,6 +380,23 @@ def test_wgmma_accumulators_land_at_the_wait(emu):
     assert torch.allclose(out[128:], want, rtol=2 ** -22, atol=0), (out[128:] - want).abs().max()
 
 
+def test_wgmma_reads_fenced_st_shared_stores(emu):
+    """Operand data stored by st.shared (tile_wgmma.cuh's st_operand: here A's row 0 zeroed by
+    threads 0-15), then fence.proxy.async and a barrier: the wgmma reads the stored values (the
+    error case without the fence is case 8 below)."""
+    ops = _wgmma_operands()
+    out = torch.full((256,), float("nan"))
+    assert emu.wgmma_misuse(9, ops.view(torch.int16).reshape(-1), out) == "ok"
+    a = ops[0].double().clone()
+    a[0] = 0
+    prod = (a @ ops[1].double().T).float()
+    tid = torch.arange(128)
+    lane, warp = tid % 32, tid // 32
+    want = prod[16 * warp + lane // 4, 2 * (lane % 4)]
+    assert torch.equal(want[:4], torch.zeros(4))  # (lanes 0-3 of warp 0 hold row 0)
+    assert torch.allclose(out[128:], want, rtol=2 ** -22, atol=0), (out[128:] - want).abs().max()
+
+
 @pytest.mark.parametrize("which, message", [
     (1, "without a wgmma.fence"),
     (2, "fence.proxy.async"),
@@ -388,6 +405,7 @@ def test_wgmma_accumulators_land_at_the_wait(emu):
     (5, "not whole warpgroups"),
     (6, "did not wait"),
     (7, "only the 128-byte swizzle"),  # a transposed B in another swizzle mode (not emulated: an error)
+    (8, "that thread 0 stored (st.shared) without a fence.proxy.async"),  # tile_wgmma.cuh's st_operand
 ])
 def test_wgmma_misuse_is_reported(emu, which, message):
     status = emu.wgmma_misuse(which, _wgmma_operands().view(torch.int16).reshape(-1), torch.zeros(256))

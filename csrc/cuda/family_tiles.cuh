@@ -381,43 +381,39 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   int ds_e[2] = {0, 0};
   float ds_max[2] = {0.f, 0.f};
 
+  // stage `count` rows from r0 on, features k0 .. k0 + BK, of a (count, D) matrix: the 128-byte
+  // swizzle wgmma reads (WG) or mma.sync's padded rows
+  auto stage = [&](T* dst, const T* src, int64_t r0, int64_t count, int64_t k0) {
+    if constexpr (WG)
+      tile::stage_sw128<T, NTHR>(reinterpret_cast<unsigned char*>(dst), src, BM, r0, count, k0, D, vec_ok);
+    else
+      load_chunk<T, NTHR>(dst, src, r0, count, k0, D, vec_ok);
+  };
   auto issue = [&](int64_t s) {
     const int64_t tl = s / spt;
     const int local = static_cast<int>(s % spt);
     const int st = static_cast<int>(s & 1);
     const int64_t col0 = tl * BN;
     if (local < nk) {
-      if constexpr (WG) {
-        tile::stage_sw128<T, NTHR>(reinterpret_cast<unsigned char*>(sx[st]), X, BM, row0, nrows,
-                                   static_cast<int64_t>(local) * BK, D, vec_ok);
-        tile::stage_sw128<T, NTHR>(reinterpret_cast<unsigned char*>(sy[st]), Y, BN, col0, ncols,
-                                   static_cast<int64_t>(local) * BK, D, vec_ok);
-      } else {
-        load_chunk<T, NTHR>(sx[st], X, row0, nrows, static_cast<int64_t>(local) * BK, D, vec_ok);
-        load_chunk<T, NTHR>(sy[st], Y, col0, ncols, static_cast<int64_t>(local) * BK, D, vec_ok);
-      }
+      stage(sx[st], X, row0, nrows, static_cast<int64_t>(local) * BK);
+      stage(sy[st], Y, col0, ncols, static_cast<int64_t>(local) * BK);
       if (local == 0 && tid < BN) load_side<FAM>(p, TRANS, col0 + tid, ncols, side[tl & 1][tid]);
     } else {
       // dX step: the Y chunk of each warp group (sx is free between the S products)
       const int64_t c = dc0 + static_cast<int64_t>(local - nk) * BK;
-      if constexpr (WG) {
-        tile::stage_sw128<T, NTHR>(reinterpret_cast<unsigned char*>(sy[st]), Y, BN, col0, ncols, c, D, vec_ok);
-        if (G == 2)
-          tile::stage_sw128<T, NTHR>(reinterpret_cast<unsigned char*>(sx[st]), Y, BN, col0, ncols, c + part, D, vec_ok);
-      } else {
-        load_chunk<T, NTHR>(sy[st], Y, col0, ncols, c, D, vec_ok);
-        if (G == 2) load_chunk<T, NTHR>(sx[st], Y, col0, ncols, c + part, D, vec_ok);
-      }
+      stage(sy[st], Y, col0, ncols, c);
+      if (G == 2) stage(sx[st], Y, col0, ncols, c + part);
     }
     tile::cp_async_commit();
   };
 
-  // the staged dS element (row rl, column cl): padded rows, or (WG) the 128-byte swizzle
-  auto ds_at = [&](int rl, int cl) -> T& {
+  // stores the staged dS element (row rl, column cl): padded rows, or (WG) the 128-byte swizzle,
+  // an operand of the dX wgmma (tile::st_operand)
+  auto put_ds = [&](int rl, int cl, T v) {
     if constexpr (WG)
-      return sds[rl * 64 + ((((cl >> 3) ^ (rl & 7))) << 3) + (cl & 7)];
+      tile::st_operand(&sds[rl * 64 + ((((cl >> 3) ^ (rl & 7))) << 3) + (cl & 7)], v);
     else
-      return sds[rl * DS_LD + cl];
+      sds[rl * DS_LD + cl] = v;
   };
 
   auto epilogue = [&](int64_t tl) {
@@ -515,7 +511,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
           if (kDsScale)
             vals[nt][e] = ds * C.rs;
           else if (gemm)
-            ds_at(rl, cl) = tile::from_float<T>(ds * C.rs);
+            put_ds(rl, cl, tile::from_float<T>(ds * C.rs));
         }
       }
     }
@@ -648,7 +644,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
         for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
           for (int e1 = 0; e1 < 2; ++e1)
-            ds_at(rl, (cg * NTS + nt) * 8 + 2 * t + e1) = tile::from_float<T>(vals[nt][2 * h + e1] * mul);
+            put_ds(rl, (cg * NTS + nt) * 8 + 2 * t + e1, tile::from_float<T>(vals[nt][2 * h + e1] * mul));
       }
     }
   };
@@ -686,19 +682,19 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
       if (local == nk - 1) epilogue(s / spt);
     } else if (BWD) {
       const int gi = local - nk;
+      const T* ychunk = (G == 1 || cg == 0) ? sy[st] : sx[st];  // this warp group's staged Y chunk
 #pragma unroll
       for (int q = 0; q < NG_MAX; ++q)
         if (q == gi) {
           if constexpr (WG) {
 #if CK_WGMMA
-            tile::wgmma_chunk<BN / 16, T, 1>(reinterpret_cast<float(&)[4 * TPS]>(accO[q * TPS]), sds,
-                                             (G == 1 || cg == 0) ? sy[st] : sx[st], true);
+            tile::wgmma_chunk<BN / 16, T, 1>(reinterpret_cast<float(&)[4 * TPS]>(accO[q * TPS]), sds, ychunk,
+                                             true);
 #else
             __trap();
 #endif
           } else {
-            tile::warp_mma_nn<TPS, BN>(&accO[q * TPS], &sds[rw * 16 * DS_LD], DS_LD,
-                                       (G == 1 || cg == 0) ? sy[st] : sx[st], LDS, precise_o);
+            tile::warp_mma_nn<TPS, BN>(&accO[q * TPS], &sds[rw * 16 * DS_LD], DS_LD, ychunk, LDS, precise_o);
           }
         }
     }

@@ -24,7 +24,8 @@
 // or the operand tiles are touched again; shared-memory data written through the generic proxy
 // (cp.async, st.shared) needs fence_proxy_async() by the writing threads and a barrier before a
 // wgmma reads it.  The CPU emulator (csrc/cuda/emu) executes wgmma at the issuing thread's wait
-// and reports a missing fence of either kind, descriptors that differ across the warpgroup, and
+// and reports a missing fence of either kind (cp.async data; st.shared data stored through
+// st_operand), descriptors that differ across the warpgroup, and
 // a tile not aligned to its swizzle pattern.
 #pragma once
 
@@ -54,6 +55,18 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo = 16)
          (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
 }
 
+// A generic-proxy store (st.shared) of data a wgmma will read: the writing thread's
+// fence_proxy_async() and a barrier must come between it and the wgmma.  The CPU emulator holds
+// the stored bytes unreadable by wgmma until that thread's fence (a missing fence is an error
+// there; on the GPU, stale operands).  Every st.shared of operand data goes through here.
+template <typename T>
+__device__ __forceinline__ void st_operand(T* p, T v) {
+  *p = v;
+#ifdef CK_CUDA_EMU
+  ::ck_emu::smem_store(p, sizeof(T));
+#endif
+}
+
 // Stage `rows` rows x 64 features of a (count, k) row-major 16-bit matrix, from row r0 and
 // feature k0 on, into a 128-byte-swizzled tile (NTHR threads); rows or features past the end are
 // zero.  16-byte cp.async copies where vec_ok (k a multiple of 8, 16-byte aligned base), else
@@ -71,7 +84,7 @@ __device__ __forceinline__ void stage_sw128(unsigned char* tile, const T* g, int
       cp_async16(dst, g + gr * k + gc);
     } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = (gr < count && gc + e < k) ? g[gr * k + gc + e] : from_float<T>(0.f);
+      for (int e = 0; e < 8; ++e) st_operand(dst + e, (gr < count && gc + e < k) ? g[gr * k + gc + e] : from_float<T>(0.f));
     }
   }
 }

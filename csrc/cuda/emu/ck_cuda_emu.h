@@ -34,7 +34,8 @@
 //     moment the hardware may read its operands and write its accumulators), with the
 //     descriptors required equal across the warpgroup, a wgmma.fence required before the
 //     first wgmma after a wait, and fence.proxy.async required between shared-memory data
-//     that cp.async brought and a wgmma that reads it;
+//     that cp.async brought, or that a thread stored through tile_wgmma.cuh's st_operand
+//     (st.shared; tracked per byte, cleared by that thread's fence), and a wgmma that reads it;
 //   * launch limits: block size <= 1024, gridDim.y / z <= 65535 (cudaErrorInvalidConfiguration).
 // Not emulated: timing, memory coalescing, bank conflicts, shared-memory capacity,
 // data races between threads of a block, __expf's approximation (expf is used).
@@ -124,12 +125,22 @@ void cp_async_wait(int pending);
 cudaError_t take_last_error();
 // wgmma (sm_90a), see "wgmma" below.
 uint32_t smem_addr(const void* p);
-const void* smem_ptr(uint32_t addr);
+// The shared window as a wgmma reads it: its host base, and per byte 1 + the thread whose
+// st.shared store of it is not yet fenced (null: none stored this launch); fetched once per
+// operation (thread-local state), read per element.
+constexpr uint32_t kSmemWindow = 0x40000;  // bytes of the emulated shared window (smem_addr)
+struct SmemView {
+  uintptr_t base;
+  const uint16_t* unfenced;
+};
+SmemView smem_view();
+[[noreturn]] void fail_unfenced_read(uint32_t addr, uint16_t writer);
 void wgmma_fence();
 void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, int kind, bool trans_b);
 void wgmma_commit();
 void wgmma_wait(int pending);
 void fence_proxy_async();
+void smem_store(const void* p, size_t bytes);  // a generic-proxy store of wgmma operand data
 const char* error_string(cudaError_t err);
 
 // ------------------------------------------------------------------ numbers
@@ -352,9 +363,14 @@ inline void wgmma_check_desc(uint64_t desc, const char* which) {
 inline void wgmma_execute(const WgmmaOp& op, int warp_in_group, int lane) {
   const int g = lane >> 2, t = lane & 3;
   const bool bf16 = op.kind == 1;
+  const SmemView v = smem_view();
   auto elem = [&](uint64_t desc, int r, int k, bool mn_major) -> double {
+    const uint32_t off = wgmma_operand_offset(desc, r, k, mn_major);
+    if (off + 2 > kSmemWindow) fail("wgmma: an operand beyond the emulated 256 KB shared window");
+    if (v.unfenced != nullptr && (v.unfenced[off] | v.unfenced[off + 1]) != 0)
+      fail_unfenced_read(off, v.unfenced[off] != 0 ? v.unfenced[off] : v.unfenced[off + 1]);
     uint16_t h;
-    std::memcpy(&h, smem_ptr(wgmma_operand_offset(desc, r, k, mn_major)), 2);
+    std::memcpy(&h, reinterpret_cast<const void*>(v.base + off), 2);
     return static_cast<double>(bf16 ? bf16_to_float(h) : half_to_float(h));
   };
   for (int i = 0; i < op.n / 2; ++i) {

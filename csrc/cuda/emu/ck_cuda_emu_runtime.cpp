@@ -20,6 +20,7 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -139,6 +140,7 @@ struct Fiber {
   std::vector<CpAsync> open;                  // issued, not yet committed
   std::vector<std::vector<CpAsync>> groups;   // committed, oldest first
   bool cp_unfenced = false;  // cp.async data landed since this thread's last fence.proxy.async
+  std::vector<uint32_t> st_unfenced;  // window bytes this thread stored (st.shared) since its last fence
   std::vector<WgmmaOp> wg_open;                 // wgmma issued, not yet committed
   std::vector<std::vector<WgmmaOp>> wg_groups;  // committed, oldest first
   bool wg_fenced = false;  // wgmma.fence since this thread's last wait_group (or start)
@@ -186,6 +188,11 @@ thread_local std::vector<void*> g_stacks;  // reused across launches
 // Emulated shared window (smem_addr): 256 KB of host addresses from a 64 KB-aligned base,
 // fixed at a launch's first smem_addr (0: none yet).
 thread_local uintptr_t g_window = 0;
+// Per byte of the window: 1 + the thread that stored it through the generic proxy (smem_store)
+// and has not yet made it visible to the async proxy (fence_proxy_async); 0 elsewhere.  A wgmma
+// reading a marked byte is an error (smem_ptr).  Allocated at the first smem_store.
+thread_local std::vector<uint16_t> g_st_writer;
+thread_local bool g_st_dirty = false;  // marks may be set: cleared at the next block's start
 
 void* stack_at(size_t i) {
   while (g_stacks.size() <= i) {
@@ -315,17 +322,41 @@ void cp_async_wait(int pending) { flush_cp_async(*g_fiber, static_cast<size_t>(p
 uint32_t smem_addr(const void* p) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if (g_window == 0) g_window = (a & ~static_cast<uintptr_t>(0xffff)) - (a >= 0x10000 ? 0x10000 : 0);
-  if (a < g_window || a - g_window >= 0x40000)
+  if (a < g_window || a - g_window >= kSmemWindow)
     fail("smem_addr: shared memory beyond the emulated 256 KB window of this launch");
   return static_cast<uint32_t>(a - g_window);
 }
-const void* smem_ptr(uint32_t addr) {
+SmemView smem_view() {
   if (g_window == 0) fail("wgmma: a descriptor built without smem_addr");
-  return reinterpret_cast<const void*>(g_window + addr);
+  return SmemView{g_window, g_st_writer.empty() ? nullptr : g_st_writer.data()};
+}
+void fail_unfenced_read(uint32_t addr, uint16_t writer) {
+  fail("wgmma reads shared memory (byte " + std::to_string(addr) + " of the window) that thread " +
+       std::to_string(writer - 1) + " stored (st.shared) without a fence.proxy.async since");
 }
 
 void wgmma_fence() { g_fiber->wg_fenced = true; }
-void fence_proxy_async() { g_fiber->cp_unfenced = false; }
+uint16_t st_writer_id() { return static_cast<uint16_t>(g_fiber - g_run->fibers->data() + 1); }
+void smem_store(const void* p, size_t bytes) {
+  const uint32_t o = smem_addr(p);  // (fixes the window)
+  if (o + bytes > kSmemWindow) fail("smem_store: shared memory beyond the emulated 256 KB window of this launch");
+  if (g_st_writer.empty()) g_st_writer.assign(kSmemWindow, 0);
+  const uint16_t me = st_writer_id();
+  for (uint32_t i = o; i < o + bytes; ++i)
+    if (g_st_writer[i] != me) {
+      g_st_writer[i] = me;
+      g_fiber->st_unfenced.push_back(i);
+    }
+  g_st_dirty = true;
+}
+void fence_proxy_async() {
+  Fiber& f = *g_fiber;
+  f.cp_unfenced = false;
+  const uint16_t me = st_writer_id();
+  for (uint32_t i : f.st_unfenced)
+    if (g_st_writer[i] == me) g_st_writer[i] = 0;  // (a later store by another thread keeps its mark)
+  f.st_unfenced.clear();
+}
 
 void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, int kind, bool trans_b) {
   BlockRun& r = *g_run;
@@ -482,6 +513,10 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
     r.bar_arrived = 0;
     r.warps.assign((nthreads + 31) / 32, WarpState());
     r.wg_log.clear();
+    if (g_st_dirty) {  // the last block's marks (its threads are gone)
+      std::fill(g_st_writer.begin(), g_st_writer.end(), uint16_t{0});
+      g_st_dirty = false;
+    }
     for (uint64_t i = 0; i < nthreads; ++i) {
       Fiber& f = fibers[i];
       f.done = false;
@@ -489,6 +524,7 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
       f.open.clear();
       f.groups.clear();
       f.cp_unfenced = false;
+      f.st_unfenced.clear();
       f.wg_open.clear();
       f.wg_groups.clear();
       f.wg_fenced = false;

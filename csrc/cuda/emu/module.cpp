@@ -278,7 +278,7 @@ std::string misuse(int64_t which, const Tensor& out) {
 // wgmma misuse (one warpgroup, or 64 threads for case 5): the emulator must report each.  A
 // (64 x 16) and B (64 x 16) are staged by cp.async into 128-byte-swizzled tiles (tile_wgmma.cuh)
 // and multiplied by one m64n64k16 wgmma.  out[tid] gets d[0] before the wait, out[128 + tid]
-// after it (case 0).
+// after it (cases 0 and 9).
 __global__ void wgmma_misuse_kernel(int which, const uint16_t* src, float* out) {
   namespace tl = ck::cuda::tile;
   __shared__ __align__(1024) unsigned char sa[2 * 64 * 128];
@@ -293,6 +293,11 @@ __global__ void wgmma_misuse_kernel(int which, const uint16_t* src, float* out) 
   tl::cp_async_wait<0>();
   if (which != 2) tl::fence_proxy_async();
   __syncthreads();
+  if (which == 8 || which == 9) {  // A's row 0 zeroed by st.shared (threads 0-15, one element each)
+    if (tid < 16) tl::st_operand(reinterpret_cast<uint16_t*>(sa + tl::sw128_offset(0, tid >> 3)) + (tid & 7), uint16_t{0});
+    if (which == 9) tl::fence_proxy_async();  // (8: none: the wgmma would read stale data)
+    __syncthreads();
+  }
   float d[32] = {};
   if (which != 1) tl::wgmma_fence();
   uint32_t a0 = tl::smem_u32(sa), b0 = tl::smem_u32(sb);
