@@ -67,6 +67,8 @@ def _make_inputs(n, m, d, dtype, *, mask, rscale, bias, scale=2.5, same_qk=False
         margs.update(mask_mode=LSE_TARGET, pos_index=torch.randint(0, m, (n,)))
     elif mask == "target_pos_diag":  # a target may itself be masked (pos_index[i] == i)
         margs.update(mask_mode=LSE_TARGET | MASK_DIAG, pos_index=torch.randint(0, min(n, m), (n,)))
+    elif mask == "target_pos_masked":  # every target masked: out of its own LSE (a decoupled cross-entropy)
+        margs.update(mask_mode=LSE_TARGET | MASK_POS | MASK_DIAG, pos_index=torch.randint(0, m, (n,)))
     elif mask == "target_pos_label":
         margs.update(mask_mode=LSE_TARGET | MASK_SAME_LABEL, pos_index=torch.randint(0, m, (n,)),
                      q_labels=torch.randint(0, 3, (n,)), k_labels=torch.randint(0, 3, (m,)))
@@ -239,7 +241,8 @@ def _target_params():
     out = []
     for shape in [(1, 1, 1), (7, 129, 3), (129, 131, 64), (97, 97, 40)]:
         square = shape[0] == shape[1]
-        for mask in ["target_diag", "target_diag_shift", "target_pos", "target_pos_diag", "target_pos_label"]:
+        for mask in ["target_diag", "target_diag_shift", "target_pos", "target_pos_diag", "target_pos_masked",
+                     "target_pos_label"]:
             if mask == "target_diag_shift" and shape[1] < shape[0] + 2:
                 continue
             for opts in OPTIONS:
