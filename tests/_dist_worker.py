@@ -581,6 +581,8 @@ NN_CASES = [("InfoNCELoss", dict(temperature=0.2, learn_temperature=True), ("que
             ("ClipLoss", dict(), ("image", "text"), False),
             ("SigLipLoss", dict(init_logit_scale=1.0, init_logit_bias=-1.0), ("image", "text"), False),
             ("SupConLoss", dict(learn_temperature=True), ("embeddings",), True),
+            ("DCLLoss", dict(temperature=0.3, learn_temperature=True), ("z1", "z2"), False),
+            ("DCLWLoss", dict(temperature=0.3, sigma=0.7, learn_temperature=True), ("z1", "z2"), False),
             ("BarlowTwinsLoss", dict(lambd=0.05), ("z1", "z2"), False),
             ("VICRegLoss", dict(), ("z1", "z2"), False)]
 

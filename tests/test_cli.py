@@ -33,6 +33,32 @@ def test_check_passes_on_this_machine():
     assert "0 failed" in out.stdout
 
 
+def test_check_bad_arguments_are_usage_errors():
+    """A bad option value: argparse's usage line and exit 2, no traceback."""
+    for argv, message in ((("--dtypes", "float64"), "--dtypes: each of float32, float16, bfloat16; got 'float64'"),
+                          (("--sizes", "0,7"), "--sizes: batch sizes must be positive"),
+                          (("--backends", "gpu"), "--backends: each of cuda, triton, cpu; got 'gpu'"),
+                          (("--device", "tpu"), "invalid choice: 'tpu'")):
+        out = _run("check", *argv)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    for argv, message in ((("--dtype", "float64"), "dtype must be one of float32, float16, bfloat16"),
+                          (("--sizes", "0"), "--sizes values must be positive")):
+        out = _run("bench", "--list", *argv)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_check_fails_when_it_checks_nothing(capsys):
+    """A backend asked for that cannot run here, or a filter that leaves no case: exit 1, said."""
+    rc = check.run(_args(op="no_such_op"))
+    assert rc == 1 and "no case name starts with 'no_such_op'" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        rc = check.run(_args(backends="cuda", op="nt_xent", sizes="7", dtypes="float32"))
+        out = capsys.readouterr().out
+        assert rc == 1 and "FAIL" in out and "cannot run on cpu here" in out, out
+        rc = check.run(_args(device="cuda", op="nt_xent", sizes="7", dtypes="float32"))
+        assert rc == 1 and "nothing was checked" in capsys.readouterr().out
+
+
 def _args(**kw):
     p = argparse.ArgumentParser()
     check.add_arguments(p)

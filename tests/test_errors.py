@@ -180,6 +180,8 @@ def test_env_backend(monkeypatch):
     monkeypatch.setenv("CONTRASTIVE_KERNELS_BACKEND", "nonsense")
     with pytest.raises(BackendError, match=r"CONTRASTIVE_KERNELS_BACKEND='nonsense' is not a backend"):
         ck.nt_xent(X, Y)
+    with pytest.raises(BackendError, match=r"CONTRASTIVE_KERNELS_BACKEND='nonsense' is not a backend"):
+        ck.alignment_loss(X, Y)  # (an O(N D) loss computed the same way on every backend: still checked)
     monkeypatch.setenv("CONTRASTIVE_KERNELS_BACKEND", "reference")
     assert torch.allclose(ck.nt_xent(X, Y), ck.nt_xent(X, Y, backend="reference"))
 

@@ -39,7 +39,8 @@ def test_modules_equal_functional():
         assert torch.allclose(got.double(), want.double(), rtol=1e-12, atol=0), f"case {i}: {got} != {want}"
 
 
-@pytest.mark.parametrize("cls", [cknn.InfoNCELoss, cknn.NTXentLoss, cknn.SupConLoss, cknn.DCLLoss])
+@pytest.mark.parametrize("cls", [cknn.InfoNCELoss, cknn.NTXentLoss, cknn.SupConLoss, cknn.DCLLoss, cknn.DCLWLoss,
+                                 cknn.HardNegativeLoss])
 def test_learnable_temperature_gets_gradient(cls):
     m = cls(0.25, learn_temperature=True)
     assert abs(float(m.temperature.detach()) - 0.25) < 1e-7

@@ -136,6 +136,15 @@ def test_similarity_nonfinite(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_normalized_similarity_dtype_is_the_inputs_on_every_backend(dtype):
+    """As PyTorch's expression: a's dtype, whichever backend (the reference too) computes it."""
+    a, b = _rounded((5, 8), dtype), _rounded((6, 8), dtype)
+    assert (F.normalize(a) @ F.normalize(b).T).dtype == dtype
+    for be in ("cpu", "reference"):
+        assert ck.normalized_similarity(a, b, 2.0, backend=be).dtype == dtype, be
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_normalized_similarity_public_cpu(dtype):
     """The public function with backend='cpu' equals scale * F.normalize(a) @ F.normalize(b).T."""
     a, b = _rounded((21, 10), dtype), _rounded((13, 10), dtype)

@@ -23,7 +23,10 @@ def main(argv=None) -> int:
         return print_info(as_json=args.json)
     if args.command == "check":
         return _check.run(args)
-    return _bench.run(args)
+    try:
+        return _bench.run(args)
+    except argparse.ArgumentTypeError as exc:  # a list option's item (--sizes, --dtype): usage, exit 2
+        p_bench.error(str(exc))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ exits non-zero on any failure.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -107,8 +108,15 @@ def _cases() -> list[Case]:
         return t, lambda be, a, b, scale: (F.normalized_similarity(a, b, scale, backend=be).float()
                                            * w.to(a.device)).sum()
 
+    def xcorr(gen, n, d, dtype, device):
+        w = _t(gen, d, d, dtype=torch.float32, device=device)
+        t = {"a": _t(gen, n, d, dtype=dtype, device=device), "b": _t(gen, n, d, dtype=dtype, device=device)}
+        return t, lambda be, a, b: (F.cross_correlation(a, b, backend=be).float() * w.to(a.device)).sum()
+
     return [
         Case("normalized_similarity", "similarity", similarity),
+        Case("cross_correlation", "xcorr", xcorr),
+        Case("alignment_loss", "lse", simple(lambda a, b, be: F.alignment_loss(a, b, 2.0, backend=be))),
         Case("info_nce", "lse", simple(lambda a, b, be: F.info_nce(a, b, backend=be))),
         Case("info_nce[symmetric]", "lse", simple(lambda a, b, be: F.info_nce(a, b, symmetric=True, backend=be))),
         Case("info_nce[negatives]", "lse", info_nce_neg),
@@ -173,33 +181,92 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, n: int, d: int, devic
     return errs[worst], worst, errs
 
 
+_CHECK_BACKENDS = ("cuda", "triton", "cpu")
+
+
+def _comma_list(text: str, what: str):
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{what} is an empty list")
+    return items
+
+
+def _parse_backends(text: str):
+    items = _comma_list(text, "--backends")
+    allowed = _CHECK_BACKENDS + (backends.FAMILY_REFERENCE,)
+    for b in items:
+        if b not in allowed:
+            raise argparse.ArgumentTypeError(f"--backends: each of {', '.join(_CHECK_BACKENDS)}; got {b!r}")
+    return items
+
+
+def _parse_dtypes(text: str):
+    items = _comma_list(text, "--dtypes")
+    for x in items:
+        if x not in DTYPES:
+            raise argparse.ArgumentTypeError(f"--dtypes: each of {', '.join(DTYPES)}; got {x!r}")
+    return [DTYPES[x] for x in items]
+
+
+def _parse_sizes(text: str):
+    items = _comma_list(text, "--sizes")
+    try:
+        sizes = [int(x) for x in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes: a comma list of batch sizes N; got {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"--sizes: batch sizes must be positive; got {text!r}")
+    return sizes
+
+
+def _positive_int(text: str):
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer; got {text!r}")
+    return v
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--backends", default=None, help="comma list (default: every kernel backend available)")
-    parser.add_argument("--dtypes", default="float32,float16,bfloat16")
-    parser.add_argument("--sizes", default="1,7,33", help="comma list of batch sizes N")
-    parser.add_argument("--dim", type=int, default=13, help="feature dimension D")
+    parser.add_argument("--backends", type=_parse_backends, default=None,
+                        help="comma list of cuda, triton, cpu (default: every kernel backend available); one "
+                             "asked for that cannot run here fails the check")
+    parser.add_argument("--dtypes", type=_parse_dtypes, default="float32,float16,bfloat16")
+    parser.add_argument("--sizes", type=_parse_sizes, default="1,7,33", help="comma list of batch sizes N")
+    parser.add_argument("--dim", type=_positive_int, default=13, help="feature dimension D")
     parser.add_argument("--op", action="append", default=None, help="only cases whose name starts with this")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="cpu or cuda (default: cuda when available, else cpu)")
 
 
 def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    wanted = args.backends.split(",") if args.backends else None
-    dtypes = [DTYPES[x] for x in args.dtypes.split(",")]
-    sizes = [int(s) for s in args.sizes.split(",")]
+    wanted, dtypes, sizes = args.backends, args.dtypes, args.sizes
+    if args.op and not any(c.name.startswith(o) for c in CASES for o in args.op):
+        print(f"check: no case name starts with {' or '.join(map(repr, args.op))}; the cases: "
+              f"{', '.join(c.name for c in CASES)}")
+        return 1
     rows, failures = [], 0
     t0 = time.perf_counter()
     for case in CASES:
         if args.op and not any(case.name.startswith(o) for o in args.op):
             continue
-        bes = [b for b in ("cuda", "triton", "cpu") if backends.unavailable_reason(b, case.family, device) is None]
+        bes = [b for b in _CHECK_BACKENDS if backends.unavailable_reason(b, case.family, device) is None]
         if wanted is not None:
+            # a backend asked for that cannot run here fails (never a silent skip)
+            for b in wanted:
+                why = backends.unavailable_reason(b, case.family, device) if b in _CHECK_BACKENDS else None
+                if why is not None:
+                    failures += 1
+                    rows.append((case.name, b, "-", "-", "FAIL", f"cannot run on {device} here: {why}"))
             # FAMILY_REFERENCE (internal): the fused compositions over the materializing family references.
             bes = [b for b in bes if b in wanted] + [b for b in wanted if b == backends.FAMILY_REFERENCE]
         if not bes:
-            why = "; ".join(f"{b}: {backends.unavailable_reason(b, case.family, device)}"
-                            for b in ("cuda", "triton", "cpu"))
-            rows.append((case.name, "-", "-", "-", "SKIP", f"no kernel backend here ({why})"))
+            if wanted is None:
+                why = "; ".join(f"{b}: {backends.unavailable_reason(b, case.family, device)}" for b in _CHECK_BACKENDS)
+                rows.append((case.name, "-", "-", "-", "SKIP", f"no kernel backend here ({why})"))
             continue
         for be in bes:
             for dt in dtypes:
@@ -233,6 +300,9 @@ def run(args) -> int:
     print(f"\n{passed} passed, {failures} failed, {sum(r[4] == 'SKIP' for r in rows)} skipped on {device} "
           f"(sizes N={sizes}, D={args.dim}; tolerances float32 1e-5, float16/bfloat16 2e-2 relative to float64) "
           f"in {time.perf_counter() - t0:.1f} s")
+    if passed == 0 and failures == 0:
+        print(f"check: nothing was checked: no kernel backend runs these cases on {device} here")
+        return 1
     return 1 if failures else 0
 
 

@@ -88,8 +88,8 @@ def normalized_similarity(a: Tensor, b: Tensor | None = None, scale=1.0, *, norm
                           backend: str | None = None) -> Tensor:
     """The N x M matrix ``scale * normalize(a) @ normalize(b).T`` (b=None: a with itself).
 
-    Equals ``scale * F.normalize(a) @ F.normalize(b).T``; the result has a's dtype
-    (float32 accumulation) on the fused backends."""
+    Equals ``scale * F.normalize(a) @ F.normalize(b).T``; the result has a's dtype (float32
+    accumulation) on every backend, as the PyTorch expression's has."""
     V.matrix("a", a)
     if b is not None:
         V.matrix("b", b)
@@ -98,7 +98,7 @@ def normalized_similarity(a: Tensor, b: Tensor | None = None, scale=1.0, *, norm
     V.scalar("scale", scale, device=a.device)
     be = _resolve(backend, "similarity", a)
     if be == "reference":
-        return reference.normalized_similarity(a, b, scale, normalize=normalize)
+        return reference.normalized_similarity(a, b, scale, normalize=normalize).to(a.dtype)
     return fam.similarity(be, a, a if b is None else b, _scale(scale, a.device, invert=False), normalize)
 
 
@@ -433,8 +433,7 @@ def alignment_loss(x: Tensor, y: Tensor, alpha=2.0, *, backend: str | None = Non
     V.same_device_dtype(x=x, y=y)
     V.same_shape(x=x, y=y)
     V.scalar("alpha", alpha, positive=True)
-    if backend is not None:
-        backends.resolve(backend, "lse", x.device, x.dtype)  # validates the name and availability
+    _resolve(backend, "lse", x)  # validates the name (or CONTRASTIVE_KERNELS_BACKEND's) and availability
     return reference.alignment_loss(x, y, alpha)
 
 

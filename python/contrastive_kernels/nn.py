@@ -244,23 +244,27 @@ class DCLLoss(_TemperatureMixin):
     """Decoupled contrastive loss (`contrastive_kernels.dcl_loss`); ``forward(z1, z2)``."""
 
     def __init__(self, temperature=0.1, *, learn_temperature: bool = False, normalize: bool = True,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, distributed: Optional[str] = None, process_group=None):
         super().__init__()
         self._init_temperature(temperature, learn_temperature)
         self.normalize, self.backend = normalize, backend
+        self.distributed, self.process_group = _check_distributed(distributed, process_group), process_group
         self.weight_sigma = None
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        return F.dcl_loss(z1, z2, self.temperature, weight_sigma=self.weight_sigma, normalize=self.normalize,
-                          backend=self.backend)
+        kw = dict(weight_sigma=self.weight_sigma, normalize=self.normalize, backend=self.backend)
+        if self.distributed:
+            return _dist_call("dcl_loss", self.distributed, self.process_group, z1, z2, self.temperature, **kw)
+        return F.dcl_loss(z1, z2, self.temperature, **kw)
 
 
 class DCLWLoss(DCLLoss):
     """DCL with the negative von Mises-Fisher weights of width ``sigma``."""
 
     def __init__(self, temperature=0.1, sigma=0.5, *, learn_temperature: bool = False, normalize: bool = True,
-                 backend: Optional[str] = None):
-        super().__init__(temperature, learn_temperature=learn_temperature, normalize=normalize, backend=backend)
+                 backend: Optional[str] = None, distributed: Optional[str] = None, process_group=None):
+        super().__init__(temperature, learn_temperature=learn_temperature, normalize=normalize, backend=backend,
+                         distributed=distributed, process_group=process_group)
         V.scalar("sigma", sigma, positive=True)
         self.weight_sigma = float(sigma)
 
@@ -268,10 +272,10 @@ class DCLWLoss(DCLLoss):
 class HardNegativeLoss(_TemperatureMixin):
     """Robinson et al. 2021 hard-negative contrastive loss (`contrastive_kernels.hard_negative_loss`)."""
 
-    def __init__(self, temperature=0.5, beta=1.0, tau_plus=0.1, *, normalize: bool = True,
-                 backend: Optional[str] = None):
+    def __init__(self, temperature=0.5, beta=1.0, tau_plus=0.1, *, learn_temperature: bool = False,
+                 normalize: bool = True, backend: Optional[str] = None):
         super().__init__()
-        self._init_temperature(temperature, False)
+        self._init_temperature(temperature, learn_temperature)
         self.beta, self.tau_plus, self.normalize, self.backend = beta, tau_plus, normalize, backend
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
