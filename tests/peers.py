@@ -320,7 +320,23 @@ class LightlyVICRegLoss(nn.Module):
         self.eps = eps
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
-        return vicreg(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, self.eps)
+        if z_a.dim() == 2:
+            return vicreg(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, self.eps)
+        # (batch, ..., dim), lightly's generalization (after VICRegL): statistics over the batch
+        # at every position, the covariance as a batched Gram matrix per position
+        def variance(x):
+            x = x - x.mean(dim=0)
+            return F.relu(1.0 - torch.sqrt(x.var(dim=0) + self.eps)).mean()
+
+        def covariance(x):
+            x = x - x.mean(dim=0)
+            d = x.shape[-1]
+            cov = torch.einsum("b...c,b...d->...cd", x, x) / (x.shape[0] - 1)
+            off = cov - torch.diag_embed(torch.diagonal(cov, dim1=-2, dim2=-1))
+            return (off.pow(2).sum((-2, -1)) / d).mean()
+
+        return (self.lambda_param * F.mse_loss(z_a, z_b) + self.mu_param * 0.5 * (variance(z_a) + variance(z_b))
+                + self.nu_param * (covariance(z_a) + covariance(z_b)))
 
 
 # -------------------------------------------------------------------- open_clip

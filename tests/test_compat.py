@@ -300,6 +300,22 @@ def test_lightly_barlow_twins_and_vicreg(dtype, backend, n, d):
                f"lightly.VICRegLoss({kwargs})")
 
 
+@pytest.mark.parametrize("dtype,backend", _runs("xcorr"))
+@pytest.mark.parametrize("shape", [(7, 3, 5), (9, 2, 2, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_lightly_vicreg_batch_positions_dim(dtype, backend, shape):
+    """lightly.loss.VICRegLoss on (batch, ..., dim) inputs (VICRegL's local features)."""
+    g = _gen(sum(shape))
+    z1 = _randn(g, *shape) + 0.5
+    raw = dict(z_a=z1, z_b=0.6 * z1 + 0.8 * _randn(g, *shape))
+    for kwargs in [dict(), dict(lambda_param=10.0, mu_param=5.0, nu_param=2.0, eps=1e-3)]:
+        loss = ck_lightly.VICRegLoss(backend=backend, **kwargs)
+        peer = peers.LightlyVICRegLoss(**kwargs)
+        _check(lambda t: loss(t["z_a"], t["z_b"]), lambda t: peer(t["z_a"], t["z_b"]), raw, dtype,
+               f"lightly.VICRegLoss({kwargs}) on {shape}")
+    with pytest.raises(ValueError, match=r"z_a and z_b must have the same shape, got \(7, 3, 5\) and \(7, 15\)"):
+        ck_lightly.VICRegLoss()(torch.randn(7, 3, 5), torch.randn(7, 15))
+
+
 def test_lightly_barlow_twins_equals_facebook_formula():
     """lightly (after PR #1806) and facebookresearch/barlowtwins are the same loss."""
     raw = _views(_gen(4), 9, 6)

@@ -171,6 +171,23 @@ class VICRegLoss(nn.Module):
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         if not (z_a.shape[0] > 1 and z_b.shape[0] > 1):
             raise ValueError(f"z_a and z_b must have batch size > 1 but found {z_a.shape[0]} and {z_b.shape[0]}")
+        if z_a.dim() > 2 or z_b.dim() > 2:
+            # lightly takes (batch, ..., dim) (VICRegL's local features): the invariance is the mean
+            # over every element, the variance and covariance terms are each position's (its
+            # statistics over the batch), averaged over the positions: so the loss is the mean
+            # over positions of the two-dimensional loss of that position's (batch, dim) slices.
+            if z_a.shape != z_b.shape:
+                raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and "
+                                 f"{tuple(z_b.shape)}")
+            a = z_a.reshape(z_a.shape[0], -1, z_a.shape[-1])
+            b = z_b.reshape(z_b.shape[0], -1, z_b.shape[-1])
+            if a.shape[1] == 0:
+                raise ValueError(f"z_a has no positions between its batch and feature dimensions: "
+                                 f"shape {tuple(z_a.shape)}")
+            return torch.stack([self._loss(a[:, i], b[:, i]) for i in range(a.shape[1])]).mean()
+        return self._loss(z_a, z_b)
+
+    def _loss(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         if self.gather_distributed and world_size() > 1:
             # lightly: local invariance term; variance and covariance of the gathered batch, whose
             # gather sums the gradients into the owner: exactly our distributed vicreg_loss
