@@ -27,6 +27,20 @@ def test_auto_resolution():
     assert backends.resolve("REFERENCE", "lse", dev, torch.float32) == "reference"
 
 
+def test_auto_float64_uses_the_reference_with_one_warning():
+    """float64 has no kernel: `auto` computes it with the reference and says so once."""
+    backends._warn_auto_dtype.cache_clear()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        a = ck.nt_xent(x, x + 0.1)
+        b = ck.info_nce(x, x + 0.2)
+        c = ck.nt_xent(x, x + 0.1, backend="reference")  # asked for: no warning
+    msgs = [str(m.message) for m in w if "float64 inputs" in str(m.message)]
+    assert len(msgs) == 1 and "reference backend computes these" in msgs[0], msgs
+    assert a.dtype == torch.float64 and torch.equal(a, c) and torch.isfinite(b)
+
+
 def test_auto_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(backends, "_native_error", lambda family, key: "simulated: no kernel built")
     _ext.warn_missing_once.cache_clear()

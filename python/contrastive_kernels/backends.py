@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -153,6 +154,14 @@ def available_backends(family: str | None = None, device: torch.device | str | N
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_auto_dtype(dtype: torch.dtype) -> None:
+    warnings.warn(f"contrastive_kernels: backend 'auto' with {str(dtype).replace('torch.', '')} inputs: the "
+                  "kernels take float32, float16 and bfloat16, so the reference backend computes these, "
+                  "materializing the full similarity matrix (pass backend='reference' to say so, or cast "
+                  "the inputs)", RuntimeWarning, stacklevel=4)
+
+
 def resolve(backend: str | None, family: str, device: torch.device, dtype: torch.dtype, work=None) -> str:
     """The backend that runs one call of `family` on tensors of `device`/`dtype`; `work`
     (rows x features of the first input) picks the size class of `auto`'s recorded
@@ -168,8 +177,9 @@ def resolve(backend: str | None, family: str, device: torch.device, dtype: torch
     if name == "reference":
         return name
     if dtype not in FUSED_DTYPES:
-        if name == "auto":
-            return "reference"  # float64 and other dtypes: the reference computes them
+        if name == "auto":  # float64 and other dtypes: the reference computes them, said once
+            _warn_auto_dtype(dtype)
+            return "reference"
         raise BackendError(
             f"backend {name!r} supports float32, float16 and bfloat16 inputs; got {dtype} "
             "(use backend='reference' for float64)")
