@@ -143,3 +143,27 @@ def test_compile_fullgraph_barlow_vicreg(backend):
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(a, b)
     assert torch.allclose(out, f(a, b), rtol=1e-5)
     out.backward()
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("contrastive_kernels.kernels", "are installed with the package"),
+    ("contrastive_kernels.kernels.lse", "no Triton kernel for the lse family yet"),
+    ("some_dependency", "failed to import (ModuleNotFoundError"),
+])
+def test_triton_import_errors_say_what_is_missing(monkeypatch, missing, message):
+    """A ModuleNotFoundError while importing the Triton kernels names its real cause."""
+    import importlib
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name.startswith("contrastive_kernels.kernels"):
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(backends, "_triton_import_error", lambda: None)
+    monkeypatch.setattr(backends.importlib, "import_module", fake)
+    backends._triton_family_error_cached.cache_clear()
+    try:
+        assert message in backends._triton_family_error_cached("lse")
+    finally:
+        backends._triton_family_error_cached.cache_clear()

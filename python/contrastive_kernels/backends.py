@@ -80,7 +80,13 @@ def _triton_family_error_cached(family: str) -> str | None:
         return err
     try:
         mod = importlib.import_module(f"contrastive_kernels.kernels.{family}")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as exc:
+        if exc.name == "contrastive_kernels.kernels":  # setup.py maps kernels/ in at install
+            return ("the Triton kernels (contrastive_kernels.kernels) are not importable: they are installed "
+                    "with the package (pip install --no-build-isolation .), not found in a source checkout "
+                    "on PYTHONPATH")
+        if exc.name != f"contrastive_kernels.kernels.{family}":
+            return f"the Triton {family} kernels failed to import (ModuleNotFoundError: {exc})"
         return f"no Triton kernel for the {family} family yet"
     except Exception as exc:
         return f"the Triton {family} kernels failed to import ({type(exc).__name__}: {exc})"
