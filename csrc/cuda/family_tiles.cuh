@@ -287,6 +287,12 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   // m64n64k16 per 16 columns into half of accO (the m64n64 layout again).  Elsewhere (sm_80 code
   // of these instantiations) it traps: the host never launches it.
   static_assert(!WG || sizeof(T) == 2, "wgmma: the 16-bit kernels");
+#if !CK_WGMMA
+  if constexpr (WG) {  // (the rest is dead code here: no registers or time spent on a stub)
+    __trap();
+    return;
+  }
+#endif
   constexpr int BK = WG ? 64 : Cfg<T>::BK, LDS = Cfg<T>::LDS;
   using SH = Shape<BWD, G>;
   constexpr int NWARP = SH::kWarps, NTHR = SH::kThreads, NTS = SH::kNTS;
