@@ -167,3 +167,14 @@ def test_triton_import_errors_say_what_is_missing(monkeypatch, missing, message)
         assert message in backends._triton_family_error_cached("lse")
     finally:
         backends._triton_family_error_cached.cache_clear()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason on a machine without a GPU")
+def test_no_backend_claims_cuda_tensors_without_cuda():
+    """Without CUDA no kernel backend says it can run CUDA tensors (Triton said so when its
+    kernels imported: `check --device cuda` then ran, and crashed, instead of saying why)."""
+    for be in ("cuda", "triton", "cpu"):
+        why = backends.unavailable_reason(be, "lse", "cuda")
+        assert why is not None, be
+        if be != "triton" or backends._triton_family_error("lse") is None:  # (else: why Triton is missing)
+            assert "CUDA" in why or "cuda" in why, (be, why)

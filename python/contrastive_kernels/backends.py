@@ -143,6 +143,8 @@ def unavailable_reason(backend: str, family: str, device: torch.device | str | N
             return "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1 (set it, or use backend='cpu')"
         if device is not None and device.type not in ("cpu", "cuda"):
             return f"backend 'triton' cannot run tensors on {device}"
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            return "backend 'triton' on CUDA tensors needs a CUDA GPU and torch with CUDA; none is available"
         if device is None and not torch.cuda.is_available() and not triton_interpret():
             return "backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors)"
         return None

@@ -243,6 +243,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("check: --device cuda, but CUDA is not available here (torch.cuda.is_available() is False): "
+              "nothing was checked")
+        return 1
     wanted, dtypes, sizes = args.backends, args.dtypes, args.sizes
     if args.op and not any(c.name.startswith(o) for c in CASES for o in args.op):
         print(f"check: no case name starts with {' or '.join(map(repr, args.op))}; the cases: "
