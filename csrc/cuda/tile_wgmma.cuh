@@ -25,8 +25,8 @@
 // (cp.async, st.shared) needs fence_proxy_async() by the writing threads and a barrier before a
 // wgmma reads it.  The CPU emulator (csrc/cuda/emu) executes wgmma at the issuing thread's wait
 // and reports a missing fence of either kind (cp.async data; st.shared data stored through
-// st_operand), descriptors that differ across the warpgroup, and
-// a tile not aligned to its swizzle pattern.
+// st_operand), descriptors that differ across the warpgroup, and a tile not aligned to its
+// swizzle pattern.
 #pragma once
 
 #include "tile_mma.cuh"

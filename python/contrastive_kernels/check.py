@@ -257,19 +257,19 @@ def run(args) -> int:
     for case in CASES:
         if args.op and not any(case.name.startswith(o) for o in args.op):
             continue
-        bes = [b for b in _CHECK_BACKENDS if backends.unavailable_reason(b, case.family, device) is None]
+        why_not = {b: backends.unavailable_reason(b, case.family, device) for b in _CHECK_BACKENDS}
+        bes = [b for b in _CHECK_BACKENDS if why_not[b] is None]
         if wanted is not None:
             # a backend asked for that cannot run here fails (never a silent skip)
             for b in wanted:
-                why = backends.unavailable_reason(b, case.family, device) if b in _CHECK_BACKENDS else None
-                if why is not None:
+                if why_not.get(b) is not None:
                     failures += 1
-                    rows.append((case.name, b, "-", "-", "FAIL", f"cannot run on {device} here: {why}"))
+                    rows.append((case.name, b, "-", "-", "FAIL", f"cannot run on {device} here: {why_not[b]}"))
             # FAMILY_REFERENCE (internal): the fused compositions over the materializing family references.
             bes = [b for b in bes if b in wanted] + [b for b in wanted if b == backends.FAMILY_REFERENCE]
         if not bes:
             if wanted is None:
-                why = "; ".join(f"{b}: {backends.unavailable_reason(b, case.family, device)}" for b in _CHECK_BACKENDS)
+                why = "; ".join(f"{b}: {r}" for b, r in why_not.items())
                 rows.append((case.name, "-", "-", "-", "SKIP", f"no kernel backend here ({why})"))
             continue
         for be in bes:

@@ -190,7 +190,8 @@ thread_local std::vector<void*> g_stacks;  // reused across launches
 thread_local uintptr_t g_window = 0;
 // Per byte of the window: 1 + the thread that stored it through the generic proxy (smem_store)
 // and has not yet made it visible to the async proxy (fence_proxy_async); 0 elsewhere.  A wgmma
-// reading a marked byte is an error (smem_ptr).  Allocated at the first smem_store.
+// reading a marked byte is an error (wgmma_execute, through smem_view).  Allocated at the first
+// smem_store.
 thread_local std::vector<uint16_t> g_st_writer;
 thread_local bool g_st_dirty = false;  // marks may be set: cleared at the next block's start
 
