@@ -127,6 +127,16 @@ def _dcl(**kw):
     return build
 
 
+def _hcl(**kw):
+    def build(g, W, dt):
+        return {"z1": _f(g, W * N, D, dt), "z2": _f(g, W * N, D, dt)}, {"temperature": _scalar(0.5, dt)}, kw, None, {}
+    return build
+
+
+def _uniformity(g, W, dt):  # (t a replicated tensor: its gradient is checked too)
+    return {"x": _f(g, W * N, D, dt) * 0.5}, {"t": _scalar(1.5, dt)}, {}, None, {}
+
+
 def _xc(exchange, dim=D, **kw):
     def build(g, W, dt):
         return ({"z1": _f(g, W * N, dim, dt) + 0.5, "z2": _f(g, W * N, dim, dt) * 1.5},
@@ -154,6 +164,9 @@ LOSS_CASES = [
     ("supcon_loss_ref", "supcon_loss", _supcon(3, ref=True)),
     ("dcl_loss", "dcl_loss", _dcl()),
     ("dcl_loss_weighted", "dcl_loss", _dcl(weight_sigma=0.5)),
+    ("hard_negative_loss", "hard_negative_loss", _hcl()),
+    ("hard_negative_loss_nonorm", "hard_negative_loss", _hcl(normalize=False, beta=0.5, tau_plus=0.05)),
+    ("uniformity_loss", "uniformity_loss", _uniformity),
     ("barlow_twins_gather", "barlow_twins_loss", _xc("gather")),
     ("barlow_twins_all_reduce", "barlow_twins_loss", _xc("all_reduce", lambd=0.1)),
     ("barlow_twins_auto_wide", "barlow_twins_loss", _xc("auto", dim=23)),
@@ -161,6 +174,7 @@ LOSS_CASES = [
     ("vicreg_all_reduce", "vicreg_loss", _xc("all_reduce")),
 ]
 FAMILY = {"info_nce": "lse", "nt_xent": "lse", "clip_loss": "lse", "supcon_loss": "lse", "dcl_loss": "lse",
+          "hard_negative_loss": "lse", "uniformity_loss": "lse",
           "siglip_loss": "pairwise", "barlow_twins_loss": "xcorr", "vicreg_loss": "xcorr"}
 MODES = ("gather", "ring")
 
@@ -270,11 +284,13 @@ def run_confident_case(name, mode, backend, W, r, n=32, d=32):
 def _ddp_views(fname):
     return {"info_nce": ("query", "key"), "nt_xent": ("z1", "z2"), "clip_loss": ("image", "text"),
             "siglip_loss": ("image", "text"), "dcl_loss": ("z1", "z2"), "barlow_twins_loss": ("z1", "z2"),
+            "hard_negative_loss": ("z1", "z2"), "uniformity_loss": ("x",),
             "vicreg_loss": ("z1", "z2"), "supcon_loss": ("embeddings",)}[fname]
 
 
 DDP_CASES = [("info_nce", {"temperature": 0.3}), ("nt_xent", {}), ("clip_loss", {"logit_scale": 3.0}),
              ("siglip_loss", {"logit_scale": 2.0, "logit_bias": -1.0}), ("supcon_loss", {}), ("dcl_loss", {}),
+             ("hard_negative_loss", {"temperature": 0.4}), ("uniformity_loss", {"t": 1.5}),
              ("barlow_twins_loss", {}), ("vicreg_loss", {})]
 
 
@@ -286,6 +302,7 @@ DDP_CASES = [("info_nce", {"temperature": 0.3}), ("nt_xent", {}), ("clip_loss", 
 NONFINITE_CASES = {"info_nce": {"normalize": False}, "nt_xent": {"normalize": False}, "clip_loss":
                    {"logit_scale": 2.0}, "siglip_loss": {"logit_scale": 2.0, "logit_bias": -1.0},
                    "supcon_loss": {"normalize": False}, "dcl_loss": {"normalize": False},
+                   "hard_negative_loss": {"normalize": False}, "uniformity_loss": {},
                    "barlow_twins_loss": {}, "vicreg_loss": {}}
 
 
@@ -583,6 +600,9 @@ NN_CASES = [("InfoNCELoss", dict(temperature=0.2, learn_temperature=True), ("que
             ("SupConLoss", dict(learn_temperature=True), ("embeddings",), True),
             ("DCLLoss", dict(temperature=0.3, learn_temperature=True), ("z1", "z2"), False),
             ("DCLWLoss", dict(temperature=0.3, sigma=0.7, learn_temperature=True), ("z1", "z2"), False),
+            ("HardNegativeLoss", dict(temperature=0.4, beta=0.7, tau_plus=0.05, learn_temperature=True),
+             ("z1", "z2"), False),
+            ("UniformityLoss", dict(t=1.5), ("x",), False),
             ("BarlowTwinsLoss", dict(lambd=0.05), ("z1", "z2"), False),
             ("VICRegLoss", dict(), ("z1", "z2"), False)]
 

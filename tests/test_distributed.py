@@ -154,7 +154,8 @@ def test_modules_match(run, world, key):
 
 def test_nn_modules_and_compat_cover_the_issue():
     assert {c[0] for c in W.NN_CASES} == {"InfoNCELoss", "NTXentLoss", "ClipLoss", "SigLipLoss", "SupConLoss",
-                                         "DCLLoss", "DCLWLoss", "BarlowTwinsLoss", "VICRegLoss"}
+                                         "DCLLoss", "DCLWLoss", "HardNegativeLoss", "UniformityLoss",
+                                         "BarlowTwinsLoss", "VICRegLoss"}
     assert {c.split(":")[0] for c in W.COMPAT_CASES} == {
         "open_clip.ClipLoss", "open_clip.SigLipLoss", "lightly.NTXentLoss", "lightly.DCLLoss", "lightly.DCLWLoss",
         "lightly.BarlowTwinsLoss", "lightly.VICRegLoss"}
@@ -163,7 +164,7 @@ def test_nn_modules_and_compat_cover_the_issue():
 def test_every_loss_and_mode_is_covered():
     fnames = {f for _, f, _ in W.LOSS_CASES}
     assert fnames == {"info_nce", "nt_xent", "clip_loss", "siglip_loss", "supcon_loss", "dcl_loss",
-                      "barlow_twins_loss", "vicreg_loss"}
+                      "hard_negative_loss", "uniformity_loss", "barlow_twins_loss", "vicreg_loss"}
     assert set(W.NONFINITE_CASES) == fnames
     for f in fnames:
         for mode in ckd.MODES:
@@ -190,6 +191,8 @@ FN_ARGS = {
     "siglip_loss": lambda x: dict(image=x, text=x, logit_scale=1.0, logit_bias=0.0),
     "supcon_loss": lambda x: dict(embeddings=x, labels=torch.zeros(x.shape[0], dtype=torch.long)),
     "dcl_loss": lambda x: dict(z1=x, z2=x),
+    "hard_negative_loss": lambda x: dict(z1=x, z2=x),
+    "uniformity_loss": lambda x: dict(x=x),
     "barlow_twins_loss": lambda x: dict(z1=x, z2=x),
     "vicreg_loss": lambda x: dict(z1=x, z2=x),
 }

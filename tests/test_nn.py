@@ -134,11 +134,22 @@ def test_memory_bank_bad_sizes():
         m(torch.randn(4, 5), torch.randn(4, 5))
 
 
-def test_distributed_argument_checked():
+@pytest.mark.parametrize("name", cknn.__all__)
+def test_distributed_argument_checked(name):
+    """SPEC: every nn module takes distributed= and process_group= (checked when built)."""
+    cls = getattr(cknn, name)
     with pytest.raises(ValueError, match=r"distributed must be None, 'gather' or 'ring'; got 'allgather'"):
-        cknn.ClipLoss(distributed="allgather")
+        cls(distributed="allgather")
     with pytest.raises(ValueError, match=r"process_group is only used with distributed="):
-        cknn.SupConLoss(process_group=object())
+        cls(process_group=object())
+    cls(distributed="ring")  # accepted (the process group is needed at the first forward)
+
+
+def test_hard_negative_module_checks_its_arguments():
+    with pytest.raises(ValueError, match="tau_plus"):
+        cknn.HardNegativeLoss(tau_plus=1.5)
+    with pytest.raises((ValueError, TypeError), match="beta"):
+        cknn.HardNegativeLoss(beta="x")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

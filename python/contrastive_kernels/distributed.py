@@ -28,8 +28,9 @@ the mean over ranks is exact: ``supcon_loss`` returns ``world_size * (sum of its
 anchors' losses) / (global number of anchors with a positive)``; ``siglip_loss``
 returns ``-(1/N_local) sum_{i local, j global} log sigmoid(...)`` (open_clip's
 convention); ``info_nce(reduction="sum")`` returns ``world_size * local sum``;
-``barlow_twins_loss`` returns the global loss itself on every rank; ``vicreg_loss``
-returns the local invariance term plus the global variance and covariance terms.
+``barlow_twins_loss`` and ``uniformity_loss`` return the global loss itself on every
+rank; ``vicreg_loss`` returns the local invariance term plus the global variance and
+covariance terms.
 
 Modes.
     * ``"gather"``: the keys of all ranks are all-gathered with our own autograd
@@ -76,7 +77,7 @@ MODES = ("gather", "ring")
 EXCHANGES = ("auto", "gather", "all_reduce")
 
 __all__ = ["MODES", "info_nce", "nt_xent", "clip_loss", "siglip_loss", "supcon_loss", "dcl_loss",
-           "barlow_twins_loss", "vicreg_loss", "all_gather_with_grad", "all_reduce_with_grad", "gather_features"]
+           "hard_negative_loss", "uniformity_loss", "barlow_twins_loss", "vicreg_loss", "all_gather_with_grad", "all_reduce_with_grad", "gather_features"]
 
 
 # ------------------------------------------------------------------ process group
@@ -718,6 +719,80 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, norm
     aa, ab, bb, ba = _blocks(d, mode, rows, ("lse",) * 4,
                              [z1, z2, ar if normalize else e, br if normalize else e, scale], [z1, z2])
     return 0.5 * ((torch.logaddexp(aa, ab) - pos).mean() + (torch.logaddexp(bb, ba) - pos).mean())
+
+
+# ----------------------------------------------------------------- hard negatives
+def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau_plus=0.1, normalize: bool = True,
+                       backend: str | None = None, mode: str = "gather", group=None) -> Tensor:
+    """Robinson et al.'s hard-negative loss (HCL) over the global batch: the SimCLR 2N
+    setting of all ranks' rows (each local row's negatives are the ``2 W N - 2`` rows of
+    every rank but itself and its other view), mean over the 2N local rows."""
+    _pair_inputs(z1, z2)
+    V.scalar("temperature", temperature, positive=True, device=z1.device)
+    V.scalar("beta", beta)
+    V.scalar("tau_plus", tau_plus, lower=0.0, upper=1.0)
+    d = _setup(group, mode, "distributed hard_negative_loss", z1)
+    _check_sizes(d, z1=z1, z2=z2)
+    if z1.shape[0] * d.world < 2:
+        raise ValueError(f"hard_negative_loss needs at least 2 pairs in the global batch (2N - 2 negatives per "
+                         f"row), got z1 {tuple(z1.shape)} on {d.world} rank(s)")
+    be = _family_backend(backend, "lse", z1)
+    dt = _cdt(be, z1)
+    z = torch.cat([z1, z2])  # this rank's block of the global [z1_0; z2_0; z1_1; z2_1; ...]
+    n2 = z.shape[0]
+    n_neg = n2 * d.world - 2
+    inv_t = _scalar_tensor(temperature, z, dt, invert=True)
+    zr = _rscale(z, normalize, dt)
+    p = (torch.arange(n2, device=z.device) + n2 // 2) % n2
+    log_pos = _pos_logit(z, z[p], inv_t, normalize, dt)
+    nb = _norm_bit(normalize)
+
+    # reweight = sum exp((1+beta) s/tau) / mean exp(beta s/tau) over the negatives: two
+    # log-sum-exps of the same rows, the own block masking each row itself and its positive
+    def rows(loc, blk, own):
+        kb = blk[0]
+        kw = dict(q_rscale=_kn(loc[1]) if normalize else None, k_rscale=_kn(_rscale(kb, normalize, dt)))
+        if own is not None:
+            kw.update(pos_index=p + own, diag_offset=own, mask_mode=MASK_DIAG | MASK_POS | nb)
+        else:
+            kw.update(mask_mode=nb)
+        return fam.lse(be, loc[0], kb, loc[2], **kw)[0], fam.lse(be, loc[0], kb, loc[3], **kw)[0]
+
+    l1, l0 = _blocks(d, mode, rows, ("lse", "lse"),
+                     [z, zr if normalize else z.new_empty(0), (1 + beta) * inv_t, beta * inv_t], [z])
+    return functional._hcl_rows(math.log(n_neg) + l1 - l0, log_pos, inv_t, n_neg, tau_plus).mean()
+
+
+# --------------------------------------------------------------------- uniformity
+def uniformity_loss(x: Tensor, t=2.0, *, backend: str | None = None, mode: str = "gather", group=None) -> Tensor:
+    """Wang & Isola's uniformity of the global batch, ``log mean_{i != j} exp(-t |x_i - x_j|^2)``
+    over every pair of all ranks' rows; every rank returns the global loss (its rows'
+    log-sum-exps against every rank's rows, then a log-sum-exp of the ranks' partials)."""
+    V.matrix("x", x)
+    V.scalar("t", t)
+    d = _setup(group, mode, "distributed uniformity_loss", x)
+    _check_sizes(d, x=x)
+    n = x.shape[0] * d.world
+    if n < 2:
+        raise ValueError(f"uniformity_loss needs at least 2 rows in the global batch, got x {tuple(x.shape)} on "
+                         f"{d.world} rank(s)")
+    be = _family_backend(backend, "lse", x)
+    dt = _cdt(be, x)
+    tt = _scalar_tensor(t, x, dt)
+
+    def sq(v):
+        v = v.to(dt)
+        return (v * v).sum(1)
+
+    # -t |x_i - x_j|^2 = 2t x_i.x_j - t |x_j|^2 - t |x_i|^2: the key's term a column bias
+    def rows(loc, blk, own):
+        kb = blk[0]
+        return (fam.lse(be, loc[0], kb, 2 * loc[1], col_bias=-loc[1] * sq(kb), diag_offset=own or 0,
+                        mask_mode=MASK_DIAG if own is not None else 0)[0],)
+
+    row, = _blocks(d, mode, rows, ("lse",), [x, tt], [x])
+    part = torch.logsumexp(row - tt * sq(x), dim=0)
+    return torch.logsumexp(_gather(part.reshape(1), d), dim=0) - math.log(n * (n - 1))
 
 
 # ------------------------------------------------------- Barlow Twins and VICReg

@@ -399,15 +399,20 @@ def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau
                     pos_index=p, mask_mode=mask)
     l0, _ = fam.lse(be, z, z, _scale(beta * inv_t, z.device, invert=False), q_rscale=zk, k_rscale=zk,
                     pos_index=p, mask_mode=mask)
-    log_rw = math.log(n_neg) + l1 - l0
-    # Ng = max((reweight - tau_plus Nneg pos) / (1 - tau_plus), Nneg e^{-1/tau}), in log space
+    return _hcl_rows(math.log(n_neg) + l1 - l0, log_pos, inv_t, n_neg, tau_plus).mean()
+
+
+def _hcl_rows(log_rw: Tensor, log_pos: Tensor, inv_t, n_neg: int, tau_plus) -> Tensor:
+    """HCL's per-row losses from the log reweighted negative sum and the positive logit:
+    ``Ng = max((reweight - tau_plus Nneg pos) / (1 - tau_plus), Nneg e^{-1/tau})``, in log space
+    (also the distributed form's, with the global Nneg)."""
     c = torch.maximum(log_rw, log_pos).detach()
     t = torch.exp(log_rw - c) - tau_plus * n_neg * torch.exp(log_pos - c)
-    ok = t > 0
+    ok = ~(t <= 0)  # a NaN (a non-finite input) takes the log and stays NaN, never the clamp's finite floor
     log_ng = torch.where(ok, c + torch.log(torch.where(ok, t, torch.ones_like(t))), torch.full_like(t, -math.inf))
     log_ng = log_ng - math.log1p(-tau_plus)
     log_ng = torch.clamp(log_ng, min=math.log(n_neg) - inv_t)
-    return (torch.logaddexp(log_pos, log_ng) - log_pos).mean()
+    return torch.logaddexp(log_pos, log_ng) - log_pos
 
 
 # ------------------------------------------------------- uniformity and alignment

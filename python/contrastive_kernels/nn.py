@@ -273,25 +273,37 @@ class HardNegativeLoss(_TemperatureMixin):
     """Robinson et al. 2021 hard-negative contrastive loss (`contrastive_kernels.hard_negative_loss`)."""
 
     def __init__(self, temperature=0.5, beta=1.0, tau_plus=0.1, *, learn_temperature: bool = False,
-                 normalize: bool = True, backend: Optional[str] = None):
+                 normalize: bool = True, backend: Optional[str] = None, distributed: Optional[str] = None,
+                 process_group=None):
         super().__init__()
         self._init_temperature(temperature, learn_temperature)
+        V.scalar("beta", beta)
+        V.scalar("tau_plus", tau_plus, lower=0.0, upper=1.0)
         self.beta, self.tau_plus, self.normalize, self.backend = beta, tau_plus, normalize, backend
+        self.distributed, self.process_group = _check_distributed(distributed, process_group), process_group
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        return F.hard_negative_loss(z1, z2, self.temperature, beta=self.beta, tau_plus=self.tau_plus,
-                                    normalize=self.normalize, backend=self.backend)
+        kw = dict(beta=self.beta, tau_plus=self.tau_plus, normalize=self.normalize, backend=self.backend)
+        if self.distributed:
+            return _dist_call("hard_negative_loss", self.distributed, self.process_group, z1, z2, self.temperature,
+                              **kw)
+        return F.hard_negative_loss(z1, z2, self.temperature, **kw)
 
 
 class UniformityLoss(nn.Module):
     """Wang & Isola's uniformity ``log mean_{i != j} exp(-t |x_i - x_j|^2)``; ``forward(x)``."""
 
-    def __init__(self, t=2.0, *, backend: Optional[str] = None):
+    def __init__(self, t=2.0, *, backend: Optional[str] = None, distributed: Optional[str] = None,
+                 process_group=None):
         super().__init__()
         V.scalar("t", t)
         self.t, self.backend = t, backend
+        self.distributed, self.process_group = _check_distributed(distributed, process_group), process_group
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.distributed:  # every rank gets the uniformity of the global batch
+            return _dist_call("uniformity_loss", self.distributed, self.process_group, x, self.t,
+                              backend=self.backend)
         return F.uniformity_loss(x, self.t, backend=self.backend)
 
 
