@@ -202,6 +202,7 @@ def case_keys(backend_names, world):
         keys += [k[-1] for k in nonfinite_keys(be)]
         if be != "reference":
             keys += [f"confident/{name}/{mode}/{be}-bfloat16" for name in CONFIDENT_CASES for mode in MODES]
+            keys += [f"autocast/{fname}/{mode}/{be}-float16" for fname in AUTOCAST_CASES for mode in MODES]
     return keys
 
 
@@ -364,6 +365,35 @@ def run_ddp_case(fname, kw, mode, backend, dt, W, r):
             for k, p in lin.named_parameters()}
 
 
+# torch.autocast: the distributed similarity losses cast their embeddings as the single-process
+# ones do; forward and backward inside a float16 region on float32 inputs must give exactly the
+# results of the same call on inputs cast by hand (float16: the interpreter's bfloat16 is broken).
+AUTOCAST_CASES = ["nt_xent", "clip_loss", "siglip_loss", "supcon_loss", "hard_negative_loss"]
+
+
+def run_autocast_case(fname, mode, backend, W, r):
+    views = _ddp_views(fname)
+    g = torch.Generator().manual_seed(zlib.crc32(fname.encode()) + 3 * W)
+    xs = [_split(_f(g, W * N, D, torch.float32), W, r) for _ in views]
+    kw = dict(dict(DDP_CASES)[fname])
+    if fname == "supcon_loss":
+        kw["labels"] = _split(torch.randint(0, 2, (W * N,), generator=g), W, r)
+
+    def run(inputs, amp):
+        leaves = [_leaf(x) for x in inputs]
+        with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+            loss = getattr(ckd, fname)(**dict(zip(views, leaves)), **kw, backend=backend, mode=mode)
+            loss.backward()
+        return loss.detach(), [x.grad for x in leaves]
+
+    loss, grads = run(xs, True)
+    want, want_grads = run([x.half() for x in xs], False)
+    errs = {"loss": float((loss.double() - want.double()).abs())}
+    for v, g_, w in zip(views, grads, want_grads):
+        errs[f"d{v}"] = float((g_.double() - w.double()).abs().max()) if g_.dtype == torch.float32 else math.inf
+    return errs
+
+
 def run_uneven(fname, W, r):
     views = _ddp_views(fname)
     n = N + r  # rank r has N + r rows
@@ -406,6 +436,10 @@ def main():
         for fname, mode, ndt, key in nonfinite_keys(be):
             record(key, lambda: run_nonfinite_case(fname, mode, be, ndt, world, rank))
         if be != "reference":
+            for fname in AUTOCAST_CASES:
+                for mode in MODES:
+                    record(f"autocast/{fname}/{mode}/{be}-float16",
+                           lambda: run_autocast_case(fname, mode, be, world, rank))
             for name in CONFIDENT_CASES:
                 for mode in MODES:
                     record(f"confident/{name}/{mode}/{be}-bfloat16",

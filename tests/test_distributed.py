@@ -139,6 +139,20 @@ def test_bfloat16_gradients_on_confident_rows(run, world, key):
         assert not bad, f"rank {rank}, {key}: gradient error above {CONFIDENT_FLOOR_MULTIPLE}x the floor: {bad}"
 
 
+AUTOCAST_KEYS = [k for k in W.case_keys(BACKENDS, 2) if k.startswith("autocast/")]
+
+
+@pytest.mark.parametrize("world", (1, 2, 3))
+@pytest.mark.parametrize("key", AUTOCAST_KEYS)
+def test_autocast_casts_the_embeddings(run, world, key):
+    """Inside a float16 autocast region, float32 local batches give exactly the loss and
+    (float32) gradients of the same call on float16 inputs, in both modes."""
+    for rank in range(world):
+        rec = run(world)[rank].get(key)
+        assert rec is not None and "exception" not in rec, f"rank {rank}, {key}: {rec}"
+        assert rec["errs"] and all(v == 0 for v in rec["errs"].values()), f"rank {rank}, {key}: {rec['errs']}"
+
+
 MODULE_KEYS = [f"compat/{c}-float32" for c in W.COMPAT_CASES] + [
     f"nn/{c[0]}/{m}-float64" for c in W.NN_CASES for m in W.MODES]
 

@@ -44,6 +44,7 @@
 #include "ck_common.h"
 #include "cpu/tile_gemm.h"
 #include "lse_target.h"
+#include "no_autocast.h"
 
 namespace ck::cpu {
 namespace {
@@ -793,6 +794,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_forward_cpu(const Tensor& q, const Tensor
                                            const OptTensor& col_bias, const OptTensor& pos_index,
                                            const OptTensor& q_labels, const OptTensor& k_labels, int64_t diag_offset,
                                            int64_t mask_mode, bool compute_col) {
+  CK_NO_AUTOCAST();
   const Operands o = prepare(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
                              diag_offset, mask_mode, compute_col);
   const Problem& P = o.P;
@@ -840,6 +842,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
     const Tensor& row_lse, const Tensor& col_lse, const Tensor& target_state, bool need_q, bool need_k,
     bool need_scale, bool need_bias,
     bool need_q_rscale, bool need_k_rscale) {
+  CK_NO_AUTOCAST();
   const Operands o = prepare(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
                              diag_offset, mask_mode, col_lse.numel() > 0);
   const Problem& P = o.P;

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "ck_common.h"
+#include "no_autocast.h"
 
 namespace ck {
 namespace {
@@ -393,6 +394,7 @@ at::Tensor pairwise_forward_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& bias, const c10::optional<at::Tensor>& row_offset,
                                 const c10::optional<at::Tensor>& q_labels, const c10::optional<at::Tensor>& k_labels,
                                 int64_t diag_offset, int64_t mode) {
+  CK_NO_AUTOCAST();
   check_inputs(q, k, scale, bias, row_offset, q_labels, k_labels, mode);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs are not part of any graph
   ProblemStorage st;
@@ -572,6 +574,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_
     const at::Tensor& bias, const c10::optional<at::Tensor>& row_offset, const c10::optional<at::Tensor>& q_labels,
     const c10::optional<at::Tensor>& k_labels, int64_t diag_offset, int64_t mode, bool need_q, bool need_k,
     bool need_scale, bool need_bias, bool need_offset) {
+  CK_NO_AUTOCAST();
   check_inputs(q, k, scale, bias, row_offset, q_labels, k_labels, mode);
   TORCH_CHECK(grad_row.dim() == 1 && grad_row.size(0) == q.size(0) && grad_row.device().is_cpu() &&
                   grad_row.is_floating_point(),
@@ -602,6 +605,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& row_offset, const c10::optional<at::Tensor>& q_labels,
     const c10::optional<at::Tensor>& k_labels, int64_t diag_offset, int64_t mode, bool need_q, bool need_k,
     bool need_scale, bool need_bias, bool need_offset) {
+  CK_NO_AUTOCAST();
   check_inputs(q, k, scale, bias, row_offset, q_labels, k_labels, mode);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   ProblemStorage st;

@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "ck_common.h"
+#include "no_autocast.h"
 
 namespace ck::cpu {
 namespace {
@@ -68,6 +69,7 @@ Normalized normalize_rows(const Tensor& x, bool normalize) {
 int64_t chunk_rows(int64_t cols) { return std::max<int64_t>(1, kChunkBytes / (4 * std::max<int64_t>(cols, 1))); }
 
 Tensor similarity_forward_cpu(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
+  CK_NO_AUTOCAST();
   check_inputs(a, b, scale);
   const float s = scale.item<float>();
   const Normalized na = normalize_rows(a, normalize);
@@ -95,6 +97,7 @@ Tensor through_normalize(const Normalized& nx, const Tensor& dxhat, bool normali
 std::tuple<Tensor, Tensor, Tensor> similarity_backward_cpu(const Tensor& grad, const Tensor& a, const Tensor& b,
                                                            const Tensor& scale, bool normalize, bool need_a,
                                                            bool need_b, bool need_scale) {
+  CK_NO_AUTOCAST();
   check_inputs(a, b, scale);
   const int64_t n = a.size(0), m = b.size(0), d = a.size(1);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == n && grad.size(1) == m, "grad must have shape (N, M) = (", n, ", ",

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "ck_common.h"
+#include "no_autocast.h"
 
 namespace {
 
@@ -182,6 +183,7 @@ Tensor tile_view(Tensor& buf, int64_t r, int64_t c) { return buf.narrow(0, 0, r 
 
 // ------------------------------------------------------------------------- forward
 std::tuple<Tensor, Tensor> xcorr_forward_cpu(const Tensor& a_in, const Tensor& b_in, int64_t path) {
+  CK_NO_AUTOCAST();
   check_inputs("xcorr_forward", a_in, b_in, path);
   const bool same = same_tensor(a_in, b_in);
   const Tensor a = a_in.contiguous();
@@ -224,6 +226,7 @@ std::tuple<Tensor, Tensor> xcorr_forward_cpu(const Tensor& a_in, const Tensor& b
 std::tuple<Tensor, Tensor> xcorr_backward_cpu(const Tensor& grad_offdiag, const Tensor& grad_diag,
                                               const Tensor& a_in, const Tensor& b_in, int64_t path, bool need_a,
                                               bool need_b) {
+  CK_NO_AUTOCAST();
   check_inputs("xcorr_backward", a_in, b_in, path);
   const int64_t n = a_in.size(0), d = a_in.size(1);
   TORCH_CHECK(grad_offdiag.numel() == 1 && grad_offdiag.scalar_type() == at::kFloat,

@@ -27,6 +27,7 @@
 
 #include "cuda/launchers.h"
 #include "lse_target.h"
+#include "no_autocast.h"
 #include "op_schemas.h"
 
 namespace {
@@ -190,6 +191,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tenso
                                             const OptT& q_rscale, const OptT& k_rscale, const OptT& col_bias,
                                             const OptT& pos_index, const OptT& q_labels, const OptT& k_labels,
                                             int64_t diag_offset, int64_t mask_mode, bool compute_col) {
+  CK_NO_AUTOCAST();
   check_pair(q, k, "q", "k");
   const DeviceGuard guard(q.device());
   auto p = base_params(q, k, scale);
@@ -219,6 +221,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
     const OptT& k_labels, int64_t diag_offset, int64_t mask_mode, const Tensor& row_lse, const Tensor& col_lse,
     const Tensor& target_state, bool need_q, bool need_k, bool need_scale, bool need_bias, bool need_q_rscale,
     bool need_k_rscale) {
+  CK_NO_AUTOCAST();
   check_pair(q, k, "q", "k");
   const DeviceGuard guard(q.device());
   auto p = base_params(q, k, scale);
@@ -297,6 +300,7 @@ void pairwise_setup(kc::FamilyParams& p, const Tensor& q, const Tensor& bias, co
 Tensor pairwise_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias,
                              const OptT& row_offset, const OptT& q_labels, const OptT& k_labels, int64_t diag_offset,
                              int64_t mode) {
+  CK_NO_AUTOCAST();
   check_pair(q, k, "q", "k");
   const DeviceGuard guard(q.device());
   auto p = base_params(q, k, scale);
@@ -360,6 +364,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pairwise_backward_cuda(
     const Tensor& grad_row, const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias,
     const OptT& row_offset, const OptT& q_labels, const OptT& k_labels, int64_t diag_offset, int64_t mode,
     bool need_q, bool need_k, bool need_scale, bool need_bias, bool need_offset) {
+  CK_NO_AUTOCAST();
   PairwiseGrads r = pairwise_grads(&grad_row, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode,
                                    need_q, need_k, need_scale, need_bias, need_offset, "pairwise_backward");
   return {r.dq, r.dk, r.dscale, r.dbias, r.doff};
@@ -369,6 +374,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pairwise_fused_cuda(
     const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias, const OptT& row_offset,
     const OptT& q_labels, const OptT& k_labels, int64_t diag_offset, int64_t mode, bool need_q, bool need_k,
     bool need_scale, bool need_bias, bool need_offset) {
+  CK_NO_AUTOCAST();
   PairwiseGrads r = pairwise_grads(nullptr, q, k, scale, bias, row_offset, q_labels, k_labels, diag_offset, mode,
                                    need_q, need_k, need_scale, need_bias, need_offset, "pairwise_fused");
   Tensor total = r.rows.to(at::kDouble).sum().to(at::kFloat);
@@ -464,6 +470,7 @@ Tensor xcorr_diag64(kc::XcorrParams p, const Tensor& a, float* diag, cudaStream_
 }
 
 std::tuple<Tensor, Tensor> xcorr_forward_cuda(const Tensor& a, const Tensor& b, int64_t path) {
+  CK_NO_AUTOCAST();
   check_xcorr(a, b, path);
   const DeviceGuard guard(a.device());
   const auto stream = current_stream();
@@ -490,6 +497,7 @@ std::tuple<Tensor, Tensor> xcorr_forward_cuda(const Tensor& a, const Tensor& b, 
 
 std::tuple<Tensor, Tensor> xcorr_backward_cuda(const Tensor& grad_offdiag, const Tensor& grad_diag, const Tensor& a,
                                                const Tensor& b, int64_t path, bool need_a, bool need_b) {
+  CK_NO_AUTOCAST();
   check_xcorr(a, b, path);
   const DeviceGuard guard(a.device());
   const auto stream = current_stream();
@@ -562,6 +570,7 @@ kc::SimilarityParams similarity_params(const Tensor& a, const Tensor& b, const T
 }
 
 Tensor similarity_forward_cuda(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
+  CK_NO_AUTOCAST();
   check_pair(a, b, "a", "b");
   const DeviceGuard guard(a.device());
   Tensor norms;
@@ -575,6 +584,7 @@ Tensor similarity_forward_cuda(const Tensor& a, const Tensor& b, const Tensor& s
 std::tuple<Tensor, Tensor, Tensor> similarity_backward_cuda(const Tensor& grad, const Tensor& a, const Tensor& b,
                                                             const Tensor& scale, bool normalize, bool need_a,
                                                             bool need_b, bool need_scale) {
+  CK_NO_AUTOCAST();
   check_pair(a, b, "a", "b");
   const DeviceGuard guard(a.device());
   Tensor norms;
@@ -621,6 +631,7 @@ std::tuple<Tensor, Tensor, Tensor> similarity_backward_cuda(const Tensor& grad, 
 // and c = a b (b read N-major, wgmma's transposed form): the wgmma path's check against torch and
 // the `peak` stage's rate of wgmma tiles.  Not a loss op.
 Tensor wgmma_gemm_cuda(const Tensor& a, const Tensor& b, bool b_kn) {
+  CK_NO_AUTOCAST();
   check_pair(a, b, "a", "b", b_kn);  // b (n, k), or with b_kn (k, n)
   TORCH_CHECK(a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16,
               "contrastive_kernels (cuda): wgmma_gemm: a and b must be float16 or bfloat16, got ", a.scalar_type());

@@ -397,6 +397,7 @@ def _rowdot(a, b, dt):
 # positive logits in one graph per input; row scales for the kernels with LSE_NORM (detached,
 # their Jacobian folded in) and its mask bit: as the single-process losses
 _pos_logit, _kn, _norm_bit = functional._pos_logit, functional._kn, functional._norm_bit
+_amp_boundary = functional._amp_boundary  # torch.autocast as in the single-process functions
 
 
 def _pair_inputs(z1, z2):
@@ -407,6 +408,7 @@ def _pair_inputs(z1, z2):
 
 
 # ------------------------------------------------------------------------ InfoNCE
+@_amp_boundary("query", "key", "negatives")
 def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, temperature=0.1,
              positive_index: Tensor | None = None, in_batch_negatives: bool = True, symmetric: bool = False,
              decoupled: bool = False, normalize: bool = True, reduction: str = "mean", backend: str | None = None,
@@ -503,6 +505,7 @@ def _reduce_rows(loss: Tensor, reduction: str, d: _Ctx) -> Tensor:
 
 
 # ------------------------------------------------------------------------ NT-Xent
+@_amp_boundary("z1", "z2")
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, backend: str | None = None,
             mode: str = "gather", group=None) -> Tensor:
     """SimCLR's NT-Xent over the global batch (2 W N rows): each local row's positive is
@@ -535,6 +538,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, 
 
 
 # --------------------------------------------------------------------------- CLIP
+@_amp_boundary("image", "text")
 def clip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias=None, *, backend: str | None = None,
               mode: str = "gather", group=None, key_grad: bool = True) -> Tensor:
     """open_clip's ClipLoss with ``local_loss=True, gather_with_grad=True``: local images
@@ -575,6 +579,7 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias=None, *, back
     return loss
 
 
+@_amp_boundary("image", "text")
 def siglip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias, *, negative_only: bool = False,
                 backend: str | None = None, mode: str = "gather", group=None) -> Tensor:
     """open_clip's SigLipLoss over the global batch: ``-(1/N_local) sum_{i local, j global}
@@ -606,6 +611,7 @@ def siglip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias, *, negativ
 
 
 # ------------------------------------------------------------------------- SupCon
+@_amp_boundary("embeddings", "ref_embeddings")
 def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embeddings: Tensor | None = None,
                 ref_labels: Tensor | None = None, normalize: bool = True, backend: str | None = None,
                 mode: str = "gather", group=None) -> Tensor:
@@ -677,6 +683,7 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
 
 
 # --------------------------------------------------------------------------- DCL
+@_amp_boundary("z1", "z2")
 def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, normalize: bool = True,
              backend: str | None = None, mode: str = "gather", group=None) -> Tensor:
     """Decoupled contrastive loss (lightly's DCLLoss / DCLWLoss) over the global batch:
@@ -722,6 +729,7 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, norm
 
 
 # ----------------------------------------------------------------- hard negatives
+@_amp_boundary("z1", "z2")
 def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau_plus=0.1, normalize: bool = True,
                        backend: str | None = None, mode: str = "gather", group=None) -> Tensor:
     """Robinson et al.'s hard-negative loss (HCL) over the global batch: the SimCLR 2N
@@ -764,6 +772,7 @@ def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau
 
 
 # --------------------------------------------------------------------- uniformity
+@_amp_boundary()
 def uniformity_loss(x: Tensor, t=2.0, *, backend: str | None = None, mode: str = "gather", group=None) -> Tensor:
     """Wang & Isola's uniformity of the global batch, ``log mean_{i != j} exp(-t |x_i - x_j|^2)``
     over every pair of all ranks' rows; every rank returns the global loss (its rows'
@@ -812,6 +821,7 @@ def _offdiag_sq(c: Tensor) -> Tensor:
     return (c - torch.diag_embed(torch.diagonal(c))).pow(2).sum()
 
 
+@_amp_boundary()
 def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd=0.0051, *, eps=1e-5, backend: str | None = None,
                       path: str = "auto", mode: str = "gather", group=None, exchange: str = "auto") -> Tensor:
     """Barlow Twins with the cross-correlation of the global batch (global per-feature
@@ -843,6 +853,7 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd=0.0051, *, eps=1e-5, backend
     return (diag / ng - 1).pow(2).sum() + lambd * off / (ng * ng)
 
 
+@_amp_boundary()
 def vicreg_loss(z1: Tensor, z2: Tensor, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, *, eps=1e-4,
                 backend: str | None = None, path: str = "auto", mode: str = "gather", group=None,
                 exchange: str = "auto") -> Tensor:

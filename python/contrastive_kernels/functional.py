@@ -9,6 +9,8 @@ runs in the tiled kernels.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -29,6 +31,56 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------- helpers
+def _amp_cast(x, amp, done):
+    """x cast to its device's autocast dtype when it is a floating tensor other than float64;
+    `done` holds (input, cast) pairs so that one tensor passed twice stays one tensor."""
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64):
+        return x
+    dt = amp.get(x.device.type)
+    if dt is None or x.dtype == dt:
+        return x
+    for orig, cast in done:
+        if orig is x:
+            return cast
+    y = x.to(dt)
+    done.append((x, y))
+    return y
+
+
+def _amp_boundary(*embeddings: str):
+    """Decorator of the public functions: torch.autocast stops at them.
+
+    Inside an autocast region (CPU or CUDA), the arguments named in `embeddings` (the
+    embeddings of the similarity losses) are cast to the region's dtype when they are
+    floating and not float64, as torch.matmul's and scaled_dot_product_attention's inputs
+    are (the peers' logits are such products): an AMP step runs the 16-bit kernels, and
+    each gradient comes back in its input's dtype through the cast.  The function itself
+    then runs with autocast disabled, so that the reference formulas and the float32 glue
+    keep their own precision (the statistics losses cast nothing: their standardization,
+    distances and Gram products stay float32).  The kernels' C++ implementations exclude
+    autocast themselves (csrc/no_autocast.h), which also covers a backward run inside the
+    region."""
+    def deco(fn):
+        params = list(inspect.signature(fn).parameters)
+        where = [(name, params.index(name)) for name in embeddings]
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            amp = {dev: torch.get_autocast_dtype(dev) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)}
+            if not amp:
+                return fn(*args, **kwargs)
+            args, done = list(args), []
+            for name, pos in where:
+                if pos < len(args):
+                    args[pos] = _amp_cast(args[pos], amp, done)
+                elif name in kwargs:
+                    kwargs[name] = _amp_cast(kwargs[name], amp, done)
+            with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+                return fn(*args, **kwargs)
+        return wrapper
+    return deco
+
+
 def _scale(value, device, *, invert: bool) -> Tensor:
     """A 0-dim float32 tensor on `device`: value (or 1/value), keeping autograd for tensors."""
     if isinstance(value, torch.Tensor):
@@ -84,12 +136,14 @@ def _temperature(temperature, device):
 
 
 # ---------------------------------------------------------- normalized similarity
+@_amp_boundary("a", "b")
 def normalized_similarity(a: Tensor, b: Tensor | None = None, scale=1.0, *, normalize: bool = True,
                           backend: str | None = None) -> Tensor:
     """The N x M matrix ``scale * normalize(a) @ normalize(b).T`` (b=None: a with itself).
 
     Equals ``scale * F.normalize(a) @ F.normalize(b).T``; the result has a's dtype (float32
-    accumulation) on every backend, as the PyTorch expression's has."""
+    accumulation) on every backend, as the PyTorch expression's has (under torch.autocast:
+    the autocast dtype, a and b cast to it first)."""
     V.matrix("a", a)
     if b is not None:
         V.matrix("b", b)
@@ -139,6 +193,7 @@ def check_info_nce_args(query, key, negatives, temperature, positive_index, in_b
     return positive_index
 
 
+@_amp_boundary("query", "key", "negatives")
 def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, temperature=0.1,
              positive_index: Tensor | None = None, in_batch_negatives: bool = True, symmetric: bool = False,
              decoupled: bool = False, normalize: bool = True, reduction: str = "mean",
@@ -205,6 +260,7 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
     return reference._reduce(loss, reduction)
 
 
+@_amp_boundary("z1", "z2")
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, backend: str | None = None) -> Tensor:
     """SimCLR's NT-Xent: Z = [z1; z2]; row r's positive is its other view, its
     candidates every other row; mean over the 2N rows."""
@@ -233,6 +289,7 @@ def _logit_scale(logit_scale, device):
     return V.scalar("logit_scale", logit_scale, device=device)
 
 
+@_amp_boundary("image", "text")
 def clip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias=None, *, backend: str | None = None) -> Tensor:
     """open_clip's ClipLoss: ``(CE(s I T^T + b, arange) + CE(s T I^T + b, arange)) / 2``.
 
@@ -258,6 +315,7 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias=None, *, back
     return loss
 
 
+@_amp_boundary("image", "text")
 def siglip_loss(image: Tensor, text: Tensor, logit_scale, logit_bias, *, negative_only: bool = False,
                 backend: str | None = None) -> Tensor:
     """open_clip's SigLipLoss: ``-(1/N) sum_ij log sigmoid(z_ij (s i_i . t_j + b))``,
@@ -289,6 +347,7 @@ def _positive_counts(labels: Tensor, ref_labels: Tensor, *, exclude_self: bool) 
     return per_class[inv[:labels.shape[0]]] - (1 if exclude_self else 0)
 
 
+@_amp_boundary("embeddings", "ref_embeddings")
 def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embeddings: Tensor | None = None,
                 ref_labels: Tensor | None = None, normalize: bool = True, reduction: str = "mean",
                 backend: str | None = None) -> Tensor:
@@ -333,6 +392,7 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
 
 
 # --------------------------------------------------------------------------- DCL
+@_amp_boundary("z1", "z2")
 def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, normalize: bool = True,
              backend: str | None = None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al. 2021, Eq. 6; lightly's DCLLoss >= 1.6), both
@@ -368,6 +428,7 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, norm
 
 
 # ----------------------------------------------------------------- hard negatives
+@_amp_boundary("z1", "z2")
 def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau_plus=0.1, normalize: bool = True,
                        backend: str | None = None) -> Tensor:
     """Robinson et al. 2021 (HCL), SimCLR 2N setting: negatives reweighted by
@@ -416,6 +477,7 @@ def _hcl_rows(log_rw: Tensor, log_pos: Tensor, inv_t, n_neg: int, tau_plus) -> T
 
 
 # ------------------------------------------------------- uniformity and alignment
+@_amp_boundary()
 def uniformity_loss(x: Tensor, t=2.0, *, backend: str | None = None) -> Tensor:
     """Wang & Isola 2020: ``log mean_{i != j} exp(-t |x_i - x_j|^2)`` (no normalization inside)."""
     V.matrix("x", x, min_rows=2)
@@ -431,6 +493,7 @@ def uniformity_loss(x: Tensor, t=2.0, *, backend: str | None = None) -> Tensor:
     return torch.logsumexp(row - tt * sq, dim=0) - math.log(n * (n - 1))
 
 
+@_amp_boundary()
 def alignment_loss(x: Tensor, y: Tensor, alpha=2.0, *, backend: str | None = None) -> Tensor:
     """Wang & Isola 2020: ``mean_i |x_i - y_i|^alpha`` (O(N D) on every backend)."""
     V.matrix("x", x)
@@ -491,6 +554,7 @@ def _standardize(z: Tensor, eps: float) -> Tensor:
     return _Standardize.apply(z, float(eps))
 
 
+@_amp_boundary()
 def cross_correlation(z1: Tensor, z2: Tensor, *, standardize: bool = True, eps=1e-5,
                       backend: str | None = None) -> Tensor:
     """``z~1^T z~2 / N`` (D x D), z~ = per-feature batch standardization with biased
@@ -507,6 +571,7 @@ def cross_correlation(z1: Tensor, z2: Tensor, *, standardize: bool = True, eps=1
     return a.T @ b / z1.shape[0]
 
 
+@_amp_boundary()
 def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd=0.0051, *, eps=1e-5, backend: str | None = None,
                       path: str = "auto") -> Tensor:
     """``sum_i (1 - C_ii)^2 + lambd sum_{i != j} C_ij^2``, C = cross_correlation(z1, z2).
@@ -530,6 +595,7 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd=0.0051, *, eps=1e-5, backend
     return (diag / n - 1).pow(2).sum() + lambd * off / (n * n)
 
 
+@_amp_boundary()
 def vicreg_loss(z1: Tensor, z2: Tensor, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, *, eps=1e-4,
                 backend: str | None = None, path: str = "auto") -> Tensor:
     """VICReg (facebookresearch/vicreg): invariance MSE + variance hinge on

@@ -48,6 +48,7 @@ class NTXentLoss(nn.Module):
         self.backend = backend
         self.memory_bank = ck_nn.MemoryBank(memory_bank_size, gather_distributed=gather_distributed)
 
+    @F._amp_boundary("out0", "out1")
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.memory_bank.size == 0:
             if self.gather_distributed and world_size() > 1:
@@ -86,6 +87,7 @@ class DCLLoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.backend = backend
 
+    @F._amp_boundary("out0", "out1")
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         return self._dcl(out0, out1, self.weight_fn)
 
@@ -115,6 +117,7 @@ class DCLWLoss(DCLLoss):
         super().__init__(temperature=temperature, gather_distributed=gather_distributed, backend=backend)
         self.sigma = sigma
 
+    @F._amp_boundary("out0", "out1")
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.gather_distributed and world_size() > 1:
             # lightly's weights are the softmax over the LOCAL batch even when gathering
@@ -132,6 +135,7 @@ class BarlowTwinsLoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.backend = backend
 
+    @F._amp_boundary()
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         if self.gather_distributed and world_size() > 1:
             return self._distributed(z_a, z_b)
@@ -168,6 +172,7 @@ class VICRegLoss(nn.Module):
         self.eps = eps
         self.backend = backend
 
+    @F._amp_boundary()
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         if not (z_a.shape[0] > 1 and z_b.shape[0] > 1):
             raise ValueError(f"z_a and z_b must have batch size > 1 but found {z_a.shape[0]} and {z_b.shape[0]}")

@@ -28,6 +28,7 @@ class ClipLoss(nn.Module):
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
         self.backend = backend
 
+    @F._amp_boundary("image_features", "text_features")
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
                 output_dict: bool = False):
         if self.world_size > 1:
@@ -68,6 +69,7 @@ class SigLipLoss(nn.Module):
         self.chunk_size = chunk_size
         self.backend = backend
 
+    @F._amp_boundary("image_features", "text_features")
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):
         bias = 0.0 if logit_bias is None else logit_bias  # open_clip adds no bias when it is None

@@ -102,6 +102,7 @@ class NTXentLoss(_PMLBase):
     def __init__(self, temperature: float = 0.07, *, backend: Optional[str] = None, **kwargs):
         super().__init__(temperature, backend, **kwargs)
 
+    @F._amp_boundary("embeddings", "ref_emb")
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
                 ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
         x, lab, r, rlab, self_ref = self._prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels)
@@ -150,6 +151,7 @@ class SupConLoss(_PMLBase):
     def __init__(self, temperature: float = 0.1, *, backend: Optional[str] = None, **kwargs):
         super().__init__(temperature, backend, **kwargs)
 
+    @F._amp_boundary("embeddings", "ref_emb")
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
                 ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
         x, lab, r, rlab, self_ref = self._prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels)
