@@ -410,6 +410,20 @@ def run_uneven(fname, W, r):
     return {"raised": None, "message": ""}
 
 
+# A global batch of one row (world 1): the losses that need two rows say so.
+TOO_SMALL = ("dcl_loss", "hard_negative_loss", "uniformity_loss")
+
+
+def run_too_small(fname):
+    try:
+        getattr(ckd, fname)(**{v: torch.randn(1, D) for v in _ddp_views(fname)}, mode="gather")
+    except ValueError as exc:
+        return {"raised": "ValueError", "message": str(exc)}
+    except Exception as exc:  # noqa: BLE001
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {"raised": None, "message": ""}
+
+
 def main():
     rank, world, init_file, out_dir, backends_arg = sys.argv[1:6]
     rank, world = int(rank), int(world)
@@ -444,6 +458,9 @@ def main():
                 for mode in MODES:
                     record(f"confident/{name}/{mode}/{be}-bfloat16",
                            lambda: run_confident_case(name, mode, be, world, rank))
+    if world == 1:
+        for fname in TOO_SMALL:
+            results[f"too_small/{fname}"] = run_too_small(fname)
     if world > 1:
         run_module_cases(world, rank, record)
         for fname, _ in DDP_CASES:

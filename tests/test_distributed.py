@@ -198,6 +198,13 @@ def test_unequal_local_batches_rejected(run, world, fname):
             assert f"rank {r}:" in msg and f"({W.N + r}, {W.D})" in msg, msg
 
 
+@pytest.mark.parametrize("fname", W.TOO_SMALL)
+def test_global_batch_of_one_row_rejected(run, fname):
+    rec = run(1)[0][f"too_small/{fname}"]
+    assert rec["raised"] == "ValueError", rec
+    assert "at least 2" in rec["message"] and "global batch" in rec["message"] and f"(1, {W.D})" in rec["message"]
+
+
 FN_ARGS = {
     "info_nce": lambda x: dict(query=x, key=x),
     "nt_xent": lambda x: dict(z1=x, z2=x),

@@ -407,6 +407,21 @@ def _pair_inputs(z1, z2):
     V.same_shape(z1=z1, z2=z2)
 
 
+def _two_view_setup(what, z1, z2, temperature, backend, mode, group, *, min_pairs=1, why=""):
+    """The start of the two-view lse losses (NT-Xent, DCL, HCL): argument checks, the group,
+    equal local batches, at least `min_pairs` pairs in the global batch; (ctx, backend,
+    compute dtype)."""
+    _pair_inputs(z1, z2)
+    V.scalar("temperature", temperature, positive=True, device=z1.device)
+    d = _setup(group, mode, f"distributed {what}", z1)
+    _check_sizes(d, z1=z1, z2=z2)
+    if z1.shape[0] * d.world < min_pairs:
+        raise ValueError(f"{what} needs at least {min_pairs} pairs in the global batch{why}, got z1 "
+                         f"{tuple(z1.shape)} on {d.world} rank(s)")
+    be = _family_backend(backend, "lse", z1)
+    return d, be, _cdt(be, z1)
+
+
 # ------------------------------------------------------------------------ InfoNCE
 @_amp_boundary("query", "key", "negatives")
 def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, temperature=0.1,
@@ -511,12 +526,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, 
     """SimCLR's NT-Xent over the global batch (2 W N rows): each local row's positive is
     its other view, its candidates every other row of every rank; mean over the 2N
     local rows."""
-    _pair_inputs(z1, z2)
-    V.scalar("temperature", temperature, positive=True, device=z1.device)
-    d = _setup(group, mode, "distributed nt_xent", z1)
-    _check_sizes(d, z1=z1, z2=z2)
-    be = _family_backend(backend, "lse", z1)
-    dt = _cdt(be, z1)
+    d, be, dt = _two_view_setup("nt_xent", z1, z2, temperature, backend, mode, group)
     z = torch.cat([z1, z2])  # this rank's block of the global [z1_0; z2_0; z1_1; z2_1; ...]
     n2 = z.shape[0]
     scale = _scalar_tensor(temperature, z, dt, invert=True)
@@ -689,17 +699,10 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma=None, norm
     """Decoupled contrastive loss (lightly's DCLLoss / DCLWLoss) over the global batch:
     local rows against every rank's rows of both views, mean over local rows; the DCLW
     weights use the softmax over the global batch."""
-    _pair_inputs(z1, z2)
-    V.scalar("temperature", temperature, positive=True, device=z1.device)
     if weight_sigma is not None:
         V.scalar("weight_sigma", weight_sigma, positive=True)
-    d = _setup(group, mode, "distributed dcl_loss", z1)
-    _check_sizes(d, z1=z1, z2=z2)
-    if z1.shape[0] * d.world < 2:
-        raise ValueError(f"dcl_loss needs at least 2 pairs in the global batch, got z1 {tuple(z1.shape)} on "
-                         f"{d.world} rank(s)")
-    be = _family_backend(backend, "lse", z1)
-    dt = _cdt(be, z1)
+    d, be, dt = _two_view_setup("dcl_loss", z1, z2, temperature, backend, mode, group, min_pairs=2,
+                                why=" (each row needs a negative)")
     scale = _scalar_tensor(temperature, z1, dt, invert=True)
     ar, br = _rscale(z1, normalize, dt), _rscale(z2, normalize, dt)
     pos = _pos_logit(z1, z2, scale, normalize, dt)
@@ -735,17 +738,10 @@ def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau
     """Robinson et al.'s hard-negative loss (HCL) over the global batch: the SimCLR 2N
     setting of all ranks' rows (each local row's negatives are the ``2 W N - 2`` rows of
     every rank but itself and its other view), mean over the 2N local rows."""
-    _pair_inputs(z1, z2)
-    V.scalar("temperature", temperature, positive=True, device=z1.device)
     V.scalar("beta", beta)
     V.scalar("tau_plus", tau_plus, lower=0.0, upper=1.0)
-    d = _setup(group, mode, "distributed hard_negative_loss", z1)
-    _check_sizes(d, z1=z1, z2=z2)
-    if z1.shape[0] * d.world < 2:
-        raise ValueError(f"hard_negative_loss needs at least 2 pairs in the global batch (2N - 2 negatives per "
-                         f"row), got z1 {tuple(z1.shape)} on {d.world} rank(s)")
-    be = _family_backend(backend, "lse", z1)
-    dt = _cdt(be, z1)
+    d, be, dt = _two_view_setup("hard_negative_loss", z1, z2, temperature, backend, mode, group, min_pairs=2,
+                                why=" (2N - 2 negatives per row)")
     z = torch.cat([z1, z2])  # this rank's block of the global [z1_0; z2_0; z1_1; z2_1; ...]
     n2 = z.shape[0]
     n_neg = n2 * d.world - 2
