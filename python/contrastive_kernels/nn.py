@@ -1,8 +1,9 @@
 """``torch.nn`` modules over the functional API.
 
-Every module takes ``backend=`` (None: ``CONTRASTIVE_KERNELS_BACKEND`` or "auto") and,
-where a multi-process version exists, ``distributed=None | "gather" | "ring"`` with
-``process_group=`` (see `contrastive_kernels.distributed` for the gradient rule).
+Every module takes ``backend=`` (None: ``CONTRASTIVE_KERNELS_BACKEND`` or "auto") and
+``distributed=None | "gather" | "ring"`` with ``process_group=`` (see
+`contrastive_kernels.distributed` for the gradient rule; not with ``NTXentLoss``'s memory
+bank, whose queue is this rank's).
 ``learn_temperature=True`` makes the temperature a parameter, stored as its log so it
 stays positive (CLIP's convention); ``ClipLoss`` and ``SigLipLoss`` own a learnable
 logit scale (and bias) initialised as in open_clip.
