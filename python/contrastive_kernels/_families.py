@@ -20,6 +20,7 @@ written out with full matrices in `reference.lse_family` / `pairwise_family` /
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -225,7 +226,19 @@ def _triton_module(family):
     return importlib.import_module(f"contrastive_kernels.kernels.{family}")
 
 
+def _no_autocast(fn):
+    """The Triton ops' Python implementations run with torch.autocast disabled, as the C++
+    ones do (csrc/no_autocast.h): an op's own PyTorch steps keep their dtypes when a backward
+    runs inside an autocast region."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 @torch.library.custom_op(f"{NS}::lse_forward_triton", mutates_args=())
+@_no_autocast
 def _lse_forward_triton(q: Tensor, k: Tensor, scale: Tensor, q_rscale: Optional[Tensor], k_rscale: Optional[Tensor],
                         col_bias: Optional[Tensor], pos_index: Optional[Tensor], q_labels: Optional[Tensor],
                         k_labels: Optional[Tensor], diag_offset: int, mask_mode: int,
@@ -235,6 +248,7 @@ def _lse_forward_triton(q: Tensor, k: Tensor, scale: Tensor, q_rscale: Optional[
 
 
 @torch.library.custom_op(f"{NS}::lse_backward_triton", mutates_args=())
+@_no_autocast
 def _lse_backward_triton(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor, scale: Tensor,
                          q_rscale: Optional[Tensor], k_rscale: Optional[Tensor], col_bias: Optional[Tensor],
                          pos_index: Optional[Tensor], q_labels: Optional[Tensor], k_labels: Optional[Tensor],
@@ -248,6 +262,7 @@ def _lse_backward_triton(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tenso
 
 
 @torch.library.custom_op(f"{NS}::pairwise_forward_triton", mutates_args=())
+@_no_autocast
 def _pairwise_forward_triton(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_offset: Optional[Tensor],
                              q_labels: Optional[Tensor], k_labels: Optional[Tensor], diag_offset: int,
                              mode: int) -> Tensor:
@@ -256,6 +271,7 @@ def _pairwise_forward_triton(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, 
 
 
 @torch.library.custom_op(f"{NS}::pairwise_backward_triton", mutates_args=())
+@_no_autocast
 def _pairwise_backward_triton(grad_row: Tensor, q: Tensor, k: Tensor, scale: Tensor, bias: Tensor,
                               row_offset: Optional[Tensor], q_labels: Optional[Tensor], k_labels: Optional[Tensor],
                               diag_offset: int, mode: int, need_q: bool, need_k: bool, need_scale: bool,
@@ -266,22 +282,26 @@ def _pairwise_backward_triton(grad_row: Tensor, q: Tensor, k: Tensor, scale: Ten
 
 
 @torch.library.custom_op(f"{NS}::xcorr_forward_triton", mutates_args=())
+@_no_autocast
 def _xcorr_forward_triton(a: Tensor, b: Tensor, path: int) -> tuple[Tensor, Tensor]:
     return _triton_module("xcorr").xcorr_forward(a, b, path)
 
 
 @torch.library.custom_op(f"{NS}::xcorr_backward_triton", mutates_args=())
+@_no_autocast
 def _xcorr_backward_triton(grad_offdiag: Tensor, grad_diag: Tensor, a: Tensor, b: Tensor, path: int, need_a: bool,
                            need_b: bool) -> tuple[Tensor, Tensor]:
     return _triton_module("xcorr").xcorr_backward(grad_offdiag, grad_diag, a, b, path, need_a, need_b)
 
 
 @torch.library.custom_op(f"{NS}::similarity_forward_triton", mutates_args=())
+@_no_autocast
 def _similarity_forward_triton(a: Tensor, b: Tensor, scale: Tensor, normalize: bool) -> Tensor:
     return _triton_module("similarity").similarity_forward(a, b, scale, normalize)
 
 
 @torch.library.custom_op(f"{NS}::similarity_backward_triton", mutates_args=())
+@_no_autocast
 def _similarity_backward_triton(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, normalize: bool, need_a: bool,
                                 need_b: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _triton_module("similarity").similarity_backward(grad, a, b, scale, normalize, need_a, need_b, need_scale)
@@ -340,6 +360,7 @@ if _C is not None:
 
 
 @torch.library.custom_op(f"{NS}::pairwise_fused_triton", mutates_args=())
+@_no_autocast
 def _pairwise_fused_triton(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_offset: Optional[Tensor],
                            q_labels: Optional[Tensor], k_labels: Optional[Tensor], diag_offset: int, mode: int,
                            need_q: bool, need_k: bool, need_scale: bool, need_bias: bool,
