@@ -2,7 +2,7 @@
 // are float32 (or float64) by design, and an autocast region would run them in 16 bits
 // (the CPU backend's similarity and row-dot products changed under
 // torch.autocast("cpu") before this guard).  Autocast only casts at the functional
-// boundary (contrastive_kernels.functional._autocast); each op implementation opens
+// boundary (contrastive_kernels.functional._amp_boundary); each op implementation opens
 // with CK_NO_AUTOCAST(), which excludes the autocast dispatch keys for its extent.
 #pragma once
 

@@ -227,9 +227,10 @@ def _triton_module(family):
 
 
 def _no_autocast(fn):
-    """The Triton ops' Python implementations run with torch.autocast disabled, as the C++
-    ones do (csrc/no_autocast.h): an op's own PyTorch steps keep their dtypes when a backward
-    runs inside an autocast region."""
+    """`fn` run with torch.autocast disabled: the Triton ops' Python implementations, as the
+    C++ ones (csrc/no_autocast.h), so that an op's own PyTorch steps keep their dtypes when a
+    backward runs inside an autocast region; and the public functions' bodies
+    (functional._amp_boundary)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):

@@ -77,7 +77,8 @@ MODES = ("gather", "ring")
 EXCHANGES = ("auto", "gather", "all_reduce")
 
 __all__ = ["MODES", "info_nce", "nt_xent", "clip_loss", "siglip_loss", "supcon_loss", "dcl_loss",
-           "hard_negative_loss", "uniformity_loss", "barlow_twins_loss", "vicreg_loss", "all_gather_with_grad", "all_reduce_with_grad", "gather_features"]
+           "hard_negative_loss", "uniformity_loss", "barlow_twins_loss", "vicreg_loss", "all_gather_with_grad",
+           "all_reduce_with_grad", "gather_features"]
 
 
 # ------------------------------------------------------------------ process group
@@ -785,18 +786,14 @@ def uniformity_loss(x: Tensor, t=2.0, *, backend: str | None = None, mode: str =
     dt = _cdt(be, x)
     tt = _scalar_tensor(t, x, dt)
 
-    def sq(v):
-        v = v.to(dt)
-        return (v * v).sum(1)
-
     # -t |x_i - x_j|^2 = 2t x_i.x_j - t |x_j|^2 - t |x_i|^2: the key's term a column bias
     def rows(loc, blk, own):
         kb = blk[0]
-        return (fam.lse(be, loc[0], kb, 2 * loc[1], col_bias=-loc[1] * sq(kb), diag_offset=own or 0,
+        return (fam.lse(be, loc[0], kb, 2 * loc[1], col_bias=-loc[1] * _rowdot(kb, kb, dt), diag_offset=own or 0,
                         mask_mode=MASK_DIAG if own is not None else 0)[0],)
 
     row, = _blocks(d, mode, rows, ("lse",), [x, tt], [x])
-    part = torch.logsumexp(row - tt * sq(x), dim=0)
+    part = torch.logsumexp(row - tt * _rowdot(x, x, dt), dim=0)
     return torch.logsumexp(_gather(part.reshape(1), d), dim=0) - math.log(n * (n - 1))
 
 

@@ -63,6 +63,7 @@ def _amp_boundary(*embeddings: str):
     def deco(fn):
         params = list(inspect.signature(fn).parameters)
         where = [(name, params.index(name)) for name in embeddings]
+        quiet = fam._no_autocast(fn)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -75,8 +76,7 @@ def _amp_boundary(*embeddings: str):
                     args[pos] = _amp_cast(args[pos], amp, done)
                 elif name in kwargs:
                     kwargs[name] = _amp_cast(kwargs[name], amp, done)
-            with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-                return fn(*args, **kwargs)
+            return quiet(*args, **kwargs)
         return wrapper
     return deco
 
@@ -487,7 +487,7 @@ def uniformity_loss(x: Tensor, t=2.0, *, backend: str | None = None) -> Tensor:
         return reference.uniformity_loss(x, t)
     n = x.shape[0]
     tt = _scale(t, x.device, invert=False)
-    sq = (x.float() * x.float()).sum(1)
+    sq = _rowdot(x, x)
     # -t|x_i - x_j|^2 = 2t x_i.x_j - t|x_j|^2 - t|x_i|^2
     row, _ = fam.lse(be, x, x, 2 * tt, col_bias=-tt * sq, mask_mode=MASK_DIAG)
     return torch.logsumexp(row - tt * sq, dim=0) - math.log(n * (n - 1))
