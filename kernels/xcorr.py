@@ -66,6 +66,20 @@ def _tile_configs():
 
 
 # ------------------------------------------------------------------------------ kernels
+@triton.jit
+def _to_f64(x):
+    """x (2-D) as a float64 tl.dot operand.  A 16-bit x goes through a reduction over a size-1
+    axis (the identity): Triton 3.6 (torch 2.11's) sizes a float64 dot operand's register
+    layout by the narrowest type its elementwise producers read, here the 16-bit load, a
+    layout its float64 mma lowering rejects ("fp64 don't support largeK MMA": every 16-bit
+    Gram config failed to compile for sm_80 and sm_90); the reduction ends that walk.  Not for
+    float32, whose layout is right and whose staging it would double."""
+    if x.dtype == tl.float16 or x.dtype == tl.bfloat16:
+        return tl.sum(tl.reshape(x.to(tl.float64), (x.shape[0], x.shape[1], 1)), axis=2)
+    else:
+        return x.to(tl.float64)
+
+
 @triton.autotune(configs=_mm_configs(), key=["M", "N", "K", "F64", "EPILOGUE", "ACCUMULATE"],
                  restore_value=["OUT"])
 @triton.jit
@@ -90,7 +104,7 @@ def _mm_kernel(X, Y, OUT, E, W, ALPHA, M, N, K,
         x = tl.load(X + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         y = tl.load(Y + kk[:, None] * syk + rn[None, :] * syn, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
         if F64:
-            acc += tl.dot(x.to(tl.float64), y.to(tl.float64))
+            acc += tl.dot(_to_f64(x), _to_f64(y))
         else:
             acc += tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee")
     acc = acc * tl.load(ALPHA).to(acc.dtype)

@@ -169,6 +169,33 @@ def test_triton_import_errors_say_what_is_missing(monkeypatch, missing, message)
         backends._triton_family_error_cached.cache_clear()
 
 
+@pytest.mark.parametrize("triton_v, numpy_v, broken", [
+    ("3.6.0", "2.4.6", True), ("3.5.1", "2.5.0rc1", True), ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.0", False), ("3.9.0+git5ab1", "2.5.5", False),
+])
+def test_triton_interpreter_numpy_incompatibility_is_named(monkeypatch, triton_v, numpy_v, broken):
+    """Triton < 3.7's interpreter cannot run our kernels with NumPy >= 2.4 (every launch failed with
+    an InterpreterError about 0-dimensional arrays, seen with torch 2.11's triton 3.6): backend
+    'triton' under TRITON_INTERPRET=1 says so, and what to install, instead."""
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=triton_v))
+    monkeypatch.setitem(sys.modules, "numpy", types.SimpleNamespace(__version__=numpy_v))
+    monkeypatch.setattr(backends, "_triton_family_error", lambda family: None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backends._interpreter_error_cached.cache_clear()
+    try:
+        why = backends.unavailable_reason("triton", "lse", "cpu")
+    finally:
+        monkeypatch.undo()
+        backends._interpreter_error_cached.cache_clear()
+    if broken:
+        assert why is not None and f"Triton {triton_v}'s interpreter" in why and f"NumPy {numpy_v}" in why
+        assert "numpy<2.4" in why
+    else:
+        assert why is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason on a machine without a GPU")
 def test_no_backend_claims_cuda_tensors_without_cuda():
     """Without CUDA no kernel backend says it can run CUDA tensors (Triton said so when its

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
 import warnings
 
 import torch
@@ -63,6 +64,40 @@ def _triton_import_error() -> str | None:
         importlib.import_module("triton")
     except Exception as exc:  # pragma: no cover - depends on the install
         return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string ("3.6.0+git1" -> (3, 6, 0), "2.4.0rc1" ->
+    (2, 4, 0))."""
+    out = []
+    for part in text.split("+")[0].split("."):
+        m = re.match(r"\d+", part)
+        if m is None:
+            break
+        out.append(int(m.group()))
+    return tuple(out)
+
+
+@torch.compiler.assume_constant_result
+def _interpreter_error() -> str | None:
+    return _interpreter_error_cached()
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_error_cached() -> str | None:
+    """Why Triton's interpreter cannot run our kernels with this install, or None.  Triton < 3.7
+    converts a one-element array to an int for a loop bound (`range(lo, hi, BLOCK)` over a
+    program's split), which NumPy >= 2.4 refuses: every kernel would fail with an
+    InterpreterError "only 0-dimensional arrays can be converted to Python scalars"
+    (triton-lang/triton#9171; torch 2.11 pins triton 3.6)."""
+    import numpy
+    import triton
+
+    tv, nv = _version(triton.__version__), _version(numpy.__version__)
+    if tv and nv and tv < (3, 7) and nv >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with NumPy {numpy.__version__} "
+                f"(triton-lang/triton#9171, fixed in Triton 3.7): pip install 'numpy<2.4', or a newer triton")
     return None
 
 
@@ -141,6 +176,10 @@ def unavailable_reason(backend: str, family: str, device: torch.device | str | N
             return err
         if device is not None and device.type == "cpu" and not triton_interpret():
             return "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1 (set it, or use backend='cpu')"
+        if triton_interpret():
+            err = _interpreter_error()
+            if err:
+                return err
         if device is not None and device.type not in ("cpu", "cuda"):
             return f"backend 'triton' cannot run tensors on {device}"
         if device is not None and device.type == "cuda" and not torch.cuda.is_available():
