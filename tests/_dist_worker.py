@@ -259,6 +259,7 @@ CONFIDENT_CASES = {
     "info_nce": ("info_nce", dict(temperature=0.01)),
     "info_nce_symmetric": ("info_nce", dict(temperature=0.01, symmetric=True)),
     "dcl": ("dcl_loss", dict(temperature=0.05)),
+    "hcl": ("hard_negative_loss", dict(temperature=0.05)),
 }
 
 

@@ -102,7 +102,7 @@ def _losses(backend):
     def f(a, b, scale, bias, lab):
         return (ck.nt_xent(a, b, backend=backend) + ck.clip_loss(a, b, scale, backend=backend)
                 + ck.info_nce(a, b, symmetric=True, backend=backend)
-                + ck.supcon_loss(a, lab, backend=backend))
+                + ck.supcon_loss(a, lab, backend=backend) + ck.hard_negative_loss(a, b, backend=backend))
     return f
 
 

@@ -419,6 +419,84 @@ def lse(backend: str, q: Tensor, k: Tensor, scale: Tensor, *, q_rscale=None, k_r
     return row, col
 
 
+class _LseTwoScales(torch.autograd.Function):
+    """The row log-sum-exps of one masked score matrix at two scales (the lse ops' forward, twice)
+    with one backward: both ops' gradients in float32 (LSE_NORM's output, whatever the input
+    dtype), summed, the normalization folded in and rounded once.  A loss that subtracts the two
+    (HCL's reweighting, l(s1) - l(s0)) has nearly cancelling halves: autograd would add them
+    after rounding each to the input dtype (bfloat16 gradients on confident rows 2-3x the floor
+    single-process, up to 4.2x distributed).  qa / ka are the autograd inputs that receive dq /
+    dk: q / k themselves (rounded to their dtype), or float32 copies of them (not rounded: the
+    caller's other float32 terms of the same input join them before autograd's one rounding);
+    qc / kc (detached) are what the kernels read."""
+
+    @staticmethod
+    def forward(ctx, qa, ka, scale1, scale0, qc, kc, q_rscale, k_rscale, pos_index, diag_offset, mask_mode, sfx, same):
+        if same:  # (k's three passed as None: torch.compile traces no tensor passed twice to apply)
+            ka, kc, k_rscale = qa, qc, q_rscale
+        fwd = getattr(getattr(torch.ops, NS), f"lse_forward{sfx}")
+        mode = mask_mode | LSE_NORM  # (the forward ignores the bit; the backward's float32 outputs)
+        outs = [fwd(qc, kc, s, q_rscale, k_rscale, None, pos_index, None, None, diag_offset, mode, False)
+                for s in (scale1, scale0)]
+        ctx.save_for_backward(qa, ka, qc, kc, scale1, scale0, q_rscale, k_rscale, pos_index, *outs[0], *outs[1])
+        ctx.args = (diag_offset, mode, sfx, same)
+        return outs[0][0], outs[1][0]
+
+    @staticmethod
+    def backward(ctx, g1, g0):
+        qa, ka, q, k, s1, s0, qr, kr, pos, *saved = ctx.saved_tensors
+        diag_offset, mode, sfx, same = ctx.args
+        nq, nk, ns1, ns0 = ctx.needs_input_grad[:4]
+        if same:
+            nk = nq
+        bwd = getattr(getattr(torch.ops, NS), f"lse_backward{sfx}")
+        none = _f32_empty(q, _EMPTY)
+        dq = dk = dqr = dkr = None
+        ds = []
+        for s, g, (row, col, xt), ns in ((s1, g1, saved[:3], ns1), (s0, g0, saved[3:], ns0)):
+            a, b, d_s, _, ar, br = bwd(g.float().contiguous(), none, q, k, s, qr, kr, None, pos, None, None, diag_offset,
+                                       mode, row, col, xt, nq, nk, ns, False, nq and qr is not None,
+                                       nk and kr is not None)
+            dq, dk = (a, b) if dq is None else (dq + a, dk + b)
+            dqr = ar if dqr is None else dqr + ar
+            dkr = br if dkr is None else dkr + br
+            ds.append(d_s.to(s.dtype) if ns else None)
+        if same:  # one tensor on both sides: the whole sum folded and rounded once
+            dq = _fold_norm(qa, qr, dq + dk, dqr + dkr) if nq else None
+            dk = None
+        else:
+            dq = _fold_norm(qa, qr, dq, dqr) if nq else None
+            dk = _fold_norm(ka, kr, dk, dkr) if nk else None
+        return dq, dk, ds[0], ds[1], None, None, None, None, None, None, None, None, None
+
+
+def lse_two_scales(backend: str, q: Tensor, k: Tensor, scale1: Tensor, scale0: Tensor, *, q_rscale=None,
+                   k_rscale=None, pos_index=None, diag_offset: int = 0, mask_mode: int = 0, grad_to=None):
+    """(row_lse at scale1, row_lse at scale0) of the same masked scores: `lse` twice (no column
+    log-sum-exp, column bias or labels), with the two gradients summed in float32 before their one
+    rounding (_LseTwoScales).  q_rscale / k_rscale as `lse` takes them with LSE_NORM (detached).
+    grad_to = (qa, ka): float32 copies of q and k (q.float(), with their own autograd history) that
+    receive the gradients unrounded instead of q and k."""
+    if mask_mode & (LSE_TARGET | LSE_LABELS):
+        raise ValueError("lse_two_scales: plain log-sum-exps only (no LSE_TARGET / LSE_LABELS bit)")
+    if backend == FAMILY_REFERENCE:
+        kw = dict(q_rscale=q_rscale, k_rscale=k_rscale, pos_index=pos_index, diag_offset=diag_offset,
+                  mask_mode=mask_mode)
+        qq, kk = grad_to if grad_to is not None else (q, k)
+        return lse(backend, qq, kk, scale1, **kw)[0], lse(backend, qq, kk, scale0, **kw)[0]
+    for name, r in (("q_rscale", q_rscale), ("k_rscale", k_rscale)):
+        if r is not None and r.requires_grad:
+            raise ValueError(f"lse_two_scales folds {name}'s gradient into the input's: pass it detached")
+    same = q is k and q_rscale is k_rscale
+    qa, ka = grad_to if grad_to is not None else (q, k)
+    if grad_to is not None and (qa.dtype != torch.float32 or ka.dtype != torch.float32 or (qa is ka) != same):
+        raise ValueError("lse_two_scales: grad_to must be float32 copies of q and k (one tensor when q is k)")
+    qc = q.detach().contiguous()
+    kc = None if same else k.detach().contiguous()
+    return _LseTwoScales.apply(qa, None if same else ka, scale1, scale0, qc, kc, q_rscale, None if same else k_rscale,
+                               pos_index, int(diag_offset), int(mask_mode), _suffix(backend, q), same)
+
+
 def _nonfinite_guard(*xs: Tensor) -> Tensor:
     """0 where every input is finite, NaN otherwise (float32 scalar, no host sync)."""
     ok = torch.stack([torch.isfinite(x).all() for x in xs]).all()

@@ -753,7 +753,8 @@ def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau
     nb = _norm_bit(normalize)
 
     # reweight = sum exp((1+beta) s/tau) / mean exp(beta s/tau) over the negatives: two
-    # log-sum-exps of the same rows, the own block masking each row itself and its positive
+    # log-sum-exps of the same rows (their gradients summed in float32: fam.lse_two_scales), the
+    # own block masking each row itself and its positive
     def rows(loc, blk, own):
         kb = blk[0]
         kw = dict(q_rscale=_kn(loc[1]) if normalize else None, k_rscale=_kn(_rscale(kb, normalize, dt)))
@@ -761,7 +762,7 @@ def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau
             kw.update(pos_index=p + own, diag_offset=own, mask_mode=MASK_DIAG | MASK_POS | nb)
         else:
             kw.update(mask_mode=nb)
-        return fam.lse(be, loc[0], kb, loc[2], **kw)[0], fam.lse(be, loc[0], kb, loc[3], **kw)[0]
+        return fam.lse_two_scales(be, loc[0], kb, loc[2], loc[3], **kw)
 
     l1, l0 = _blocks(d, mode, rows, ("lse", "lse"),
                      [z, zr if normalize else z.new_empty(0), (1 + beta) * inv_t, beta * inv_t], [z])

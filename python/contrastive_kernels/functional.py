@@ -452,14 +452,17 @@ def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau
     zr = _rscale(z, normalize)
     p = (torch.arange(n2, device=z.device) + n2 // 2) % n2
     inv_t = 1.0 / temperature
-    log_pos = _pos_logit(z, z[p], inv_t, normalize)
+    # Every term's gradient of z meets in float32 and is rounded once (16-bit inputs): the positive
+    # logit's, and the two log-sum-exps' (fam.lse_two_scales sums theirs in float32), which nearly
+    # cancel each other on confident rows.
+    zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    log_pos = _pos_logit(zf, zf[p], inv_t, normalize)
     mask = MASK_DIAG | MASK_POS | _norm_bit(normalize)
     zk = _kn(zr)
     # reweight = sum exp((1+beta) s/tau) / mean exp(beta s/tau), in log space
-    l1, _ = fam.lse(be, z, z, _scale((1 + beta) * inv_t, z.device, invert=False), q_rscale=zk, k_rscale=zk,
-                    pos_index=p, mask_mode=mask)
-    l0, _ = fam.lse(be, z, z, _scale(beta * inv_t, z.device, invert=False), q_rscale=zk, k_rscale=zk,
-                    pos_index=p, mask_mode=mask)
+    l1, l0 = fam.lse_two_scales(be, z, z, _scale((1 + beta) * inv_t, z.device, invert=False),
+                                _scale(beta * inv_t, z.device, invert=False), q_rscale=zk, k_rscale=zk, pos_index=p,
+                                mask_mode=mask, grad_to=(zf, zf))
     return _hcl_rows(math.log(n_neg) + l1 - l0, log_pos, inv_t, n_neg, tau_plus).mean()
 
 
