@@ -1113,6 +1113,24 @@ def test_lse_norm_refuses_rscale_with_history(backend):
     with pytest.raises(ValueError, match="LSE_NORM"):
         fam.lse(backend, q, q, torch.tensor(1.0), q_rscale=_own_rscale(q), k_rscale=_own_rscale(q),
                 mask_mode=LSE_NORM)
+    if backend != fam.FAMILY_REFERENCE:  # (the reference's autograd takes any rscale)
+        k = torch.randn(6, 8, requires_grad=True)
+        with pytest.raises(ValueError, match="k_rscale"):
+            fam.lse_two_scales(backend, q, k, torch.tensor(1.0), torch.tensor(2.0), q_rscale=_own_rscale(q).detach(),
+                               k_rscale=_own_rscale(k), mask_mode=LSE_NORM)
+
+
+@pytest.mark.parametrize("mode", [LSE_TARGET, LSE_LABELS])
+def test_lse_two_scales_refuses_targets_and_labels(mode):
+    q = torch.randn(5, 8)
+    with pytest.raises(ValueError, match="LSE_TARGET / LSE_LABELS"):
+        fam.lse_two_scales("cpu", q, q, torch.tensor(1.0), torch.tensor(2.0), mask_mode=mode)
+
+
+def test_lse_two_scales_refuses_grad_to_of_another_dtype():
+    q = torch.randn(5, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="grad_to"):
+        fam.lse_two_scales("cpu", q, q, torch.tensor(1.0), torch.tensor(2.0), grad_to=(q, q))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

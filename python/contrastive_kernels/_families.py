@@ -206,11 +206,15 @@ FAMILY_SPECS = {
 }
 
 
+def _named_op(name: str, suffix: str = ""):
+    return getattr(getattr(torch.ops, NS), f"{name}{suffix}")
+
+
 def _register(family: str, fwd_name: str, bwd_name: str) -> None:
     fake_fwd, fake_bwd, setup, make_backward = FAMILY_SPECS[family]
     torch.library.register_fake(f"{NS}::{fwd_name}")(fake_fwd)
     torch.library.register_fake(f"{NS}::{bwd_name}")(fake_bwd)
-    bwd_op = getattr(getattr(torch.ops, NS), bwd_name)
+    bwd_op = _named_op(bwd_name)
     torch.library.register_autograd(f"{NS}::{fwd_name}", make_backward(bwd_op), setup_context=setup)
 
 
@@ -390,8 +394,16 @@ def _suffix(backend: str, x: Tensor) -> str:
     return ""
 
 
-def _op(family: str, backend: str, x: Tensor):
-    return getattr(getattr(torch.ops, NS), f"{family}_forward{_suffix(backend, x)}")
+def _op(family: str, backend: str, x: Tensor, part: str = "forward"):
+    return _named_op(f"{family}_{part}", _suffix(backend, x))
+
+
+def _check_detached_rscales(q_rscale, k_rscale) -> None:
+    """LSE_NORM folds the rscales' gradients into the inputs' (_fold_norm): they must come detached."""
+    for name, r in (("q_rscale", q_rscale), ("k_rscale", k_rscale)):
+        if r is not None and r.requires_grad:
+            raise ValueError(f"mask_mode bit 32 (LSE_NORM) folds {name}'s gradient into the input's: pass it "
+                             f"detached (1 / max(|x|, 1e-12) of the input itself)")
 
 
 def lse(backend: str, q: Tensor, k: Tensor, scale: Tensor, *, q_rscale=None, k_rscale=None, col_bias=None,
@@ -402,10 +414,7 @@ def lse(backend: str, q: Tensor, k: Tensor, scale: Tensor, *, q_rscale=None, k_r
     1 / max(|x|, 1e-12), passed without autograd history: their Jacobian reaches q and k
     folded into dq / dk (see _fold_norm)."""
     if mask_mode & LSE_NORM:
-        for name, r in (("q_rscale", q_rscale), ("k_rscale", k_rscale)):
-            if r is not None and r.requires_grad:
-                raise ValueError(f"mask_mode bit 32 (LSE_NORM) folds {name}'s gradient into the input's: pass it "
-                                 f"detached (1 / max(|x|, 1e-12) of the input itself)")
+        _check_detached_rscales(q_rscale, k_rscale)
     if backend == FAMILY_REFERENCE:
         return reference.lse_family(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
                                     diag_offset, mask_mode, compute_col)
@@ -434,7 +443,7 @@ class _LseTwoScales(torch.autograd.Function):
     def forward(ctx, qa, ka, scale1, scale0, qc, kc, q_rscale, k_rscale, pos_index, diag_offset, mask_mode, sfx, same):
         if same:  # (k's three passed as None: torch.compile traces no tensor passed twice to apply)
             ka, kc, k_rscale = qa, qc, q_rscale
-        fwd = getattr(getattr(torch.ops, NS), f"lse_forward{sfx}")
+        fwd = _named_op("lse_forward", sfx)
         mode = mask_mode | LSE_NORM  # (the forward ignores the bit; the backward's float32 outputs)
         outs = [fwd(qc, kc, s, q_rscale, k_rscale, None, pos_index, None, None, diag_offset, mode, False)
                 for s in (scale1, scale0)]
@@ -449,7 +458,7 @@ class _LseTwoScales(torch.autograd.Function):
         nq, nk, ns1, ns0 = ctx.needs_input_grad[:4]
         if same:
             nk = nq
-        bwd = getattr(getattr(torch.ops, NS), f"lse_backward{sfx}")
+        bwd = _named_op("lse_backward", sfx)
         none = _f32_empty(q, _EMPTY)
         dq = dk = dqr = dkr = None
         ds = []
@@ -484,9 +493,7 @@ def lse_two_scales(backend: str, q: Tensor, k: Tensor, scale1: Tensor, scale0: T
                   mask_mode=mask_mode)
         qq, kk = grad_to if grad_to is not None else (q, k)
         return lse(backend, qq, kk, scale1, **kw)[0], lse(backend, qq, kk, scale0, **kw)[0]
-    for name, r in (("q_rscale", q_rscale), ("k_rscale", k_rscale)):
-        if r is not None and r.requires_grad:
-            raise ValueError(f"lse_two_scales folds {name}'s gradient into the input's: pass it detached")
+    _check_detached_rscales(q_rscale, k_rscale)
     same = q is k and q_rscale is k_rscale
     qa, ka = grad_to if grad_to is not None else (q, k)
     if grad_to is not None and (qa.dtype != torch.float32 or ka.dtype != torch.float32 or (qa is ka) != same):
@@ -523,7 +530,7 @@ def pairwise_total(backend: str, q: Tensor, k: Tensor, scale: Tensor, bias: Tens
     if not any(need) or backend not in _FUSED_BACKENDS:
         return pairwise(backend, q, k, scale, bias, row_offset=row_offset, q_labels=q_labels, k_labels=k_labels,
                         diag_offset=diag_offset, mode=mode).sum()
-    op = getattr(getattr(torch.ops, NS), f"pairwise_fused{_suffix(backend, q)}")
+    op = _op("pairwise", backend, q, "fused")
     return op(q.contiguous(), k.contiguous(), scale, bias, row_offset, q_labels, k_labels, int(diag_offset),
               int(mode), *need)[0]
 
