@@ -412,7 +412,7 @@ def run_uneven(fname, W, r):
 
 
 # A global batch of one row (world 1): the losses that need two rows say so.
-TOO_SMALL = ("dcl_loss", "hard_negative_loss", "uniformity_loss")
+TOO_SMALL = ("dcl_loss", "hard_negative_loss", "uniformity_loss", "barlow_twins_loss", "vicreg_loss")
 
 
 def run_too_small(fname):

@@ -165,6 +165,16 @@ def test_path_and_small_batches():
         ck.vicreg_loss(X[:1], Y[:1])
     with pytest.raises(ValueError, match=r"x needs at least 2 rows"):
         ck.uniformity_loss(X[:1])
+    # Batch standardization of one row (BatchNorm1d refuses it too): a constant loss, zero gradient.
+    for be in ("cpu", "reference"):
+        with pytest.raises(ValueError, match=r"barlow_twins_loss standardizes .*z1 needs at least 2 rows, got "
+                                             r"shape \(1, 4\)"):
+            ck.barlow_twins_loss(X[:1], Y[:1], backend=be)
+        with pytest.raises(ValueError, match=r"cross_correlation standardizes .*z1 needs at least 2 rows"):
+            ck.cross_correlation(X[:1], Y[:1], backend=be)
+        # Unstandardized, one row is a plain outer product.
+        c = ck.cross_correlation(X[:1], Y[:1], standardize=False, backend=be)
+        torch.testing.assert_close(c.float(), X[:1].T @ Y[:1])
     with pytest.raises(ValueError, match=r"dcl_loss needs at least 2 pairs"):
         ck.dcl_loss(X[:1], Y[:1])
 

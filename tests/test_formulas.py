@@ -573,18 +573,23 @@ def test_nt_xent_is_supcon_without_labels():
     assert rel_err(a, b) < 1e-13
 
 
-def test_one_row_standardizes_to_zero():
-    """N = 1: every standardized feature is 0 (z - mean = 0), so C = 0 and the Barlow Twins
-    loss is D (its diagonal term); gradients are 0."""
-    z1 = torch.randn(1, 6, dtype=torch.float64, requires_grad=True)
-    z2 = torch.randn(1, 6, dtype=torch.float64, requires_grad=True)
+def test_one_row_refused_like_batchnorm():
+    """N = 1: every standardized feature is 0 (z - mean = 0), so C = 0, the Barlow Twins loss is
+    the constant D and every gradient 0.  The peers' BatchNorm1d (training mode) refuses such a
+    batch; so do we, naming the argument, instead of returning a loss that cannot train."""
+    z1 = torch.randn(1, 6, dtype=torch.float64)
+    z2 = torch.randn(1, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        torch.nn.BatchNorm1d(6, affine=False, dtype=torch.float64).train()(z1)
     for be in ["reference", FAMILY_REFERENCE]:
-        # zero up to the rounding of the batch-norm kernel's mean (|x - mean| ~ 1e-16 |x|)
-        assert ck.cross_correlation(z1, z2, backend=be).double().abs().max() < 1e-20
-        loss = ck.barlow_twins_loss(z1, z2, backend=be)
-        assert abs(loss.item() - 6.0) < 1e-12
-        g1, g2 = torch.autograd.grad(loss, [z1, z2])
-        assert g1.abs().max() < 1e-12 and g2.abs().max() < 1e-12
+        with pytest.raises(ValueError, match=r"z1 needs at least 2 rows, got shape \(1, 6\)"):
+            ck.cross_correlation(z1, z2, backend=be)
+        with pytest.raises(ValueError, match=r"z1 needs at least 2 rows, got shape \(1, 6\)"):
+            ck.barlow_twins_loss(z1, z2, backend=be)
+    # Two rows are the smallest batch: standardized features are +-1, so C_ii = +-1 exactly.
+    z = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64)
+    c = ck.cross_correlation(z, z, eps=1e-300, backend="reference")
+    assert abs(c[0, 0].item() - 1.0) < 1e-12 and abs(c[0, 1].item() + 1.0) < 1e-12
 
 
 def test_hcl_clamp_case_is_clamped():

@@ -832,6 +832,9 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd=0.0051, *, eps=1e-5, backend
     dt = _cdt(be, z1)
     n, dim = z1.shape
     ng = n * d.world
+    if ng < 2:
+        raise ValueError(f"barlow_twins_loss standardizes each feature over the global batch (BatchNorm1d in "
+                         f"training mode): it needs at least 2 rows, got z1 {tuple(z1.shape)} on 1 rank")
 
     def standardize(z):
         zc = _global_center(z.to(dt), d, ng)

@@ -557,6 +557,14 @@ def _standardize(z: Tensor, eps: float) -> Tensor:
     return _Standardize.apply(z, float(eps))
 
 
+def _check_standardizable(fn: str, z1: Tensor) -> None:
+    """Per-feature batch standardization (BatchNorm1d in training mode, which refuses the same)
+    of one row is 0 / sqrt(eps): a constant loss with zero gradient, not a loss to train on."""
+    if z1.shape[0] < 2:
+        raise ValueError(f"{fn} standardizes each feature over the batch (BatchNorm1d in training mode): z1 needs "
+                         f"at least 2 rows, got shape {tuple(z1.shape)}")
+
+
 @_amp_boundary()
 def cross_correlation(z1: Tensor, z2: Tensor, *, standardize: bool = True, eps=1e-5,
                       backend: str | None = None) -> Tensor:
@@ -567,6 +575,8 @@ def cross_correlation(z1: Tensor, z2: Tensor, *, standardize: bool = True, eps=1
     V.same_device_dtype(z1=z1, z2=z2)
     V.same_shape(z1=z1, z2=z2)
     V.scalar("eps", eps, positive=True)
+    if standardize:
+        _check_standardizable("cross_correlation", z1)
     be = _resolve(backend, "xcorr", z1)
     if be == "reference":
         return reference.cross_correlation(z1, z2, standardize=standardize, eps=eps)
@@ -581,12 +591,13 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd=0.0051, *, eps=1e-5, backend
 
     The off-diagonal sum comes from the xcorr family: N x N Gram matrices when N < D
     (``|A^T B|_F^2 = <A A^T, B B^T>``), D x D tiles otherwise; ``path`` forces one."""
-    V.matrix("z1", z1, min_rows=1)
+    V.matrix("z1", z1)
     V.matrix("z2", z2)
     V.same_device_dtype(z1=z1, z2=z2)
     V.same_shape(z1=z1, z2=z2)
     V.scalar("lambd", lambd)
     V.scalar("eps", eps, positive=True)
+    _check_standardizable("barlow_twins_loss", z1)
     path_id = {"auto": 0, "gram": 1, "tiled": 2}[V.choice("path", path, ("auto", "gram", "tiled"))]
     be = _resolve(backend, "xcorr", z1)
     if be == "reference":
