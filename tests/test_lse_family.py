@@ -475,6 +475,37 @@ def test_triton_fused_forward_budget(backend, monkeypatch):
     _check_case(backend, 200, 200, 40, torch.float32, "target_diag", True, True, True)
 
 
+@pytest.mark.parametrize("backend", _TRITON)
+@pytest.mark.parametrize("mask", ["none", "target_diag"])
+@pytest.mark.parametrize("chunk", ["", "2"])
+def test_triton_fused_forward_wider_blocks_than_slots(backend, mask, chunk, monkeypatch):
+    """On a GPU the autotuner may pick a BLOCK_O above the slot size (the smallest BLOCK_O of the
+    configs): such a program writes its column states in its first slot and empty states (-inf,
+    0, 0, 0) in the others, which the merge must not count.  The interpreter's one tile never does
+    (BLOCK_O = slot = 32), so the mutation audit's zero-max empty slots went unseen; here slots of
+    8 rows under 32-row programs: four slots per program, three of them empty.  An empty slot
+    written as (0, 0, 0) would still sum right where the scores are near 0, so the columns here
+    also sit far below it (a column bias of -200: exp(-200) underflows float32, a merge against a
+    max of 0 would give -inf) and near it (a confident column, which keeps the max's exact 1 out
+    of its sum)."""
+    from contrastive_kernels.kernels import lse as tri
+    monkeypatch.setattr(tri, "_slot_rows", lambda: 8)
+    monkeypatch.setenv(_T_CHUNK, chunk)
+    square = mask.startswith("target")
+    _check_case(backend, 75, 75 if square else 50, 24, torch.float32, mask, True, True, True)
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(75, 24, generator=g), torch.randn(50, 24, generator=g)
+    bias = torch.full((50,), -200.0)
+    bias[::2] = 0.0
+    k[1] = 8 * q[3] / q[3].norm()  # column 1: one score far above the rest (a confident column)
+    scale = torch.tensor(4.0)
+    _, col = fam.lse(backend, q, k, scale, col_bias=bias, compute_col=True)
+    s64 = scale.double() * q.double() @ k.double().T + bias.double()
+    want = torch.logsumexp(s64, dim=0)
+    err = ((col.double() - want).abs() / want.abs().clamp_min(1.0)).max().item()
+    assert err <= 1e-5, f"column log-sum-exps with empty slots: relative error {err:.2e}"
+
+
 def triton_cdiv(a, b):
     return -(-a // b)
 
@@ -741,10 +772,14 @@ def test_lse_target_bad_layout_raises(backend, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 7, 129, 300])
 @pytest.mark.parametrize("layout", ["diag0", "diagN", "diag0_pos", "plain_col", "label", "diag0_target",
-                                    "plain_col_target", "supcon_labels"])
+                                    "plain_col_target", "supcon_labels", "pos_shift", "target_shift",
+                                    "label_asym"])
 def test_lse_family_same_tensor(backend, dtype, n, layout):
     """q and k the same tensor (nt_xent / SupCon / HCL layouts: Z against itself, one
-    autograd leaf, one shared row scale)."""
+    autograd leaf, one shared row scale).  The last three are the same tensor with a mask that is
+    not symmetric (pos_index or targets not an involution, different row and column labels):
+    a kernel's symmetric fast path (the CPU's half of the tiles) must not take them (the
+    mutation audit, tests/mutation_audit.py, found no test that would notice)."""
     rows = 2 * n
     x, _ = _make_inputs(rows, rows, 33, dtype, mask="none", rscale=True, bias=False, same_qk=True)
     assert x["q"] is x["k"] and x["q_rscale"] is x["k_rscale"]
@@ -761,6 +796,13 @@ def test_lse_family_same_tensor(backend, dtype, n, layout):
         margs = {"mask_mode": MASK_DIAG | LSE_TARGET, "diag_offset": 0, "pos_index": (torch.arange(rows) + n) % rows}
     elif layout == "plain_col_target":  # targets on the diagonal (self), both directions
         margs, compute_col = {"mask_mode": LSE_TARGET}, True
+    elif layout == "pos_shift":  # drop self and the next row: j == pos[i] does not mean i == pos[j]
+        margs = {"mask_mode": MASK_DIAG | MASK_POS, "diag_offset": 0, "pos_index": (torch.arange(rows) + 1) % rows}
+    elif layout == "target_shift":  # cross-entropy against the next row (targets not an involution)
+        margs = {"mask_mode": MASK_DIAG | LSE_TARGET, "diag_offset": 0, "pos_index": (torch.arange(rows) + 1) % rows}
+    elif layout == "label_asym":  # drop the pairs whose row label equals the column's other label
+        margs = {"mask_mode": MASK_SAME_LABEL | MASK_DIAG, "q_labels": torch.randint(0, 3, (rows,)),
+                 "k_labels": torch.randint(0, 3, (rows,))}
     elif layout == "supcon_labels":  # SupCon: drop self, LSE minus the mean same-label logit
         lab = torch.randint(0, 4, (rows,))
         margs = {"mask_mode": LSE_LABELS | MASK_DIAG, "q_labels": lab, "k_labels": lab}

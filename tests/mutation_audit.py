@@ -1,0 +1,258 @@
+"""Do the tests catch a wrong kernel?  A mutation audit (not collected by pytest; minutes per
+mutant, so not in CI).
+
+Each mutant below is one plausible kernel bug, written as an exact edit of one source line or
+block: a dropped term of the online log-sum-exp, a mask with the wrong sign, a merge that forgets
+the exact 1s at the maximum, a gradient missing a row scale, a swizzle left out, a split's
+partials written over each other.  For each, the script copies the tree (Triton, Python) or
+edits a build tree and rebuilds the extensions (C++ and the CUDA emulator: ninja recompiles what
+the edit touches), runs the named tests with `-x` and records whether they failed ("killed") or
+passed ("survived": the suite missed a bug, a defect of the tests).
+
+    python tests/mutation_audit.py --list
+    python tests/mutation_audit.py [--only NAME,...] [--kind triton|cuda|cpu] [--out audit.jsonl]
+
+The C++ mutants need a tree built with the emulator (`--build-tree DIR`: made on first use, a
+`git clone` of this checkout; about 3 minutes on one core, then ~35 s per CUDA mutant).
+Results of the last full run: bench/NOTES.md "Mutation audit".
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+
+
+def _t(*names):
+    return [os.path.join(TESTS, n) for n in names]
+
+
+LSE_T = ["-m", "triton"] + _t("test_triton_lse.py", "test_lse_family.py")
+PAIR_T = ["-m", "triton"] + _t("test_pairwise_family.py", "test_siglip.py")
+XC_T = ["-m", "triton"] + _t("test_xcorr_family.py", "test_barlow_vicreg.py")
+CUDA_T = ["-k", "cuda"] + _t("test_lse_family.py", "test_pairwise_family.py", "test_cuda_emulator.py")
+WG_T = ["-k", "cuda and (float16 or bfloat16)"] + _t("test_wgmma.py", "test_lse_family.py")
+CPU_T = ["-k", "cpu"] + _t("test_lse_family.py", "test_formulas.py", "test_compat.py")
+WGMMA = {"CONTRASTIVE_KERNELS_CUDA_WGMMA": "1"}
+
+LSE_PY, PAIR_PY, XC_PY = "kernels/lse.py", "kernels/pairwise.py", "kernels/xcorr.py"
+TILES, CPU_LSE = "csrc/cuda/family_tiles.cuh", "csrc/cpu/lse.cpp"
+
+# (name, file, old, new, tests[, env])
+MUTANTS = [
+    # ---- Triton, log-sum-exp family: masks
+    ("diag_trans_sign", LSE_PY, "keep = keep & (o_idx[:, None] != n_idx[None, :] + diag_offset)",
+     "keep = keep & (o_idx[:, None] != n_idx[None, :] - diag_offset)", LSE_T),
+    ("pos_trans_drop", LSE_PY, "            keep = keep & (o_idx[:, None] != n_pos[None, :])\n",
+     "            keep = keep\n", LSE_T),
+    # online log-sum-exp
+    ("rise_forgets_ties", LSE_PY, "l = tl.where(up, (l + k) * tl.exp2(m - ref), l)",
+     "l = tl.where(up, l * tl.exp2(m - ref), l)", LSE_T),
+    ("rise_keeps_count", LSE_PY, "        k = tl.where(up, 0.0, k)\n", "", LSE_T),
+    ("finish_drops_ties", LSE_PY, "log1p(tl.where(empty, 0.0, (k - 1.0) + l)))",
+     "log1p(tl.where(empty, 0.0, l)))", LSE_T),
+    ("neginf_not_nan", LSE_PY,
+     's = tl.where(keep, tl.where(s == float("-inf"), float("nan"), s), float("-inf"))',
+     's = tl.where(keep, s, float("-inf"))', LSE_T),
+    # merges (column splits, fused columns)
+    ("merge_forgets_ties", LSE_PY, "l += tl.where(at, ls, (ls + ks) * tl.exp2(ms - ref))",
+     "l += tl.where(at, ls, ls * tl.exp2(ms - ref))", LSE_T),
+    ("merge_target_once", LSE_PY, "            x2 += tl.load(p + 3 * FIELD, mask=ok, other=0.0)",
+     "            x2 = tl.load(p + 3 * FIELD, mask=ok, other=0.0)", LSE_T),
+    ("cols_empty_slot_zero", LSE_PY,
+     'tl.store(base + e * NI, tl.full((BLOCK_I,), float("-inf"), tl.float32), mask=n_ok)',
+     "tl.store(base + e * NI, tl.zeros((BLOCK_I,), dtype=tl.float32), mask=n_ok)", LSE_T),
+    # backward
+    ("bwd_no_keep", LSE_PY, "        ds = tl.where(keep, ds, 0.0)\n", "", LSE_T),
+    ("dscale_no_rs", LSE_PY, "tl.store(D_SCALE + pid_s * NO + o_idx, o_rs * r_acc, mask=o_ok & first)",
+     "tl.store(D_SCALE + pid_s * NO + o_idx, r_acc, mask=o_ok & first)", LSE_T),
+    ("drs_no_scale", LSE_PY, "tl.store(D_ORS + pid_s * NO + o_idx, scale * r_acc, mask=o_ok & first)",
+     "tl.store(D_ORS + pid_s * NO + o_idx, r_acc, mask=o_ok & first)", LSE_T),
+    ("r_acc_no_irs", LSE_PY, "            if HAS_IRS:\n                t = t * i_rs[None, :]\n", "", LSE_T),
+    ("dgrad_f16_no_irs", LSE_PY, "x = (x.to(tl.float32) * i_rs[:, None]).to(I.dtype.element_ty)", "x = x", LSE_T),
+    ("dbias_extra_once", LSE_PY, "tl.store(D_BIAS + pid_s * NO + o_idx, b_acc, mask=o_ok & first)",
+     "tl.store(D_BIAS + pid_s * NO + o_idx, b_acc, mask=o_ok)", LSE_T),
+    ("target_masked_grad", LSE_PY, "            ds = ds - tl.where(is_t, tl.where(keep, 0.0, w), 0.0)\n", "", LSE_T),
+    ("labels_trans_pw", LSE_PY, "                ds = ds - tl.where(is_p, pw[None, :], 0.0)",
+     "                ds = ds", LSE_T),
+    ("chunked_d_step", LSE_PY, "    for d0 in range(0, D, BLOCK_D):", "    for d0 in range(0, D - 1, BLOCK_D):", LSE_T),
+    ("dout_mask_d", LSE_PY, "mask=o_ok[:, None] & (dcol[None, :] < D))", "mask=o_ok[:, None])", LSE_T),
+    # ---- Triton, pairwise (SigLIP) family
+    ("pw_dk_sigmoid_sign", PAIR_PY, "ds = tl.where(keep, g[:, None] * sg * _sigmoid(y), 0.0)\n        qt = tl.load(",
+     "ds = tl.where(keep, g[:, None] * sg * _sigmoid(-y), 0.0)\n        qt = tl.load(", PAIR_T),
+    ("pw_dscale_no_dot", PAIR_PY, "        s_dsd += tl.sum(ds * dot, axis=1).to(tl.float64)\n        if NEED_Q:",
+     "        s_dsd += tl.sum(ds, axis=1).to(tl.float64)\n        if NEED_Q:", PAIR_T),
+    ("pw_split_offset", PAIR_PY, "tl.store(out_ptr + tl.program_id(1).to(tl.int64) * N + rows, acc, mask=rows < N)",
+     "tl.store(out_ptr + rows, acc, mask=rows < N)", PAIR_T),
+    # ---- Triton, cross-correlation family
+    ("xc_gram_keeps_diag", XC_PY, "offdiag = ((ga * gb).sum() - diag_sq).clamp_min(0.0)",
+     "offdiag = (ga * gb).sum().clamp_min(0.0)", XC_T),
+    ("xc_gram_w_no_diag", XC_PY, "w = gdiag.double() - 2.0 * g * _diag(a, b)", "w = gdiag.double()", XC_T),
+    ("xc_tile_keeps_diag", XC_PY, "v = tl.where(keep & (~on_diag), acc, 0.0)", "v = tl.where(keep, acc, 0.0)", XC_T),
+    ("xc_panels_overwrite", XC_PY, "alpha=one, f64=False, accumulate=i > 0)", "alpha=one, f64=False, accumulate=False)",
+     XC_T),
+    # ---- CUDA tile kernels (on the emulator)
+    ("cu_rise_forgets_ties", TILES, "l = (l + k) * __expf(run_m[h] - ref);", "l = l * __expf(run_m[h] - ref);", CUDA_T),
+    ("cu_diag_sign", TILES, "if (mode & 1) keep = keep && (j != i + diag);",
+     "if (mode & 1) keep = keep && (j != i - diag);", CUDA_T),
+    ("cu_merge_state_ties", TILES, "l += (ls + ks) * __expf(ms - ref);", "l += ls * __expf(ms - ref);", CUDA_T),
+    ("cu_ds_col_term_drop", TILES,
+     "if (FAM == kLse && J.lse != -INFINITY) ds += J.g * __expf((x - J.x) - J.lse);", "", CUDA_T),
+    ("cu_dbias_sign", TILES, "dbias_part += static_cast<double>(ds);", "dbias_part -= static_cast<double>(ds);",
+     CUDA_T),
+    ("cu_dx_no_rs", TILES, "float v = scale * R[h].rs * accO[nt][e];", "float v = scale * accO[nt][e];", CUDA_T),
+    ("cu_dsscale_unscale", TILES, "if (kDsScale) v *= pow2(-ds_e[h]);", "", CUDA_T),
+    ("cu_rescale_half_acc", TILES, "              accO[nt][2 * h] *= f;\n", "", CUDA_T),
+    ("cu_sxt_reset", TILES,
+     "        sxt[tid] = 0.f;  // (the next tile's epilogue is past the step's barrier)\n", "", CUDA_T),
+    ("cu_target_masked", TILES,
+     "ds = keep ? I.tg + J.tg : -((I.lse != -INFINITY ? I.g : 0.f) + (J.lse != -INFINITY ? J.g : 0.f));",
+     "ds = keep ? I.tg + J.tg : 0.f;", CUDA_T),
+    ("cu_wg_ds_noswizzle", TILES,
+     "tile::st_operand(&sds[rl * 64 + ((((cl >> 3) ^ (rl & 7))) << 3) + (cl & 7)], v);",
+     "tile::st_operand(&sds[rl * 64 + (((cl >> 3)) << 3) + (cl & 7)], v);", WG_T, WGMMA),
+    # ---- C++ CPU kernels
+    ("cpu_col_finish_ties", CPU_LSE, "e[j] = f >= 0.0f ? ((f + f * e[j]) + (cnt[j] - 1.0f)) + rest[j]",
+     "e[j] = f >= 0.0f ? ((f * e[j]) + (cnt[j] - 1.0f)) + rest[j]", CPU_T),
+    ("cpu_symmetrize_diag", CPU_LSE, "    c[i * b + i] *= 2.0f;\n", "", CPU_T),
+    ("cpu_tournament_skip", CPU_LSE, "for (int64_t k = 1; k < Lp / 2; ++k)",
+     "for (int64_t k = 1; k + 1 < Lp / 2; ++k)", CPU_T),
+    ("cpu_sym_pos_involution", CPU_LSE, "      if (P.pos[P.pos[i]] != i) return false;\n", "      (void)i;\n", CPU_T),
+    ("cpu_sym_target_involution", CPU_LSE, "      if (P.target[P.target[i]] != i) return false;\n",
+     "      (void)i;\n", CPU_T),
+    ("cpu_sym_labels_equal", CPU_LSE,
+     "  if ((P.mask_mode & (kMaskSameLabel | kLseLabels)) && !(o.ql.is_same(o.kl) || at::equal(o.ql, o.kl))) return false;\n",
+     "", CPU_T),
+    ("cpu_ds_rc_col", CPU_LSE,
+     "const float ds = a * fast_exp((s[j] - rx) - rl) + gc[j] * fast_exp((s[j] - cx[j]) - cl[j]);",
+     "const float ds = a * fast_exp((s[j] - rx) - rl);", CPU_T),
+    ("cpu_sym_pair_xt", CPU_LSE, "if (t >= 0 && t < bm) xt[j0 + c] = P.scale * g[t * bn + c];",
+     "if (t >= 0 && t < bm) xt[j0 + c] = P.scale * g[c * bn + t];", CPU_T),
+    ("cpu_labels_pair_dscale", CPU_LSE,
+     "raw_pos += static_cast<double>(row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f)) * gr[j];",
+     "raw_pos += static_cast<double>(row_lab) * gr[j];", CPU_T),
+]
+
+
+def kind(path: str) -> str:
+    return "triton" if path.endswith(".py") else "cuda" if "/cuda/" in path else "cpu"
+
+
+def _pytest(pythonpath: str, tests, env_extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS="1", **env_extra)
+    marker = "not slow"
+    if tests[0] == "-m":  # (pytest keeps the last -m: the kind's marker and "not slow" in one)
+        marker, tests = f"{tests[1]} and not slow", tests[2:]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", marker] + tests
+    r = subprocess.run(cmd, cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True)
+    lines = r.stdout.strip().splitlines()
+    return dict(killed=r.returncode != 0, rc=r.returncode, tail=lines[-1] if lines else r.stderr[-300:],
+                failed=[ln for ln in lines if ln.startswith("FAILED")][:2])
+
+
+def _edit(path: str, old: str, new: str, name: str) -> str:
+    src = open(path).read()
+    if src.count(old) != 1:
+        raise SystemExit(f"{name}: the edit's text occurs {src.count(old)} times in {path} (the source moved: "
+                         "update the mutant)")
+    open(path, "w").write(src.replace(old, new))
+    return src
+
+
+def run_triton(name, rel, old, new, tests, env) -> dict:
+    root = tempfile.mkdtemp(prefix=f"mut_{name}_")
+    try:
+        shutil.copytree(os.path.join(REPO, "python"), os.path.join(root, "python"), symlinks=True,
+                        ignore=shutil.ignore_patterns("kernels"))
+        shutil.copytree(os.path.join(REPO, "kernels"), os.path.join(root, "python", "contrastive_kernels", "kernels"))
+        _edit(os.path.join(root, "python", "contrastive_kernels", rel), old, new, name)
+        return _pytest(os.path.join(root, "python"), tests, dict(env, TRITON_INTERPRET="1"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _build(tree: str) -> None:
+    r = subprocess.run([sys.executable, "setup.py", "build_ext"], cwd=tree, capture_output=True, text=True,
+                       env=dict(os.environ, CONTRASTIVE_KERNELS_BUILD_CUDA_EMU="1",
+                                MAX_JOBS=os.environ.get("MAX_JOBS", "1")))
+    if r.returncode != 0:
+        raise RuntimeError("build failed:\n" + r.stdout[-2000:] + r.stderr[-2000:])
+    for so in glob.glob(os.path.join(tree, "build", "lib*", "contrastive_kernels", "*.so")):
+        dst = os.path.join(tree, "python", "contrastive_kernels", os.path.basename(so))
+        if os.path.exists(dst):
+            os.remove(dst)
+        shutil.copy(so, dst)
+
+
+def run_native(tree, name, rel, old, new, tests, env) -> dict:
+    path = os.path.join(tree, rel)
+    orig = _edit(path, old, new, name)
+    try:
+        try:
+            _build(tree)
+        except RuntimeError as exc:  # a mutant that does not compile tests nothing: fix the mutant
+            return dict(killed=None, rc=None, tail="the mutant does not build", failed=[str(exc)[-600:]])
+        extra = dict(env)
+        if kind(rel) == "cuda":
+            extra["CONTRASTIVE_KERNELS_CUDA_EMULATE"] = "1"
+        return _pytest(os.path.join(tree, "python"), tests, extra)
+    finally:
+        open(path, "w").write(orig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--kind", choices=["triton", "cuda", "cpu"])
+    ap.add_argument("--out", default="mutation_audit.jsonl")
+    ap.add_argument("--build-tree", default=os.path.join(tempfile.gettempdir(), "ck_mutation_tree"))
+    a = ap.parse_args()
+    only = set(filter(None, a.only.split(",")))
+    unknown = only - {m[0] for m in MUTANTS}
+    if unknown:
+        raise SystemExit(f"--only: unknown mutant(s) {sorted(unknown)}; see --list")
+    todo = [m for m in MUTANTS if (not only or m[0] in only) and (a.kind is None or kind(m[1]) == a.kind)]
+    if a.list:
+        for m in todo:
+            print(f"{m[0]:24s} {kind(m[1]):7s} {m[1]}")
+        return
+    if any(kind(m[1]) != "triton" for m in todo) and not os.path.isdir(a.build_tree):
+        subprocess.run(["git", "clone", "-q", REPO, a.build_tree], check=True)
+        os.symlink("../../kernels", os.path.join(a.build_tree, "python", "contrastive_kernels", "kernels"))
+    survived, invalid = [], []
+    for m in todo:
+        name, rel, old, new, tests = m[:5]
+        env = m[5] if len(m) > 5 else {}
+        t0 = time.time()
+        if kind(rel) == "triton":
+            rec = run_triton(name, rel, old, new, tests, env)
+        else:
+            rec = run_native(a.build_tree, name, rel, old, new, tests, env)
+        rec = dict(name=name, kind=kind(rel), secs=round(time.time() - t0), **rec)
+        print(json.dumps(rec), flush=True)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if rec["killed"] is None:
+            invalid.append(name)
+        elif not rec["killed"]:
+            survived.append(name)
+    if any(kind(m[1]) != "triton" for m in todo):
+        _build(a.build_tree)  # (the tree's extensions as the checkout's again)
+    print(f"{len(todo) - len(survived) - len(invalid)} of {len(todo)} mutants killed" +
+          (f"; survived: {', '.join(survived)}" if survived else "") +
+          (f"; did not build: {', '.join(invalid)}" if invalid else ""))
+    sys.exit(1 if survived or invalid else 0)
+
+
+if __name__ == "__main__":
+    main()
