@@ -33,7 +33,8 @@ GRAM, TILED = 1, 2
 # Auto rule, the same as the C++ kernels': Gram path when N * GRAM_CROSSOVER < D (measured on CPU;
 # to be re-measured for the Triton kernels on a GPU).
 GRAM_CROSSOVER = 2.0
-# Tiled backward: rows of C per panel, so that the G panel (P x D float32) stays <= 16 MiB.
+# Tiled backward: rows of C per panel, so that the G panel (P x D float32) stays <= 16 MiB
+# (CONTRASTIVE_KERNELS_XCORR_PANEL_ELEMS=n instead: tests, several panels at a small D).
 PANEL_ELEMS = 1 << 22
 
 
@@ -267,7 +268,8 @@ def xcorr_backward(grad_offdiag, grad_diag, a, b, path: int, need_a: bool, need_
 
     two_g = (2.0 * g).to(torch.float32)
     one = torch.ones((), dtype=torch.float32, device=a.device)
-    rows = max(64, min(d, (PANEL_ELEMS // d) // 64 * 64))
+    panel_elems = int(os.environ.get("CONTRASTIVE_KERNELS_XCORR_PANEL_ELEMS", "0") or 0)
+    rows = max(64, min(d, ((panel_elems if panel_elems > 0 else PANEL_ELEMS) // d) // 64 * 64))
     panel = torch.empty((min(rows, d), d), dtype=torch.float32, device=a.device)
     want_da, want_db = need_a or same, need_b and not same
     da_full = torch.empty_like(a) if want_da else None

@@ -40,12 +40,13 @@ LSE_T = ["-m", "triton"] + _t("test_triton_lse.py", "test_lse_family.py")
 PAIR_T = ["-m", "triton"] + _t("test_pairwise_family.py", "test_siglip.py")
 XC_T = ["-m", "triton"] + _t("test_xcorr_family.py", "test_barlow_vicreg.py")
 CUDA_T = ["-k", "cuda"] + _t("test_lse_family.py", "test_pairwise_family.py", "test_cuda_emulator.py")
+XC_CUDA_T = ["-k", "cuda"] + _t("test_xcorr_family.py")
 WG_T = ["-k", "cuda and (float16 or bfloat16)"] + _t("test_wgmma.py", "test_lse_family.py")
 CPU_T = ["-k", "cpu"] + _t("test_lse_family.py", "test_formulas.py", "test_compat.py")
 WGMMA = {"CONTRASTIVE_KERNELS_CUDA_WGMMA": "1"}
 
 LSE_PY, PAIR_PY, XC_PY = "kernels/lse.py", "kernels/pairwise.py", "kernels/xcorr.py"
-TILES, CPU_LSE = "csrc/cuda/family_tiles.cuh", "csrc/cpu/lse.cpp"
+TILES, CPU_LSE, XC_CU = "csrc/cuda/family_tiles.cuh", "csrc/cpu/lse.cpp", "csrc/cuda/xcorr.cu"
 
 # (name, file, old, new, tests[, env])
 MUTANTS = [
@@ -120,6 +121,11 @@ MUTANTS = [
     ("cu_wg_ds_noswizzle", TILES,
      "tile::st_operand(&sds[rl * 64 + ((((cl >> 3) ^ (rl & 7))) << 3) + (cl & 7)], v);",
      "tile::st_operand(&sds[rl * 64 + (((cl >> 3)) << 3) + (cl & 7)], v);", WG_T, WGMMA),
+    # CUDA cross-correlation, the tiled backward's panels
+    ("cu_xc_panel_diag_shift", XC_CU, "      g.diag_shift = -lo;  // d = r + lo == e = c\n",
+     "      g.diag_shift = 0;\n", XC_CUDA_T),
+    ("cu_xc_panel_grad_diag", XC_CU, "      g.grad_diag = p.grad_diag + lo;\n", "      g.grad_diag = p.grad_diag;\n",
+     XC_CUDA_T),
     # ---- C++ CPU kernels
     ("cpu_col_finish_ties", CPU_LSE, "e[j] = f >= 0.0f ? ((f + f * e[j]) + (cnt[j] - 1.0f)) + rest[j]",
      "e[j] = f >= 0.0f ? ((f * e[j]) + (cnt[j] - 1.0f)) + rest[j]", CPU_T),

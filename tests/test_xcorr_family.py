@@ -66,6 +66,20 @@ def test_xcorr_same_tensor(backend, path, n, d):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("same", [False, True], ids=["a_b", "a_a"])
+def test_xcorr_tiled_backward_panels(backend, same, monkeypatch):
+    """The tiled backward forms G in panels of rows (at most 4 Mi entries: one panel up to D =
+    2048); db adds one panel's product after another.  CONTRASTIVE_KERNELS_XCORR_PANEL_ELEMS makes
+    the panels small enough for a test size: D = 200 in four panels of 64 rows (the last 8).  The
+    mutation audit found no test with two panels (an overwrite instead of the sum passed)."""
+    monkeypatch.setenv("CONTRASTIVE_KERNELS_XCORR_PANEL_ELEMS", str(64 * 200))
+    for dtype in _dtypes(backend)[:2]:
+        a = (torch.randn(9, 200) + 0.3).to(dtype).requires_grad_()
+        b = a if same else torch.randn(9, 200).to(dtype).requires_grad_()
+        _check_against_reference(backend, a, b, 2, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_xcorr_paths_agree(backend):
     n, d = 33, 97
     a = torch.randn(n, d, requires_grad=True)

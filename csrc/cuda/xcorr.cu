@@ -34,6 +34,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "launchers.h"
 #include "tile_mma.cuh"
@@ -326,10 +327,19 @@ cudaError_t xcorr_gram_offdiag(const double* ga, const double* gb, int64_t count
   return cudaGetLastError();
 }
 
+// The G panel's entries at most: kPanelElems, or CONTRASTIVE_KERNELS_XCORR_PANEL_ELEMS=n (tests: several
+// panels at a small D; measurements).
+int64_t panel_elems() {
+  const char* env = std::getenv("CONTRASTIVE_KERNELS_XCORR_PANEL_ELEMS");
+  if (env == nullptr || env[0] == '\0') return kPanelElems;
+  const long long n = std::atoll(env);
+  return n > 0 ? static_cast<int64_t>(n) : kPanelElems;
+}
+
 int64_t xcorr_panel_cols(int64_t d) {
   const int64_t t = tile::kGemmTile;
   const int64_t full = cdiv(d > 0 ? d : 1, t) * t;  // every row of G in one panel
-  int64_t fit = (kPanelElems / (d > 0 ? d : 1)) / t * t;
+  int64_t fit = (panel_elems() / (d > 0 ? d : 1)) / t * t;
   if (fit < t) fit = t;
   return fit < full ? fit : full;
 }
