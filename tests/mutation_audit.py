@@ -80,8 +80,6 @@ MUTANTS = [
      "tl.store(D_ORS + pid_s * NO + o_idx, r_acc, mask=o_ok & first)", LSE_T),
     ("r_acc_no_irs", LSE_PY, "            if HAS_IRS:\n                t = t * i_rs[None, :]\n", "", LSE_T),
     ("dgrad_f16_no_irs", LSE_PY, "x = (x.to(tl.float32) * i_rs[:, None]).to(I.dtype.element_ty)", "x = x", LSE_T),
-    ("dbias_extra_once", LSE_PY, "tl.store(D_BIAS + pid_s * NO + o_idx, b_acc, mask=o_ok & first)",
-     "tl.store(D_BIAS + pid_s * NO + o_idx, b_acc, mask=o_ok)", LSE_T),
     ("target_masked_grad", LSE_PY, "            ds = ds - tl.where(is_t, tl.where(keep, 0.0, w), 0.0)\n", "", LSE_T),
     ("labels_trans_pw", LSE_PY, "                ds = ds - tl.where(is_p, pw[None, :], 0.0)",
      "                ds = ds", LSE_T),
