@@ -408,6 +408,14 @@ def _pair_inputs(z1, z2):
     V.same_shape(z1=z1, z2=z2)
 
 
+def _need_global_rows(what, d, name, t, least, unit="rows", why=""):
+    """Refuse a global batch (the ranks' local rows together) of fewer than `least` rows,
+    naming the argument, its local shape and the world size."""
+    if t.shape[0] * d.world < least:
+        raise ValueError(f"{what} needs at least {least} {unit} in the global batch{why}, got {name} "
+                         f"{tuple(t.shape)} on {d.world} rank(s)")
+
+
 def _two_view_setup(what, z1, z2, temperature, backend, mode, group, *, min_pairs=1, why=""):
     """The start of the two-view lse losses (NT-Xent, DCL, HCL): argument checks, the group,
     equal local batches, at least `min_pairs` pairs in the global batch; (ctx, backend,
@@ -416,9 +424,7 @@ def _two_view_setup(what, z1, z2, temperature, backend, mode, group, *, min_pair
     V.scalar("temperature", temperature, positive=True, device=z1.device)
     d = _setup(group, mode, f"distributed {what}", z1)
     _check_sizes(d, z1=z1, z2=z2)
-    if z1.shape[0] * d.world < min_pairs:
-        raise ValueError(f"{what} needs at least {min_pairs} pairs in the global batch{why}, got z1 "
-                         f"{tuple(z1.shape)} on {d.world} rank(s)")
+    _need_global_rows(what, d, "z1", z1, min_pairs, "pairs", why)
     be = _family_backend(backend, "lse", z1)
     return d, be, _cdt(be, z1)
 
@@ -779,10 +785,8 @@ def uniformity_loss(x: Tensor, t=2.0, *, backend: str | None = None, mode: str =
     V.scalar("t", t)
     d = _setup(group, mode, "distributed uniformity_loss", x)
     _check_sizes(d, x=x)
+    _need_global_rows("uniformity_loss", d, "x", x, 2)
     n = x.shape[0] * d.world
-    if n < 2:
-        raise ValueError(f"uniformity_loss needs at least 2 rows in the global batch, got x {tuple(x.shape)} on "
-                         f"{d.world} rank(s)")
     be = _family_backend(backend, "lse", x)
     dt = _cdt(be, x)
     tt = _scalar_tensor(t, x, dt)
@@ -832,9 +836,8 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd=0.0051, *, eps=1e-5, backend
     dt = _cdt(be, z1)
     n, dim = z1.shape
     ng = n * d.world
-    if ng < 2:
-        raise ValueError(f"barlow_twins_loss standardizes each feature over the global batch (BatchNorm1d in "
-                         f"training mode): it needs at least 2 rows, got z1 {tuple(z1.shape)} on 1 rank")
+    _need_global_rows("barlow_twins_loss", d, "z1", z1, 2,
+                      why=" (it standardizes each feature over it, as BatchNorm1d in training mode)")
 
     def standardize(z):
         zc = _global_center(z.to(dt), d, ng)
@@ -865,8 +868,7 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_coeff=25.0, std_coeff=25.0, cov_coef
     _check_sizes(d, z1=z1, z2=z2)
     n, dim = z1.shape
     ng = n * d.world
-    if ng < 2:
-        raise ValueError(f"vicreg_loss needs at least 2 rows in the global batch, got z1 {tuple(z1.shape)}")
+    _need_global_rows("vicreg_loss", d, "z1", z1, 2, why=" (its variance term is unbiased: N - 1)")
     be = _family_backend(backend, "xcorr", z1)
     dt = _cdt(be, z1)
     x, y = z1.to(dt), z2.to(dt)
