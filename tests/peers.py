@@ -464,6 +464,14 @@ def _pml_zero(embeddings):
     return torch.sum(embeddings * 0)
 
 
+def _pml_tuple(indices_tuple):
+    """PML's convert_to_pairs: (a1, p, a2, n) as given, triplets (a, p, n) as (a, p, a, n)."""
+    if len(indices_tuple) == 4:
+        return tuple(indices_tuple)
+    a, p, n = indices_tuple
+    return a, p, a, n
+
+
 class PMLNTXentLoss(nn.Module):
     """pytorch_metric_learning.losses.NTXentLoss(temperature=0.07, **kwargs), default
     CosineSimilarity distance and MeanReducer: one term per positive pair (a, p),
@@ -477,6 +485,8 @@ class PMLNTXentLoss(nn.Module):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         self_ref = ref_emb is None
         r, rl = (embeddings, labels) if self_ref else (ref_emb, ref_labels)
+        if indices_tuple is not None:
+            return self._mined(embeddings, r, _pml_tuple(indices_tuple))
         pos, neg = _pml_pairs(labels, rl, self_ref)
         n_pos, n_neg = int(pos.sum()), int(neg.sum())
         if (n_pos <= 1 and n_neg <= 1) or n_pos == 0 or n_neg == 0:
@@ -488,6 +498,21 @@ class PMLNTXentLoss(nn.Module):
             for p in torch.nonzero(pos[a]).flatten().tolist():
                 row = torch.cat([s[a, p].reshape(1), negs])
                 terms.append(-(s[a, p] - torch.logsumexp(row, dim=0)))
+        return torch.stack(terms).mean()
+
+    def _mined(self, embeddings, r, pairs):
+        """A miner's pairs, as listed (repeats count): one term per (a1[k], p[k]) against
+        the negatives (a2[j], n[j]) with a2[j] == a1[k]."""
+        a1, p, a2, n = pairs
+        if all(len(t) <= 1 for t in pairs) or len(a1) == 0 or len(a2) == 0:
+            return _pml_zero(embeddings)
+        x, y = unit(embeddings), unit(r)
+        terms = []
+        for k in range(len(a1)):
+            a = int(a1[k])
+            row = [x[a] @ y[int(p[k])]] + [x[a] @ y[int(n[j])] for j in range(len(a2)) if int(a2[j]) == a]
+            row = torch.stack(row) / self.temperature
+            terms.append(torch.logsumexp(row, dim=0) - row[0])
         return torch.stack(terms).mean()
 
 
@@ -504,12 +529,25 @@ class PMLSupConLoss(nn.Module):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         self_ref = ref_emb is None
         r, rl = (embeddings, labels) if self_ref else (ref_emb, ref_labels)
-        pos, neg = _pml_pairs(labels, rl, self_ref)
-        n_pos, n_neg = int(pos.sum()), int(neg.sum())
-        if (n_pos <= 1 and n_neg <= 1) or n_pos == 0 or n_neg == 0:
-            return _pml_zero(embeddings)
+        if indices_tuple is not None:
+            a1, p, a2, n = pairs = _pml_tuple(indices_tuple)
+            if all(len(t) <= 1 for t in pairs) or len(a1) == 0 or len(a2) == 0:
+                return _pml_zero(embeddings)
+            # the pairs as sets (PML's masks), which must not overlap
+            pos = torch.zeros(embeddings.shape[0], r.shape[0], dtype=torch.bool)
+            neg = torch.zeros_like(pos)
+            pos[a1, p] = True
+            neg[a2, n] = True
+            assert not bool((pos & neg).any())
+        else:
+            pos, neg = _pml_pairs(labels, rl, self_ref)
+            n_pos, n_neg = int(pos.sum()), int(neg.sum())
+            if (n_pos <= 1 and n_neg <= 1) or n_pos == 0 or n_neg == 0:
+                return _pml_zero(embeddings)
         s = unit(embeddings) @ unit(r).T / self.temperature
         keep = pos | neg
+        rows = keep.any(1)  # (a miner may leave an anchor without pairs: no softmax there)
+        s, keep, pos = s[rows], keep[rows], pos[rows]
         log_prob = s - torch.logsumexp(s.masked_fill(~keep, float("-inf")), dim=1, keepdim=True)
         per_anchor = -(torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1)
                        / pos.sum(1).clamp(min=1).to(s.dtype))

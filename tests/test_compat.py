@@ -457,3 +457,135 @@ def test_pml_ref_labels_identity():
             assert rel_err(a, b) < F64_TOL, (ours_cls.__name__, ref is emb, ref_lab is lab)
         with pytest.raises(NotImplementedError, match="ref_labels is the labels tensor itself"):
             ours_cls(0.2)(emb, lab, ref_emb=other, ref_labels=lab)
+
+
+# ------------------------------------------- pytorch-metric-learning with a miner's pairs
+def real_pml_miners():
+    real_pml()  # (fails with the install hint when the library is missing)
+    from pytorch_metric_learning import miners
+    return miners
+
+
+def _idx(*vals):
+    return tuple(torch.tensor(v, dtype=torch.long) for v in vals)
+
+
+# name: (n rows, reference rows or None, classes, miner: (miners module, emb, labels, ref, ref_labels) -> tuple)
+PML_MINED = {
+    "multi_similarity": (14, None, 3, lambda M, e, l, r, rl: M.MultiSimilarityMiner(epsilon=0.5)(e, l)),
+    "triplets_all": (10, None, 3, lambda M, e, l, r, rl: M.TripletMarginMiner(margin=0.5, type_of_triplets="all")(e, l)),
+    "batch_hard": (12, None, 4, lambda M, e, l, r, rl: M.BatchHardMiner()(e, l)),
+    "pair_margin": (13, None, 3, lambda M, e, l, r, rl: M.PairMarginMiner(pos_margin=0.3, neg_margin=0.6)(e, l)),
+    "ref_multi_similarity": (9, 11, 3, lambda M, e, l, r, rl: M.MultiSimilarityMiner(epsilon=0.5)(e, l, r, rl)),
+    # by hand: repeated pairs (NT-Xent counts them, SupCon's sets do not), an anchor with positives
+    # and no negative (NT-Xent's term 0), an anchor with negatives only, a (i, i) pair
+    "repeats": (6, None, 2, lambda M, e, l, r, rl: _idx([0, 0, 1, 2, 2, 5], [3, 3, 4, 2, 1, 1],
+                                                       [0, 0, 2, 4, 4], [1, 5, 0, 0, 2])),
+    "one_positive": (5, None, 2, lambda M, e, l, r, rl: _idx([3], [1], [3, 3, 3], [0, 2, 4])),
+    "triplets_by_hand": (7, 5, 2, lambda M, e, l, r, rl: _idx([0, 0, 6, 3], [4, 4, 0, 2], [1, 2, 3, 3])),
+}
+
+
+def _pml_mined_raw(case, g, d=6):
+    n, m, classes, mine = PML_MINED[case]
+    raw = dict(embeddings=_randn(g, n, d), labels=torch.randint(0, classes, (n,), generator=g))
+    if m is not None:
+        raw["ref_emb"] = _randn(g, m, d)
+        raw["ref_labels"] = torch.randint(0, classes, (m,), generator=g)
+    M = real_pml_miners()
+    with torch.no_grad():
+        tup = mine(M, raw["embeddings"], raw["labels"], raw.get("ref_emb"), raw.get("ref_labels"))
+    assert len(tup[0]) > 0 and len(tup[-1]) > 0 and max(map(len, tup)) > 1, f"{case}: the miner found nothing to test"
+    return raw, tup
+
+
+def _pml_mined_call(module, tup, labels=True):
+    def run(t):
+        kw = {"ref_emb": t["ref_emb"], "ref_labels": t["ref_labels"]} if "ref_emb" in t else {}
+        return module(t["embeddings"], t["labels"] if labels else None, tup, **kw)
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(PML_MINED))
+@pytest.mark.parametrize("loss", ["NTXentLoss", "SupConLoss"])
+def test_pml_with_miner_pairs(loss, case, dtype):
+    """indices_tuple (a miner's pairs or triplets): the loss over exactly those pairs, as
+    the independent peer and pytorch-metric-learning compute it, values and gradients;
+    labels=None works too (the pairs are all the loss reads)."""
+    raw, tup = _pml_mined_raw(case, _gen(len(case) + len(loss)))
+    for temperature in (0.07, 0.5):
+        ours = getattr(ck_pml, loss)(temperature)
+        _check(_pml_mined_call(ours, tup), _pml_mined_call(getattr(peers, "PML" + loss)(temperature), tup), raw,
+               dtype, f"pml.{loss}({temperature}) {case} vs peer")
+        _check(_pml_mined_call(ours, tup), _pml_mined_call(getattr(real_pml(), loss)(temperature), tup), raw,
+               dtype, f"pml.{loss}({temperature}) {case} vs pytorch-metric-learning")
+    if dtype == torch.float64:
+        _check(_pml_mined_call(ours, tup, labels=False), _pml_mined_call(getattr(real_pml(), loss)(0.5), tup,
+                                                                         labels=False), raw, dtype,
+               f"pml.{loss} {case} labels=None vs pytorch-metric-learning")
+
+
+@pytest.mark.parametrize("tup", [
+    _idx([], [], [], []), _idx([1], [2], [0], [3]), _idx([0, 1], [1, 0], [], []), _idx([], [], [0, 2], [3, 1]),
+    _idx([], [], []),
+], ids=["empty", "one_of_each", "no_negative", "no_positive", "no_triplet"])
+def test_pml_miner_degenerate_pairs_are_zero(tup):
+    """PML's early exits with a miner's output (every list of length <= 1; no positive or no
+    negative pair): 0 with zero gradients, as pytorch-metric-learning gives."""
+    g = _gen(3)
+    lab = torch.tensor([0, 0, 1, 1])
+    for name in ("NTXentLoss", "SupConLoss"):
+        emb = _randn(g, 4, 5).requires_grad_()
+        loss = getattr(ck_pml, name)()(emb, lab, tup)
+        assert loss.item() == 0.0 and getattr(real_pml(), name)()(emb.detach(), lab, tup).item() == 0.0, name
+        (grad,) = torch.autograd.grad(loss, [emb], allow_unused=True)
+        assert grad is None or grad.abs().max() == 0, name
+
+
+def test_pml_miner_pairs_bad_input():
+    g = _gen(4)
+    emb, lab = _randn(g, 5, 3), torch.tensor([0, 0, 1, 1, 2])
+    for cls in (ck_pml.NTXentLoss, ck_pml.SupConLoss):
+        loss = cls()
+        with pytest.raises(ValueError, match=r"indices_tuple must be .* tuple of 4 or 3 index tensors; got length 2"):
+            loss(emb, lab, _idx([0], [1]))
+        with pytest.raises(TypeError, match=r"indices_tuple\[1\] \(p\) must be an integer tensor"):
+            loss(emb, lab, (torch.tensor([0, 1]), torch.tensor([1.0, 0.0]), torch.tensor([2, 3])))
+        with pytest.raises(ValueError, match=r"indices_tuple\[3\] \(n\) indexes rows of the reference set .* has "
+                                             r"5: got values in \[2, 5\]"):
+            loss(emb, lab, _idx([0, 1], [1, 0], [0, 1], [2, 5]))
+        with pytest.raises(ValueError, match=r"indices_tuple\[0\] \(a1\) indexes rows of embeddings"):
+            loss(emb, lab, _idx([-1, 1], [1, 0], [0, 1], [2, 3]))
+        with pytest.raises(ValueError, match="positive pairs have 2 anchors but 1 partners"):
+            loss(emb, lab, _idx([0, 1], [1], [0, 1], [2, 3]))
+        with pytest.raises(ValueError, match=r"indices_tuple\[2\] \(n\) must be 1-D"):
+            loss(emb, lab, (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([[2, 3]])))
+        with pytest.raises(ValueError, match="labels are required .*no indices_tuple"):
+            loss(emb, None)
+    with pytest.raises(ValueError, match=r"lists the pair \(0, 2\) both as a positive and as a negative"):
+        ck_pml.SupConLoss()(emb, lab, _idx([0, 0], [1, 2], [0, 1], [2, 3]))
+    with pytest.raises(AssertionError, match="either be positive or negative"):  # (PML's own words)
+        real_pml().SupConLoss()(emb, lab, _idx([0, 0], [1, 2], [0, 1], [2, 3]))
+
+
+def test_pml_miner_pairs_memory_linear_in_pairs():
+    """A miner's 2^19 pairs over D = 256: the pairs are scored in chunks, never gathered as a
+    pairs x D matrix (512 MiB in float32; what the autograd of x[a] * y[p] would keep)."""
+    from helpers import peak_rss_growth
+    pairs, d = 1 << 19, 256
+    setup = f"""
+        import torch
+        from contrastive_kernels.compat import pytorch_metric_learning as pml
+        torch.manual_seed(0)
+        x = torch.randn(2048, {d}, requires_grad=True)
+        a1, p = torch.randint(0, 1024, ({pairs} // 2,)), torch.randint(1024, 2048, ({pairs} // 2,))
+        a2, n = torch.randint(0, 1024, ({pairs} // 2,)), torch.randint(0, 1024, ({pairs} // 2,))
+        tup = (a1, p, a2, n)
+        pml.NTXentLoss(0.1)(x[:64], None, tuple(t[:64] % 64 for t in tup)).backward()
+    """
+    body = "pml.NTXentLoss(0.1)(x, None, tup).backward()"
+    res = peak_rss_growth(setup, body)
+    bound = pairs * d * 4 // 4
+    print("peak growth", res)
+    assert res["growth"] < bound, f"the mined NT-Xent grew the peak RSS by {res['growth']} bytes (bound {bound})"

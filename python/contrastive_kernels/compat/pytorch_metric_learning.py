@@ -18,9 +18,18 @@ reducers, and its semantics:
 * both return 0 when there is no positive pair or no negative pair, or when every
   pair list has at most one entry (PML's early exit).
 
-Miners (``indices_tuple``) and non-default ``distance`` / ``reducer`` /
-``embedding_regularizer`` arguments are not supported: they raise NotImplementedError
-rather than silently computing something else."""
+Miners: ``indices_tuple`` (a miner's output: ``(a1, p, a2, n)`` pairs or ``(a, p, n)``
+triplets, taken as the pairs ``(a, p)``, ``(a, n)``; ``labels`` may then be None) gives
+PML's loss over exactly those pairs: NT-Xent one term per listed positive pair against
+the listed negatives of its anchor (a pair listed twice counts twice), SupCon the pair
+*sets* (PML writes them into masks; a pair both positive and negative is an error).  A
+pair list has no tile structure, so this path does not run the fused kernels: it scores
+the listed pairs in chunks (``_pair_dots``) and reduces them per anchor by scatter, in
+memory linear in the number of pairs (PML builds the N x M matrix and, for NT-Xent, a
+positive-pairs x negative-pairs mask).
+
+Non-default ``distance`` / ``reducer`` / ``embedding_regularizer`` arguments are not
+supported: they raise NotImplementedError rather than silently computing something else."""
 from __future__ import annotations
 
 import math
@@ -50,11 +59,8 @@ class _PMLBase(nn.Module):
         self.backend = backend
 
     def _prepare(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        if indices_tuple is not None:
-            raise NotImplementedError(f"{type(self).__name__}: indices_tuple (miners) is not supported by the fused "
-                                      "version; pass labels")
         if labels is None:
-            raise ValueError(f"{type(self).__name__}: labels are required (got labels=None)")
+            raise ValueError(f"{type(self).__name__}: labels are required (got labels=None and no indices_tuple)")
         # PML decides "the reference set is the batch itself" by identity, `ref_labels is
         # labels`, and then drops the (i, i) pairs; with ref_emb=embeddings as well that is
         # exactly the loss without a reference set.
@@ -95,6 +101,35 @@ class _PMLBase(nn.Module):
     def _zero(embeddings):
         return (embeddings * 0).sum().float()
 
+    def _mined(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """The miner path's inputs: (unit rows of x, of the reference set, the compute
+        dtype, (a1, p, a2, n) as validated int64 index vectors on x's device), or None for
+        PML's early exit (every pair list of length <= 1, or no positive or no negative
+        pair): a zero loss."""
+        name = type(self).__name__
+        V.matrix("embeddings", embeddings)
+        if labels is not None:  # unused with a miner's pairs, but PML checks their shape
+            V.labels("labels", labels.to(embeddings.device) if isinstance(labels, Tensor) else labels,
+                     embeddings.shape[0], embeddings.device)
+        r = embeddings
+        if ref_emb is not None:
+            V.matrix("ref_emb", ref_emb)
+            V.same_device_dtype(embeddings=embeddings, ref_emb=ref_emb)
+            V.same_dim(embeddings=embeddings, ref_emb=ref_emb)
+            r = ref_emb
+            if ref_labels is not None:
+                V.labels("ref_labels", ref_labels.to(r.device) if isinstance(ref_labels, Tensor) else ref_labels,
+                         r.shape[0], r.device, rows_name="ref_emb")
+        pairs = _pair_indices(name, indices_tuple, embeddings.shape[0], r.shape[0], embeddings.device)
+        a1, _, a2, _ = pairs
+        if all(t.numel() <= 1 for t in pairs) or a1.numel() == 0 or a2.numel() == 0:
+            return None
+        V.scalar("temperature", self.temperature, positive=True)
+        cdt = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        xh = torch.nn.functional.normalize(embeddings.to(cdt), dim=1)
+        rh = xh if r is embeddings else torch.nn.functional.normalize(r.to(cdt), dim=1)
+        return xh, rh, pairs
+
 
 class NTXentLoss(_PMLBase):
     """pytorch_metric_learning.losses.NTXentLoss(temperature=0.07, **kwargs)."""
@@ -105,6 +140,16 @@ class NTXentLoss(_PMLBase):
     @F._amp_boundary("embeddings", "ref_emb")
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
                 ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
+        if indices_tuple is not None:
+            mined = self._mined(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            if mined is None:
+                return self._zero(embeddings)
+            xh, rh, (a1, p, a2, n) = mined
+            sp = _pair_dots(xh, rh, a1, p) / self.temperature
+            sn = _pair_dots(xh, rh, a2, n) / self.temperature
+            neg_lse = _segment_logsumexp(sn, a2, xh.shape[0])[a1]
+            # -log(e^sp / (e^sp + sum e^sn)) = softplus(neg_lse - sp), exactly (0 without negatives)
+            return (-torch.nn.functional.logsigmoid(sp - neg_lse)).mean()
         x, lab, r, rlab, self_ref = self._prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         V.scalar("temperature", self.temperature, positive=True)
         pos_count, neg_count = self._pair_counts(lab, rlab, self_ref)
@@ -154,6 +199,8 @@ class SupConLoss(_PMLBase):
     @F._amp_boundary("embeddings", "ref_emb")
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
                 ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
+        if indices_tuple is not None:
+            return self._mined_supcon(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         x, lab, r, rlab, self_ref = self._prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         pos_count, neg_count = self._pair_counts(lab, rlab, self_ref)
         n_pos, n_neg = int(pos_count.sum()), int(neg_count.sum())
@@ -165,3 +212,123 @@ class SupConLoss(_PMLBase):
         if not bool(keep.any()):
             return self._zero(embeddings)
         return per_anchor[keep].mean()
+
+    def _mined_supcon(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's SupConLoss over a miner's pairs: the pairs become sets (its masks), each
+        anchor's log-softmax runs over its positive and negative pairs together, the loss
+        is -mean over its positive pairs, averaged over the anchors whose loss is > 0."""
+        mined = self._mined(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if mined is None:
+            return self._zero(embeddings)
+        xh, rh, (a1, p, a2, n) = mined
+        n_rows, m = xh.shape[0], rh.shape[0]
+        pos_key = torch.unique(a1 * m + p)
+        neg_key = torch.unique(a2 * m + n)
+        both = torch.isin(pos_key, neg_key)
+        if bool(both.any()):
+            k = int(pos_key[both][0])
+            raise ValueError(f"{type(self).__name__}: indices_tuple lists the pair ({k // m}, {k % m}) both as a "
+                             "positive and as a negative (pytorch-metric-learning asserts 'Each pair should be "
+                             "either be positive or negative')")
+        key = torch.cat([pos_key, neg_key])
+        anchor, col = key // m, key % m
+        s = _pair_dots(xh, rh, anchor, col) / self.temperature
+        lse = _segment_logsumexp(s, anchor, n_rows)
+        n_pos = pos_key.numel()
+        pa = anchor[:n_pos]
+        log_prob = s[:n_pos] - lse[pa]
+        count = torch.bincount(pa, minlength=n_rows)
+        total = torch.zeros(n_rows, dtype=s.dtype, device=s.device).index_add(0, pa, log_prob)
+        per_anchor = -total / count.clamp(min=1).to(s.dtype)
+        keep = per_anchor > 0  # AvgNonZeroReducer (an anchor without positives has 0)
+        if not bool(keep.any()):
+            return self._zero(embeddings)
+        return per_anchor[keep].mean()
+
+
+def _pair_indices(who, indices_tuple, n, m, device):
+    """A miner's output as four int64 index vectors (a1, p, a2, n): pairs (a1, p), (a2, n)
+    as given, triplets (a, p, n) as (a, p, a, n); anchors index the n embeddings, the
+    others the m reference rows.  Bad input names indices_tuple and the entry."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        got = f"length {len(indices_tuple)}" if isinstance(indices_tuple, (tuple, list)) else \
+            type(indices_tuple).__name__
+        raise ValueError(f"{who}: indices_tuple must be a miner's (anchor1, positive, anchor2, negative) pairs or "
+                         f"(anchor, positive, negative) triplets, a tuple of 4 or 3 index tensors; got {got}")
+    roles = ("a1", "p", "a2", "n") if len(indices_tuple) == 4 else ("a", "p", "n")
+    out = []
+    for i, (role, t) in enumerate(zip(roles, indices_tuple)):
+        what = f"{who}: indices_tuple[{i}] ({role})"
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what} must be a 1-D integer torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{what} must be an integer tensor, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{what} must be 1-D, got shape {tuple(t.shape)}")
+        size = n if role.startswith("a") else m
+        rows = "embeddings" if role.startswith("a") else "the reference set (ref_emb, or embeddings)"
+        t = t.to(device=device, dtype=torch.long)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= size):
+            raise ValueError(f"{what} indexes rows of {rows}, which has {size}: got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
+        out.append(t)
+    if len(out) == 3:
+        out = [out[0], out[1], out[0], out[2]]
+    for (i, j), kind in (((0, 1), "positive"), ((2, 3), "negative")):
+        if out[i].numel() != out[j].numel():
+            raise ValueError(f"{who}: indices_tuple's {kind} pairs have {out[i].numel()} anchors but "
+                             f"{out[j].numel()} partners (one per anchor)")
+    return tuple(out)
+
+
+def _segment_logsumexp(v: Tensor, seg: Tensor, n: int) -> Tensor:
+    """Per segment i < n, log sum_{seg[j] == i} exp(v[j]); -inf for an empty segment (with a
+    zero gradient, not NaN)."""
+    top = torch.full((n,), -math.inf, dtype=v.dtype, device=v.device)
+    top = top.scatter_reduce(0, seg, v.detach(), "amax", include_self=True)
+    has = top > -math.inf
+    base = torch.where(has, top, torch.zeros_like(top))
+    total = torch.zeros_like(top).index_add(0, seg, torch.exp(v - base[seg]))
+    return torch.where(has, base + torch.log(torch.where(has, total, torch.ones_like(total))),
+                       torch.full_like(top, -math.inf))
+
+
+class _PairDots(torch.autograd.Function):
+    """s[k] = <x[i[k]], y[j[k]]> over a list of pairs, computed in chunks: neither direction
+    holds more than a chunk of gathered rows (a list of P pairs never becomes P x D)."""
+
+    @staticmethod
+    def _chunk(d: int) -> int:
+        return max(1, (1 << 20) // max(d, 1))  # (4 MiB of float32 rows per gathered operand)
+
+    @staticmethod
+    def forward(ctx, x, y, i, j):
+        ctx.same = y is x
+        ctx.save_for_backward(x, y, i, j)
+        out = torch.empty(i.numel(), dtype=x.dtype, device=x.device)
+        step = _PairDots._chunk(x.shape[1])
+        for s in range(0, i.numel(), step):
+            out[s:s + step] = (x[i[s:s + step]] * y[j[s:s + step]]).sum(1)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, i, j = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[:2]
+        dx = torch.zeros_like(x) if need_x else None
+        dy = (dx if ctx.same and need_x else torch.zeros_like(y)) if need_y else None
+        step = _PairDots._chunk(x.shape[1])
+        for s in range(0, i.numel(), step):
+            gs = g[s:s + step, None]
+            ii, jj = i[s:s + step], j[s:s + step]
+            if need_x:
+                dx.index_add_(0, ii, gs * y[jj])
+            if need_y:
+                dy.index_add_(0, jj, gs * x[ii])
+        if ctx.same and need_x and need_y:
+            return dx, None, None, None  # (one tensor: both terms are already in dx)
+        return dx, dy, None, None
+
+
+def _pair_dots(x: Tensor, y: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    return _PairDots.apply(x, y, i, j)
