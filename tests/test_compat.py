@@ -500,8 +500,9 @@ def _pml_mined_raw(case, g, d=6):
 
 
 def _pml_mined_call(module, tup, labels=True):
+    """labels=False: neither labels nor ref_labels (PML: "it also works with ref_emb")."""
     def run(t):
-        kw = {"ref_emb": t["ref_emb"], "ref_labels": t["ref_labels"]} if "ref_emb" in t else {}
+        kw = {"ref_emb": t["ref_emb"], "ref_labels": t["ref_labels"] if labels else None} if "ref_emb" in t else {}
         return module(t["embeddings"], t["labels"] if labels else None, tup, **kw)
     return run
 
@@ -512,7 +513,7 @@ def _pml_mined_call(module, tup, labels=True):
 def test_pml_with_miner_pairs(loss, case, dtype):
     """indices_tuple (a miner's pairs or triplets): the loss over exactly those pairs, as
     the independent peer and pytorch-metric-learning compute it, values and gradients;
-    labels=None works too (the pairs are all the loss reads)."""
+    labels=None (and ref_labels=None) works too (the pairs are all the loss reads)."""
     raw, tup = _pml_mined_raw(case, _gen(len(case) + len(loss)))
     for temperature in (0.07, 0.5):
         ours = getattr(ck_pml, loss)(temperature)
