@@ -460,6 +460,16 @@ def _pml_pairs(labels, ref_labels, self_ref):
     return pos, ~match
 
 
+def _pml_reference_set(embeddings, labels, ref_emb, ref_labels):
+    """(reference rows, their labels, whether the (i, i) pairs are dropped): PML's
+    set_ref_emb and get_all_pairs_indices -- no ref_emb is the batch itself; ref_labels
+    left out means labels; the (i, i) pairs are dropped when the reference labels are the
+    labels tensor itself (`ref_labels is labels`)."""
+    r = embeddings if ref_emb is None else ref_emb
+    rl = labels if ref_emb is None or ref_labels is None else ref_labels
+    return r, rl, rl is labels
+
+
 def _pml_zero(embeddings):
     return torch.sum(embeddings * 0)
 
@@ -483,8 +493,7 @@ class PMLNTXentLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        self_ref = ref_emb is None
-        r, rl = (embeddings, labels) if self_ref else (ref_emb, ref_labels)
+        r, rl, self_ref = _pml_reference_set(embeddings, labels, ref_emb, ref_labels)
         if indices_tuple is not None:
             return self._mined(embeddings, r, _pml_tuple(indices_tuple))
         pos, neg = _pml_pairs(labels, rl, self_ref)
@@ -527,8 +536,7 @@ class PMLSupConLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        self_ref = ref_emb is None
-        r, rl = (embeddings, labels) if self_ref else (ref_emb, ref_labels)
+        r, rl, self_ref = _pml_reference_set(embeddings, labels, ref_emb, ref_labels)
         if indices_tuple is not None:
             a1, p, a2, n = pairs = _pml_tuple(indices_tuple)
             if all(len(t) <= 1 for t in pairs) or len(a1) == 0 or len(a2) == 0:

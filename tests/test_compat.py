@@ -442,10 +442,8 @@ def test_pml_degenerate_cases_are_zero(case, zero):
 
 def test_pml_ref_labels_identity():
     """PML treats `ref_labels is labels` as "the reference set is the batch": it drops
-    the (i, i) pairs. With ref_emb=embeddings too that is the plain self-referenced loss
-    (and ours equals PML there); with another ref_emb PML drops cross-set pairs, which we
-    refuse clearly instead of computing something else; a copy of the labels is an
-    ordinary reference set in both."""
+    the (i, i) pairs. With ref_emb=embeddings too that is the plain self-referenced loss;
+    a copy of the labels is an ordinary reference set; both equal PML."""
     g = _gen(12)
     emb = _randn(g, 8, 5)
     other = _randn(g, 8, 5)
@@ -455,8 +453,34 @@ def test_pml_ref_labels_identity():
             a = ours_cls(0.2)(emb, lab, ref_emb=ref, ref_labels=ref_lab)
             b = real_cls(0.2)(emb, lab, ref_emb=ref, ref_labels=ref_lab)
             assert rel_err(a, b) < F64_TOL, (ours_cls.__name__, ref is emb, ref_lab is lab)
-        with pytest.raises(NotImplementedError, match="ref_labels is the labels tensor itself"):
-            ours_cls(0.2)(emb, lab, ref_emb=other, ref_labels=lab)
+
+
+@pytest.mark.parametrize("dtype,backend", _runs("lse", "pairwise"))
+@pytest.mark.parametrize("form", ["labels_object", "ref_labels_left_out"])
+@pytest.mark.parametrize("loss", ["NTXentLoss", "SupConLoss"])
+def test_pml_other_ref_emb_drops_the_diagonal(loss, form, dtype, backend):
+    """Another ref_emb with `ref_labels=labels` (the same object) or without ref_labels: PML
+    takes labels for the reference rows and, by the identity rule, drops the (i, i) pairs
+    across the two sets (the second view's row i is not a positive of anchor i); values and
+    gradients of both sets against the peer and pytorch-metric-learning."""
+    g = _gen(len(form) + len(loss))
+    lab = _labels(g, 11, 3)
+    raw = dict(embeddings=_randn(g, 11, 6), labels=lab, ref_emb=_randn(g, 11, 6),
+               ref_labels=lab if form == "labels_object" else None)
+    for temperature in (0.1, 0.4):
+        ours = getattr(ck_pml, loss)(temperature, backend=backend)
+        for peer in (getattr(peers, "PML" + loss)(temperature), getattr(real_pml(), loss)(temperature)):
+            _check(_pml_call(ours, True), _pml_call(peer, True), raw, dtype, f"pml.{loss}({temperature}) {form} vs {peer}")
+
+
+def test_pml_ref_emb_of_another_size_needs_ref_labels():
+    g = _gen(13)
+    emb, other, lab = _randn(g, 6, 4), _randn(g, 9, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    for cls in (ck_pml.NTXentLoss, ck_pml.SupConLoss):
+        with pytest.raises(ValueError, match="ref_emb has 9 rows but ref_labels is left out"):
+            cls()(emb, lab, ref_emb=other)
+        with pytest.raises(ValueError, match="ref_emb has 9 rows but ref_labels is the labels tensor itself"):
+            cls()(emb, lab, ref_emb=other, ref_labels=lab)
 
 
 # ------------------------------------------- pytorch-metric-learning with a miner's pairs

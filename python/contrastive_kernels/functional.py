@@ -347,6 +347,23 @@ def _positive_counts(labels: Tensor, ref_labels: Tensor, *, exclude_self: bool) 
     return per_class[inv[:labels.shape[0]]] - (1 if exclude_self else 0)
 
 
+def _supcon_anchors(be: str, x: Tensor, labels: Tensor, r: Tensor, rl: Tensor, temperature, normalize: bool, *,
+                    exclude_self: bool) -> tuple[Tensor, Tensor]:
+    """supcon_loss's per-anchor losses (0 for an anchor without a positive) and which anchors
+    have a positive, on a kernel backend or the family reference: x's rows against r's (r
+    may be x itself), the (i, i) pairs dropped when exclude_self (r then has x's rows)."""
+    scale = _scale(temperature, x.device, invert=True)
+    xr = _rscale(x, normalize)
+    rr = xr if r is x else _rscale(r, normalize)
+    # The anchors' losses straight from the kernels (LSE_LABELS: LSE minus the mean positive
+    # logit, with p - 1/|P| formed in float32 inside the backward).
+    xk = _kn(xr)
+    row, _ = fam.lse(be, x, r, scale, q_rscale=xk, k_rscale=xk if r is x else _kn(rr), q_labels=labels,
+                     k_labels=rl, mask_mode=LSE_LABELS | (MASK_DIAG if exclude_self else 0) | _norm_bit(normalize))
+    has = _positive_counts(labels, rl, exclude_self=exclude_self) > 0
+    return torch.where(has, row, torch.zeros_like(row)), has
+
+
 @_amp_boundary("embeddings", "ref_embeddings")
 def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embeddings: Tensor | None = None,
                 ref_labels: Tensor | None = None, normalize: bool = True, reduction: str = "mean",
@@ -373,19 +390,9 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
     if be == "reference":
         return reference.supcon_loss(embeddings, labels, temperature, ref_embeddings=ref_embeddings,
                                      ref_labels=ref_labels, normalize=normalize, reduction=reduction)
-    x = embeddings
     has_ref = ref_embeddings is not None
-    r, rl = (ref_embeddings, ref_labels) if has_ref else (x, labels)
-    scale = _scale(temperature, x.device, invert=True)
-    xr = _rscale(x, normalize)
-    rr = _rscale(r, normalize) if has_ref else xr
-    # The anchors' losses straight from the kernels (LSE_LABELS: LSE minus the mean positive
-    # logit, with p - 1/|P| formed in float32 inside the backward).
-    xk = _kn(xr)
-    row, _ = fam.lse(be, x, r, scale, q_rscale=xk, k_rscale=_kn(rr) if has_ref else xk, q_labels=labels,
-                     k_labels=rl, mask_mode=LSE_LABELS | (0 if has_ref else MASK_DIAG) | _norm_bit(normalize))
-    has = _positive_counts(labels, rl, exclude_self=not has_ref) > 0
-    anchor = torch.where(has, row, torch.zeros_like(row))
+    anchor, has = _supcon_anchors(be, embeddings, labels, ref_embeddings if has_ref else embeddings,
+                                  ref_labels if has_ref else labels, temperature, normalize, exclude_self=not has_ref)
     if reduction == "none":
         return anchor
     return anchor.sum() / has.sum().clamp_min(1)

@@ -146,7 +146,9 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, negative_only=False):
 
 
 def supcon_loss(embeddings, labels, temperature=0.1, *, ref_embeddings=None, ref_labels=None, normalize=True,
-                reduction="mean"):
+                reduction="mean", exclude_self=None):
+    """exclude_self (default: when there is no reference set) drops the (i, i) pairs; with a
+    reference set of as many rows, that is pytorch-metric-learning's `ref_labels is labels`."""
     x = _norm(_up(embeddings), normalize)
     if ref_embeddings is None:
         r, rl = x, labels
@@ -154,7 +156,7 @@ def supcon_loss(embeddings, labels, temperature=0.1, *, ref_embeddings=None, ref
         r, rl = _norm(_up(ref_embeddings), normalize), ref_labels
     logits = _no_neg_inf((x @ r.T) / temperature)
     pos = labels[:, None] == rl[None, :]
-    if ref_embeddings is None:
+    if ref_embeddings is None if exclude_self is None else exclude_self:
         self_mask = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
         logits = logits.masked_fill(self_mask, float("-inf"))
         pos = pos & ~self_mask

@@ -5,9 +5,11 @@ Same constructor (``temperature``) and forward signature
 pytorch-metric-learning 2.x with its default distance (cosine similarity) and
 reducers, and its semantics:
 
-* pairs come from the labels: (a, p) positive when the labels are equal and a != p
-  (the diagonal is excluded when the reference set is the batch itself), (a, n)
-  negative when they differ;
+* pairs come from the labels: (a, p) positive when the labels are equal, (a, n)
+  negative when they differ; the (i, i) pairs are dropped when the reference labels are
+  the labels tensor itself (PML's identity rule): no ``ref_emb`` (the batch against
+  itself), ``ref_labels=labels`` (the same object), or a ``ref_emb`` without
+  ``ref_labels`` (PML then takes ``labels``; ``ref_emb`` must have as many rows);
 * ``NTXentLoss``: one term per positive pair,
   ``-log(e^{s_ap/t} / (e^{s_ap/t} + sum_{n in neg(a)} e^{s_an/t}))``, averaged over the
   positive pairs (MeanReducer) -- computed here as ``softplus(LSE_neg(a) - s_ap/t)``
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 
 from .. import _families as fam
 from .. import _validation as V
-from .. import backends
+from .. import backends, reference
 from ..reference import MASK_SAME_LABEL, PAIR_EXCLUDE_DIAG, PAIR_POSITIVES_ONLY
 from .. import functional as F
 
@@ -62,30 +64,27 @@ class _PMLBase(nn.Module):
         if labels is None:
             raise ValueError(f"{type(self).__name__}: labels are required (got labels=None and no indices_tuple)")
         # PML decides "the reference set is the batch itself" by identity, `ref_labels is
-        # labels`, and then drops the (i, i) pairs; with ref_emb=embeddings as well that is
-        # exactly the loss without a reference set.
-        same_labels_object = ref_labels is labels
-        if same_labels_object and ref_emb is embeddings:
-            ref_emb = ref_labels = None
-        elif same_labels_object and ref_emb is not None:
-            raise NotImplementedError(
-                f"{type(self).__name__}: ref_labels is the labels tensor itself but ref_emb is not embeddings; "
-                "pytorch-metric-learning then drops the (i, i) pairs between the two sets, which the fused version "
-                "does not support. Pass ref_labels=labels.clone() for an ordinary reference set, or leave ref_emb and "
-                "ref_labels out for the batch itself")
+        # labels` (also when ref_labels is left out: it takes labels), and then drops the
+        # (i, i) pairs: with ref_emb=embeddings that is the loss without a reference set;
+        # with another ref_emb, the pairs across the two sets but (i, i).
         V.matrix("embeddings", embeddings)
         labels = V.labels("labels", labels.to(embeddings.device) if isinstance(labels, Tensor) else labels,
                           embeddings.shape[0], embeddings.device)
-        if ref_emb is None:
+        if ref_emb is None or (ref_emb is embeddings and ref_labels is labels):
             return embeddings, labels, embeddings, labels, True
         V.matrix("ref_emb", ref_emb)
         V.same_device_dtype(embeddings=embeddings, ref_emb=ref_emb)
         V.same_dim(embeddings=embeddings, ref_emb=ref_emb)
-        if ref_labels is None:
-            raise NotImplementedError(f"{type(self).__name__}: ref_emb without ref_labels is not supported; pass "
-                                      "ref_labels")
-        ref_labels = V.labels("ref_labels", ref_labels.to(embeddings.device), ref_emb.shape[0], embeddings.device,
-                              rows_name="ref_emb")
+        if ref_labels is None or ref_labels is labels:
+            if ref_emb.shape[0] != embeddings.shape[0]:
+                raise ValueError(
+                    f"{type(self).__name__}: ref_emb has {ref_emb.shape[0]} rows but ref_labels is "
+                    f"{'left out' if ref_labels is None else 'the labels tensor itself'}, so the labels "
+                    f"({embeddings.shape[0]}) label ref_emb too (pytorch-metric-learning's rule): pass ref_labels "
+                    "for a reference set of another size")
+            return embeddings, labels, ref_emb, labels, True
+        ref_labels = V.labels("ref_labels", ref_labels.to(embeddings.device) if isinstance(ref_labels, Tensor)
+                              else ref_labels, ref_emb.shape[0], embeddings.device, rows_name="ref_emb")
         return embeddings, labels, ref_emb, ref_labels, False
 
     @staticmethod
@@ -150,30 +149,30 @@ class NTXentLoss(_PMLBase):
             neg_lse = _segment_logsumexp(sn, a2, xh.shape[0])[a1]
             # -log(e^sp / (e^sp + sum e^sn)) = softplus(neg_lse - sp), exactly (0 without negatives)
             return (-torch.nn.functional.logsigmoid(sp - neg_lse)).mean()
-        x, lab, r, rlab, self_ref = self._prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        x, lab, r, rlab, drop_diag = self._prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         V.scalar("temperature", self.temperature, positive=True)
-        pos_count, neg_count = self._pair_counts(lab, rlab, self_ref)
+        pos_count, neg_count = self._pair_counts(lab, rlab, drop_diag)
         n_pos, n_neg = int(pos_count.sum()), int(neg_count.sum())
         if n_pos == 0 or n_neg == 0 or (n_pos <= 1 and n_neg <= 1):
             return self._zero(embeddings)
         be = backends.resolve(self.backend, "pairwise", x.device, x.dtype, x.numel())
         if be == "reference" or be == backends.FAMILY_REFERENCE:
-            return _ntxent_reference(x, lab, r, rlab, self_ref, self.temperature) / n_pos
+            return _ntxent_reference(x, lab, r, rlab, drop_diag, self.temperature) / n_pos
         be_lse = backends.resolve(self.backend, "lse", x.device, x.dtype, x.numel())
         xh = torch.nn.functional.normalize(x, dim=1)
-        rh = xh if self_ref else torch.nn.functional.normalize(r, dim=1)
+        rh = xh if r is x else torch.nn.functional.normalize(r, dim=1)
         scale = torch.tensor(1.0 / self.temperature, dtype=torch.float32, device=x.device)
-        # LSE over each anchor's negatives (label differs; the anchor itself is dropped too).
+        # LSE over each anchor's negatives (label differs: (i, i) is never one when it is dropped).
         neg_lse, _ = fam.lse(be_lse, xh, rh, scale, q_labels=lab, k_labels=rlab, mask_mode=MASK_SAME_LABEL)
         # An anchor without negatives: PML's term is -log(1) = 0; softplus(-big) is exactly 0.
         offset = torch.where(neg_lse == -math.inf, torch.full_like(neg_lse, -1e4), neg_lse)
-        mode = PAIR_POSITIVES_ONLY | (PAIR_EXCLUDE_DIAG if self_ref else 0)
+        mode = PAIR_POSITIVES_ONLY | (PAIR_EXCLUDE_DIAG if drop_diag else 0)
         total = fam.pairwise_total(be, xh, rh, scale, torch.zeros((), dtype=torch.float32, device=x.device),
                                    row_offset=-offset, q_labels=lab, k_labels=rlab, mode=mode)
         return total / n_pos
 
 
-def _ntxent_reference(x, lab, r, rlab, self_ref, temperature):
+def _ntxent_reference(x, lab, r, rlab, drop_diag, temperature):
     """Sum over positive pairs of PML's NT-Xent term, materializing (reference backend)."""
     from ..reference import _up
     xh = torch.nn.functional.normalize(_up(x), dim=1)
@@ -181,7 +180,7 @@ def _ntxent_reference(x, lab, r, rlab, self_ref, temperature):
     s = xh @ rh.T / temperature
     same = lab[:, None] == rlab[None, :]
     pos = same.clone()
-    if self_ref:
+    if drop_diag:
         pos.fill_diagonal_(False)
     neg_lse = torch.logsumexp(s.masked_fill(same, -math.inf), dim=1, keepdim=True)
     # softplus(neg_lse - s), exactly: F.softplus is linear above its threshold 20 (off by
@@ -201,13 +200,23 @@ class SupConLoss(_PMLBase):
                 ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
         if indices_tuple is not None:
             return self._mined_supcon(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        x, lab, r, rlab, self_ref = self._prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        pos_count, neg_count = self._pair_counts(lab, rlab, self_ref)
+        x, lab, r, rlab, drop_diag = self._prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        pos_count, neg_count = self._pair_counts(lab, rlab, drop_diag)
         n_pos, n_neg = int(pos_count.sum()), int(neg_count.sum())
         if n_pos == 0 or n_neg == 0 or (n_pos <= 1 and n_neg <= 1):
             return self._zero(embeddings)
-        per_anchor = F.supcon_loss(x, lab, self.temperature, ref_embeddings=None if self_ref else r,
-                                   ref_labels=None if self_ref else rlab, reduction="none", backend=self.backend)
+        if drop_diag and r is not x:  # two sets, (i, i) dropped: supcon_loss's kernels with its diagonal mask
+            V.scalar("temperature", self.temperature, positive=True)
+            be = backends.resolve(self.backend, "lse", x.device, x.dtype, x.numel())
+            if be == "reference":
+                per_anchor = reference.supcon_loss(x, lab, self.temperature, ref_embeddings=r, ref_labels=rlab,
+                                                   reduction="none", exclude_self=True)
+            else:
+                per_anchor, _ = F._supcon_anchors(be, x, lab, r, rlab, self.temperature, True, exclude_self=True)
+        else:
+            per_anchor = F.supcon_loss(x, lab, self.temperature, ref_embeddings=None if drop_diag else r,
+                                       ref_labels=None if drop_diag else rlab, reduction="none",
+                                       backend=self.backend)
         keep = per_anchor > 0  # AvgNonZeroReducer
         if not bool(keep.any()):
             return self._zero(embeddings)
