@@ -43,10 +43,18 @@ CUDA_T = ["-k", "cuda"] + _t("test_lse_family.py", "test_pairwise_family.py", "t
 XC_CUDA_T = ["-k", "cuda"] + _t("test_xcorr_family.py")
 WG_T = ["-k", "cuda and (float16 or bfloat16)"] + _t("test_wgmma.py", "test_lse_family.py")
 CPU_T = ["-k", "cpu"] + _t("test_lse_family.py", "test_formulas.py", "test_compat.py")
+SIM_T = ["-m", "triton"] + _t("test_similarity_family.py")
+SIM_CUDA_T = ["-k", "cuda"] + _t("test_similarity_family.py", "test_cuda_emulator.py")
+SIM_CPU_T = ["-k", "cpu"] + _t("test_similarity_family.py")
+PAIR_CPU_T = ["-k", "cpu"] + _t("test_pairwise_family.py", "test_siglip.py")
+XC_CPU_T = ["-k", "cpu"] + _t("test_xcorr_family.py", "test_barlow_vicreg.py")
+PAIR_CUDA_T = ["-k", "cuda"] + _t("test_pairwise_family.py", "test_siglip.py")
 WGMMA = {"CONTRASTIVE_KERNELS_CUDA_WGMMA": "1"}
 
 LSE_PY, PAIR_PY, XC_PY = "kernels/lse.py", "kernels/pairwise.py", "kernels/xcorr.py"
 TILES, CPU_LSE, XC_CU = "csrc/cuda/family_tiles.cuh", "csrc/cpu/lse.cpp", "csrc/cuda/xcorr.cu"
+SIM_PY, SIM_CPU, SIM_CU = "kernels/similarity.py", "csrc/cpu/similarity.cpp", "csrc/cuda/similarity.cu"
+CPU_PAIR, CPU_XC, TILE_MMA = "csrc/cpu/pairwise.cpp", "csrc/cpu/xcorr.cpp", "csrc/cuda/tile_mma.cuh"
 
 # (name, file, old, new, tests[, env])
 MUTANTS = [
@@ -144,6 +152,49 @@ MUTANTS = [
     ("cpu_labels_pair_dscale", CPU_LSE,
      "raw_pos += static_cast<double>(row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f)) * gr[j];",
      "raw_pos += static_cast<double>(row_lab) * gr[j];", CPU_T),
+    # ---- the similarity family
+    # Triton: the grouped tile order's last (short) group, the backward's feature chunks, dscale's a_hat
+    ("sim_group_tail_tiles", SIM_PY, "pid_n = (pid % per_group) // group_size",
+     "pid_n = (pid % per_group) // GROUP_M", SIM_T),
+    ("sim_bwd_d_chunk", SIM_PY, "dcol = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)", "dcol = tl.arange(0, BLOCK_DO)",
+     SIM_T),
+    ("sim_dscale_unnormalized", SIM_PY, "ah = a.float() * ar[:, None] if normalize else a.float()",
+     "ah = a.float()", SIM_T),
+    # C++ CPU: the clamp branch of the normalization Jacobian; V's row chunks (half inputs)
+    ("cpu_sim_small_row_proj", SIM_CPU, "dxhat - nx.xhat * proj.masked_fill(nx.small.unsqueeze(1), 0.0);",
+     "dxhat - nx.xhat * proj;", SIM_CPU_T),
+    ("cpu_sim_half_v_overwrite", SIM_CPU, "if (needV) V.addmm_(g.t(), na.xhat.slice(0, r0, r1));",
+     "if (needV) V = at::mm(g.t(), na.xhat.slice(0, r0, r1));", SIM_CPU_T),
+    # CUDA (emulated): a warp reduction one level short; the half dscale's tile count
+    ("cu_sim_warp_sum_short", SIM_CU, "for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);",
+     "for (int o = 16; o > 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);", SIM_CUDA_T),
+    ("cu_sim_dot_parts_count", SIM_CU, "(p.dot_parts, similarity_dot_parts(p.n, p.m),",
+     "(p.dot_parts, similarity_dot_parts(p.n, p.n),", SIM_CUDA_T),
+    # ---- C++ CPU pairwise: the tile skip of "positives only" at a tile edge; log1p's ln2 split
+    ("cpu_pw_tile_skip_edge", CPU_PAIR, "return hi >= j0 && lo < j0 + bn;", "return hi > j0 && lo < j0 + bn;",
+     PAIR_CPU_T),
+    ("cpu_pw_log1p_ln2_lo", CPU_PAIR, "  y = y + k * -2.12194440e-4f;\n", "", PAIR_CPU_T),
+    # ---- C++ CPU cross-correlation: the symmetric tiled forward's mirror tiles; the Gram
+    # backward's column chunks
+    ("cpu_xc_sym_mirror_once", CPU_XC, "offdiag += (same && e0 != d0) ? 2.0 * s : s;", "offdiag += s;", XC_CPU_T),
+    ("cpu_xc_gram_chunk_w", CPU_XC, "static_cast<double>(py[i * d + d0 + j]) * pw[d0 + j];",
+     "static_cast<double>(py[i * d + d0 + j]) * pw[j];", XC_CPU_T),
+    # ---- CUDA cross-correlation (emulated): the sum-of-squares tile's diagonal, the diag's
+    # row chunks, the column panels' diagonal (db)
+    ("cu_xc_sumsq_tile_shift", TILE_MMA, "const int64_t shift = p.diag_shift - (r0 - c0);",
+     "const int64_t shift = p.diag_shift;", XC_CUDA_T),
+    ("cu_xc_diag_chunks", XC_CU, "parts[static_cast<int64_t>(blockIdx.y) * d + col] = tot;",
+     "parts[col] = tot;", XC_CUDA_T),
+    ("cu_xc_colpanel_sign", XC_CU, "      g.diag_shift = lo;  // d = r == e = c + lo\n",
+     "      g.diag_shift = -lo;\n", XC_CUDA_T),
+    # ---- pairwise: Triton's dbias partials of a column split, the float16 dq unscaling;
+    # CUDA's positive-pair sigmoid, the positive pair without labels (j == i + diag_offset)
+    ("pw_dbias_split_part", PAIR_PY, "part = split * tl.num_programs(0) + pid", "part = pid", PAIR_T),
+    ("pw_dq_half_unscale", PAIR_PY, "        if SCALE_DS:\n            dq = dq / ds_c\n", "", PAIR_T),
+    ("cu_pw_pos_sigmoid", TILES, "ds = (positive ? -I.g : I.g) / (1.f + __expf(positive ? x : -x));",
+     "ds = (positive ? -I.g : I.g) / (1.f + __expf(-x));", PAIR_CUDA_T),
+    ("cu_pw_pos_no_offset", TILES, "positive = has_labels ? (I.lab == J.lab) : (j == i + diag);",
+     "positive = has_labels ? (I.lab == J.lab) : (j == i);", PAIR_CUDA_T),
 ]
 
 

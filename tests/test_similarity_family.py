@@ -127,6 +127,15 @@ def test_similarity_large_scale_half(backend):
     assert torch.allclose(out.diagonal().float(), torch.full((64,), 100.0), rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_similarity_cpu_half_row_chunks(dtype):
+    """The C++ kernel stages 16-bit inputs in float32 by chunks of 16 MiB of N x M rows
+    (4 M entries): N = 4100, M = 1100 is two chunks, forward and backward (V = G^T a_hat
+    sums the chunks' products: an overwrite passed every smaller shape).  (The GPU
+    backends tile; they have no such chunks.)"""
+    _check("cpu", 4100, 1100, 8, dtype, True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_similarity_nonfinite(backend):
     a, b = torch.randn(5, 4), torch.randn(6, 4)

@@ -80,6 +80,31 @@ def test_xcorr_tiled_backward_panels(backend, same, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("same", [False, True], ids=["a_b", "a_a"])
+def test_xcorr_past_the_first_block(backend, same):
+    """Sizes where the partial results of several blocks meet, which no other test reached
+    (the mutation audit's survivors): D = 600 (the C++ tiled path's 512-wide tiles: a second
+    tile row and column, and the symmetric forward's mirror tiles, counted twice), N = 300
+    (the CUDA diag's row chunks of 256), both paths, values and gradients."""
+    for n, d in ((16, 600), (300, 8)):
+        a = (torch.randn(n, d) + 0.3).requires_grad_()
+        b = a if same else torch.randn(n, d).requires_grad_()
+        for path in (1, 2):
+            _check_against_reference(backend, a, b, path, torch.float32)
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["a_b", "a_a"])
+def test_xcorr_cpu_gram_column_chunks(same):
+    """The C++ Gram path converts a and b to float64 in column chunks of 2^20 / N columns:
+    N = 600, D = 2000 has two, and its backward weighs each chunk's columns by their own
+    entries of the diagonal term (an index off by the chunk's start passed every smaller
+    test).  (The other backends' Gram paths are whole-matrix PyTorch products.)"""
+    a = torch.randn(600, 2000).requires_grad_()
+    b = a if same else torch.randn(600, 2000).requires_grad_()
+    _check_against_reference("cpu", a, b, 1, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_xcorr_paths_agree(backend):
     n, d = 33, 97
     a = torch.randn(n, d, requires_grad=True)
