@@ -9,8 +9,14 @@ edits a build tree and rebuilds the extensions (C++ and the CUDA emulator: ninja
 the edit touches), runs the named tests with `-x` and records whether they failed ("killed") or
 passed ("survived": the suite missed a bug, a defect of the tests).
 
+Kinds, by the mutant's file: "triton" (kernels/*.py, run under TRITON_INTERPRET=1 with the
+tests' `triton` marker), "py" (the package's Python glue, python/contrastive_kernels/*.py and
+compat/*.py, named relative to python/contrastive_kernels/: a copied tree like the Triton ones,
+but without TRITON_INTERPRET and with the marker "not triton and not slow", so the losses run on
+the C++ CPU backend and the reference), "cuda" (csrc/cuda/*) and "cpu" (the other C++ sources).
+
     python tests/mutation_audit.py --list
-    python tests/mutation_audit.py [--only NAME,...] [--kind triton|cuda|cpu] [--out audit.jsonl]
+    python tests/mutation_audit.py [--only NAME,...] [--kind triton|py|cuda|cpu] [--out audit.jsonl]
 
 The C++ mutants need a tree built with the emulator (`--build-tree DIR`: made on first use, a
 `git clone` of this checkout; about 3 minutes on one core, then ~35 s per CUDA mutant).
@@ -55,6 +61,21 @@ LSE_PY, PAIR_PY, XC_PY = "kernels/lse.py", "kernels/pairwise.py", "kernels/xcorr
 TILES, CPU_LSE, XC_CU = "csrc/cuda/family_tiles.cuh", "csrc/cpu/lse.cpp", "csrc/cuda/xcorr.cu"
 SIM_PY, SIM_CPU, SIM_CU = "kernels/similarity.py", "csrc/cpu/similarity.cpp", "csrc/cuda/similarity.cu"
 CPU_PAIR, CPU_XC, TILE_MMA = "csrc/cpu/pairwise.cpp", "csrc/cpu/xcorr.cpp", "csrc/cuda/tile_mma.cuh"
+
+
+# The Python glue ("py" mutants: run_copied adds the marker "not triton and not slow").  The
+# distributed tests launch each world size once (every case in the same gloo processes, ~10 s
+# a world); -k keeps the asserted cases to the mutant's loss.
+def _py_t(*names, k=None):
+    return (["-k", k] if k else []) + _t(*names)
+
+
+def _dist_t(k):
+    return _py_t("test_distributed.py", k=k)
+
+
+DIST, FUNC, NN_PY = "distributed.py", "functional.py", "nn.py"
+LIGHTLY, OPEN_CLIP, PML = "compat/lightly.py", "compat/open_clip.py", "compat/pytorch_metric_learning.py"
 
 # (name, file, old, new, tests[, env])
 MUTANTS = [
@@ -195,15 +216,122 @@ MUTANTS = [
      "ds = (positive ? -I.g : I.g) / (1.f + __expf(-x));", PAIR_CUDA_T),
     ("cu_pw_pos_no_offset", TILES, "positive = has_labels ? (I.lab == J.lab) : (j == i + diag);",
      "positive = has_labels ? (I.lab == J.lab) : (j == i);", PAIR_CUDA_T),
+    # ---- Python glue: distributed (gloo, world sizes 1-3)
+    # the ring's backward recomputes each block's partials: an off-by-one in which block is the own one
+    ("py_ring_bwd_own_block", DIST, "src = (d.rank - step) % d.world\n            with torch.enable_grad():",
+     "src = (d.rank - step + 1) % d.world\n            with torch.enable_grad():",
+     _dist_t("loss/nt_xent/ring/ or loss/clip_loss/ring/")),
+    # the ring backward's upstream gradient of an lse partial is g exp(p - L): the softmax weight dropped
+    ("py_ring_bwd_no_lse_weight", DIST, "                        g = g * w\n", "",
+     _dist_t("loss/clip_loss/ring/ or loss/nt_xent/ring/")),
+    # the ring merges "sum" partials (SupCon's positive sums / counts, SigLIP's totals) by logaddexp
+    ("py_ring_merge_sums_as_lse", DIST, 'torch.logaddexp(a, p) if k == "lse" else a + p',
+     "torch.logaddexp(a, p)", _dist_t("loss/supcon_loss/ring/ or loss/siglip_loss/ring/")),
+    # gather mode: the own block's offset counted in query rows instead of key rows (M > N keys)
+    ("py_gather_own_offset_rows", DIST, "glob, d.rank * block[0].shape[0]))",
+     "glob, d.rank * local[0].shape[0]))", _dist_t("loss/info_nce")),
+    # the autograd all-gather's backward on gloo: the gradient not summed over ranks
+    ("py_allgather_bwd_no_sum", DIST, "            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=d.group)\n",
+     "", _dist_t("loss/clip_loss/gather/")),
+    # the autograd all-reduce's backward: the gradient not summed over ranks
+    ("py_allreduce_bwd_no_sum", DIST, "        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.dctx.group)\n",
+     "", _dist_t("loss/barlow_twins or loss/vicreg")),
+    # Barlow Twins / VICReg centred on the local mean instead of the global batch mean
+    ("py_global_center_local", DIST, "return z - _all_reduce(z.sum(0), d) / n_glob", "return z - z.mean(0)",
+     _dist_t("loss/barlow_twins or loss/vicreg")),
+    # NT-Xent's positive index not offset by the rank's rows in the global batch
+    ("py_ntx_pos_no_rank_offset", DIST, "**kw, pos_index=p + own, diag_offset=own,",
+     "**kw, pos_index=p, diag_offset=own,", _dist_t("loss/nt_xent")),
+    # CLIP (open_clip local_loss): the image direction's labels not offset by rank * N
+    ("py_clip_label_no_rank_offset", DIST,
+     "fam.lse(be, loc[0], blk[1], loc[2], diag_offset=own, mask_mode=LSE_TARGET)[0],",
+     "fam.lse(be, loc[0], blk[1], loc[2], diag_offset=0, mask_mode=LSE_TARGET)[0],",
+     _dist_t("loss/clip_loss or open_clip.ClipLoss")),
+    # SupCon's normalizer: the local anchor count times the world size, not the global count
+    ("py_supcon_local_count", DIST,
+     "total = _all_reduce(has.sum().to(torch.float64), d)\n        return torch.where(has, row,",
+     "total = has.sum().to(torch.float64) * d.world\n        return torch.where(has, row,",
+     _dist_t("loss/supcon_loss")),
+    # SigLIP's ring: a foreign text block scored with positives on its diagonal
+    ("py_siglip_ring_foreign_pos", DIST, "neg = negative_only or own is None", "neg = negative_only",
+     _dist_t("loss/siglip_loss")),
+    # DCLW: the weights 2 - N softmax with the local N instead of the global batch
+    ("py_dclw_local_n", DIST, "(2 - z1.shape[0] * d.world * torch.exp(", "(2 - z1.shape[0] * torch.exp(",
+     _dist_t("loss/dcl_loss")),
+    # HCL: the local negative count instead of the global 2 W N - 2
+    ("py_hcl_local_n_neg", DIST, "n_neg = n2 * d.world - 2", "n_neg = n2 - 2", _dist_t("loss/hard_negative")),
+    # uniformity: normalized by the local n(n-1)
+    ("py_uniformity_local_n", DIST, "n = x.shape[0] * d.world\n", "n = x.shape[0]\n", _dist_t("loss/uniformity")),
+    # ---- Python glue: functional (the single-process losses on the C++ CPU backend)
+    ("py_clip_sum_directions", FUNC, "loss = 0.5 * (row.mean() + col.mean())\n    if isinstance(logit_bias",
+     "loss = row.mean() + col.mean()\n    if isinstance(logit_bias", _py_t("test_formulas.py", k="clip")),
+    ("py_siglip_negative_only_ignored", FUNC, "mode=PAIR_NEGATIVE_ONLY if negative_only else 0)\n    return total",
+     "mode=0)\n    return total", _py_t("test_formulas.py", "test_siglip.py", k="siglip")),
+    # DCLW: the von Mises-Fisher weights not detached (gradient through the weights)
+    ("py_dclw_weights_not_detached", FUNC, "cos = _rowdot(z1, z2).detach()", "cos = _rowdot(z1, z2)",
+     _py_t("test_formulas.py", k="dcl")),
+    # HCL: the clamp floor N e^{-1/t} without the N (log space: log(n_neg) - inv_t)
+    ("py_hcl_clamp_floor_no_n", FUNC, "torch.clamp(log_ng, min=math.log(n_neg) - inv_t)",
+     "torch.clamp(log_ng, min=-inv_t)", _py_t("test_formulas.py", k="hard_negative")),
+    # HCL: the debiasing term tau_plus * Nneg * pos without Nneg
+    ("py_hcl_tau_plus_no_n", FUNC, "- tau_plus * n_neg * torch.exp(log_pos - c)", "- tau_plus * torch.exp(log_pos - c)",
+     _py_t("test_formulas.py", k="hard_negative")),
+    # uniformity: the mean over n^2 pairs instead of the n(n-1) off-diagonal ones
+    ("py_uniformity_n_squared", FUNC, "dim=0) - math.log(n * (n - 1))\n\n\n@_amp_boundary()\ndef alignment_loss",
+     "dim=0) - math.log(n * n)\n\n\n@_amp_boundary()\ndef alignment_loss", _py_t("test_formulas.py", k="uniformity")),
+    # VICReg: the biased variance (N) in x's hinge instead of the unbiased N - 1
+    ("py_vicreg_var_biased", FUNC, "torch.sqrt(xc.var(0) + eps)", "torch.sqrt(xc.var(0, unbiased=False) + eps)",
+     _py_t("test_formulas.py", "test_barlow_vicreg.py", k="vicreg")),
+    # Barlow Twins: lambda on the diagonal term instead of the off-diagonal one
+    ("py_barlow_lambda_on_diag", FUNC, "return (diag / n - 1).pow(2).sum() + lambd * off / (n * n)",
+     "return lambd * (diag / n - 1).pow(2).sum() + off / (n * n)",
+     _py_t("test_formulas.py", "test_barlow_vicreg.py", k="barlow")),
+    # ---- Python glue: the memory bank and the compat layers
+    # MemoryBank: the query returns the bank itself, not a copy, so the in-place update that follows
+    # shows through (the queue read after the update: the batch's own rows among its negatives)
+    ("py_bank_query_not_copied", NN_PY, "        out = self.bank.clone()\n", "        out = self.bank\n",
+     _py_t("test_nn.py", "test_compat.py", k="memory_bank")),
+    # lightly NT-Xent: the bank updated also when out0 does not require grad (eval steps)
+    ("py_lightly_bank_update_no_grad", LIGHTLY, "query_and_update(out1, update=out0.requires_grad)",
+     "query_and_update(out1, update=True)", _py_t("test_compat.py", k="memory_bank")),
+    # open_clip SigLipLoss: the bias passed with the wrong sign
+    ("py_open_clip_siglip_bias_sign", OPEN_CLIP, "bias = 0.0 if logit_bias is None else logit_bias",
+     "bias = 0.0 if logit_bias is None else -logit_bias", _py_t("test_compat.py", k="open_clip_siglip")),
+    # open_clip ClipLoss(local_loss=False, gather_with_grad=False): this rank's slice at rank 0's place
+    ("py_gather_features_local_slot", DIST, "        parts[d.rank] = x\n", "        parts[0] = x\n",
+     _dist_t("open_clip.ClipLoss")),
+    # PML with a miner's pairs: an empty segment's log-sum-exp 0 instead of -inf (an anchor with
+    # positives and no negative pair then has a non-zero NT-Xent term)
+    ("py_pml_segment_lse_empty_zero", PML, "                       torch.full_like(top, -math.inf))",
+     "                       torch.zeros_like(top))", _py_t("test_compat.py", k="pml and miner")),
+    # _PairDots backward: every chunk takes the first chunk's upstream gradient
+    ("py_pml_pairdots_bwd_chunk", PML, "gs = g[s:s + step, None]", "gs = g[:step, None]",
+     _py_t("test_compat.py", k="pml and miner")),
+    # _PairDots with y is x: both terms already summed in dx, returned for both inputs (counted twice)
+    ("py_pml_pairdots_same_twice", PML, "return dx, None, None, None  # (one tensor",
+     "return dx, dx, None, None  # (one tensor",
+     _py_t("test_compat.py", k="pml and miner")),
+    # mined SupCon: the positive pairs not deduplicated (PML's masks make them sets)
+    ("py_pml_supcon_pairs_not_dedup", PML, "pos_key = torch.unique(a1 * m + p)", "pos_key = a1 * m + p",
+     _py_t("test_compat.py", k="pml and miner")),
 ]
 
 
 def kind(path: str) -> str:
-    return "triton" if path.endswith(".py") else "cuda" if "/cuda/" in path else "cpu"
+    """triton: kernels/*.py; py: any other .py (the package's glue, relative to
+    python/contrastive_kernels/); cuda: csrc/cuda/*; cpu: the other C++ sources."""
+    if path.endswith(".py"):
+        return "triton" if path.startswith("kernels/") else "py"
+    return "cuda" if "/cuda/" in path else "cpu"
 
 
-def _pytest(pythonpath: str, tests, env_extra) -> dict:
+NATIVE = ("cuda", "cpu")  # the kinds that edit and rebuild the build tree
+
+
+def _pytest(pythonpath: str, tests, env_extra, unset=()) -> dict:
     env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS="1", **env_extra)
+    for k in unset:
+        env.pop(k, None)
     marker = "not slow"
     if tests[0] == "-m":  # (pytest keeps the last -m: the kind's marker and "not slow" in one)
         marker, tests = f"{tests[1]} and not slow", tests[2:]
@@ -223,16 +351,28 @@ def _edit(path: str, old: str, new: str, name: str) -> str:
     return src
 
 
-def run_triton(name, rel, old, new, tests, env) -> dict:
+def run_copied(name, rel, old, new, tests, env) -> dict:
+    """A Triton or Python-glue mutant: copy python/ (the built extensions included) and
+    kernels/ into a temporary tree, edit python/contrastive_kernels/<rel> there, run the tests
+    on it.  Triton: under TRITON_INTERPRET=1; py: without it (the C++ CPU backend), the
+    Triton-marked tests left out."""
     root = tempfile.mkdtemp(prefix=f"mut_{name}_")
     try:
         shutil.copytree(os.path.join(REPO, "python"), os.path.join(root, "python"), symlinks=True,
-                        ignore=shutil.ignore_patterns("kernels"))
-        shutil.copytree(os.path.join(REPO, "kernels"), os.path.join(root, "python", "contrastive_kernels", "kernels"))
+                        ignore=shutil.ignore_patterns("kernels", "__pycache__"))
+        shutil.copytree(os.path.join(REPO, "kernels"), os.path.join(root, "python", "contrastive_kernels", "kernels"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
         _edit(os.path.join(root, "python", "contrastive_kernels", rel), old, new, name)
-        return _pytest(os.path.join(root, "python"), tests, dict(env, TRITON_INTERPRET="1"))
+        if kind(rel) == "triton":
+            return _pytest(os.path.join(root, "python"), tests, dict(env, TRITON_INTERPRET="1"))
+        if tests[0] != "-m":
+            tests = ["-m", "not triton"] + list(tests)
+        return _pytest(os.path.join(root, "python"), tests, dict(env), unset=("TRITON_INTERPRET",))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+run_triton = run_copied  # (the name of earlier versions)
 
 
 def _build(tree: str) -> None:
@@ -268,7 +408,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--only", default="")
-    ap.add_argument("--kind", choices=["triton", "cuda", "cpu"])
+    ap.add_argument("--kind", choices=["triton", "py", "cuda", "cpu"])
     ap.add_argument("--out", default="mutation_audit.jsonl")
     ap.add_argument("--build-tree", default=os.path.join(tempfile.gettempdir(), "ck_mutation_tree"))
     a = ap.parse_args()
@@ -279,9 +419,10 @@ def main() -> None:
     todo = [m for m in MUTANTS if (not only or m[0] in only) and (a.kind is None or kind(m[1]) == a.kind)]
     if a.list:
         for m in todo:
-            print(f"{m[0]:24s} {kind(m[1]):7s} {m[1]}")
+            print(f"{m[0]:32s} {kind(m[1]):7s} {m[1]}")
         return
-    if any(kind(m[1]) != "triton" for m in todo) and not os.path.isdir(a.build_tree):
+    native = any(kind(m[1]) in NATIVE for m in todo)
+    if native and not os.path.isdir(a.build_tree):
         subprocess.run(["git", "clone", "-q", REPO, a.build_tree], check=True)
         os.symlink("../../kernels", os.path.join(a.build_tree, "python", "contrastive_kernels", "kernels"))
     survived, invalid = [], []
@@ -289,8 +430,8 @@ def main() -> None:
         name, rel, old, new, tests = m[:5]
         env = m[5] if len(m) > 5 else {}
         t0 = time.time()
-        if kind(rel) == "triton":
-            rec = run_triton(name, rel, old, new, tests, env)
+        if kind(rel) not in NATIVE:
+            rec = run_copied(name, rel, old, new, tests, env)
         else:
             rec = run_native(a.build_tree, name, rel, old, new, tests, env)
         rec = dict(name=name, kind=kind(rel), secs=round(time.time() - t0), **rec)
@@ -301,7 +442,7 @@ def main() -> None:
             invalid.append(name)
         elif not rec["killed"]:
             survived.append(name)
-    if any(kind(m[1]) != "triton" for m in todo):
+    if native:
         _build(a.build_tree)  # (the tree's extensions as the checkout's again)
     print(f"{len(todo) - len(survived) - len(invalid)} of {len(todo)} mutants killed" +
           (f"; survived: {', '.join(survived)}" if survived else "") +

@@ -551,6 +551,22 @@ def test_pml_with_miner_pairs(loss, case, dtype):
                f"pml.{loss} {case} labels=None vs pytorch-metric-learning")
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+@pytest.mark.parametrize("case", ["multi_similarity", "ref_multi_similarity", "repeats"])
+@pytest.mark.parametrize("loss", ["NTXentLoss", "SupConLoss"])
+def test_pml_miner_pairs_across_chunks(loss, case, chunk, monkeypatch):
+    """The mined pairs are scored in chunks of 2^20 / D pairs (one chunk at the sizes above):
+    chunks of 1, 4 and 7 pairs (pair counts a multiple of the chunk or not), forward and both
+    gradients (the reference rows' too) against pytorch-metric-learning in float64.  (The
+    mutation audit: every chunk's backward reading the first chunk's upstream gradient passed
+    every other test.)"""
+    monkeypatch.setattr(ck_pml._PairDots, "_chunk", staticmethod(lambda d: chunk))
+    raw, tup = _pml_mined_raw(case, _gen(len(case) + chunk))
+    ours = getattr(ck_pml, loss)(0.3)
+    _check(_pml_mined_call(ours, tup), _pml_mined_call(getattr(real_pml(), loss)(0.3), tup), raw, torch.float64,
+           f"pml.{loss} {case} chunks of {chunk} pairs vs pytorch-metric-learning")
+
+
 @pytest.mark.parametrize("tup", [
     _idx([], [], [], []), _idx([1], [2], [0], [3]), _idx([0, 1], [1, 0], [], []), _idx([], [], [0, 2], [3, 1]),
     _idx([], [], []),
