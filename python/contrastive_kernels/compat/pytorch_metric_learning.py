@@ -101,10 +101,10 @@ class _PMLBase(nn.Module):
         return (embeddings * 0).sum().float()
 
     def _mined(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        """The miner path's inputs: (unit rows of x, of the reference set, the compute
-        dtype, (a1, p, a2, n) as validated int64 index vectors on x's device), or None for
-        PML's early exit (every pair list of length <= 1, or no positive or no negative
-        pair): a zero loss."""
+        """The miner path's inputs: (the unit rows of x and of the reference set, in float32
+        or float64, and (a1, p, a2, n) as validated int64 index vectors on x's device), or
+        None for PML's early exit (every pair list of length <= 1, or no positive or no
+        negative pair): a zero loss."""
         name = type(self).__name__
         V.matrix("embeddings", embeddings)
         if labels is not None:  # unused with a miner's pairs, but PML checks their shape
