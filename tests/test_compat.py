@@ -453,6 +453,12 @@ def test_pml_ref_labels_identity():
             a = ours_cls(0.2)(emb, lab, ref_emb=ref, ref_labels=ref_lab)
             b = real_cls(0.2)(emb, lab, ref_emb=ref, ref_labels=ref_lab)
             assert rel_err(a, b) < F64_TOL, (ours_cls.__name__, ref is emb, ref_lab is lab)
+        # int32 labels: the identity is the caller's object, not the int64 copy validation makes
+        lab32 = lab.int()
+        for ref in (emb, other):
+            a = ours_cls(0.2)(emb, lab32, ref_emb=ref, ref_labels=lab32)
+            b = real_cls(0.2)(emb, lab32, ref_emb=ref, ref_labels=lab32)
+            assert rel_err(a, b) < F64_TOL, (ours_cls.__name__, "int32", ref is emb)
 
 
 @pytest.mark.parametrize("dtype,backend", _runs("lse", "pairwise"))

@@ -350,8 +350,13 @@ def _positive_counts(labels: Tensor, ref_labels: Tensor, *, exclude_self: bool) 
 def _supcon_anchors(be: str, x: Tensor, labels: Tensor, r: Tensor, rl: Tensor, temperature, normalize: bool, *,
                     exclude_self: bool) -> tuple[Tensor, Tensor]:
     """supcon_loss's per-anchor losses (0 for an anchor without a positive) and which anchors
-    have a positive, on a kernel backend or the family reference: x's rows against r's (r
+    have a positive, on backend `be` (the reference materializes): x's rows against r's (r
     may be x itself), the (i, i) pairs dropped when exclude_self (r then has x's rows)."""
+    has = _positive_counts(labels, rl, exclude_self=exclude_self) > 0
+    if be == "reference":
+        ref = None if r is x else r
+        return reference.supcon_loss(x, labels, temperature, ref_embeddings=ref, ref_labels=None if ref is None else rl,
+                                     normalize=normalize, reduction="none", exclude_self=exclude_self), has
     scale = _scale(temperature, x.device, invert=True)
     xr = _rscale(x, normalize)
     rr = xr if r is x else _rscale(r, normalize)
@@ -360,7 +365,6 @@ def _supcon_anchors(be: str, x: Tensor, labels: Tensor, r: Tensor, rl: Tensor, t
     xk = _kn(xr)
     row, _ = fam.lse(be, x, r, scale, q_rscale=xk, k_rscale=xk if r is x else _kn(rr), q_labels=labels,
                      k_labels=rl, mask_mode=LSE_LABELS | (MASK_DIAG if exclude_self else 0) | _norm_bit(normalize))
-    has = _positive_counts(labels, rl, exclude_self=exclude_self) > 0
     return torch.where(has, row, torch.zeros_like(row)), has
 
 
@@ -387,9 +391,6 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
     _temperature(temperature, embeddings.device)
     V.choice("reduction", reduction, ("mean", "none"))
     be = _resolve(backend, "lse", embeddings)
-    if be == "reference":
-        return reference.supcon_loss(embeddings, labels, temperature, ref_embeddings=ref_embeddings,
-                                     ref_labels=ref_labels, normalize=normalize, reduction=reduction)
     has_ref = ref_embeddings is not None
     anchor, has = _supcon_anchors(be, embeddings, labels, ref_embeddings if has_ref else embeddings,
                                   ref_labels if has_ref else labels, temperature, normalize, exclude_self=not has_ref)

@@ -156,7 +156,7 @@ def supcon_loss(embeddings, labels, temperature=0.1, *, ref_embeddings=None, ref
         r, rl = _norm(_up(ref_embeddings), normalize), ref_labels
     logits = _no_neg_inf((x @ r.T) / temperature)
     pos = labels[:, None] == rl[None, :]
-    if ref_embeddings is None if exclude_self is None else exclude_self:
+    if (ref_embeddings is None) if exclude_self is None else exclude_self:
         self_mask = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
         logits = logits.masked_fill(self_mask, float("-inf"))
         pos = pos & ~self_mask

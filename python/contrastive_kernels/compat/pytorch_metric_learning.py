@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .. import _families as fam
 from .. import _validation as V
-from .. import backends, reference
+from .. import backends
 from ..reference import MASK_SAME_LABEL, PAIR_EXCLUDE_DIAG, PAIR_POSITIVES_ONLY
 from .. import functional as F
 
@@ -68,14 +68,12 @@ class _PMLBase(nn.Module):
         # (i, i) pairs: with ref_emb=embeddings that is the loss without a reference set;
         # with another ref_emb, the pairs across the two sets but (i, i).
         V.matrix("embeddings", embeddings)
-        labels = V.labels("labels", labels.to(embeddings.device) if isinstance(labels, Tensor) else labels,
-                          embeddings.shape[0], embeddings.device)
-        if ref_emb is None or (ref_emb is embeddings and ref_labels is labels):
+        same_object = ref_labels is labels
+        labels = _check_labels("labels", labels, embeddings)
+        if ref_emb is None or (ref_emb is embeddings and same_object):
             return embeddings, labels, embeddings, labels, True
-        V.matrix("ref_emb", ref_emb)
-        V.same_device_dtype(embeddings=embeddings, ref_emb=ref_emb)
-        V.same_dim(embeddings=embeddings, ref_emb=ref_emb)
-        if ref_labels is None or ref_labels is labels:
+        _check_ref_emb(embeddings, ref_emb)
+        if ref_labels is None or same_object:
             if ref_emb.shape[0] != embeddings.shape[0]:
                 raise ValueError(
                     f"{type(self).__name__}: ref_emb has {ref_emb.shape[0]} rows but ref_labels is "
@@ -83,9 +81,7 @@ class _PMLBase(nn.Module):
                     f"({embeddings.shape[0]}) label ref_emb too (pytorch-metric-learning's rule): pass ref_labels "
                     "for a reference set of another size")
             return embeddings, labels, ref_emb, labels, True
-        ref_labels = V.labels("ref_labels", ref_labels.to(embeddings.device) if isinstance(ref_labels, Tensor)
-                              else ref_labels, ref_emb.shape[0], embeddings.device, rows_name="ref_emb")
-        return embeddings, labels, ref_emb, ref_labels, False
+        return embeddings, labels, ref_emb, _check_labels("ref_labels", ref_labels, ref_emb, "ref_emb"), False
 
     @staticmethod
     def _pair_counts(labels, ref_labels, exclude_diag):
@@ -108,17 +104,13 @@ class _PMLBase(nn.Module):
         name = type(self).__name__
         V.matrix("embeddings", embeddings)
         if labels is not None:  # unused with a miner's pairs, but PML checks their shape
-            V.labels("labels", labels.to(embeddings.device) if isinstance(labels, Tensor) else labels,
-                     embeddings.shape[0], embeddings.device)
+            _check_labels("labels", labels, embeddings)
         r = embeddings
         if ref_emb is not None:
-            V.matrix("ref_emb", ref_emb)
-            V.same_device_dtype(embeddings=embeddings, ref_emb=ref_emb)
-            V.same_dim(embeddings=embeddings, ref_emb=ref_emb)
+            _check_ref_emb(embeddings, ref_emb)
             r = ref_emb
             if ref_labels is not None:
-                V.labels("ref_labels", ref_labels.to(r.device) if isinstance(ref_labels, Tensor) else ref_labels,
-                         r.shape[0], r.device, rows_name="ref_emb")
+                _check_labels("ref_labels", ref_labels, ref_emb, "ref_emb")
         pairs = _pair_indices(name, indices_tuple, embeddings.shape[0], r.shape[0], embeddings.device)
         a1, _, a2, _ = pairs
         if all(t.numel() <= 1 for t in pairs) or a1.numel() == 0 or a2.numel() == 0:
@@ -128,6 +120,18 @@ class _PMLBase(nn.Module):
         xh = torch.nn.functional.normalize(embeddings.to(cdt), dim=1)
         rh = xh if r is embeddings else torch.nn.functional.normalize(r.to(cdt), dim=1)
         return xh, rh, pairs
+
+
+def _check_labels(name, lab, rows, rows_name="embeddings"):
+    """`lab` as int64 labels of `rows`, moved to their device (PML moves them too)."""
+    return V.labels(name, lab.to(rows.device) if isinstance(lab, Tensor) else lab, rows.shape[0], rows.device,
+                    rows_name=rows_name)
+
+
+def _check_ref_emb(embeddings, ref_emb):
+    V.matrix("ref_emb", ref_emb)
+    V.same_device_dtype(embeddings=embeddings, ref_emb=ref_emb)
+    V.same_dim(embeddings=embeddings, ref_emb=ref_emb)
 
 
 class NTXentLoss(_PMLBase):
@@ -205,18 +209,10 @@ class SupConLoss(_PMLBase):
         n_pos, n_neg = int(pos_count.sum()), int(neg_count.sum())
         if n_pos == 0 or n_neg == 0 or (n_pos <= 1 and n_neg <= 1):
             return self._zero(embeddings)
-        if drop_diag and r is not x:  # two sets, (i, i) dropped: supcon_loss's kernels with its diagonal mask
-            V.scalar("temperature", self.temperature, positive=True)
-            be = backends.resolve(self.backend, "lse", x.device, x.dtype, x.numel())
-            if be == "reference":
-                per_anchor = reference.supcon_loss(x, lab, self.temperature, ref_embeddings=r, ref_labels=rlab,
-                                                   reduction="none", exclude_self=True)
-            else:
-                per_anchor, _ = F._supcon_anchors(be, x, lab, r, rlab, self.temperature, True, exclude_self=True)
-        else:
-            per_anchor = F.supcon_loss(x, lab, self.temperature, ref_embeddings=None if drop_diag else r,
-                                       ref_labels=None if drop_diag else rlab, reduction="none",
-                                       backend=self.backend)
+        # supcon_loss's per-anchor losses; (i, i) dropped also across two sets (PML's identity rule)
+        F._temperature(self.temperature, x.device)
+        per_anchor, _ = F._supcon_anchors(F._resolve(self.backend, "lse", x), x, lab, r, rlab, self.temperature, True,
+                                          exclude_self=drop_diag)
         keep = per_anchor > 0  # AvgNonZeroReducer
         if not bool(keep.any()):
             return self._zero(embeddings)
