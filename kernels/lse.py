@@ -141,6 +141,46 @@ def _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE: tl.constexpr, BLOCK_O: tl.c
 
 
 @triton.jit
+def _scaled(acc, o_rs, i_rs, c2, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr):
+    """Base-2 scores of a raw float32 dot tile: acc (o_rs i_rs) c2, the rscales multiplied with
+    each other first (the TRANS pass forms the same product bit for bit)."""
+    if HAS_IRS:
+        if HAS_ORS:
+            s2 = acc * ((o_rs[:, None] * i_rs[None, :]) * c2)
+        else:
+            s2 = acc * (i_rs * c2)[None, :]
+    else:
+        s2 = acc * (o_rs * c2)[:, None]
+    return s2
+
+
+@triton.jit
+def _kept(s, keep):
+    """The scores of the kept pairs, -inf elsewhere; a kept -inf (from an infinite input) is NaN, not
+    exp(-inf) = 0 (SPEC)."""
+    return tl.where(keep, tl.where(s == float("-inf"), float("nan"), s), float("-inf"))
+
+
+@triton.jit
+def _online(m, l, k, s):
+    """One tile of the online log-sum-exp (base 2) of the rows of `s` (-inf where not kept): the
+    running max m, the sum l of 2^(s - m) over the scores below it and the count k of those equal
+    to it (exact 1s), so that the sum is 1 + e, e = (k - 1) + l, formed without rounding 1 + tiny (a
+    confident row's cross-entropy log1p(e) would lose all of a 1e-7 loss to a float32 ulp of 1)."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    # A row with nothing kept so far has m_new = -inf: use 0 as its reference so that
+    # exp2(-inf - ref) = 0 instead of NaN.
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    up = m_new > m  # the max rises: the old terms, maxima included, scale by 2^(m - m_new)
+    l = tl.where(up, (l + k) * tl.exp2(m - ref), l)
+    k = tl.where(up, 0.0, k)
+    at = s == ref[:, None]
+    k += tl.sum(tl.where(at, 1.0, 0.0), axis=1)
+    l += tl.sum(tl.where(at, 0.0, tl.exp2(s - ref[:, None])), axis=1)
+    return m_new, l, k
+
+
+@triton.jit
 def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
                  o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
                  TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_DIAG: tl.constexpr,
@@ -172,12 +212,7 @@ def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i,
     i_rs = tl.full((BLOCK_I,), 1.0, tl.float32)
     if HAS_IRS:
         i_rs = tl.load(I_RS + n64, mask=n_ok, other=1.0)
-        if HAS_ORS:
-            s2 = acc * ((o_rs[:, None] * i_rs[None, :]) * c2)
-        else:
-            s2 = acc * (i_rs * c2)[None, :]
-    else:
-        s2 = acc * (o_rs * c2)[:, None]
+    s2 = _scaled(acc, o_rs, i_rs, c2, HAS_ORS, HAS_IRS)
     if HAS_BIAS:
         if TRANS:
             s2 = s2 + o_bias[:, None]
@@ -196,12 +231,12 @@ def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i,
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, XT, CP, RP,
+def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, XT, CP, RP, SCALE0, OUT0, RP0,
                     NO, NI, D, stride_o, stride_i, diag_offset, NSLOT, ROW0,
                     COLS: tl.constexpr, SLOT_ROWS: tl.constexpr, SPLIT: tl.constexpr,
                     TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr, TARGET: tl.constexpr,
-                    LABELS: tl.constexpr,
+                    LABELS: tl.constexpr, TWO: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     # Grid (row blocks of this launch, column splits).  ROW0: the launch's first row (a multiple of
@@ -213,13 +248,15 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
     o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab = _outer_rows(
         pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
     o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
-    # Online log-sum-exp (base 2): the running max m, the sum l of 2^(s - m) over the scores below
-    # it and the count k of those equal to it (exact 1s), so that the sum is 1 + e, e = (k - 1) + l,
-    # formed without rounding 1 + tiny (a confident row's cross-entropy log1p(e) would lose all of
-    # a 1e-7 loss to a float32 ulp of 1).
+    # Online log-sum-exp (base 2, _online): running max m, sum l below it, count k at it.
     m = tl.full((BLOCK_O,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_O,), dtype=tl.float32)
     k = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    if TWO:  # the second scale's state (lse2_forward: plain row log-sum-exps, no bias, target or labels)
+        c20 = tl.load(SCALE0).to(tl.float32) * 1.4426950408889634
+        m0 = tl.full((BLOCK_O,), float("-inf"), tl.float32)
+        l0 = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        k0 = tl.zeros((BLOCK_O,), dtype=tl.float32)
     x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)  # LSE_TARGET: each row's own target score (base 2)
     p2 = tl.zeros((BLOCK_O,), dtype=tl.float32)  # LSE_LABELS (rows only): sum and count of the kept
     pc = tl.zeros((BLOCK_O,), dtype=tl.float32)  # same-label scores (base 2)
@@ -229,7 +266,7 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
         o_l = tl.load(O_LAB + o_idx, mask=o_ok, other=-1)
     c_lo, c_hi = split_range(1, NI, BLOCK_I)
     for start in range(c_lo, c_hi, BLOCK_I):
-        n64, n_ok, _, _, _, s, keep = _tile_scores(
+        n64, n_ok, _, acc, i_rs, s, keep = _tile_scores(
             O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
             o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
             TRANS, HAS_ORS, HAS_IRS, HAS_BIAS, MASK_DIAG, MASK_POS, MASK_LAB, IEEE, SINGLE, BLOCK_D, BLOCK_O,
@@ -247,19 +284,10 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
             is_p = keep & (o_l[:, None] == tl.load(I_LAB + n64, mask=n_ok, other=-2)[None, :])
             p2 += tl.sum(tl.where(is_p, s, 0.0), axis=1)
             pc += tl.sum(is_p.to(tl.float32), axis=1)
-        # (a kept -inf logit comes from an infinite input: NaN, not exp(-inf) = 0, SPEC)
-        s = tl.where(keep, tl.where(s == float("-inf"), float("nan"), s), float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        # A row with nothing kept so far has m_new = -inf: use 0 as its reference so that
-        # exp2(-inf - ref) = 0 instead of NaN.
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        up = m_new > m  # the max rises: the old terms, maxima included, scale by 2^(m - m_new)
-        l = tl.where(up, (l + k) * tl.exp2(m - ref), l)
-        k = tl.where(up, 0.0, k)
-        at = s == ref[:, None]
-        k += tl.sum(tl.where(at, 1.0, 0.0), axis=1)
-        l += tl.sum(tl.where(at, 0.0, tl.exp2(s - ref[:, None])), axis=1)
-        m = m_new
+        s = _kept(s, keep)
+        m, l, k = _online(m, l, k, s)
+        if TWO:  # the same kept pairs' scores at the second scale, from the same product
+            m0, l0, k0 = _online(m0, l0, k0, _kept(_scaled(acc, o_rs, i_rs, c20, HAS_ORS, HAS_IRS), keep))
         if COLS:
             # The tile's column states over this block's rows, in the row state's form (max, exact
             # 1s at it, the sum of the rest): their own exps, exp2(s - row max) would underflow for
@@ -297,8 +325,15 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
         if LABELS:
             tl.store(base + 4 * field, p2, mask=o_ok)
             tl.store(base + 5 * field, pc, mask=o_ok)
+        if TWO:
+            base0 = RP0 + tl.program_id(1).to(tl.int64) * NO + o_idx
+            tl.store(base0, m0, mask=o_ok)
+            tl.store(base0 + field, l0, mask=o_ok)
+            tl.store(base0 + 2 * field, k0, mask=o_ok)
     else:
         _finish_states(o_idx, o_ok, m, l, k, x2, p2, pc, OUT, XT, NO, TARGET, LABELS, TARGET and not TRANS)
+        if TWO:
+            _finish_states(o_idx, o_ok, m0, l0, k0, x2, p2, pc, OUT0, XT, NO, False, False, False)
 
 
 @triton.jit
@@ -375,10 +410,12 @@ def _merge_states_kernel(P, OUT, XT, N, NPART, FIELD, TARGET: tl.constexpr, LABE
 @triton.jit
 def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                     O_LSE, O_G, I_LSE, I_G, D_OUT, D_ORS, D_SCALE, D_BIAS,
+                    SCALE0, O_LSE0, O_G0, I_LSE0, I_G0, D_SCALE0,
                     NO, NI, D, stride_o, stride_i, diag_offset,
                     TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr,
                     HAS_OTERM: tl.constexpr, HAS_ITERM: tl.constexpr, TARGET: tl.constexpr, LABELS: tl.constexpr,
+                    TWO: tl.constexpr,
                     NEED_OUT: tl.constexpr, NEED_ORS: tl.constexpr, NEED_SCALE: tl.constexpr,
                     NEED_BIAS: tl.constexpr, RS_ON_TILE: tl.constexpr, DS_C, SCALE_DS: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
@@ -409,6 +446,13 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
         if TARGET:
             o_x2 = tl.load(XT + o_idx, mask=o_ok, other=0.0)
             o_em1 = expm1_neg(o_out)  # p - 1 at a kept target, exact for a tiny cross-entropy
+    if TWO:  # lse2_backward: the second scale's log-sum-exps (plain rows: no target, labels or bias)
+        scale0 = tl.load(SCALE0).to(tl.float32)
+        c20 = scale0 * 1.4426950408889634
+        if HAS_OTERM:
+            o_lse02 = tl.load(O_LSE0 + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
+            o_g0 = tl.load(O_G0 + o_idx, mask=o_ok, other=0.0)
+        r_acc0 = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if LABELS:  # LSE_LABELS: -g_i / |P_i| at the kept same-label pairs (XT[NQ:] = 1 / |P_i|, q rows)
         o_l = tl.load(O_LAB + o_idx, mask=o_ok, other=-1)
         if not TRANS:
@@ -458,6 +502,15 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                 ds += i_g[None, :] * tl.exp2(s - i_lse2[None, :])
         # Masked pairs (and rows / columns with nothing kept, whose LSE is -inf) get exactly 0.
         ds = tl.where(keep, ds, 0.0)
+        if TWO:  # the second scale's dS0, from the same product
+            s0 = _scaled(acc, o_rs, i_rs, c20, HAS_ORS, HAS_IRS)
+            ds0 = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+            if HAS_OTERM:
+                ds0 += o_g0[:, None] * tl.exp2(s0 - o_lse02[:, None])
+            if HAS_ITERM:
+                i_lse02 = tl.load(I_LSE0 + n64, mask=n_ok, other=0.0) * 1.4426950408889634
+                ds0 += tl.load(I_G0 + n64, mask=n_ok, other=0.0)[None, :] * tl.exp2(s0 - i_lse02[None, :])
+            ds0 = tl.where(keep, ds0, 0.0)
         if LABELS:  # (TRANS: the q rows are the inner ones, their row term the I term)
             is_p = keep & (o_l[:, None] == tl.load(I_LAB + n64, mask=n_ok, other=-2)[None, :])
             if TRANS:
@@ -475,6 +528,11 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
             if HAS_IRS:
                 t = t * i_rs[None, :]
             r_acc += tl.sum(t, axis=1)
+            if TWO:
+                t0 = ds0 * acc
+                if HAS_IRS:
+                    t0 = t0 * i_rs[None, :]
+                r_acc0 += tl.sum(t0, axis=1)
         if NEED_BIAS:
             b_acc += tl.sum(ds, axis=1)
         if NEED_OUT:
@@ -482,7 +540,10 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                 x = i_tile
             else:
                 x = _load_rows(I, n64, n_ok, dcol, D, stride_i)
-            p = ds
+            if TWO:  # d/d(raw product): the two scales' terms summed in float32 before the one rounding
+                p = ds * scale + ds0 * scale0
+            else:
+                p = ds
             if HAS_IRS:
                 if RS_ON_TILE:  # float16: scale the inner rows (|x_hat| <= 1), not dS (could overflow)
                     x = (x.to(tl.float32) * i_rs[:, None]).to(I.dtype.element_ty)
@@ -494,15 +555,23 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
 
     first = (tl.zeros((BLOCK_O,), dtype=tl.int32) + pid_d) == 0  # the extras are written once
     if NEED_OUT:
-        g = acc_out * (o_rs * scale)[:, None]
+        if TWO:  # (the scales are in dS already)
+            g = acc_out * o_rs[:, None]
+        else:
+            g = acc_out * (o_rs * scale)[:, None]
         if SCALE_DS:
             g = g / ds_c
         tl.store(D_OUT + pid_s * NO * D + o_idx[:, None] * D + dcol[None, :], g.to(D_OUT.dtype.element_ty),
                  mask=o_ok[:, None] & (dcol[None, :] < D))
     if NEED_ORS:
-        tl.store(D_ORS + pid_s * NO + o_idx, scale * r_acc, mask=o_ok & first)
+        if TWO:
+            tl.store(D_ORS + pid_s * NO + o_idx, scale * r_acc + scale0 * r_acc0, mask=o_ok & first)
+        else:
+            tl.store(D_ORS + pid_s * NO + o_idx, scale * r_acc, mask=o_ok & first)
     if NEED_SCALE:
         tl.store(D_SCALE + pid_s * NO + o_idx, o_rs * r_acc, mask=o_ok & first)
+        if TWO:
+            tl.store(D_SCALE0 + pid_s * NO + o_idx, o_rs * r_acc0, mask=o_ok & first)
     if NEED_BIAS:
         tl.store(D_BIAS + pid_s * NO + o_idx, b_acc, mask=o_ok & first)
 
@@ -561,8 +630,8 @@ _BWD_CONFIGS = [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_DO": do}, nu
                 for bo, bi, do, w, s in [(64, 64, 128, 4, 2), (64, 64, 256, 8, 2), (128, 64, 128, 8, 2),
                                          (64, 128, 128, 4, 2), (128, 64, 256, 8, 2), (64, 64, 512, 8, 2),
                                          (128, 128, 128, 8, 2), (64, 32, 256, 4, 3)]]
-_FWD_KEY = ["D_PAD", "TRANS", "HAS_IRS", "MASK_LAB", "COLS", "SPLIT"]
-_BWD_KEY = ["D_PAD", "TRANS", "NEED_OUT", "HAS_OTERM", "HAS_ITERM", "HAS_IRS", "SPLIT"]
+_FWD_KEY = ["D_PAD", "TRANS", "HAS_IRS", "MASK_LAB", "COLS", "SPLIT", "TWO"]
+_BWD_KEY = ["D_PAD", "TRANS", "NEED_OUT", "HAS_OTERM", "HAS_ITERM", "HAS_IRS", "SPLIT", "TWO"]
 
 _lse_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_FWD_KEY,
                                  prune_configs_by={"early_config_prune": _fwd_prune})(_lse_fwd_kernel)
@@ -657,16 +726,19 @@ def _fused_cols(no: int, ni: int) -> bool:
 
 
 def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_offset, mask_mode, trans,
-              target=None, xt=None, col=None):
+              target=None, xt=None, col=None, scale0=None):
     """One direction's log-sum-exps; with `target` (the target column of every q row) the
     cross-entropies, and the row pass writes its base-2 target scores into `xt`; with
     LSE_LABELS the LSE minus the mean positive logit, `xt` (2, N) receiving the LSEs and 1/|P_i|.
     With `col` (an (M,) float32 tensor; rows = q, no LSE_LABELS) the same pass writes the column
-    outputs there too (the fused forward)."""
+    outputs there too (the fused forward).  With `scale0` (lse2_forward: no bias, target, labels
+    or col) the same pass also forms the log-sum-exps at that scale: returns (out, out0)."""
     no, ni, d = outer.shape[0], inner.shape[0], outer.shape[1]
     out = torch.empty((no,), dtype=torch.float32, device=outer.device)
+    two = scale0 is not None
+    out0 = torch.empty_like(out) if two else out
     if no == 0:
-        return out
+        return (out, out0) if two else out
     dpad = pad_dim(d)
     bd = _block_d(dpad)
     md, mp, ml = _mask_flags(mask_mode)
@@ -685,6 +757,7 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
     splits = _col_splits(min(launch_rows, no), ni, outer.device)
     rp = (torch.empty((6 if labels else 4, splits, no), dtype=torch.float32, device=outer.device)
           if splits > 1 else dummy)
+    rp0 = torch.empty((4, splits, no), dtype=torch.float32, device=outer.device) if two and splits > 1 else dummy
     for r0 in range(0, no, launch_rows):
         rows = min(launch_rows, no - r0)
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_O"]), splits)  # noqa: E731
@@ -693,10 +766,10 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
                bias if bias is not None else dummy, pos if pos is not None else dummy,
                o_lab if o_lab is not None else dummy, i_lab if i_lab is not None else dummy,
                target if target is not None else dummy, out, xt if xt is not None else dummy, cp, rp,
-               no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset), nslot, r0,
+               scale0 if two else scale, out0, rp0, no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset), nslot, r0,
                COLS=col is not None, SLOT_ROWS=slot_rows, SPLIT=splits > 1,
                TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
-               MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, TARGET=target is not None, LABELS=labels,
+               MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, TARGET=target is not None, LABELS=labels, TWO=two,
                IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
         if col is not None:  # this launch's slots into the running state; the outputs after the last
             _merge_states_kernel[(triton.cdiv(ni, _MERGE_BLOCK),)](
@@ -706,7 +779,11 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
         _merge_states_kernel[(triton.cdiv(no, _MERGE_BLOCK),)](
             rp, out, xt if xt is not None else dummy, no, splits, splits * no, TARGET=target is not None,
             LABELS=labels, WRITE_XT=target is not None and not trans, FINISH=True, BLOCK=_MERGE_BLOCK)
-    return out
+        if two:
+            _merge_states_kernel[(triton.cdiv(no, _MERGE_BLOCK),)](
+                rp0, out0, dummy, no, splits, splits * no, TARGET=False, LABELS=False, WRITE_XT=False, FINISH=True,
+                BLOCK=_MERGE_BLOCK)
+    return (out, out0) if two else out
 
 
 def _targets(q, k, pos, diag_offset, col):
@@ -777,7 +854,12 @@ def lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, 
 
 
 def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o_g, i_lse, i_g, diag_offset,
-              mask_mode, trans, need_out, need_ors, need_scale, need_bias, out_f32=False, target=None, xt=None):
+              mask_mode, trans, need_out, need_ors, need_scale, need_bias, out_f32=False, target=None, xt=None,
+              two=None):
+    """One direction's gradients: (d_out, d_ors, d_scale, d_bias) per outer row (None where not
+    needed).  two = (scale0, o_lse0, o_g0, i_lse0, i_g0) (lse2_backward; the LSEs and upstream
+    gradients of the second scale's row terms, None for an absent side): the product takes
+    scale g p + scale0 g0 p0 and a fifth output d_scale0 is returned (with need_scale)."""
     no, ni, d = outer.shape[0], inner.shape[0], outer.shape[1]
     dev = outer.device
     f32 = lambda n: torch.empty((n,), dtype=torch.float32, device=dev)  # noqa: E731
@@ -786,20 +868,28 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
     d_ors = f32(no) if need_ors else None
     d_scale = f32(no) if need_scale else None
     d_bias = f32(no) if need_bias else None
+    d_scale0 = f32(no) if need_scale and two is not None else None
     if no == 0:
-        return d_out, d_ors, d_scale, d_bias
+        return (d_out, d_ors, d_scale, d_bias) + ((d_scale0,) if two is not None else ())
     # column splits: the programs write float32 partial outputs, summed here in split order
     splits = _col_splits(no, ni, dev, d_groups=triton.cdiv(d, 512) if need_out else 1,
-                         bytes_per_split=4 * no * ((d if need_out else 0) + 3))
-    final = (d_out, d_ors, d_scale, d_bias)
-    d_out, d_ors, d_scale, d_bias = (split_parts(splits, d_out, no, d), split_parts(splits, d_ors, no),
-                                     split_parts(splits, d_scale, no), split_parts(splits, d_bias, no))
+                         bytes_per_split=4 * no * ((d if need_out else 0) + (3 if two is None else 4)))
+    final = (d_out, d_ors, d_scale, d_bias, d_scale0)
+    d_out, d_ors, d_scale, d_bias, d_scale0 = (
+        split_parts(splits, d_out, no, d), split_parts(splits, d_ors, no), split_parts(splits, d_scale, no),
+        split_parts(splits, d_bias, no), split_parts(splits, d_scale0, no))
     dpad = pad_dim(d)
     bd = _block_d(dpad)
     md, mp, ml = _mask_flags(mask_mode)
     dummy = f32(1)
     opt = lambda t: t if t is not None else dummy  # noqa: E731
-    ds_c = half_ds_scale(outer.dtype, dev, o_g, i_g)
+    if two is None:
+        ds_c = half_ds_scale(outer.dtype, dev, o_g, i_g)
+        scale0, o_lse0, o_g0, i_lse0, i_g0 = scale, None, None, None, None
+    else:  # dS in units of the raw product: each side's upstream gradients times their scale
+        scale0, o_lse0, o_g0, i_lse0, i_g0 = two
+        ds_c = half_ds_scale(outer.dtype, dev, *(g * sc for g, sc in ((o_g, scale), (o_g0, scale0), (i_g, scale),
+                                                                      (i_g0, scale0)) if g is not None))
     if need_out:
         grid = lambda meta: (triton.cdiv(no, meta["BLOCK_O"]), triton.cdiv(d, meta["BLOCK_DO"]), splits)  # noqa: E731
     else:
@@ -809,14 +899,15 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
            outer, inner, scale, opt(o_rs), opt(i_rs), opt(bias), opt(pos), opt(o_lab), opt(i_lab), opt(target), opt(xt),
            opt(o_lse), opt(o_g), opt(i_lse), opt(i_g), d_out if d_out is not None else outer,
            opt(d_ors), opt(d_scale), opt(d_bias),
+           scale0, opt(o_lse0), opt(o_g0), opt(i_lse0), opt(i_g0), opt(d_scale0),
            no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset),
            TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
            MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, HAS_OTERM=o_lse is not None, HAS_ITERM=i_lse is not None,
-           TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS), NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
+           TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS), TWO=two is not None, NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
            RS_ON_TILE=outer.dtype == torch.float16, DS_C=ds_c, SCALE_DS=outer.dtype == torch.float16,
            IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad, SPLIT=splits > 1)
-    sum_splits(zip(final, (d_out, d_ors, d_scale, d_bias)))
-    return final
+    sum_splits(zip(final, (d_out, d_ors, d_scale, d_bias, d_scale0)))
+    return final if two is not None else final[:4]
 
 
 def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels,
@@ -887,3 +978,63 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
             db if need_bias else empty32(),
             dqr if need_q_rscale else empty32(),
             dkr if need_k_rscale else empty32())
+
+
+# ------------------------------------------------- two scales of one score matrix (HCL)
+def _two_scales_check(mask_mode):
+    if mask_mode & (MASK_SAME_LABEL | LSE_TARGET | LSE_LABELS):
+        raise ValueError("lse2: plain row log-sum-exps only (mask_mode bits 1, 2 and 32), got mask_mode "
+                         f"{mask_mode}")
+
+
+def lse2_forward(q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode):
+    """The row log-sum-exps of S at two scales, S1 = scale1 P and S0 = scale0 P of the same masked
+    product P_ij = (q_rscale_i q_i).(k_rscale_j k_j): one pass over the tiles, one product per
+    tile, two online log-sum-exps (HCL's reweighting l(S1) - l(S0); the lse ops twice would form
+    every product twice).  Returns (row_lse1, row_lse0), (N,) float32 each."""
+    _two_scales_check(mask_mode)
+    q, k = q.contiguous(), k.contiguous()
+    s1 = scale1.reshape(()).to(torch.float32).contiguous()
+    s0 = scale0.reshape(()).to(torch.float32).contiguous()
+    return _lse_pass(q, k, s1, _f32(q_rscale), _f32(k_rscale), None, _i64(pos_index), None, None, diag_offset,
+                     mask_mode, trans=False, scale0=s0)
+
+
+def lse2_backward(grad1, grad0, q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode, row1,
+                  row0, need_q, need_k, need_scale1, need_scale0, need_q_rscale, need_k_rscale):
+    """Gradients of sum_i grad1_i row_lse1_i + grad0_i row_lse0_i (lse2_forward's outputs) with
+    dS_ij = scale1 grad1_i p1_ij + scale0 grad0_i p0_ij (per unit of P_ij) formed in float32 before
+    the one rounding of the product (HCL's two terms nearly cancel): one backward pass per side
+    instead of two.  Returns (dq, dk, dscale1, dscale0, dq_rscale, dk_rscale): dq / dk float32
+    (whatever the input dtype; the caller folds the normalization in), the rest float32, each
+    empty where its need_* flag is false."""
+    _two_scales_check(mask_mode)
+    q, k = q.contiguous(), k.contiguous()
+    dev = q.device
+    s1 = scale1.reshape(()).to(torch.float32).contiguous()
+    s0 = scale0.reshape(()).to(torch.float32).contiguous()
+    qr, kr, pos = _f32(q_rscale), _f32(k_rscale), _i64(pos_index)
+    need_q_rscale = bool(need_q_rscale) and qr is not None
+    need_k_rscale = bool(need_k_rscale) and kr is not None
+    need_scale = bool(need_scale1 or need_scale0)
+    r1, g1 = row1.contiguous().float(), grad1.contiguous().float()
+    r0, g0 = row0.contiguous().float(), grad0.contiguous().float()
+    run_row = need_q or need_q_rscale or need_scale
+    run_col = need_k or need_k_rscale
+    dq = dk = dqr = dkr = ds1 = ds0 = None
+    if run_row:
+        dq, dqr, ds1, _, ds0 = _bwd_pass(q, k, s1, qr, kr, None, pos, None, None, r1, g1, None, None, diag_offset,
+                                         mask_mode, False, need_q, need_q_rscale, need_scale, False, out_f32=True,
+                                         two=(s0, r0, g0, None, None))
+    if run_col:
+        dk, dkr, _, _, _ = _bwd_pass(k, q, s1, kr, qr, None, pos, None, None, None, None, r1, g1, diag_offset,
+                                     mask_mode, True, need_k, need_k_rscale, False, False, out_f32=True,
+                                     two=(s0, None, None, r0, g0))
+
+    def empty32():  # a fresh tensor per output: custom-op outputs may not alias each other
+        return torch.empty((0,), dtype=torch.float32, device=dev)
+
+    return (dq if need_q else empty32(), dk if need_k else empty32(),
+            ds1.double().sum().float() if need_scale1 else empty32(),
+            ds0.double().sum().float() if need_scale0 else empty32(),
+            dqr if need_q_rscale else empty32(), dkr if need_k_rscale else empty32())

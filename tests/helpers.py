@@ -11,7 +11,9 @@ import textwrap
 import torch
 
 import contrastive_kernels as ck
+from contrastive_kernels import _families as fam
 from contrastive_kernels import backends
+from contrastive_kernels.reference import LSE_NORM, MASK_DIAG, MASK_POS
 
 # SPEC.md: relative error (norm of difference / norm of reference) against the float64
 # reference of the same (rounded) inputs.
@@ -93,3 +95,52 @@ def peak_rss_growth(setup: str, body: str, env: dict | None = None, timeout: int
         raise AssertionError(f"memory probe failed:\n{out.stdout}\n{out.stderr}")
     line = [l for l in out.stdout.splitlines() if l.startswith("PEAK_JSON ")][-1]
     return json.loads(line[len("PEAK_JSON "):])
+
+
+# ------------------------------------------ two scales of one product (HCL's lse_two_scales)
+def two_scale_case(case, n, d, dtype, device="cpu", seed=0):
+    """(q, k or None when k is q, scale1, scale0, rscale?, pos_index, diag_offset, mask_mode) of the
+    op's uses: HCL's (q is k, own rows and positives masked, normalized), the distributed ring's
+    blocks (another k, diag_offset and pos_index shifted, normalized or not) and scales of every sign."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g).to(dtype).to(device)
+    if case == "hcl":  # 2N rows, i's positive i + N mod 2N (an odd n: a rotation, still a permutation)
+        pos = ((torch.arange(n) + n // 2) % n).to(device)
+        return q, None, 4.0, 2.0, True, pos, 0, MASK_DIAG | MASK_POS
+    m = n + 5
+    k = torch.randn(m, d, generator=g).to(dtype).to(device)
+    if case == "ring-plain":  # no normalization, a negative second scale
+        return q, k, 1.5, -0.5, False, None, 3, MASK_DIAG
+    pos = torch.randint(0, m, (n,), generator=g).to(device)  # beta = 0: the second scale is 0
+    return q, k, 3.0, 0.0, True, pos, 2, MASK_DIAG | MASK_POS
+
+
+def two_scales_run(backend, q, k, s1, s0, rscale, pos, diag, mode, dtype=None, seed=1):
+    """(l1, l0, grads of q, k, scale1, scale0) of a fixed random linear functional of both outputs.
+    The kernels take detached rscales with LSE_NORM (their Jacobian folded in); the float64
+    reference differentiates through rscales that carry their history."""
+    same = k is None
+    qa = q.detach().to(dtype or q.dtype).clone().requires_grad_()
+    ka = qa if same else k.detach().to(dtype or k.dtype).clone().requires_grad_()
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    sc1 = torch.tensor(s1, dtype=sdt, device=q.device, requires_grad=True)
+    sc0 = torch.tensor(s0, dtype=sdt, device=q.device, requires_grad=True)
+    kw = dict(pos_index=pos, diag_offset=diag)
+    if backend == backends.FAMILY_REFERENCE:
+        if rscale:
+            kw.update(q_rscale=1 / qa.norm(dim=1).clamp_min(1e-12), k_rscale=1 / ka.norm(dim=1).clamp_min(1e-12))
+        l1, l0 = fam.lse_two_scales(backend, qa, ka, sc1, sc0, mask_mode=mode, **kw)
+    else:
+        if rscale:
+            qr = qa.detach().float().norm(dim=1).clamp_min(1e-12).reciprocal()
+            kw.update(q_rscale=qr, k_rscale=qr if same else ka.detach().float().norm(dim=1).clamp_min(1e-12).reciprocal())
+        l1, l0 = fam.lse_two_scales(backend, qa, ka, sc1, sc0, mask_mode=mode | (LSE_NORM if rscale else 0), **kw)
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(l1.shape[0], generator=g).to(l1)
+    w0 = torch.randn(l0.shape[0], generator=g).to(l0)
+    fin = lambda x: torch.where(torch.isfinite(x), x, torch.zeros_like(x))  # noqa: E731
+    leaves = [qa, sc1, sc0] if same else [qa, ka, sc1, sc0]
+    grads = list(torch.autograd.grad((fin(l1) * w1).sum() + (fin(l0) * w0).sum(), leaves))
+    if same:
+        grads.insert(1, None)
+    return l1.detach(), l0.detach(), grads

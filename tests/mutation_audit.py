@@ -43,6 +43,8 @@ def _t(*names):
 
 
 LSE_T = ["-m", "triton"] + _t("test_triton_lse.py", "test_lse_family.py")
+LSE2_T = ["-m", "triton", "-k", "two_scales or hard_negative or hcl"] + _t("test_triton_lse.py", "test_lse_family.py",
+                                                                          "test_formulas.py")
 PAIR_T = ["-m", "triton"] + _t("test_pairwise_family.py", "test_siglip.py")
 XC_T = ["-m", "triton"] + _t("test_xcorr_family.py", "test_barlow_vicreg.py")
 CUDA_T = ["-k", "cuda"] + _t("test_lse_family.py", "test_pairwise_family.py", "test_cuda_emulator.py")
@@ -87,12 +89,12 @@ MUTANTS = [
     # online log-sum-exp
     ("rise_forgets_ties", LSE_PY, "l = tl.where(up, (l + k) * tl.exp2(m - ref), l)",
      "l = tl.where(up, l * tl.exp2(m - ref), l)", LSE_T),
-    ("rise_keeps_count", LSE_PY, "        k = tl.where(up, 0.0, k)\n", "", LSE_T),
+    ("rise_keeps_count", LSE_PY, "    k = tl.where(up, 0.0, k)\n", "", LSE_T),
     ("finish_drops_ties", LSE_PY, "log1p(tl.where(empty, 0.0, (k - 1.0) + l)))",
      "log1p(tl.where(empty, 0.0, l)))", LSE_T),
     ("neginf_not_nan", LSE_PY,
-     's = tl.where(keep, tl.where(s == float("-inf"), float("nan"), s), float("-inf"))',
-     's = tl.where(keep, s, float("-inf"))', LSE_T),
+     'return tl.where(keep, tl.where(s == float("-inf"), float("nan"), s), float("-inf"))',
+     'return tl.where(keep, s, float("-inf"))', LSE_T),
     # merges (column splits, fused columns)
     ("merge_forgets_ties", LSE_PY, "l += tl.where(at, ls, (ls + ks) * tl.exp2(ms - ref))",
      "l += tl.where(at, ls, ls * tl.exp2(ms - ref))", LSE_T),
@@ -107,6 +109,20 @@ MUTANTS = [
      "tl.store(D_SCALE + pid_s * NO + o_idx, r_acc, mask=o_ok & first)", LSE_T),
     ("drs_no_scale", LSE_PY, "tl.store(D_ORS + pid_s * NO + o_idx, scale * r_acc, mask=o_ok & first)",
      "tl.store(D_ORS + pid_s * NO + o_idx, r_acc, mask=o_ok & first)", LSE_T),
+    # two scales in one pass (lse2, HCL)
+    ("lse2_bwd_scale0_is_scale1", LSE_PY, "p = ds * scale + ds0 * scale0", "p = ds * scale + ds0 * scale", LSE2_T),
+    ("lse2_split_state_sum", LSE_PY, "tl.store(base0 + field, l0, mask=o_ok)", "tl.store(base0 + field, l, mask=o_ok)",
+     LSE2_T),
+    ("lse2_dscale0_no_rs", LSE_PY, "tl.store(D_SCALE0 + pid_s * NO + o_idx, o_rs * r_acc0, mask=o_ok & first)",
+     "tl.store(D_SCALE0 + pid_s * NO + o_idx, r_acc0, mask=o_ok & first)", LSE2_T),
+    ("lse2_drs_drops_scale0", LSE_PY, "scale * r_acc + scale0 * r_acc0, mask=o_ok & first)",
+     "scale * r_acc, mask=o_ok & first)", LSE2_T),
+    ("lse2_trans_no_row_term0", LSE_PY,
+     "ds0 += tl.load(I_G0 + n64, mask=n_ok, other=0.0)[None, :] * tl.exp2(s0 - i_lse02[None, :])",
+     "ds0 += 0.0", LSE2_T),
+    ("lse2_fwd_scale0_is_scale1", LSE_PY,
+     "_online(m0, l0, k0, _kept(_scaled(acc, o_rs, i_rs, c20, HAS_ORS, HAS_IRS), keep))",
+     "_online(m0, l0, k0, _kept(_scaled(acc, o_rs, i_rs, c2, HAS_ORS, HAS_IRS), keep))", LSE2_T),
     ("r_acc_no_irs", LSE_PY, "            if HAS_IRS:\n                t = t * i_rs[None, :]\n", "", LSE_T),
     ("dgrad_f16_no_irs", LSE_PY, "x = (x.to(tl.float32) * i_rs[:, None]).to(I.dtype.element_ty)", "x = x", LSE_T),
     ("target_masked_grad", LSE_PY, "            ds = ds - tl.where(is_t, tl.where(keep, 0.0, w), 0.0)\n", "", LSE_T),

@@ -93,6 +93,20 @@ def test_opcheck_similarity(backend):
     torch.library.opcheck(_op("similarity_forward", backend), (a, b, torch.tensor(2.0), True))
 
 
+@pytest.mark.parametrize("backend", [p for p in backend_params("lse") if p.values[0] == "triton"])
+def test_opcheck_lse2(backend):
+    """The two-scale ops (HCL's one pass; _families._LseTwoScales is their autograd): schema, fake
+    tensors and dispatch, forward and backward, q and k distinct, masks and rscales."""
+    q, k = torch.randn(7, 5), torch.randn(9, 5)
+    qr, kr = torch.rand(7) + 0.5, torch.rand(9) + 0.5
+    s1, s0, pos = torch.tensor(3.0), torch.tensor(-1.0), torch.randint(0, 9, (7,))
+    torch.library.opcheck(_op("lse2_forward", backend), (q, k, s1, s0, qr, kr, pos, 1, 3))
+    r1, r0 = _op("lse2_forward", backend)(q, k, s1, s0, qr, kr, pos, 1, 3)
+    torch.library.opcheck(_op("lse2_backward", backend),
+                          (torch.randn(7), torch.randn(7), q, k, s1, s0, qr, kr, pos, 1, 3, r1, r0, True, True, True,
+                           True, True, False))
+
+
 def test_opcheck_label_group_sum():
     ref = torch.randn(9, 4, requires_grad=True)
     torch.library.opcheck(_families.label_group_sum, (torch.randint(0, 3, (7,)), torch.randint(0, 3, (9,)), ref))

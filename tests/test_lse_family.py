@@ -16,7 +16,8 @@ from contrastive_kernels import _families as fam
 from contrastive_kernels import reference
 from contrastive_kernels.reference import LSE_LABELS, LSE_NORM, LSE_TARGET, MASK_DIAG, MASK_POS, MASK_SAME_LABEL
 
-from helpers import _suffix, DTYPES, TOL, backend_params, peak_rss_growth, rel_err, skip_interpreter_bf16
+from helpers import (_suffix, DTYPES, TOL, backend_params, peak_rss_growth, rel_err, skip_interpreter_bf16,
+                     two_scale_case, two_scales_run)
 
 BACKENDS = backend_params("lse")
 REF = "_family_reference"
@@ -1160,6 +1161,32 @@ def test_lse_norm_refuses_rscale_with_history(backend):
         with pytest.raises(ValueError, match="k_rscale"):
             fam.lse_two_scales(backend, q, k, torch.tensor(1.0), torch.tensor(2.0), q_rscale=_own_rscale(q).detach(),
                                k_rscale=_own_rscale(k), mask_mode=LSE_NORM)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])  # (Triton's lse2: test_triton_lse)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 129])
+@pytest.mark.parametrize("case", ["hcl", "ring-plain", "ring-pos-beta0"])
+def test_lse_two_scales_matches_float64(backend, case, n, dtype):
+    """fam.lse_two_scales on the backends that run the lse ops twice (C++ CPU, the CUDA kernels)
+    against the float64 reference: both outputs, dq, dk and both dscales, the two gradients summed
+    before their one rounding, at odd sizes, with HCL's and the distributed ring's masks, scales of
+    every sign."""
+    if case == "hcl" and n == 1:
+        n = 2  # (HCL's smallest batch: one pair)
+    q, k, s1, s0, rscale, pos, diag, mode = two_scale_case(case, n, 40, dtype)
+    got = two_scales_run(backend, q, k, s1, s0, rscale, pos, diag, mode)
+    want = two_scales_run(fam.FAMILY_REFERENCE, q, k, s1, s0, rscale, pos, diag, mode, dtype=torch.float64)
+    for name, a, b in zip(("l1", "l0"), got[:2], want[:2]):
+        fin = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), fin), f"{backend} {case} n={n}: {name} finite pattern"
+        assert rel_err(a[fin], b[fin]) <= TOL[dtype], f"{backend} {case} n={n}: {name}"
+    for name, a, b in zip(("dq", "dk", "dscale1", "dscale0"), got[2], want[2]):
+        if b is None:
+            continue
+        assert a.dtype == (q.dtype if name in ("dq", "dk") else torch.float32), f"{name} dtype {a.dtype}"
+        e = rel_err(a, b)
+        assert e <= TOL[dtype], f"{backend} {dtype} {case} n={n}: {name} relative error {e:.2e}"
 
 
 @pytest.mark.parametrize("mode", [LSE_TARGET, LSE_LABELS])

@@ -85,19 +85,22 @@ def _control_job():
             "cc": 90, "aligned_ints": False}
 
 
-def _lse_fwd(dt, *, trans, on, d_pad, bo, bi, w, s, labels=False, cols=False, split=False):
+def _lse_fwd(dt, *, trans, on, d_pad, bo, bi, w, s, labels=False, cols=False, split=False, two=False):
     """_lse_pass: optional tensors are replaced by `out` (float32) when absent (TGT: the LSE_TARGET
     targets and XT the target scores, with `on`; CP the fused forward's column states, `cols`; RP
-    the column splits' row states, `split`)."""
+    the column splits' row states, `split`; SCALE0 / OUT0 / RP0 the second scale's, `two`: the
+    lse2 pass, with the masks and rscales of `on` but no bias, target or labels, which it never takes)."""
     bd = d_pad if d_pad <= 128 else 64  # _block_d on a GPU
     types = {"O": "*" + dt, "I": "*" + dt, "SCALE": "*fp32", "O_RS": "*fp32", "I_RS": "*fp32", "BIAS": "*fp32",
              "POS": "*i64" if on else "*fp32", "O_LAB": "*i64" if on or labels else "*fp32",
              "I_LAB": "*i64" if on or labels else "*fp32", "TGT": "*i64" if on else "*fp32", "OUT": "*fp32",
-             "XT": "*fp32", "CP": "*fp32", "RP": "*fp32"}
+             "XT": "*fp32", "CP": "*fp32", "RP": "*fp32", "SCALE0": "*fp32", "OUT0": "*fp32", "RP0": "*fp32"}
     types.update({n: "i32" for n in ("NO", "NI", "D", "stride_o", "stride_i", "diag_offset", "NSLOT", "ROW0")})
+    if two:
+        types.update(O_LAB="*fp32", I_LAB="*fp32", TGT="*fp32")
     cx = dict(COLS=cols, SLOT_ROWS=64, SPLIT=split,
-              TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on, MASK_DIAG=on, MASK_POS=on, MASK_LAB=on,
-              TARGET=on, LABELS=labels, IEEE=dt == "fp32", D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi)
+              TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on and not two, MASK_DIAG=on, MASK_POS=on,
+              MASK_LAB=on and not two, TARGET=on and not two, LABELS=labels, TWO=two, IEEE=dt == "fp32", D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi)
     return types, cx, _opts(w, s)
 
 
@@ -111,7 +114,7 @@ def _merge_states(dt, *, target, labels=False, finish=True):
 
 
 def _lse_bwd(dt, *, trans, on, oterm, iterm, need_out, need_ors, need_scale, need_bias, d_pad, bo, bi, bdo, w, s,
-             out_f32=False, labels=False, split=False):
+             out_f32=False, labels=False, split=False, two=False):
     """_bwd_pass: optional tensors are replaced by a float32 dummy (TGT, XT: the LSE_TARGET targets and
     target scores, with `on`); D_OUT is the gradient (input dtype,
     float32 when q is k in half precision) or `outer` (input dtype) without NEED_OUT; DS_C is the (1,)
@@ -124,11 +127,15 @@ def _lse_bwd(dt, *, trans, on, oterm, iterm, need_out, need_ors, need_scale, nee
              "O_G": "*fp32",
              "I_LSE": "*fp32",
              "I_G": "*fp32", "D_OUT": "*fp32" if (need_out and out_f32) else "*" + dt, "D_ORS": "*fp32",
-             "D_SCALE": "*fp32", "D_BIAS": "*fp32", "DS_C": "*fp32"}
+             "D_SCALE": "*fp32", "D_BIAS": "*fp32", "DS_C": "*fp32", "SCALE0": "*fp32", "O_LSE0": "*fp32",
+             "O_G0": "*fp32", "I_LSE0": "*fp32", "I_G0": "*fp32", "D_SCALE0": "*fp32"}
     types.update({n: "i32" for n in ("NO", "NI", "D", "stride_o", "stride_i", "diag_offset")})
-    cx = dict(TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on, MASK_DIAG=on, MASK_POS=on, MASK_LAB=on,
-              HAS_OTERM=oterm, HAS_ITERM=iterm, TARGET=on, LABELS=labels, NEED_OUT=need_out, NEED_ORS=need_ors and on,
-              NEED_SCALE=need_scale, NEED_BIAS=need_bias and on, RS_ON_TILE=dt == "fp16", SCALE_DS=dt == "fp16",
+    if two:  # (lse2_backward: the masks and rscales of `on`, no bias, target or labels)
+        types.update(O_LAB="*fp32", I_LAB="*fp32", TGT="*fp32")
+    cx = dict(TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on and not two, MASK_DIAG=on, MASK_POS=on,
+              MASK_LAB=on and not two, HAS_OTERM=oterm, HAS_ITERM=iterm, TARGET=on and not two, LABELS=labels,
+              TWO=two, NEED_OUT=need_out, NEED_ORS=need_ors and on,
+              NEED_SCALE=need_scale, NEED_BIAS=need_bias and on and not two, RS_ON_TILE=dt == "fp16", SCALE_DS=dt == "fp16",
               IEEE=dt == "fp32",
               D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, SPLIT=split, BLOCK_O=bo, BLOCK_I=bi,
               BLOCK_DO=min(bdo, d_pad) if need_out else 16)
@@ -286,6 +293,18 @@ def _variants():
     add("lse._lse_bwd_kernel", "same-q-k-f32-grad-D32", _lse_bwd, trans=True, on=True, oterm=True, iterm=True,
         need_out=True, need_ors=True, need_scale=True, need_bias=True, d_pad=32, bo=64, bi=32, bdo=256, w=4, s=3,
         out_f32=True)
+    # Two scales in one pass (lse2, HCL): the row pass with the masks and rscales, split and not; the
+    # backward's row pass (dq, d q_rscale, both dscales) and column pass (dk), float32 gradients.
+    add("lse._lse_fwd_kernel", "two-scales-row-D128", _lse_fwd, trans=False, on=True, two=True, d_pad=128,
+        bo=128, bi=128, w=8, s=3, f32=dict(bo=64, bi=64, w=4, s=4), dtypes=DTYPES)
+    add("lse._lse_fwd_kernel", "two-scales-split-D512", _lse_fwd, trans=False, on=True, two=True, split=True,
+        d_pad=512, bo=64, bi=128, w=4, s=3)
+    add("lse._lse_bwd_kernel", "two-scales-row-dq-D128", _lse_bwd, trans=False, on=True, two=True, oterm=True,
+        iterm=False, need_out=True, need_ors=True, need_scale=True, need_bias=False, d_pad=128, bo=64, bi=64,
+        bdo=128, w=4, s=2, out_f32=True, f32=dict(bi=32, bdo=256, s=3), dtypes=DTYPES)
+    add("lse._lse_bwd_kernel", "two-scales-col-dk-split-D256", _lse_bwd, trans=True, on=True, two=True,
+        oterm=False, iterm=True, need_out=True, need_ors=True, need_scale=False, need_bias=False, d_pad=256, bo=64,
+        bi=64, bdo=256, w=8, s=2, out_f32=True, split=True)
     # --- pairwise: BLOCK_D 256 (the launcher's largest) with tiles _prune keeps for it.  Modes 3 and 7
     # keep no pair at all (the compiler drops the products): not used here.
     add("pairwise._pairwise_fwd_kernel", "labels-offset-mode5-D256", _pw_fwd, main=True, labels=True, offset=True,

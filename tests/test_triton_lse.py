@@ -13,9 +13,9 @@ import torch
 import contrastive_kernels as ck
 from contrastive_kernels import _families as fam
 from contrastive_kernels import backends
-from contrastive_kernels.reference import MASK_DIAG, MASK_POS, MASK_SAME_LABEL
+from contrastive_kernels.reference import LSE_NORM, MASK_DIAG, MASK_POS, MASK_SAME_LABEL
 
-from helpers import TOL, rel_err
+from helpers import TOL, rel_err, two_scale_case, two_scales_run
 
 REF = backends.FAMILY_REFERENCE
 
@@ -462,3 +462,71 @@ def test_gpu_tile_configs_prune(d, smem_kib, monkeypatch):
                 assert bdo <= dpad and (bdo == 16 or need_out)
                 assert not need_out or c.kwargs["BLOCK_O"] * bdo <= 128 * 32 * c.num_warps
         assert klse._fwd_prune(klse._FWD_CONFIGS, {"O": x}, BLOCK_D=klse._block_d(dpad))
+
+
+# ----------------------------------------------- two scales of one product in one pass (HCL)
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("n", [1, 7, 129])
+@pytest.mark.parametrize("case", ["hcl", "ring-plain", "ring-pos-beta0"])
+def test_lse_two_scales_matches_float64(case, n, dtype):
+    """fam.lse_two_scales on Triton (the lse2 kernels: both scales' log-sum-exps from one product per
+    tile, the backward's dS of both summed in float32 before its one product) against the float64
+    reference (the lse family at each scale, autograd through the normalization): both outputs, dq,
+    dk, both dscales, at odd sizes, with the masks, every dtype."""
+    if dtype == BF16 and DEV == "cpu":
+        pytest.skip("bfloat16 Triton needs a GPU (the interpreter computes bfloat16 wrongly)")
+    if case == "hcl" and n == 1:
+        n = 2  # (HCL's smallest batch: one pair)
+    q, k, s1, s0, rscale, pos, diag, mode = two_scale_case(case, n, 40, dtype, DEV)
+    got = two_scales_run("triton", q, k, s1, s0, rscale, pos, diag, mode)
+    want = two_scales_run(REF, q, k, s1, s0, rscale, pos, diag, mode, dtype=torch.float64)
+    for name, a, b in zip(("l1", "l0"), got[:2], want[:2]):
+        _check_lse(a, b, dtype, f"{case} n={n} {name}")
+    for name, a, b in zip(("dq", "dk", "dscale1", "dscale0"), got[2], want[2]):
+        if b is None:
+            continue
+        assert a.dtype == (q.dtype if name in ("dq", "dk") else torch.float32), f"{name} dtype {a.dtype}"
+        _check(a, b, dtype, f"{case} n={n} {name}")
+
+
+def test_lse_two_scales_one_pass_per_side(monkeypatch):
+    """The Triton path forms each product once: one forward pass for both scales (not one per
+    scale), one backward pass per side (dq, dk); and it agrees with the lse kernels run twice."""
+    from contrastive_kernels.kernels import lse as klse
+    q, k, s1, s0, rscale, pos, diag, mode = two_scale_case("ring-pos-beta0", 33, 24, F32, DEV)
+    calls = {"fwd": 0, "bwd": 0}
+    fwd_pass, bwd_pass = klse._lse_pass, klse._bwd_pass
+
+    def count(key, fn):
+        def wrapped(*a, **kw):
+            calls[key] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(klse, "_lse_pass", count("fwd", fwd_pass))
+    monkeypatch.setattr(klse, "_bwd_pass", count("bwd", bwd_pass))
+    fused = two_scales_run("triton", q, k, s1, s0, rscale, pos, diag, mode)
+    assert calls == {"fwd": 1, "bwd": 2}, calls
+    monkeypatch.setattr(fam, "_TWO_SCALES_FUSED", ())
+    twice = two_scales_run("triton", q, k, s1, s0, rscale, pos, diag, mode)
+    assert calls == {"fwd": 3, "bwd": 6}, calls  # the lse ops twice: 2 forward passes, 2 x (rows, columns)
+    for name, a, b in zip(("l1", "l0"), fused[:2], twice[:2]):
+        _check_lse(a, b, F32, f"fused vs twice {name}")
+    for name, a, b in zip(("dq", "dk", "dscale1", "dscale0"), fused[2], twice[2]):
+        _check(a, b, F32, f"fused vs twice {name}")
+
+
+@pytest.mark.parametrize("case", ["hcl", "ring-plain"])
+def test_lse_two_scales_column_splits(case, monkeypatch):
+    """The lse2 kernels with column splits (a GPU's small-batch launches; forced here to 3): the
+    second scale's row states merged in split order (RP0), its dscale summed over the splits'
+    partials, against float64."""
+    monkeypatch.setenv("CONTRASTIVE_KERNELS_TRITON_COL_SPLITS", "3")
+    q, k, s1, s0, rscale, pos, diag, mode = two_scale_case(case, 129, 40, F16, DEV)
+    got = two_scales_run("triton", q, k, s1, s0, rscale, pos, diag, mode)
+    want = two_scales_run(REF, q, k, s1, s0, rscale, pos, diag, mode, dtype=torch.float64)
+    for name, a, b in zip(("l1", "l0"), got[:2], want[:2]):
+        _check_lse(a, b, F16, f"splits {case} {name}")
+    for name, a, b in zip(("dq", "dk", "dscale1", "dscale0"), got[2], want[2]):
+        if b is not None:
+            _check(a, b, F16, f"splits {case} {name}")

@@ -316,6 +316,48 @@ for _fam in FAMILY_SPECS:
     _register(_fam, f"{_fam}_forward_triton", f"{_fam}_backward_triton")
 
 
+# Two scales of one score matrix in one pass (HCL's l(S1) - l(S0); kernels/lse.py's lse2_forward /
+# lse2_backward): internal ops of _LseTwoScales (its autograd), Triton only for now; the native
+# backends run the lse ops twice.
+@torch.library.custom_op(f"{NS}::lse2_forward_triton", mutates_args=())
+@_no_autocast
+def _lse2_forward_triton(q: Tensor, k: Tensor, scale1: Tensor, scale0: Tensor, q_rscale: Optional[Tensor],
+                         k_rscale: Optional[Tensor], pos_index: Optional[Tensor], diag_offset: int,
+                         mask_mode: int) -> tuple[Tensor, Tensor]:
+    return _triton_module("lse").lse2_forward(q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset,
+                                              mask_mode)
+
+
+@_lse2_forward_triton.register_fake
+def _lse2_forward_fake(q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode):
+    return _f32_empty(q, (q.shape[0],)), _f32_empty(q, (q.shape[0],))
+
+
+@torch.library.custom_op(f"{NS}::lse2_backward_triton", mutates_args=())
+@_no_autocast
+def _lse2_backward_triton(grad1: Tensor, grad0: Tensor, q: Tensor, k: Tensor, scale1: Tensor, scale0: Tensor,
+                          q_rscale: Optional[Tensor], k_rscale: Optional[Tensor], pos_index: Optional[Tensor],
+                          diag_offset: int, mask_mode: int, row1: Tensor, row0: Tensor, need_q: bool, need_k: bool,
+                          need_scale1: bool, need_scale0: bool, need_q_rscale: bool,
+                          need_k_rscale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _triton_module("lse").lse2_backward(grad1, grad0, q, k, scale1, scale0, q_rscale, k_rscale, pos_index,
+                                               diag_offset, mask_mode, row1, row0, need_q, need_k, need_scale1,
+                                               need_scale0, need_q_rscale, need_k_rscale)
+
+
+@_lse2_backward_triton.register_fake
+def _lse2_backward_fake(grad1, grad0, q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode,
+                        row1, row0, need_q, need_k, need_scale1, need_scale0, need_q_rscale, need_k_rscale):
+    def opt(flag, shape):
+        return _f32_empty(q, shape if flag else _EMPTY)
+    return (opt(need_q, tuple(q.shape)), opt(need_k, tuple(k.shape)), opt(need_scale1, ()), opt(need_scale0, ()),
+            opt(need_q_rscale and q_rscale is not None, (q.shape[0],)),
+            opt(need_k_rscale and k_rscale is not None, (k.shape[0],)))
+
+
+_TWO_SCALES_FUSED = ("_triton",)  # op suffixes with lse2_forward / lse2_backward
+
+
 # ------------------------------------------- one-pass forward and gradient (pairwise)
 # ``pairwise_fused`` (native; csrc/op_schemas.h) / ``pairwise_fused_triton``: the total of the
 # per-row sums and its gradients for an upstream gradient of 1, computed in the forward
@@ -437,12 +479,20 @@ class _LseTwoScales(torch.autograd.Function):
     single-process, up to 4.2x distributed).  qa / ka are the autograd inputs that receive dq /
     dk: q / k themselves (rounded to their dtype), or float32 copies of them (not rounded: the
     caller's other float32 terms of the same input join them before autograd's one rounding);
-    qc / kc (detached) are what the kernels read."""
+    qc / kc (detached) are what the kernels read.  Where the backend has them (_TWO_SCALES_FUSED),
+    the lse2 ops do both scales in one pass over the tiles (one product per tile; the backward's
+    dS of both scales summed before its product): half the work of the lse ops twice."""
 
     @staticmethod
     def forward(ctx, qa, ka, scale1, scale0, qc, kc, q_rscale, k_rscale, pos_index, diag_offset, mask_mode, sfx, same):
         if same:  # (k's three passed as None: torch.compile traces no tensor passed twice to apply)
             ka, kc, k_rscale = qa, qc, q_rscale
+        if sfx in _TWO_SCALES_FUSED:
+            row1, row0 = _named_op("lse2_forward", sfx)(qc, kc, scale1, scale0, q_rscale, k_rscale, pos_index,
+                                                        diag_offset, mask_mode)
+            ctx.save_for_backward(qa, ka, qc, kc, scale1, scale0, q_rscale, k_rscale, pos_index, row1, row0)
+            ctx.args = (diag_offset, mask_mode, sfx, same)
+            return row1, row0
         fwd = _named_op("lse_forward", sfx)
         mode = mask_mode | LSE_NORM  # (the forward ignores the bit; the backward's float32 outputs)
         outs = [fwd(qc, kc, s, q_rscale, k_rscale, None, pos_index, None, None, diag_offset, mode, False)
@@ -458,6 +508,15 @@ class _LseTwoScales(torch.autograd.Function):
         nq, nk, ns1, ns0 = ctx.needs_input_grad[:4]
         if same:
             nk = nq
+        if sfx in _TWO_SCALES_FUSED:
+            row1, row0 = saved
+            dq, dk, ds1, ds0, dqr, dkr = _named_op("lse2_backward", sfx)(
+                g1.float().contiguous(), g0.float().contiguous(), q, k, s1, s0, qr, kr, pos, diag_offset, mode,
+                row1, row0, nq, nk, ns1, ns0, nq and qr is not None, nk and kr is not None)
+            dqr = dqr if nq and qr is not None else None
+            dkr = dkr if nk and kr is not None else None
+            ds = [ds1.to(s1.dtype) if ns1 else None, ds0.to(s0.dtype) if ns0 else None]
+            return _LseTwoScales._finish(qa, ka, qr, kr, dq, dk, dqr, dkr, ds, nq, nk, same)
         bwd = _named_op("lse_backward", sfx)
         none = _f32_empty(q, _EMPTY)
         dq = dk = dqr = dkr = None
@@ -470,8 +529,13 @@ class _LseTwoScales(torch.autograd.Function):
             dqr = ar if dqr is None else dqr + ar
             dkr = br if dkr is None else dkr + br
             ds.append(d_s.to(s.dtype) if ns else None)
+        return _LseTwoScales._finish(qa, ka, qr, kr, dq, dk, dqr, dkr, ds, nq, nk, same)
+
+    @staticmethod
+    def _finish(qa, ka, qr, kr, dq, dk, dqr, dkr, ds, nq, nk, same):
+        """backward's return: the float32 dq / dk (and rscale gradients) folded and rounded once."""
         if same:  # one tensor on both sides: the whole sum folded and rounded once
-            dq = _fold_norm(qa, qr, dq + dk, dqr + dkr) if nq else None
+            dq = _fold_norm(qa, qr, dq + dk, None if dqr is None else dqr + dkr) if nq else None
             dk = None
         else:
             dq = _fold_norm(qa, qr, dq, dqr) if nq else None
