@@ -64,6 +64,26 @@
   "bool need_k, bool need_scale, bool need_bias, bool need_q_rscale, bool need_k_rscale) " \
   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
+// Two scales of one product (HCL's reweighting l(S1) - l(S0)): the row log-sum-exps of
+// S1 = scale1 P and S0 = scale0 P over the same kept pairs, P_ij = (q_rscale_i q_i).(k_rscale_j k_j),
+// from one product per tile.  mask_mode: bits 1, 2 and 32 only (no bias, target, labels or column
+// term).  Returns (row_lse1, row_lse0), (N,) float32 each.  Defined by the CUDA build (the cuda
+// backend's kernels, and the "_cuda_emu" ops of the emulator build) and by the Triton backend
+// ("_triton", Python); the C++ CPU backend composes lse_forward / lse_backward twice.
+#define CK_SCHEMA_LSE2_FORWARD \
+  "(Tensor q, Tensor k, Tensor scale1, Tensor scale0, Tensor? q_rscale, Tensor? k_rscale, " \
+  "Tensor? pos_index, int diag_offset, int mask_mode) -> (Tensor, Tensor)"
+// The gradients of sum_i grad1_i row_lse1_i + grad0_i row_lse0_i, with
+// dS_ij = scale1 grad1_i p1_ij + scale0 grad0_i p0_ij per unit of P_ij on kept pairs (in float32,
+// before the one rounding of the product: HCL's two terms nearly cancel).  Returns (dq, dk, dscale1,
+// dscale0, dq_rscale, dk_rscale): dq / dk float32 whatever the input dtype (the caller folds the
+// normalization in, as LSE_NORM), the rest float32; each empty when its need_* flag is false.
+#define CK_SCHEMA_LSE2_BACKWARD \
+  "(Tensor grad1, Tensor grad0, Tensor q, Tensor k, Tensor scale1, Tensor scale0, Tensor? q_rscale, " \
+  "Tensor? k_rscale, Tensor? pos_index, int diag_offset, int mask_mode, Tensor row1, Tensor row0, " \
+  "bool need_q, bool need_k, bool need_scale1, bool need_scale0, bool need_q_rscale, bool need_k_rscale) " \
+  "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
 // ---- pairwise sigmoid family (SigLIP and per-pair softplus sums) ----------
 // x_ij = scale * <q_i, k_j> + bias + row_offset_i.  Pair (i, j) is positive when
 // q_labels[i] == k_labels[j] (labels given) or j == i + diag_offset (no labels).

@@ -49,6 +49,7 @@ PAIR_T = ["-m", "triton"] + _t("test_pairwise_family.py", "test_siglip.py")
 XC_T = ["-m", "triton"] + _t("test_xcorr_family.py", "test_barlow_vicreg.py")
 CUDA_T = ["-k", "cuda"] + _t("test_lse_family.py", "test_pairwise_family.py", "test_cuda_emulator.py")
 XC_CUDA_T = ["-k", "cuda"] + _t("test_xcorr_family.py")
+LSE2_CUDA_T = ["-k", "cuda and (two_scales or lse2)"] + _t("test_lse_family.py", "test_dispatch.py")
 WG_T = ["-k", "cuda and (float16 or bfloat16)"] + _t("test_wgmma.py", "test_lse_family.py")
 CPU_T = ["-k", "cpu"] + _t("test_lse_family.py", "test_formulas.py", "test_compat.py")
 SIM_T = ["-m", "triton"] + _t("test_similarity_family.py")
@@ -145,6 +146,16 @@ MUTANTS = [
     ("xc_panels_overwrite", XC_PY, "alpha=one, f64=False, accumulate=i > 0)", "alpha=one, f64=False, accumulate=False)",
      XC_T),
     # ---- CUDA tile kernels (on the emulator)
+    # two scales in one pass (kLse2, HCL)
+    ("cu_lse2_bwd_scale0_is_scale", TILES, "ds = scale * ds1 + scale0 * ds0;", "ds = scale * ds1 + scale * ds0;",
+     LSE2_CUDA_T),
+    ("cu_lse2_fwd_scale0_is_scale", TILES, "const float x0 = scale0 * (accS[nt][e] * (R[e >> 1].rs * cs[cl].rs));",
+     "const float x0 = scale * (accS[nt][e] * (R[e >> 1].rs * cs[cl].rs));", LSE2_CUDA_T),
+    ("cu_lse2_split_state_sum", TILES, "ws[4 * field] = TWO ? l0 : ps;", "ws[4 * field] = TWO ? l : ps;", LSE2_CUDA_T),
+    ("cu_lse2_dscale0_of_scale1", TILES, "dbias_part += static_cast<double>(ds0 * dot);",
+     "dbias_part += static_cast<double>(ds1 * dot);", LSE2_CUDA_T),
+    ("cu_lse2_dx_scaled_twice", TILES, "float v = (TWO ? 1.f : scale) * R[h].rs * accO[nt][e];",
+     "float v = scale * R[h].rs * accO[nt][e];", LSE2_CUDA_T),
     ("cu_rise_forgets_ties", TILES, "l = (l + k) * __expf(run_m[h] - ref);", "l = l * __expf(run_m[h] - ref);", CUDA_T),
     ("cu_diag_sign", TILES, "if (mode & 1) keep = keep && (j != i + diag);",
      "if (mode & 1) keep = keep && (j != i - diag);", CUDA_T),
@@ -153,7 +164,8 @@ MUTANTS = [
      "if (FAM == kLse && J.lse != -INFINITY) ds += J.g * __expf((x - J.x) - J.lse);", "", CUDA_T),
     ("cu_dbias_sign", TILES, "dbias_part += static_cast<double>(ds);", "dbias_part -= static_cast<double>(ds);",
      CUDA_T),
-    ("cu_dx_no_rs", TILES, "float v = scale * R[h].rs * accO[nt][e];", "float v = scale * accO[nt][e];", CUDA_T),
+    ("cu_dx_no_rs", TILES, "float v = (TWO ? 1.f : scale) * R[h].rs * accO[nt][e];",
+     "float v = (TWO ? 1.f : scale) * accO[nt][e];", CUDA_T),
     ("cu_dsscale_unscale", TILES, "if (kDsScale) v *= pow2(-ds_e[h]);", "", CUDA_T),
     ("cu_rescale_half_acc", TILES, "              accO[nt][2 * h] *= f;\n", "", CUDA_T),
     ("cu_sxt_reset", TILES,

@@ -1168,10 +1168,10 @@ def test_lse_norm_refuses_rscale_with_history(backend):
 @pytest.mark.parametrize("n", [1, 7, 129])
 @pytest.mark.parametrize("case", ["hcl", "ring-plain", "ring-pos-beta0"])
 def test_lse_two_scales_matches_float64(backend, case, n, dtype):
-    """fam.lse_two_scales on the backends that run the lse ops twice (C++ CPU, the CUDA kernels)
-    against the float64 reference: both outputs, dq, dk and both dscales, the two gradients summed
-    before their one rounding, at odd sizes, with HCL's and the distributed ring's masks, scales of
-    every sign."""
+    """fam.lse_two_scales on the C++ CPU backend (the lse ops twice, their gradients summed before
+    the one rounding) and the CUDA kernels (kLse2: both scales from one product per tile) against the
+    float64 reference: both outputs, dq, dk and both dscales, at odd sizes, with HCL's and the
+    distributed ring's masks, scales of every sign."""
     if case == "hcl" and n == 1:
         n = 2  # (HCL's smallest batch: one pair)
     q, k, s1, s0, rscale, pos, diag, mode = two_scale_case(case, n, 40, dtype)
@@ -1187,6 +1187,39 @@ def test_lse_two_scales_matches_float64(backend, case, n, dtype):
         assert a.dtype == (q.dtype if name in ("dq", "dk") else torch.float32), f"{name} dtype {a.dtype}"
         e = rel_err(a, b)
         assert e <= TOL[dtype], f"{backend} {dtype} {case} n={n}: {name} relative error {e:.2e}"
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("case", ["hcl", "ring-pos-beta0"])
+@pytest.mark.parametrize("n,d,splits", [(129, 40, ""), (70, 300, ""), (129, 40, "3")],
+                         ids=["d40", "d300", "d40-splits3"])
+def test_lse_two_scales_one_pass_matches_twice(backend, case, dtype, n, d, splits, monkeypatch):
+    """The one-pass kernels of both scales (CUDA kLse2, Triton lse2), which these backends use
+    (_TWO_SCALES_FUSED), against the float64 reference and against their own lse kernels run twice:
+    features past one tile (D = 300: the CUDA backward's two warp groups and two feature slices),
+    forced column splits (3: the second state in the split fields, its dscale partials), float16's
+    scaled dS."""
+    assert _suffix(backend) in fam._TWO_SCALES_FUSED
+    if splits:
+        monkeypatch.setenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS", splits)
+        monkeypatch.setenv("CONTRASTIVE_KERNELS_TRITON_COL_SPLITS", splits)
+    q, k, s1, s0, rscale, pos, diag, mode = two_scale_case(case, n, d, dtype, seed=3)
+    one = two_scales_run(backend, q, k, s1, s0, rscale, pos, diag, mode)
+    want = two_scales_run(fam.FAMILY_REFERENCE, q, k, s1, s0, rscale, pos, diag, mode, dtype=torch.float64)
+    monkeypatch.setattr(fam, "_TWO_SCALES_FUSED", ())
+    twice = two_scales_run(backend, q, k, s1, s0, rscale, pos, diag, mode)
+    for name, a, t, w in zip(("l1", "l0"), one[:2], twice[:2], want[:2]):
+        fin = torch.isfinite(w)
+        assert torch.equal(torch.isfinite(a), fin), f"{backend} {case}: {name} finite pattern"
+        assert rel_err(a[fin], w[fin]) <= TOL[dtype], f"{backend} {case}: {name} against float64"
+        assert rel_err(a[fin], t[fin]) <= TOL[dtype], f"{backend} {case}: {name} against the lse ops twice"
+    for name, a, t, w in zip(("dq", "dk", "dscale1", "dscale0"), one[2], twice[2], want[2]):
+        if w is None:
+            continue
+        e, e2 = rel_err(a, w), rel_err(a, t)
+        assert e <= TOL[dtype], f"{backend} {dtype} {case} d={d}: {name} relative error {e:.2e}"
+        assert e2 <= TOL[dtype], f"{backend} {dtype} {case} d={d}: {name} against twice {e2:.2e}"
 
 
 @pytest.mark.parametrize("mode", [LSE_TARGET, LSE_LABELS])

@@ -284,6 +284,68 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
   return {dq, dk, dscale, dbias, dqr, dkr};
 }
 
+// Two scales of one product (csrc/op_schemas.h, lse2_forward / lse2_backward): masks and rscales
+// only.
+void lse2_setup(kc::FamilyParams& p, const Tensor& q, const Tensor& scale0, const OptT& q_rscale,
+                const OptT& k_rscale, const OptT& pos_index, int64_t diag_offset, int64_t mask_mode) {
+  TORCH_CHECK((mask_mode & ~(1 | 2 | ck::kLseNorm)) == 0,
+              "contrastive_kernels (cuda): lse2: mask_mode takes the bits 1, 2 and 32 only, got ", mask_mode);
+  lse_masks(p, q, q_rscale, k_rscale, std::nullopt, pos_index, std::nullopt, std::nullopt, diag_offset, mask_mode);
+  p.scale0 = scalar_ptr(scale0, q, "scale0");
+}
+
+std::tuple<Tensor, Tensor> lse2_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& scale1,
+                                             const Tensor& scale0, const OptT& q_rscale, const OptT& k_rscale,
+                                             const OptT& pos_index, int64_t diag_offset, int64_t mask_mode) {
+  CK_NO_AUTOCAST();
+  check_pair(q, k, "q", "k");
+  const DeviceGuard guard(q.device());
+  auto p = base_params(q, k, scale1);
+  lse2_setup(p, q, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode);
+  Tensor row1 = f32(q, {p.n}), row0 = f32(q, {p.n});
+  p.row_out = row1.data_ptr<float>();
+  p.row_out0 = row0.data_ptr<float>();
+  Tensor ws = f32(q, {kc::forward_workspace_floats(p, false)});
+  p.workspace = ws.data_ptr<float>();
+  check_launch(kc::lse2_forward(p, current_stream()), "lse2_forward");
+  return {row1, row0};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse2_backward_cuda(
+    const Tensor& grad1, const Tensor& grad0, const Tensor& q, const Tensor& k, const Tensor& scale1,
+    const Tensor& scale0, const OptT& q_rscale, const OptT& k_rscale, const OptT& pos_index, int64_t diag_offset,
+    int64_t mask_mode, const Tensor& row1, const Tensor& row0, bool need_q, bool need_k, bool need_scale1,
+    bool need_scale0, bool need_q_rscale, bool need_k_rscale) {
+  CK_NO_AUTOCAST();
+  check_pair(q, k, "q", "k");
+  const DeviceGuard guard(q.device());
+  auto p = base_params(q, k, scale1);
+  lse2_setup(p, q, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode);
+  p.grad_row = fvec_ptr(grad1, p.n, q, "grad1");
+  p.grad_row0 = fvec_ptr(grad0, p.n, q, "grad0");
+  p.row_lse = fvec_ptr(row1, p.n, q, "row1");
+  p.row_lse0 = fvec_ptr(row0, p.n, q, "row0");
+  TORCH_CHECK(!need_q_rscale || p.q_rscale, "contrastive_kernels (cuda): need_q_rscale needs q_rscale");
+  TORCH_CHECK(!need_k_rscale || p.k_rscale, "contrastive_kernels (cuda): need_k_rscale needs k_rscale");
+  p.grad_f32 = true;
+  Tensor dq = need_q ? f32(q, q.sizes()) : f32(q, {0});
+  Tensor dk = need_k ? f32(k, k.sizes()) : f32(q, {0});
+  Tensor ds1 = need_scale1 ? f32(q, {}) : f32(q, {0});
+  Tensor ds0 = need_scale0 ? f32(q, {}) : f32(q, {0});
+  Tensor dqr = need_q_rscale ? f32(q, {p.n}) : f32(q, {0});
+  Tensor dkr = need_k_rscale ? f32(q, {p.m}) : f32(q, {0});
+  p.dq = need_q ? dq.data_ptr() : nullptr;
+  p.dk = need_k ? dk.data_ptr() : nullptr;
+  p.dscale = need_scale1 ? ds1.data_ptr<float>() : nullptr;
+  p.dscale0 = need_scale0 ? ds0.data_ptr<float>() : nullptr;
+  p.dq_rscale = need_q_rscale ? dqr.data_ptr<float>() : nullptr;
+  p.dk_rscale = need_k_rscale ? dkr.data_ptr<float>() : nullptr;
+  Tensor ws = f32(q, {kc::backward_workspace_floats(p)});
+  p.workspace = ws.data_ptr<float>();
+  check_launch(kc::lse2_backward(p, current_stream()), "lse2_backward");
+  return {dq, dk, ds1, ds0, dqr, dkr};
+}
+
 void pairwise_setup(kc::FamilyParams& p, const Tensor& q, const Tensor& bias, const OptT& row_offset,
                     const OptT& q_labels, const OptT& k_labels, int64_t diag_offset, int64_t mode) {
   TORCH_CHECK(mode >= 0 && mode <= 7, "contrastive_kernels (cuda): mode must be in [0, 7], got ", mode);
@@ -666,6 +728,28 @@ TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) { m.impl("_wgmma_gemm", &wgmma_
 #else
 TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) { m.def("_wgmma_gemm_cuda_emu(Tensor a, Tensor b, bool b_kn=False) -> Tensor"); }
 TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) { m.impl("_wgmma_gemm_cuda_emu", &wgmma_gemm_cuda); }
+#endif
+
+// The two-scale ops exist where their kernels do (the CUDA build; the emulator's "_cuda_emu" ops):
+// the C++ CPU backend has none (it composes the lse ops, _families._LseTwoScales).
+#ifndef CK_CUDA_EMU
+TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) {
+  m.def("lse2_forward" CK_SCHEMA_LSE2_FORWARD);
+  m.def("lse2_backward" CK_SCHEMA_LSE2_BACKWARD);
+}
+TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
+  m.impl("lse2_forward", &lse2_forward_cuda);
+  m.impl("lse2_backward", &lse2_backward_cuda);
+}
+#else
+TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) {
+  m.def("lse2_forward_cuda_emu" CK_SCHEMA_LSE2_FORWARD);
+  m.def("lse2_backward_cuda_emu" CK_SCHEMA_LSE2_BACKWARD);
+}
+TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
+  m.impl("lse2_forward_cuda_emu", &lse2_forward_cuda);
+  m.impl("lse2_backward_cuda_emu", &lse2_backward_cuda);
+}
 #endif
 
 #ifndef CK_CUDA_EMU

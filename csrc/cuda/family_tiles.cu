@@ -12,14 +12,17 @@ CK_FAMILY_TILES_FWD(extern, float)
 CK_FAMILY_TILES_BWD(extern, float, kLse)
 CK_FAMILY_TILES_BWD(extern, float, kLseLabels)
 CK_FAMILY_TILES_BWD(extern, float, kPairwise)
+CK_FAMILY_TILES_BWD(extern, float, kLse2)
 CK_FAMILY_TILES_FWD(extern, __half)
 CK_FAMILY_TILES_BWD(extern, __half, kLse)
 CK_FAMILY_TILES_BWD(extern, __half, kLseLabels)
 CK_FAMILY_TILES_BWD(extern, __half, kPairwise)
+CK_FAMILY_TILES_BWD(extern, __half, kLse2)
 CK_FAMILY_TILES_FWD(extern, __nv_bfloat16)
 CK_FAMILY_TILES_BWD(extern, __nv_bfloat16, kLse)
 CK_FAMILY_TILES_BWD(extern, __nv_bfloat16, kLseLabels)
 CK_FAMILY_TILES_BWD(extern, __nv_bfloat16, kPairwise)
+CK_FAMILY_TILES_BWD(extern, __nv_bfloat16, kLse2)
 
 namespace {
 
@@ -54,13 +57,15 @@ cudaError_t backward(const FamilyParams& p_in, bool need_row_pass, bool need_col
       CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(parts, nb, p.dscale);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
-    if (FAM == kPairwise && p.dbias && nb > 0) {
-      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(parts + nb, nb, p.dbias);
+    // the second whole-matrix sum: pairwise's dbias, kLse2's dscale0
+    float* second = FAM == kPairwise ? p.dbias : FAM == kLse2 ? p.dscale0 : nullptr;
+    if (second && nb > 0) {
+      CK_LAUNCH(1, 256, 0, stream, reduce_partials_kernel)(parts + nb, nb, second);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (nb == 0) {
       if (p.dscale) cudaMemsetAsync(p.dscale, 0, sizeof(float), stream);
-      if (FAM == kPairwise && p.dbias) cudaMemsetAsync(p.dbias, 0, sizeof(float), stream);
+      if (second) cudaMemsetAsync(second, 0, sizeof(float), stream);
     }
   }
   if (need_col_pass) {
@@ -113,6 +118,16 @@ cudaError_t lse_backward(const FamilyParams& p, cudaStream_t stream) {
   const bool row = p.dq || p.dq_rscale || p.dscale;
   const bool col = p.dk || p.dk_rscale || p.dcol_bias;
   return (p.mask_mode & 16) ? backward<kLseLabels>(p, row, col, stream) : backward<kLse>(p, row, col, stream);
+}
+
+cudaError_t lse2_forward(const FamilyParams& p, cudaStream_t stream) {
+  return launch_dtype<kLse2, false, false>(p, stream);
+}
+
+cudaError_t lse2_backward(const FamilyParams& p, cudaStream_t stream) {
+  const bool row = p.dq || p.dq_rscale || p.dscale || p.dscale0;
+  const bool col = p.dk || p.dk_rscale;
+  return backward<kLse2>(p, row, col, stream);
 }
 
 cudaError_t pairwise_forward(const FamilyParams& p, cudaStream_t stream) {

@@ -87,7 +87,10 @@ struct Shape {
 // that the other lse kernels keep their register budget (the float32 backward spilled otherwise).
 // kLseCols: the lse forward that also writes each tile's column partials (the fused forward of
 // compute_col: row and column log-sum-exps from one pass over S; forward row pass, SPLIT only).
-enum Family : int { kLse = 0, kPairwise = 1, kLseLabels = 2, kLseCols = 3 };
+// kLse2: two scales of one product (lse2_forward / lse2_backward, HCL's l(S) - l(S0)): plain row
+// log-sum-exps at scale and scale0 from each tile's product; the backward's dS = scale g p +
+// scale0 g0 p0 per unit of the product (the scales folded into dS, not applied to dX).
+enum Family : int { kLse = 0, kPairwise = 1, kLseLabels = 2, kLseCols = 3, kLse2 = 4 };
 
 // exp(-c) - 1 relative to itself however small c is (a confident row's p - 1 at its target,
 // c its cross-entropy): the Taylor series of e^x - 1 at x = -c below |x| = 1/2 (nine terms,
@@ -110,9 +113,11 @@ __device__ __forceinline__ float expm1_neg(float c) {
 // their neutral defaults.
 struct Side {
   float rs;    // row normalization (1 when absent)
-  float x;     // LSE_TARGET backward: the index's target logit (its log-sum-exp is x + lse), else 0
+  float x;     // LSE_TARGET backward: the index's target logit (its log-sum-exp is x + lse), else 0;
+               // kLse2 backward (a q index): the log-sum-exp at scale0
   float lse;   // saved log-sum-exp of this index (lse backward; LSE_TARGET: its cross-entropy)
-  float tg;    // LSE_TARGET backward, a kept target pair: g (p - 1) = g expm1(-ce) (computed once here)
+  float tg;    // LSE_TARGET backward, a kept target pair: g (p - 1) = g expm1(-ce) (computed once here);
+               // kLse2 backward (a q index): the upstream gradient of the log-sum-exp at scale0
   float g;     // incoming gradient of this index's output
   float bias;  // additive bias carried by this index (col_bias_j or row_offset_i)
   long long lab;
@@ -147,6 +152,10 @@ __device__ __forceinline__ void load_side(const FamilyParams& p, bool is_i, int6
       if (p.k_labels) s.lab = p.k_labels[idx];
     }
     if (p.target_state && s.lse != -INFINITY && (is_i || p.col_lse)) s.tg = s.g * expm1_neg(s.lse);
+    if (FAM == kLse2 && is_i) {
+      s.x = p.row_lse0 ? p.row_lse0[idx] : -INFINITY;
+      s.tg = p.grad_row0 ? p.grad_row0[idx] : 0.f;
+    }
   } else {
     if (is_i) {
       if (p.grad_row) s.g = p.grad_row[idx];
@@ -206,6 +215,12 @@ __device__ __forceinline__ float pow2(int e) { return __int_as_float((e + 127) <
 // logit xt; LSE_LABELS the positives' sum ps and count pc; pairwise, the softplus sum l.
 constexpr int kSplitFields = 6;  // m, l, kc, xt, ps, pc
 
+// log of a state's sum relative to its max m, log1p((kc - 1) + l): -inf with nothing kept, NaN
+// from a NaN logit.
+__device__ __forceinline__ float log_rest(float m, float l, float kc) {
+  return m == -INFINITY ? (l == 0.f ? -INFINITY : NAN) : log1pf((kc - 1.f) + l);
+}
+
 // Row r's forward outputs from its state.
 template <int FAM>
 __device__ __forceinline__ void finish_row(const FamilyParams& p, bool trans, int64_t r, int64_t nrows, float m,
@@ -215,9 +230,7 @@ __device__ __forceinline__ void finish_row(const FamilyParams& p, bool trans, in
     out[r] = l;
     return;
   }
-  // log of the sum relative to the max, log1p((k - 1) + l) (-inf with nothing kept, NaN from a
-  // NaN logit)
-  const float lg = m == -INFINITY ? (l == 0.f ? -INFINITY : NAN) : log1pf((kc - 1.f) + l);
+  const float lg = log_rest(m, l, kc);
   if (p.mask_mode & 8) {
     // the cross-entropy (max - target) + log1p(e): rounded relative to itself
     out[r] = (m - xt) + lg;
@@ -251,8 +264,9 @@ template <int FAM>
 __device__ __forceinline__ void finish_row_sums(const FamilyParams& p, bool trans, int64_t r, float a, float b,
                                                 float l) {
   if (FAM != kPairwise) {
-    if (!trans && p.dq_rscale) p.dq_rscale[r] = *p.scale * b;
-    if (trans && p.dk_rscale) p.dk_rscale[r] = *p.scale * b;
+    const float sc = FAM == kLse2 ? 1.f : *p.scale;  // (kLse2: dS is per unit of the product)
+    if (!trans && p.dq_rscale) p.dq_rscale[r] = sc * b;
+    if (trans && p.dk_rscale) p.dk_rscale[r] = sc * b;
     if (trans && p.dcol_bias) p.dcol_bias[r] = a;
   } else if (!trans) {
     if (p.drow_offset) p.drow_offset[r] = a;
@@ -273,7 +287,7 @@ __device__ __forceinline__ void finish_row_sums(const FamilyParams& p, bool tran
 template <typename T, int FAM, bool BWD, bool SPLIT, bool WG = false>
 constexpr int min_blocks() {
   static_assert(FAM != kLseCols || (SPLIT && !BWD), "the fused forward is a split forward kernel");
-  return !SPLIT ? 0 : BWD ? 2 : (FAM == kLseLabels && (sizeof(T) == 4 || WG)) ? 3 : 4;
+  return !SPLIT ? 0 : BWD ? 2 : ((FAM == kLseLabels && (sizeof(T) == 4 || WG)) || FAM == kLse2) ? 3 : 4;
 }
 
 template <typename T, int FAM, bool TRANS, bool BWD, int G, bool SPLIT, bool WG = false>
@@ -305,7 +319,8 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   // running max |dS| of the row, and accO is rescaled (exactly) whenever it changes.
   constexpr bool kDsScale = BWD && std::is_same<T, __half>::value;
   constexpr bool COLS = FAM == kLseCols;                  // the fused forward (column partials too)
-  constexpr bool LSE = FAM == kLse || FAM == kLseCols;   // the plain lse kernels
+  constexpr bool LSE = FAM == kLse || FAM == kLseCols || FAM == kLse2;  // the plain lse kernels
+  constexpr bool TWO = FAM == kLse2;                                     // ... with a second scale
   static_assert(!COLS || (!TRANS && !BWD && G == 1 && SPLIT), "the fused forward is a split row pass");
 
   __shared__ __align__(WG ? 1024 : 16) T sx[2][WG ? BM * 64 : BM * LDS];
@@ -331,6 +346,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   const int64_t nrows = TRANS ? p.m : p.n, ncols = TRANS ? p.n : p.m, D = p.d;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) + (COLS ? p.row_block0 : 0)) * BM;
   const float scale = *p.scale;
+  const float scale0 = TWO ? *p.scale0 : 0.f;
   const float sbias = (FAM == kPairwise) ? *p.bias : 0.f;
   const int64_t diag = p.diag_offset;
   const int mode = (FAM != kPairwise) ? p.mask_mode : p.pair_mode;
@@ -380,6 +396,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
   float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f}, run_k[2] = {0.f, 0.f};
   float run_x[2] = {0.f, 0.f};  // LSE_TARGET forward: the row's target logit (in one lane of the quad)
   float run_p[2] = {0.f, 0.f}, run_c[2] = {0.f, 0.f};  // LSE_LABELS forward: positives' sum, count
+  float run_m0[2] = {-INFINITY, -INFINITY}, run_l0[2] = {0.f, 0.f}, run_k0[2] = {0.f, 0.f};  // kLse2: scale0's
   float rsum[2] = {0.f, 0.f}, rrs[2] = {0.f, 0.f};
   // whole-matrix sums (dscale, dbias) in double: they cancel (MoCo's one query against its
   // queue: float32 partials missed 1e-5 on d temperature, found by the CPU emulator)
@@ -459,13 +476,15 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
           if (mode & 4) keep = keep && (j != i + diag);
         }
         // LSE_TARGET: the pair (i, t_i) (column pass: (j, j), compute_col being square)
-        const bool is_target = LSE && (mode & 8) && valid && j == (p.pos_index ? I.pos : i + diag);
+        const bool is_target = LSE && !TWO && (mode & 8) && valid && j == (p.pos_index ? I.pos : i + diag);
         if (!BWD) {
           if (FAM != kPairwise) {
             // A kept -inf logit comes from an infinite input: NaN, not exp(-inf) = 0 (SPEC).
             // Not in the labels forward: there it cost 26-41 registers on sm_80 (a block per
             // SM) and a spill on sm_90 (ptxas 13.0), so supcon's glue checks its inputs.
-            if (LSE)
+            if (TWO)  // the product itself (both scales' logits are formed from it below); non-finite: NaN
+              vals[nt][e] = keep ? (fabsf(dot) < INFINITY ? dot : NAN) : -INFINITY;
+            else if (LSE)
               vals[nt][e] = keep ? (x == -INFINITY ? NAN : x) : -INFINITY;
             else
               vals[nt][e] = keep ? x : -INFINITY;
@@ -480,7 +499,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
             run_l[h] += positive ? softplus(-x) : softplus(x);
           }
         } else {
-          float ds = 0.f;
+          float ds = 0.f, ds1 = 0.f, ds0 = 0.f;  // (kLse2: dS = scale ds1 + scale0 ds0)
           // LSE_TARGET (mask bit 8), the target pair of each side whose output is a cross-entropy
           // (row i: j == pos_index_i or i + diag; column j: i == j - diag): kept, g (p - 1) =
           // g expm1(-ce) (Side::tg; its S is the forward's x by definition, however the other pass
@@ -489,7 +508,12 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
           if (FAM == kLse && is_target) {
             ds = keep ? I.tg + J.tg : -((I.lse != -INFINITY ? I.g : 0.f) + (J.lse != -INFINITY ? J.g : 0.f));
           } else if (keep) {
-            if (FAM != kPairwise) {
+            if (TWO) {
+              // the row's (I: the q index) p at both scales; S0 = scale0 P as the forward formed it
+              if (I.lse != -INFINITY) ds1 = I.g * __expf(x - I.lse);
+              if (I.x != -INFINITY) ds0 = I.tg * __expf(scale0 * dot - I.x);
+              ds = scale * ds1 + scale0 * ds0;
+            } else if (FAM != kPairwise) {
               // exp((S - x) - ce) (LSE_TARGET), without targets x = 0: exp(S - lse).
               // LSE_LABELS, a (kept) same-label pair: -1/|P_i| (read here, at the positives only), in
               // float32 before dS is staged: p - 1/|P|
@@ -510,8 +534,13 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
             rsum[h] += ds;
             rrs[h] += ds * raw * C.rs;
             if (!TRANS) {
-              dscale_part += static_cast<double>(ds * dot);
-              dbias_part += static_cast<double>(ds);
+              if (TWO) {  // d scale and d scale0 (in dbias's partials)
+                dscale_part += static_cast<double>(ds1 * dot);
+                dbias_part += static_cast<double>(ds0 * dot);
+              } else {
+                dscale_part += static_cast<double>(ds * dot);
+                dbias_part += static_cast<double>(ds);
+              }
             }
           }
           if (kDsScale)
@@ -521,32 +550,61 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
         }
       }
     }
-    if (!BWD && FAM != kPairwise) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float new_m = fmaxf(run_m[h], quad_max(tile_max[h]));
-        // Reference point of the sum: 0 while every value seen is -inf (or NaN), so
-        // no -inf - -inf appears and a NaN still reaches the sum.
-        const float ref = new_m == -INFINITY ? 0.f : new_m;
-        float l = run_l[h], k = run_k[h];
-        if (new_m > run_m[h]) {  // the max rises: the old terms, maxima included, scale by exp(old - new)
-          l = (l + k) * __expf(run_m[h] - ref);
-          k = 0.f;
-        }
-#pragma unroll
-        for (int nt = 0; nt < NTS; ++nt)
-#pragma unroll
-          for (int e = 2 * h; e < 2 * h + 2; ++e) {
-            const float v = vals[nt][e];
-            if (v == ref)
-              k += 1.f;
-            else
-              l += __expf(v - ref);
-          }
-        run_l[h] = l;
-        run_k[h] = k;
-        run_m[h] = new_m;
+    // One tile of a row's online log-sum-exp (row half h): the tile's max tmax (this thread's), the
+    // state (rm, rl, rk) and the tile's logits logit(nt, e) (-inf where masked).
+    auto online = [&](int h, float tmax, float(&rm)[2], float(&rl)[2], float(&rk)[2], auto logit) {
+      const float new_m = fmaxf(rm[h], quad_max(tmax));
+      // Reference point of the sum: 0 while every value seen is -inf (or NaN), so
+      // no -inf - -inf appears and a NaN still reaches the sum.
+      const float ref = new_m == -INFINITY ? 0.f : new_m;
+      float l = rl[h], k = rk[h];
+      if (new_m > rm[h]) {  // the max rises: the old terms, maxima included, scale by exp(old - new)
+        l = (l + k) * __expf(rm[h] - ref);
+        k = 0.f;
       }
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+          const float v = logit(nt, e);
+          if (v == ref)
+            k += 1.f;
+          else
+            l += __expf(v - ref);
+        }
+      rl[h] = l;
+      rk[h] = k;
+      rm[h] = new_m;
+    };
+    if (!BWD && FAM != kPairwise && !TWO) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        online(h, tile_max[h], run_m, run_l, run_k, [&](int nt, int e) { return vals[nt][e]; });
+    }
+    if constexpr (TWO && !BWD) {
+      // Both scales' states from the kept products in vals (masked: -inf): S = scale P as the other
+      // lse kernels form it (scale dot, no bias), S0 = scale0 P; a kept -inf logit NaN.  The tile
+      // holds P rather than S so that the product's accumulators are dead here (recomputing S0 from
+      // them kept both tiles live: 189 registers, a spill in the split kernel).
+      auto state = [&](float sc, float(&rm)[2], float(&rl)[2], float(&rk)[2]) {
+        auto logit = [&](int nt, int e) {
+          const float v = vals[nt][e];
+          if (v == -INFINITY) return -INFINITY;
+          const float x = sc * v;
+          return x == -INFINITY ? NAN : x;
+        };
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float tm = -INFINITY;
+#pragma unroll
+          for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+            for (int e = 2 * h; e < 2 * h + 2; ++e) tm = fmaxf(tm, logit(nt, e));
+          online(h, tm, rm, rl, rk, logit);
+        }
+      };
+      state(scale, run_m, run_l, run_k);
+      state(scale0, run_m0, run_l0, run_k0);
     }
     if (COLS) {
       // The tile's column states over the block's 64 rows, in the row state's form: the column
@@ -712,6 +770,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
       const float xt = (FAM != kPairwise && (mode & 8)) ? quad_sum(run_x[h]) : 0.f;  // x + 0 + 0 + 0: exact
       const float ps = FAM == kLseLabels ? quad_sum(run_p[h]) : 0.f;
       const float pc = FAM == kLseLabels ? quad_sum(run_c[h]) : 0.f;
+      const float l0 = TWO ? quad_sum(run_l0[h]) : 0.f, kc0 = TWO ? quad_sum(run_k0[h]) : 0.f;
       const int64_t r = row0 + rw * 16 + g + 8 * h;
       if (t == 0 && r < nrows) {
         if (SPLIT) {  // a column split: the partial state, merged by merge_splits_kernel
@@ -720,11 +779,12 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
           ws[0] = run_m[h];
           ws[field] = l;
           ws[2 * field] = kc;
-          ws[3 * field] = xt;
-          ws[4 * field] = ps;
-          ws[5 * field] = pc;
+          ws[3 * field] = TWO ? run_m0[h] : xt;  // (kLse2: the fields of targets and labels hold scale0's state)
+          ws[4 * field] = TWO ? l0 : ps;
+          ws[5 * field] = TWO ? kc0 : pc;
         } else {
           finish_row<FAM>(p, TRANS, r, nrows, run_m[h], l, kc, xt, ps, pc);
+          if (TWO) p.row_out0[r] = run_m0[h] + log_rest(run_m0[h], l0, kc0);
         }
       }
     }
@@ -767,8 +827,8 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
           ws[2 * field] = l[h];
         } else {  // (finish_row_sums, written out: as a call it cost sm_80 registers)
           if (FAM != kPairwise) {
-            if (!TRANS && p.dq_rscale) p.dq_rscale[r] = scale * b[h];
-            if (TRANS && p.dk_rscale) p.dk_rscale[r] = scale * b[h];
+            if (!TRANS && p.dq_rscale) p.dq_rscale[r] = (TWO ? 1.f : scale) * b[h];
+            if (TRANS && p.dk_rscale) p.dk_rscale[r] = (TWO ? 1.f : scale) * b[h];
             if (TRANS && p.dcol_bias) p.dcol_bias[r] = a[h];
           } else if (!TRANS && p.drow_offset) {
             p.drow_offset[r] = a[h];
@@ -805,7 +865,7 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
         const int64_t r = row0 + rw * 16 + g + 8 * h;
         const int64_t d = dc0 + cg * part + nt * 8 + 2 * t + (e & 1);
         if (r < nrows && d < d_end) {
-          float v = scale * R[h].rs * accO[nt][e];
+          float v = (TWO ? 1.f : scale) * R[h].rs * accO[nt][e];
           if (kDsScale) v *= pow2(-ds_e[h]);
           if (SPLIT)
             part_out[r * D + d] = v;
@@ -856,6 +916,17 @@ __global__ void merge_splits_kernel(const FamilyParams p, bool trans, int64_t nr
     pc += ws[5 * field + o];
   }
   finish_row<FAM>(p, trans, r, nrows, m, l, kc, xt, ps, pc);
+  if (FAM == kLse2) {  // fields 3..5: the second scale's state, merged alike
+    float m0 = -INFINITY;
+    for (int sp = 0; sp < splits; ++sp) m0 = fmaxf(m0, ws[3 * field + sp * nrows]);
+    const float ref0 = m0 == -INFINITY ? 0.f : m0;
+    float l0 = 0.f, kc0 = 0.f;
+    for (int sp = 0; sp < splits; ++sp) {
+      const int64_t o = sp * nrows;
+      merge_state(m0, ref0, ws[3 * field + o], ws[4 * field + o], ws[5 * field + o], l0, kc0);
+    }
+    p.row_out0[r] = m0 + log_rest(m0, l0, kc0);
+  }
 }
 
 // The fused forward's column partials of one launch (`nb` row blocks, fold order) folded
@@ -1171,6 +1242,7 @@ cudaError_t launch_fused_cols(const FamilyParams& p_in, cudaStream_t stream) {
   PREFIX template cudaError_t launch_typed<T, kLse, true, false>(const FamilyParams&, cudaStream_t);        \
   PREFIX template cudaError_t launch_typed<T, kLseLabels, false, false>(const FamilyParams&, cudaStream_t); \
   PREFIX template cudaError_t launch_typed<T, kPairwise, false, false>(const FamilyParams&, cudaStream_t);  \
+  PREFIX template cudaError_t launch_typed<T, kLse2, false, false>(const FamilyParams&, cudaStream_t);      \
   PREFIX template cudaError_t launch_fused_cols<T>(const FamilyParams&, cudaStream_t);
 #define CK_FAMILY_TILES_BWD(PREFIX, T, FAM)                                                        \
   PREFIX template cudaError_t launch_typed<T, FAM, false, true>(const FamilyParams&, cudaStream_t);          \

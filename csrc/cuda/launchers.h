@@ -78,6 +78,14 @@ struct FamilyParams {
   // capability 9.0 device, an sm_90a build and CONTRASTIVE_KERNELS_CUDA_WGMMA=1; the emulator: the
   // variable)
   bool wgmma = false;
+
+  // two scales of one product (lse2_forward / lse2_backward, HCL): S0 = scale0 P beside S = scale P,
+  // plain row log-sum-exps (masks and rscales only)
+  const float* scale0 = nullptr;     // device scalar
+  float* row_out0 = nullptr;         // (n,) forward: row_lse at scale0
+  const float* row_lse0 = nullptr;   // (n,) backward inputs: the forward's row_out0 and its upstream
+  const float* grad_row0 = nullptr;  // gradient
+  float* dscale0 = nullptr;          // () backward output
 };
 
 // Number of float32 workspace elements the backward launchers need.
@@ -87,6 +95,11 @@ int64_t forward_workspace_floats(const FamilyParams& p, bool compute_col);
 
 cudaError_t lse_forward(const FamilyParams& p, bool compute_col, cudaStream_t stream);
 cudaError_t lse_backward(const FamilyParams& p, cudaStream_t stream);
+// Two scales in one pass (csrc/op_schemas.h, lse2_forward / lse2_backward): the forward writes row_out
+// and row_out0; the backward's dS = scale g p + scale0 g0 p0 per unit of the product (dq / dk in
+// float32: grad_f32), dscale and dscale0.
+cudaError_t lse2_forward(const FamilyParams& p, cudaStream_t stream);
+cudaError_t lse2_backward(const FamilyParams& p, cudaStream_t stream);
 cudaError_t pairwise_forward(const FamilyParams& p, cudaStream_t stream);
 cudaError_t pairwise_backward(const FamilyParams& p, cudaStream_t stream);
 

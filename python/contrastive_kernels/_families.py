@@ -316,9 +316,28 @@ for _fam in FAMILY_SPECS:
     _register(_fam, f"{_fam}_forward_triton", f"{_fam}_backward_triton")
 
 
-# Two scales of one score matrix in one pass (HCL's l(S1) - l(S0); kernels/lse.py's lse2_forward /
-# lse2_backward): internal ops of _LseTwoScales (its autograd), Triton only for now; the native
-# backends run the lse ops twice.
+# Two scales of one score matrix in one pass (HCL's l(S1) - l(S0); csrc/op_schemas.h's lse2 ops):
+# internal ops of _LseTwoScales (its autograd, no registered autograd of their own).  Triton
+# (kernels/lse.py) and the CUDA kernels (the CUDA build's lse2_forward / lse2_backward, the
+# emulator's *_cuda_emu); the C++ CPU backend runs the lse ops twice.
+def _lse2_forward_fake(q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode):
+    return _f32_empty(q, (q.shape[0],)), _f32_empty(q, (q.shape[0],))
+
+
+def _lse2_backward_fake(grad1, grad0, q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode,
+                        row1, row0, need_q, need_k, need_scale1, need_scale0, need_q_rscale, need_k_rscale):
+    def opt(flag, shape):
+        return _f32_empty(q, shape if flag else _EMPTY)
+    return (opt(need_q, tuple(q.shape)), opt(need_k, tuple(k.shape)), opt(need_scale1, ()), opt(need_scale0, ()),
+            opt(need_q_rscale and q_rscale is not None, (q.shape[0],)),
+            opt(need_k_rscale and k_rscale is not None, (k.shape[0],)))
+
+
+def _register_lse2(suffix: str) -> None:
+    torch.library.register_fake(f"{NS}::lse2_forward{suffix}")(_lse2_forward_fake)
+    torch.library.register_fake(f"{NS}::lse2_backward{suffix}")(_lse2_backward_fake)
+
+
 @torch.library.custom_op(f"{NS}::lse2_forward_triton", mutates_args=())
 @_no_autocast
 def _lse2_forward_triton(q: Tensor, k: Tensor, scale1: Tensor, scale0: Tensor, q_rscale: Optional[Tensor],
@@ -326,11 +345,6 @@ def _lse2_forward_triton(q: Tensor, k: Tensor, scale1: Tensor, scale0: Tensor, q
                          mask_mode: int) -> tuple[Tensor, Tensor]:
     return _triton_module("lse").lse2_forward(q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset,
                                               mask_mode)
-
-
-@_lse2_forward_triton.register_fake
-def _lse2_forward_fake(q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode):
-    return _f32_empty(q, (q.shape[0],)), _f32_empty(q, (q.shape[0],))
 
 
 @torch.library.custom_op(f"{NS}::lse2_backward_triton", mutates_args=())
@@ -345,17 +359,7 @@ def _lse2_backward_triton(grad1: Tensor, grad0: Tensor, q: Tensor, k: Tensor, sc
                                                need_scale0, need_q_rscale, need_k_rscale)
 
 
-@_lse2_backward_triton.register_fake
-def _lse2_backward_fake(grad1, grad0, q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode,
-                        row1, row0, need_q, need_k, need_scale1, need_scale0, need_q_rscale, need_k_rscale):
-    def opt(flag, shape):
-        return _f32_empty(q, shape if flag else _EMPTY)
-    return (opt(need_q, tuple(q.shape)), opt(need_k, tuple(k.shape)), opt(need_scale1, ()), opt(need_scale0, ()),
-            opt(need_q_rscale and q_rscale is not None, (q.shape[0],)),
-            opt(need_k_rscale and k_rscale is not None, (k.shape[0],)))
-
-
-_TWO_SCALES_FUSED = ("_triton",)  # op suffixes with lse2_forward / lse2_backward
+_register_lse2("_triton")
 
 
 # ------------------------------------------- one-pass forward and gradient (pairwise)
@@ -425,6 +429,17 @@ if _C is not None and _ext.load_cuda_emu() is not None:
     _register_fused("pairwise_fused_cuda_emu")
 
 
+def _has_op(name: str) -> bool:
+    return hasattr(getattr(torch.ops, NS), name)
+
+
+# Op suffixes with the lse2 ops: "_triton", and "" (the CUDA build's, CUDA tensors) / "_cuda_emu" (the
+# emulator's) where the build has them.
+_TWO_SCALES_FUSED = ("_triton",) + tuple(sfx for sfx in ("", "_cuda_emu") if _has_op(f"lse2_forward{sfx}"))
+for _sfx in _TWO_SCALES_FUSED[1:]:
+    _register_lse2(_sfx)
+
+
 # ------------------------------------------------------------- family entry points
 def _suffix(backend: str, x: Tensor) -> str:
     """Op name suffix of a backend: the Triton ops, the CUDA emulator's ops (cuda on CPU
@@ -484,10 +499,12 @@ class _LseTwoScales(torch.autograd.Function):
     dS of both scales summed before its product): half the work of the lse ops twice."""
 
     @staticmethod
-    def forward(ctx, qa, ka, scale1, scale0, qc, kc, q_rscale, k_rscale, pos_index, diag_offset, mask_mode, sfx, same):
+    def forward(ctx, qa, ka, scale1, scale0, qc, kc, q_rscale, k_rscale, pos_index, diag_offset, mask_mode, sfx, same,
+                fused):
         if same:  # (k's three passed as None: torch.compile traces no tensor passed twice to apply)
             ka, kc, k_rscale = qa, qc, q_rscale
-        if sfx in _TWO_SCALES_FUSED:
+        ctx.fused = fused
+        if fused:
             row1, row0 = _named_op("lse2_forward", sfx)(qc, kc, scale1, scale0, q_rscale, k_rscale, pos_index,
                                                         diag_offset, mask_mode)
             ctx.save_for_backward(qa, ka, qc, kc, scale1, scale0, q_rscale, k_rscale, pos_index, row1, row0)
@@ -508,7 +525,7 @@ class _LseTwoScales(torch.autograd.Function):
         nq, nk, ns1, ns0 = ctx.needs_input_grad[:4]
         if same:
             nk = nq
-        if sfx in _TWO_SCALES_FUSED:
+        if ctx.fused:
             row1, row0 = saved
             dq, dk, ds1, ds0, dqr, dkr = _named_op("lse2_backward", sfx)(
                 g1.float().contiguous(), g0.float().contiguous(), q, k, s1, s0, qr, kr, pos, diag_offset, mode,
@@ -540,7 +557,7 @@ class _LseTwoScales(torch.autograd.Function):
         else:
             dq = _fold_norm(qa, qr, dq, dqr) if nq else None
             dk = _fold_norm(ka, kr, dk, dkr) if nk else None
-        return dq, dk, ds[0], ds[1], None, None, None, None, None, None, None, None, None
+        return dq, dk, ds[0], ds[1], None, None, None, None, None, None, None, None, None, None
 
 
 def lse_two_scales(backend: str, q: Tensor, k: Tensor, scale1: Tensor, scale0: Tensor, *, q_rscale=None,
@@ -564,8 +581,10 @@ def lse_two_scales(backend: str, q: Tensor, k: Tensor, scale1: Tensor, scale0: T
         raise ValueError("lse_two_scales: grad_to must be float32 copies of q and k (one tensor when q is k)")
     qc = q.detach().contiguous()
     kc = None if same else k.detach().contiguous()
+    sfx = _suffix(backend, q)
+    fused = backend != "cpu" and sfx in _TWO_SCALES_FUSED  # (the C++ CPU backend: the lse ops twice)
     return _LseTwoScales.apply(qa, None if same else ka, scale1, scale0, qc, kc, q_rscale, None if same else k_rscale,
-                               pos_index, int(diag_offset), int(mask_mode), _suffix(backend, q), same)
+                               pos_index, int(diag_offset), int(mask_mode), sfx, same, fused)
 
 
 def _nonfinite_guard(*xs: Tensor) -> Tensor:
