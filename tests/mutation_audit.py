@@ -19,7 +19,8 @@ the C++ CPU backend and the reference), "cuda" (csrc/cuda/*) and "cpu" (the othe
     python tests/mutation_audit.py [--only NAME,...] [--kind triton|py|cuda|cpu] [--out audit.jsonl]
 
 The C++ mutants need a tree built with the emulator (`--build-tree DIR`: made on first use, a
-`git clone` of this checkout; about 3 minutes on one core, then ~35 s per CUDA mutant).
+`git clone` of this checkout, reset to its committed HEAD on every later run: commit before
+auditing native code; about 3 minutes on one core, then ~35 s per CUDA mutant).
 Results of the last full run: bench/NOTES.md "Mutation audit".
 """
 from __future__ import annotations
@@ -453,6 +454,9 @@ def main() -> None:
     if native and not os.path.isdir(a.build_tree):
         subprocess.run(["git", "clone", "-q", REPO, a.build_tree], check=True)
         os.symlink("../../kernels", os.path.join(a.build_tree, "python", "contrastive_kernels", "kernels"))
+    elif native:  # a tree from an earlier run: the checkout's committed HEAD, not the sources of then
+        subprocess.run(["git", "-C", a.build_tree, "fetch", "-q", REPO, "HEAD"], check=True)
+        subprocess.run(["git", "-C", a.build_tree, "reset", "-q", "--hard", "FETCH_HEAD"], check=True)
     survived, invalid = [], []
     for m in todo:
         name, rel, old, new, tests = m[:5]
