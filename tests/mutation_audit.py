@@ -150,8 +150,8 @@ MUTANTS = [
     # two scales in one pass (kLse2, HCL)
     ("cu_lse2_bwd_scale0_is_scale", TILES, "ds = scale * ds1 + scale0 * ds0;", "ds = scale * ds1 + scale * ds0;",
      LSE2_CUDA_T),
-    ("cu_lse2_fwd_scale0_is_scale", TILES, "const float x0 = scale0 * (accS[nt][e] * (R[e >> 1].rs * cs[cl].rs));",
-     "const float x0 = scale * (accS[nt][e] * (R[e >> 1].rs * cs[cl].rs));", LSE2_CUDA_T),
+    ("cu_lse2_fwd_scale0_is_scale", TILES, "state(scale0, run_m0, run_l0, run_k0);",
+     "state(scale, run_m0, run_l0, run_k0);", LSE2_CUDA_T),
     ("cu_lse2_split_state_sum", TILES, "ws[4 * field] = TWO ? l0 : ps;", "ws[4 * field] = TWO ? l : ps;", LSE2_CUDA_T),
     ("cu_lse2_dscale0_of_scale1", TILES, "dbias_part += static_cast<double>(ds0 * dot);",
      "dbias_part += static_cast<double>(ds1 * dot);", LSE2_CUDA_T),
