@@ -157,7 +157,7 @@ MUTANTS = [
      "dbias_part += static_cast<double>(ds1 * dot);", LSE2_CUDA_T),
     ("cu_lse2_dx_scaled_twice", TILES, "float v = (TWO ? 1.f : scale) * R[h].rs * accO[nt][e];",
      "float v = scale * R[h].rs * accO[nt][e];", LSE2_CUDA_T),
-    ("cu_rise_forgets_ties", TILES, "l = (l + k) * __expf(run_m[h] - ref);", "l = l * __expf(run_m[h] - ref);", CUDA_T),
+    ("cu_rise_forgets_ties", TILES, "l = (l + k) * __expf(rm[h] - ref);", "l = l * __expf(rm[h] - ref);", CUDA_T),
     ("cu_diag_sign", TILES, "if (mode & 1) keep = keep && (j != i + diag);",
      "if (mode & 1) keep = keep && (j != i - diag);", CUDA_T),
     ("cu_merge_state_ties", TILES, "l += (ls + ks) * __expf(ms - ref);", "l += ls * __expf(ms - ref);", CUDA_T),
