@@ -147,3 +147,24 @@ def two_scales_run(backend, q, k, s1, s0, rscale, pos, diag, mode, dtype=None, s
     if same:
         grads.insert(1, None)
     return l1.detach(), l0.detach(), grads
+
+
+def assert_two_scales_close(got, want, dtype, what, grad_dtype=None):
+    """two_scales_run's results against another run's (the float64 reference, or the lse ops run
+    twice): l1 and l0 with the same finite pattern (-inf where nothing is kept) and within SPEC's
+    relative tolerance on the finite rows; dq, dk (of `grad_dtype`, the input's, when given), d scale1,
+    d scale0 (float32) finite and within it."""
+    for name, a, b in zip(("l1", "l0"), got[:2], want[:2]):
+        fin = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), fin), f"{what}: {name} finite pattern differs\n{a}\n{b}"
+        assert (a[~fin] == float("-inf")).all(), f"{what}: {name}: rows with nothing kept must be -inf"
+        e = rel_err(a[fin], b[fin]) if fin.any() else 0.0
+        assert e <= TOL[dtype], f"{what}: {name} relative error {e:.2e}"
+    for name, a, b in zip(("dq", "dk", "dscale1", "dscale0"), got[2], want[2]):
+        if b is None:
+            continue
+        if grad_dtype is not None:
+            assert a.dtype == (grad_dtype if name in ("dq", "dk") else torch.float32), f"{what}: {name} dtype {a.dtype}"
+        assert a.shape == b.shape and torch.isfinite(a).all(), f"{what}: {name} shape or non-finite values"
+        e = rel_err(a, b)
+        assert e <= TOL[dtype], f"{what}: {name} relative error {e:.2e}"
