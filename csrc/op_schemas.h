@@ -67,9 +67,9 @@
 // Two scales of one product (HCL's reweighting l(S1) - l(S0)): the row log-sum-exps of
 // S1 = scale1 P and S0 = scale0 P over the same kept pairs, P_ij = (q_rscale_i q_i).(k_rscale_j k_j),
 // from one product per tile.  mask_mode: bits 1, 2 and 32 only (no bias, target, labels or column
-// term).  Returns (row_lse1, row_lse0), (N,) float32 each.  Defined by the CUDA build (the cuda
-// backend's kernels, and the "_cuda_emu" ops of the emulator build) and by the Triton backend
-// ("_triton", Python); the C++ CPU backend composes lse_forward / lse_backward twice.
+// term).  Returns (row_lse1, row_lse0), (N,) float32 each.  Every backend has them: the C++ CPU
+// kernels, the CUDA kernels (and the "_cuda_emu" ops of the emulator build), Triton ("_triton",
+// Python).
 #define CK_SCHEMA_LSE2_FORWARD \
   "(Tensor q, Tensor k, Tensor scale1, Tensor scale0, Tensor? q_rscale, Tensor? k_rscale, " \
   "Tensor? pos_index, int diag_offset, int mask_mode) -> (Tensor, Tensor)"
@@ -77,7 +77,9 @@
 // dS_ij = scale1 grad1_i p1_ij + scale0 grad0_i p0_ij per unit of P_ij on kept pairs (in float32,
 // before the one rounding of the product: HCL's two terms nearly cancel).  Returns (dq, dk, dscale1,
 // dscale0, dq_rscale, dk_rscale): dq / dk float32 whatever the input dtype (the caller folds the
-// normalization in, as LSE_NORM), the rest float32; each empty when its need_* flag is false.
+// normalization in, as LSE_NORM), the rest float32; each empty when its need_* flag is false.  As
+// lse_backward, when q and k are the same tensor (q_rscale the same as k_rscale, need_q == need_k) a
+// backend may return the tensor's whole gradient in dq / dq_rscale and zeros in dk / dk_rscale.
 #define CK_SCHEMA_LSE2_BACKWARD \
   "(Tensor grad1, Tensor grad0, Tensor q, Tensor k, Tensor scale1, Tensor scale0, Tensor? q_rscale, " \
   "Tensor? k_rscale, Tensor? pos_index, int diag_offset, int mask_mode, Tensor row1, Tensor row0, " \
@@ -134,6 +136,8 @@
 #define CK_FOR_EACH_OP_SCHEMA(X) \
   X("lse_forward", CK_SCHEMA_LSE_FORWARD) \
   X("lse_backward", CK_SCHEMA_LSE_BACKWARD) \
+  X("lse2_forward", CK_SCHEMA_LSE2_FORWARD) \
+  X("lse2_backward", CK_SCHEMA_LSE2_BACKWARD) \
   X("pairwise_forward", CK_SCHEMA_PAIRWISE_FORWARD) \
   X("pairwise_backward", CK_SCHEMA_PAIRWISE_BACKWARD) \
   X("pairwise_fused", CK_SCHEMA_PAIRWISE_FUSED) \

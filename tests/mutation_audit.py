@@ -53,6 +53,8 @@ XC_CUDA_T = ["-k", "cuda"] + _t("test_xcorr_family.py")
 LSE2_CUDA_T = ["-k", "cuda and (two_scales or lse2)"] + _t("test_lse_family.py", "test_dispatch.py")
 WG_T = ["-k", "cuda and (float16 or bfloat16)"] + _t("test_wgmma.py", "test_lse_family.py")
 CPU_T = ["-k", "cpu"] + _t("test_lse_family.py", "test_formulas.py", "test_compat.py")
+CPU_LSE2_T = ["-k", "cpu and (two_scales or lse2 or hard_negative or hcl)"] + _t("test_lse_family.py",
+                                                                                 "test_dispatch.py", "test_formulas.py")
 SIM_T = ["-m", "triton"] + _t("test_similarity_family.py")
 SIM_CUDA_T = ["-k", "cuda"] + _t("test_similarity_family.py", "test_cuda_emulator.py")
 SIM_CPU_T = ["-k", "cpu"] + _t("test_similarity_family.py")
@@ -202,6 +204,21 @@ MUTANTS = [
     ("cpu_labels_pair_dscale", CPU_LSE,
      "raw_pos += static_cast<double>(row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f)) * gr[j];",
      "raw_pos += static_cast<double>(row_lab) * gr[j];", CPU_T),
+    # C++ CPU two scales (lse2, HCL): the second scale's logits, dS and dscale, the combined dS's units
+    ("cpu_lse2_rows_scale1", CPU_LSE, "tile_row_logits(*two->P, s0, s0, i0 + r, j0, bn);",
+     "tile_row_logits(P, s0, s0, i0 + r, j0, bn);", CPU_LSE2_T),
+    ("cpu_lse2_sym_fwd_scale1", CPU_LSE, "symmetric_tile_forward(*two->P, T, W, W.tile2(),",
+     "symmetric_tile_forward(P, T, W, W.tile2(),", CPU_LSE2_T),
+    ("cpu_lse2_combine_scale1", CPU_LSE, "ds1[j] = scale1 * ds1[j] + scale0 * ds0[j];",
+     "ds1[j] = scale1 * ds1[j] + scale1 * ds0[j];", CPU_LSE2_T),
+    ("cpu_lse2_sym_dscale0", CPU_LSE, "if (G0 != nullptr && G0->dscale != nullptr) G0->dscale[I] += dsc0;",
+     "if (G0 != nullptr && G0->dscale != nullptr) G0->dscale[I] += dsc;", CPU_LSE2_T),
+    ("cpu_lse2_item_dscale0", CPU_LSE, "if (two != nullptr && two->G.dscale != nullptr) two->G.dscale[I] += dsc0;",
+     "if (two != nullptr && two->G.dscale != nullptr) two->G.dscale[I] += dsc;", CPU_LSE2_T),
+    ("cpu_lse2_drscale_scaled", CPU_LSE, "const Tensor dqr = need_q_rscale ? rowdot(q, A) : none;",
+     "const Tensor dqr = need_q_rscale ? rowdot(q, A).mul_(P.scale) : none;", CPU_LSE2_T),
+    ("cpu_lse2_sym_no_copy", CPU_LSE, "    if (P0 != nullptr) std::copy(g, g + bm * bn, W.tile2());\n", "",
+     CPU_LSE2_T),
     # ---- the similarity family
     # Triton: the grouped tile order's last (short) group, the backward's feature chunks, dscale's a_hat
     ("sim_group_tail_tiles", SIM_PY, "pid_n = (pid % per_group) // group_size",

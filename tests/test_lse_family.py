@@ -1168,10 +1168,10 @@ def test_lse_norm_refuses_rscale_with_history(backend):
 @pytest.mark.parametrize("n", [1, 7, 129])
 @pytest.mark.parametrize("case", ["hcl", "ring-plain", "ring-pos-beta0"])
 def test_lse_two_scales_matches_float64(backend, case, n, dtype):
-    """fam.lse_two_scales on the C++ CPU backend (the lse ops twice, their gradients summed before
-    the one rounding) and the CUDA kernels (kLse2: both scales from one product per tile) against the
-    float64 reference: both outputs, dq, dk and both dscales, at odd sizes, with HCL's and the
-    distributed ring's masks, scales of every sign."""
+    """fam.lse_two_scales on the C++ CPU kernels (lse2: both scales from one GEMM per tile, the
+    symmetric tile loop for HCL, the row / diagonal schedules for the ring) and the CUDA kernels
+    (kLse2) against the float64 reference: both outputs, dq, dk and both dscales, at odd sizes, with
+    HCL's and the distributed ring's masks, scales of every sign."""
     if case == "hcl" and n == 1:
         n = 2  # (HCL's smallest batch: one pair)
     q, k, s1, s0, rscale, pos, diag, mode = two_scale_case(case, n, 40, dtype)
@@ -1180,17 +1180,29 @@ def test_lse_two_scales_matches_float64(backend, case, n, dtype):
     assert_two_scales_close(got, want, dtype, f"{backend} {dtype} {case} n={n}", grad_dtype=q.dtype)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "cpu"])
+def _one_pass_cases():
+    """(backend, n, d, splits) of test_lse_two_scales_one_pass_matches_twice: for the GPU kernels
+    features past one tile (D = 300: the CUDA backward's two warp groups and two feature slices) and
+    forced column splits; for the C++ CPU kernels an odd (129: 5 blocks of 32) and an even (256: 8)
+    number of tile blocks (the symmetric loop's tournament has a bye, or a round of diagonal tiles)."""
+    for b in BACKENDS:
+        if b.values[0] == fam.FAMILY_REFERENCE:
+            continue
+        sizes = ([(129, 40, ""), (256, 72, "")] if b.values[0] == "cpu"
+                 else [(129, 40, ""), (70, 300, ""), (129, 40, "3")])
+        for n, d, splits in sizes:
+            yield pytest.param(b.values[0], n, d, splits, marks=b.marks,
+                               id=f"{b.id}-n{n}-d{d}" + (f"-splits{splits}" if splits else ""))
+
+
+@pytest.mark.parametrize("backend,n,d,splits", list(_one_pass_cases()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("case", ["hcl", "ring-pos-beta0"])
-@pytest.mark.parametrize("n,d,splits", [(129, 40, ""), (70, 300, ""), (129, 40, "3")],
-                         ids=["d40", "d300", "d40-splits3"])
 def test_lse_two_scales_one_pass_matches_twice(backend, case, dtype, n, d, splits, monkeypatch):
-    """The one-pass kernels of both scales (CUDA kLse2, Triton lse2), which these backends use
-    (_TWO_SCALES_FUSED), against the float64 reference and against their own lse kernels run twice:
-    features past one tile (D = 300: the CUDA backward's two warp groups and two feature slices),
-    forced column splits (3: the second state in the split fields, its dscale partials), float16's
-    scaled dS."""
+    """The one-pass kernels of both scales (C++ CPU and CUDA lse2, Triton lse2), which every backend
+    uses (_TWO_SCALES_FUSED), against the float64 reference and against their own lse kernels run
+    twice: multi-tile sizes, forced column splits (3: the second state in the split fields, its dscale
+    partials), float16's scaled dS."""
     assert _suffix(backend) in fam._TWO_SCALES_FUSED
     if splits:
         monkeypatch.setenv("CONTRASTIVE_KERNELS_CUDA_COL_SPLITS", splits)

@@ -241,12 +241,13 @@ inline std::pair<int64_t, int64_t> diagonal_item(const Tiling& t, int64_t p, int
   return {(p + step) % t.nrb, p};
 }
 
-// Per-thread scratch: the tile, one logits row and six column vectors.
+// Per-thread scratch: the tile, one logits row, five column vectors, six row vectors and, for
+// two scales (lse2), a second tile (the product's copy that the second scale's logits overwrite).
 struct Scratch {
   Tensor buf;
   int64_t stride = 0, bm = 0, bn = 0;
-  Scratch(const Tiling& t) : bm(t.bm), bn(t.bn) {
-    stride = t.bm * t.bn + 6 * t.bn + 4 * t.bm + 16;
+  explicit Scratch(const Tiling& t, bool two = false) : bm(t.bm), bn(t.bn) {
+    stride = (two ? 2 : 1) * t.bm * t.bn + 6 * t.bn + 6 * t.bm + 16;
     buf = at::empty({std::max<int64_t>(1, at::get_num_threads()) * stride}, at::kFloat);
   }
   float* base() const {
@@ -265,6 +266,9 @@ struct Scratch {
   float* rowstat1() const { return rowstat0() + bm; }
   float* rowstat2() const { return rowstat1() + bm; }
   float* rowstat3() const { return rowstat2() + bm; }
+  float* rowstat4() const { return rowstat3() + bm; }
+  float* rowstat5() const { return rowstat4() + bm; }
+  float* tile2() const { return rowstat5() + bm; }  // (two scales only)
 };
 
 // Logits of tile row r (global row gi, columns j0 .. j0+bn): s = scale g + bias, masked = -inf.
@@ -341,31 +345,52 @@ inline float finish_row(float mx, float e, const float* xt, int64_t i) {
 }
 
 // ------------------------------------------------------------------------ forward
+// The second scale of a two-scale problem (lse2, HCL's l(S1) - l(S0)): the same kept pairs of the
+// same product at P0.scale (P0 is P but for its scale; no bias, target or labels), whose row
+// log-sum-exps go to row_lse.  Each tile's product is formed once; a copy of it in the scratch's
+// second tile takes the second scale's logits.
+struct SecondScale {
+  const Problem* P = nullptr;
+  float* row_lse = nullptr;
+};
+
 // lab (LSE_LABELS): (2, n), receives the row log-sum-exps and 1/|P_i|; row_lse the losses.
-void forward_rows(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* xt, float* lab) {
+void forward_rows(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* xt, float* lab,
+                  const SecondScale* two = nullptr) {
   at::parallel_for(0, T.nrb, 1, [&](int64_t b0, int64_t b1) {
     float* g = W.tile();
     float* mx = W.rowstat0();
     float* sm = W.rowstat1();
     float* ps = W.rowstat2();
     float* pc = W.rowstat3();
+    float* mx0 = W.rowstat4();
+    float* sm0 = W.rowstat5();
     for (int64_t I = b0; I < b1; ++I) {
       const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
       std::fill(mx, mx + bm, kNegInf);
       std::fill(sm, sm + bm, 0.0f);
       std::fill(ps, ps + bm, 0.0f);
       std::fill(pc, pc + bm, 0.0f);
+      std::fill(mx0, mx0 + bm, kNegInf);
+      std::fill(sm0, sm0 + bm, 0.0f);
       for (int64_t J = 0; J < T.ncb; ++J) {
         const int64_t j0 = T.cols(J), bn = std::min(T.bn, P.m - j0);
         gemm_abt(bm, bn, P.d, P.qh + i0 * P.d, P.d, P.kh + j0 * P.d, P.d, g);
+        if (two != nullptr) std::copy(g, g + bm * bn, W.tile2());
         for (int64_t r = 0; r < bm; ++r) {
           float* s = g + r * bn;
           tile_row_logits(P, s, s, i0 + r, j0, bn, xt);
           row_update(mx[r], sm[r], s, bn);
           if (lab != nullptr) label_pos_acc(s, P.k_labels + j0, P.q_labels[i0 + r], bn, ps[r], pc[r]);
+          if (two != nullptr) {
+            float* s0 = W.tile2() + r * bn;
+            tile_row_logits(*two->P, s0, s0, i0 + r, j0, bn);
+            row_update(mx0[r], sm0[r], s0, bn);
+          }
         }
       }
       for (int64_t r = 0; r < bm; ++r) {
+        if (two != nullptr) two->row_lse[i0 + r] = finish_lse(mx0[r], sm0[r]);
         row_lse[i0 + r] = finish_row(mx[r], sm[r], xt, i0 + r);
         if (lab != nullptr) {  // LSE minus the mean positive logit
           lab[i0 + r] = row_lse[i0 + r];
@@ -444,59 +469,88 @@ inline double target_ds(float& ds, bool kept, float raw, float a, float rl, floa
   return static_cast<double>(ds - old) * raw;
 }
 
-void backward_item(const Problem& P, const Tiling& T, const Scratch& W, const Grads& G, int64_t I, int64_t J) {
+// One tile row's dS (over its raw products gr; s: scratch for its logits); returns its dscale share.
+double backward_row(const Problem& P, const Grads& G, float* gr, float* s, int64_t gi, int64_t j0, int64_t bn) {
+  double dsc = 0.0;
+  tile_row_logits(P, s, gr, gi, j0, bn);
+  const int64_t tc = target_col(P, gi, j0, bn);
+  const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
+  // A row without kept pairs (lse -inf) gets no gradient (grow 0); its dS is 0 by the mask.
+  const bool row_term = G.grow != nullptr && G.grow[gi] != 0.0f;
+  // LSE_LABELS: -grow_i / |P_i| at the kept same-label pairs (their raw products' dscale share first)
+  const float lab_w = (G.lw != nullptr && row_term) ? G.grow[gi] * G.lw[gi] : 0.0f;
+  const int64_t label = lab_w != 0.0f ? P.q_labels[gi] : 0;
+  if (lab_w != 0.0f) {
+    double raw_pos = 0.0;
+    for (int64_t j = 0; j < bn; ++j)
+      if (P.k_labels[j0 + j] == label && s[j] != kNegInf) raw_pos += gr[j];
+    dsc -= static_cast<double>(lab_w) * raw_pos;
+  }
+  if (row_term && G.gcol != nullptr) {
+    dsc += ds_row_rc(gr, s, bn, G.grow[gi], G.rx[gi], G.rl[gi], G.gcol + j0, G.cx + j0, G.cl + j0);
+  } else if (row_term) {
+    dsc += ds_row_r(gr, s, bn, G.grow[gi], G.rx[gi], G.rl[gi]);
+  } else if (G.gcol != nullptr) {
+    dsc += ds_row_c(gr, s, bn, G.gcol + j0, G.cx + j0, G.cl + j0);
+  } else {
+    std::fill(gr, gr + bn, 0.0f);
+  }
+  if (tc >= 0)  // LSE_TARGET: the row's p - 1 (and the column's: its target is this row)
+    dsc += target_ds(gr[tc], s[tc] != kNegInf, raw_t, row_term ? G.grow[gi] : 0.0f, G.rl[gi],
+                     G.gcol != nullptr ? G.gcol[j0 + tc] : 0.0f, G.gcol != nullptr ? G.cl[j0 + tc] : 0.0f);
+  if (lab_w != 0.0f) {
+    for (int64_t j = 0; j < bn; ++j)
+      if (P.k_labels[j0 + j] == label && s[j] != kNegInf) gr[j] -= lab_w;
+  }
+  return dsc;
+}
+
+// Two scales (lse2): dS = scale1 dS1 + scale0 dS0 per unit of the product, summed in float32
+// before the GEMMs (A and B are then in the product's units: the caller applies no scale).
+CK_MULTIVERSION void combine_scales(float* ds1, const float* ds0, int64_t n, float scale1, float scale0) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) ds1[j] = scale1 * ds1[j] + scale0 * ds0[j];
+}
+
+// The second scale's backward (lse2): its problem (P0), upstream gradients and log-sum-exps (G0:
+// grow, rx, rl and dscale only).
+struct SecondGrads {
+  const Problem* P = nullptr;
+  Grads G;
+};
+
+void backward_item(const Problem& P, const Tiling& T, const Scratch& W, const Grads& G, int64_t I, int64_t J,
+                   const SecondGrads* two = nullptr) {
   const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
   const int64_t j0 = T.cols(J), bn = std::min(T.bn, P.m - j0);
   float* g = W.tile();
   float* s = W.row();
   gemm_abt(bm, bn, P.d, P.qh + i0 * P.d, P.d, P.kh + j0 * P.d, P.d, g);
-  double dsc = 0.0;
+  if (two != nullptr) std::copy(g, g + bm * bn, W.tile2());
+  double dsc = 0.0, dsc0 = 0.0;
   for (int64_t r = 0; r < bm; ++r) {
-    const int64_t gi = i0 + r;
     float* gr = g + r * bn;
-    tile_row_logits(P, s, gr, gi, j0, bn);
-    const int64_t tc = target_col(P, gi, j0, bn);
-    const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
-    // A row without kept pairs (lse -inf) gets no gradient (grow 0); its dS is 0 by the mask.
-    const bool row_term = G.grow != nullptr && G.grow[gi] != 0.0f;
-    // LSE_LABELS: -grow_i / |P_i| at the kept same-label pairs (their raw products' dscale share first)
-    const float lab_w = (G.lw != nullptr && row_term) ? G.grow[gi] * G.lw[gi] : 0.0f;
-    const int64_t label = lab_w != 0.0f ? P.q_labels[gi] : 0;
-    if (lab_w != 0.0f) {
-      double raw_pos = 0.0;
-      for (int64_t j = 0; j < bn; ++j)
-        if (P.k_labels[j0 + j] == label && s[j] != kNegInf) raw_pos += gr[j];
-      dsc -= static_cast<double>(lab_w) * raw_pos;
-    }
-    if (row_term && G.gcol != nullptr) {
-      dsc += ds_row_rc(gr, s, bn, G.grow[gi], G.rx[gi], G.rl[gi], G.gcol + j0, G.cx + j0, G.cl + j0);
-    } else if (row_term) {
-      dsc += ds_row_r(gr, s, bn, G.grow[gi], G.rx[gi], G.rl[gi]);
-    } else if (G.gcol != nullptr) {
-      dsc += ds_row_c(gr, s, bn, G.gcol + j0, G.cx + j0, G.cl + j0);
-    } else {
-      std::fill(gr, gr + bn, 0.0f);
-    }
-    if (tc >= 0)  // LSE_TARGET: the row's p - 1 (and the column's: its target is this row)
-      dsc += target_ds(gr[tc], s[tc] != kNegInf, raw_t, row_term ? G.grow[gi] : 0.0f, G.rl[gi],
-                       G.gcol != nullptr ? G.gcol[j0 + tc] : 0.0f, G.gcol != nullptr ? G.cl[j0 + tc] : 0.0f);
-    if (lab_w != 0.0f) {
-      for (int64_t j = 0; j < bn; ++j)
-        if (P.k_labels[j0 + j] == label && s[j] != kNegInf) gr[j] -= lab_w;
+    dsc += backward_row(P, G, gr, s, i0 + r, j0, bn);
+    if (two != nullptr) {
+      float* gr0 = W.tile2() + r * bn;
+      dsc0 += backward_row(*two->P, two->G, gr0, s, i0 + r, j0, bn);
+      combine_scales(gr, gr0, bn, P.scale, two->P->scale);
     }
     if (G.dbias != nullptr) add_row(G.dbias + j0, gr, bn);
   }
   if (G.dscale != nullptr) G.dscale[I] += dsc;
+  if (two != nullptr && two->G.dscale != nullptr) two->G.dscale[I] += dsc0;
   if (G.A != nullptr) gemm_acc_ab(bm, P.d, bn, g, P.kh + j0 * P.d, G.A + i0 * P.d);
   if (G.B != nullptr) gemm_acc_atb(bn, P.d, bm, g, P.qh + i0 * P.d, G.B + j0 * P.d);
 }
 
-void backward_tiles(const Problem& P, const Tiling& T, const Scratch& W, const Grads& G) {
+void backward_tiles(const Problem& P, const Tiling& T, const Scratch& W, const Grads& G,
+                    const SecondGrads* two = nullptr) {
   const bool per_column = G.B != nullptr || G.dbias != nullptr;
   if (!per_column) {
     at::parallel_for(0, T.nrb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t I = b0; I < b1; ++I)
-        for (int64_t J = 0; J < T.ncb; ++J) backward_item(P, T, W, G, I, J);
+        for (int64_t J = 0; J < T.ncb; ++J) backward_item(P, T, W, G, I, J, two);
     });
     return;
   }
@@ -505,7 +559,7 @@ void backward_tiles(const Problem& P, const Tiling& T, const Scratch& W, const G
     at::parallel_for(0, items, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const auto [I, J] = diagonal_item(T, p, step);
-        backward_item(P, T, W, G, I, J);
+        backward_item(P, T, W, G, I, J, two);
       }
     });
   }
@@ -546,55 +600,73 @@ void for_each_round(const std::vector<std::vector<std::pair<int64_t, int64_t>>>&
   }
 }
 
-void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* xt, float* lab) {
-  std::vector<float> mx(P.n, kNegInf), sm(P.n, 0.0f);
-  std::vector<float> ps(lab != nullptr ? P.n : 0, 0.0f), pc(lab != nullptr ? P.n : 0, 0.0f);
-  const float* X = P.qh;
-  for_each_round(tournament_rounds(T.nrb), [&](int64_t I, int64_t J) {
-    float* g = W.tile();
-    float* tmax = W.col0();
-    float* off = W.col1();
-    float* fac = W.col2();
-    float* rest = W.col3();
-    float* cnt = W.col4();
-    const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
-    const int64_t j0 = T.rows(J), bn = std::min(T.bm, P.n - j0);
-    const bool pair = I != J;
-    gemm_abt(bm, bn, P.d, X + i0 * P.d, P.d, X + j0 * P.d, P.d, g);
-    if (pair) std::fill(tmax, tmax + bn, kNegInf);
-    if (pair && xt != nullptr) {  // rows of block J whose target is in block I: S_{j, t} = S_{t, j}
-      for (int64_t c = 0; c < bn; ++c) {
-        const int64_t t = P.target[j0 + c] - i0;
-        if (t >= 0 && t < bm) xt[j0 + c] = P.scale * g[t * bn + c];  // (no bias here: logits_row's product)
-      }
+// One tile (I, J), I <= J, of a symmetric forward: its rows update the running (max, e) of block
+// I's rows, and (a pair tile) its columns those of block J's rows.  g: the tile's raw products
+// (overwritten by the logits); ps / pc: LSE_LABELS' positive sums and counts, or empty.
+void symmetric_tile_forward(const Problem& P, const Tiling& T, const Scratch& W, float* g, int64_t I, int64_t J,
+                            float* mx, float* sm, float* xt, float* lab, float* ps, float* pc) {
+  float* tmax = W.col0();
+  float* off = W.col1();
+  float* fac = W.col2();
+  float* rest = W.col3();
+  float* cnt = W.col4();
+  const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
+  const int64_t j0 = T.rows(J), bn = std::min(T.bm, P.n - j0);
+  const bool pair = I != J;
+  if (pair) std::fill(tmax, tmax + bn, kNegInf);
+  if (pair && xt != nullptr) {  // rows of block J whose target is in block I: S_{j, t} = S_{t, j}
+    for (int64_t c = 0; c < bn; ++c) {
+      const int64_t t = P.target[j0 + c] - i0;
+      if (t >= 0 && t < bm) xt[j0 + c] = P.scale * g[t * bn + c];  // (no bias here: logits_row's product)
     }
-    for (int64_t r = 0; r < bm; ++r) {
-      float* s = g + r * bn;
-      tile_row_logits(P, s, s, i0 + r, j0, bn, xt);
-      row_update(mx[i0 + r], sm[i0 + r], s, bn);
-      if (pair) col_max_acc(tmax, s, bn);
-      if (lab != nullptr) {  // LSE_LABELS: row i0 + r's positives here, and (pair) those of the columns
-        const int64_t label = P.q_labels[i0 + r];
-        label_pos_acc(s, P.k_labels + j0, label, bn, ps[i0 + r], pc[i0 + r]);
-        if (pair) {
-          for (int64_t c = 0; c < bn; ++c) {
-            if (P.k_labels[j0 + c] == label && s[c] != kNegInf) {
-              ps[j0 + c] += s[c];
-              pc[j0 + c] += 1.0f;
-            }
+  }
+  for (int64_t r = 0; r < bm; ++r) {
+    float* s = g + r * bn;
+    tile_row_logits(P, s, s, i0 + r, j0, bn, xt);
+    row_update(mx[i0 + r], sm[i0 + r], s, bn);
+    if (pair) col_max_acc(tmax, s, bn);
+    if (lab != nullptr) {  // LSE_LABELS: row i0 + r's positives here, and (pair) those of the columns
+      const int64_t label = P.q_labels[i0 + r];
+      label_pos_acc(s, P.k_labels + j0, label, bn, ps[i0 + r], pc[i0 + r]);
+      if (pair) {
+        for (int64_t c = 0; c < bn; ++c) {
+          if (P.k_labels[j0 + c] == label && s[c] != kNegInf) {
+            ps[j0 + c] += s[c];
+            pc[j0 + c] += 1.0f;
           }
         }
       }
     }
-    if (pair) {  // the tile's columns are rows of block J
-      col_rescale(mx.data() + j0, fac, off, tmax, bn);
-      std::fill(rest, rest + bn, 0.0f);
-      std::fill(cnt, cnt + bn, 0.0f);
-      for (int64_t r = 0; r < bm; ++r) col_rest_acc(rest, cnt, g + r * bn, off, bn);
-      col_finish(sm.data() + j0, fac, rest, cnt, bn);
+  }
+  if (pair) {  // the tile's columns are rows of block J
+    col_rescale(mx + j0, fac, off, tmax, bn);
+    std::fill(rest, rest + bn, 0.0f);
+    std::fill(cnt, cnt + bn, 0.0f);
+    for (int64_t r = 0; r < bm; ++r) col_rest_acc(rest, cnt, g + r * bn, off, bn);
+    col_finish(sm + j0, fac, rest, cnt, bn);
+  }
+}
+
+void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* xt, float* lab,
+                       const SecondScale* two = nullptr) {
+  std::vector<float> mx(P.n, kNegInf), sm(P.n, 0.0f);
+  std::vector<float> ps(lab != nullptr ? P.n : 0, 0.0f), pc(lab != nullptr ? P.n : 0, 0.0f);
+  std::vector<float> mx0(two != nullptr ? P.n : 0, kNegInf), sm0(two != nullptr ? P.n : 0, 0.0f);
+  const float* X = P.qh;
+  for_each_round(tournament_rounds(T.nrb), [&](int64_t I, int64_t J) {
+    float* g = W.tile();
+    const int64_t i0 = T.rows(I), bm = std::min(T.bm, P.n - i0);
+    const int64_t j0 = T.rows(J), bn = std::min(T.bm, P.n - j0);
+    gemm_abt(bm, bn, P.d, X + i0 * P.d, P.d, X + j0 * P.d, P.d, g);
+    if (two != nullptr) {  // the second scale first, from a copy of the product
+      std::copy(g, g + bm * bn, W.tile2());
+      symmetric_tile_forward(*two->P, T, W, W.tile2(), I, J, mx0.data(), sm0.data(), nullptr, nullptr, nullptr,
+                             nullptr);
     }
+    symmetric_tile_forward(P, T, W, g, I, J, mx.data(), sm.data(), xt, lab, ps.data(), pc.data());
   });
   for (int64_t i = 0; i < P.n; ++i) {
+    if (two != nullptr) two->row_lse[i] = finish_lse(mx0[i], sm0[i]);
     row_lse[i] = finish_row(mx[i], sm[i], xt, i);
     if (lab != nullptr) {  // LSE minus the mean positive logit
       lab[i] = row_lse[i];
@@ -616,10 +688,65 @@ void symmetrize(float* c, int64_t b) {
   }
 }
 
-// w: combined upstream gradient per row (0 where the row has no kept pair), rx + rl: row lse
-// (0 where -inf; see Grads); H (n, d) += the whole gradient direction A + B, or null.
-void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, const float* w, const float* rx,
-                        const float* rl, const float* lw, float* H, double* dscale) {
+// The gradient weights of a symmetric backward: w, the combined upstream gradient per row (0 where
+// the row has no kept pair), rx + rl its row lse (0 where -inf; see Grads), lw LSE_LABELS' 1/|P_i| or
+// null.
+struct SymGrads {
+  const float* w = nullptr;
+  const float* rx = nullptr;
+  const float* rl = nullptr;
+  const float* lw = nullptr;
+  double* dscale = nullptr;  // per row block, or null
+};
+
+// Row gi of tile (I, J) of a symmetric backward: its raw products gr become C = dS_IJ + dS_JI^T (a pair
+// tile) or dS_II (a diagonal tile, symmetrized later); s is scratch.  Returns its dscale share.
+double symmetric_backward_row(const Problem& P, const SymGrads& G, float* gr, float* s, int64_t gi, int64_t j0,
+                              int64_t bn, bool pair) {
+  const float* w = G.w;
+  const float* rx = G.rx;
+  const float* rl = G.rl;
+  const float* lw = G.lw;
+  double dsc = 0.0;
+  tile_row_logits(P, s, gr, gi, j0, bn);
+  const int64_t tc = target_col(P, gi, j0, bn);
+  const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
+  const bool row_term = w[gi] != 0.0f;
+  // LSE_LABELS (labels symmetric): -w_i/|P_i| at row gi's positives, and in a pair tile
+  // -w_j/|P_j| of the column's row j, whose positive gi is (their raw products' dscale share first)
+  const int64_t label = lw != nullptr ? P.q_labels[gi] : 0;
+  const float row_lab = lw != nullptr ? w[gi] * lw[gi] : 0.0f;
+  if (lw != nullptr) {
+    double raw_pos = 0.0;
+    for (int64_t j = 0; j < bn; ++j)
+      if (P.k_labels[j0 + j] == label && s[j] != kNegInf)
+        raw_pos += static_cast<double>(row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f)) * gr[j];
+    dsc -= raw_pos;
+  }
+  if (pair && row_term) {
+    dsc += ds_row_rc(gr, s, bn, w[gi], rx[gi], rl[gi], w + j0, rx + j0, rl + j0);
+  } else if (pair) {
+    dsc += ds_row_c(gr, s, bn, w + j0, rx + j0, rl + j0);
+  } else if (row_term) {
+    dsc += ds_row_r(gr, s, bn, w[gi], rx[gi], rl[gi]);
+  } else {
+    std::fill(gr, gr + bn, 0.0f);
+  }
+  if (tc >= 0)  // LSE_TARGET (targets an involution): row gi's p - 1, and in a pair tile the
+                // transposed term of row j0 + tc, whose target is gi
+    dsc += target_ds(gr[tc], s[tc] != kNegInf, raw_t, w[gi], rl[gi], pair ? w[j0 + tc] : 0.0f,
+                     pair ? rl[j0 + tc] : 0.0f);
+  if (lw != nullptr) {
+    for (int64_t j = 0; j < bn; ++j)
+      if (P.k_labels[j0 + j] == label && s[j] != kNegInf) gr[j] -= row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f);
+  }
+  return dsc;
+}
+
+// H (n, d) += the whole gradient direction A + B, or null.  two (lse2): the second scale's problem
+// and weights; C is then scale1 C1 + scale0 C0, in the product's units.
+void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, const SymGrads& G, float* H,
+                        const Problem* P0 = nullptr, const SymGrads* G0 = nullptr) {
   const float* X = P.qh;
   for_each_round(tournament_rounds(T.nrb), [&](int64_t I, int64_t J) {
     float* g = W.tile();
@@ -628,44 +755,19 @@ void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, con
     const int64_t j0 = T.rows(J), bn = std::min(T.bm, P.n - j0);
     const bool pair = I != J;
     gemm_abt(bm, bn, P.d, X + i0 * P.d, P.d, X + j0 * P.d, P.d, g);
-    double dsc = 0.0;
+    if (P0 != nullptr) std::copy(g, g + bm * bn, W.tile2());
+    double dsc = 0.0, dsc0 = 0.0;
     for (int64_t r = 0; r < bm; ++r) {
-      const int64_t gi = i0 + r;
       float* gr = g + r * bn;
-      tile_row_logits(P, s, gr, gi, j0, bn);
-      const int64_t tc = target_col(P, gi, j0, bn);
-      const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
-      const bool row_term = w[gi] != 0.0f;
-      // LSE_LABELS (labels symmetric): -w_i/|P_i| at row gi's positives, and in a pair tile
-      // -w_j/|P_j| of the column's row j, whose positive gi is (their raw products' dscale share first)
-      const int64_t label = lw != nullptr ? P.q_labels[gi] : 0;
-      const float row_lab = lw != nullptr ? w[gi] * lw[gi] : 0.0f;
-      if (lw != nullptr) {
-        double raw_pos = 0.0;
-        for (int64_t j = 0; j < bn; ++j)
-          if (P.k_labels[j0 + j] == label && s[j] != kNegInf)
-            raw_pos += static_cast<double>(row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f)) * gr[j];
-        dsc -= raw_pos;
-      }
-      if (pair && row_term) {
-        dsc += ds_row_rc(gr, s, bn, w[gi], rx[gi], rl[gi], w + j0, rx + j0, rl + j0);
-      } else if (pair) {
-        dsc += ds_row_c(gr, s, bn, w + j0, rx + j0, rl + j0);
-      } else if (row_term) {
-        dsc += ds_row_r(gr, s, bn, w[gi], rx[gi], rl[gi]);
-      } else {
-        std::fill(gr, gr + bn, 0.0f);
-      }
-      if (tc >= 0)  // LSE_TARGET (targets an involution): row gi's p - 1, and in a pair tile the
-                    // transposed term of row j0 + tc, whose target is gi
-        dsc += target_ds(gr[tc], s[tc] != kNegInf, raw_t, w[gi], rl[gi], pair ? w[j0 + tc] : 0.0f,
-                         pair ? rl[j0 + tc] : 0.0f);
-      if (lw != nullptr) {
-        for (int64_t j = 0; j < bn; ++j)
-          if (P.k_labels[j0 + j] == label && s[j] != kNegInf) gr[j] -= row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f);
+      dsc += symmetric_backward_row(P, G, gr, s, i0 + r, j0, bn, pair);
+      if (P0 != nullptr) {
+        float* gr0 = W.tile2() + r * bn;
+        dsc0 += symmetric_backward_row(*P0, *G0, gr0, s, i0 + r, j0, bn, pair);
+        combine_scales(gr, gr0, bn, P.scale, P0->scale);
       }
     }
-    if (dscale != nullptr) dscale[I] += dsc;
+    if (G.dscale != nullptr) G.dscale[I] += dsc;
+    if (G0 != nullptr && G0->dscale != nullptr) G0->dscale[I] += dsc0;
     if (H == nullptr) return;
     if (pair) {
       gemm_acc_ab(bm, P.d, bn, g, X + j0 * P.d, H + i0 * P.d);
@@ -911,9 +1013,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
     Tensor w = grow.defined() ? grow.clone() : at::zeros({P.n}, f32);
     if (gcol.defined()) w.add_(gcol);
     const Scratch W(T);
-    backward_symmetric(P, T, W, w.data_ptr<float>(), rx.data_ptr<float>(), rl.data_ptr<float>(),
-                       labels ? lw.data_ptr<float>() : nullptr, needA ? A.data_ptr<float>() : nullptr,
-                       need_scale ? dscale_part.data() : nullptr);
+    SymGrads SG;
+    SG.w = w.data_ptr<float>();
+    SG.rx = rx.data_ptr<float>();
+    SG.rl = rl.data_ptr<float>();
+    SG.lw = labels ? lw.data_ptr<float>() : nullptr;
+    SG.dscale = need_scale ? dscale_part.data() : nullptr;
+    backward_symmetric(P, T, W, SG, needA ? A.data_ptr<float>() : nullptr);
   } else if (any_work && P.n > 0 && P.m > 0) {
     Grads G;
     G.grow = grow.defined() ? grow.data_ptr<float>() : nullptr;
@@ -961,8 +1067,143 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
   return {dq, dk, dscale, dbias, dqr, dkr};
 }
 
+// ------------------------------------------------ two scales of one product (lse2, HCL)
+// csrc/op_schemas.h: the row log-sum-exps of S1 = scale1 P and S0 = scale0 P over the same kept
+// pairs, each tile's product formed once (forward), and the backward's dS of both scales summed
+// in float32 before its GEMMs: half the GEMM work of the lse ops twice.
+Operands prepare_two(const Tensor& q, const Tensor& k, const Tensor& scale1, const Tensor& scale0,
+                     const OptTensor& q_rscale, const OptTensor& k_rscale, const OptTensor& pos_index,
+                     int64_t diag_offset, int64_t mask_mode, Problem& P0) {
+  TORCH_CHECK((mask_mode & ~(kMaskDiag | kMaskPos | kLseNorm)) == 0,
+              "lse2: mask_mode takes the bits 1, 2 and 32 only (no labels, target or column term), got ", mask_mode);
+  TORCH_CHECK(scale0.numel() == 1 && scale0.scalar_type() == at::kFloat && scale0.device().is_cpu(),
+              "scale0 must be a one-element float32 CPU tensor, got ", scale0.sizes(), " ", scale0.scalar_type(),
+              " on ", scale0.device());
+  Operands o = prepare(q, k, scale1, q_rscale, k_rscale, std::nullopt, pos_index, std::nullopt, std::nullopt,
+                       diag_offset, mask_mode, false);
+  P0 = o.P;
+  P0.scale = scale0.item<float>();
+  return o;
+}
+
+std::tuple<Tensor, Tensor> lse2_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& scale1,
+                                            const Tensor& scale0, const OptTensor& q_rscale,
+                                            const OptTensor& k_rscale, const OptTensor& pos_index,
+                                            int64_t diag_offset, int64_t mask_mode) {
+  CK_NO_AUTOCAST();
+  Problem P0;
+  const Operands o = prepare_two(q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode, P0);
+  const Problem& P = o.P;
+  const auto f32 = q.options().dtype(at::kFloat);
+  Tensor row1 = at::empty({P.n}, f32), row0 = at::empty({P.n}, f32);
+  if (P.n == 0 || P.m == 0) return {row1.fill_(kNegInf), row0.fill_(kNegInf)};
+  const Tiling T = make_tiling(P.n, P.m);
+  const Scratch W(T, /*two=*/true);
+  const SecondScale two{&P0, row0.data_ptr<float>()};
+  if (is_symmetric(o))
+    forward_symmetric(P, T, W, row1.data_ptr<float>(), nullptr, nullptr, &two);
+  else
+    forward_rows(P, T, W, row1.data_ptr<float>(), nullptr, nullptr, &two);
+  return {row1, row0};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse2_backward_cpu(
+    const Tensor& grad1, const Tensor& grad0, const Tensor& q, const Tensor& k, const Tensor& scale1,
+    const Tensor& scale0, const OptTensor& q_rscale, const OptTensor& k_rscale, const OptTensor& pos_index,
+    int64_t diag_offset, int64_t mask_mode, const Tensor& row1, const Tensor& row0, bool need_q, bool need_k,
+    bool need_scale1, bool need_scale0, bool need_q_rscale, bool need_k_rscale) {
+  CK_NO_AUTOCAST();
+  Problem P0;
+  const Operands o = prepare_two(q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode, P0);
+  const Problem& P = o.P;
+  const auto f32 = q.options().dtype(at::kFloat);
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{grad1, "grad1"}, {grad0, "grad0"},
+                                {row1, "row1"}, {row0, "row0"}}) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == P.n, name,
+                " must be float32 of shape (N,) = (", P.n, ",), got ", t.scalar_type(), " ", t.sizes());
+  }
+  TORCH_CHECK(!need_q_rscale || q_rscale.has_value(), "need_q_rscale needs q_rscale");
+  TORCH_CHECK(!need_k_rscale || k_rscale.has_value(), "need_k_rscale needs k_rscale");
+  // Symmetric problem, both halves of the tensor's gradient wanted: one combined pass (dq carries it).
+  const bool combined = is_symmetric(o) && need_q == need_k && need_q_rscale == need_k_rscale;
+  const bool needA = need_q || need_q_rscale, needB = !combined && (need_k || need_k_rscale);
+  const Tiling T = make_tiling(std::max<int64_t>(P.n, 1), std::max<int64_t>(P.m, 1));
+  Tensor A = needA ? at::zeros({P.n, P.d}, f32) : Tensor();
+  Tensor B = needB ? at::zeros({P.m, P.d}, f32) : Tensor();
+  std::vector<double> ds1_part(T.nrb, 0.0), ds0_part(T.nrb, 0.0);
+
+  // Each scale's rows as (upstream gradient, lse): 0 where the lse is -inf (no kept pair: no gradient).
+  struct Side {
+    Tensor g, x, l;
+  };
+  auto side = [&](const Tensor& grad, const Tensor& out) {
+    const Tensor empty = out.eq(kNegInf);
+    return Side{nonzero_or_undefined(grad.contiguous()).defined() ? grad.masked_fill(empty, 0.0f).contiguous()
+                                                                   : Tensor(),
+                out.masked_fill(empty, 0.0f).contiguous(), at::zeros({P.n}, f32)};
+  };
+  const Side s1 = side(grad1, row1), s0 = side(grad0, row0);
+  const bool any_work = (needA || needB || need_scale1 || need_scale0) && (s1.g.defined() || s0.g.defined());
+  if (any_work && P.n > 0 && P.m > 0) {
+    const Scratch W(T, /*two=*/true);
+    if (combined) {
+      const Tensor w1 = s1.g.defined() ? s1.g : at::zeros({P.n}, f32);
+      const Tensor w0 = s0.g.defined() ? s0.g : at::zeros({P.n}, f32);
+      SymGrads G1, G0;
+      G1.w = w1.data_ptr<float>();
+      G1.rx = s1.x.data_ptr<float>();
+      G1.rl = s1.l.data_ptr<float>();
+      G1.dscale = need_scale1 ? ds1_part.data() : nullptr;
+      G0.w = w0.data_ptr<float>();
+      G0.rx = s0.x.data_ptr<float>();
+      G0.rl = s0.l.data_ptr<float>();
+      G0.dscale = need_scale0 ? ds0_part.data() : nullptr;
+      backward_symmetric(P, T, W, G1, needA ? A.data_ptr<float>() : nullptr, &P0, &G0);
+    } else {
+      Grads G;
+      G.grow = s1.g.defined() ? s1.g.data_ptr<float>() : nullptr;
+      G.rx = s1.x.data_ptr<float>();
+      G.rl = s1.l.data_ptr<float>();
+      G.A = needA ? A.data_ptr<float>() : nullptr;
+      G.B = needB ? B.data_ptr<float>() : nullptr;
+      G.dscale = need_scale1 ? ds1_part.data() : nullptr;
+      SecondGrads two;
+      two.P = &P0;
+      two.G.grow = s0.g.defined() ? s0.g.data_ptr<float>() : nullptr;
+      two.G.rx = s0.x.data_ptr<float>();
+      two.G.rl = s0.l.data_ptr<float>();
+      two.G.dscale = need_scale0 ? ds0_part.data() : nullptr;
+      backward_tiles(P, T, W, G, &two);
+    }
+  }
+
+  // A and B are in the product's units (both scales applied to dS): dq = q_rscale A, d q_rscale = q . A.
+  const Tensor none = at::empty({0}, f32);
+  auto rowdot = [](const Tensor& x, const Tensor& y) {
+    return at::bmm(x.to(at::kFloat).unsqueeze(1), y.unsqueeze(2)).view({x.size(0)});
+  };
+  auto total = [&](const std::vector<double>& part) {
+    double t = 0.0;
+    for (double v : part) t += v;
+    return at::full({}, static_cast<float>(t), f32);
+  };
+  const Tensor dqr = need_q_rscale ? rowdot(q, A) : none;
+  const Tensor dq = !need_q ? none : q_rscale.has_value() ? A.mul_(q_rscale->unsqueeze(1)) : A;
+  Tensor dk = none, dkr = none;
+  if (combined) {  // dq (dq_rscale) carries the whole gradient of the shared tensor
+    if (need_k) dk = at::zeros(k.sizes(), f32);
+    if (need_k_rscale) dkr = at::zeros({P.m}, f32);
+  } else {
+    if (need_k_rscale) dkr = rowdot(k, B);
+    if (need_k) dk = k_rscale.has_value() ? B.mul_(k_rscale->unsqueeze(1)) : B;
+  }
+  return {dq, dk, need_scale1 ? total(ds1_part) : none, need_scale0 ? total(ds0_part) : none, dqr, dkr};
+}
+
 const CpuOpRecord record_forward("lse_forward");
 const CpuOpRecord record_backward("lse_backward");
+const CpuOpRecord record_forward2("lse2_forward");
+const CpuOpRecord record_backward2("lse2_backward");
 
 }  // namespace
 }  // namespace ck::cpu
@@ -970,4 +1211,6 @@ const CpuOpRecord record_backward("lse_backward");
 TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
   m.impl("lse_forward", &ck::cpu::lse_forward_cpu);
   m.impl("lse_backward", &ck::cpu::lse_backward_cpu);
+  m.impl("lse2_forward", &ck::cpu::lse2_forward_cpu);
+  m.impl("lse2_backward", &ck::cpu::lse2_backward_cpu);
 }

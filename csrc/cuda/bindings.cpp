@@ -730,28 +730,6 @@ TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) { m.def("_wgmma_gemm_cuda_emu(Ten
 TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) { m.impl("_wgmma_gemm_cuda_emu", &wgmma_gemm_cuda); }
 #endif
 
-// The two-scale ops exist where their kernels do (the CUDA build; the emulator's "_cuda_emu" ops):
-// the C++ CPU backend has none (it composes the lse ops, _families._LseTwoScales).
-#ifndef CK_CUDA_EMU
-TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) {
-  m.def("lse2_forward" CK_SCHEMA_LSE2_FORWARD);
-  m.def("lse2_backward" CK_SCHEMA_LSE2_BACKWARD);
-}
-TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
-  m.impl("lse2_forward", &lse2_forward_cuda);
-  m.impl("lse2_backward", &lse2_backward_cuda);
-}
-#else
-TORCH_LIBRARY_FRAGMENT(contrastive_kernels, m) {
-  m.def("lse2_forward_cuda_emu" CK_SCHEMA_LSE2_FORWARD);
-  m.def("lse2_backward_cuda_emu" CK_SCHEMA_LSE2_BACKWARD);
-}
-TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
-  m.impl("lse2_forward_cuda_emu", &lse2_forward_cuda);
-  m.impl("lse2_backward_cuda_emu", &lse2_backward_cuda);
-}
-#endif
-
 #ifndef CK_CUDA_EMU
 #define CK_OP(name) name
 TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
@@ -765,6 +743,8 @@ TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
 #endif
   m.impl(CK_OP("lse_forward"), &lse_forward_cuda);
   m.impl(CK_OP("lse_backward"), &lse_backward_cuda);
+  m.impl(CK_OP("lse2_forward"), &lse2_forward_cuda);
+  m.impl(CK_OP("lse2_backward"), &lse2_backward_cuda);
   m.impl(CK_OP("pairwise_forward"), &pairwise_forward_cuda);
   m.impl(CK_OP("pairwise_backward"), &pairwise_backward_cuda);
   m.impl(CK_OP("pairwise_fused"), &pairwise_fused_cuda);

@@ -318,8 +318,8 @@ for _fam in FAMILY_SPECS:
 
 # Two scales of one score matrix in one pass (HCL's l(S1) - l(S0); csrc/op_schemas.h's lse2 ops):
 # internal ops of _LseTwoScales (its autograd, no registered autograd of their own).  Triton
-# (kernels/lse.py) and the CUDA kernels (the CUDA build's lse2_forward / lse2_backward, the
-# emulator's *_cuda_emu); the C++ CPU backend runs the lse ops twice.
+# (kernels/lse.py), the C++ CPU and CUDA kernels (the native lse2_forward / lse2_backward, the
+# emulator's *_cuda_emu).
 def _lse2_forward_fake(q, k, scale1, scale0, q_rscale, k_rscale, pos_index, diag_offset, mask_mode):
     return _f32_empty(q, (q.shape[0],)), _f32_empty(q, (q.shape[0],))
 
@@ -433,8 +433,8 @@ def _has_op(name: str) -> bool:
     return hasattr(getattr(torch.ops, NS), name)
 
 
-# Op suffixes with the lse2 ops: "_triton", and "" (the CUDA build's, CUDA tensors) / "_cuda_emu" (the
-# emulator's) where the build has them.
+# Op suffixes with the lse2 ops: "_triton", and "" (the native ops: C++ CPU and, in a CUDA build, CUDA
+# kernels) / "_cuda_emu" (the emulator's) where the build has them.
 _TWO_SCALES_FUSED = ("_triton",) + tuple(sfx for sfx in ("", "_cuda_emu") if _has_op(f"lse2_forward{sfx}"))
 for _sfx in _TWO_SCALES_FUSED[1:]:
     _register_lse2(_sfx)
@@ -582,7 +582,7 @@ def lse_two_scales(backend: str, q: Tensor, k: Tensor, scale1: Tensor, scale0: T
     qc = q.detach().contiguous()
     kc = None if same else k.detach().contiguous()
     sfx = _suffix(backend, q)
-    fused = backend != "cpu" and sfx in _TWO_SCALES_FUSED  # (the C++ CPU backend: the lse ops twice)
+    fused = sfx in _TWO_SCALES_FUSED
     return _LseTwoScales.apply(qa, None if same else ka, scale1, scale0, qc, kc, q_rscale, None if same else k_rscale,
                                pos_index, int(diag_offset), int(mask_mode), sfx, same, fused)
 
