@@ -104,8 +104,9 @@ def two_scale_case(case, n, d, dtype, device="cpu", seed=0):
     blocks (another k, diag_offset and pos_index shifted, normalized or not) and scales of every sign."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n, d, generator=g).to(dtype).to(device)
-    if case == "hcl":  # 2N rows, i's positive i + N mod 2N (an odd n: a rotation, still a permutation)
-        pos = ((torch.arange(n) + n // 2) % n).to(device)
+    if case == "hcl":  # 2N rows, i's positive i + N mod 2N; an odd n (not HCL's) the reversal n - 1 - i:
+        # both involutions, so the C++ CPU kernels take their symmetric tile loop at every n
+        pos = ((torch.arange(n) + n // 2) % n if n % 2 == 0 else torch.arange(n - 1, -1, -1)).to(device)
         return q, None, 4.0, 2.0, True, pos, 0, MASK_DIAG | MASK_POS
     m = n + 5
     k = torch.randn(m, d, generator=g).to(dtype).to(device)
