@@ -32,6 +32,11 @@
 // gradient of the tensor is then returned as dq (and dq_rscale), with dk (dk_rscale)
 // zero.  Tiles are visited in the rounds of a round-robin tournament (circle method):
 // the pairs of a round are disjoint, so again every accumulator has one owner.
+//
+// Two scales of one product (lse2, HCL's l(S1) - l(S0)): each tile's GEMM once, a copy of the
+// product in a second per-thread tile for the second scale's logits; the forward's loops run
+// their per-tile epilogue once per scale (each with its own running states), the backward forms
+// both scales' dS per row and sums scale1 dS1 + scale0 dS0 in float32 before its GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
