@@ -425,6 +425,19 @@ def run_too_small(fname):
     return {"raised": None, "message": ""}
 
 
+def run_compat_barlow_one_row():
+    """lightly.BarlowTwinsLoss(gather_distributed=True) on local batches of one row: each rank
+    standardizes over its own batch (lightly's F.batch_norm refuses one row)."""
+    from contrastive_kernels.compat import lightly as L
+    try:
+        L.BarlowTwinsLoss(gather_distributed=True)(torch.randn(1, D), torch.randn(1, D))
+    except ValueError as exc:
+        return {"raised": "ValueError", "message": str(exc)}
+    except Exception as exc:  # noqa: BLE001
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {"raised": None, "message": ""}
+
+
 def main():
     rank, world, init_file, out_dir, backends_arg = sys.argv[1:6]
     rank, world = int(rank), int(world)
@@ -466,6 +479,7 @@ def main():
         run_module_cases(world, rank, record)
         for fname, _ in DDP_CASES:
             results[f"uneven/{fname}"] = run_uneven(fname, world, rank)
+        results["one_row/compat/lightly.BarlowTwinsLoss"] = run_compat_barlow_one_row()
     dist.barrier()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
@@ -567,12 +581,15 @@ def orig_barlow(z_a, z_b, lambd):
     def bn(z):
         z = z - z.mean(0)
         return z / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
-    c = bn(z_a).T @ bn(z_b) / z_a.shape[0]
-    c = c / dist.get_world_size()
-    with torch.no_grad():  # lightly all-reduces c in place, outside autograd
+    w = dist.get_world_size()
+    c = bn(z_a).T @ bn(z_b) / z_a.shape[0] / w
+    with torch.no_grad():
         tot = c.clone()
         dist.all_reduce(tot)
-    c = c + (tot - c).detach()
+    # lightly >= 1.5.26 / 1.6 all-reduces c / world_size with torch.distributed.nn's autograd-aware
+    # all_reduce, whose backward sums every rank's gradient of the (same) loss: world_size times the
+    # gradient through this rank's c (written out here, not with that op)
+    c = tot + w * (c - c.detach())
     off = c - torch.diag_embed(torch.diagonal(c))
     return (torch.diagonal(c) - 1).pow(2).sum() + lambd * off.pow(2).sum()
 

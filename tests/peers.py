@@ -13,7 +13,7 @@ Originals (source semantics):
   * info-nce-pytorch (RElbers): info_nce(query, positive_key, negative_keys, temperature,
     reduction), 'unpaired' negative mode;
   * MoCo (facebookresearch/moco builder): l_pos, l_neg against the queue, label 0;
-  * lightly 1.5 (lightly/loss/ntx_ent_loss.py, dcl_loss.py, barlow_twins_loss.py,
+  * lightly 1.6 (lightly/loss/ntx_ent_loss.py, dcl_loss.py, barlow_twins_loss.py,
     vicreg_loss.py, lightly/models/modules/memory_bank.py);
   * open_clip (src/open_clip/loss.py: ClipLoss, SigLipLoss), single process;
   * pytorch-metric-learning 2.x (losses/ntxent_loss.py, supcon_loss.py,

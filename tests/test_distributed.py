@@ -207,6 +207,14 @@ def test_global_batch_of_one_row_rejected(run, fname):
     assert "at least 2" in rec["message"] and "global batch" in rec["message"] and f"(1, {W.D})" in rec["message"]
 
 
+@pytest.mark.parametrize("world", (2, 3))
+def test_compat_barlow_local_batch_of_one_row_rejected(run, world):
+    for rank in range(world):
+        rec = run(world)[rank]["one_row/compat/lightly.BarlowTwinsLoss"]
+        assert rec["raised"] == "ValueError", f"rank {rank}: {rec}"
+        assert "z_a needs at least 2 rows on every rank" in rec["message"] and f"(1, {W.D})" in rec["message"]
+
+
 FN_ARGS = {
     "info_nce": lambda x: dict(query=x, key=x),
     "nt_xent": lambda x: dict(z1=x, z2=x),

@@ -179,6 +179,16 @@ def test_path_and_small_batches():
         ck.dcl_loss(X[:1], Y[:1])
 
 
+def test_eps_must_be_non_negative():
+    """eps may be 0 (BatchNorm and lightly's VICReg take it), not negative or non-finite."""
+    for fn in (ck.barlow_twins_loss, ck.vicreg_loss, ck.cross_correlation):
+        with pytest.raises(ValueError, match=r"eps must be >= 0, got -0.001"):
+            fn(X, Y, eps=-1e-3)
+        with pytest.raises(ValueError, match=r"eps must be finite, got nan"):
+            fn(X, Y, eps=float("nan"))
+        assert torch.isfinite(fn(X, Y, eps=0.0)).all()
+
+
 def test_unknown_backend_name():
     with pytest.raises(BackendError, match=r"backend must be one of auto, cuda, triton, cpu, reference; got 'gpu'"):
         ck.nt_xent(X, Y, backend="gpu")

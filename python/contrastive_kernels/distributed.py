@@ -828,7 +828,7 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd=0.0051, *, eps=1e-5, backend
     global batch), "all_reduce" sums the local D x D products; "auto" picks the cheaper."""
     _pair_inputs(z1, z2)
     V.scalar("lambd", lambd)
-    V.scalar("eps", eps, positive=True)
+    V.scalar("eps", eps, lower=0)
     path_id = {"auto": 0, "gram": 1, "tiled": 2}[V.choice("path", path, ("auto", "gram", "tiled"))]
     d = _setup(group, mode, "distributed barlow_twins_loss", z1)
     _check_sizes(d, z1=z1, z2=z2)
@@ -862,7 +862,7 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_coeff=25.0, std_coeff=25.0, cov_coef
     _pair_inputs(z1, z2)
     for name, v in (("sim_coeff", sim_coeff), ("std_coeff", std_coeff), ("cov_coeff", cov_coeff)):
         V.scalar(name, v)
-    V.scalar("eps", eps, positive=True)
+    V.scalar("eps", eps, lower=0)
     path_id = {"auto": 0, "gram": 1, "tiled": 2}[V.choice("path", path, ("auto", "gram", "tiled"))]
     d = _setup(group, mode, "distributed vicreg_loss", z1)
     _check_sizes(d, z1=z1, z2=z2)

@@ -582,7 +582,7 @@ def cross_correlation(z1: Tensor, z2: Tensor, *, standardize: bool = True, eps=1
     V.matrix("z2", z2)
     V.same_device_dtype(z1=z1, z2=z2)
     V.same_shape(z1=z1, z2=z2)
-    V.scalar("eps", eps, positive=True)
+    V.scalar("eps", eps, lower=0)
     if standardize:
         _check_standardizable("cross_correlation", z1)
     be = _resolve(backend, "xcorr", z1)
@@ -604,7 +604,7 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd=0.0051, *, eps=1e-5, backend
     V.same_device_dtype(z1=z1, z2=z2)
     V.same_shape(z1=z1, z2=z2)
     V.scalar("lambd", lambd)
-    V.scalar("eps", eps, positive=True)
+    V.scalar("eps", eps, lower=0)
     _check_standardizable("barlow_twins_loss", z1)
     path_id = {"auto": 0, "gram": 1, "tiled": 2}[V.choice("path", path, ("auto", "gram", "tiled"))]
     be = _resolve(backend, "xcorr", z1)
@@ -628,7 +628,7 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_coeff=25.0, std_coeff=25.0, cov_coef
     V.same_shape(z1=z1, z2=z2)
     for name, v in (("sim_coeff", sim_coeff), ("std_coeff", std_coeff), ("cov_coeff", cov_coeff)):
         V.scalar(name, v)
-    V.scalar("eps", eps, positive=True)
+    V.scalar("eps", eps, lower=0)
     path_id = {"auto": 0, "gram": 1, "tiled": 2}[V.choice("path", path, ("auto", "gram", "tiled"))]
     be = _resolve(backend, "xcorr", z1)
     if be == "reference":

@@ -1,12 +1,13 @@
 """lightly's losses (``lightly.loss``), fused: ``NTXentLoss``, ``DCLLoss``, ``DCLWLoss``,
 ``BarlowTwinsLoss``, ``VICRegLoss``.
 
-Semantics follow lightly's current source (1.5.x): NT-Xent normalizes both views and
+Semantics follow lightly's current release (1.6.0, read from its wheel): NT-Xent normalizes both views and
 uses every other row of the 2N batch as a candidate, or with ``memory_bank_size`` the
 MoCo form (positive plus the bank of past normalized ``out1`` rows, updated when
 ``out0`` requires grad); DCL is Eq. 6 of the paper as lightly 1.6 computes it (one
 log-sum-exp over the same-view and other-view negatives); Barlow Twins standardizes each view with
-BatchNorm statistics (biased variance, eps 1e-5; lightly PR #1806); VICReg is the
+BatchNorm statistics (biased variance, eps 1e-5; lightly PR #1806) and, with
+``gather_distributed``, all-reduces C through autograd (lightly >= 1.5.26, PR #1980); VICReg is the
 facebookresearch loss.
 """
 from __future__ import annotations
@@ -142,19 +143,28 @@ class BarlowTwinsLoss(nn.Module):
         return F.barlow_twins_loss(z_a, z_b, self.lambda_param, eps=1e-5, backend=self.backend)
 
     def _distributed(self, z_a: Tensor, z_b: Tensor) -> Tensor:
-        """lightly: each rank standardizes with its local statistics, C is the mean over ranks
-        of the local C (D x D, all-reduced), and the all-reduce is outside autograd, so each
-        rank's gradient is that of the global loss through its own C / world_size."""
+        """lightly (>= 1.5.26, 1.6; lightly PR #1980, issue #1977): each rank standardizes with
+        its local statistics, C is the mean over ranks of the local C (D x D), all-reduced by the
+        autograd-aware all-reduce, whose backward sums the ranks' gradients of C: each rank's
+        gradient is world_size times what it was with the plain all-reduce of lightly <= 1.5.25
+        (there the reduction was outside autograd, so under DDP's averaging every gradient came out
+        1 / world_size too small)."""
+        from torch.distributed.nn.functional import all_reduce
+        from .. import _validation as V
+        V.matrix("z_a", z_a)
+        V.matrix("z_b", z_b)
+        V.same_device_dtype(z_a=z_a, z_b=z_b)
+        V.same_shape(z_a=z_a, z_b=z_b)
+        if z_a.shape[0] < 2:  # (lightly's F.batch_norm refuses it too)
+            raise ValueError("BarlowTwinsLoss standardizes each feature over the local batch (BatchNorm1d in "
+                             f"training mode): z_a needs at least 2 rows on every rank, got shape {tuple(z_a.shape)}")
         w = torch.distributed.get_world_size()
         def standardize(z):  # BatchNorm statistics of the local batch (biased variance, eps 1e-5)
             z = z.double() if z.dtype == torch.float64 else z.float()
             z = z - z.mean(0)
             return z * torch.rsqrt(z.var(0, unbiased=False) + 1e-5)
         a, b = standardize(z_a), standardize(z_b)
-        c = a.T @ b / (z_a.shape[0] * w)
-        total = c.detach().clone()
-        torch.distributed.all_reduce(total)
-        c = c + (total - c.detach())  # value: the all-reduced C; gradient: through the local C only
+        c = all_reduce(a.T @ b / (z_a.shape[0] * w))
         diag = torch.diagonal(c)
         off = c - torch.diag_embed(diag)
         return (diag - 1).pow(2).sum() + self.lambda_param * off.pow(2).sum()
