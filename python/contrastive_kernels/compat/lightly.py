@@ -149,7 +149,6 @@ class BarlowTwinsLoss(nn.Module):
         gradient is world_size times what it was with the plain all-reduce of lightly <= 1.5.25
         (there the reduction was outside autograd, so under DDP's averaging every gradient came out
         1 / world_size too small)."""
-        from torch.distributed.nn.functional import all_reduce
         from .. import _validation as V
         V.matrix("z_a", z_a)
         V.matrix("z_b", z_b)
@@ -164,7 +163,7 @@ class BarlowTwinsLoss(nn.Module):
             z = z - z.mean(0)
             return z * torch.rsqrt(z.var(0, unbiased=False) + 1e-5)
         a, b = standardize(z_a), standardize(z_b)
-        c = all_reduce(a.T @ b / (z_a.shape[0] * w))
+        c = _dist().all_reduce_with_grad(a.T @ b / (z_a.shape[0] * w))
         diag = torch.diagonal(c)
         off = c - torch.diag_embed(diag)
         return (diag - 1).pow(2).sum() + self.lambda_param * off.pow(2).sum()
