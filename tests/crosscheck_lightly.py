@@ -6,8 +6,10 @@ This script checks those against lightly itself, from its wheel, without torchvi
 the wheel's `lightly` package, keeps only the loss modules' imports in the package __init__ files
 and stubs the two torchvision.ops names that lightly.models.utils imports (unused by the losses).
 
-    pip download lightly --no-deps -d /tmp/lw            # (PyPI; any lightly >= 1.5.26 wheel)
-    PYTHONPATH=python python tests/crosscheck_lightly.py /tmp/lw/lightly-*.whl
+    python tests/crosscheck_lightly.py                   # the installed lightly (pip install --no-deps lightly)
+    python tests/crosscheck_lightly.py /tmp/lw/lightly-1.6.0-py3-none-any.whl     # or a wheel
+
+(tests/test_compat.py runs it against the lightly of the README's install command, pinned.)
 
 Single process (float32 and float64; the memory bank over four steps, float32, lightly's bank
 dtype) and torch.distributed on gloo with 2 and 3 processes (`gather_distributed=True`): each
@@ -27,11 +29,25 @@ import torch
 TOL = 1e-5
 
 
-def stub_tree(wheel: str) -> str:
+def lightly_source(arg: str | None) -> str:
+    """The `lightly` package directory: from the wheel given, or the installed one (found
+    without importing it: its __init__ needs torchvision)."""
+    if arg is None:
+        import importlib.util
+        spec = importlib.util.find_spec("lightly")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("crosscheck_lightly: lightly is not installed (pip install --no-deps lightly) and no "
+                             "wheel was given")
+        return list(spec.submodule_search_locations)[0]
+    unpacked = tempfile.mkdtemp(prefix="lightly_wheel_")
+    with zipfile.ZipFile(arg) as z:
+        z.extractall(unpacked)
+    return os.path.join(unpacked, "lightly")
+
+
+def stub_tree(source: str) -> str:
     root = tempfile.mkdtemp(prefix="lightly_stub_")
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(os.path.join(root, "wheel"))
-    shutil.copytree(os.path.join(root, "wheel", "lightly"), os.path.join(root, "lightly"))
+    shutil.copytree(source, os.path.join(root, "lightly"), ignore=shutil.ignore_patterns("__pycache__"))
     open(os.path.join(root, "lightly", "__init__.py"), "w").close()
     open(os.path.join(root, "lightly", "models", "__init__.py"), "w").close()
     with open(os.path.join(root, "lightly", "models", "modules", "__init__.py"), "w") as f:
@@ -122,7 +138,7 @@ def main() -> int:
     import warnings
     import torch.multiprocessing as mp
     warnings.simplefilter("ignore")
-    root = stub_tree(sys.argv[1])
+    root = stub_tree(lightly_source(sys.argv[1] if len(sys.argv) > 1 else None))
     sys.path.insert(0, root)
     import lightly.loss as LL
     from contrastive_kernels.compat import lightly as CK

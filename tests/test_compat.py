@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,6 +44,21 @@ def real_pml():
         pytest.fail("pytorch-metric-learning is not installed, so the compat module cannot be compared with it: "
                     f"pip install pytorch-metric-learning (the README's test install provides it) [{exc}]")
     return losses
+
+
+def test_lightly_compat_matches_lightly_itself():
+    """lightly's package needs torchvision (absent here), so the other lightly tests compare with
+    replicas of its source; tests/crosscheck_lightly.py runs lightly's own loss modules (the
+    README's pinned --no-deps install, torchvision's two imported names stubbed) against the compat
+    modules: single process and gloo with 2 and 3 ranks, every loss and gradient within 1e-5."""
+    if importlib.util.find_spec("lightly") is None:
+        pytest.fail("lightly is not installed, so the compat module cannot be compared with it: pip install "
+                    "--no-deps lightly==1.6.0 (the README's install command does this)")
+    script = os.path.join(os.path.dirname(__file__), "crosscheck_lightly.py")
+    r = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("ok", "FAIL"))]
+    assert len(lines) == 23 and all(ln.startswith("ok") for ln in lines), r.stdout
 
 
 _OPEN_CLIP_LOSS = []
