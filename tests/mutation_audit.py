@@ -340,6 +340,12 @@ MUTANTS = [
     # lightly NT-Xent: the bank updated also when out0 does not require grad (eval steps)
     ("py_lightly_bank_update_no_grad", LIGHTLY, "query_and_update(out1, update=out0.requires_grad)",
      "query_and_update(out1, update=True)", _py_t("test_compat.py", k="memory_bank")),
+    # lightly Barlow Twins, gather_distributed: C all-reduced outside autograd (lightly <= 1.5.25;
+    # 1.6 sums the ranks' gradients of C through the all-reduce)
+    ("py_lightly_barlow_allreduce_no_grad", LIGHTLY,
+     "c = _dist().all_reduce_with_grad(a.T @ b / (z_a.shape[0] * w))",
+     "c = a.T @ b / (z_a.shape[0] * w); c = c + (_dist().all_reduce_with_grad(c.detach()) - c.detach())",
+     _dist_t("lightly.BarlowTwinsLoss")),
     # open_clip SigLipLoss: the bias passed with the wrong sign
     ("py_open_clip_siglip_bias_sign", OPEN_CLIP, "bias = 0.0 if logit_bias is None else logit_bias",
      "bias = 0.0 if logit_bias is None else -logit_bias", _py_t("test_compat.py", k="open_clip_siglip")),
