@@ -609,6 +609,20 @@ def orig_vicreg(z_a, z_b, lam, mu, nu, eps):
     return lam * inv + mu * 0.5 * (var(za) + var(zb)) + nu * (cov(za) + cov(zb))
 
 
+def real_open_clip_loss():
+    """open_clip's own src/open_clip/loss.py (the installed open-clip-torch), loaded by path:
+    the package's __init__ imports torchvision, its loss module torch alone."""
+    import importlib.util
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("open-clip-torch is not installed (the README's install command adds it with --no-deps)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    mspec = importlib.util.spec_from_file_location("_open_clip_loss_dist_worker", path)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    return mod
+
+
 def run_compat_case(name, W, r):
     from contrastive_kernels.compat import lightly as L, open_clip as O
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + W)
@@ -623,6 +637,19 @@ def run_compat_case(name, W, r):
         ours = O.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=r, world_size=W)(*ours_in, s_ours)
         ref = orig_clip(*ref_in, s_ref, local_loss, gwg)
         scal["dlogit_scale"] = (s_ours, s_ref)
+    elif kind == "real open_clip.ClipLoss":  # open_clip's own loss.py (float64), not a replica
+        local_loss, gwg = (o == "1" for o in opt.split(","))
+        s_ours, s_ref = _leaf(torch.tensor(2.5)), _leaf(torch.tensor(2.5, dtype=torch.float64))
+        ours = O.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=r, world_size=W)(*ours_in, s_ours)
+        ref = real_open_clip_loss().ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=r,
+                                             world_size=W)(*ref_in, s_ref)
+        scal["dlogit_scale"] = (s_ours, s_ref)
+    elif kind == "real open_clip.SigLipLoss":
+        s_ours, s_ref = _leaf(torch.tensor(3.0)), _leaf(torch.tensor(3.0, dtype=torch.float64))
+        b_ours, b_ref = _leaf(torch.tensor(-2.0)), _leaf(torch.tensor(-2.0, dtype=torch.float64))
+        ours = O.SigLipLoss(rank=r, world_size=W, dist_impl=opt)(*ours_in, s_ours, b_ours)
+        ref = real_open_clip_loss().SigLipLoss(rank=r, world_size=W, dist_impl=opt)(*ref_in, s_ref, b_ref)
+        scal["dlogit_scale"], scal["dlogit_bias"] = (s_ours, s_ref), (b_ours, b_ref)
     elif kind == "open_clip.SigLipLoss":
         s_ours, s_ref = _leaf(torch.tensor(3.0)), _leaf(torch.tensor(3.0, dtype=torch.float64))
         b_ours, b_ref = _leaf(torch.tensor(-2.0)), _leaf(torch.tensor(-2.0, dtype=torch.float64))
@@ -658,6 +685,8 @@ def run_compat_case(name, W, r):
 
 COMPAT_CASES = ([f"open_clip.ClipLoss:{a},{b}" for a in "01" for b in "01"]
                 + [f"open_clip.SigLipLoss:{i}" for i in ("bidir", "shift", "reduce", "gather")]
+                + [f"real open_clip.ClipLoss:{a},{b}" for a in "01" for b in "01"]
+                + [f"real open_clip.SigLipLoss:{i}" for i in ("bidir", "shift", "reduce", "gather")]
                 + ["lightly.NTXentLoss", "lightly.DCLLoss", "lightly.DCLWLoss", "lightly.BarlowTwinsLoss",
                    "lightly.VICRegLoss"])
 
