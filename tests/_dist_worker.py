@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 import contrastive_kernels as ck
+from contrastive_kernels import _peers  # (open_clip's own loss.py, loaded by path)
 from contrastive_kernels import distributed as ckd
 from helpers import interpreter_bf16_broken  # (tests/ is on sys.path: the script's folder)
 
@@ -395,6 +396,16 @@ def run_autocast_case(fname, mode, backend, W, r):
     return errs
 
 
+def _outcome(call):
+    """{"raised": "ValueError" (any subclass), another exception's type name or None, "message": its
+    text} of call()."""
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001
+        return {"raised": "ValueError" if isinstance(exc, ValueError) else type(exc).__name__, "message": str(exc)}
+    return {"raised": None, "message": ""}
+
+
 def run_uneven(fname, W, r):
     views = _ddp_views(fname)
     n = N + r  # rank r has N + r rows
@@ -402,13 +413,7 @@ def run_uneven(fname, W, r):
     if fname == "supcon_loss":
         args["labels"] = torch.zeros(n, dtype=torch.long)
     kw = {"clip_loss": {"logit_scale": 1.0}, "siglip_loss": {"logit_scale": 1.0, "logit_bias": 0.0}}.get(fname, {})
-    try:
-        getattr(ckd, fname)(**args, **kw, mode="gather")
-    except ValueError as exc:
-        return {"raised": "ValueError", "message": str(exc)}
-    except Exception as exc:  # noqa: BLE001
-        return {"raised": type(exc).__name__, "message": str(exc)}
-    return {"raised": None, "message": ""}
+    return _outcome(lambda: getattr(ckd, fname)(**args, **kw, mode="gather"))
 
 
 # A global batch of one row (world 1): the losses that need two rows say so.
@@ -416,26 +421,14 @@ TOO_SMALL = ("dcl_loss", "hard_negative_loss", "uniformity_loss", "barlow_twins_
 
 
 def run_too_small(fname):
-    try:
-        getattr(ckd, fname)(**{v: torch.randn(1, D) for v in _ddp_views(fname)}, mode="gather")
-    except ValueError as exc:
-        return {"raised": "ValueError", "message": str(exc)}
-    except Exception as exc:  # noqa: BLE001
-        return {"raised": type(exc).__name__, "message": str(exc)}
-    return {"raised": None, "message": ""}
+    return _outcome(lambda: getattr(ckd, fname)(**{v: torch.randn(1, D) for v in _ddp_views(fname)}, mode="gather"))
 
 
 def run_compat_barlow_one_row():
     """lightly.BarlowTwinsLoss(gather_distributed=True) on local batches of one row: each rank
     standardizes over its own batch (lightly's F.batch_norm refuses one row)."""
     from contrastive_kernels.compat import lightly as L
-    try:
-        L.BarlowTwinsLoss(gather_distributed=True)(torch.randn(1, D), torch.randn(1, D))
-    except ValueError as exc:
-        return {"raised": "ValueError", "message": str(exc)}
-    except Exception as exc:  # noqa: BLE001
-        return {"raised": type(exc).__name__, "message": str(exc)}
-    return {"raised": None, "message": ""}
+    return _outcome(lambda: L.BarlowTwinsLoss(gather_distributed=True)(torch.randn(1, D), torch.randn(1, D)))
 
 
 def main():
@@ -609,20 +602,6 @@ def orig_vicreg(z_a, z_b, lam, mu, nu, eps):
     return lam * inv + mu * 0.5 * (var(za) + var(zb)) + nu * (cov(za) + cov(zb))
 
 
-def real_open_clip_loss():
-    """open_clip's own src/open_clip/loss.py (the installed open-clip-torch), loaded by path:
-    the package's __init__ imports torchvision, its loss module torch alone."""
-    import importlib.util
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("open-clip-torch is not installed (the README's install command adds it with --no-deps)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    mspec = importlib.util.spec_from_file_location("_open_clip_loss_dist_worker", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod
-
-
 def run_compat_case(name, W, r):
     from contrastive_kernels.compat import lightly as L, open_clip as O
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + W)
@@ -641,14 +620,14 @@ def run_compat_case(name, W, r):
         local_loss, gwg = (o == "1" for o in opt.split(","))
         s_ours, s_ref = _leaf(torch.tensor(2.5)), _leaf(torch.tensor(2.5, dtype=torch.float64))
         ours = O.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=r, world_size=W)(*ours_in, s_ours)
-        ref = real_open_clip_loss().ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=r,
+        ref = _peers._open_clip_loss().ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=r,
                                              world_size=W)(*ref_in, s_ref)
         scal["dlogit_scale"] = (s_ours, s_ref)
     elif kind == "real open_clip.SigLipLoss":
         s_ours, s_ref = _leaf(torch.tensor(3.0)), _leaf(torch.tensor(3.0, dtype=torch.float64))
         b_ours, b_ref = _leaf(torch.tensor(-2.0)), _leaf(torch.tensor(-2.0, dtype=torch.float64))
         ours = O.SigLipLoss(rank=r, world_size=W, dist_impl=opt)(*ours_in, s_ours, b_ours)
-        ref = real_open_clip_loss().SigLipLoss(rank=r, world_size=W, dist_impl=opt)(*ref_in, s_ref, b_ref)
+        ref = _peers._open_clip_loss().SigLipLoss(rank=r, world_size=W, dist_impl=opt)(*ref_in, s_ref, b_ref)
         scal["dlogit_scale"], scal["dlogit_bias"] = (s_ours, s_ref), (b_ours, b_ref)
     elif kind == "open_clip.SigLipLoss":
         s_ours, s_ref = _leaf(torch.tensor(3.0)), _leaf(torch.tensor(3.0, dtype=torch.float64))

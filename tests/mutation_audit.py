@@ -215,8 +215,8 @@ MUTANTS = [
      "if (G0 != nullptr && G0->dscale != nullptr) G0->dscale[I] += dsc;", CPU_LSE2_T),
     ("cpu_lse2_item_dscale0", CPU_LSE, "if (two != nullptr && two->G.dscale != nullptr) two->G.dscale[I] += dsc0;",
      "if (two != nullptr && two->G.dscale != nullptr) two->G.dscale[I] += dsc;", CPU_LSE2_T),
-    ("cpu_lse2_drscale_scaled", CPU_LSE, "const Tensor dqr = need_q_rscale ? rowdot(q, A) : none;",
-     "const Tensor dqr = need_q_rscale ? rowdot(q, A).mul_(P.scale) : none;", CPU_LSE2_T),
+    ("cpu_lse2_drscale_scaled", CPU_LSE, "const Tensor dqr = need_q_rscale ? row_dots(q, A) : none;",
+     "const Tensor dqr = need_q_rscale ? row_dots(q, A).mul_(P.scale) : none;", CPU_LSE2_T),
     ("cpu_lse2_sym_no_copy", CPU_LSE, "    if (P0 != nullptr) std::copy(g, g + bm * bn, W.tile2());\n", "",
      CPU_LSE2_T),
     # ---- the similarity family

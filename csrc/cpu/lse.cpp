@@ -936,6 +936,18 @@ std::tuple<Tensor, Tensor, Tensor> lse_forward_cpu(const Tensor& q, const Tensor
   return {row, col, xt};
 }
 
+// Row dots x_i . y_i (float32) without an N x D temporary.
+Tensor row_dots(const Tensor& x, const Tensor& y) {
+  return at::bmm(x.to(at::kFloat).unsqueeze(1), y.unsqueeze(2)).view({x.size(0)});
+}
+
+// A 0-dim float32 total of per-row-block float64 partials, summed in block order.
+Tensor partials_total(const std::vector<double>& part, const at::TensorOptions& f32) {
+  double total = 0.0;
+  for (double v : part) total += v;
+  return at::full({}, static_cast<float>(total), f32);
+}
+
 // Upstream gradient vector, or an undefined tensor when it is all zero (no work).
 Tensor nonzero_or_undefined(const Tensor& g) {
   if (g.numel() == 0 || !g.ne(0).any().item<bool>()) return Tensor();
@@ -1045,11 +1057,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
   const float s = P.scale;
   Tensor dq = at::empty({0}, q.options()), dk = at::empty({0}, k.options());
   Tensor dscale = at::empty({0}, f32), dqr = at::empty({0}, f32), dkr = at::empty({0}, f32);
-  // Row dots x_i . A_i without an N x D temporary; then A is scaled in place into dq.
-  auto rowdot = [](const Tensor& x, const Tensor& y) {
-    return at::bmm(x.to(at::kFloat).unsqueeze(1), y.unsqueeze(2)).view({x.size(0)});
-  };
-  if (need_q_rscale) dqr = rowdot(q, A).mul_(s);
+  // d q_rscale from A first; then A is scaled in place into dq.
+  if (need_q_rscale) dqr = row_dots(q, A).mul_(s);
   if (need_q) {
     const Tensor f = q_rscale.has_value() ? q_rscale->unsqueeze(1) * s : at::full({1, 1}, s, f32);
     dq = (mask_mode & kLseNorm) ? A.mul_(f) : A.mul_(f).to(q.scalar_type());  // (LSE_NORM: float32)
@@ -1058,17 +1067,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
     if (need_k) dk = (mask_mode & kLseNorm) ? at::zeros(k.sizes(), f32) : at::zeros_like(k);
     if (need_k_rscale) dkr = at::zeros({P.m}, f32);
   } else {
-    if (need_k_rscale) dkr = rowdot(k, B).mul_(s);
+    if (need_k_rscale) dkr = row_dots(k, B).mul_(s);
     if (need_k) {
       const Tensor f = k_rscale.has_value() ? k_rscale->unsqueeze(1) * s : at::full({1, 1}, s, f32);
       dk = (mask_mode & kLseNorm) ? B.mul_(f) : B.mul_(f).to(k.scalar_type());
     }
   }
-  if (need_scale) {
-    double total = 0.0;
-    for (double v : dscale_part) total += v;
-    dscale = at::full({}, static_cast<float>(total), f32);
-  }
+  if (need_scale) dscale = partials_total(dscale_part, f32);
   return {dq, dk, dscale, dbias, dqr, dkr};
 }
 
@@ -1184,25 +1189,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse2_backward_cpu(
 
   // A and B are in the product's units (both scales applied to dS): dq = q_rscale A, d q_rscale = q . A.
   const Tensor none = at::empty({0}, f32);
-  auto rowdot = [](const Tensor& x, const Tensor& y) {
-    return at::bmm(x.to(at::kFloat).unsqueeze(1), y.unsqueeze(2)).view({x.size(0)});
-  };
-  auto total = [&](const std::vector<double>& part) {
-    double t = 0.0;
-    for (double v : part) t += v;
-    return at::full({}, static_cast<float>(t), f32);
-  };
-  const Tensor dqr = need_q_rscale ? rowdot(q, A) : none;
+  const Tensor dqr = need_q_rscale ? row_dots(q, A) : none;
   const Tensor dq = !need_q ? none : q_rscale.has_value() ? A.mul_(q_rscale->unsqueeze(1)) : A;
   Tensor dk = none, dkr = none;
   if (combined) {  // dq (dq_rscale) carries the whole gradient of the shared tensor
     if (need_k) dk = at::zeros(k.sizes(), f32);
     if (need_k_rscale) dkr = at::zeros({P.m}, f32);
   } else {
-    if (need_k_rscale) dkr = rowdot(k, B);
+    if (need_k_rscale) dkr = row_dots(k, B);
     if (need_k) dk = k_rscale.has_value() ? B.mul_(k_rscale->unsqueeze(1)) : B;
   }
-  return {dq, dk, need_scale1 ? total(ds1_part) : none, need_scale0 ? total(ds0_part) : none, dqr, dkr};
+  return {dq, dk, need_scale1 ? partials_total(ds1_part, f32) : none,
+          need_scale0 ? partials_total(ds0_part, f32) : none, dqr, dkr};
 }
 
 const CpuOpRecord record_forward("lse_forward");
