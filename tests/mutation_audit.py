@@ -80,7 +80,7 @@ def _dist_t(k):
     return _py_t("test_distributed.py", k=k)
 
 
-DIST, FUNC, NN_PY = "distributed.py", "functional.py", "nn.py"
+DIST, FUNC, NN_PY, FAM_PY = "distributed.py", "functional.py", "nn.py", "_families.py"
 LIGHTLY, OPEN_CLIP, PML = "compat/lightly.py", "compat/open_clip.py", "compat/pytorch_metric_learning.py"
 
 # (name, file, old, new, tests[, env])
@@ -363,6 +363,16 @@ MUTANTS = [
     ("py_pml_pairdots_same_twice", PML, "return dx, None, None, None  # (one tensor",
      "return dx, dx, None, None  # (one tensor",
      _py_t("test_compat.py", k="pml and miner")),
+    # index_sum (label-group sums, PML's pair lists): index_add, whose CUDA adds are atomics in
+    # no fixed order (a CPU run gives the same numbers: only the source scan can see it)
+    ("py_index_sum_atomic_order", FAM_PY, ".index_put((index,), src, accumulate=True)", ".index_add(0, index, src)",
+     _py_t("test_determinism.py")),
+    # index_sum without accumulate: a repeated index keeps one of its values
+    ("py_index_sum_no_accumulate", FAM_PY, ".index_put((index,), src, accumulate=True)",
+     ".index_put((index,), src, accumulate=False)", _py_t("test_determinism.py")),
+    # _PairDots backward: an anchor in several pairs keeps one pair's gradient
+    ("py_pml_pairdots_bwd_no_accumulate", PML, "dx.index_put_((ii,), gs * y[jj], accumulate=True)",
+     "dx.index_put_((ii,), gs * y[jj], accumulate=False)", _py_t("test_compat.py", k="pml and miner")),
     # mined SupCon: the positive pairs not deduplicated (PML's masks make them sets)
     ("py_pml_supcon_pairs_not_dedup", PML, "pos_key = torch.unique(a1 * m + p)", "pos_key = a1 * m + p",
      _py_t("test_compat.py", k="pml and miner")),

@@ -633,6 +633,17 @@ def similarity(backend: str, a: Tensor, b: Tensor, scale: Tensor, normalize: boo
 
 
 # ------------------------------------------------ label grouping (supervised losses)
+def index_sum(index: Tensor, src: Tensor, n: int) -> Tensor:
+    """out[g] = sum of src[j] over j with index[j] == g, for g < n (zeros where none): the same
+    bits on every run, on every device.
+
+    Not ``index_add``: on CUDA that adds with atomics, so the order of each group's float sum (and
+    its last bits) changes from run to run unless torch.use_deterministic_algorithms is on.
+    ``index_put`` with accumulate=True is PyTorch's deterministic path (CUDA: the indices sorted,
+    each group summed in a fixed order; CPU: sequential).  Differentiable in src (a gather)."""
+    return src.new_zeros((n,) + tuple(src.shape[1:])).index_put((index,), src, accumulate=True)
+
+
 @torch.library.custom_op(f"{NS}::label_group_sum", mutates_args=())
 def label_group_sum(labels: Tensor, ref_labels: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
     """sums_i = sum of ref_j over j with ref_labels_j == labels_i (float32), counts_i = how many.
@@ -642,9 +653,8 @@ def label_group_sum(labels: Tensor, ref_labels: Tensor, ref: Tensor) -> tuple[Te
     _, inverse = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
     inv_q, inv_r = inverse[:n], inverse[n:]
     groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
-    sums = ref.new_zeros((groups, ref.shape[1]), dtype=torch.float32).index_add_(0, inv_r, ref.float())
-    counts = ref.new_zeros((groups,), dtype=torch.float32).index_add_(
-        0, inv_r, torch.ones_like(inv_r, dtype=torch.float32))
+    sums = index_sum(inv_r, ref.float(), groups)
+    counts = torch.bincount(inv_r, minlength=groups).to(torch.float32)
     return sums[inv_q], counts[inv_q]
 
 

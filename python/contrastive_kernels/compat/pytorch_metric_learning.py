@@ -243,7 +243,7 @@ class SupConLoss(_PMLBase):
         pa = anchor[:n_pos]
         log_prob = s[:n_pos] - lse[pa]
         count = torch.bincount(pa, minlength=n_rows)
-        total = torch.zeros(n_rows, dtype=s.dtype, device=s.device).index_add(0, pa, log_prob)
+        total = fam.index_sum(pa, log_prob, n_rows)
         per_anchor = -total / count.clamp(min=1).to(s.dtype)
         keep = per_anchor > 0  # AvgNonZeroReducer (an anchor without positives has 0)
         if not bool(keep.any()):
@@ -293,7 +293,7 @@ def _segment_logsumexp(v: Tensor, seg: Tensor, n: int) -> Tensor:
     top = top.scatter_reduce(0, seg, v.detach(), "amax", include_self=True)
     has = top > -math.inf
     base = torch.where(has, top, torch.zeros_like(top))
-    total = torch.zeros_like(top).index_add(0, seg, torch.exp(v - base[seg]))
+    total = fam.index_sum(seg, torch.exp(v - base[seg]), n)
     return torch.where(has, base + torch.log(torch.where(has, total, torch.ones_like(total))),
                        torch.full_like(top, -math.inf))
 
@@ -327,9 +327,9 @@ class _PairDots(torch.autograd.Function):
             gs = g[s:s + step, None]
             ii, jj = i[s:s + step], j[s:s + step]
             if need_x:
-                dx.index_add_(0, ii, gs * y[jj])
+                dx.index_put_((ii,), gs * y[jj], accumulate=True)  # (fam.index_sum's deterministic sum)
             if need_y:
-                dy.index_add_(0, jj, gs * x[ii])
+                dy.index_put_((jj,), gs * x[ii], accumulate=True)
         if ctx.same and need_x and need_y:
             return dx, None, None, None  # (one tensor: both terms are already in dx)
         return dx, dy, None, None
