@@ -373,6 +373,18 @@ MUTANTS = [
     # _PairDots backward: an anchor in several pairs keeps one pair's gradient
     ("py_pml_pairdots_bwd_no_accumulate", PML, "dx.index_put_((ii,), gs * y[jj], accumulate=True)",
      "dx.index_put_((ii,), gs * y[jj], accumulate=False)", _py_t("test_compat.py", k="pml and miner")),
+    # PML's SumReducer taken as MeanReducer
+    ("py_pml_sum_reducer_mean", PML, "            return terms.sum()\n", "            return terms.mean()\n",
+     _py_t("test_compat.py", k="pml and reducers")),
+    # DotProductSimilarity(normalize_embeddings=False) normalizing anyway
+    ("py_pml_raw_dot_normalized", PML, "normalize = bool(distance.normalize_embeddings)", "normalize = True",
+     _py_t("test_compat.py", k="pml and reducers")),
+    # NT-Xent: an anchor without negatives keeps its positive pairs in the sum (softplus(0 - s))
+    ("py_pml_lone_anchor_pairs_kept", PML, "pos_id = torch.where(has_neg, lab_id, torch.full_like(lab_id, -1))",
+     "pos_id = lab_id", _py_t("test_compat.py", k="pml")),
+    # NT-Xent: a NaN in an anchor without negatives dropped with its zero terms
+    ("py_pml_lone_anchor_nan_dropped", PML, "        if bool(lone.any()):", "        if False:",
+     _py_t("test_compat.py", k="pml")),
     # mined SupCon: the positive pairs not deduplicated (PML's masks make them sets)
     ("py_pml_supcon_pairs_not_dedup", PML, "pos_key = torch.unique(a1 * m + p)", "pos_key = a1 * m + p",
      _py_t("test_compat.py", k="pml and miner")),

@@ -442,6 +442,100 @@ def test_pml_supcon(dtype, backend, case):
                f"pml.SupConLoss({temperature}) {case} vs pytorch-metric-learning")
 
 
+def _pml_distance(name):
+    from pytorch_metric_learning import distances
+    return {None: None, "cosine": lambda: distances.CosineSimilarity(),
+            "dot": lambda: distances.DotProductSimilarity(),
+            "dot_raw": lambda: distances.DotProductSimilarity(normalize_embeddings=False)}[name]
+
+
+def _pml_options(distance, reducer):
+    """Fresh keyword arguments (PML's modules keep state): its distance and reducer objects."""
+    from pytorch_metric_learning import reducers
+    kw = {}
+    if distance is not None:
+        kw["distance"] = _pml_distance(distance)()
+    if reducer is not None:
+        kw["reducer"] = getattr(reducers, reducer)()
+    return kw
+
+
+@pytest.mark.parametrize("dtype,backend", _runs("lse", "pairwise"))
+@pytest.mark.parametrize("reducer", [None, "MeanReducer", "SumReducer", "AvgNonZeroReducer"])
+@pytest.mark.parametrize("distance", [None, "cosine", "dot", "dot_raw"])
+@pytest.mark.parametrize("loss", ["NTXentLoss", "SupConLoss"])
+def test_pml_distances_and_reducers(loss, distance, reducer, dtype, backend):
+    """PML's CosineSimilarity / DotProductSimilarity (raw dot products with
+    normalize_embeddings=False) and its Mean / Sum / AvgNonZero reducers, passed as PML's own
+    objects: the loss and every gradient as pytorch-metric-learning computes them, with labels
+    (anchors without positives, without negatives: ref_split) and with a miner's pairs."""
+    for i, case in enumerate(("labels", "ref", "ref_split")):
+        raw, with_ref = _pml_raw(case, _gen(40 + i))
+        if distance == "dot_raw":  # (logits of tens: raw products of 7-d rows over t = 0.2)
+            raw = {k: v * 0.5 if k in ("embeddings", "ref_emb") else v for k, v in raw.items()}
+        ours = getattr(ck_pml, loss)(0.2, backend=backend, **_pml_options(distance, reducer))
+        theirs = getattr(real_pml(), loss)(0.2, **_pml_options(distance, reducer))
+        _check(_pml_call(ours, with_ref), _pml_call(theirs, with_ref), raw, dtype,
+               f"pml.{loss}({distance}, {reducer}) {case} vs pytorch-metric-learning")
+    for case in ("multi_similarity", "repeats", "ref_multi_similarity"):
+        raw, tup = _pml_mined_raw(case, _gen(len(case) + 50))
+        ours = getattr(ck_pml, loss)(0.2, backend=backend, **_pml_options(distance, reducer))
+        theirs = getattr(real_pml(), loss)(0.2, **_pml_options(distance, reducer))
+        _check(_pml_mined_call(ours, tup), _pml_mined_call(theirs, tup), raw, dtype,
+               f"pml.{loss}({distance}, {reducer}) mined {case} vs pytorch-metric-learning")
+
+
+def test_pml_unsupported_options_are_refused():
+    from pytorch_metric_learning import distances, reducers, regularizers
+
+    class MyCosine(distances.CosineSimilarity):  # may compute anything: not taken for PML's
+        pass
+    for cls in (ck_pml.NTXentLoss, ck_pml.SupConLoss):
+        name = cls.__name__
+        for kw, pattern in ((dict(distance=distances.LpDistance()), "distance=LpDistance is not supported"),
+                            (dict(distance=MyCosine()), "distance=MyCosine is not supported"),
+                            (dict(distance=distances.CosineSimilarity(power=2)),
+                             r"distance=CosineSimilarity\(power=2\) is not"),
+                            (dict(distance=distances.DotProductSimilarity(p=1)),
+                             r"distance=DotProductSimilarity\(p=1\) normalizes"),
+                            (dict(reducer=reducers.ThresholdReducer(low=0.1)), "reducer=ThresholdReducer is not"),
+                            (dict(reducer=reducers.DoNothingReducer()), "reducer=DoNothingReducer is not"),
+                            (dict(embedding_regularizer=regularizers.LpRegularizer()),
+                             "embedding_regularizer is not supported .*LpRegularizer")):
+            with pytest.raises(NotImplementedError, match=f"^{name}: {pattern}"):
+                cls(**kw)
+        with pytest.raises(TypeError, match=f"{name}.__init__.. got an unexpected keyword argument 'temprature'"):
+            cls(temprature=0.1)
+        # accepted: what PML takes as no-ops here (stats, a weight without a regularizer, p
+        # where nothing is normalized)
+        cls(collect_stats=True, embedding_reg_weight=1.0,
+            distance=distances.DotProductSimilarity(p=1, normalize_embeddings=False))
+
+
+@pytest.mark.parametrize("backend", [pytest.param(be, marks=[pytest.mark.triton] if be == "triton" else [], id=str(be))
+                                     for be in _backends("lse", "pairwise")])
+def test_pml_ntxent_anchor_without_negatives_at_any_scale(backend):
+    """Anchors whose every reference row shares their label have NT-Xent terms of exactly 0
+    (PML's -log(1)), also where |s / t| passes 1e4 (t = 5e-5, raw dot products: an offset of
+    -1e4 standing for 'no negative' gave 5000 here); a NaN in such an anchor's row still gives
+    a NaN loss (NaN in, NaN out, as PML)."""
+    from pytorch_metric_learning import distances
+    g = _gen(11)
+    x = _randn(g, 3, 5)
+    r = -x[0].repeat(4, 1) * 3  # anchors 0, 1 (label 3): every reference row is a positive
+    lab, rl = torch.tensor([3, 3, 5]), torch.tensor([3, 3, 3, 3])
+    for t, dist in ((5e-5, None), (0.07, "dot_raw"), (1e-3, "dot_raw")):
+        kw = {} if dist is None else {"distance": distances.DotProductSimilarity(normalize_embeddings=False)}
+        ours = ck_pml.NTXentLoss(t, backend=backend, **kw)(x.float(), lab, ref_emb=r.float(), ref_labels=rl)
+        kw = {} if dist is None else {"distance": distances.DotProductSimilarity(normalize_embeddings=False)}
+        theirs = real_pml().NTXentLoss(t, **kw)(x, lab, ref_emb=r, ref_labels=rl)
+        assert ours.item() == 0.0 and theirs.item() == 0.0, (t, dist, ours.item(), theirs.item())
+    bad = x.float().clone()
+    bad[1, 2] = float("nan")
+    assert torch.isnan(ck_pml.NTXentLoss(0.1, backend=backend)(bad, lab, ref_emb=r.float(), ref_labels=rl))
+    assert torch.isnan(real_pml().NTXentLoss(0.1)(bad.double(), lab, ref_emb=r, ref_labels=rl))
+
+
 @pytest.mark.parametrize("case,zero", [("all_same", True), ("all_distinct", True), ("ref_all_same", True),
                                        ("ref_no_positive", True), ("one_pair", True), ("labels", False)])
 def test_pml_degenerate_cases_are_zero(case, zero):

@@ -30,8 +30,17 @@ the listed pairs in chunks (``_pair_dots``) and reduces them per anchor by scatt
 memory linear in the number of pairs (PML builds the N x M matrix and, for NT-Xent, a
 positive-pairs x negative-pairs mask).
 
-Non-default ``distance`` / ``reducer`` / ``embedding_regularizer`` arguments are not
-supported: they raise NotImplementedError rather than silently computing something else."""
+``distance``: PML's ``CosineSimilarity()`` (the default) or ``DotProductSimilarity``
+(``normalize_embeddings=False``: raw dot products, the rows not normalized), with p = 2 and
+power = 1.  ``reducer``: ``MeanReducer``, ``SumReducer`` or ``AvgNonZeroReducer`` (the
+defaults: MeanReducer for NT-Xent, AvgNonZeroReducer for SupCon), over NT-Xent's
+positive-pair terms or SupCon's per-anchor terms (every anchor; 0 for one without a
+positive pair).  AvgNonZeroReducer counts the terms that are non-zero as computed here (to
+float32's relative precision: an NT-Xent term is zero exactly when its anchor has no
+negative pair); PML's float32 rounds terms below about 6e-8 to zero and leaves them out of
+its count, so on a batch whose pairs are almost all that confident the two means differ.
+Other distances, reducers, ``embedding_regularizer`` raise NotImplementedError (naming the
+argument) rather than computing something else; an unknown keyword raises TypeError."""
 from __future__ import annotations
 
 import math
@@ -49,16 +58,51 @@ from .. import functional as F
 __all__ = ["NTXentLoss", "SupConLoss"]
 
 
+_REDUCERS = {"MeanReducer": "mean", "SumReducer": "sum", "AvgNonZeroReducer": "nonzero"}
+_DISTANCES = ("CosineSimilarity", "DotProductSimilarity")
+
+
+def _pml_class(obj, package: str, names) -> Optional[str]:
+    """obj's class name when it is one of pytorch-metric-learning's own `names` (from
+    pytorch_metric_learning.<package>; a subclass may override what it computes: no)."""
+    cls = type(obj)
+    ok = cls.__module__.startswith(f"pytorch_metric_learning.{package}.") and cls.__name__ in names
+    return cls.__name__ if ok else None
+
+
 class _PMLBase(nn.Module):
-    def __init__(self, temperature, backend=None, **kwargs):
+    _default_reducer = "mean"
+
+    def __init__(self, temperature, backend=None, *, distance=None, reducer=None, embedding_regularizer=None,
+                 embedding_reg_weight=1, collect_stats=None, **kwargs):
         super().__init__()
-        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "collect_stats")
-        if unsupported:
-            raise NotImplementedError(
-                f"{type(self).__name__}: arguments {unsupported} are not supported by the fused version (only the "
-                "default CosineSimilarity distance and default reducer are)")
+        name = type(self).__name__
+        if kwargs:
+            raise TypeError(f"{name}.__init__() got an unexpected keyword argument '{sorted(kwargs)[0]}'")
+        if embedding_regularizer is not None:
+            raise NotImplementedError(f"{name}: embedding_regularizer is not supported by the fused version (got "
+                                      f"{type(embedding_regularizer).__name__}); add its term to the loss yourself")
+        self.normalize = _distance_normalizes(name, distance)
+        if reducer is None:
+            self.reduction = self._default_reducer
+        elif _pml_class(reducer, "reducers", _REDUCERS):
+            self.reduction = _REDUCERS[type(reducer).__name__]
+        else:
+            raise NotImplementedError(f"{name}: reducer={type(reducer).__name__} is not supported by the fused "
+                                      f"version (pytorch-metric-learning's {', '.join(_REDUCERS)} are)")
         self.temperature = temperature
         self.backend = backend
+
+    def _reduce(self, terms: Tensor, embeddings: Tensor) -> Tensor:
+        """The reducer over per-element terms (0 for a term PML leaves at 0)."""
+        if self.reduction == "sum":
+            return terms.sum()
+        if self.reduction == "mean":
+            return terms.mean()
+        keep = terms > 0  # AvgNonZeroReducer
+        if not bool(keep.any()):
+            return self._zero(embeddings)
+        return terms[keep].mean()
 
     def _prepare(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if labels is None:
@@ -85,12 +129,13 @@ class _PMLBase(nn.Module):
 
     @staticmethod
     def _pair_counts(labels, ref_labels, exclude_diag):
-        """Per-anchor numbers of positive and negative pairs (O(N + M), no N x M mask)."""
+        """Per-anchor numbers of positive and negative pairs (O(N + M), no N x M mask), and
+        the labels renumbered 0, 1, ... (the anchors' and the reference rows')."""
         n, m = labels.shape[0], ref_labels.shape[0]
         _, inv = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
         same = torch.bincount(inv[n:], minlength=int(inv.max()) + 1)[inv[:n]]
         pos = same - int(exclude_diag)
-        return pos, m - same
+        return pos, m - same, (inv[:n], inv[n:])
 
     @staticmethod
     def _zero(embeddings):
@@ -117,9 +162,31 @@ class _PMLBase(nn.Module):
             return None
         V.scalar("temperature", self.temperature, positive=True)
         cdt = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-        xh = torch.nn.functional.normalize(embeddings.to(cdt), dim=1)
-        rh = xh if r is embeddings else torch.nn.functional.normalize(r.to(cdt), dim=1)
+        xh = _unit(embeddings.to(cdt), self.normalize)
+        rh = xh if r is embeddings else _unit(r.to(cdt), self.normalize)
         return xh, rh, pairs
+
+
+def _distance_normalizes(name, distance) -> bool:
+    """Whether the rows are normalized: PML's CosineSimilarity / DotProductSimilarity (its
+    normalize_embeddings, with p = 2 when it is set; power = 1), the default None too."""
+    if distance is None:
+        return True
+    if not _pml_class(distance, "distances", _DISTANCES):
+        raise NotImplementedError(f"{name}: distance={type(distance).__name__} is not supported by the fused version "
+                                  f"(pytorch-metric-learning's {' and '.join(_DISTANCES)} are)")
+    if getattr(distance, "power", 1) != 1:
+        raise NotImplementedError(f"{name}: distance={type(distance).__name__}(power={distance.power}) is not "
+                                  "supported by the fused version (power=1 is)")
+    normalize = bool(distance.normalize_embeddings)
+    if normalize and getattr(distance, "p", 2) != 2:
+        raise NotImplementedError(f"{name}: distance={type(distance).__name__}(p={distance.p}) normalizes with "
+                                  "another norm than the Euclidean one; the fused version supports p=2")
+    return normalize
+
+
+def _unit(x: Tensor, normalize: bool) -> Tensor:
+    return torch.nn.functional.normalize(x, dim=1) if normalize else x
 
 
 def _check_labels(name, lab, rows, rows_name="embeddings"):
@@ -152,35 +219,46 @@ class NTXentLoss(_PMLBase):
             sn = _pair_dots(xh, rh, a2, n) / self.temperature
             neg_lse = _segment_logsumexp(sn, a2, xh.shape[0])[a1]
             # -log(e^sp / (e^sp + sum e^sn)) = softplus(neg_lse - sp), exactly (0 without negatives)
-            return (-torch.nn.functional.logsigmoid(sp - neg_lse)).mean()
+            return self._reduce(-torch.nn.functional.logsigmoid(sp - neg_lse), embeddings)
         x, lab, r, rlab, drop_diag = self._prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         V.scalar("temperature", self.temperature, positive=True)
-        pos_count, neg_count = self._pair_counts(lab, rlab, drop_diag)
+        pos_count, neg_count, (lab_id, rlab_id) = self._pair_counts(lab, rlab, drop_diag)
         n_pos, n_neg = int(pos_count.sum()), int(neg_count.sum())
         if n_pos == 0 or n_neg == 0 or (n_pos <= 1 and n_neg <= 1):
             return self._zero(embeddings)
+        # The terms are > 0 exactly for the pairs whose anchor has a negative (AvgNonZeroReducer's count).
+        count = {"mean": n_pos, "sum": 1, "nonzero": int(pos_count[neg_count > 0].sum())}[self.reduction]
+        if count == 0:
+            return self._zero(embeddings)
         be = backends.resolve(self.backend, "pairwise", x.device, x.dtype, x.numel())
         if be == "reference" or be == backends.FAMILY_REFERENCE:
-            return _ntxent_reference(x, lab, r, rlab, drop_diag, self.temperature) / n_pos
+            return _ntxent_reference(x, lab, r, rlab, drop_diag, self.temperature, self.normalize) / count
         be_lse = backends.resolve(self.backend, "lse", x.device, x.dtype, x.numel())
-        xh = torch.nn.functional.normalize(x, dim=1)
-        rh = xh if r is x else torch.nn.functional.normalize(r, dim=1)
+        xh = _unit(x, self.normalize)
+        rh = xh if r is x else _unit(r, self.normalize)
         scale = torch.tensor(1.0 / self.temperature, dtype=torch.float32, device=x.device)
         # LSE over each anchor's negatives (label differs: (i, i) is never one when it is dropped).
         neg_lse, _ = fam.lse(be_lse, xh, rh, scale, q_labels=lab, k_labels=rlab, mask_mode=MASK_SAME_LABEL)
-        # An anchor without negatives: PML's term is -log(1) = 0; softplus(-big) is exactly 0.
-        offset = torch.where(neg_lse == -math.inf, torch.full_like(neg_lse, -1e4), neg_lse)
+        # An anchor without negatives: PML's term is -log(1) = 0 for each of its positive pairs,
+        # which are left out of the sum (its label -1 is no reference row's); an offset of -big
+        # would give softplus(-big - s), not 0, where s/t reaches big (raw dot products, tiny t).
+        has_neg = neg_count > 0  # (not neg_lse > -inf: a NaN row must stay NaN)
+        offset = torch.where(has_neg, neg_lse, torch.zeros_like(neg_lse))
+        pos_id = torch.where(has_neg, lab_id, torch.full_like(lab_id, -1))
         mode = PAIR_POSITIVES_ONLY | (PAIR_EXCLUDE_DIAG if drop_diag else 0)
         total = fam.pairwise_total(be, xh, rh, scale, torch.zeros((), dtype=torch.float32, device=x.device),
-                                   row_offset=-offset, q_labels=lab, k_labels=rlab, mode=mode)
-        return total / n_pos
+                                   row_offset=-offset, q_labels=pos_id, k_labels=rlab_id, mode=mode)
+        lone = ~has_neg & (pos_count > 0)
+        if bool(lone.any()):  # (their terms are 0, but a NaN or inf in their rows gives PML's NaN)
+            total = total + (xh[lone].float() * 0).sum()
+        return total / count
 
 
-def _ntxent_reference(x, lab, r, rlab, drop_diag, temperature):
+def _ntxent_reference(x, lab, r, rlab, drop_diag, temperature, normalize=True):
     """Sum over positive pairs of PML's NT-Xent term, materializing (reference backend)."""
     from ..reference import _up
-    xh = torch.nn.functional.normalize(_up(x), dim=1)
-    rh = torch.nn.functional.normalize(_up(r), dim=1)
+    xh = _unit(_up(x), normalize)
+    rh = _unit(_up(r), normalize)
     s = xh @ rh.T / temperature
     same = lab[:, None] == rlab[None, :]
     pos = same.clone()
@@ -195,6 +273,7 @@ def _ntxent_reference(x, lab, r, rlab, drop_diag, temperature):
 
 class SupConLoss(_PMLBase):
     """pytorch_metric_learning.losses.SupConLoss(temperature=0.1, **kwargs)."""
+    _default_reducer = "nonzero"
 
     def __init__(self, temperature: float = 0.1, *, backend: Optional[str] = None, **kwargs):
         super().__init__(temperature, backend, **kwargs)
@@ -205,18 +284,15 @@ class SupConLoss(_PMLBase):
         if indices_tuple is not None:
             return self._mined_supcon(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         x, lab, r, rlab, drop_diag = self._prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        pos_count, neg_count = self._pair_counts(lab, rlab, drop_diag)
+        pos_count, neg_count, _ = self._pair_counts(lab, rlab, drop_diag)
         n_pos, n_neg = int(pos_count.sum()), int(neg_count.sum())
         if n_pos == 0 or n_neg == 0 or (n_pos <= 1 and n_neg <= 1):
             return self._zero(embeddings)
         # supcon_loss's per-anchor losses; (i, i) dropped also across two sets (PML's identity rule)
         F._temperature(self.temperature, x.device)
-        per_anchor, _ = F._supcon_anchors(F._resolve(self.backend, "lse", x), x, lab, r, rlab, self.temperature, True,
-                                          exclude_self=drop_diag)
-        keep = per_anchor > 0  # AvgNonZeroReducer
-        if not bool(keep.any()):
-            return self._zero(embeddings)
-        return per_anchor[keep].mean()
+        per_anchor, _ = F._supcon_anchors(F._resolve(self.backend, "lse", x), x, lab, r, rlab, self.temperature,
+                                          self.normalize, exclude_self=drop_diag)
+        return self._reduce(per_anchor, embeddings)
 
     def _mined_supcon(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """PML's SupConLoss over a miner's pairs: the pairs become sets (its masks), each
@@ -244,11 +320,8 @@ class SupConLoss(_PMLBase):
         log_prob = s[:n_pos] - lse[pa]
         count = torch.bincount(pa, minlength=n_rows)
         total = fam.index_sum(pa, log_prob, n_rows)
-        per_anchor = -total / count.clamp(min=1).to(s.dtype)
-        keep = per_anchor > 0  # AvgNonZeroReducer (an anchor without positives has 0)
-        if not bool(keep.any()):
-            return self._zero(embeddings)
-        return per_anchor[keep].mean()
+        per_anchor = -total / count.clamp(min=1).to(s.dtype)  # (an anchor without positives: 0)
+        return self._reduce(per_anchor, embeddings)
 
 
 def _pair_indices(who, indices_tuple, n, m, device):
