@@ -373,6 +373,14 @@ MUTANTS = [
     # _PairDots backward: an anchor in several pairs keeps one pair's gradient
     ("py_pml_pairdots_bwd_no_accumulate", PML, "dx.index_put_((ii,), gs * y[jj], accumulate=True)",
      "dx.index_put_((ii,), gs * y[jj], accumulate=False)", _py_t("test_compat.py", k="pml and miner")),
+    # reference HCL in log space: the clamp's floor without the temperature (Nneg e^0)
+    ("py_ref_hcl_floor_no_t", "reference.py",
+     "log_floor = math.log(n_neg) - 1 / torch.as_tensor(temperature, dtype=gap.dtype, device=gap.device)",
+     "log_floor = math.log(n_neg) + 0 * torch.as_tensor(temperature, dtype=gap.dtype, device=gap.device)",
+     _py_t("test_formulas.py", k="hard_negative or hcl")),
+    # reference HCL: a NaN gap (non-finite input) taken as "clamped", a finite floor
+    ("py_ref_hcl_nan_clamped", "reference.py", "    ok = ~(gap >= 0)\n", "    ok = gap < 0\n",
+     _py_t("test_nonfinite.py", k="hard_negative or hcl")),
     # PML's SumReducer taken as MeanReducer
     ("py_pml_sum_reducer_mean", PML, "            return terms.sum()\n", "            return terms.mean()\n",
      _py_t("test_compat.py", k="pml and reducers")),

@@ -605,3 +605,71 @@ def test_hcl_clamp_case_is_clamped():
     pos = torch.cat([(z[:n] * z[n:]).sum(1)] * 2).div(t["temperature"]).exp()
     ng = (-0.6 * (2 * n - 2) * pos + (neg * neg).sum(1) / neg.mean(1)) / 0.4
     assert (ng < (2 * n - 2) * math.exp(-1 / t["temperature"])).all()
+
+
+def _hcl_exact(z1, z2, temperature, beta, tau_plus, normalize):
+    """The authors' HCL formula (peers.hcl) in 60-digit arithmetic (mpmath, which torch
+    installs through sympy): no overflow at any temperature."""
+    import mpmath as mp
+
+    def rows(z):
+        out = [[mp.mpf(v) for v in r] for r in z]
+        if normalize:
+            out = [[v / mp.sqrt(sum(u * u for u in r)) for v in r] for r in out]
+        return out
+
+    n = len(z1)
+    z = rows(z1) + rows(z2)
+    t, n_neg = mp.mpf(temperature), 2 * n - 2
+    dot = lambda x, y: sum(u * v for u, v in zip(x, y))  # noqa: E731
+    total = mp.mpf(0)
+    for i in range(2 * n):
+        p = (i + n) % (2 * n)
+        neg = [mp.exp(dot(z[i], z[j]) / t) for j in range(2 * n) if j not in (i, p)]
+        pos = mp.exp(dot(z[i], z[p]) / t)
+        imp = [v ** beta for v in neg]
+        reweight = sum(a * b for a, b in zip(imp, neg)) / (sum(imp) / n_neg)
+        ng = max((-tau_plus * n_neg * pos + reweight) / (1 - tau_plus), n_neg * mp.exp(-1 / t))
+        total += mp.log1p(ng / pos)  # -log(pos / (pos + ng))
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("temperature,beta,tau_plus,normalize,scale", [
+    (1e-3, 1.0, 0.1, True, 1.0), (5e-4, 0.5, 0.05, True, 1.0), (0.02, 1.0, 0.1, False, 3.0)],
+    ids=["t1e-3", "t5e-4-beta0.5", "raw-t0.02"])
+def test_hcl_at_small_temperatures_is_exact(temperature, beta, tau_plus, normalize, scale):
+    """Where the authors' exp(s/t) overflows float64 (s/t > 709; it gave NaN in the reference
+    backend, which float64 inputs take by default): the reference (float64) and every fused
+    backend (float32, the same rounded inputs) against the formula in 60 digits, the loss and
+    (finite differences in 60 digits) both gradients."""
+    import mpmath as mp
+    mp.mp.dps = 60
+    g = torch.Generator().manual_seed(5)
+    n, d = 3, 4
+    z1 = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).float().double()
+    z2 = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).float().double()
+    kw = dict(beta=beta, tau_plus=tau_plus, normalize=normalize)
+    x1, x2 = z1.tolist(), z2.tolist()
+    want = _hcl_exact(x1, x2, temperature, beta, tau_plus, normalize)
+    assert want > 1, "a loss of order s/t (the exps overflow float64; not a confident batch's ~0)"
+
+    def exact_grad(which):
+        out = torch.zeros(n, d, dtype=torch.float64)
+        for i in range(n):
+            for j in range(d):
+                def f(v, i=i, j=j):
+                    a, b = [r[:] for r in x1], [r[:] for r in x2]
+                    (a if which == 0 else b)[i][j] = v
+                    return _hcl_exact(a, b, temperature, beta, tau_plus, normalize)
+                out[i, j] = float(mp.diff(f, mp.mpf((x1 if which == 0 else x2)[i][j])))
+        return out
+    grads = [exact_grad(0), exact_grad(1)]
+    for be, dtype, tol in [("reference", torch.float64, F64_TOL)] + [
+            (b, torch.float32, TOL[torch.float32]) for b in kernel_backends("lse")]:
+        a, b = z1.to(dtype).requires_grad_(), z2.to(dtype).requires_grad_()
+        loss = ck.hard_negative_loss(a, b, temperature, backend=be, **kw)
+        got = torch.autograd.grad(loss, [a, b])
+        assert torch.isfinite(loss) and abs(loss.item() - float(want)) <= tol * float(want), (be, loss.item(),
+                                                                                           float(want))
+        for k in range(2):
+            assert rel_err(got[k], grads[k]) <= tol, (be, k, rel_err(got[k], grads[k]))

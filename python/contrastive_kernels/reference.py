@@ -199,7 +199,11 @@ def dcl_loss(z1, z2, temperature=0.1, *, weight_sigma=None, normalize=True):
 
 
 def hard_negative_loss(z1, z2, temperature=0.5, *, beta=1.0, tau_plus=0.1, normalize=True):
-    """Robinson et al. 2021 (HCL), the authors' 'hard' estimator in the SimCLR setting."""
+    """Robinson et al. 2021 (HCL), the authors' 'hard' estimator in the SimCLR setting:
+    ``Ng = max((reweight - tau_plus Nneg pos) / (1 - tau_plus), Nneg e^{-1/t})`` with
+    ``reweight = sum_n e^{(1 + beta) s_n/t} / mean_n e^{beta s_n/t}``, ``pos = e^{s_pos/t}``, the loss
+    ``-log(pos / (pos + Ng))``, written in log space: the authors' exp(s/t) overflows float64
+    where s/t > 709 (t < 0.0014 on unit rows; float32 inputs here, t < 0.0114) and gave NaN."""
     a, b = _norm(_up(z1), normalize), _norm(_up(z2), normalize)
     n = a.shape[0]
     z = torch.cat([a, b])
@@ -209,16 +213,19 @@ def hard_negative_loss(z1, z2, temperature=0.5, *, beta=1.0, tau_plus=0.1, norma
     neg_mask[idx, idx] = False
     neg_mask[idx, (idx + n) % (2 * n)] = False
     n_neg = 2 * n - 2
-    neg = torch.exp(s[neg_mask].view(2 * n, n_neg))
-    pos = torch.exp((a * b).sum(1) / temperature)
-    pos = torch.cat([pos, pos])
-    imp = neg ** beta
-    reweight = (imp * neg).sum(1) / imp.mean(1)
-    ng = (-tau_plus * n_neg * pos + reweight) / (1 - tau_plus)
+    neg = s[neg_mask].view(2 * n, n_neg)
+    log_pos = ((a * b).sum(1) / temperature).repeat(2)
+    log_rw = torch.logsumexp((1 + beta) * neg, 1) - torch.logsumexp(beta * neg, 1) + math.log(n_neg)
+    # log(reweight - tau_plus Nneg pos) = log_rw + log(1 - e^gap) where the difference is positive
+    # (gap < 0); elsewhere -inf, for the clamp to take.  A NaN gap (a non-finite input) stays NaN.
+    gap = log_pos + (math.log(tau_plus * n_neg) if tau_plus > 0 else -math.inf) - log_rw
+    ok = ~(gap >= 0)
+    safe = torch.where(ok, gap, torch.full_like(gap, -1.0))  # (no inf / NaN gradient from the unused branch)
+    log_diff = torch.where(ok, log_rw + torch.log(-torch.expm1(safe)), torch.full_like(gap, -math.inf))
     # The floor depends on the temperature: keep it in the graph when that is a tensor.
-    floor = n_neg * torch.exp(-1 / torch.as_tensor(temperature, dtype=ng.dtype, device=ng.device))
-    ng = torch.clamp(ng, min=floor)
-    return (-torch.log(pos / (pos + ng))).mean()
+    log_floor = math.log(n_neg) - 1 / torch.as_tensor(temperature, dtype=gap.dtype, device=gap.device)
+    log_ng = torch.maximum(log_diff - math.log1p(-tau_plus), log_floor)
+    return torch.logaddexp(torch.zeros_like(log_ng), log_ng - log_pos).mean()  # log(1 + Ng / pos), exactly
 
 
 def uniformity_loss(x, t=2.0):
