@@ -8,9 +8,15 @@ FlashAttention-2 shape of the computation, without the value matrix:
   * forward: one program per block of "outer" rows sweeps the "inner" rows in tiles,
     tile = tl.dot(outer, inner^T) in the input dtype with float32 accumulation, the
     rscales applied to the float32 dot (so normalized low-precision copies are never
-    rounded), masks built in-tile from index vectors, online max / sum in base 2.
+    rounded), masks built in-tile from index vectors, online max / sum in the scores' unit:
+    natural for float32 inputs (exp(s - m): the backward's recomputed scores minus the saved
+    LSE then agree with the forward's to the last bit), base 2 for 16-bit ones (log2(e) folded
+    into the scale, exp2 without a multiply: FlashAttention's saving; converting the saved
+    natural LSE back to base 2 moves it by a few ulps of its size, a relative error of
+    ~|S| 1e-7 in every p, invisible beside a 16-bit rounding but 7x float32's tolerance at
+    |S| ~ 1000: a temperature of 1e-3, or raw rows of norm 10).
     Row LSE: outer = q, inner = k.  Column LSE: with compute_col the row pass also writes each
-    tile's column states over its rows (COLS: max, exact 1s, the sum of the rest, in base 2),
+    tile's column states over its rows (COLS: max, exact 1s, the sum of the rest, in the unit),
     merged over the row blocks in order by _merge_states_kernel: one pass over S for both, in
     launches of as many rows as keep the states within _COLS_BUDGET.  With
     CONTRASTIVE_KERNELS_TRITON_FUSED_COLS=0 the column pass: the same kernel with TRANS
@@ -24,7 +30,7 @@ FlashAttention-2 shape of the computation, without the value matrix:
     max plus the sum below it, so a log-sum-exp is max + log1p(e) (_common.log1p).
     LSE_TARGET (mask bit 8): the forward keeps each row's own target score and writes the
     cross-entropy (max - target) + log1p(e); the backward forms exp((S_ij - x_i) - ce_i) with
-    the saved base-2 target scores x, and p - 1 = expm1(-ce_i) at a kept target itself
+    the saved target scores x (in the unit), and p - 1 = expm1(-ce_i) at a kept target itself
     (the -grad at a masked one), in float32.
     The row kernel (outer = q) accumulates A_i = sum_j dS_ij k_rscale_j k_j in registers
     (dq = scale q_rscale A); the TRANS kernel (outer = k) accumulates B_j and dcol_bias.
@@ -97,18 +103,46 @@ def _keep(o_idx, o_ok, n_idx, n_ok, diag_offset, o_pos, n_pos, o_lab, n_lab,
     return keep
 
 
+# The scores' unit (NAT: float32 inputs, natural; else base 2, s = log2(e) S; see the docstring).
+@triton.jit
+def _exp_u(x, NAT: tl.constexpr):
+    """e^x for x in the unit (natural: exp; base 2: exp2)."""
+    if NAT:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _to_unit(x, NAT: tl.constexpr):
+    """A natural-log quantity (a scale, bias or LSE) in the unit."""
+    if NAT:
+        return x
+    else:
+        return x * 1.4426950408889634
+
+
+@triton.jit
+def _to_nat(x, NAT: tl.constexpr):
+    """A quantity in the unit, in natural log units."""
+    if NAT:
+        return x
+    else:
+        return x * 0.6931471805599453
+
+
 @triton.jit
 def _outer_rows(pid, SCALE, O_RS, BIAS, POS, O_LAB, NO,
                 TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_POS: tl.constexpr,
-                MASK_LAB: tl.constexpr, BLOCK_O: tl.constexpr):
+                MASK_LAB: tl.constexpr, NAT: tl.constexpr, BLOCK_O: tl.constexpr):
     """The per-row values of the block `pid` of BLOCK_O outer rows, loaded once per program.
 
     Returns (o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab):
       o_idx   int64 outer row indices, o_ok = o_idx < NO;
       scale   the float32 scale;  o_rs = the outer rscale (1 without one);
-      c2      scale * log2(e): a raw dot times (o_rs i_rs) c2 is the score in base 2,
-              s2 = log2(e) S, before the bias;
-      o_bias  log2(e) col_bias of the outer rows under TRANS (outer rows are columns), else 0;
+      c2      the scale in the unit (NAT: scale; else scale log2(e)): a raw dot times
+              (o_rs i_rs) c2 is the score in the unit, before the bias;
+      o_bias  col_bias of the outer rows under TRANS (outer rows are columns), in the unit, else 0;
       o_pos   pos_index of the outer rows without TRANS, else o_idx (unused);
       o_lab   the outer rows' labels with MASK_LAB, else o_idx (unused)."""
     o_idx = pid.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -117,10 +151,10 @@ def _outer_rows(pid, SCALE, O_RS, BIAS, POS, O_LAB, NO,
     o_rs = tl.full((BLOCK_O,), 1.0, tl.float32)
     if HAS_ORS:
         o_rs = tl.load(O_RS + o_idx, mask=o_ok, other=1.0)
-    c2 = scale * 1.4426950408889634
+    c2 = _to_unit(scale, NAT)
     o_bias = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if HAS_BIAS and TRANS:
-        o_bias = tl.load(BIAS + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
+        o_bias = _to_unit(tl.load(BIAS + o_idx, mask=o_ok, other=0.0), NAT)
     o_pos = o_idx
     if MASK_POS and not TRANS:
         o_pos = tl.load(POS + o_idx, mask=o_ok, other=-1)
@@ -142,8 +176,8 @@ def _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE: tl.constexpr, BLOCK_O: tl.c
 
 @triton.jit
 def _scaled(acc, o_rs, i_rs, c2, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr):
-    """Base-2 scores of a raw float32 dot tile: acc (o_rs i_rs) c2, the rscales multiplied with
-    each other first (the TRANS pass forms the same product bit for bit)."""
+    """Scores (in the unit) of a raw float32 dot tile: acc (o_rs i_rs) c2, the rscales multiplied
+    with each other first (the TRANS pass forms the same product bit for bit)."""
     if HAS_IRS:
         if HAS_ORS:
             s2 = acc * ((o_rs[:, None] * i_rs[None, :]) * c2)
@@ -162,21 +196,21 @@ def _kept(s, keep):
 
 
 @triton.jit
-def _online(m, l, k, s):
-    """One tile of the online log-sum-exp (base 2) of the rows of `s` (-inf where not kept): the
-    running max m, the sum l of 2^(s - m) over the scores below it and the count k of those equal
+def _online(m, l, k, s, NAT: tl.constexpr):
+    """One tile of the online log-sum-exp (in the unit) of the rows of `s` (-inf where not kept): the
+    running max m, the sum l of e^(s - m) over the scores below it and the count k of those equal
     to it (exact 1s), so that the sum is 1 + e, e = (k - 1) + l, formed without rounding 1 + tiny (a
     confident row's cross-entropy log1p(e) would lose all of a 1e-7 loss to a float32 ulp of 1)."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
     # A row with nothing kept so far has m_new = -inf: use 0 as its reference so that
-    # exp2(-inf - ref) = 0 instead of NaN.
+    # e^(-inf - ref) = 0 instead of NaN.
     ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     up = m_new > m  # the max rises: the old terms, maxima included, scale by 2^(m - m_new)
-    l = tl.where(up, (l + k) * tl.exp2(m - ref), l)
+    l = tl.where(up, (l + k) * _exp_u(m - ref, NAT), l)
     k = tl.where(up, 0.0, k)
     at = s == ref[:, None]
     k += tl.sum(tl.where(at, 1.0, 0.0), axis=1)
-    l += tl.sum(tl.where(at, 0.0, tl.exp2(s - ref[:, None])), axis=1)
+    l += tl.sum(tl.where(at, 0.0, _exp_u(s - ref[:, None], NAT)), axis=1)
     return m_new, l, k
 
 
@@ -185,7 +219,7 @@ def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i,
                  o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
                  TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_DIAG: tl.constexpr,
                  MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+                 NAT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     """The (BLOCK_O, BLOCK_I) tile of scores of the outer rows (the o_* of _outer_rows) against
     the inner rows start .. start + BLOCK_I.
 
@@ -195,7 +229,7 @@ def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i,
               gradient product), else zeros (unused);
       acc     the raw float32 dot outer . inner (no rscales, no scale);
       i_rs    the inner rscale (1 without one);
-      s2      the base-2 scores log2(e) S_ij over the whole tile, masked pairs included; the
+      s2      the scores S_ij in the unit over the whole tile, masked pairs included; the
               rscales multiply each other first, so that the TRANS pass computes the same
               scores bit for bit (LSE_TARGET's backward relies on it);
       keep    the pairs the masks keep (and in range)."""
@@ -217,7 +251,7 @@ def _tile_scores(O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i,
         if TRANS:
             s2 = s2 + o_bias[:, None]
         else:
-            s2 = s2 + (tl.load(BIAS + n64, mask=n_ok, other=0.0) * 1.4426950408889634)[None, :]
+            s2 = s2 + _to_unit(tl.load(BIAS + n64, mask=n_ok, other=0.0), NAT)[None, :]
     n_pos = n64
     if MASK_POS and TRANS:
         n_pos = tl.load(POS + n64, mask=n_ok, other=-1)
@@ -236,7 +270,7 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
                     COLS: tl.constexpr, SLOT_ROWS: tl.constexpr, SPLIT: tl.constexpr,
                     TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr, TARGET: tl.constexpr,
-                    LABELS: tl.constexpr, TWO: tl.constexpr,
+                    LABELS: tl.constexpr, TWO: tl.constexpr, NAT: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     # Grid (row blocks of this launch, column splits).  ROW0: the launch's first row (a multiple of
@@ -246,20 +280,20 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
     # block's rows go to CP.
     pid = ROW0 // BLOCK_O + tl.program_id(0)
     o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab = _outer_rows(
-        pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
+        pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, NAT, BLOCK_O)
     o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
-    # Online log-sum-exp (base 2, _online): running max m, sum l below it, count k at it.
+    # Online log-sum-exp (in the unit, _online): running max m, sum l below it, count k at it.
     m = tl.full((BLOCK_O,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_O,), dtype=tl.float32)
     k = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if TWO:  # the second scale's state (lse2_forward: plain row log-sum-exps, no bias, target or labels)
-        c20 = tl.load(SCALE0).to(tl.float32) * 1.4426950408889634
+        c20 = _to_unit(tl.load(SCALE0).to(tl.float32), NAT)
         m0 = tl.full((BLOCK_O,), float("-inf"), tl.float32)
         l0 = tl.zeros((BLOCK_O,), dtype=tl.float32)
         k0 = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)  # LSE_TARGET: each row's own target score (base 2)
+    x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)  # LSE_TARGET: each row's own target score (in the unit)
     p2 = tl.zeros((BLOCK_O,), dtype=tl.float32)  # LSE_LABELS (rows only): sum and count of the kept
-    pc = tl.zeros((BLOCK_O,), dtype=tl.float32)  # same-label scores (base 2)
+    pc = tl.zeros((BLOCK_O,), dtype=tl.float32)  # same-label scores (in the unit)
     if TARGET and not TRANS:
         o_t = tl.load(TGT + o_idx, mask=o_ok, other=-1)
     if LABELS:
@@ -269,7 +303,7 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
         n64, n_ok, _, acc, i_rs, s, keep = _tile_scores(
             O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
             o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
-            TRANS, HAS_ORS, HAS_IRS, HAS_BIAS, MASK_DIAG, MASK_POS, MASK_LAB, IEEE, SINGLE, BLOCK_D, BLOCK_O,
+            TRANS, HAS_ORS, HAS_IRS, HAS_BIAS, MASK_DIAG, MASK_POS, MASK_LAB, IEEE, SINGLE, NAT, BLOCK_D, BLOCK_O,
             BLOCK_I)
         if TARGET:  # (column j's target is row j: TGT of the inner rows under TRANS)
             if TRANS:
@@ -285,12 +319,12 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
             p2 += tl.sum(tl.where(is_p, s, 0.0), axis=1)
             pc += tl.sum(is_p.to(tl.float32), axis=1)
         s = _kept(s, keep)
-        m, l, k = _online(m, l, k, s)
+        m, l, k = _online(m, l, k, s, NAT)
         if TWO:  # the same kept pairs' scores at the second scale, from the same product
-            m0, l0, k0 = _online(m0, l0, k0, _kept(_scaled(acc, o_rs, i_rs, c20, HAS_ORS, HAS_IRS), keep))
+            m0, l0, k0 = _online(m0, l0, k0, _kept(_scaled(acc, o_rs, i_rs, c20, HAS_ORS, HAS_IRS), keep), NAT)
         if COLS:
             # The tile's column states over this block's rows, in the row state's form (max, exact
-            # 1s at it, the sum of the rest): their own exps, exp2(s - row max) would underflow for
+            # 1s at it, the sum of the rest): their own exps, e^(s - row max) would underflow for
             # a column far below its rows' maxima.  CP is [4][NSLOT][NI] (max, sum, count, target
             # score), slot = this program's first SLOT_ROWS-row group; a block of BLOCK_O >
             # SLOT_ROWS rows writes its state in its first slot and empty states (-inf, 0, 0, 0) in
@@ -299,7 +333,7 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
             cref = tl.where(cm == float("-inf"), 0.0, cm)
             cat = s == cref[None, :]
             ck = tl.sum(tl.where(cat, 1.0, 0.0), axis=0)
-            cl = tl.sum(tl.where(cat, 0.0, tl.exp2(s - cref[None, :])), axis=0)
+            cl = tl.sum(tl.where(cat, 0.0, _exp_u(s - cref[None, :], NAT)), axis=0)
             if not TARGET:
                 cx2 = tl.zeros((BLOCK_I,), dtype=tl.float32)
             field = NSLOT.to(tl.int64) * NI
@@ -331,39 +365,39 @@ def _lse_fwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, OUT, 
             tl.store(base0 + field, l0, mask=o_ok)
             tl.store(base0 + 2 * field, k0, mask=o_ok)
     else:
-        _finish_states(o_idx, o_ok, m, l, k, x2, p2, pc, OUT, XT, NO, TARGET, LABELS, TARGET and not TRANS)
+        _finish_states(o_idx, o_ok, m, l, k, x2, p2, pc, OUT, XT, NO, TARGET, LABELS, TARGET and not TRANS, NAT)
         if TWO:
-            _finish_states(o_idx, o_ok, m0, l0, k0, x2, p2, pc, OUT0, XT, NO, False, False, False)
+            _finish_states(o_idx, o_ok, m0, l0, k0, x2, p2, pc, OUT0, XT, NO, False, False, False, NAT)
 
 
 @triton.jit
 def _finish_states(idx, ok, m, l, k, x2, p2, pc, OUT, XT, N,
-                   TARGET: tl.constexpr, LABELS: tl.constexpr, WRITE_XT: tl.constexpr):
-    """The outputs of finished states (base 2: max m, sum l below it, count k at it; x2 the target
+                   TARGET: tl.constexpr, LABELS: tl.constexpr, WRITE_XT: tl.constexpr, NAT: tl.constexpr):
+    """The outputs of finished states (in the unit: max m, sum l below it, count k at it; x2 the target
     score, p2 / pc the positives' sum and count) at indices idx (< N where ok)."""
     # log of the sum relative to the max (natural): -inf with nothing kept, NaN from a NaN score
     empty = m == float("-inf")
     lg = tl.where(empty, tl.where(l == 0.0, float("-inf"), float("nan")),
                   log1p(tl.where(empty, 0.0, (k - 1.0) + l)))
     if TARGET:  # the cross-entropy (max - target) + log1p(e): rounded relative to itself
-        tl.store(OUT + idx, (m - x2) * 0.6931471805599453 + lg, mask=ok)
-        if WRITE_XT:  # (rows) saved for the backward in base 2, exactly the score it recomputes
+        tl.store(OUT + idx, _to_nat(m - x2, NAT) + lg, mask=ok)
+        if WRITE_XT:  # (rows) saved for the backward in the unit, exactly the score it recomputes
             tl.store(XT + idx, x2, mask=ok)
     elif LABELS:  # LSE minus the mean positive score; XT: (2, N) the LSEs and 1 / |P_i|
-        lse = m * 0.6931471805599453 + lg
+        lse = _to_nat(m, NAT) + lg
         has = pc > 0.0
-        tl.store(OUT + idx, tl.where(has, lse - (p2 / tl.maximum(pc, 1.0)) * 0.6931471805599453, lse), mask=ok)
+        tl.store(OUT + idx, tl.where(has, lse - _to_nat(p2 / tl.maximum(pc, 1.0), NAT), lse), mask=ok)
         tl.store(XT + idx, lse, mask=ok)
         tl.store(XT + N + idx, tl.where(has, 1.0 / tl.maximum(pc, 1.0), 0.0), mask=ok)
     else:
-        lse = m * 0.6931471805599453 + lg  # -inf where nothing is kept
+        lse = _to_nat(m, NAT) + lg  # -inf where nothing is kept
         tl.store(OUT + idx, lse, mask=ok)
 
 
 @triton.jit
 def _merge_states_kernel(P, OUT, XT, N, NPART, FIELD, TARGET: tl.constexpr, LABELS: tl.constexpr,
-                         WRITE_XT: tl.constexpr, FINISH: tl.constexpr, BLOCK: tl.constexpr):
-    """Partial states P[f][b][i] (field f at P + f FIELD, part b < NPART, index i < N; base 2)
+                         WRITE_XT: tl.constexpr, FINISH: tl.constexpr, NAT: tl.constexpr, BLOCK: tl.constexpr):
+    """Partial states P[f][b][i] (field f at P + f FIELD, part b < NPART, index i < N; in the unit)
     merged in part order as the tile loop merges them: the maximum over all parts first, then the
     terms below it scaled down and the exact 1s at it added; the target score and the positives'
     sum and count added (one part holds a row's target: exact).  FINISH: the outputs (as the
@@ -389,7 +423,7 @@ def _merge_states_kernel(P, OUT, XT, N, NPART, FIELD, TARGET: tl.constexpr, LABE
         ls = tl.load(p + FIELD, mask=ok, other=0.0)
         ks = tl.load(p + 2 * FIELD, mask=ok, other=0.0)
         at = (ms == m) & top
-        l += tl.where(at, ls, (ls + ks) * tl.exp2(ms - ref))
+        l += tl.where(at, ls, (ls + ks) * _exp_u(ms - ref, NAT))
         k += tl.where(at, ks, 0.0)
         if TARGET:
             x2 += tl.load(p + 3 * FIELD, mask=ok, other=0.0)
@@ -397,7 +431,7 @@ def _merge_states_kernel(P, OUT, XT, N, NPART, FIELD, TARGET: tl.constexpr, LABE
             p2 += tl.load(p + 4 * FIELD, mask=ok, other=0.0)
             pc += tl.load(p + 5 * FIELD, mask=ok, other=0.0)
     if FINISH:
-        _finish_states(c, ok, m, l, k, x2, p2, pc, OUT, XT, N, TARGET, LABELS, WRITE_XT)
+        _finish_states(c, ok, m, l, k, x2, p2, pc, OUT, XT, N, TARGET, LABELS, WRITE_XT, NAT)
     else:
         tl.store(P + c, m, mask=ok)
         tl.store(P + FIELD + c, l, mask=ok)
@@ -415,7 +449,7 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                     TRANS: tl.constexpr, HAS_ORS: tl.constexpr, HAS_IRS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     MASK_DIAG: tl.constexpr, MASK_POS: tl.constexpr, MASK_LAB: tl.constexpr,
                     HAS_OTERM: tl.constexpr, HAS_ITERM: tl.constexpr, TARGET: tl.constexpr, LABELS: tl.constexpr,
-                    TWO: tl.constexpr,
+                    TWO: tl.constexpr, NAT: tl.constexpr,
                     NEED_OUT: tl.constexpr, NEED_ORS: tl.constexpr, NEED_SCALE: tl.constexpr,
                     NEED_BIAS: tl.constexpr, RS_ON_TILE: tl.constexpr, DS_C, SCALE_DS: tl.constexpr,
                     IEEE: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
@@ -433,24 +467,24 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
         pid_s = 0
         c_lo, c_hi = 0, NI
     o_idx, o_ok, scale, o_rs, c2, o_bias, o_pos, o_lab = _outer_rows(
-        pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, BLOCK_O)
-    # Each log-sum-exp (base 2) as x2 + lse2: (0, lse), or with LSE_TARGET (the forward's target
+        pid, SCALE, O_RS, BIAS, POS, O_LAB, NO, TRANS, HAS_ORS, HAS_BIAS, MASK_POS, MASK_LAB, NAT, BLOCK_O)
+    # Each log-sum-exp (in the unit) as x2 + lse2: (0, lse), or with LSE_TARGET (the forward's target
     # score, the cross-entropy), so that s - x2 is exact at the target.
     o_lse2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
     o_x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
     o_g = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if HAS_OTERM:
         o_out = tl.load(O_LSE + o_idx, mask=o_ok, other=0.0)
-        o_lse2 = o_out * 1.4426950408889634
+        o_lse2 = _to_unit(o_out, NAT)
         o_g = tl.load(O_G + o_idx, mask=o_ok, other=0.0)
         if TARGET:
             o_x2 = tl.load(XT + o_idx, mask=o_ok, other=0.0)
             o_em1 = expm1_neg(o_out)  # p - 1 at a kept target, exact for a tiny cross-entropy
     if TWO:  # lse2_backward: the second scale's log-sum-exps (plain rows: no target, labels or bias)
         scale0 = tl.load(SCALE0).to(tl.float32)
-        c20 = scale0 * 1.4426950408889634
+        c20 = _to_unit(scale0, NAT)
         if HAS_OTERM:
-            o_lse02 = tl.load(O_LSE0 + o_idx, mask=o_ok, other=0.0) * 1.4426950408889634
+            o_lse02 = _to_unit(tl.load(O_LSE0 + o_idx, mask=o_ok, other=0.0), NAT)
             o_g0 = tl.load(O_G0 + o_idx, mask=o_ok, other=0.0)
         r_acc0 = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if LABELS:  # LSE_LABELS: -g_i / |P_i| at the kept same-label pairs (XT[NQ:] = 1 / |P_i|, q rows)
@@ -475,7 +509,7 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
         n64, n_ok, i_tile, acc, i_rs, s, keep = _tile_scores(
             O, I, I_RS, BIAS, POS, I_LAB, start, NI, D, stride_o, stride_i, diag_offset,
             o_idx, o_ok, o_rs, c2, o_bias, o_pos, o_lab, o_tile,
-            TRANS, HAS_ORS, HAS_IRS, HAS_BIAS, MASK_DIAG, MASK_POS, MASK_LAB, IEEE, SINGLE, BLOCK_D, BLOCK_O,
+            TRANS, HAS_ORS, HAS_IRS, HAS_BIAS, MASK_DIAG, MASK_POS, MASK_LAB, IEEE, SINGLE, NAT, BLOCK_D, BLOCK_O,
             BLOCK_I)
         if TARGET:  # the target pairs (i, t_i); with a column term t_i = i, column i's target too
             if TRANS:
@@ -487,29 +521,29 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
             if TARGET:  # exp((S - x) - ce), and at the target p - 1 = expm1(-ce): its S is the forward's x
                 # by definition (the TRANS pass, or a differently rounded product, may recompute it an
                 # ulp away), and exp(-ce) - 1 in float32 would keep nothing of a 1e-8 loss
-                ds += o_g[:, None] * tl.where(is_t, o_em1[:, None], tl.exp2((s - o_x2[:, None]) - o_lse2[:, None]))
+                ds += o_g[:, None] * tl.where(is_t, o_em1[:, None], _exp_u((s - o_x2[:, None]) - o_lse2[:, None], NAT))
             else:
-                ds += o_g[:, None] * tl.exp2(s - o_lse2[:, None])
+                ds += o_g[:, None] * _exp_u(s - o_lse2[:, None], NAT)
         if HAS_ITERM:
             i_out = tl.load(I_LSE + n64, mask=n_ok, other=0.0)
-            i_lse2 = i_out * 1.4426950408889634
+            i_lse2 = _to_unit(i_out, NAT)
             i_g = tl.load(I_G + n64, mask=n_ok, other=0.0)
             if TARGET:
                 i_x2 = tl.load(XT + n64, mask=n_ok, other=0.0)
                 ds += i_g[None, :] * tl.where(is_t, expm1_neg(i_out)[None, :],
-                                              tl.exp2((s - i_x2[None, :]) - i_lse2[None, :]))
+                                              _exp_u((s - i_x2[None, :]) - i_lse2[None, :], NAT))
             else:
-                ds += i_g[None, :] * tl.exp2(s - i_lse2[None, :])
+                ds += i_g[None, :] * _exp_u(s - i_lse2[None, :], NAT)
         # Masked pairs (and rows / columns with nothing kept, whose LSE is -inf) get exactly 0.
         ds = tl.where(keep, ds, 0.0)
         if TWO:  # the second scale's dS0, from the same product
             s0 = _scaled(acc, o_rs, i_rs, c20, HAS_ORS, HAS_IRS)
             ds0 = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
             if HAS_OTERM:
-                ds0 += o_g0[:, None] * tl.exp2(s0 - o_lse02[:, None])
+                ds0 += o_g0[:, None] * _exp_u(s0 - o_lse02[:, None], NAT)
             if HAS_ITERM:
-                i_lse02 = tl.load(I_LSE0 + n64, mask=n_ok, other=0.0) * 1.4426950408889634
-                ds0 += tl.load(I_G0 + n64, mask=n_ok, other=0.0)[None, :] * tl.exp2(s0 - i_lse02[None, :])
+                i_lse02 = _to_unit(tl.load(I_LSE0 + n64, mask=n_ok, other=0.0), NAT)
+                ds0 += tl.load(I_G0 + n64, mask=n_ok, other=0.0)[None, :] * _exp_u(s0 - i_lse02[None, :], NAT)
             ds0 = tl.where(keep, ds0, 0.0)
         if LABELS:  # (TRANS: the q rows are the inner ones, their row term the I term)
             is_p = keep & (o_l[:, None] == tl.load(I_LAB + n64, mask=n_ok, other=-2)[None, :])
@@ -630,8 +664,8 @@ _BWD_CONFIGS = [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_DO": do}, nu
                 for bo, bi, do, w, s in [(64, 64, 128, 4, 2), (64, 64, 256, 8, 2), (128, 64, 128, 8, 2),
                                          (64, 128, 128, 4, 2), (128, 64, 256, 8, 2), (64, 64, 512, 8, 2),
                                          (128, 128, 128, 8, 2), (64, 32, 256, 4, 3)]]
-_FWD_KEY = ["D_PAD", "TRANS", "HAS_IRS", "MASK_LAB", "COLS", "SPLIT", "TWO"]
-_BWD_KEY = ["D_PAD", "TRANS", "NEED_OUT", "HAS_OTERM", "HAS_ITERM", "HAS_IRS", "SPLIT", "TWO"]
+_FWD_KEY = ["D_PAD", "TRANS", "HAS_IRS", "MASK_LAB", "COLS", "SPLIT", "TWO", "NAT"]
+_BWD_KEY = ["D_PAD", "TRANS", "NEED_OUT", "HAS_OTERM", "HAS_ITERM", "HAS_IRS", "SPLIT", "TWO", "NAT"]
 
 _lse_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_FWD_KEY,
                                  prune_configs_by={"early_config_prune": _fwd_prune})(_lse_fwd_kernel)
@@ -653,6 +687,11 @@ def _block_d(dpad: int) -> int:
 # ------------------------------------------------------------------- launchers
 def _ieee(dtype):
     return is_ieee(dtype) or (INTERPRET and dtype == torch.bfloat16)
+
+
+def _natural(dtype) -> bool:
+    """The kernels' scores in natural units (float32 inputs), else in base 2 (the module docstring)."""
+    return dtype == torch.float32
 
 
 def _f32(t):
@@ -728,7 +767,7 @@ def _fused_cols(no: int, ni: int) -> bool:
 def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_offset, mask_mode, trans,
               target=None, xt=None, col=None, scale0=None):
     """One direction's log-sum-exps; with `target` (the target column of every q row) the
-    cross-entropies, and the row pass writes its base-2 target scores into `xt`; with
+    cross-entropies, and the row pass writes its target scores (in the kernel's unit) into `xt`; with
     LSE_LABELS the LSE minus the mean positive logit, `xt` (2, N) receiving the LSEs and 1/|P_i|.
     With `col` (an (M,) float32 tensor; rows = q, no LSE_LABELS) the same pass writes the column
     outputs there too (the fused forward).  With `scale0` (lse2_forward: no bias, target, labels
@@ -743,6 +782,7 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
     bd = _block_d(dpad)
     md, mp, ml = _mask_flags(mask_mode)
     labels = bool(mask_mode & LSE_LABELS)
+    nat = _natural(outer.dtype)
     dummy = out
     slot_rows = _slot_rows()
     launch_rows, nslot, cp = no, 0, dummy
@@ -770,19 +810,19 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
                COLS=col is not None, SLOT_ROWS=slot_rows, SPLIT=splits > 1,
                TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
                MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, TARGET=target is not None, LABELS=labels, TWO=two,
-               IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
+               NAT=nat, IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad)
         if col is not None:  # this launch's slots into the running state; the outputs after the last
             _merge_states_kernel[(triton.cdiv(ni, _MERGE_BLOCK),)](
                 cp, col, dummy, ni, 1 + triton.cdiv(rows, slot_rows), nslot * ni, TARGET=target is not None,
-                LABELS=False, WRITE_XT=False, FINISH=r0 + rows == no, BLOCK=_MERGE_BLOCK)
+                LABELS=False, WRITE_XT=False, FINISH=r0 + rows == no, NAT=nat, BLOCK=_MERGE_BLOCK)
     if splits > 1:
         _merge_states_kernel[(triton.cdiv(no, _MERGE_BLOCK),)](
             rp, out, xt if xt is not None else dummy, no, splits, splits * no, TARGET=target is not None,
-            LABELS=labels, WRITE_XT=target is not None and not trans, FINISH=True, BLOCK=_MERGE_BLOCK)
+            LABELS=labels, WRITE_XT=target is not None and not trans, FINISH=True, NAT=nat, BLOCK=_MERGE_BLOCK)
         if two:
             _merge_states_kernel[(triton.cdiv(no, _MERGE_BLOCK),)](
                 rp0, out0, dummy, no, splits, splits * no, TARGET=False, LABELS=False, WRITE_XT=False, FINISH=True,
-                BLOCK=_MERGE_BLOCK)
+                NAT=nat, BLOCK=_MERGE_BLOCK)
     return (out, out0) if two else out
 
 
@@ -831,8 +871,9 @@ def lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, 
     pos, ql, kl = _i64(pos_index), _i64(q_labels), _i64(k_labels)
     target = _targets(q, k, pos, diag_offset, compute_col) if mask_mode & LSE_TARGET else None
     _labels_check(mask_mode, ql is not None and kl is not None, compute_col)
-    # target_state (csrc/op_schemas.h): LSE_TARGET, the row pass's target scores in base 2
-    # (log2(e) S_{i, t_i}, exactly as the backward recomputes them: this backend's unit);
+    # target_state (csrc/op_schemas.h): LSE_TARGET, the row pass's target scores in the kernels'
+    # unit (S_{i, t_i} for float32 inputs, log2(e) S_{i, t_i} for 16-bit ones: _natural), exactly as
+    # the backward recomputes them;
     # LSE_LABELS, (2, N) the row LSEs and 1/|P_i|
     if mask_mode & LSE_LABELS:
         xt = torch.empty((2, q.shape[0]), dtype=torch.float32, device=q.device)
@@ -903,7 +944,8 @@ def _bwd_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, o_lse, o
            no, ni, d, outer.stride(0), inner.stride(0), int(diag_offset),
            TRANS=trans, HAS_ORS=o_rs is not None, HAS_IRS=i_rs is not None, HAS_BIAS=bias is not None,
            MASK_DIAG=md, MASK_POS=mp, MASK_LAB=ml, HAS_OTERM=o_lse is not None, HAS_ITERM=i_lse is not None,
-           TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS), TWO=two is not None, NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
+           TARGET=target is not None, LABELS=bool(mask_mode & LSE_LABELS), TWO=two is not None,
+           NAT=_natural(outer.dtype), NEED_OUT=need_out, NEED_ORS=need_ors, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
            RS_ON_TILE=outer.dtype == torch.float16, DS_C=ds_c, SCALE_DS=outer.dtype == torch.float16,
            IEEE=_ieee(outer.dtype), D_PAD=dpad, BLOCK_D=bd, SINGLE=bd == dpad, SPLIT=splits > 1)
     sum_splits(zip(final, (d_out, d_ors, d_scale, d_bias, d_scale0)))

@@ -100,7 +100,8 @@ def _lse_fwd(dt, *, trans, on, d_pad, bo, bi, w, s, labels=False, cols=False, sp
         types.update(O_LAB="*fp32", I_LAB="*fp32", TGT="*fp32")
     cx = dict(COLS=cols, SLOT_ROWS=64, SPLIT=split,
               TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on and not two, MASK_DIAG=on, MASK_POS=on,
-              MASK_LAB=on and not two, TARGET=on and not two, LABELS=labels, TWO=two, IEEE=dt == "fp32", D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi)
+              MASK_LAB=on and not two, TARGET=on and not two, LABELS=labels, TWO=two, NAT=dt == "fp32", IEEE=dt == "fp32",
+              D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, BLOCK_O=bo, BLOCK_I=bi)
     return types, cx, _opts(w, s)
 
 
@@ -109,7 +110,7 @@ def _merge_states(dt, *, target, labels=False, finish=True):
     column states (into the running state, or finished) and the column splits' row states (XT:
     the target scores or the LSE_LABELS pair, `out` when absent)."""
     types = {"P": "*fp32", "OUT": "*fp32", "XT": "*fp32", "N": "i32", "NPART": "i32", "FIELD": "i32"}
-    cx = dict(TARGET=target, LABELS=labels, WRITE_XT=target or labels, FINISH=finish, BLOCK=128)
+    cx = dict(TARGET=target, LABELS=labels, WRITE_XT=target or labels, FINISH=finish, NAT=dt == "fp32", BLOCK=128)
     return types, cx, _opts(4, 1)
 
 
@@ -134,7 +135,7 @@ def _lse_bwd(dt, *, trans, on, oterm, iterm, need_out, need_ors, need_scale, nee
         types.update(O_LAB="*fp32", I_LAB="*fp32", TGT="*fp32")
     cx = dict(TRANS=trans, HAS_ORS=on, HAS_IRS=on, HAS_BIAS=on and not two, MASK_DIAG=on, MASK_POS=on,
               MASK_LAB=on and not two, HAS_OTERM=oterm, HAS_ITERM=iterm, TARGET=on and not two, LABELS=labels,
-              TWO=two, NEED_OUT=need_out, NEED_ORS=need_ors and on,
+              TWO=two, NAT=dt == "fp32", NEED_OUT=need_out, NEED_ORS=need_ors and on,
               NEED_SCALE=need_scale, NEED_BIAS=need_bias and on and not two, RS_ON_TILE=dt == "fp16", SCALE_DS=dt == "fp16",
               IEEE=dt == "fp32",
               D_PAD=d_pad, BLOCK_D=bd, SINGLE=bd == d_pad, SPLIT=split, BLOCK_O=bo, BLOCK_I=bi,
