@@ -138,6 +138,11 @@ def _uniformity(g, W, dt):  # (t a replicated tensor: its gradient is checked to
     return {"x": _f(g, W * N, D, dt) * 0.5}, {"t": _scalar(1.5, dt)}, {}, None, {}
 
 
+def _uniformity_offset(g, W, dt):  # features around a common offset (collapsing): the kernels' expansion
+    x = torch.randn(W * N, D, generator=g, dtype=torch.float64) * 0.05 + 1.0  # needs every rank's one shift
+    return {"x": x.to(dt)}, {"t": _scalar(1.5, dt)}, {}, None, {}
+
+
 def _xc(exchange, dim=D, **kw):
     def build(g, W, dt):
         return ({"z1": _f(g, W * N, dim, dt) + 0.5, "z2": _f(g, W * N, dim, dt) * 1.5},
@@ -168,6 +173,7 @@ LOSS_CASES = [
     ("hard_negative_loss", "hard_negative_loss", _hcl()),
     ("hard_negative_loss_nonorm", "hard_negative_loss", _hcl(normalize=False, beta=0.5, tau_plus=0.05)),
     ("uniformity_loss", "uniformity_loss", _uniformity),
+    ("uniformity_loss_offset", "uniformity_loss", _uniformity_offset),
     ("barlow_twins_gather", "barlow_twins_loss", _xc("gather")),
     ("barlow_twins_all_reduce", "barlow_twins_loss", _xc("all_reduce", lambd=0.1)),
     ("barlow_twins_auto_wide", "barlow_twins_loss", _xc("auto", dim=23)),

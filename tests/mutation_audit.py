@@ -387,6 +387,16 @@ MUTANTS = [
     # reference HCL: a NaN gap (non-finite input) taken as "clamped", a finite floor
     ("py_ref_hcl_nan_clamped", "reference.py", "    ok = ~(gap >= 0)\n", "    ok = gap < 0\n",
      _py_t("test_nonfinite.py", k="hard_negative or hcl")),
+    # uniformity on offset features: no translation before the kernels' expansion
+    ("py_uniformity_no_shift", FUNC, "    x = x - _exact_shift(x, x.detach().double().mean(0))\n", "",
+     _py_t("test_lse_family.py", k="uniformity_offset")),
+    # 16-bit: the mean subtracted on every column, rounding x - c (not a translation)
+    ("py_exact_shift_rounds_16bit", FUNC, "    if x.dtype not in (torch.float16, torch.bfloat16):\n        return c\n",
+     "    return c\n", _py_t("test_lse_family.py", k="uniformity")),
+    # distributed uniformity: each rank shifted by its own mean (distances across ranks change)
+    ("py_uniformity_local_shift", DIST,
+     "    x = x - functional._exact_shift(x, center, lambda ok: _all_reduce((~ok).double(), d) == 0)\n",
+     "    x = x - functional._exact_shift(x, x.detach().double().mean(0))\n", _dist_t("uniformity_loss_offset")),
     # PML's SumReducer taken as MeanReducer
     ("py_pml_sum_reducer_mean", PML, "            return terms.sum()\n", "            return terms.mean()\n",
      _py_t("test_compat.py", k="pml and reducers")),

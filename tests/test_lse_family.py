@@ -710,6 +710,65 @@ def test_lse_float32_large_logits(backend, case):
             f"{backend} {case}: {what} relative error {err:.2e} (PyTorch float32: {perr:.2e})"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset,spread", [(1.0, 0.05), (10.0, 0.3), (100.0, 1.0), ("collapsed", 0.02)])
+def test_uniformity_offset_features(backend, dtype, offset, spread):
+    """uniformity_loss of features around a common offset (and collapsed unit features, what the
+    loss penalizes): the kernels' expansion 2t x.y - t|x|^2 - t|y|^2 cancelled the offset's
+    magnitude (cpu before, these cases: float32 gradient errors 2.1e-5 / 4.1e-3 at offsets of 20x /
+    33x the spread and a loss error of 8.4e-4 at 100x; bfloat16 gradients 2.9e-2 .. 1.0e-1 and
+    1.4e-1 on the collapsed features, float16 5.1e-2); the rows are translated first
+    (functional._exact_shift: exactly, in 16-bit), and the loss and gradient are within SPEC's tolerance of float64 on the same inputs,
+    or twice PyTorch's error in the same dtype where that is larger (STYLE's rule: the collapsed
+    loss, -0.0019, is log mean exp(.) ~ 8.33 - log(n(n - 1)), whose float32 rounding alone is 5e-4
+    of it)."""
+    skip_interpreter_bf16(backend, dtype)
+    g = torch.Generator().manual_seed(8)
+    n, d = 65, 32
+    if offset == "collapsed":
+        x = F.normalize(torch.randn(d, generator=g, dtype=torch.float64) + spread * torch.randn(
+            n, d, generator=g, dtype=torch.float64), dim=1)
+    else:
+        x = torch.randn(n, d, generator=g, dtype=torch.float64) * spread + offset
+    x = x.to(dtype)
+    ref = x.double().requires_grad_()
+    want = ck.uniformity_loss(ref, 2.0, backend="reference")
+    (want_g,) = torch.autograd.grad(want, [ref])
+    plain_x = x.float().requires_grad_() if dtype != torch.float32 else x.clone().requires_grad_()
+    plain = ck.uniformity_loss(plain_x, 2.0, backend="reference")  # (16-bit: PyTorch's float32 of the same)
+    (plain_g,) = torch.autograd.grad(plain, [plain_x])
+    got_x = x.clone().requires_grad_()
+    got = ck.uniformity_loss(got_x, 2.0, backend=backend)
+    (got_g,) = torch.autograd.grad(got, [got_x])
+    for what, a, p, b in (("loss", got, plain, want), ("dx", got_g, plain_g, want_g)):
+        e, pe = rel_err(a, b), rel_err(p, b)
+        assert e <= max(TOL[dtype], 2 * pe), \
+            f"{backend} {dtype} offset {offset}: {what} relative error {e:.2e} > {TOL[dtype]:.0e} (PyTorch {pe:.1e})"
+
+
+def test_uniformity_shift_is_exact_in_16_bit():
+    """functional._exact_shift: in 16-bit, x minus the shift is x translated exactly (every
+    column moved by one constant, so every pairwise distance is unchanged), and the columns whose
+    values lie within a factor 2 of their mean do move; float32 columns all move."""
+    from contrastive_kernels.functional import _exact_shift
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    base[:, :3] = base[:, :3] * 0.05 + torch.tensor([1.0, -30.0, 300.0], dtype=torch.float64)  # shiftable
+    for dtype in (torch.bfloat16, torch.float16):
+        x = base.to(dtype)
+        shift = _exact_shift(x, x.double().mean(0))
+        y = x - shift
+        moved = (y.double() - x.double())
+        assert torch.equal(moved, moved[:1].expand_as(moved)), f"{dtype}: not one constant per column"
+        assert (shift[:3] != 0).all(), f"{dtype}: the offset columns were not moved: {shift}"
+        dx = torch.cdist(x.double(), x.double())
+        assert torch.equal(torch.cdist(y.double(), y.double()), dx) or torch.allclose(
+            torch.cdist(y.double(), y.double()), dx, rtol=1e-15, atol=0), dtype
+    x32 = base.float()
+    assert (_exact_shift(x32, x32.double().mean(0)) != 0).all()
+
+
 def _ce_exact(logits, target):
     """log(1 + sum_{j != t} e^(s_j - s_t)) per row (float64): the cross-entropy without an LSE
     of ~20 minus a logit of ~20 (whose ulp, 4e-15, a 1e-9 row would feel)."""

@@ -790,6 +790,10 @@ def uniformity_loss(x: Tensor, t=2.0, *, backend: str | None = None, mode: str =
     be = _family_backend(backend, "lse", x)
     dt = _cdt(be, x)
     tt = _scalar_tensor(t, x, dt)
+    # one exact translation of every rank's rows (functional._exact_shift): the global mean, on the
+    # columns where it is exact on all ranks
+    center = _all_reduce(x.detach().double().sum(0), d) / n
+    x = x - functional._exact_shift(x, center, lambda ok: _all_reduce((~ok).double(), d) == 0)
 
     # -t |x_i - x_j|^2 = 2t x_i.x_j - t |x_j|^2 - t |x_i|^2: the key's term a column bias
     def rows(loc, blk, own):
