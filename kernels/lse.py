@@ -205,7 +205,7 @@ def _online(m, l, k, s, NAT: tl.constexpr):
     # A row with nothing kept so far has m_new = -inf: use 0 as its reference so that
     # e^(-inf - ref) = 0 instead of NaN.
     ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    up = m_new > m  # the max rises: the old terms, maxima included, scale by 2^(m - m_new)
+    up = m_new > m  # the max rises: the old terms, maxima included, scale by e^(m - m_new) (in the unit)
     l = tl.where(up, (l + k) * _exp_u(m - ref, NAT), l)
     k = tl.where(up, 0.0, k)
     at = s == ref[:, None]

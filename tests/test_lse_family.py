@@ -662,6 +662,26 @@ def test_lse_target_float32_low_loss(backend, loss_name, regime):
                                        f"formula {p:.2e} (loss {exact[0].item():.2e})")
 
 
+def _within_spec_or_twice_pytorch(fn, inputs, dtype, backend, what):
+    """fn(*inputs, backend) with the inputs in dtype against the float64 reference on the same
+    (rounded) inputs: the loss and every input's gradient within SPEC's tolerance, or within twice
+    the error of PyTorch's float32 formula (the reference backend in float32) where that is larger
+    (STYLE's rule).  Returns the float64 loss."""
+    def run(dt, be):
+        xs = [t.to(dt).requires_grad_() for t in inputs]
+        out = fn(*xs, be)
+        gs = torch.autograd.grad(out, xs, allow_unused=True)
+        return [out] + [torch.zeros_like(x) if g_ is None else g_ for g_, x in zip(gs, xs)]
+    exact, plain, got = run(torch.float64, "reference"), run(torch.float32, "reference"), run(dtype, backend)
+    names = ["loss"] + [f"d(input {i})" for i in range(len(inputs))]
+    for name, x, p, e in zip(names, got, plain, exact):
+        err, perr = rel_err(x, e), rel_err(p, e)
+        assert err <= max(TOL[dtype], 2 * perr), \
+            f"{what} ({backend}, {dtype}): {name} relative error {err:.2e} > {TOL[dtype]:.0e} " \
+            f"(PyTorch float32 {perr:.1e})"
+    return exact[0]
+
+
 _LARGE_LOGITS = {  # (loss of (a, b, labels, backend), inputs' scale): logits of ~1000
     "info_nce_t1e-3": (lambda a, b, lab, be: ck.info_nce(a, b, temperature=1e-3, backend=be), 1.0),
     "info_nce_symmetric_t1e-3": (lambda a, b, lab, be: ck.info_nce(a, b, temperature=1e-3, symmetric=True,
@@ -692,22 +712,9 @@ def test_lse_float32_large_logits(backend, case):
     a0 = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).float()
     b0 = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).float()
     lab = torch.randint(0, 5, (n,), generator=g)
-
-    def run(dtype, be):
-        a, b = a0.to(dtype).requires_grad_(), b0.to(dtype).requires_grad_()
-        loss = fn(a, b, lab, be)
-        return (loss,) + torch.autograd.grad(loss, [a, b], allow_unused=True)
-
-    def zeros(gs, like):
-        return [torch.zeros_like(like) if x is None else x for x in gs]
-    exact = zeros(run(torch.float64, "reference"), a0.double())
-    plain = zeros(run(torch.float32, "reference"), a0)
-    got = zeros(run(torch.float32, backend), a0)
-    assert exact[0].abs().item() > 10, "the regime of this test: losses of order |S|"
-    for what, x, p, e in zip(("loss", "da", "db"), got, plain, exact):
-        err, perr = rel_err(x, e), rel_err(p, e)
-        assert err <= max(TOL[torch.float32], 2 * perr), \
-            f"{backend} {case}: {what} relative error {err:.2e} (PyTorch float32: {perr:.2e})"
+    exact = _within_spec_or_twice_pytorch(lambda a, b, be: fn(a, b, lab, be), [a0, b0], torch.float32, backend,
+                                          case)
+    assert exact.abs().item() > 10, "the regime of this test: losses of order |S|"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -719,10 +726,10 @@ def test_uniformity_offset_features(backend, dtype, offset, spread):
     magnitude (cpu before, these cases: float32 gradient errors 2.1e-5 / 4.1e-3 at offsets of 20x /
     33x the spread and a loss error of 8.4e-4 at 100x; bfloat16 gradients 2.9e-2 .. 1.0e-1 and
     1.4e-1 on the collapsed features, float16 5.1e-2); the rows are translated first
-    (functional._exact_shift: exactly, in 16-bit), and the loss and gradient are within SPEC's tolerance of float64 on the same inputs,
-    or twice PyTorch's error in the same dtype where that is larger (STYLE's rule: the collapsed
-    loss, -0.0019, is log mean exp(.) ~ 8.33 - log(n(n - 1)), whose float32 rounding alone is 5e-4
-    of it)."""
+    (functional._exact_shift: exactly, in 16-bit), and the loss and gradient are within SPEC's
+    tolerance of float64 on the same inputs, or twice the error of PyTorch's float32 formula where
+    that is larger (STYLE's rule: the collapsed loss, -0.0019, is log mean exp(.) ~ 8.33 -
+    log(n(n - 1)), whose float32 rounding alone is 5e-4 of it)."""
     skip_interpreter_bf16(backend, dtype)
     g = torch.Generator().manual_seed(8)
     n, d = 65, 32
@@ -731,20 +738,8 @@ def test_uniformity_offset_features(backend, dtype, offset, spread):
             n, d, generator=g, dtype=torch.float64), dim=1)
     else:
         x = torch.randn(n, d, generator=g, dtype=torch.float64) * spread + offset
-    x = x.to(dtype)
-    ref = x.double().requires_grad_()
-    want = ck.uniformity_loss(ref, 2.0, backend="reference")
-    (want_g,) = torch.autograd.grad(want, [ref])
-    plain_x = x.float().requires_grad_() if dtype != torch.float32 else x.clone().requires_grad_()
-    plain = ck.uniformity_loss(plain_x, 2.0, backend="reference")  # (16-bit: PyTorch's float32 of the same)
-    (plain_g,) = torch.autograd.grad(plain, [plain_x])
-    got_x = x.clone().requires_grad_()
-    got = ck.uniformity_loss(got_x, 2.0, backend=backend)
-    (got_g,) = torch.autograd.grad(got, [got_x])
-    for what, a, p, b in (("loss", got, plain, want), ("dx", got_g, plain_g, want_g)):
-        e, pe = rel_err(a, b), rel_err(p, b)
-        assert e <= max(TOL[dtype], 2 * pe), \
-            f"{backend} {dtype} offset {offset}: {what} relative error {e:.2e} > {TOL[dtype]:.0e} (PyTorch {pe:.1e})"
+    _within_spec_or_twice_pytorch(lambda a, be: ck.uniformity_loss(a, 2.0, backend=be), [x.to(dtype)], dtype,
+                                  backend, f"uniformity, offset {offset}")
 
 
 def test_uniformity_shift_is_exact_in_16_bit():

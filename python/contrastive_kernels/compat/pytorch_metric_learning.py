@@ -227,7 +227,8 @@ class NTXentLoss(_PMLBase):
         if n_pos == 0 or n_neg == 0 or (n_pos <= 1 and n_neg <= 1):
             return self._zero(embeddings)
         # The terms are > 0 exactly for the pairs whose anchor has a negative (AvgNonZeroReducer's count).
-        count = {"mean": n_pos, "sum": 1, "nonzero": int(pos_count[neg_count > 0].sum())}[self.reduction]
+        count = n_pos if self.reduction == "mean" else 1 if self.reduction == "sum" else \
+            int(pos_count[neg_count > 0].sum())
         if count == 0:
             return self._zero(embeddings)
         be = backends.resolve(self.backend, "pairwise", x.device, x.dtype, x.numel())
