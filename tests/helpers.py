@@ -169,3 +169,43 @@ def assert_two_scales_close(got, want, dtype, what, grad_dtype=None):
         assert a.shape == b.shape and torch.isfinite(a).all(), f"{what}: {name} shape or non-finite values"
         e = rel_err(a, b)
         assert e <= TOL[dtype], f"{what}: {name} relative error {e:.2e}"
+
+
+# Every public loss as a function of its (LOSS_ROWS, D) float inputs, for the tests that run all of
+# them alike (non-finite inputs, memory layouts).
+# name: (family whose backends run it, number of (LOSS_ROWS, D) inputs, loss(inputs, backend))
+LOSS_ROWS = 7
+LOSS_LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+LOSS_REF_LABELS = torch.tensor([0, 1, 3, 0, 1, 2, 0])
+
+LOSS_CASES = {
+    "info_nce": ("lse", 2, lambda x, be: ck.info_nce(x[0], x[1], normalize=False, backend=be)),
+    "info_nce_normalized": ("lse", 2, lambda x, be: ck.info_nce(x[0], x[1], backend=be)),
+    "info_nce_symmetric": ("lse", 2, lambda x, be: ck.info_nce(x[0], x[1], normalize=False, symmetric=True,
+                                                               backend=be)),
+    "info_nce_negatives": ("lse", 3, lambda x, be: ck.info_nce(x[0], x[1], negatives=x[2], normalize=False,
+                                                               backend=be)),
+    "info_nce_decoupled": ("lse", 2, lambda x, be: ck.info_nce(x[0], x[1], decoupled=True, normalize=False,
+                                                               backend=be)),
+    "nt_xent": ("lse", 2, lambda x, be: ck.nt_xent(x[0], x[1], normalize=False, backend=be)),
+    "clip": ("lse", 2, lambda x, be: ck.clip_loss(x[0], x[1], 10.0, backend=be)),
+    "clip_bias": ("lse", 2, lambda x, be: ck.clip_loss(x[0], x[1], 10.0, -2.0, backend=be)),
+    "siglip": ("pairwise", 2, lambda x, be: ck.siglip_loss(x[0], x[1], 10.0, -10.0, backend=be)),
+    "siglip_negative_only": ("pairwise", 2, lambda x, be: ck.siglip_loss(x[0], x[1], 10.0, -10.0,
+                                                                         negative_only=True, backend=be)),
+    "supcon": ("lse", 1, lambda x, be: ck.supcon_loss(x[0], LOSS_LABELS, normalize=False, backend=be)),
+    "supcon_ref": ("lse", 2, lambda x, be: ck.supcon_loss(x[0], LOSS_LABELS, ref_embeddings=x[1],
+                                                          ref_labels=LOSS_LABELS, normalize=False, backend=be)),
+    # (reference row 2, poisoned by the pattern tests, has a label no anchor has: a negative only)
+    "supcon_ref_unshared": ("lse", 2, lambda x, be: ck.supcon_loss(x[0], LOSS_LABELS, ref_embeddings=x[1],
+                                                                   ref_labels=LOSS_REF_LABELS, normalize=False,
+                                                                   backend=be)),
+    "dcl": ("lse", 2, lambda x, be: ck.dcl_loss(x[0], x[1], normalize=False, backend=be)),
+    "dcl_weighted": ("lse", 2, lambda x, be: ck.dcl_loss(x[0], x[1], weight_sigma=0.5, normalize=False,
+                                                         backend=be)),
+    "hard_negative": ("lse", 2, lambda x, be: ck.hard_negative_loss(x[0], x[1], normalize=False, backend=be)),
+    "uniformity": ("lse", 1, lambda x, be: ck.uniformity_loss(x[0], backend=be)),
+    "alignment": ("lse", 2, lambda x, be: ck.alignment_loss(x[0], x[1], backend=be)),
+    "barlow_twins": ("xcorr", 2, lambda x, be: ck.barlow_twins_loss(x[0], x[1], backend=be)),
+    "vicreg": ("xcorr", 2, lambda x, be: ck.vicreg_loss(x[0], x[1], backend=be)),
+}

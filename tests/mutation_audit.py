@@ -62,6 +62,7 @@ PAIR_CPU_T = ["-k", "cpu"] + _t("test_pairwise_family.py", "test_siglip.py")
 XC_CPU_T = ["-k", "cpu"] + _t("test_xcorr_family.py", "test_barlow_vicreg.py")
 PAIR_CUDA_T = ["-k", "cuda"] + _t("test_pairwise_family.py", "test_siglip.py")
 WGMMA = {"CONTRASTIVE_KERNELS_CUDA_WGMMA": "1"}
+EMU = {"CONTRASTIVE_KERNELS_CUDA_EMULATE": "1"}  # (py mutants seen only on the CUDA kernels, emulated)
 
 LSE_PY, PAIR_PY, XC_PY = "kernels/lse.py", "kernels/pairwise.py", "kernels/xcorr.py"
 TILES, CPU_LSE, XC_CU = "csrc/cuda/family_tiles.cuh", "csrc/cpu/lse.cpp", "csrc/cuda/xcorr.cu"
@@ -182,6 +183,10 @@ MUTANTS = [
     ("cu_target_masked", TILES,
      "ds = keep ? I.tg + J.tg : -((I.lse != -INFINITY ? I.g : 0.f) + (J.lse != -INFINITY ? J.g : 0.f));",
      "ds = keep ? I.tg + J.tg : 0.f;", CUDA_T),
+    # the staging's alignment test passing every base: cp.async 16-byte copies from rows at an odd
+    # element offset (the emulator reports the misaligned copy)
+    ("cu_aligned16_always", TILES, "return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }", "return true; }",
+     ["-k", "cuda"] + _t("test_layouts.py")),
     ("cu_wg_ds_noswizzle", TILES,
      "tile::st_operand(&sds[rl * 64 + ((((cl >> 3) ^ (rl & 7))) << 3) + (cl & 7)], v);",
      "tile::st_operand(&sds[rl * 64 + (((cl >> 3)) << 3) + (cl & 7)], v);", WG_T, WGMMA),
@@ -410,6 +415,17 @@ MUTANTS = [
     ("py_pml_lone_anchor_nan_dropped", PML, "        if bool(lone.any()):", "        if False:",
      _py_t("test_compat.py", k="pml")),
     # mined SupCon: the positive pairs not deduplicated (PML's masks make them sets)
+    # uniformity's row side: x_i times the exact row weight (autograd's sum_j w_ij) instead of the
+    # product's own sum of its rounded weights (the CUDA kernels round dS to 16 bits)
+    ("py_sqdist_exact_row_weights", FAM_PY, "gq = dq[:, :d] - q.float() * dq[:, d:d + 1] if nq else None",
+     "gq = dq[:, :d] - q.float() * g.float()[:, None] if nq else None",
+     _py_t("test_lse_family.py", k="cuda and on_a_line"), EMU),
+    # the normalization's radial part from dx rounded to the input dtype (not the dx it is removed from)
+    ("py_fold_norm_rounded_radial", FAM_PY, "(xf * dx).sum(1) * r * r", "(xf * dx.to(x.dtype).float()).sum(1) * r * r",
+     _py_t("test_lse_family.py", k="cpu and gradient_is_zero")),
+    # the lse op given q as it comes (strides, storage offset): the CUDA kernels read rows by D
+    ("py_lse_q_not_contiguous", FAM_PY, 'row, col = _op("lse", backend, q)(q.contiguous(), k.contiguous(),',
+     'row, col = _op("lse", backend, q)(q, k.contiguous(),', _py_t("test_layouts.py", k="cuda"), EMU),
     ("py_pml_supcon_pairs_not_dedup", PML, "pos_key = torch.unique(a1 * m + p)", "pos_key = a1 * m + p",
      _py_t("test_compat.py", k="pml and miner")),
 ]

@@ -116,7 +116,8 @@ def _losses(backend):
     def f(a, b, scale, bias, lab):
         return (ck.nt_xent(a, b, backend=backend) + ck.clip_loss(a, b, scale, backend=backend)
                 + ck.info_nce(a, b, symmetric=True, backend=backend)
-                + ck.supcon_loss(a, lab, backend=backend) + ck.hard_negative_loss(a, b, backend=backend))
+                + ck.supcon_loss(a, lab, backend=backend) + ck.hard_negative_loss(a, b, backend=backend)
+                + ck.dcl_loss(a, b, weight_sigma=0.5, backend=backend) + ck.uniformity_loss(b, scale / 4, backend=backend))
     return f
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _ext, reference
 from .backends import FAMILY_REFERENCE
-from .reference import LSE_LABELS, LSE_NORM, LSE_TARGET
+from .reference import LSE_LABELS, LSE_NORM, LSE_TARGET, MASK_DIAG
 
 _C = _ext.load()  # load the C++ schemas before defining the Python fragment of the namespace
 NS = "contrastive_kernels"
@@ -112,15 +112,20 @@ def _lse_setup(ctx, inputs, output):
 _RSCALE_CLAMP = float(torch.tensor(1e-12, dtype=torch.float32).reciprocal())
 
 
-def _fold_norm(x, r, dx, dr):
+def _fold_norm(x, r, dx):
     """LSE_NORM: the gradient of x through x_hat = r x, r = 1 / max(|x|, 1e-12), from the op's
-    float32 dx (= scale r A) and d r (= scale x . A): dx - (d r r^2) r x, i.e. scale r (A -
-    (x_hat . A) x_hat), formed in float32 and rounded once to x's dtype.  Summed by autograd
-    after two roundings, the two terms cancel wherever A is near x_hat (a confident or
-    clustered row): SupCon bf16 gradients 3-6x the floor, HCL 40x."""
+    float32 dx (= scale r A, A the gradient of x_hat): r (A - (x_hat . A) x_hat) = dx - r^2 (x .
+    dx) x, formed in float32 and rounded once to x's dtype.  Summed by autograd after two
+    roundings, the two terms cancel wherever A is near x_hat (a confident or clustered row):
+    SupCon bf16 gradients 3-6x the floor, HCL 40x.  The radial part comes from dx itself, not
+    from the kernels' d r (= scale x . A, summed from their float32 dS where dx's product took dS
+    rounded to 16 bits): so the projection removes exactly the radial part of the dx it is given,
+    and rows whose A is radial (features collapsed to one direction) get 0, not 2^-9 of |A|
+    (bfloat16, CUDA and Triton kernels: 3.6e-2 where the exact gradient is 0)."""
     if r is not None:
-        c = torch.where(r < _RSCALE_CLAMP, dr * r * r * r, torch.zeros_like(r))
-        dx = dx - c[:, None] * x.float()
+        xf = x.float()
+        c = torch.where(r < _RSCALE_CLAMP, (xf * dx).sum(1) * r * r, torch.zeros_like(r))
+        dx = dx - c[:, None] * xf
     return dx.to(x.dtype)
 
 
@@ -129,21 +134,18 @@ def _make_lse_backward(bwd):
         q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, k_labels, row, col, xt = ctx.saved_tensors
         nq, nk, ns, nqr, nkr, nb = ctx.needs_input_grad[:6]
         nqr, nkr, nb = nqr and q_rscale is not None, nkr and k_rscale is not None, nb and col_bias is not None
-        norm = ctx.ints[1] & LSE_NORM
-        if norm:  # the rscales' gradients are the folds' inputs (fam.lse refuses rscales that need one)
-            nqr, nkr = nq and q_rscale is not None, nk and k_rscale is not None
+        norm = ctx.ints[1] & LSE_NORM  # (fam.lse refuses rscales that need a gradient: folded into dq / dk)
         dq, dk, ds, db, dqr, dkr = bwd(
             grad_row.float().contiguous(), grad_col.float().contiguous(), q, k, scale, q_rscale, k_rscale, col_bias,
             pos_index, q_labels, k_labels, ctx.ints[0], ctx.ints[1], row, col, xt, nq, nk, ns, nb, nqr, nkr)
         if norm:
             if nq and nk and ctx.same_qk:
                 # one tensor on both sides: fold the sum (autograd would add two rounded halves)
-                dq = _fold_norm(q, q_rscale, dq + dk, (dqr + dkr) if q_rscale is not None else None)
+                dq = _fold_norm(q, q_rscale, dq + dk)
                 dk = torch.zeros_like(k)
             else:
-                dq = _fold_norm(q, q_rscale, dq, dqr) if nq else dq
-                dk = _fold_norm(k, k_rscale, dk, dkr) if nk else dk
-            nqr = nkr = False
+                dq = _fold_norm(q, q_rscale, dq) if nq else dq
+                dk = _fold_norm(k, k_rscale, dk) if nk else dk
         return (_none_unless(nq, dq), _none_unless(nk, dk), _none_unless(ns, ds), _none_unless(nqr, dqr),
                 _none_unless(nkr, dkr), _none_unless(nb, db), None, None, None, None, None, None)
     return backward
@@ -527,36 +529,31 @@ class _LseTwoScales(torch.autograd.Function):
             nk = nq
         if ctx.fused:
             row1, row0 = saved
-            dq, dk, ds1, ds0, dqr, dkr = _named_op("lse2_backward", sfx)(
+            dq, dk, ds1, ds0, _, _ = _named_op("lse2_backward", sfx)(
                 g1.float().contiguous(), g0.float().contiguous(), q, k, s1, s0, qr, kr, pos, diag_offset, mode,
-                row1, row0, nq, nk, ns1, ns0, nq and qr is not None, nk and kr is not None)
-            dqr = dqr if nq and qr is not None else None
-            dkr = dkr if nk and kr is not None else None
+                row1, row0, nq, nk, ns1, ns0, False, False)
             ds = [ds1.to(s1.dtype) if ns1 else None, ds0.to(s0.dtype) if ns0 else None]
-            return _LseTwoScales._finish(qa, ka, qr, kr, dq, dk, dqr, dkr, ds, nq, nk, same)
+            return _LseTwoScales._finish(qa, ka, qr, kr, dq, dk, ds, nq, nk, same)
         bwd = _named_op("lse_backward", sfx)
         none = _f32_empty(q, _EMPTY)
-        dq = dk = dqr = dkr = None
+        dq = dk = None
         ds = []
         for s, g, (row, col, xt), ns in ((s1, g1, saved[:3], ns1), (s0, g0, saved[3:], ns0)):
-            a, b, d_s, _, ar, br = bwd(g.float().contiguous(), none, q, k, s, qr, kr, None, pos, None, None, diag_offset,
-                                       mode, row, col, xt, nq, nk, ns, False, nq and qr is not None,
-                                       nk and kr is not None)
+            a, b, d_s, _, _, _ = bwd(g.float().contiguous(), none, q, k, s, qr, kr, None, pos, None, None, diag_offset,
+                                     mode, row, col, xt, nq, nk, ns, False, False, False)
             dq, dk = (a, b) if dq is None else (dq + a, dk + b)
-            dqr = ar if dqr is None else dqr + ar
-            dkr = br if dkr is None else dkr + br
             ds.append(d_s.to(s.dtype) if ns else None)
-        return _LseTwoScales._finish(qa, ka, qr, kr, dq, dk, dqr, dkr, ds, nq, nk, same)
+        return _LseTwoScales._finish(qa, ka, qr, kr, dq, dk, ds, nq, nk, same)
 
     @staticmethod
-    def _finish(qa, ka, qr, kr, dq, dk, dqr, dkr, ds, nq, nk, same):
-        """backward's return: the float32 dq / dk (and rscale gradients) folded and rounded once."""
+    def _finish(qa, ka, qr, kr, dq, dk, ds, nq, nk, same):
+        """backward's return: the float32 dq / dk folded and rounded once."""
         if same:  # one tensor on both sides: the whole sum folded and rounded once
-            dq = _fold_norm(qa, qr, dq + dk, None if dqr is None else dqr + dkr) if nq else None
+            dq = _fold_norm(qa, qr, dq + dk) if nq else None
             dk = None
         else:
-            dq = _fold_norm(qa, qr, dq, dqr) if nq else None
-            dk = _fold_norm(ka, kr, dk, dkr) if nk else None
+            dq = _fold_norm(qa, qr, dq) if nq else None
+            dk = _fold_norm(ka, kr, dk) if nk else None
         return dq, dk, ds[0], ds[1], None, None, None, None, None, None, None, None, None, None
 
 
@@ -585,6 +582,84 @@ def lse_two_scales(backend: str, q: Tensor, k: Tensor, scale1: Tensor, scale0: T
     fused = sfx in _TWO_SCALES_FUSED
     return _LseTwoScales.apply(qa, None if same else ka, scale1, scale0, qc, kc, q_rscale, None if same else k_rscale,
                                pos_index, int(diag_offset), int(mask_mode), sfx, same, fused)
+
+
+class _SqDistLse(torch.autograd.Function):
+    """u_i = LSE_j(-t |q_i - k_j|^2) over the kept pairs, from the lse ops on the expansion
+    2t q_i.k_j - t|k_j|^2 (a column bias) - t|q_i|^2, with a backward that forms each gradient as
+    a weighted sum of differences, t 2 sum_j w_ij (k_j - q_i), instead of autograd's difference of
+    weighted sums, 2t sum_j w_ij k_j - 2t q_i sum_j w_ij.  The kernels round their weights dS to
+    16 bits for the product (and autograd rounds each term to the input's dtype): where the weights
+    sit on near neighbours (collapsed features, features on a line), the two sums are |q| / |k_j - q_i|
+    times the result and the roundings' 2^-9 came out as bfloat16 gradient errors of 0.04-0.4 (CUDA
+    and C++ CPU kernels, 7 rows on a line in 16 features).
+
+    The inputs go to the kernels with two columns more, q' = [q, 0, 1], k' = [k, 1, 0] (zero
+    padded to 16-byte rows; q'.k' = q.k): the product's own extra columns are then dq'_i[D] =
+    sum_j w^_ij and dk'_j[D + 1] = sum_i w^_ij of the very weights w^ (rounded as the kernel rounds
+    them) that multiplied k_j and q_i, so dq'_i[:D] - q_i dq'_i[D] is exactly sum_j w^_ij (k_j -
+    q_i) up to float32 sums: the weights' rounding costs 2^-9 of the result, not of the sums.  Both
+    sides are formed in float32 (LSE_NORM's float32 outputs), added when q is k, and rounded once
+    to the input's dtype.  t's gradient: the kernel's d scale and column-bias sums, as autograd
+    formed it."""
+
+    @staticmethod
+    def forward(ctx, q, k, t, diag_offset, mask_mode, sfx, same):
+        if same:
+            k = q
+        n, d = q.shape
+        pad = 16 // q.element_size()
+        dp = -(-(d + 2) // pad) * pad
+        qc, kc = q.detach(), k.detach()
+        qa = qc.new_zeros((n, dp))
+        qa[:, :d] = qc
+        qa[:, d + 1] = 1
+        ka = kc.new_zeros((kc.shape[0], dp))
+        ka[:, :d] = kc
+        ka[:, d] = 1
+        tt = t.detach()
+        sq_q = (qc.float() * qc.float()).sum(1)
+        sq_k = sq_q if same else (kc.float() * kc.float()).sum(1)
+        scale, col_bias = 2 * tt, -tt * sq_k
+        row, col, xt = _named_op("lse_forward", sfx)(qa, ka, scale, None, None, col_bias, None, None, None,
+                                                     diag_offset, mask_mode, False)
+        ctx.save_for_backward(q, k, qa, ka, scale, col_bias, sq_q, sq_k, row, col, xt)
+        ctx.args = (diag_offset, mask_mode | LSE_NORM, sfx, same)
+        return row - tt * sq_q
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, qa, ka, scale, col_bias, sq_q, sq_k, row, col, xt = ctx.saved_tensors
+        diag_offset, mode, sfx, same = ctx.args
+        nq, nk, nt = ctx.needs_input_grad[:3]
+        if same:
+            nq = nk = nq or nk
+        d = q.shape[1]
+        dq, dk, ds, db, _, _ = _named_op("lse_backward", sfx)(
+            g.float().contiguous(), _f32_empty(q, _EMPTY), qa, ka, scale, None, None, col_bias, None, None, None,
+            diag_offset, mode, row, col, xt, nq, nk, nt, nt, False, False)
+        gq = dq[:, :d] - q.float() * dq[:, d:d + 1] if nq else None
+        gk = dk[:, :d] - k.float() * dk[:, d + 1:d + 2] if nk else None
+        gt = 2 * ds - (db * sq_k).sum() - (g.float() * sq_q).sum() if nt else None
+        if same:
+            return (gq + gk).to(q.dtype), None, gt, None, None, None, None
+        return (None if gq is None else gq.to(q.dtype), None if gk is None else gk.to(k.dtype), gt, None, None, None,
+                None)
+
+
+def lse_sqdist(backend: str, q: Tensor, k: Tensor, t: Tensor, *, diag_offset: int = 0, mask_mode: int = 0):
+    """Row log-sum-exps of -t |q_i - k_j|^2 over the pairs that mask_mode keeps (MASK_DIAG /
+    diag_offset as `lse` takes them): the uniformity loss's rows.  t: a 0-dim float32 tensor.
+    Gradients as differences formed before any rounding (_SqDistLse)."""
+    if mask_mode & ~MASK_DIAG:
+        raise ValueError(f"lse_sqdist: only the MASK_DIAG bit, got mask_mode {mask_mode}")
+    if backend == FAMILY_REFERENCE:
+        sq_k = (k.to(t.dtype) * k.to(t.dtype)).sum(1)
+        sq_q = sq_k if q is k else (q.to(t.dtype) * q.to(t.dtype)).sum(1)
+        return lse(backend, q, k, 2 * t, col_bias=-t * sq_k, diag_offset=diag_offset, mask_mode=mask_mode)[0] \
+            - t * sq_q
+    same = q is k
+    return _SqDistLse.apply(q, None if same else k, t, int(diag_offset), int(mask_mode), _suffix(backend, q), same)
 
 
 def _nonfinite_guard(*xs: Tensor) -> Tensor:

@@ -795,14 +795,14 @@ def uniformity_loss(x: Tensor, t=2.0, *, backend: str | None = None, mode: str =
     center = _all_reduce(x.detach().double().sum(0), d) / n
     x = x - functional._exact_shift(x, center, lambda ok: _all_reduce((~ok).double(), d) == 0)
 
-    # -t |x_i - x_j|^2 = 2t x_i.x_j - t |x_j|^2 - t |x_i|^2: the key's term a column bias
+    # LSE_j -t |x_i - x_j|^2 per block (fam.lse_sqdist: the expansion 2t x_i.x_j - t |x_j|^2 -
+    # t |x_i|^2, its gradients as weighted differences)
     def rows(loc, blk, own):
-        kb = blk[0]
-        return (fam.lse(be, loc[0], kb, 2 * loc[1], col_bias=-loc[1] * _rowdot(kb, kb, dt), diag_offset=own or 0,
-                        mask_mode=MASK_DIAG if own is not None else 0)[0],)
+        return (fam.lse_sqdist(be, loc[0], blk[0], loc[1], diag_offset=own or 0,
+                               mask_mode=MASK_DIAG if own is not None else 0),)
 
     row, = _blocks(d, mode, rows, ("lse",), [x, tt], [x])
-    part = torch.logsumexp(row - tt * _rowdot(x, x, dt), dim=0)
+    part = torch.logsumexp(row, dim=0)
     return torch.logsumexp(_gather(part.reshape(1), d), dim=0) - math.log(n * (n - 1))
 
 

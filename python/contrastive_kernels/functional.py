@@ -520,11 +520,10 @@ def uniformity_loss(x: Tensor, t=2.0, *, backend: str | None = None) -> Tensor:
         return reference.uniformity_loss(x, t)
     n = x.shape[0]
     x = x - _exact_shift(x, x.detach().double().mean(0))
-    tt = _scale(t, x.device, invert=False)
-    sq = _rowdot(x, x)
-    # -t|x_i - x_j|^2 = 2t x_i.x_j - t|x_j|^2 - t|x_i|^2
-    row, _ = fam.lse(be, x, x, 2 * tt, col_bias=-tt * sq, mask_mode=MASK_DIAG)
-    return torch.logsumexp(row - tt * sq, dim=0) - math.log(n * (n - 1))
+    # rows LSE_{j != i} -t|x_i - x_j|^2 (the kernels' 2t x_i.x_j - t|x_j|^2 - t|x_i|^2, gradients as
+    # weighted differences: fam.lse_sqdist)
+    row = fam.lse_sqdist(be, x, x, _scale(t, x.device, invert=False), mask_mode=MASK_DIAG)
+    return torch.logsumexp(row, dim=0) - math.log(n * (n - 1))
 
 
 @_amp_boundary()
