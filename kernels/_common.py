@@ -28,8 +28,6 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @functools.lru_cache(maxsize=None)

@@ -412,7 +412,8 @@ MUTANTS = [
     ("py_pml_lone_anchor_pairs_kept", PML, "pos_id = torch.where(has_neg, lab_id, torch.full_like(lab_id, -1))",
      "pos_id = lab_id", _py_t("test_compat.py", k="pml")),
     # NT-Xent: a NaN in an anchor without negatives dropped with its zero terms
-    ("py_pml_lone_anchor_nan_dropped", PML, "        if bool(lone.any()):", "        if False:",
+    ("py_pml_lone_anchor_nan_dropped", PML, "torch.where(lone[:, None], xh.float(), 0.0).mul(0).sum()",
+     "torch.zeros((), device=xh.device)",
      _py_t("test_compat.py", k="pml")),
     # mined SupCon: the positive pairs not deduplicated (PML's masks make them sets)
     # uniformity's row side: x_i times the exact row weight (autograd's sum_j w_ij) instead of the

@@ -218,7 +218,7 @@ def _runs(*families):
 
 # ------------------------------------------------------------------- lightly
 @pytest.mark.parametrize("dtype,backend", _runs("lse"))
-@pytest.mark.parametrize("n,d,temperature", [(1, 5, 0.5), (7, 13, 0.5), (33, 9, 0.1)])
+@pytest.mark.parametrize("n,d,temperature", [(1, 5, 0.5), (7, 13, 0.5), (33, 9, 0.1), (7, 13, -0.3)])
 def test_lightly_ntxent(dtype, backend, n, d, temperature):
     g = _gen(n)
     raw = dict(out0=_randn(g, n, d), out1=_randn(g, n, d))
@@ -283,12 +283,12 @@ def test_lightly_dcl(dtype, backend, n, d):
     def weight_fn(a, b):  # a weight with a gradient, as lightly allows
         return 1.0 + (a - b).pow(2).sum(1)
 
-    for kwargs in [dict(), dict(temperature=0.3), dict(temperature=0.2, weight_fn=weight_fn)]:
+    for kwargs in [dict(), dict(temperature=0.3), dict(temperature=0.2, weight_fn=weight_fn), dict(temperature=-0.3)]:
         loss = ck_lightly.DCLLoss(backend=backend, **kwargs)
         peer = peers.LightlyDCLLoss(**kwargs)
         _check(lambda t: loss(t["out0"], t["out1"]), lambda t: peer(t["out0"], t["out1"]), raw, dtype,
                f"lightly.DCLLoss({kwargs})")
-    for kwargs in [dict(), dict(temperature=0.25, sigma=0.8)]:
+    for kwargs in [dict(), dict(temperature=0.25, sigma=0.8), dict(temperature=-0.25)]:
         loss = ck_lightly.DCLWLoss(backend=backend, **kwargs)
         peer = peers.LightlyDCLWLoss(**kwargs)
         _check(lambda t: loss(t["out0"], t["out1"]), lambda t: peer(t["out0"], t["out1"]), raw, dtype,
@@ -422,7 +422,7 @@ def _pml_raw(case, g, d=7):
 @pytest.mark.parametrize("case", list(PML_LABELS))
 def test_pml_ntxent(dtype, backend, case):
     raw, with_ref = _pml_raw(case, _gen(len(case)))
-    for temperature in (0.07, 0.3):
+    for temperature in (0.07, 0.3, -0.3):  # (a negative one flips the similarities, as PML computes it)
         ours = ck_pml.NTXentLoss(temperature, backend=backend)
         _check(_pml_call(ours, with_ref), _pml_call(peers.PMLNTXentLoss(temperature), with_ref), raw, dtype,
                f"pml.NTXentLoss({temperature}) {case} vs peer")
@@ -434,7 +434,7 @@ def test_pml_ntxent(dtype, backend, case):
 @pytest.mark.parametrize("case", list(PML_LABELS))
 def test_pml_supcon(dtype, backend, case):
     raw, with_ref = _pml_raw(case, _gen(len(case) + 1))
-    for temperature in (0.1, 0.25):
+    for temperature in (0.1, 0.25, -0.25):
         ours = ck_pml.SupConLoss(temperature, backend=backend)
         _check(_pml_call(ours, with_ref), _pml_call(peers.PMLSupConLoss(temperature), with_ref), raw, dtype,
                f"pml.SupConLoss({temperature}) {case} vs peer")

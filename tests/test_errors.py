@@ -96,7 +96,8 @@ def test_device_mismatch(name):
         PAIR_FNS[name](X, Y.to("meta"))
 
 
-@pytest.mark.parametrize("temperature", [0.0, -0.1, math.inf, math.nan, torch.tensor(0.0), torch.tensor(math.nan)])
+@pytest.mark.parametrize("temperature", [0.0, -0.0, math.inf, -math.inf, math.nan, torch.tensor(0.0),
+                                         torch.tensor(math.nan)])
 @pytest.mark.parametrize("fn", ["info_nce", "nt_xent", "supcon_loss", "dcl_loss", "hard_negative_loss"])
 def test_bad_temperature(fn, temperature):
     call = {"info_nce": lambda: ck.info_nce(X, Y, temperature=temperature),

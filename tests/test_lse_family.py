@@ -834,6 +834,51 @@ def test_lse_collapsed_normalized_rows_gradient_is_zero(backend, dtype, loss_nam
         assert worst <= 1e-6 * scale, f"seed {seed}: gradient {worst:.1e} = {worst / scale:.1e} of the scale, not 0"
 
 
+_SIGNED_T = {  # loss(a, b, temperature, backend) at the 7 rows of the test below
+    "info_nce": lambda a, b, t, be: ck.info_nce(a, b, temperature=t, backend=be),
+    "info_nce_symmetric": lambda a, b, t, be: ck.info_nce(a, b, temperature=t, symmetric=True, backend=be),
+    "info_nce_decoupled": lambda a, b, t, be: ck.info_nce(a, b, temperature=t, decoupled=True, backend=be),
+    "moco": lambda a, b, t, be: ck.info_nce(a, b, negatives=b.flip(0), temperature=t, in_batch_negatives=False,
+                                            backend=be),
+    "nt_xent": lambda a, b, t, be: ck.nt_xent(a, b, t, backend=be),
+    "supcon": lambda a, b, t, be: ck.supcon_loss(a, torch.arange(7) % 3, t, backend=be),
+    "supcon_ref": lambda a, b, t, be: ck.supcon_loss(a, torch.arange(7) % 3, t, ref_embeddings=b,
+                                                     ref_labels=torch.arange(7) % 2, backend=be),
+    "dcl": lambda a, b, t, be: ck.dcl_loss(a, b, t, backend=be),
+    "dclw": lambda a, b, t, be: ck.dcl_loss(a, b, t, weight_sigma=0.5, backend=be),
+    "hcl": lambda a, b, t, be: ck.hard_negative_loss(a, b, t, backend=be),
+    "hcl_raw": lambda a, b, t, be: ck.hard_negative_loss(a, b, t, normalize=False, backend=be),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss_name", list(_SIGNED_T))
+def test_negative_temperature(backend, dtype, loss_name):
+    """A negative temperature (SPEC refuses only 0 and non-finite ones; lightly and PML compute
+    it: the similarities' sign flipped) on every kernel: loss and gradients within SPEC's
+    tolerance of float64, and a tensor temperature's gradient too."""
+    skip_interpreter_bf16(backend, dtype)
+    fn = _SIGNED_T[loss_name]
+    g = torch.Generator().manual_seed(11)
+    a0, b0 = torch.randn(7, 5, generator=g).to(dtype), torch.randn(7, 5, generator=g).to(dtype)
+    for t in (-0.5, -0.07):
+        exact = [a0.double().requires_grad_(), b0.double().requires_grad_(), torch.tensor(t, dtype=torch.float64,
+                                                                                          requires_grad=True)]
+        want = fn(*exact, "reference")
+        want_g = torch.autograd.grad(want, exact, allow_unused=True)
+        xs = [a0.clone().requires_grad_(), b0.clone().requires_grad_(), torch.tensor(t, requires_grad=True)]
+        got = fn(*xs, backend)
+        got_g = torch.autograd.grad(got, xs, allow_unused=True)
+        assert rel_err(got, want) <= TOL[dtype], f"t = {t}: loss {got.item()} vs {want.item()}"
+        for i, (x, w) in enumerate(zip(got_g, want_g)):
+            if w is None:
+                assert x is None, f"t = {t}: input {i} got a gradient the reference does not have"
+                continue
+            e = rel_err(x, w)
+            assert e <= TOL[dtype], f"t = {t}: input {i}'s gradient relative error {e:.2e}"
+
+
 def _ce_exact(logits, target):
     """log(1 + sum_{j != t} e^(s_j - s_t)) per row (float64): the cross-entropy without an LSE
     of ~20 minus a logit of ~20 (whose ulp, 4e-15, a 1e-9 row would feel)."""

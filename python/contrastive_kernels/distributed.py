@@ -421,7 +421,7 @@ def _two_view_setup(what, z1, z2, temperature, backend, mode, group, *, min_pair
     equal local batches, at least `min_pairs` pairs in the global batch; (ctx, backend,
     compute dtype)."""
     _pair_inputs(z1, z2)
-    V.scalar("temperature", temperature, positive=True, device=z1.device)
+    V.scalar("temperature", temperature, nonzero=True, device=z1.device)
     d = _setup(group, mode, f"distributed {what}", z1)
     _check_sizes(d, z1=z1, z2=z2)
     _need_global_rows(what, d, "z1", z1, min_pairs, "pairs", why)
@@ -647,7 +647,7 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
         V.same_dim(embeddings=embeddings, ref_embeddings=ref_embeddings)
         ref_labels = V.labels("ref_labels", ref_labels, ref_embeddings.shape[0], embeddings.device,
                               rows_name="ref_embeddings")
-    V.scalar("temperature", temperature, positive=True, device=embeddings.device)
+    V.scalar("temperature", temperature, nonzero=True, device=embeddings.device)
     d = _setup(group, mode, "distributed supcon_loss", embeddings)
     sizes = {"embeddings": embeddings}
     if has_ref:

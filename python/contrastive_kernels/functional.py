@@ -132,7 +132,7 @@ def _resolve(backend, family, x: Tensor) -> str:
 
 
 def _temperature(temperature, device):
-    return V.scalar("temperature", temperature, positive=True, device=device)
+    return V.scalar("temperature", temperature, nonzero=True, device=device)
 
 
 # ---------------------------------------------------------- normalized similarity

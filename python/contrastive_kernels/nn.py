@@ -45,7 +45,8 @@ class _TemperatureMixin(nn.Module):
     """A fixed temperature (float buffer-free) or a learnable one (log-parametrised)."""
 
     def _init_temperature(self, temperature, learn: bool):
-        V.scalar("temperature", temperature, positive=True)
+        # (a learnable one is log-parametrised: positive; a fixed one any non-zero number, as the functions)
+        V.scalar("temperature", temperature, positive=learn, nonzero=True)
         t = float(temperature)
         if learn:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(t)))

@@ -160,7 +160,7 @@ class _PMLBase(nn.Module):
         a1, _, a2, _ = pairs
         if all(t.numel() <= 1 for t in pairs) or a1.numel() == 0 or a2.numel() == 0:
             return None
-        V.scalar("temperature", self.temperature, positive=True)
+        V.scalar("temperature", self.temperature, nonzero=True)
         cdt = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
         xh = _unit(embeddings.to(cdt), self.normalize)
         rh = xh if r is embeddings else _unit(r.to(cdt), self.normalize)
@@ -221,7 +221,7 @@ class NTXentLoss(_PMLBase):
             # -log(e^sp / (e^sp + sum e^sn)) = softplus(neg_lse - sp), exactly (0 without negatives)
             return self._reduce(-torch.nn.functional.logsigmoid(sp - neg_lse), embeddings)
         x, lab, r, rlab, drop_diag = self._prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        V.scalar("temperature", self.temperature, positive=True)
+        V.scalar("temperature", self.temperature, nonzero=True)
         pos_count, neg_count, (lab_id, rlab_id) = self._pair_counts(lab, rlab, drop_diag)
         n_pos, n_neg = int(pos_count.sum()), int(neg_count.sum())
         if n_pos == 0 or n_neg == 0 or (n_pos <= 1 and n_neg <= 1):
@@ -249,9 +249,9 @@ class NTXentLoss(_PMLBase):
         mode = PAIR_POSITIVES_ONLY | (PAIR_EXCLUDE_DIAG if drop_diag else 0)
         total = fam.pairwise_total(be, xh, rh, scale, torch.zeros((), dtype=torch.float32, device=x.device),
                                    row_offset=-offset, q_labels=pos_id, k_labels=rlab_id, mode=mode)
+        # their terms are 0, but a NaN or inf in their rows gives PML's NaN (no host sync: a masked sum)
         lone = ~has_neg & (pos_count > 0)
-        if bool(lone.any()):  # (their terms are 0, but a NaN or inf in their rows gives PML's NaN)
-            total = total + (xh[lone].float() * 0).sum()
+        total = total + torch.where(lone[:, None], xh.float(), 0.0).mul(0).sum()
         return total / count
 
 
