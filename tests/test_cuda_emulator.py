@@ -186,6 +186,7 @@ def test_correct_kernel_runs(emu):
     (5, "invalid grid"),
     (6, "invalid block size"),
     (10, "16-byte aligned"),
+    (11, "cp.async: a 16-byte copy"),
 ])
 def test_misuse_is_reported(emu, which, message):
     status = emu.misuse(which, torch.zeros(64))

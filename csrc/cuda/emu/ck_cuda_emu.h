@@ -26,7 +26,8 @@
 //   * cp.async 16-byte copies are deferred until the thread's cp.async.wait_group lets
 //     them complete (the latest moment the hardware may complete them), so a read of a
 //     staged tile before its wait, or a wait that leaves the wrong group pending, reads
-//     stale data here as it might on a GPU;
+//     stale data here as it might on a GPU; a source or destination address that is not
+//     16-byte aligned (a fault on a GPU: rows of an input at an odd offset) is an error;
 //   * wgmma.mma_async m64nNk16 (f16 / bf16, float32 accumulators, both operands from shared
 //     memory through matrix descriptors, K-major or MN-major (transposed), every swizzle mode;
 //     see "wgmma" below): a

@@ -316,7 +316,12 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes, const char* k
   return &w.slots[p][0][0];
 }
 
-void cp_async16(void* smem, const void* gmem) { g_fiber->open.push_back(CpAsync{smem, gmem}); }
+void cp_async16(void* smem, const void* gmem) {
+  // cp.async.cg 16 bytes: both addresses 16-byte aligned (a misaligned one faults on a GPU)
+  if ((reinterpret_cast<uintptr_t>(smem) | reinterpret_cast<uintptr_t>(gmem)) & 15u)
+    fail("cp.async: a 16-byte copy from or to an address that is not 16-byte aligned");
+  g_fiber->open.push_back(CpAsync{smem, gmem});
+}
 void cp_async_commit() { g_fiber->groups.push_back(std::move(g_fiber->open)); g_fiber->open.clear(); }
 void cp_async_wait(int pending) { flush_cp_async(*g_fiber, static_cast<size_t>(pending < 0 ? 0 : pending)); }
 

@@ -253,6 +253,15 @@ __global__ void misuse_kernel(int which, float* out) {
       out[tid] = static_cast<float>(r[0]);
       return;
     }
+    case 11: {  // cp.async from a global address that is not 16-byte aligned (a row at an odd offset)
+      __shared__ __align__(16) float sm[4];
+      if (tid == 0) {
+        ck_emu::cp_async16(sm, out + 1);
+        ck_emu::cp_async_commit();
+        ck_emu::cp_async_wait(0);
+      }
+      return;
+    }
     case 7:  // reads one float past the end of `out` (64 floats): memcheck.sh's negative control
       if (tid == 0) out[0] = out[64];
       return;
