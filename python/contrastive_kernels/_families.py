@@ -587,7 +587,7 @@ def lse_two_scales(backend: str, q: Tensor, k: Tensor, scale1: Tensor, scale0: T
 class _SqDistLse(torch.autograd.Function):
     """u_i = LSE_j(-t |q_i - k_j|^2) over the kept pairs, from the lse ops on the expansion
     2t q_i.k_j - t|k_j|^2 (a column bias) - t|q_i|^2, with a backward that forms each gradient as
-    a weighted sum of differences, t 2 sum_j w_ij (k_j - q_i), instead of autograd's difference of
+    a weighted sum of differences, 2t sum_j w_ij (k_j - q_i), instead of autograd's difference of
     weighted sums, 2t sum_j w_ij k_j - 2t q_i sum_j w_ij.  The kernels round their weights dS to
     16 bits for the product (and autograd rounds each term to the input's dtype): where the weights
     sit on near neighbours (collapsed features, features on a line), the two sums are |q| / |k_j - q_i|
