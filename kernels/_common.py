@@ -29,7 +29,6 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-
 @functools.lru_cache(maxsize=None)
 def _smem_limit(index: int) -> int:
     props = torch.cuda.get_device_properties(index)

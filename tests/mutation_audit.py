@@ -418,8 +418,8 @@ MUTANTS = [
     # mined SupCon: the positive pairs not deduplicated (PML's masks make them sets)
     # uniformity's row side: x_i times the exact row weight (autograd's sum_j w_ij) instead of the
     # product's own sum of its rounded weights (the CUDA kernels round dS to 16 bits)
-    ("py_sqdist_exact_row_weights", FAM_PY, "gq = dq[:, :d] - q.float() * dq[:, d:d + 1] if nq else None",
-     "gq = dq[:, :d] - q.float() * g.float()[:, None] if nq else None",
+    ("py_sqdist_exact_row_weights", FAM_PY, "gq = dq[:, :d] - qa[:, :d].float() * dq[:, d:d + 1] if nq else None",
+     "gq = dq[:, :d] - qa[:, :d].float() * g.float()[:, None] if nq else None",
      _py_t("test_lse_family.py", k="cuda and on_a_line"), EMU),
     # the normalization's radial part from dx rounded to the input dtype (not the dx it is removed from)
     ("py_fold_norm_rounded_radial", FAM_PY, "(xf * dx).sum(1) * r * r", "(xf * dx.to(x.dtype).float()).sum(1) * r * r",

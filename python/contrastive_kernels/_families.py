@@ -607,44 +607,51 @@ class _SqDistLse(torch.autograd.Function):
     def forward(ctx, q, k, t, diag_offset, mask_mode, sfx, same):
         if same:
             k = q
-        n, d = q.shape
-        pad = 16 // q.element_size()
-        dp = -(-(d + 2) // pad) * pad
-        qc, kc = q.detach(), k.detach()
-        qa = qc.new_zeros((n, dp))
-        qa[:, :d] = qc
-        qa[:, d + 1] = 1
-        ka = kc.new_zeros((kc.shape[0], dp))
-        ka[:, :d] = kc
-        ka[:, d] = 1
+        qa, ka = _SqDistLse._widen(q, q.shape[1] + 1), _SqDistLse._widen(k, k.shape[1])
         tt = t.detach()
-        sq_q = (qc.float() * qc.float()).sum(1)
-        sq_k = sq_q if same else (kc.float() * kc.float()).sum(1)
+        sq_q = _SqDistLse._sq(q)
+        sq_k = sq_q if same else _SqDistLse._sq(k)
         scale, col_bias = 2 * tt, -tt * sq_k
         row, col, xt = _named_op("lse_forward", sfx)(qa, ka, scale, None, None, col_bias, None, None, None,
                                                      diag_offset, mask_mode, False)
-        ctx.save_for_backward(q, k, qa, ka, scale, col_bias, sq_q, sq_k, row, col, xt)
+        ctx.save_for_backward(qa, ka, scale, col_bias, sq_q, sq_k, row, col, xt)
+        ctx.d = q.shape[1]
         ctx.args = (diag_offset, mask_mode | LSE_NORM, sfx, same)
         return row - tt * sq_q
 
     @staticmethod
+    def _widen(x, one):
+        """x with zero columns appended up to 16-byte rows (at least two), column `one` of them 1."""
+        n, d = x.shape
+        pad = 16 // x.element_size()
+        out = x.new_zeros((n, -(-(d + 2) // pad) * pad))
+        out[:, :d] = x.detach()
+        out[:, one] = 1
+        return out
+
+    @staticmethod
+    def _sq(x):
+        return (x.detach().float() * x.detach().float()).sum(1)
+
+    @staticmethod
     def backward(ctx, g):
-        q, k, qa, ka, scale, col_bias, sq_q, sq_k, row, col, xt = ctx.saved_tensors
+        qa, ka, scale, col_bias, sq_q, sq_k, row, col, xt = ctx.saved_tensors
         diag_offset, mode, sfx, same = ctx.args
         nq, nk, nt = ctx.needs_input_grad[:3]
         if same:
             nq = nk = nq or nk
-        d = q.shape[1]
+        d = ctx.d
         dq, dk, ds, db, _, _ = _named_op("lse_backward", sfx)(
-            g.float().contiguous(), _f32_empty(q, _EMPTY), qa, ka, scale, None, None, col_bias, None, None, None,
+            g.float().contiguous(), _f32_empty(qa, _EMPTY), qa, ka, scale, None, None, col_bias, None, None, None,
             diag_offset, mode, row, col, xt, nq, nk, nt, nt, False, False)
-        gq = dq[:, :d] - q.float() * dq[:, d:d + 1] if nq else None
-        gk = dk[:, :d] - k.float() * dk[:, d + 1:d + 2] if nk else None
+        # q / k are qa / ka's first d columns (the same values)
+        gq = dq[:, :d] - qa[:, :d].float() * dq[:, d:d + 1] if nq else None
+        gk = dk[:, :d] - ka[:, :d].float() * dk[:, d + 1:d + 2] if nk else None
         gt = 2 * ds - (db * sq_k).sum() - (g.float() * sq_q).sum() if nt else None
         if same:
-            return (gq + gk).to(q.dtype), None, gt, None, None, None, None
-        return (None if gq is None else gq.to(q.dtype), None if gk is None else gk.to(k.dtype), gt, None, None, None,
-                None)
+            return (gq + gk).to(qa.dtype), None, gt, None, None, None, None
+        return (None if gq is None else gq.to(qa.dtype), None if gk is None else gk.to(ka.dtype), gt, None, None,
+                None, None)
 
 
 def lse_sqdist(backend: str, q: Tensor, k: Tensor, t: Tensor, *, diag_offset: int = 0, mask_mode: int = 0):
