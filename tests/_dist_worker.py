@@ -150,6 +150,34 @@ def _xc(exchange, dim=D, **kw):
     return build
 
 
+D_CONFIDENT = 32  # (nearly orthogonal random rows: every row confident, not only most)
+
+
+def _confident_pairs(g, W, dt, noise=0.2):
+    """Unit rows and their close copies (the trained regime: at temperature 0.05 .. 0.1 the positive
+    dominates, per-row losses 1e-8 .. 1e-4), so that a loss formed as an LSE minus the positive
+    logit keeps only a float32 ulp of the logits' size of itself."""
+    x = torch.randn(W * N, D_CONFIDENT, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    y = x + noise * torch.randn(W * N, D_CONFIDENT, generator=g, dtype=torch.float64) / D_CONFIDENT ** 0.5
+    return x.to(dt), (y / y.norm(dim=1, keepdim=True)).to(dt)
+
+
+def _moco_confident(g, W, dt):
+    q, k = _confident_pairs(g, W, dt)
+    neg = torch.randn(6, D_CONFIDENT, generator=g, dtype=torch.float64)
+    shared = {"negatives": (neg / neg.norm(dim=1, keepdim=True)).to(dt), "temperature": _scalar(0.05, dt)}
+    return {"query": q, "key": k}, shared, {"in_batch_negatives": False, "normalize": False}, None, {}
+
+
+def _hcl_confident(**kw):
+    def build(g, W, dt):
+        z1, z2 = _confident_pairs(g, W, dt)
+        # (temperature 0.1: the clamped rows' ~1e-8 stays above rel_err's absolute threshold, 1e-12)
+        return {"z1": z1, "z2": z2}, {"temperature": _scalar(0.1, dt)}, dict(kw, normalize=False), None, {}
+    return build
+
+
 LOSS_CASES = [
     ("info_nce", "info_nce", _info()),
     ("info_nce_nonorm_sum", "info_nce", _info(normalize=False, reduction="sum")),
@@ -159,6 +187,7 @@ LOSS_CASES = [
     ("info_nce_more_keys", "info_nce", _info_m_gt_n),
     ("info_nce_queue", "info_nce", _info_negatives(True)),
     ("info_nce_moco", "info_nce", _info_negatives(False)),
+    ("info_nce_moco_confident", "info_nce", _moco_confident),
     ("nt_xent", "nt_xent", _ntx()),
     ("nt_xent_nonorm", "nt_xent", _ntx(normalize=False)),
     ("clip_loss", "clip_loss", _clip(False)),
@@ -172,6 +201,8 @@ LOSS_CASES = [
     ("dcl_loss_weighted", "dcl_loss", _dcl(weight_sigma=0.5)),
     ("hard_negative_loss", "hard_negative_loss", _hcl()),
     ("hard_negative_loss_nonorm", "hard_negative_loss", _hcl(normalize=False, beta=0.5, tau_plus=0.05)),
+    ("hard_negative_loss_confident", "hard_negative_loss", _hcl_confident()),  # (the clamp: losses ~1e-8)
+    ("hard_negative_loss_confident_unbiased", "hard_negative_loss", _hcl_confident(beta=0.5, tau_plus=0.0)),
     ("uniformity_loss", "uniformity_loss", _uniformity),
     ("uniformity_loss_offset", "uniformity_loss", _uniformity_offset),
     ("barlow_twins_gather", "barlow_twins_loss", _xc("gather")),

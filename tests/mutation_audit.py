@@ -328,11 +328,25 @@ MUTANTS = [
     ("py_dclw_weights_not_detached", FUNC, "cos = _rowdot(z1, z2).detach()", "cos = _rowdot(z1, z2)",
      _py_t("test_formulas.py", k="dcl")),
     # HCL: the clamp floor N e^{-1/t} without the N (log space: log(n_neg) - inv_t)
-    ("py_hcl_clamp_floor_no_n", FUNC, "torch.clamp(log_ng, min=math.log(n_neg) - inv_t)",
-     "torch.clamp(log_ng, min=-inv_t)", _py_t("test_formulas.py", k="hard_negative")),
+    ("py_hcl_clamp_floor_no_n", FUNC, "torch.maximum(d, (math.log(n_neg) - inv_t) - log_pos)",
+     "torch.maximum(d, -inv_t - log_pos)", _py_t("test_formulas.py", k="hard_negative")),
     # HCL: the debiasing term tau_plus * Nneg * pos without Nneg
-    ("py_hcl_tau_plus_no_n", FUNC, "- tau_plus * n_neg * torch.exp(log_pos - c)", "- tau_plus * torch.exp(log_pos - c)",
+    ("py_hcl_tau_plus_no_n", FUNC, "    a = tau_plus * n_neg\n", "    a = tau_plus\n",
      _py_t("test_formulas.py", k="hard_negative")),
+    # HCL's rows as an LSE minus the positive logit (the form before session 26): a confident row
+    # keeps an ulp of the logits' ~20 of its 1e-8 .. 1e-15
+    ("py_hcl_lse_minus_pos", FUNC, "    return reference._softplus_nonfinite_nan(d)\n",
+     "    return torch.logaddexp(log_pos, d + log_pos) - log_pos\n",
+     _py_t("test_lse_family.py", k="confident_rows_outside and hcl")),
+    # MoCo (the positive and a queue) as LSE(pos, queue) - pos, not softplus(LSE(queue) - pos)
+    ("py_moco_lse_minus_pos", FUNC,
+     "return reference._reduce(reference._softplus_nonfinite_nan(negatives_lse() - pos), reduction)",
+     "return reference._reduce(torch.logaddexp(pos, negatives_lse()) - pos, reduction)",
+     _py_t("test_lse_family.py", k="confident_rows_outside and moco")),
+    ("py_moco_ring_lse_minus_pos", DIST,
+     "return _reduce_rows(rest if decoupled else reference._softplus_nonfinite_nan(rest), reduction, d)",
+     "return _reduce_rows(rest if decoupled else torch.logaddexp(pos, rest + pos) - pos, reduction, d)",
+     _dist_t("loss/info_nce_moco_confident")),
     # uniformity: the mean over n^2 pairs instead of the n(n-1) off-diagonal ones
     ("py_uniformity_n_squared", FUNC, "dim=0) - math.log(n * (n - 1))\n\n\n@_amp_boundary()\ndef alignment_loss",
      "dim=0) - math.log(n * n)\n\n\n@_amp_boundary()\ndef alignment_loss", _py_t("test_formulas.py", k="uniformity")),

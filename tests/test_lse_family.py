@@ -937,6 +937,77 @@ def test_lse_target_confident_rows(backend, dtype, loss_name):
             assert e <= 3 * floor, f"{backend} {dtype} {loss_name}: {what} error {e:.2e} > 3x floor {floor:.2e}"
 
 
+def _hcl_exact(z1, z2, inv_t, beta, tau_plus):
+    """Robinson et al. 2021 (HCL, the authors' estimator 'hard'), float64, per row log(1 + Ng / pos)
+    with Ng / pos = max((reweight / pos - tau_plus Nneg) / (1 - tau_plus), Nneg e^{-1/tau} / pos),
+    reweight = sum_neg e^{(1 + beta) s/tau} / mean_neg e^{beta s/tau}: the ratio to the positive in log
+    space and log1p, so that a confident row's 1e-15 is not 1 - pos / (pos + Ng) (float64's ulp of 1
+    is 1e-16: the authors' -log(pos / (pos + Ng)) is off by 2% there even in float64)."""
+    n = z1.shape[0]
+    z = torch.cat([z1, z2])
+    logits = inv_t * z @ z.T
+    keep = ~(torch.eye(2 * n, dtype=torch.bool) | torch.eye(2 * n, dtype=torch.bool).roll(n, 1))
+    neg = logits[keep].view(2 * n, 2 * n - 2)
+    lp = inv_t * (z1 * z2).sum(1).repeat(2)
+    n_neg = 2 * n - 2
+    log_rw = torch.logsumexp((1 + beta) * neg, 1) - torch.logsumexp(beta * neg, 1) + math.log(n_neg)
+    ratio = (torch.exp(log_rw - lp) - tau_plus * n_neg) / (1 - tau_plus)
+    ratio = torch.maximum(ratio, n_neg * torch.exp(-inv_t - lp))
+    return torch.log1p(ratio).mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_name", ["moco", "hcl_clamped", "hcl_unbiased"])
+def test_confident_rows_outside_the_kernels(backend, dtype, loss_name):
+    """The trained regime (temperature 0.05, aligned pairs) where the loss is combined outside the
+    kernels: MoCo (the positive against a queue only; mean loss ~1e-4) and HCL (its clamp: ~5e-15;
+    unbiased, beta = tau_plus = 0: ~3e-4), against the formulas written here (log1p of the others relative
+    to the positive), SPEC's tolerance, and bfloat16 gradients within 3x the floor.  Formed as
+    LSE(pos, queue) - pos and logaddexp(pos, Ng) - pos (an ulp of the logits' ~20), the float32 MoCo
+    loss / gradients were off by 8.3e-4 / 2.7e-3 on every backend, the reference included; HCL's
+    clamped rows came out 0 (error 1.0), the unbiased ones 7.9e-5 / 6.4e-5."""
+    skip_interpreter_bf16(backend, dtype)
+    n, d, inv_t = 65, 32, 20.0
+    x, y = _confident(n, d, 0.5)
+    g = torch.Generator().manual_seed(1)
+    queue = torch.randn(37, d, generator=g, dtype=torch.float64)
+    queue = (queue / queue.norm(dim=1, keepdim=True)).float()
+    hcl = dict(hcl_clamped=(1.0, 0.1), hcl_unbiased=(0.0, 0.0)).get(loss_name)
+
+    def ours(a, b, c, be):
+        if loss_name == "moco":
+            return ck.info_nce(a, b, negatives=c, temperature=1 / inv_t, in_batch_negatives=False, normalize=False,
+                               backend=be)
+        return ck.hard_negative_loss(a, b, 1 / inv_t, beta=hcl[0], tau_plus=hcl[1], normalize=False, backend=be)
+
+    def exact(a, b, c):
+        if loss_name == "moco":
+            logits = inv_t * torch.cat([(a * b).sum(1, keepdim=True), a @ c.T], 1)
+            return _ce_exact(logits, torch.zeros(n, dtype=torch.long)).mean()
+        return _hcl_exact(a, b, inv_t, *hcl)
+
+    a0, b0, c0 = x.to(dtype), y.to(dtype), queue.to(dtype)
+    ra, rb, rc = (t.double().requires_grad_() for t in (a0, b0, c0))
+    want = exact(ra, rb, rc)
+    wrt = [ra, rb] + ([rc] if loss_name == "moco" else [])
+    want_grads = torch.autograd.grad(want, wrt)
+    a, b, c = (t.clone().requires_grad_() for t in (a0, b0, c0))
+    got = ours(a, b, c, backend)
+    got_grads = torch.autograd.grad(got, [a, b, c][:len(wrt)])
+    low, high = {"moco": (1e-5, 1e-3), "hcl_clamped": (1e-16, 1e-13), "hcl_unbiased": (1e-5, 1e-3)}[loss_name]
+    assert low < want.item() < high, want.item()  # the regime this test is about
+    def rel(x, ref):  # relative however small (helpers.rel_err compares a norm below 1e-12 absolutely)
+        return ((x.double() - ref).norm() / ref.norm()).item()
+
+    for what, g_, w_ in zip(("loss", "da", "db", "dqueue"), (got, *got_grads), (want, *want_grads)):
+        e = rel(g_, w_)
+        assert e <= TOL[dtype], f"{backend} {dtype} {loss_name}: {what} relative error {e:.2e} > {TOL[dtype]:.0e}"
+        if what != "loss" and dtype != torch.float32:
+            floor = rel(w_.to(dtype), w_)
+            assert e <= 3 * floor, f"{backend} {dtype} {loss_name}: {what} error {e:.2e} > 3x floor {floor:.2e}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_supcon_half_precision_clustered(backend, dtype):

@@ -69,6 +69,7 @@ from . import functional
 from . import _validation as V
 from . import backends
 from .backends import FAMILY_REFERENCE
+from . import reference
 from .reference import LSE_LABELS, LSE_TARGET, MASK_DIAG, MASK_POS, PAIR_NEGATIVE_ONLY
 
 Tensor = torch.Tensor
@@ -495,9 +496,9 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
 
     if not in_batch_negatives:
         # the positive and the extra negatives only (decoupled: the negatives only)
-        parts = ([] if decoupled else [pos]) + [negatives_lse()]
-        lse = parts[0] if len(parts) == 1 else torch.logaddexp(parts[0], parts[1])
-        return _reduce_rows(lse - pos, reduction, d)
+        rest = negatives_lse() - pos
+        # (MoCo: LSE(pos, negatives) - pos as softplus(LSE(negatives) - pos), exact on confident rows)
+        return _reduce_rows(rest if decoupled else reference._softplus_nonfinite_nan(rest), reduction, d)
     local = [query, qr if normalize else query.new_empty(0)]
     block = [key]
     if symmetric:

@@ -241,6 +241,11 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
         # the positive's remaining gradient, -sigmoid(.), is the negatives' share (no cancellation).
         return reference._reduce(ce + F.softplus(negatives_lse() - ce - positive_logits()), reduction)
     pos = positive_logits()
+    if not in_batch_negatives and not decoupled:
+        # MoCo: LSE(pos, negatives) - pos = softplus(LSE(negatives) - pos), exact on confident rows
+        # (formed as a log-sum-exp minus the positive, a 1e-6 row kept an ulp of the logits' size).
+        # (NaN where the positive logit is +inf: the limit 0 would be a finite loss of an infinite input.)
+        return reference._reduce(reference._softplus_nonfinite_nan(negatives_lse() - pos), reduction)
 
     parts = []
     col = None
@@ -249,8 +254,6 @@ def info_nce(query: Tensor, key: Tensor, *, negatives: Tensor | None = None, tem
                            pos_index=p if decoupled else None, mask_mode=(MASK_POS if decoupled else 0) | nb,
                            compute_col=symmetric)
         parts.append(row)
-    elif not decoupled:
-        parts.append(pos)
     if negatives is not None:
         parts.append(negatives_lse())
     lse = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), dim=0)
@@ -476,15 +479,25 @@ def hard_negative_loss(z1: Tensor, z2: Tensor, temperature=0.5, *, beta=1.0, tau
 
 def _hcl_rows(log_rw: Tensor, log_pos: Tensor, inv_t, n_neg: int, tau_plus) -> Tensor:
     """HCL's per-row losses from the log reweighted negative sum and the positive logit:
-    ``Ng = max((reweight - tau_plus Nneg pos) / (1 - tau_plus), Nneg e^{-1/tau})``, in log space
-    (also the distributed form's, with the global Nneg)."""
-    c = torch.maximum(log_rw, log_pos).detach()
-    t = torch.exp(log_rw - c) - tau_plus * n_neg * torch.exp(log_pos - c)
-    ok = ~(t <= 0)  # a NaN (a non-finite input) takes the log and stays NaN, never the clamp's finite floor
-    log_ng = torch.where(ok, c + torch.log(torch.where(ok, t, torch.ones_like(t))), torch.full_like(t, -math.inf))
-    log_ng = log_ng - math.log1p(-tau_plus)
-    log_ng = torch.clamp(log_ng, min=math.log(n_neg) - inv_t)
-    return torch.logaddexp(log_pos, log_ng) - log_pos
+    ``log(1 + Ng / pos)``, ``Ng = max((reweight - tau_plus Nneg pos) / (1 - tau_plus), Nneg e^{-1/tau})``
+    (also the distributed form's, with the global Nneg).  Formed relative to the positive, as
+    softplus(log(Ng / pos)): a confident row's loss (1e-6 .. 1e-15) is not an LSE minus a logit of
+    ~1/tau, whose float32 ulp it would keep; and Ng / pos = (reweight / pos)(1 - a pos / reweight)
+    with a = tau_plus Nneg, whose log is u + log(-expm1(-(u - log a))), u = log(reweight / pos):
+    no exp of u to overflow, and the debiasing's cancellation only where it is the formula's own."""
+    u = log_rw - log_pos
+    a = tau_plus * n_neg
+    if isinstance(a, Tensor):
+        log_a = torch.log(a.to(u.dtype))
+    else:
+        log_a = math.log(a) if a > 0 else -math.inf
+    v = u - log_a  # Ng > 0 iff v > 0 (tau_plus = 0: v = +inf, the log below 0)
+    ok = ~(v <= 0)  # a NaN (a non-finite input) takes the log and stays NaN, never the clamp's finite floor
+    v_ok = torch.where(ok, v, torch.ones_like(v))
+    d = torch.where(ok, u + torch.log(-torch.expm1(-v_ok)), torch.full_like(v, -math.inf))
+    d = d - math.log1p(-tau_plus)
+    d = torch.maximum(d, (math.log(n_neg) - inv_t) - log_pos)  # the clamp, relative to the positive
+    return reference._softplus_nonfinite_nan(d)
 
 
 # ------------------------------------------------------- uniformity and alignment

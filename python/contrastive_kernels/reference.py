@@ -98,7 +98,12 @@ def info_nce(query, key, *, negatives=None, temperature=0.1, positive_index=None
     if neg is not None:
         logits = torch.cat([logits, _no_neg_inf((q @ neg.T) / temperature)], dim=1)
     # (the positive among the logits: the cross-entropy, exactly; else the LSE minus the positive)
-    loss = _ce(logits, p) if in_batch_negatives and not decoupled else torch.logsumexp(logits, dim=1) - pos
+    if in_batch_negatives and not decoupled:
+        loss = _ce(logits, p)
+    elif not decoupled:  # MoCo: the positive is column 0
+        loss = _ce(logits, torch.zeros_like(rows))
+    else:
+        loss = torch.logsumexp(logits, dim=1) - pos
 
     if symmetric:  # key -> query direction (M == N, no negatives, identity pairing)
         logits_t = _no_neg_inf((k @ q.T) / temperature)
