@@ -31,12 +31,15 @@
 // nothing of a tiny cross-entropy).
 // Bit 16 (LSE_LABELS, SupCon's positives; needs q_labels and k_labels, not with bits 4
 // or 8, no compute_col): P_i = the kept j with k_labels[j] == q_labels[i]; row_i =
-// row_lse_i - (1/|P_i|) sum_{j in P_i} S_ij (row_lse_i when P_i is empty), the positive
-// logits summed in the kernel's tile loop; target_state is (2, N) float32, the row
-// log-sum-exps and 1/|P_i| (0 without positives).  The backward subtracts
-// grad_row_i / |P_i| from dS_ij at every j in P_i in float32 inside the kernel (p - 1/|P|
-// formed before any rounding: with the positives near 1/|P| each, a loss that subtracted
-// their mean outside would cancel two separately rounded gradients).
+// row_lse_i - xp_i, xp_i = (1/|P_i|) sum_{j in P_i} S_ij (row_lse_i when P_i is empty), the
+// positive logits summed in the kernel's tile loop and the output formed as (max - xp_i) +
+// log1p(rest) (a single positive at the max: exactly the small loss); target_state is (2, N)
+// float32, xp (the kernel's unit) and 1/|P_i| (0, 0 without positives).  The backward takes
+// row_lse (these outputs) as LSE_TARGET's cross-entropies, each row's LSE being xp + it, and
+// subtracts grad_row_i / |P_i| from dS_ij at every j in P_i in float32 inside the kernel (p -
+// 1/|P| formed before any rounding: with the positives near 1/|P| each, a loss that
+// subtracted their mean outside would cancel two separately rounded gradients); a row with
+// one positive gets grad_row_i expm1(-row_i) there (p - 1, exact however small the loss).
 // Bit 32 (LSE_NORM): q_rscale / k_rscale are q's and k's own 1 / max(|x|, 1e-12); the forward
 // ignores the bit, the backward returns dq / dk in float32 (whatever the input dtype) with
 // d q_rscale / d k_rscale, from which the Python autograd wrapper (_families._fold_norm) folds

@@ -383,11 +383,14 @@ def _finish_states(idx, ok, m, l, k, x2, p2, pc, OUT, XT, N,
         tl.store(OUT + idx, _to_nat(m - x2, NAT) + lg, mask=ok)
         if WRITE_XT:  # (rows) saved for the backward in the unit, exactly the score it recomputes
             tl.store(XT + idx, x2, mask=ok)
-    elif LABELS:  # LSE minus the mean positive score; XT: (2, N) the LSEs and 1 / |P_i|
-        lse = _to_nat(m, NAT) + lg
+    elif LABELS:
+        # LSE minus the mean positive score xp, as (max - xp) + log1p(e): rounded relative to itself
+        # (one positive at the max: exactly log1p(e)); XT: (2, N) xp (in the unit, the backward's x2,
+        # as LSE_TARGET's) and 1 / |P_i| (0, 0 without a positive, whose output stays the LSE)
         has = pc > 0.0
-        tl.store(OUT + idx, tl.where(has, lse - _to_nat(p2 / tl.maximum(pc, 1.0), NAT), lse), mask=ok)
-        tl.store(XT + idx, lse, mask=ok)
+        xp = tl.where(has, p2 / tl.maximum(pc, 1.0), 0.0)
+        tl.store(OUT + idx, tl.where(has, _to_nat(m - xp, NAT), _to_nat(m, NAT)) + lg, mask=ok)
+        tl.store(XT + idx, xp, mask=ok)
         tl.store(XT + N + idx, tl.where(has, 1.0 / tl.maximum(pc, 1.0), 0.0), mask=ok)
     else:
         lse = _to_nat(m, NAT) + lg  # -inf where nothing is kept
@@ -473,11 +476,12 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
     o_lse2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
     o_x2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
     o_g = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    o_em1 = tl.zeros((BLOCK_O,), dtype=tl.float32)
     if HAS_OTERM:
         o_out = tl.load(O_LSE + o_idx, mask=o_ok, other=0.0)
         o_lse2 = _to_unit(o_out, NAT)
         o_g = tl.load(O_G + o_idx, mask=o_ok, other=0.0)
-        if TARGET:
+        if TARGET or LABELS:  # (LSE_LABELS: x2 the mean positive score, the output LSE - it)
             o_x2 = tl.load(XT + o_idx, mask=o_ok, other=0.0)
             o_em1 = expm1_neg(o_out)  # p - 1 at a kept target, exact for a tiny cross-entropy
     if TWO:  # lse2_backward: the second scale's log-sum-exps (plain rows: no target, labels or bias)
@@ -490,7 +494,9 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
     if LABELS:  # LSE_LABELS: -g_i / |P_i| at the kept same-label pairs (XT[NQ:] = 1 / |P_i|, q rows)
         o_l = tl.load(O_LAB + o_idx, mask=o_ok, other=-1)
         if not TRANS:
-            o_pw = tl.load(XT + NO + o_idx, mask=o_ok, other=0.0) * o_g
+            o_lw = tl.load(XT + NO + o_idx, mask=o_ok, other=0.0)
+            o_pw = o_lw * o_g
+            o_unit = o_lw == 1.0
     o_tile = _outer_tile(O, o_idx, o_ok, D, stride_o, SINGLE, BLOCK_O, BLOCK_D)
     dcol = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     if TARGET:  # the target column of each q row (TGT, validated < M); -1 never matches
@@ -522,6 +528,8 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                 # by definition (the TRANS pass, or a differently rounded product, may recompute it an
                 # ulp away), and exp(-ce) - 1 in float32 would keep nothing of a 1e-8 loss
                 ds += o_g[:, None] * tl.where(is_t, o_em1[:, None], _exp_u((s - o_x2[:, None]) - o_lse2[:, None], NAT))
+            elif LABELS:
+                ds += o_g[:, None] * _exp_u((s - o_x2[:, None]) - o_lse2[:, None], NAT)
             else:
                 ds += o_g[:, None] * _exp_u(s - o_lse2[:, None], NAT)
         if HAS_ITERM:
@@ -532,6 +540,9 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                 i_x2 = tl.load(XT + n64, mask=n_ok, other=0.0)
                 ds += i_g[None, :] * tl.where(is_t, expm1_neg(i_out)[None, :],
                                               _exp_u((s - i_x2[None, :]) - i_lse2[None, :], NAT))
+            elif LABELS:  # (TRANS: the q rows' term)
+                i_x2 = tl.load(XT + n64, mask=n_ok, other=0.0)
+                ds += i_g[None, :] * _exp_u((s - i_x2[None, :]) - i_lse2[None, :], NAT)
             else:
                 ds += i_g[None, :] * _exp_u(s - i_lse2[None, :], NAT)
         # Masked pairs (and rows / columns with nothing kept, whose LSE is -inf) get exactly 0.
@@ -545,13 +556,17 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                 i_lse02 = _to_unit(tl.load(I_LSE0 + n64, mask=n_ok, other=0.0), NAT)
                 ds0 += tl.load(I_G0 + n64, mask=n_ok, other=0.0)[None, :] * _exp_u(s0 - i_lse02[None, :], NAT)
             ds0 = tl.where(keep, ds0, 0.0)
-        if LABELS:  # (TRANS: the q rows are the inner ones, their row term the I term)
+        if LABELS:  # (TRANS: the q rows are the inner ones, their row term the I term; no column term)
+            # p - 1/|P| at a kept positive, and for a row with one positive (1/|P| = 1) p - 1 as
+            # expm1(-output), as LSE_TARGET's target (its S is the forward's xp by definition)
             is_p = keep & (o_l[:, None] == tl.load(I_LAB + n64, mask=n_ok, other=-2)[None, :])
             if TRANS:
-                pw = tl.load(XT + NI + n64, mask=n_ok, other=0.0) * i_g
-                ds = ds - tl.where(is_p, pw[None, :], 0.0)
+                i_lw = tl.load(XT + NI + n64, mask=n_ok, other=0.0)
+                pw = i_lw * i_g
+                ds = tl.where(is_p & (i_lw == 1.0)[None, :], (i_g * expm1_neg(i_out))[None, :],
+                              ds - tl.where(is_p, pw[None, :], 0.0))
             else:
-                ds = ds - tl.where(is_p, o_pw[:, None], 0.0)
+                ds = tl.where(is_p & o_unit[:, None], (o_g * o_em1)[:, None], ds - tl.where(is_p, o_pw[:, None], 0.0))
         if TARGET:  # LSE_TARGET, a masked target pair: the -grad of each side (a kept one has p - 1 above)
             w = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32) + o_w[:, None]
             if HAS_ITERM:
@@ -768,7 +783,8 @@ def _lse_pass(outer, inner, scale, o_rs, i_rs, bias, pos, o_lab, i_lab, diag_off
               target=None, xt=None, col=None, scale0=None):
     """One direction's log-sum-exps; with `target` (the target column of every q row) the
     cross-entropies, and the row pass writes its target scores (in the kernel's unit) into `xt`; with
-    LSE_LABELS the LSE minus the mean positive logit, `xt` (2, N) receiving the LSEs and 1/|P_i|.
+    LSE_LABELS the LSE minus the mean positive logit xp, `xt` (2, N) receiving xp (in the scores' unit)
+    and 1/|P_i|.
     With `col` (an (M,) float32 tensor; rows = q, no LSE_LABELS) the same pass writes the column
     outputs there too (the fused forward).  With `scale0` (lse2_forward: no bias, target, labels
     or col) the same pass also forms the log-sum-exps at that scale: returns (out, out0)."""
@@ -874,7 +890,7 @@ def lse_forward(q, k, scale, q_rscale, k_rscale, col_bias, pos_index, q_labels, 
     # target_state (csrc/op_schemas.h): LSE_TARGET, the row pass's target scores in the kernels'
     # unit (S_{i, t_i} for float32 inputs, log2(e) S_{i, t_i} for 16-bit ones: _natural), exactly as
     # the backward recomputes them;
-    # LSE_LABELS, (2, N) the row LSEs and 1/|P_i|
+    # LSE_LABELS, (2, N) the rows' mean positive scores (in the unit) and 1/|P_i|
     if mask_mode & LSE_LABELS:
         xt = torch.empty((2, q.shape[0]), dtype=torch.float32, device=q.device)
     else:
@@ -974,13 +990,12 @@ def lse_backward(grad_row, grad_col, q, k, scale, q_rscale, k_rscale, col_bias, 
         if xt.shape != (q.shape[0],):
             raise ValueError(f"target_state must have shape (N,) = ({q.shape[0]},) with mask_mode bit 8 "
                              f"(LSE_TARGET), got {tuple(xt.shape)}")
-    if mask_mode & LSE_LABELS:  # the outputs are LSE - mean positive; target_state: (LSEs, 1/|P_i|)
+    if mask_mode & LSE_LABELS:  # the outputs are LSE - xp; target_state: (xp in the unit, 1/|P_i|)
         _labels_check(mask_mode, ql is not None and kl is not None, has_col)
         xt = target_state.contiguous().float()
         if xt.shape != (2, q.shape[0]):
             raise ValueError(f"target_state must have shape (2, N) = (2, {q.shape[0]}) with mask_mode bit 16 "
                              f"(LSE_LABELS), got {tuple(xt.shape)}")
-        r_lse = xt[0].contiguous()
 
     norm = bool(mask_mode & LSE_NORM)  # dq / dk in float32 (the caller folds the normalization in)
     run_row = need_q or need_q_rscale

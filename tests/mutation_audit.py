@@ -137,8 +137,8 @@ MUTANTS = [
     ("r_acc_no_irs", LSE_PY, "            if HAS_IRS:\n                t = t * i_rs[None, :]\n", "", LSE_T),
     ("dgrad_f16_no_irs", LSE_PY, "x = (x.to(tl.float32) * i_rs[:, None]).to(I.dtype.element_ty)", "x = x", LSE_T),
     ("target_masked_grad", LSE_PY, "            ds = ds - tl.where(is_t, tl.where(keep, 0.0, w), 0.0)\n", "", LSE_T),
-    ("labels_trans_pw", LSE_PY, "                ds = ds - tl.where(is_p, pw[None, :], 0.0)",
-     "                ds = ds", LSE_T),
+    ("labels_trans_pw", LSE_PY, "                              ds - tl.where(is_p, pw[None, :], 0.0))",
+     "                              ds)", LSE_T),
     ("chunked_d_step", LSE_PY, "    for d0 in range(0, D, BLOCK_D):", "    for d0 in range(0, D - 1, BLOCK_D):", LSE_T),
     ("dout_mask_d", LSE_PY, "mask=o_ok[:, None] & (dcol[None, :] < D))", "mask=o_ok[:, None])", LSE_T),
     # ---- Triton, pairwise (SigLIP) family
@@ -199,6 +199,29 @@ MUTANTS = [
     ("cpu_col_finish_ties", CPU_LSE, "e[j] = f >= 0.0f ? ((f + f * e[j]) + (cnt[j] - 1.0f)) + rest[j]",
      "e[j] = f >= 0.0f ? ((f * e[j]) + (cnt[j] - 1.0f)) + rest[j]", CPU_T),
     ("cpu_symmetrize_diag", CPU_LSE, "    c[i * b + i] *= 2.0f;\n", "", CPU_T),
+    # ---- one-positive SupCon anchors (session 26): the output as (max + log1p(e)) - xp, p - 1 at the
+    # positive as exp - 1 (C++ non-symmetric and symmetric rows, Triton both passes, CUDA), and the
+    # C++ d scale summed in float32 (the target's exp term, ~1, then taken out for p - 1 ~1e-4)
+    ("cpu_labels_out_after_lse", CPU_LSE, "out[i] = (mx - xp) + std::log1p(e);", "out[i] = (mx + std::log1p(e)) - xp;",
+     ["-k", "cpu and supcon_one_positive"] + _t("test_lse_family.py")),
+    ("cpu_labels_unit_rows_off", CPU_LSE, "const bool unit = lab_w != 0.0f && G.lw[gi] == 1.0f;",
+     "const bool unit = false;", ["-k", "cpu and supcon_one_positive"] + _t("test_lse_family.py")),
+    ("cpu_labels_unit_pairs_off", CPU_LSE, "const bool row_unit = lw != nullptr && lw[gi] == 1.0f;\n"
+     "  auto whole = [&](int64_t j) { return row_unit || (pair && lw[j0 + j] == 1.0f); };",
+     "const bool row_unit = false;\n  auto whole = [&](int64_t j) { return false; };",
+     ["-k", "cpu and supcon_one_positive"] + _t("test_lse_family.py")),
+    ("cpu_dscale_float_products", CPU_LSE, "    acc += static_cast<double>(ds) * g[j];\n    g[j] = ds;\n  }\n  return acc;\n}\n\n"
+     "CK_MULTIVERSION double ds_row_c(", "    acc += ds * g[j];\n    g[j] = ds;\n  }\n  return acc;\n}\n\n"
+     "CK_MULTIVERSION double ds_row_c(", ["-k", "cpu and lse_target_confident_rows"] + _t("test_lse_family.py")),
+    ("labels_out_after_lse", LSE_PY, "tl.where(has, _to_nat(m - xp, NAT), _to_nat(m, NAT)) + lg",
+     "_to_nat(m, NAT) + lg - _to_nat(xp, NAT)", ["-m", "triton", "-k", "supcon_one_positive"] + _t("test_lse_family.py")),
+    ("labels_unit_rows_off", LSE_PY, "            o_unit = o_lw == 1.0\n", "            o_unit = o_lw == 2.0\n",
+     ["-m", "triton", "-k", "supcon_one_positive"] + _t("test_lse_family.py")),
+    ("labels_unit_trans_off", LSE_PY, "ds = tl.where(is_p & (i_lw == 1.0)[None, :]", "ds = tl.where(is_p & (i_lw == 2.0)[None, :]",
+     ["-m", "triton", "-k", "supcon_one_positive"] + _t("test_lse_family.py")),
+    ("cu_labels_unit_off", TILES, "ds += w == 1.f ? I.tg : I.g * (__expf((x - I.x) - I.lse) - w);",
+     "ds += I.g * (__expf((x - I.x) - I.lse) - w);", ["-k", "cuda and supcon_one_positive"] + _t("test_lse_family.py"),
+     EMU),
     ("cpu_tournament_skip", CPU_LSE, "for (int64_t k = 1; k < Lp / 2; ++k)",
      "for (int64_t k = 1; k + 1 < Lp / 2; ++k)", CPU_T),
     ("cpu_sym_pos_involution", CPU_LSE, "      if (P.pos[P.pos[i]] != i) return false;\n", "      (void)i;\n", CPU_T),

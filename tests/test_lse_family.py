@@ -892,49 +892,126 @@ def _ce_exact(logits, target):
 @pytest.mark.parametrize("loss_name", ["info_nce", "nt_xent", "clip"])
 def test_lse_target_confident_rows(backend, dtype, loss_name):
     """Confident rows (temperature 0.05, aligned pairs: mean loss ~5e-5, the trained regime):
-    the loss and both gradients within SPEC's tolerance of float64 on the same inputs, from the
-    formula log(1 + sum_{j != t} e^(s_j - s_t)) written here, and bfloat16 gradients within 3x
-    the floor (the float64 gradient rounded to bfloat16).  The kernels keep the max's own term
-    (an exact 1) out of their float32 sums and take log1p of the rest, and form the target's
-    p - 1 as expm1(-ce).  Summed as 1 + tiny, a confident row kept only a float32 ulp of 1 of
-    its loss (cpu before: float32 loss / gradient errors 2.4e-3..8.7e-3 here, bfloat16 gradients
-    up to 4.3x the floor; after: < 5e-6, 1.0x).  (float16 cannot hold these gradients: ~1e-8.)"""
+    the loss and every gradient (the temperature's / logit scale's too) within SPEC's tolerance of
+    float64 on the same inputs, from the formula log(1 + sum_{j != t} e^(s_j - s_t)) written here,
+    and bfloat16 input gradients within 3x the floor (the float64 gradient rounded to bfloat16).
+    The kernels keep the max's own term (an exact 1) out of their float32 sums and take log1p of
+    the rest, and form the target's p - 1 as expm1(-ce).  Summed as 1 + tiny, a confident row kept
+    only a float32 ulp of 1 of its loss (cpu before: float32 loss / gradient errors 2.4e-3..8.7e-3
+    here, bfloat16 gradients up to 4.3x the floor; after: < 5e-6, 1.0x).  The C++ backend's d scale
+    summed the target's exp term (~1) in float32 before taking it out for p - 1 (~1e-4): 7e-5 ..
+    2.6e-4 until session 26 (now a double sum).  (float16 cannot hold these gradients: ~1e-8.)"""
     skip_interpreter_bf16(backend, dtype)
     n, d, inv_t = 129, 64, 20.0
     x, y = _confident(n, d, 0.5)
     rows = torch.arange(n)
 
-    def ours(a, b, be):
+    def ours(a, b, t, be):
         if loss_name == "info_nce":
-            return ck.info_nce(a, b, temperature=1 / inv_t, normalize=False, backend=be)
+            return ck.info_nce(a, b, temperature=t, normalize=False, backend=be)
         if loss_name == "nt_xent":
-            return ck.nt_xent(a, b, 1 / inv_t, normalize=False, backend=be)
-        return ck.clip_loss(a, b, inv_t, backend=be)
+            return ck.nt_xent(a, b, t, normalize=False, backend=be)
+        return ck.clip_loss(a, b, 1 / t, backend=be)
 
-    def exact(a, b):
+    def exact(a, b, t):
         if loss_name == "info_nce":
-            return _ce_exact(inv_t * a @ b.T, rows).mean()
+            return _ce_exact(a @ b.T / t, rows).mean()
         if loss_name == "nt_xent":
             z = torch.cat([a, b])
-            logits = (inv_t * z @ z.T).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+            logits = (z @ z.T / t).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
             return _ce_exact(logits, (torch.arange(2 * n) + n) % (2 * n)).mean()
-        logits = inv_t * a @ b.T
+        logits = a @ b.T / t
         return 0.5 * (_ce_exact(logits, rows).mean() + _ce_exact(logits.T, rows).mean())
 
     a0, b0 = x.to(dtype), y.to(dtype)
     ra, rb = a0.double().requires_grad_(), b0.double().requires_grad_()
-    want = exact(ra, rb)
-    want_grads = torch.autograd.grad(want, [ra, rb])
+    rt = torch.tensor(1 / inv_t, dtype=torch.float64, requires_grad=True)
+    want = exact(ra, rb, rt)
+    want_grads = torch.autograd.grad(want, [ra, rb, rt])
     a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
-    got = ours(a, b, backend)
-    got_grads = torch.autograd.grad(got, [a, b])
+    t = torch.tensor(1 / inv_t, dtype=torch.float32, requires_grad=True)
+    got = ours(a, b, t, backend)
+    got_grads = torch.autograd.grad(got, [a, b, t])
     assert 1e-8 < want.item() < 1e-4, want.item()  # the regime this test is about
-    for what, g_, w_ in zip(("loss", "da", "db"), (got, *got_grads), (want, *want_grads)):
+    for what, g_, w_ in zip(("loss", "da", "db", "dt"), (got, *got_grads), (want, *want_grads)):
         e = rel_err(g_, w_)
         assert e <= TOL[dtype], f"{backend} {dtype} {loss_name}: {what} relative error {e:.2e} > {TOL[dtype]:.0e}"
-        if what != "loss" and dtype != torch.float32:
+        if what in ("da", "db") and dtype != torch.float32:
             floor = rel_err(w_.to(dtype), w_)
             assert e <= 3 * floor, f"{backend} {dtype} {loss_name}: {what} error {e:.2e} > 3x floor {floor:.2e}"
+
+
+def _supcon_exact(x, labels, t, ref=None, ref_labels=None):
+    """Khosla et al.'s L^sup_out per anchor, float64: -(1/|P|) sum_p [s_ip - LSE_{a in A(i)} s_ia]
+    (A(i): every row but i, or the reference set), 0 without a positive; an anchor with one positive
+    as log1p(sum_{a != p} e^(s_ia - s_ip)) (the LSE minus a logit of ~1/t would leave float64's ulp
+    of 20, 4e-15, in a 1e-9 loss)."""
+    self_ref = ref is None
+    r, rl = (x, labels) if self_ref else (ref, ref_labels)
+    logits = x @ r.T / t
+    pos = labels[:, None] == rl[None, :]
+    if self_ref:
+        eye = torch.eye(x.shape[0], dtype=torch.bool)
+        logits, pos = logits.masked_fill(eye, float("-inf")), pos & ~eye
+    cnt = pos.sum(1)
+    general = torch.logsumexp(logits, 1) - torch.where(pos, logits, torch.zeros_like(logits)).sum(1) / cnt.clamp(min=1)
+    one = _ce_exact(logits, pos.to(torch.int8).argmax(1))
+    return torch.where(cnt == 1, one, torch.where(cnt > 0, general, torch.zeros_like(general)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["pairs", "mixed", "reference_set"])
+def test_supcon_one_positive_confident(backend, dtype, case):
+    """SupCon anchors with a single positive (the SimCLR-style labelling, a singleton class) on
+    confident rows (t = 0.05, each positive close: per-anchor losses ~1e-5 .. 1e-4), beside anchors
+    with three positives and anchors with none ("mixed"), and against a reference set: loss and
+    every gradient (the temperature's too) within SPEC's tolerance of float64, bfloat16 input
+    gradients within 3x the floor.  The kernels (LSE_LABELS) formed such an anchor as (max +
+    log1p(e)) - s_ip and its positive's dS as g (exp(s - lse) - 1): float32 loss / gradient errors
+    2.3e-4 .. 2.7e-3 / 1.4e-3 .. 5.6e-3 on every backend, the reference included, until session 26;
+    now (max - xp) + log1p(e) and g expm1(-loss), as LSE_TARGET's cross-entropies."""
+    skip_interpreter_bf16(backend, dtype)
+    g = torch.Generator().manual_seed(3)
+    n, d, t = 96, 32, 0.05
+    groups = {"pairs": [2] * 45 + [1] * 6, "mixed": [2] * 30 + [4] * 8 + [1] * 4, "reference_set": [1] * n}[case]
+    labels = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(groups))
+    centers = torch.randn(len(groups), d, generator=g, dtype=torch.float64)
+    centers = centers / centers.norm(dim=1, keepdim=True)
+
+    def near(lab):
+        v = centers[lab] + 0.3 * torch.randn(lab.shape[0], d, generator=g, dtype=torch.float64) / d ** 0.5
+        return v / v.norm(dim=1, keepdim=True)
+
+    x0 = near(labels).to(dtype)
+    ref0 = ref_labels = None
+    if case == "reference_set":  # one reference row per anchor's label (and 9 of labels no anchor has)
+        ref_labels = torch.cat([torch.arange(n).flip(0), torch.arange(n, n + 9)])
+        centers = torch.cat([centers, torch.randn(9, d, generator=g, dtype=torch.float64)])
+        ref0 = near(ref_labels).to(dtype)
+    # the one-positive anchors' losses (per anchor: in "mixed" the others' log 3 would hide them) and
+    # the gradients of their sum (upstream 0 at the other anchors)
+    one = torch.tensor([c == 2 for c in groups]).repeat_interleave(torch.tensor(groups)) if case != "reference_set" \
+        else torch.ones(n, dtype=torch.bool)
+    leaves64 = [x0.double().requires_grad_()] + ([ref0.double().requires_grad_()] if ref0 is not None else [])
+    t64 = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+    want = _supcon_exact(leaves64[0], labels, t64, leaves64[1] if ref0 is not None else None, ref_labels)
+    want_grads = torch.autograd.grad(want[one].sum(), leaves64 + [t64])
+    leaves = [x0.clone().requires_grad_()] + ([ref0.clone().requires_grad_()] if ref0 is not None else [])
+    tt = torch.tensor(t, requires_grad=True)
+    got = ck.supcon_loss(leaves[0], labels, tt, ref_embeddings=leaves[1] if ref0 is not None else None,
+                         ref_labels=ref_labels, normalize=False, reduction="none", backend=backend)
+    got_grads = torch.autograd.grad(got[one].sum(), leaves + [tt])
+    assert 1e-6 < want[one].mean().item() < 1e-3, want[one].mean().item()  # the regime this test is about
+    others = want[~one] > 0
+    assert case != "mixed" or rel_err(got[~one][others], want[~one][others]) <= TOL[dtype]
+    names = ["loss", "dx"] + (["dref"] if ref0 is not None else []) + ["dt"]
+    for what, g_, w_ in zip(names, (got[one], *got_grads), (want[one], *want_grads)):
+        e = rel_err(g_, w_)
+        assert e <= TOL[dtype], f"{backend} {dtype} {case}: {what} relative error {e:.2e} > {TOL[dtype]:.0e}"
+        if what in ("dx", "dref") and dtype != torch.float32:
+            floor = rel_err(w_.to(dtype), w_)
+            assert e <= 3 * floor, f"{backend} {dtype} {case}: {what} error {e:.2e} > 3x floor {floor:.2e}"
 
 
 def _hcl_exact(z1, z2, inv_t, beta, tau_plus):

@@ -153,39 +153,42 @@ CK_MULTIVERSION void col_finish(float* e, const float* fac, const float* rest, c
 
 // Backward: g holds the raw products of one tile row, s its logits (masked = -inf).
 // dS_j = a exp((s_j - rx) - rl) [+ gc_j exp((s_j - cx_j) - cl_j)] is written over g; the
-// return value is sum_j dS_j g_j (the row's share of dscale).  (x, l) is a log-sum-exp
+// return value is sum_j dS_j g_j (the row's share of dscale), in double: a kept target's (or a
+// one-positive row's) exp term, ~1, is taken out again by target_ds (unit_label_ds) for its p - 1,
+// ~1e-4 on a confident row, and a float32 sum would keep an ulp of the 1 (the C++ backend's d
+// temperature off by 7e-5 .. 3e-4 on confident rows).  (x, l) is a log-sum-exp
 // split in two: (lse, 0), or with LSE_TARGET (target logit, cross-entropy), whose
 // difference s - x is exact near the target.
-CK_MULTIVERSION float ds_row_r(float* g, const float* s, int64_t n, float a, float rx, float rl) {
-  float acc = 0.0f;
+CK_MULTIVERSION double ds_row_r(float* g, const float* s, int64_t n, float a, float rx, float rl) {
+  double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
     const float ds = a * fast_exp((s[j] - rx) - rl);
-    acc += ds * g[j];
+    acc += static_cast<double>(ds) * g[j];
     g[j] = ds;
   }
   return acc;
 }
 
-CK_MULTIVERSION float ds_row_c(float* g, const float* s, int64_t n, const float* gc, const float* cx,
+CK_MULTIVERSION double ds_row_c(float* g, const float* s, int64_t n, const float* gc, const float* cx,
                                const float* cl) {
-  float acc = 0.0f;
+  double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
     const float ds = gc[j] * fast_exp((s[j] - cx[j]) - cl[j]);
-    acc += ds * g[j];
+    acc += static_cast<double>(ds) * g[j];
     g[j] = ds;
   }
   return acc;
 }
 
-CK_MULTIVERSION float ds_row_rc(float* g, const float* s, int64_t n, float a, float rx, float rl, const float* gc,
+CK_MULTIVERSION double ds_row_rc(float* g, const float* s, int64_t n, float a, float rx, float rl, const float* gc,
                                 const float* cx, const float* cl) {
-  float acc = 0.0f;
+  double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
     const float ds = a * fast_exp((s[j] - rx) - rl) + gc[j] * fast_exp((s[j] - cx[j]) - cl[j]);
-    acc += ds * g[j];
+    acc += static_cast<double>(ds) * g[j];
     g[j] = ds;
   }
   return acc;
@@ -349,6 +352,21 @@ inline float finish_row(float mx, float e, const float* xt, int64_t i) {
   return (mx - xt[i]) + std::log1p(e);
 }
 
+// LSE_LABELS, row i with positives (sum ps, count pc): the output LSE - xp (xp = ps / pc, the mean
+// positive logit) as (max - xp) + log1p(e), rounded relative to itself (one positive at the max:
+// exactly log1p(e), however small); lab (2, n) receives xp and 1/|P_i| (0, 0 without a positive,
+// whose output stays the LSE).  The backward takes the LSE as xp + output (see Grads), as
+// LSE_TARGET's target logit + cross-entropy.
+inline void finish_labels(float* out, float* lab, int64_t n, int64_t i, float mx, float e, float ps, float pc) {
+  lab[i] = 0.0f;
+  lab[n + i] = 0.0f;
+  if (!(pc > 0.0f)) return;
+  const float xp = ps / pc;
+  out[i] = (mx - xp) + std::log1p(e);
+  lab[i] = xp;
+  lab[n + i] = 1.0f / pc;
+}
+
 // ------------------------------------------------------------------------ forward
 // The second scale of a two-scale problem (lse2, HCL's l(S1) - l(S0)): the same kept pairs of the
 // same product at P0.scale (P0 is P but for its scale; no bias, target or labels), whose row
@@ -359,7 +377,8 @@ struct SecondScale {
   float* row_lse = nullptr;
 };
 
-// lab (LSE_LABELS): (2, n), receives the row log-sum-exps and 1/|P_i|; row_lse the losses.
+// lab (LSE_LABELS): (2, n), receives the rows' mean positive logits and 1/|P_i| (0, 0 without a
+// positive); row_lse the losses.
 void forward_rows(const Problem& P, const Tiling& T, const Scratch& W, float* row_lse, float* xt, float* lab,
                   const SecondScale* two = nullptr) {
   at::parallel_for(0, T.nrb, 1, [&](int64_t b0, int64_t b1) {
@@ -397,11 +416,7 @@ void forward_rows(const Problem& P, const Tiling& T, const Scratch& W, float* ro
       for (int64_t r = 0; r < bm; ++r) {
         if (two != nullptr) two->row_lse[i0 + r] = finish_lse(mx0[r], sm0[r]);
         row_lse[i0 + r] = finish_row(mx[r], sm[r], xt, i0 + r);
-        if (lab != nullptr) {  // LSE minus the mean positive logit
-          lab[i0 + r] = row_lse[i0 + r];
-          lab[P.n + i0 + r] = pc[r] > 0.0f ? 1.0f / pc[r] : 0.0f;
-          if (pc[r] > 0.0f) row_lse[i0 + r] -= ps[r] / pc[r];
-        }
+        if (lab != nullptr) finish_labels(row_lse, lab, P.n, i0 + r, mx[r], sm[r], ps[r], pc[r]);
       }
     }
   });
@@ -471,7 +486,17 @@ inline double target_ds(float& ds, bool kept, float raw, float a, float rl, floa
     ds = (a != 0.0f ? a * std::expm1(-rl) : 0.0f) + (gc != 0.0f ? gc * std::expm1(-cl) : 0.0f);
   else
     ds = -(a + gc);
-  return static_cast<double>(ds - old) * raw;
+  return (static_cast<double>(ds) - static_cast<double>(old)) * raw;
+}
+
+// LSE_LABELS, the positive of a row with one (1/|P| = 1; upstream a, output rl = LSE - its logit): dS =
+// a (p - 1) = a expm1(-rl), as LSE_TARGET's target (exp(-rl) - 1 in float32 keeps nothing of a 1e-8
+// loss; its logit is the forward's xp by definition).  ds (the exp term) is rewritten; the change of
+// its dscale share (raw: its raw product) is returned.
+inline double unit_label_ds(float& ds, double raw, float a, float rl) {
+  const float old = ds;
+  ds = a * std::expm1(-rl);
+  return (static_cast<double>(ds) - static_cast<double>(old)) * raw;
 }
 
 // One tile row's dS (over its raw products gr; s: scratch for its logits); returns its dscale share.
@@ -482,14 +507,16 @@ double backward_row(const Problem& P, const Grads& G, float* gr, float* s, int64
   const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
   // A row without kept pairs (lse -inf) gets no gradient (grow 0); its dS is 0 by the mask.
   const bool row_term = G.grow != nullptr && G.grow[gi] != 0.0f;
-  // LSE_LABELS: -grow_i / |P_i| at the kept same-label pairs (their raw products' dscale share first)
+  // LSE_LABELS: -grow_i / |P_i| at the kept same-label pairs (their raw products' dscale share first).
+  // A row with one positive (1/|P_i| = 1) has p - 1 there, as expm1(-output) (see unit_label_ds).
   const float lab_w = (G.lw != nullptr && row_term) ? G.grow[gi] * G.lw[gi] : 0.0f;
+  const bool unit = lab_w != 0.0f && G.lw[gi] == 1.0f;
   const int64_t label = lab_w != 0.0f ? P.q_labels[gi] : 0;
+  double raw_pos = 0.0;
   if (lab_w != 0.0f) {
-    double raw_pos = 0.0;
     for (int64_t j = 0; j < bn; ++j)
       if (P.k_labels[j0 + j] == label && s[j] != kNegInf) raw_pos += gr[j];
-    dsc -= static_cast<double>(lab_w) * raw_pos;
+    if (!unit) dsc -= static_cast<double>(lab_w) * raw_pos;
   }
   if (row_term && G.gcol != nullptr) {
     dsc += ds_row_rc(gr, s, bn, G.grow[gi], G.rx[gi], G.rl[gi], G.gcol + j0, G.cx + j0, G.cl + j0);
@@ -503,7 +530,10 @@ double backward_row(const Problem& P, const Grads& G, float* gr, float* s, int64
   if (tc >= 0)  // LSE_TARGET: the row's p - 1 (and the column's: its target is this row)
     dsc += target_ds(gr[tc], s[tc] != kNegInf, raw_t, row_term ? G.grow[gi] : 0.0f, G.rl[gi],
                      G.gcol != nullptr ? G.gcol[j0 + tc] : 0.0f, G.gcol != nullptr ? G.cl[j0 + tc] : 0.0f);
-  if (lab_w != 0.0f) {
+  if (unit) {  // (one positive in the row: raw_pos is its raw product when it is in this tile)
+    for (int64_t j = 0; j < bn; ++j)
+      if (P.k_labels[j0 + j] == label && s[j] != kNegInf) dsc += unit_label_ds(gr[j], raw_pos, G.grow[gi], G.rl[gi]);
+  } else if (lab_w != 0.0f) {
     for (int64_t j = 0; j < bn; ++j)
       if (P.k_labels[j0 + j] == label && s[j] != kNegInf) gr[j] -= lab_w;
   }
@@ -673,11 +703,7 @@ void forward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, floa
   for (int64_t i = 0; i < P.n; ++i) {
     if (two != nullptr) two->row_lse[i] = finish_lse(mx0[i], sm0[i]);
     row_lse[i] = finish_row(mx[i], sm[i], xt, i);
-    if (lab != nullptr) {  // LSE minus the mean positive logit
-      lab[i] = row_lse[i];
-      lab[P.n + i] = pc[i] > 0.0f ? 1.0f / pc[i] : 0.0f;
-      if (pc[i] > 0.0f) row_lse[i] -= ps[i] / pc[i];
-    }
+    if (lab != nullptr) finish_labels(row_lse, lab, P.n, i, mx[i], sm[i], ps[i], pc[i]);
   }
 }
 
@@ -705,9 +731,9 @@ struct SymGrads {
 };
 
 // Row gi of tile (I, J) of a symmetric backward: its raw products gr become C = dS_IJ + dS_JI^T (a pair
-// tile) or dS_II (a diagonal tile, symmetrized later); s is scratch.  Returns its dscale share.
-double symmetric_backward_row(const Problem& P, const SymGrads& G, float* gr, float* s, int64_t gi, int64_t j0,
-                              int64_t bn, bool pair) {
+// tile) or dS_II (a diagonal tile, symmetrized later); s and raw are scratch.  Returns its dscale share.
+double symmetric_backward_row(const Problem& P, const SymGrads& G, float* gr, float* s, float* raw, int64_t gi,
+                              int64_t j0, int64_t bn, bool pair) {
   const float* w = G.w;
   const float* rx = G.rx;
   const float* rl = G.rl;
@@ -718,14 +744,22 @@ double symmetric_backward_row(const Problem& P, const SymGrads& G, float* gr, fl
   const float raw_t = tc >= 0 ? gr[tc] : 0.0f;
   const bool row_term = w[gi] != 0.0f;
   // LSE_LABELS (labels symmetric): -w_i/|P_i| at row gi's positives, and in a pair tile
-  // -w_j/|P_j| of the column's row j, whose positive gi is (their raw products' dscale share first)
+  // -w_j/|P_j| of the column's row j, whose positive gi is (their raw products' dscale share first).
+  // A positive pair where either side's row has only it (1/|P| = 1) is formed whole instead (its raw
+  // product kept in raw), that side's term w expm1(-output) (see unit_label_ds).
   const int64_t label = lw != nullptr ? P.q_labels[gi] : 0;
   const float row_lab = lw != nullptr ? w[gi] * lw[gi] : 0.0f;
+  const bool row_unit = lw != nullptr && lw[gi] == 1.0f;
+  auto whole = [&](int64_t j) { return row_unit || (pair && lw[j0 + j] == 1.0f); };
   if (lw != nullptr) {
     double raw_pos = 0.0;
     for (int64_t j = 0; j < bn; ++j)
-      if (P.k_labels[j0 + j] == label && s[j] != kNegInf)
-        raw_pos += static_cast<double>(row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f)) * gr[j];
+      if (P.k_labels[j0 + j] == label && s[j] != kNegInf) {
+        if (whole(j))
+          raw[j] = gr[j];
+        else
+          raw_pos += static_cast<double>(row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f)) * gr[j];
+      }
     dsc -= raw_pos;
   }
   if (pair && row_term) {
@@ -742,8 +776,21 @@ double symmetric_backward_row(const Problem& P, const SymGrads& G, float* gr, fl
     dsc += target_ds(gr[tc], s[tc] != kNegInf, raw_t, w[gi], rl[gi], pair ? w[j0 + tc] : 0.0f,
                      pair ? rl[j0 + tc] : 0.0f);
   if (lw != nullptr) {
-    for (int64_t j = 0; j < bn; ++j)
-      if (P.k_labels[j0 + j] == label && s[j] != kNegInf) gr[j] -= row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f);
+    // one side's term at a positive: w (p - 1/|P|), or w expm1(-output) for a row with one positive
+    auto term = [&](int64_t r, float sj) {
+      if (w[r] == 0.0f) return 0.0f;
+      return lw[r] == 1.0f ? w[r] * std::expm1(-rl[r]) : w[r] * fast_exp((sj - rx[r]) - rl[r]) - w[r] * lw[r];
+    };
+    for (int64_t j = 0; j < bn; ++j) {
+      if (P.k_labels[j0 + j] != label || s[j] == kNegInf) continue;
+      if (whole(j)) {
+        const float v = term(gi, s[j]) + (pair ? term(j0 + j, s[j]) : 0.0f);
+        dsc += (static_cast<double>(v) - static_cast<double>(gr[j])) * raw[j];
+        gr[j] = v;
+      } else {
+        gr[j] -= row_lab + (pair ? w[j0 + j] * lw[j0 + j] : 0.0f);
+      }
+    }
   }
   return dsc;
 }
@@ -764,10 +811,10 @@ void backward_symmetric(const Problem& P, const Tiling& T, const Scratch& W, con
     double dsc = 0.0, dsc0 = 0.0;
     for (int64_t r = 0; r < bm; ++r) {
       float* gr = g + r * bn;
-      dsc += symmetric_backward_row(P, G, gr, s, i0 + r, j0, bn, pair);
+      dsc += symmetric_backward_row(P, G, gr, s, W.col0(), i0 + r, j0, bn, pair);
       if (P0 != nullptr) {
         float* gr0 = W.tile2() + r * bn;
-        dsc0 += symmetric_backward_row(*P0, *G0, gr0, s, i0 + r, j0, bn, pair);
+        dsc0 += symmetric_backward_row(*P0, *G0, gr0, s, W.col0(), i0 + r, j0, bn, pair);
         combine_scales(gr, gr0, bn, P.scale, P0->scale);
       }
     }
@@ -909,7 +956,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_forward_cpu(const Tensor& q, const Tensor
   Tensor row = at::empty({P.n}, f32);
   Tensor col = at::empty({compute_col ? P.m : 0}, f32);
   // target_state: LSE_TARGET, the target logits as the tiles compute them (every row has a
-  // target: M > 0); LSE_LABELS, (2, N) the row log-sum-exps and 1/|P_i|
+  // target: M > 0); LSE_LABELS, (2, N) the rows' mean positive logits and 1/|P_i|
   const bool labels = mask_mode & kLseLabels;
   Tensor xt = labels ? at::empty({2, P.n}, f32) : at::empty({P.target != nullptr ? P.n : 0}, f32);
   if (P.n == 0 || P.m == 0) {  // nothing kept anywhere
@@ -1000,10 +1047,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
                 "target_state must be float32 of shape (N,) = (", P.n, ",) with mask_mode bit 8 (LSE_TARGET), got ",
                 target_state.scalar_type(), " ", target_state.sizes());
   }
-  auto split = [&](const Tensor& out, Tensor& x, Tensor& l, Tensor& g) {
+  auto split = [&](const Tensor& out, Tensor& x, Tensor& l, Tensor& g, const Tensor& xs) {
     const Tensor empty = out.eq(kNegInf);
-    if (P.target != nullptr) {
-      x = target_state.masked_fill(empty, 0.0f).contiguous();
+    if (P.target != nullptr || xs.defined()) {
+      x = (xs.defined() ? xs : target_state).masked_fill(empty, 0.0f).contiguous();
       l = out.masked_fill(empty, 0.0f).contiguous();
     } else {
       x = out.masked_fill(empty, 0.0f).contiguous();
@@ -1020,10 +1067,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cpu(
   }
   Tensor grow = nonzero_or_undefined(grad_row.contiguous());
   Tensor gcol = gcol_in, rx, rl, cx, cl;
-  // LSE_LABELS: the rows' log-sum-exps are target_state[0] (the outputs are LSE - mean positive)
-  split(labels ? target_state[0].contiguous() : row_lse.contiguous(), rx, rl, grow);
+  // LSE_LABELS: the outputs are LSE - xp, xp the mean positive logit (target_state[0]): each row's
+  // LSE is xp + output, as LSE_TARGET's target logit + cross-entropy
+  split(row_lse.contiguous(), rx, rl, grow, labels ? target_state[0] : Tensor());
   const Tensor lw = labels ? target_state[1].contiguous() : Tensor();
-  if (gcol.defined()) split(col_lse.contiguous(), cx, cl, gcol);
+  if (gcol.defined()) split(col_lse.contiguous(), cx, cl, gcol, Tensor());
   const bool any_work = (needA || needB || need_bias || need_scale) && (grow.defined() || gcol.defined());
   if (any_work && P.n > 0 && P.m > 0 && combined) {
     // Row i's weight in dS + dS^T: its row and column upstream gradients (col_lse = row_lse).

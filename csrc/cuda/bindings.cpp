@@ -239,7 +239,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
     ck::lse_target_index(p.n, p.m, pos_index, diag_offset, col_lse.numel() > 0, q);
     p.target_state = fvec_ptr(target_state, p.n, q, "target_state");
   }
-  // LSE_LABELS: target_state = (row LSEs, 1/|P_i|); the outputs were LSE - mean positive.
+  // LSE_LABELS: target_state = (xp, 1/|P_i|), xp the mean positive logit; the outputs were LSE - xp, so
+  // each row's LSE is xp + output (Side::x + lse), as LSE_TARGET's target logit + cross-entropy.
   Tensor lab_state;
   if (mask_mode & ck::kLseLabels) {
     ck::lse_labels_check(mask_mode, q_labels.has_value() && k_labels.has_value(), has_col);
@@ -247,7 +248,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_backward_cuda(
                 "contrastive_kernels (cuda): target_state must have shape (2, N) = (2, ", p.n,
                 ") with mask_mode bit 16 (LSE_LABELS), got ", target_state.sizes());
     lab_state = target_state.contiguous();
-    p.row_lse = fvec_ptr(lab_state[0], p.n, q, "target_state[0]");
+    p.target_state = fvec_ptr(lab_state[0], p.n, q, "target_state[0]");
     p.label_weight = fvec_ptr(lab_state[1], p.n, q, "target_state[1]");
   }
   TORCH_CHECK(!need_q_rscale || p.q_rscale, "contrastive_kernels (cuda): need_q_rscale needs q_rscale");

@@ -235,11 +235,14 @@ __device__ __forceinline__ void finish_row(const FamilyParams& p, bool trans, in
     // the cross-entropy (max - target) + log1p(e): rounded relative to itself
     out[r] = (m - xt) + lg;
     if (!trans && p.target_out) p.target_out[r] = xt;
-  } else if (FAM == kLseLabels) {  // LSE minus the mean positive logit (rows only)
-    const float lse = m + lg;
-    out[r] = pc > 0.f ? lse - ps / pc : lse;
+  } else if (FAM == kLseLabels) {
+    // LSE minus the mean positive logit xp (rows only), as (max - xp) + log1p(e): rounded relative to
+    // itself (one positive at the max: exactly log1p(e)); target_out (2, n): xp (the backward's
+    // Side::x, as LSE_TARGET's) and 1/|P| (0, 0 without a positive, whose output stays the LSE)
+    const float xp = pc > 0.f ? ps / pc : 0.f;
+    out[r] = (m - xp) + lg;
     if (p.target_out) {
-      p.target_out[r] = lse;
+      p.target_out[r] = xp;
       p.target_out[nrows + r] = pc > 0.f ? 1.f / pc : 0.f;
     }
   } else {
@@ -514,11 +517,12 @@ __global__ void __launch_bounds__(Shape<BWD, G>::kThreads, (min_blocks<T, FAM, B
               if (I.x != -INFINITY) ds0 = I.tg * __expf(scale0 * dot - I.x);
               ds = scale * ds1 + scale0 * ds0;
             } else if (FAM != kPairwise) {
-              // exp((S - x) - ce) (LSE_TARGET), without targets x = 0: exp(S - lse).
-              // LSE_LABELS, a (kept) same-label pair: -1/|P_i| (read here, at the positives only), in
-              // float32 before dS is staged: p - 1/|P|
+              // exp((S - x) - ce) (LSE_TARGET; LSE_LABELS: x the mean positive logit, lse the output),
+              // without targets x = 0: exp(S - lse).  LSE_LABELS, a (kept) same-label pair: -1/|P_i| (read
+              // here, at the positives only), in float32 before dS is staged: p - 1/|P|; a row with one
+              // positive (1/|P| = 1) has p - 1 = expm1(-output) there (Side::tg), as LSE_TARGET's target
               const float w = (FAM == kLseLabels && same_lab) ? p.label_weight[i] : 0.f;
-              if (I.lse != -INFINITY) ds += I.g * (__expf((x - I.x) - I.lse) - w);
+              if (I.lse != -INFINITY) ds += w == 1.f ? I.tg : I.g * (__expf((x - I.x) - I.lse) - w);
               if (FAM == kLse && J.lse != -INFINITY) ds += J.g * __expf((x - J.x) - J.lse);  // (no column term with labels)
             } else {
               // d term / dx = sigmoid(x) (negative pair) or -sigmoid(-x) (positive pair),

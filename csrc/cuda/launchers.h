@@ -42,15 +42,16 @@ struct FamilyParams {
   float* row_out = nullptr;  // (n,): row_lse or per-row pairwise sums (LSE_TARGET: cross-entropies)
   float* col_out = nullptr;  // (m,): col_lse (lse, compute_col)
   float* target_out = nullptr;  // (n,): LSE_TARGET, the row pass's target logits S_{i, t_i};
-                                // (2, n): LSE_LABELS, the row LSEs and 1/|P_i|
+                                // (2, n): LSE_LABELS, the mean positive logits and 1/|P_i|
 
   // backward inputs
   const float* grad_row = nullptr;  // (n,)
   const float* grad_col = nullptr;  // (m,) or nullptr (no column term)
   const float* row_lse = nullptr;   // (n,)  (LSE_TARGET: the cross-entropies)
   const float* col_lse = nullptr;   // (m,) or nullptr
-  const float* target_state = nullptr;  // (n,) LSE_TARGET: the forward's target_out, else nullptr
-  const float* label_weight = nullptr;  // (n,) LSE_LABELS: 1/|P_i| (row_lse then holds the LSEs)
+  const float* target_state = nullptr;  // (n,) LSE_TARGET: the forward's target_out (LSE_LABELS: its row 0,
+                                        // the mean positive logits), else nullptr
+  const float* label_weight = nullptr;  // (n,) LSE_LABELS: 1/|P_i| (target_out's row 1)
 
   // backward outputs (nullptr when not needed)
   void* dq = nullptr;            // (n, d), dtype (float32 when grad_f32)

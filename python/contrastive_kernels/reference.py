@@ -165,14 +165,12 @@ def supcon_loss(embeddings, labels, temperature=0.1, *, ref_embeddings=None, ref
         self_mask = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
         logits = logits.masked_fill(self_mask, float("-inf"))
         pos = pos & ~self_mask
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    n_pos = pos.sum(1)
-    anchor_loss = -torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos.clamp(min=1)
-    has = n_pos > 0
+    has = pos.sum(1) > 0
+    anchor_loss = torch.where(has, _labels_rows(logits, logits, pos, torch.logsumexp(logits, dim=1)), 0.0)
     if reduction == "none":
-        return anchor_loss * has
+        return anchor_loss
     # Anchors without a positive are left out of the mean; with none at all the loss is 0.
-    return (anchor_loss * has).sum() / has.sum().clamp(min=1)
+    return anchor_loss.sum() / has.sum().clamp(min=1)
 
 
 def dcl_weights(z1, z2, sigma):
@@ -340,11 +338,20 @@ def lse_family(q, k, scale, q_rscale=None, k_rscale=None, col_bias=None, pos_ind
         if compute_col:  # (square, diag_offset 0: column j's target is row j)
             col = _exact_ce(s.T, raw.T, torch.arange(m, device=s.device))
     if mask_mode & LSE_LABELS:
-        pos = (q_labels[:, None] == k_labels[None, :]) & ~drop
-        cnt = pos.sum(1)
-        mean = torch.where(pos, raw, torch.zeros_like(raw)).sum(1) / cnt.clamp_min(1)
-        row = torch.where(cnt > 0, row - mean, row)
+        row = _labels_rows(s, raw, (q_labels[:, None] == k_labels[None, :]) & ~drop, row)
     return row, col
+
+
+def _labels_rows(s, raw, pos, lse):
+    """Each row's LSE minus the mean of its positives' logits (the LSE where it has none); a row
+    with one positive its cross-entropy exactly (_exact_ce: that LSE minus a logit of ~1/t would
+    leave an ulp of it in a confident row's small loss)."""
+    cnt = pos.sum(1)
+    mean = torch.where(pos, raw, torch.zeros_like(raw)).sum(1) / cnt.clamp_min(1)
+    # (the other rows' cross-entropies, unused, of zeros: no infinity reaches autograd through them)
+    sel = (cnt == 1)[:, None]
+    one = _exact_ce(torch.where(sel, s, 0.0), torch.where(sel, raw, 0.0), pos.to(torch.int8).argmax(1))
+    return torch.where(cnt == 1, one, torch.where(cnt > 0, lse - mean, lse))
 
 
 def pairwise_family(q, k, scale, bias, row_offset=None, q_labels=None, k_labels=None,
