@@ -389,7 +389,7 @@ def _finish_states(idx, ok, m, l, k, x2, p2, pc, OUT, XT, N,
         # as LSE_TARGET's) and 1 / |P_i| (0, 0 without a positive, whose output stays the LSE)
         has = pc > 0.0
         xp = tl.where(has, p2 / tl.maximum(pc, 1.0), 0.0)
-        tl.store(OUT + idx, tl.where(has, _to_nat(m - xp, NAT), _to_nat(m, NAT)) + lg, mask=ok)
+        tl.store(OUT + idx, _to_nat(m - xp, NAT) + lg, mask=ok)  # (xp = 0 without a positive)
         tl.store(XT + idx, xp, mask=ok)
         tl.store(XT + N + idx, tl.where(has, 1.0 / tl.maximum(pc, 1.0), 0.0), mask=ok)
     else:
@@ -524,25 +524,25 @@ def _lse_bwd_kernel(O, I, SCALE, O_RS, I_RS, BIAS, POS, O_LAB, I_LAB, TGT, XT,
                 is_t = n64[None, :] == o_t[:, None]
         ds = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
         if HAS_OTERM:
-            if TARGET:  # exp((S - x) - ce), and at the target p - 1 = expm1(-ce): its S is the forward's x
-                # by definition (the TRANS pass, or a differently rounded product, may recompute it an
-                # ulp away), and exp(-ce) - 1 in float32 would keep nothing of a 1e-8 loss
-                ds += o_g[:, None] * tl.where(is_t, o_em1[:, None], _exp_u((s - o_x2[:, None]) - o_lse2[:, None], NAT))
-            elif LABELS:
-                ds += o_g[:, None] * _exp_u((s - o_x2[:, None]) - o_lse2[:, None], NAT)
+            if TARGET or LABELS:  # exp((S - x) - out) (LSE_LABELS: x the mean positive score)
+                pr = _exp_u((s - o_x2[:, None]) - o_lse2[:, None], NAT)
+                if TARGET:  # at the target p - 1 = expm1(-ce): its S is the forward's x by definition (the
+                    # TRANS pass, or a differently rounded product, may recompute it an ulp away), and
+                    # exp(-ce) - 1 in float32 would keep nothing of a 1e-8 loss
+                    pr = tl.where(is_t, o_em1[:, None], pr)
+                ds += o_g[:, None] * pr
             else:
                 ds += o_g[:, None] * _exp_u(s - o_lse2[:, None], NAT)
         if HAS_ITERM:
             i_out = tl.load(I_LSE + n64, mask=n_ok, other=0.0)
             i_lse2 = _to_unit(i_out, NAT)
             i_g = tl.load(I_G + n64, mask=n_ok, other=0.0)
-            if TARGET:
+            if TARGET or LABELS:  # (LSE_LABELS under TRANS: the q rows' term)
                 i_x2 = tl.load(XT + n64, mask=n_ok, other=0.0)
-                ds += i_g[None, :] * tl.where(is_t, expm1_neg(i_out)[None, :],
-                                              _exp_u((s - i_x2[None, :]) - i_lse2[None, :], NAT))
-            elif LABELS:  # (TRANS: the q rows' term)
-                i_x2 = tl.load(XT + n64, mask=n_ok, other=0.0)
-                ds += i_g[None, :] * _exp_u((s - i_x2[None, :]) - i_lse2[None, :], NAT)
+                pr = _exp_u((s - i_x2[None, :]) - i_lse2[None, :], NAT)
+                if TARGET:
+                    pr = tl.where(is_t, expm1_neg(i_out)[None, :], pr)
+                ds += i_g[None, :] * pr
             else:
                 ds += i_g[None, :] * _exp_u(s - i_lse2[None, :], NAT)
         # Masked pairs (and rows / columns with nothing kept, whose LSE is -inf) get exactly 0.

@@ -213,8 +213,8 @@ MUTANTS = [
     ("cpu_dscale_float_products", CPU_LSE, "    acc += static_cast<double>(ds) * g[j];\n    g[j] = ds;\n  }\n  return acc;\n}\n\n"
      "CK_MULTIVERSION double ds_row_c(", "    acc += ds * g[j];\n    g[j] = ds;\n  }\n  return acc;\n}\n\n"
      "CK_MULTIVERSION double ds_row_c(", ["-k", "cpu and lse_target_confident_rows"] + _t("test_lse_family.py")),
-    ("labels_out_after_lse", LSE_PY, "tl.where(has, _to_nat(m - xp, NAT), _to_nat(m, NAT)) + lg",
-     "_to_nat(m, NAT) + lg - _to_nat(xp, NAT)", ["-m", "triton", "-k", "supcon_one_positive"] + _t("test_lse_family.py")),
+    ("labels_out_after_lse", LSE_PY, "_to_nat(m - xp, NAT) + lg, mask=ok)",
+     "_to_nat(m, NAT) + lg - _to_nat(xp, NAT), mask=ok)", ["-m", "triton", "-k", "supcon_one_positive"] + _t("test_lse_family.py")),
     ("labels_unit_rows_off", LSE_PY, "            o_unit = o_lw == 1.0\n", "            o_unit = o_lw == 2.0\n",
      ["-m", "triton", "-k", "supcon_one_positive"] + _t("test_lse_family.py")),
     ("labels_unit_trans_off", LSE_PY, "ds = tl.where(is_p & (i_lw == 1.0)[None, :]", "ds = tl.where(is_p & (i_lw == 2.0)[None, :]",
