@@ -178,6 +178,16 @@ def _hcl_confident(**kw):
     return build
 
 
+def _supcon_confident(g, W, dt):
+    """SimCLR-style labels (each label on a row and its close copy: one positive per anchor), the
+    rows shuffled so that an anchor's positive sits in its own rank's block or another's."""
+    x, y = _confident_pairs(g, W, dt)
+    lab = torch.arange(W * N).repeat(2)
+    perm = torch.randperm(2 * W * N, generator=g)
+    return ({"embeddings": torch.cat([x, y])[perm], "labels": lab[perm]}, {"temperature": _scalar(0.05, dt)},
+            {"normalize": False}, None, {})
+
+
 LOSS_CASES = [
     ("info_nce", "info_nce", _info()),
     ("info_nce_nonorm_sum", "info_nce", _info(normalize=False, reduction="sum")),
@@ -197,6 +207,7 @@ LOSS_CASES = [
     ("supcon_loss", "supcon_loss", _supcon(2)),
     ("supcon_loss_sparse", "supcon_loss", _supcon(7)),
     ("supcon_loss_ref", "supcon_loss", _supcon(3, ref=True)),
+    ("supcon_loss_confident", "supcon_loss", _supcon_confident),
     ("dcl_loss", "dcl_loss", _dcl()),
     ("dcl_loss_weighted", "dcl_loss", _dcl(weight_sigma=0.5)),
     ("hard_negative_loss", "hard_negative_loss", _hcl()),
@@ -298,7 +309,16 @@ CONFIDENT_CASES = {
     "info_nce_symmetric": ("info_nce", dict(temperature=0.01, symmetric=True)),
     "dcl": ("dcl_loss", dict(temperature=0.05)),
     "hcl": ("hard_negative_loss", dict(temperature=0.05)),
+    "supcon": ("supcon_loss", dict(temperature=0.05)),  # (x_i, y_i) share a label: one positive each
 }
+
+
+def _confident_call(fn, fname, a, b, first, **kw):
+    """fn on the two views; supcon_loss on their rows together, pair i's label first + i."""
+    if fname != "supcon_loss":
+        return fn(a, b, **kw)
+    lab = torch.arange(first, first + a.shape[0])
+    return fn(torch.cat([a, b]), torch.cat([lab, lab]), **kw)
 
 
 def run_confident_case(name, mode, backend, W, r, n=32, d=32):
@@ -310,9 +330,9 @@ def run_confident_case(name, mode, backend, W, r, n=32, d=32):
     y = y / y.norm(dim=1, keepdim=True)
     x, y = x.to(torch.bfloat16), y.to(torch.bfloat16)
     gx, gy = _leaf(x.double()), _leaf(y.double())
-    getattr(ck, fname)(gx, gy, **kw, backend="reference").backward()
+    _confident_call(getattr(ck, fname), fname, gx, gy, 0, **kw, backend="reference").backward()
     lx, ly = _leaf(_split(x, W, r)), _leaf(_split(y, W, r))
-    getattr(ckd, fname)(lx, ly, **kw, backend=backend, mode=mode).backward()
+    _confident_call(getattr(ckd, fname), fname, lx, ly, r * n, **kw, backend=backend, mode=mode).backward()
     errs = {}
     for k, v, ref in (("dx", lx, gx), ("dy", ly, gy)):
         want = W * _split(ref.grad, W, r)

@@ -332,6 +332,15 @@ MUTANTS = [
      "total = _all_reduce(has.sum().to(torch.float64), d)\n        return torch.where(has, row,",
      "total = has.sum().to(torch.float64) * d.world\n        return torch.where(has, row,",
      _dist_t("loss/supcon_loss")),
+    # SupCon's ring, a single-positive anchor as the merged LSE minus its positive (the cancelling form)
+    ("py_supcon_ring_single_cancels", DIST,
+     "single = torch.logaddexp(torch.where(one, rel, zero), torch.where(one, free - xp, zero))",
+     "single = torch.logaddexp(torch.where(one, free, zero), torch.where(one, held_lse, zero)) - xp",
+     _dist_t("loss/supcon_loss_confident/ring/")),
+    # SupCon's blocks: the anchor's own pair left among its positives' logits (counted out, summed in)
+    ("py_supcon_block_self_in_posdot", DIST,
+     "            posdot = posdot - (xh * k_hat[own:own + xq.shape[0]]).sum(1)\n", "",
+     _dist_t("loss/supcon_loss")),
     # SigLIP's ring: a foreign text block scored with positives on its diagonal
     ("py_siglip_ring_foreign_pos", DIST, "neg = negative_only or own is None", "neg = negative_only",
      _dist_t("loss/siglip_loss")),

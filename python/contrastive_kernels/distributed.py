@@ -671,31 +671,50 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature=0.1, *, ref_embe
         has = functional._positive_counts(labels, kl, exclude_self=not has_ref) > 0
         total = _all_reduce(has.sum().to(torch.float64), d)
         return torch.where(has, row, torch.zeros_like(row)).sum() * d.world / total.clamp_min(1).to(row.dtype)
-    x_hat = x.to(dt) * xr[:, None] if normalize else x.to(dt)
+    nb = _norm_bit(normalize)
 
+    # Per key block: the LSE_LABELS output (LSE minus the mean of the block's positive logits,
+    # the plain LSE where the block holds none), split by whether the block holds a positive, and
+    # the positives' logit sums and counts.  An anchor with a single positive in the global batch
+    # is then (block holding it: its cross-entropy, exact) logaddexp (the other blocks' LSE minus
+    # that logit): never a merged LSE minus a logit of ~1/t, which would keep a float32 ulp of
+    # the logits (~1e-6 of 20) of a confident anchor's loss (1e-8 .. 1e-4).  Anchors with more
+    # positives (loss >= log |P|) take the merged LSE minus the mean positive logit.
     def rows(loc, blk, own):
         xq, xr_, s_ = loc[0], loc[1] if normalize else None, loc[2]
         kb, kl = blk[0], blk[1]
         kr_ = _rscale(kb, normalize, dt)
         k_hat = kb.to(dt) * kr_[:, None] if normalize else kb.to(dt)
         self_mask = not has_ref and own is not None
-        row = fam.lse(be, xq, kb, s_, q_rscale=_kn(xr_), k_rscale=_kn(kr_), diag_offset=own or 0,
-                      mask_mode=(MASK_DIAG if self_mask else 0) | _norm_bit(normalize))[0]
+        out = fam.lse(be, xq, kb, s_, q_rscale=_kn(xr_), k_rscale=_kn(kr_), q_labels=labels, k_labels=kl,
+                      diag_offset=own or 0, mask_mode=LSE_LABELS | (MASK_DIAG if self_mask else 0) | nb)[0].to(dt)
         xh = xq.to(dt) * xr_[:, None] if normalize else xq.to(dt)
         if be == FAMILY_REFERENCE:  # materializing, in the compute dtype (float64 stays float64)
             same = (labels[:, None] == kl[None, :]).to(dt)
             psum, cnt = same @ k_hat, same.sum(1)
         else:
             psum, cnt = fam.label_group_sum(labels, kl, k_hat.float().contiguous())
-        return row, (xh * psum.to(dt)).sum(1), cnt.to(dt)
+        posdot, cnt = (xh * psum.to(dt)).sum(1), cnt.to(dt)
+        if self_mask:  # the anchor is not its own positive
+            posdot = posdot - (xh * k_hat[own:own + xq.shape[0]]).sum(1)
+            cnt = cnt - 1
+        held = cnt > 0.5
+        ninf = torch.full_like(out, float("-inf"))
+        raw = out + s_ * posdot / cnt.clamp_min(1)  # the block's plain LSE
+        return (torch.where(held, out, ninf), torch.where(held, ninf, out), torch.where(held, raw, ninf),
+                posdot, cnt)
 
-    row, posdot, count = _blocks(d, mode, rows, ("lse", "sum", "sum"),
-                                 [x, xr if normalize else x.new_empty(0), scale], [r, rl])
-    if not has_ref:  # the anchor is not its own positive
-        posdot = posdot - (x_hat * x_hat).sum(1)
-        count = count - 1
+    rel, free, held_lse, posdot, count = _blocks(d, mode, rows, ("lse", "lse", "lse", "sum", "sum"),
+                                                 [x, xr if normalize else x.new_empty(0), scale], [r, rl])
     has = count > 0.5
-    anchor = row - scale * posdot / count.clamp_min(1)
+    one = has & (count < 1.5)
+    xp = scale * posdot / count.clamp_min(1)
+    zero = torch.zeros_like(rel)
+    # (the rows a branch does not take get zeros: no -inf - -inf reaches autograd through them)
+    single = torch.logaddexp(torch.where(one, rel, zero), torch.where(one, free - xp, zero))
+    rest = has & ~one
+    many = torch.logaddexp(torch.where(rest, free, zero), torch.where(rest, held_lse, zero)) - xp
+    anchor = torch.where(one, single, many)
     total = _all_reduce(has.sum().to(torch.float64), d)
     return torch.where(has, anchor, torch.zeros_like(anchor)).sum() * d.world / total.clamp_min(1).to(anchor.dtype)
 
