@@ -669,6 +669,50 @@ def test_pml_with_miner_pairs(loss, case, dtype):
                f"pml.{loss} {case} labels=None vs pytorch-metric-learning")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pml_mined_supcon_one_positive_confident(dtype):
+    """The mined SupCon with one positive pair per anchor (SimCLR-style pairs) in the trained regime
+    (aligned pairs, t = 0.05, mean loss ~4e-5), against the formula written here: softplus(LSE of the
+    anchor's mined negatives - s_p) as log1p of the negatives relative to the positive.  Formed as
+    s_p - LSE(s_p, negatives) the float32 loss was 1.2e-2 off, its gradient 1.2e-3 (an ulp of the
+    logits' ~20 of the loss); bfloat16 gradients within 3x the floor."""
+    n, d, inv_t = 32, 32, 20.0
+    g = _gen(77)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    y = x + 0.2 * torch.randn(n, d, generator=g, dtype=torch.float64) / d ** 0.5
+    emb0 = torch.cat([x, y / y.norm(dim=1, keepdim=True)]).to(dtype)
+    lab = torch.arange(n).repeat(2)
+    i, j = torch.meshgrid(torch.arange(2 * n), torch.arange(2 * n), indexing="ij")
+    same, mined = lab[:, None] == lab[None, :], torch.rand(2 * n, 2 * n, generator=g) < 0.7  # (a miner's subset)
+    a1, p = i[same & (i != j)], j[same & (i != j)]
+    a2, neg = i[~same & mined], j[~same & mined]
+
+    def exact(e):  # float64, every anchor has its one positive and some negatives: loss > 0 for each
+        e = e / e.norm(dim=1, keepdim=True)  # (PML's default distance, cosine similarity, normalizes)
+        s = inv_t * e @ e.T
+        others = torch.where(~same & mined, s - s[a1, p][:, None], torch.full_like(s, -torch.inf))
+        return torch.log1p(torch.exp(others).sum(1)).mean()
+
+    ref = emb0.double().requires_grad_()
+    want = exact(ref)
+    want_grad, = torch.autograd.grad(want, ref)
+    emb = emb0.clone().requires_grad_()
+    got = ck_pml.SupConLoss(temperature=1 / inv_t)(emb, lab, (a1, p, a2, neg))
+    got_grad, = torch.autograd.grad(got, emb)
+    assert 1e-5 < want.item() < 1e-3, want.item()  # the regime this test is about
+
+    def rel(u, v):
+        return ((u.double() - v).norm() / v.norm()).item()
+
+    assert rel(got, want) <= TOL[dtype], f"loss relative error {rel(got, want):.2e}"
+    e = rel(got_grad, want_grad)
+    assert e <= TOL[dtype], f"gradient relative error {e:.2e}"
+    if dtype != torch.float32:
+        floor = rel(want_grad.to(dtype), want_grad)
+        assert e <= 3 * floor, f"gradient error {e:.2e} > 3x the floor {floor:.2e}"
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 7])
 @pytest.mark.parametrize("case", ["multi_similarity", "ref_multi_similarity", "repeats"])
 @pytest.mark.parametrize("loss", ["NTXentLoss", "SupConLoss"])

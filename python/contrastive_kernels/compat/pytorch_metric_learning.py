@@ -318,8 +318,12 @@ class SupConLoss(_PMLBase):
         lse = _segment_logsumexp(s, anchor, n_rows)
         n_pos = pos_key.numel()
         pa = anchor[:n_pos]
-        log_prob = s[:n_pos] - lse[pa]
         count = torch.bincount(pa, minlength=n_rows)
+        # An anchor with one positive pair: s_p - LSE(s_p, negatives) as logsigmoid(s_p - LSE(negatives)),
+        # exact; the difference would keep a float32 ulp of s_p (~1/t) of a confident anchor's small loss.
+        neg_lse = _segment_logsumexp(s[n_pos:], anchor[n_pos:], n_rows)
+        log_prob = torch.where((count == 1)[pa], torch.nn.functional.logsigmoid(s[:n_pos] - neg_lse[pa]),
+                               s[:n_pos] - lse[pa])
         total = fam.index_sum(pa, log_prob, n_rows)
         per_anchor = -total / count.clamp(min=1).to(s.dtype)  # (an anchor without positives: 0)
         return self._reduce(per_anchor, embeddings)
