@@ -33,7 +33,7 @@ import torch.distributed as dist
 import contrastive_kernels as ck
 from contrastive_kernels import _peers  # (open_clip's own loss.py, loaded by path)
 from contrastive_kernels import distributed as ckd
-from helpers import interpreter_bf16_broken  # (tests/ is on sys.path: the script's folder)
+from helpers import confident_pairs, interpreter_bf16_broken  # (tests/ is on sys.path: the script's folder)
 
 torch.set_num_threads(1)
 
@@ -157,10 +157,8 @@ def _confident_pairs(g, W, dt, noise=0.2):
     """Unit rows and their close copies (the trained regime: at temperature 0.05 .. 0.1 the positive
     dominates, per-row losses 1e-8 .. 1e-4), so that a loss formed as an LSE minus the positive
     logit keeps only a float32 ulp of the logits' size of itself."""
-    x = torch.randn(W * N, D_CONFIDENT, generator=g, dtype=torch.float64)
-    x = x / x.norm(dim=1, keepdim=True)
-    y = x + noise * torch.randn(W * N, D_CONFIDENT, generator=g, dtype=torch.float64) / D_CONFIDENT ** 0.5
-    return x.to(dt), (y / y.norm(dim=1, keepdim=True)).to(dt)
+    x, y = confident_pairs(W * N, D_CONFIDENT, noise, g)
+    return x.to(dt), y.to(dt)
 
 
 def _moco_confident(g, W, dt):
@@ -324,10 +322,7 @@ def _confident_call(fn, fname, a, b, first, **kw):
 def run_confident_case(name, mode, backend, W, r, n=32, d=32):
     fname, kw = CONFIDENT_CASES[name]
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 11 * W)
-    x = torch.randn(n * W, d, generator=g, dtype=torch.float64)
-    x = x / x.norm(dim=1, keepdim=True)
-    y = x + 1.15 * torch.randn(n * W, d, generator=g, dtype=torch.float64) / d ** 0.5
-    y = y / y.norm(dim=1, keepdim=True)
+    x, y = confident_pairs(n * W, d, 1.15, g)
     x, y = x.to(torch.bfloat16), y.to(torch.bfloat16)
     gx, gy = _leaf(x.double()), _leaf(y.double())
     _confident_call(getattr(ck, fname), fname, gx, gy, 0, **kw, backend="reference").backward()

@@ -37,6 +37,15 @@ def assert_close_rel(x, ref, dtype, what=""):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e} (dtype {dtype})"
 
 
+def confident_pairs(n: int, d: int, noise: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit rows x and their close copies y (float64, drawn from g: x first, then the noise): aligned
+    pairs, the trained regime where at a temperature of 0.01 .. 0.1 the positive dominates."""
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    y = x + noise * torch.randn(n, d, generator=g, dtype=torch.float64) / d ** 0.5
+    return x, y / y.norm(dim=1, keepdim=True)
+
+
 def kernel_backends(family: str, device: str = "cpu") -> list[str]:
     """Fused backends that can run `family` on `device` here (cpu; triton under TRITON_INTERPRET=1;
     cuda under CONTRASTIVE_KERNELS_CUDA_EMULATE=1 with the emulator built)."""

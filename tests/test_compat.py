@@ -22,7 +22,7 @@ from contrastive_kernels.compat import open_clip as ck_open_clip
 from contrastive_kernels.compat import pytorch_metric_learning as ck_pml
 
 import peers
-from helpers import TOL, kernel_backends, rel_err
+from helpers import TOL, confident_pairs, kernel_backends, rel_err
 
 F64_TOL = 1e-10
 
@@ -678,10 +678,7 @@ def test_pml_mined_supcon_one_positive_confident(dtype):
     logits' ~20 of the loss); bfloat16 gradients within 3x the floor."""
     n, d, inv_t = 32, 32, 20.0
     g = _gen(77)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    x = x / x.norm(dim=1, keepdim=True)
-    y = x + 0.2 * torch.randn(n, d, generator=g, dtype=torch.float64) / d ** 0.5
-    emb0 = torch.cat([x, y / y.norm(dim=1, keepdim=True)]).to(dtype)
+    emb0 = torch.cat(confident_pairs(n, d, 0.2, g)).to(dtype)
     lab = torch.arange(n).repeat(2)
     i, j = torch.meshgrid(torch.arange(2 * n), torch.arange(2 * n), indexing="ij")
     same, mined = lab[:, None] == lab[None, :], torch.rand(2 * n, 2 * n, generator=g) < 0.7  # (a miner's subset)

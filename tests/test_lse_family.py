@@ -16,8 +16,8 @@ from contrastive_kernels import _families as fam
 from contrastive_kernels import reference
 from contrastive_kernels.reference import LSE_LABELS, LSE_NORM, LSE_TARGET, MASK_DIAG, MASK_POS, MASK_SAME_LABEL
 
-from helpers import (_suffix, DTYPES, TOL, assert_two_scales_close, backend_params, peak_rss_growth, rel_err,
-                     skip_interpreter_bf16, two_scale_case, two_scales_run)
+from helpers import (_suffix, DTYPES, TOL, assert_two_scales_close, backend_params, confident_pairs, peak_rss_growth,
+                     rel_err, skip_interpreter_bf16, two_scale_case, two_scales_run)
 
 BACKENDS = backend_params("lse")
 REF = "_family_reference"
@@ -607,11 +607,8 @@ def test_lse_target_single_candidate_zero_gradient(backend, dtype):
 
 def _confident(n, d, noise, seed=0):
     """Unit rows x and their noisy copies y (float32): at logit scale 100 the positive dominates."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    x = x / x.norm(dim=1, keepdim=True)
-    y = x + noise * torch.randn(n, d, generator=g, dtype=torch.float64) / d ** 0.5
-    return x.float(), (y / y.norm(dim=1, keepdim=True)).float()
+    x, y = confident_pairs(n, d, noise, torch.Generator().manual_seed(seed))
+    return x.float(), y.float()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
