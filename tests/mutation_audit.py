@@ -411,8 +411,8 @@ MUTANTS = [
      _dist_t("open_clip.ClipLoss")),
     # PML's mined SupCon: an anchor with one positive pair as s_p - LSE(s_p, negatives) (the cancelling form)
     ("py_pml_mined_supcon_one_positive_cancels", PML,
-     "torch.where((count == 1)[pa], torch.nn.functional.logsigmoid(s[:n_pos] - neg_lse[pa]),\n"
-     "                               s[:n_pos] - lse[pa])", "s[:n_pos] - lse[pa]",
+     "torch.where((count == 1)[pa], torch.nn.functional.logsigmoid(s[:n_pos] - neg_lse),\n"
+     "                               s[:n_pos] - lse)", "s[:n_pos] - lse",
      _py_t("test_compat.py", k="one_positive_confident")),
     # PML with a miner's pairs: an empty segment's log-sum-exp 0 instead of -inf (an anchor with
     # positives and no negative pair then has a non-zero NT-Xent term)

@@ -315,15 +315,17 @@ class SupConLoss(_PMLBase):
         key = torch.cat([pos_key, neg_key])
         anchor, col = key // m, key % m
         s = _pair_dots(xh, rh, anchor, col) / self.temperature
-        lse = _segment_logsumexp(s, anchor, n_rows)
         n_pos = pos_key.numel()
         pa = anchor[:n_pos]
         count = torch.bincount(pa, minlength=n_rows)
-        # An anchor with one positive pair: s_p - LSE(s_p, negatives) as logsigmoid(s_p - LSE(negatives)),
-        # exact; the difference would keep a float32 ulp of s_p (~1/t) of a confident anchor's small loss.
-        neg_lse = _segment_logsumexp(s[n_pos:], anchor[n_pos:], n_rows)
-        log_prob = torch.where((count == 1)[pa], torch.nn.functional.logsigmoid(s[:n_pos] - neg_lse[pa]),
-                               s[:n_pos] - lse[pa])
+        # Each anchor's LSE over its positive and its negative pairs, from the two groups' own LSEs (the
+        # positives' finite wherever a positive pair reads it).  An anchor with one positive pair:
+        # s_p - LSE(s_p, negatives) as logsigmoid(s_p - LSE(negatives)), exact; the difference would
+        # keep a float32 ulp of s_p (~1/t) of a confident anchor's small loss.
+        neg_lse = _segment_logsumexp(s[n_pos:], anchor[n_pos:], n_rows)[pa]
+        lse = torch.logaddexp(_segment_logsumexp(s[:n_pos], pa, n_rows)[pa], neg_lse)
+        log_prob = torch.where((count == 1)[pa], torch.nn.functional.logsigmoid(s[:n_pos] - neg_lse),
+                               s[:n_pos] - lse)
         total = fam.index_sum(pa, log_prob, n_rows)
         per_anchor = -total / count.clamp(min=1).to(s.dtype)  # (an anchor without positives: 0)
         return self._reduce(per_anchor, embeddings)
