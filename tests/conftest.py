@@ -42,3 +42,67 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def _interpreter_patches_once():
+    # Under TRITON_INTERPRET=1, Triton's interpreter patches triton.language for the interpreted
+    # kernel when a launch starts (and restores it when the launch ends), then patches it again
+    # on every call of a @triton.jit helper inside the kernel (`InterpretedFunction.__call__`):
+    # the same patches, found by walking the language's modules with inspect.getmembers each time
+    # (about half of an lse kernel's interpreted time, whose helpers are called per tile).  Here a
+    # helper call inside a launch that patched every language module the helper sees skips the
+    # repeat (the first helper to see a module the launch did not patch, triton.language.core for
+    # tl.zeros / tl.sum, patches it as Triton does); the patches, the kernels and their numbers are
+    # Triton's own.  A Triton without these internals is left as it is.
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang", None)
+    if original is None or getattr(original, "_ck_once", False):
+        return
+    try:  # the shape of the internals relied on: a launch patches, then restores its scope
+        import inspect
+        launch = inspect.getsource(interpreter.GridExecutor.__call__)
+        helper = inspect.getsource(interpreter.InterpretedFunction.__call__)
+    except (AttributeError, OSError, TypeError):
+        return
+    if "_patch_lang(" not in launch or ".restore()" not in launch or "_patch_lang(" not in helper:
+        return
+    active = []  # the language modules patched by the launch in progress (launches do not nest)
+
+    def langs(fn):
+        return {id(v) for v in fn.__globals__.values() if isinstance(v, type(tl)) and v in (tl, tl.core)}
+
+    class _Launch:
+        def __init__(self, scope):
+            self.scope = scope
+
+        def restore(self):
+            active.clear()
+            self.scope.restore()
+
+    class _Nothing:
+        def restore(self):
+            pass
+
+    def patch_lang(fn):
+        seen = langs(fn)
+        if active and seen <= active[0]:
+            return _Nothing()  # a helper inside the launch: already patched
+        scope = original(fn)
+        if active:  # a helper seeing another module (triton.language's own helpers see
+            active[0] |= seen  # triton.language.core): patched as Triton does, and kept so
+            return scope  # until the launch ends (Triton never restores a helper's patches)
+        active.append(seen)
+        return _Launch(scope)
+
+    patch_lang._ck_once = True
+    patch_lang._ck_original = original
+    interpreter._patch_lang = patch_lang
+
+
+_interpreter_patches_once()

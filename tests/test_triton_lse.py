@@ -517,3 +517,37 @@ def test_lse_two_scales_column_splits(case, monkeypatch):
     got = two_scales_run("triton", q, k, s1, s0, rscale, pos, diag, mode)
     want = two_scales_run(REF, q, k, s1, s0, rscale, pos, diag, mode, dtype=torch.float64)
     assert_two_scales_close(got, want, F16, f"splits {case}")
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the interpreter's patching (tests/conftest.py) only")
+def test_interpreter_patching_once_is_exact(monkeypatch):
+    """tests/conftest.py skips the interpreter's repeated patching of triton.language on helper
+    calls: every kernel of the family (forward with columns, backward, a float16 and a labels
+    case) gives the same bits with Triton's own patching, and the skip is active here."""
+    from triton.runtime import interpreter
+    once = interpreter._patch_lang
+    assert getattr(once, "_ck_once", False), "conftest's interpreter patching is not installed"
+    walks = []  # the costly part of a patching: walking a module's members
+    walk = interpreter._patch_builtin
+    monkeypatch.setattr(interpreter, "_patch_builtin", lambda *a: (walks.append(1), walk(*a))[1])
+
+    def run():
+        outs = []
+        for dtype, mask in ((F32, MASK_DIAG), (F16, MASK_DIAG), (F32, MASK_SAME_LABEL)):
+            p = _problem(70, 67, 24, dtype, mask_mode=mask)
+            q, k = p["q"].requires_grad_(), p["k"].requires_grad_()
+            row, col = fam.lse("triton", q, k, p["scale"], mask_mode=mask, q_labels=p["q_labels"],
+                               k_labels=p["k_labels"], compute_col=mask != MASK_SAME_LABEL)
+            loss = row.sum() + (col.sum() if col is not None else 0)
+            outs += [row, *([] if col is None else [col]), *torch.autograd.grad(loss, (q, k))]
+        return [o.detach() for o in outs]
+
+    fast = run()
+    fast_walks = len(walks)
+    walks.clear()
+    monkeypatch.setattr(interpreter, "_patch_lang", once._ck_original)
+    slow = run()
+    assert len(walks) > 3 * fast_walks, f"{fast_walks} module walks with the skip, {len(walks)} without"
+    assert len(fast) == len(slow) == 12
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
