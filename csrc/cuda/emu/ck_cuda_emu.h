@@ -261,16 +261,26 @@ inline void mma_sync(float* c, const uint32_t* a, const uint32_t* b, int kind /*
     return f16_value(in(4 * n + ((k & 7) >> 1)).b[k >> 3], k & 1, kind == 1);
   };
   const int lane = g_thread->lane, g = lane >> 2, t = lane & 3;
+  // this lane's two rows of A and two columns of B, decoded once (each is used twice)
+  double ar[2][K], bc[2][K];
+  for (int k = 0; k < K; ++k) {
+    ar[0][k] = A(g, k);
+    ar[1][k] = A(g + 8, k);
+    bc[0][k] = B(k, 2 * t);
+    bc[1][k] = B(k, 2 * t + 1);
+  }
+  const bool trunc = mma_truncates();
   for (int e = 0; e < 4; ++e) {
-    const int r = g + 8 * (e >> 1), n = 2 * t + (e & 1);
-    if (mma_truncates()) {
+    const double* ra = ar[e >> 1];
+    const double* cb = bc[e & 1];
+    if (trunc) {
       double prod[K];
-      for (int k = 0; k < K; ++k) prod[k] = A(r, k) * B(k, n);
+      for (int k = 0; k < K; ++k) prod[k] = ra[k] * cb[k];
       c[e] = mma_sum_trunc<K>(c[e], prod);
       continue;
     }
     double s = 0.0;
-    for (int k = 0; k < K; ++k) s += A(r, k) * B(k, n);
+    for (int k = 0; k < K; ++k) s += ra[k] * cb[k];
     c[e] = static_cast<float>(static_cast<double>(c[e]) + s);
   }
 }
