@@ -7,14 +7,23 @@
 # An out-of-bounds read or write of a kernel in global memory (torch tensors: ASan puts
 # redzones around every allocation) or in its shared-memory arrays stops the run with
 # AddressSanitizer's report naming the kernel's source line.
-#   bash csrc/cuda/emu/memcheck.sh [PYTHON] [extra pytest args]
+#   bash csrc/cuda/emu/memcheck.sh [--build-only] [PYTHON] [extra pytest args]
+# CK_MEMCHECK_BUILD=DIR builds in DIR and keeps it (else a temporary folder): a later run with
+# the same DIR rebuilds only what changed (CI builds with --build-only beside other work, then runs).
 set -eu
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
+build_only=0
+if [ "${1:-}" = "--build-only" ]; then build_only=1; shift; fi
 py="${1:-python3}"
 shift || true
-out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
+if [ -n "${CK_MEMCHECK_BUILD:-}" ]; then
+  out="$CK_MEMCHECK_BUILD"
+  mkdir -p "$out"
+else
+  out="$(mktemp -d)"
+  trap 'rm -rf "$out"' EXIT
+fi
 # libstdc++ preloaded too: ASan's __cxa_throw interceptor needs it at start-up (the tests
 # expect TORCH_CHECK errors); reports go to $out/asan.<pid> and are printed below.
 preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
@@ -30,8 +39,10 @@ load(name="_C_cuda_emu", sources=sorted(glob.glob(os.path.join(here, "*.cpp"))),
      extra_ldflags=asan, verbose=False)
 print("built", os.path.join(out, "_C_cuda_emu.so"))
 PY
+[ $build_only -eq 0 ] || exit 0
 cd "$root"
 export CONTRASTIVE_KERNELS_CUDA_EMULATE=1 CONTRASTIVE_KERNELS_CUDA_EMU_PATH="$out/_C_cuda_emu.so"
+rm -f "$out"/asan.*  # (a kept build folder may hold an earlier run's reports)
 # Negative control: a kernel reading one float past a 64-float tensor must be reported.
 LD_PRELOAD="$preload" "$py" -c "
 import torch
