@@ -295,7 +295,7 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes, const char* k
   const int p = static_cast<int>(t.collectives & 1);
   if (w.arrived[p] == 0) {
     w.kind[p] = kind;
-  } else if (std::strcmp(w.kind[p], kind) != 0) {
+  } else if (w.kind[p] != kind && std::strcmp(w.kind[p], kind) != 0) {  // (one literal: one pointer, mostly)
     fail(std::string("lanes of warp ") + std::to_string(t.warp) + " called different warp collectives (" + w.kind[p] +
          ", " + kind + ")");
   }
