@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 
@@ -74,8 +75,9 @@ def _interpreter_patches_once():
         return
     active = []  # the language modules patched by the launch in progress (launches do not nest)
 
+    @functools.lru_cache(maxsize=None)  # (a function's modules do not change; helpers are called per tile)
     def langs(fn):
-        return {id(v) for v in fn.__globals__.values() if isinstance(v, type(tl)) and v in (tl, tl.core)}
+        return frozenset(id(v) for v in fn.__globals__.values() if isinstance(v, type(tl)) and v in (tl, tl.core))
 
     class _Launch:
         def __init__(self, scope):
@@ -95,7 +97,7 @@ def _interpreter_patches_once():
             return _Nothing()  # a helper inside the launch: already patched
         scope = original(fn)
         if active:  # a helper seeing another module (triton.language's own helpers see
-            active[0] |= seen  # triton.language.core): patched as Triton does, and kept so
+            active[0] = active[0] | seen  # triton.language.core): patched as Triton does, and kept so
             return scope  # until the launch ends (Triton never restores a helper's patches)
         active.append(seen)
         return _Launch(scope)
